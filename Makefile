@@ -1,0 +1,79 @@
+# shardgate — build, test, demo.
+#
+#   make demo    install what is missing, build, run the demo (Ctrl-C stops it)
+#   make test    install what is missing, build, run every spec against real PostgreSQL
+#   make check   compile with -Werror and run cppcheck
+#   make asan    the whole suite under AddressSanitizer + UBSan
+#
+# `make deps` installs Debian packages with apt-get (as root) only when one is missing.
+
+PKGS := gcc make pkg-config libluajit2-5.1-dev luajit2 libevent-dev libpq-dev \
+        libjansson-dev lua-busted lua-socket lua-posix postgresql postgresql-contrib curl
+
+CC      ?= cc
+PKG_CFLAGS := $(shell pkg-config --cflags luajit libevent jansson 2>/dev/null) \
+              -I$(shell pg_config --includedir 2>/dev/null || echo /usr/include/postgresql)
+PKG_LIBS   := $(shell pkg-config --libs luajit libevent jansson 2>/dev/null) -lpq -pthread -lm
+WARN    := -Wall -Wextra -Wshadow -Wno-unused-parameter -Wstrict-prototypes
+CFLAGS  ?= -O2 -g
+ALL_CFLAGS = -std=gnu11 -D_GNU_SOURCE $(WARN) $(CFLAGS) $(PKG_CFLAGS)
+
+SRCS := $(wildcard core/*.c)
+OBJS := $(SRCS:core/%.c=build/%.o)
+ASAN_OBJS := $(SRCS:core/%.c=build/asan/%.o)
+ASAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+
+.PHONY: all deps build test demo check asan clean
+
+all: build
+
+deps:
+	@missing=$$(for p in $(PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root to install packages" >&2; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; \
+	fi
+
+build: bin/shardgate
+
+bin/shardgate: $(OBJS)
+	@mkdir -p bin
+	$(CC) $(CFLAGS) -o $@ $(OBJS) $(PKG_LIBS)
+
+build/%.o: core/%.c $(wildcard core/*.h)
+	@mkdir -p build
+	$(CC) $(ALL_CFLAGS) -MMD -c -o $@ $<
+
+bin/shardgate-asan: $(ASAN_OBJS)
+	@mkdir -p bin
+	$(CC) $(ASAN_FLAGS) -o $@ $(ASAN_OBJS) $(PKG_LIBS)
+
+build/asan/%.o: core/%.c $(wildcard core/*.h)
+	@mkdir -p build/asan
+	$(CC) -std=gnu11 -D_GNU_SOURCE $(WARN) $(ASAN_FLAGS) $(PKG_CFLAGS) -c -o $@ $<
+
+test: deps
+	@$(MAKE) --no-print-directory build
+	@spec/run
+
+demo: deps
+	@$(MAKE) --no-print-directory build
+	@tools/demo.sh
+
+check: deps
+	@$(MAKE) --no-print-directory clean
+	@$(MAKE) --no-print-directory build CFLAGS="-O2 -g -Werror"
+	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \
+		--inline-suppr --suppress=missingIncludeSystem $(PKG_CFLAGS) core/
+
+asan: deps
+	@$(MAKE) --no-print-directory bin/shardgate-asan
+	@SHARDGATE_BIN=$(CURDIR)/bin/shardgate-asan \
+	 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=86 \
+	 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 spec/run
+
+clean:
+	rm -rf build bin
+
+-include $(OBJS:.o=.d)

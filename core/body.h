@@ -1,0 +1,38 @@
+/*
+ * Decoding request bodies (JSON, via jansson) into statements with text
+ * parameters, as DESIGN.md §5 describes. Pure: no sockets, no database, so
+ * it is fuzzed directly (core/test/fuzz_body.c). Every refusal comes with a
+ * message that says which field was wrong and why.
+ */
+#ifndef SG_BODY_H
+#define SG_BODY_H
+
+#include <stddef.h>
+
+enum body_kind { BODY_QUERY, BODY_TRANSACTION };
+
+struct stmt {
+	const char *sql;
+	int nparams;
+	const char **values;     /* NULL entries are SQL NULL */
+};
+
+struct body {
+	void *root;              /* json_t, owns the strings stmts point into */
+	struct stmt *stmts;
+	int nstmts;
+	double timeout;          /* seconds; 0 when the body gives none */
+	char **owned;            /* parameter texts made here (numbers, JSON) */
+	int nowned;
+	int capowned;
+};
+
+#define BODY_MAX_PARAMS 65535
+#define BODY_MAX_STATEMENTS 1000
+
+/* 0, or -1 with err set (the caller answers 400 bad_request). */
+int body_parse(const char *buf, size_t len, enum body_kind kind, struct body *out,
+	       char *err, size_t errlen);
+void body_free(struct body *b);
+
+#endif

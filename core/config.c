@@ -1,0 +1,494 @@
+/*
+ * The configuration keys, their types, defaults and whether a reload applies
+ * them, in one table per section (top level, shard settings, fan-out,
+ * warnings). conf/shardgate.lua mirrors these tables with comments; the
+ * README's reference is written from them.
+ *
+ * The file itself is run by shardgate.loader.load_config (Lua), which
+ * provides env() and refuses other globals; this file walks the returned
+ * table, rejects unknown keys with a suggestion, and fills struct config.
+ */
+#include "config.h"
+
+#include <lauxlib.h>
+#include <limits.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "luaenv.h"
+#include "util.h"
+
+enum conf_type {
+	CT_STRING,
+	CT_BOOL,
+	CT_COUNT,      /* integer >= 0 */
+	CT_POSITIVE,   /* integer >= 1 */
+	CT_DURATION,   /* seconds, > 0, fractions allowed */
+	CT_PERCENT,    /* 0..100 */
+};
+
+struct conf_key {
+	const char *name;
+	enum conf_type type;
+	size_t offset;
+	const char *def;   /* default, in Lua literal form; NULL: none */
+	bool reload;       /* a reload applies it (else needs a restart) */
+};
+
+#define TOP(f) offsetof(struct config, f)
+#define SHARD(f) offsetof(struct shard_conf, f)
+#define FAN(f) offsetof(struct fanout_conf, f)
+
+static const struct conf_key top_keys[] = {
+	{ "listen", CT_STRING, TOP(listen), "\"127.0.0.1:8080\"", false },
+	{ "admin_listen", CT_STRING, TOP(admin_listen), "\"127.0.0.1:8081\"", false },
+	{ "script", CT_STRING, TOP(script), NULL, true },
+	{ "watch", CT_BOOL, TOP(watch), "false", true },
+	{ "max_body", CT_POSITIVE, TOP(max_body), "1048576", true },
+	{ "script_timeout", CT_DURATION, TOP(script_timeout), "0.05", true },
+	{ "script_memory", CT_POSITIVE, TOP(script_memory), "67108864", true },
+	{ "shutdown_timeout", CT_DURATION, TOP(shutdown_timeout), "30", true },
+	{ "client_timeout", CT_DURATION, TOP(client_timeout), "10", true },
+	{ "keepalive_timeout", CT_DURATION, TOP(keepalive_timeout), "75", true },
+	{ "log_level", CT_STRING, TOP(log_level), "\"info\"", true },
+};
+
+/* Settings of one shard; `defaults` holds all but url. */
+static const struct conf_key shard_keys[] = {
+	{ "url", CT_STRING, SHARD(url), NULL, true },
+	{ "pool", CT_POSITIVE, SHARD(pool), "5", true },
+	{ "min_idle", CT_COUNT, SHARD(min_idle), "0", true },
+	{ "checkout_timeout", CT_DURATION, SHARD(checkout_timeout), "5", true },
+	{ "max_waiting", CT_COUNT, SHARD(max_waiting), "256", true },
+	{ "connect_timeout", CT_DURATION, SHARD(connect_timeout), "5", true },
+	{ "idle_timeout", CT_DURATION, SHARD(idle_timeout), "300", true },
+	{ "max_lifetime", CT_DURATION, SHARD(max_lifetime), "3600", true },
+	{ "statement_timeout", CT_DURATION, SHARD(statement_timeout), "30", true },
+};
+
+static const struct conf_key fanout_keys[] = {
+	{ "concurrency", CT_POSITIVE, FAN(concurrency), "5", true },
+	{ "timeout", CT_DURATION, FAN(timeout), "30", true },
+	{ "max_rows", CT_POSITIVE, FAN(max_rows), "100000", true },
+};
+
+static const struct conf_key warning_keys[] = {
+	{ "utilization", CT_PERCENT, 0, "80", true },
+};
+
+/* Table-valued top-level keys, handled by their own readers. */
+static const char *const section_names[] = { "defaults", "shards", "fanout", "warnings" };
+
+struct reader {
+	lua_State *L;
+	const char *file;
+	char *err;
+	size_t errlen;
+};
+
+static const char *closest(const char *name, const struct conf_key *keys, size_t n,
+			   const char *const *extra, size_t nextra)
+{
+	const char *best = NULL;
+	int bestd = 3;
+	for (size_t i = 0; i < n + nextra; i++) {
+		const char *cand = i < n ? keys[i].name : extra[i - n];
+		int d = edit_distance(name, cand);
+		if (d < bestd) {
+			bestd = d;
+			best = cand;
+		}
+	}
+	return best;
+}
+
+static int unknown_key(struct reader *r, const char *where, const char *name,
+		       const struct conf_key *keys, size_t n,
+		       const char *const *extra, size_t nextra)
+{
+	const char *s = closest(name, keys, n, extra, nextra);
+	fmt_err(r->err, r->errlen, "%s: unknown key '%s%s'%s%s%s", r->file, where, name,
+		s ? " (did you mean '" : "", s ? s : "", s ? "'?)" : "");
+	return -1;
+}
+
+static const char *type_desc(enum conf_type t)
+{
+	switch (t) {
+	case CT_STRING: return "a string";
+	case CT_BOOL: return "a boolean";
+	case CT_COUNT: return "a whole number >= 0";
+	case CT_POSITIVE: return "a whole number >= 1";
+	case CT_DURATION: return "a number of seconds > 0";
+	case CT_PERCENT: return "a percentage from 0 to 100";
+	}
+	return "?";
+}
+
+/* Store the Lua value at the top of the stack into the field described by k. */
+static int store_value(struct reader *r, const char *where, const struct conf_key *k, void *base)
+{
+	lua_State *L = r->L;
+	char *field = (char *)base + k->offset;
+	double d;
+	int t = lua_type(L, -1);
+
+	switch (k->type) {
+	case CT_STRING:
+		if (t != LUA_TSTRING)
+			goto bad;
+		free(*(char **)field);
+		*(char **)field = xstrdup(lua_tostring(L, -1));
+		return 0;
+	case CT_BOOL:
+		if (t != LUA_TBOOLEAN)
+			goto bad;
+		*(bool *)field = lua_toboolean(L, -1);
+		return 0;
+	case CT_COUNT:
+	case CT_POSITIVE:
+		if (t != LUA_TNUMBER)
+			goto bad;
+		d = lua_tonumber(L, -1);
+		if (d != floor(d) || d < (k->type == CT_POSITIVE ? 1 : 0) || d > INT_MAX)
+			goto bad;
+		*(int *)field = (int)d;
+		return 0;
+	case CT_DURATION:
+		if (t != LUA_TNUMBER)
+			goto bad;
+		d = lua_tonumber(L, -1);
+		if (!(d > 0) || d > 1e7)
+			goto bad;
+		*(double *)field = d;
+		return 0;
+	case CT_PERCENT:
+		if (t != LUA_TNUMBER)
+			goto bad;
+		d = lua_tonumber(L, -1);
+		if (!(d >= 0 && d <= 100))
+			goto bad;
+		*(double *)field = d;
+		return 0;
+	}
+bad:
+	fmt_err(r->err, r->errlen, "%s: %s%s must be %s, got %s%s%s", r->file, where, k->name,
+		type_desc(k->type),
+		t == LUA_TSTRING || t == LUA_TNUMBER ? "" : lua_typename(L, t),
+		t == LUA_TSTRING ? "'" : "",
+		t == LUA_TSTRING || t == LUA_TNUMBER ? lua_tostring(L, -1) : "");
+	if (t == LUA_TSTRING) {
+		size_t n = strlen(r->err);
+		if (n + 1 < r->errlen)
+			strcat(r->err, "'");
+	}
+	return -1;
+}
+
+/* Apply the default of every key in keys to base; defaults are Lua literals. */
+static void apply_defaults(struct reader *r, const struct conf_key *keys, size_t n, void *base)
+{
+	for (size_t i = 0; i < n; i++) {
+		if (!keys[i].def)
+			continue;
+		lua_pushfstring(r->L, "return %s", keys[i].def);
+		/* A failure here means the table above is wrong: a programming error. */
+		if (luaL_loadstring(r->L, lua_tostring(r->L, -1)) != 0)
+			abort();
+		lua_remove(r->L, -2);
+		lua_call(r->L, 0, 1);
+		if (store_value(r, "(default) ", &keys[i], base) < 0)
+			abort();
+		lua_pop(r->L, 1);
+	}
+}
+
+static const struct conf_key *find_key(const struct conf_key *keys, size_t n, const char *name)
+{
+	for (size_t i = 0; i < n; i++)
+		if (strcmp(keys[i].name, name) == 0)
+			return &keys[i];
+	return NULL;
+}
+
+/*
+ * Read the table at stack index idx into base using keys. Keys listed in
+ * skip are left for the caller (sections); any other unknown key is an error.
+ */
+static int read_table(struct reader *r, int idx, const char *where,
+		      const struct conf_key *keys, size_t n, void *base,
+		      const char *const *skip, size_t nskip)
+{
+	lua_State *L = r->L;
+	int rc = 0;
+
+	idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
+	lua_pushnil(L);
+	while (rc == 0 && lua_next(L, idx) != 0) {
+		if (lua_type(L, -2) != LUA_TSTRING) {
+			fmt_err(r->err, r->errlen, "%s: %skeys must be names, got %s", r->file,
+				where, lua_typename(L, lua_type(L, -2)));
+			rc = -1;
+		} else {
+			const char *name = lua_tostring(L, -2);
+			const struct conf_key *k = find_key(keys, n, name);
+			bool skipped = false;
+			for (size_t i = 0; i < nskip; i++)
+				skipped = skipped || strcmp(skip[i], name) == 0;
+			if (k)
+				rc = store_value(r, where, k, base);
+			else if (!skipped)
+				rc = unknown_key(r, where, name, keys, n, skip, nskip);
+		}
+		lua_pop(L, 1);
+	}
+	if (rc < 0)
+		lua_pop(L, 1); /* the key lua_next left */
+	return rc;
+}
+
+/* Push t[name] and check that it is a table (or absent: pushes nil, returns 0). */
+static int get_section(struct reader *r, int idx, const char *name)
+{
+	lua_getfield(r->L, idx, name);
+	int t = lua_type(r->L, -1);
+	if (t == LUA_TNIL || t == LUA_TTABLE)
+		return 0;
+	fmt_err(r->err, r->errlen, "%s: %s must be a table, got %s", r->file, name,
+		lua_typename(r->L, t));
+	lua_pop(r->L, 1);
+	return -1;
+}
+
+static int shard_cmp(const void *a, const void *b)
+{
+	return natural_cmp(((const struct shard_conf *)a)->name, ((const struct shard_conf *)b)->name);
+}
+
+static bool valid_shard_name(const char *s)
+{
+	if (!*s || strlen(s) > 63)
+		return false;
+	for (; *s; s++)
+		if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') ||
+		      (*s >= '0' && *s <= '9') || *s == '_' || *s == '-' || *s == '.'))
+			return false;
+	return true;
+}
+
+static void shard_conf_copy(struct shard_conf *dst, const struct shard_conf *src)
+{
+	*dst = *src;
+	dst->name = src->name ? xstrdup(src->name) : NULL;
+	dst->url = src->url ? xstrdup(src->url) : NULL;
+}
+
+static int check_shard(struct reader *r, const struct shard_conf *s)
+{
+	if (!s->url) {
+		fmt_err(r->err, r->errlen, "%s: shards.%s.url is required", r->file, s->name);
+		return -1;
+	}
+	if (s->min_idle > s->pool) {
+		fmt_err(r->err, r->errlen, "%s: shards.%s.min_idle (%d) is larger than pool (%d)",
+			r->file, s->name, s->min_idle, s->pool);
+		return -1;
+	}
+	return 0;
+}
+
+static int read_shards(struct reader *r, struct config *cfg)
+{
+	lua_State *L = r->L;
+	char where[128];
+	int n = 0, rc = 0;
+
+	if (get_section(r, -1, "shards") < 0)
+		return -1;
+	if (lua_isnil(L, -1)) {
+		lua_pop(L, 1);
+		fmt_err(r->err, r->errlen, "%s: shards is required (a table of name = {url = ...})", r->file);
+		return -1;
+	}
+	lua_pushnil(L);
+	while (lua_next(L, -2) != 0) {
+		n++;
+		lua_pop(L, 1);
+	}
+	cfg->shards = xcalloc((size_t)(n ? n : 1), sizeof(*cfg->shards));
+	lua_pushnil(L);
+	while (rc == 0 && lua_next(L, -2) != 0) {
+		struct shard_conf *s = &cfg->shards[cfg->nshards];
+		if (lua_type(L, -2) != LUA_TSTRING || !valid_shard_name(lua_tostring(L, -2))) {
+			lua_pushvalue(L, -2);
+			fmt_err(r->err, r->errlen,
+				"%s: shard name '%s' is invalid (use letters, digits, _ - .)",
+				r->file, lua_tostring(L, -1) ? lua_tostring(L, -1) : "?");
+			lua_pop(L, 1);
+			rc = -1;
+		} else if (lua_type(L, -1) != LUA_TTABLE) {
+			fmt_err(r->err, r->errlen, "%s: shards.%s must be a table, got %s", r->file,
+				lua_tostring(L, -2), lua_typename(L, lua_type(L, -1)));
+			rc = -1;
+		} else {
+			shard_conf_copy(s, &cfg->defaults);
+			s->name = xstrdup(lua_tostring(L, -2));
+			cfg->nshards++;
+			snprintf(where, sizeof(where), "shards.%s.", s->name);
+			rc = read_table(r, -1, where, shard_keys, ARRAY_LEN(shard_keys), s, NULL, 0);
+			if (rc == 0)
+				rc = check_shard(r, s);
+		}
+		lua_pop(L, 1);
+	}
+	if (rc < 0)
+		lua_pop(L, 1);
+	lua_pop(L, 1);
+	if (rc == 0 && cfg->nshards == 0) {
+		fmt_err(r->err, r->errlen, "%s: shards is empty; configure at least one shard", r->file);
+		rc = -1;
+	}
+	if (rc == 0)
+		qsort(cfg->shards, (size_t)cfg->nshards, sizeof(*cfg->shards), shard_cmp);
+	return rc;
+}
+
+static int read_section(struct reader *r, const char *name, const struct conf_key *keys,
+			size_t n, void *base)
+{
+	char where[64];
+	int rc = 0;
+	if (get_section(r, -1, name) < 0)
+		return -1;
+	if (!lua_isnil(r->L, -1)) {
+		snprintf(where, sizeof(where), "%s.", name);
+		rc = read_table(r, -1, where, keys, n, base, NULL, 0);
+	}
+	lua_pop(r->L, 1);
+	return rc;
+}
+
+static int read_defaults(struct reader *r, struct config *cfg)
+{
+	if (read_section(r, "defaults", shard_keys, ARRAY_LEN(shard_keys), &cfg->defaults) < 0)
+		return -1;
+	if (cfg->defaults.url) {
+		fmt_err(r->err, r->errlen, "%s: defaults.url is not allowed; give each shard its own url",
+			r->file);
+		return -1;
+	}
+	return 0;
+}
+
+static void resolve_paths(struct config *cfg, const char *path)
+{
+	const char *slash = strrchr(path, '/');
+	cfg->path = xstrdup(path);
+	cfg->dir = slash ? xstrndup(path, (size_t)(slash - path)) : xstrdup(".");
+	if (cfg->script && cfg->script[0] != '/') {
+		size_t n = strlen(cfg->dir) + strlen(cfg->script) + 2;
+		char *p = xmalloc(n);
+		snprintf(p, n, "%s/%s", cfg->dir, cfg->script);
+		free(cfg->script);
+		cfg->script = p;
+	}
+}
+
+static int read_config(struct reader *r, struct config *cfg)
+{
+	apply_defaults(r, top_keys, ARRAY_LEN(top_keys), cfg);
+	apply_defaults(r, shard_keys, ARRAY_LEN(shard_keys), &cfg->defaults);
+	apply_defaults(r, fanout_keys, ARRAY_LEN(fanout_keys), &cfg->fanout);
+	apply_defaults(r, warning_keys, ARRAY_LEN(warning_keys), &cfg->warn_utilization);
+
+	if (read_table(r, -1, "", top_keys, ARRAY_LEN(top_keys), cfg, section_names,
+		       ARRAY_LEN(section_names)) < 0)
+		return -1;
+	if (read_defaults(r, cfg) < 0 || read_shards(r, cfg) < 0)
+		return -1;
+	if (read_section(r, "fanout", fanout_keys, ARRAY_LEN(fanout_keys), &cfg->fanout) < 0)
+		return -1;
+	if (read_section(r, "warnings", warning_keys, ARRAY_LEN(warning_keys),
+			 &cfg->warn_utilization) < 0)
+		return -1;
+	if (!cfg->script) {
+		fmt_err(r->err, r->errlen, "%s: script is required (the routing script's path)", r->file);
+		return -1;
+	}
+	return 0;
+}
+
+struct config *config_load(const char *path, char *err, size_t errlen)
+{
+	struct config *cfg = xcalloc(1, sizeof(*cfg));
+	struct reader r = { .file = path, .err = err, .errlen = errlen };
+	lua_State *L = luaenv_new(NULL);
+
+	if (!L) {
+		fmt_err(err, errlen, "%s: cannot create a Lua state", path);
+		goto fail;
+	}
+	r.L = L;
+	if (luaenv_require(L, "shardgate.loader", err, errlen) < 0)
+		goto fail;
+	lua_getfield(L, -1, "load_config");
+	lua_pushstring(L, path);
+	if (lua_pcall(L, 1, 2, 0) != 0) {
+		fmt_err(err, errlen, "%s", lua_tostring(L, -1));
+		goto fail;
+	}
+	if (lua_isnil(L, -2)) {
+		fmt_err(err, errlen, "%s", lua_tostring(L, -1));
+		goto fail;
+	}
+	lua_pop(L, 1);
+	if (read_config(&r, cfg) < 0)
+		goto fail;
+	resolve_paths(cfg, path);
+	lua_close(L);
+	return cfg;
+fail:
+	if (L)
+		lua_close(L);
+	config_free(cfg);
+	return NULL;
+}
+
+static void shard_conf_clear(struct shard_conf *s)
+{
+	free(s->name);
+	free(s->url);
+}
+
+void config_free(struct config *cfg)
+{
+	if (!cfg)
+		return;
+	for (int i = 0; i < cfg->nshards; i++)
+		shard_conf_clear(&cfg->shards[i]);
+	free(cfg->shards);
+	shard_conf_clear(&cfg->defaults);
+	free(cfg->path);
+	free(cfg->dir);
+	free(cfg->listen);
+	free(cfg->admin_listen);
+	free(cfg->script);
+	free(cfg->log_level);
+	free(cfg);
+}
+
+int config_shard_index(const struct config *cfg, const char *name)
+{
+	for (int i = 0; i < cfg->nshards; i++)
+		if (strcmp(cfg->shards[i].name, name) == 0)
+			return i;
+	return -1;
+}
+
+bool shard_conf_same_target(const struct shard_conf *a, const struct shard_conf *b)
+{
+	return strcmp(a->url, b->url) == 0;
+}

@@ -1,0 +1,62 @@
+/*
+ * Configuration: loading a conf/ file (a Lua chunk) (run by shardgate.loader in its
+ * sandbox) and validating it against the one table of known keys in
+ * config.c. The result is a plain struct; generations own it.
+ */
+#ifndef SG_CONFIG_H
+#define SG_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+struct shard_conf {
+	char *name;
+	char *url;
+	int pool;
+	int min_idle;
+	int max_waiting;
+	double checkout_timeout;
+	double connect_timeout;
+	double idle_timeout;
+	double max_lifetime;
+	double statement_timeout;
+};
+
+struct fanout_conf {
+	int concurrency;
+	double timeout;
+	int max_rows;
+};
+
+struct config {
+	char *path;
+	char *dir;
+	char *listen;
+	char *admin_listen;
+	char *script;             /* resolved against dir */
+	bool watch;
+	int max_body;
+	double script_timeout;
+	int script_memory;
+	double shutdown_timeout;
+	double client_timeout;
+	double keepalive_timeout;
+	char *log_level;
+	struct shard_conf defaults;
+	struct shard_conf *shards;  /* natural order of names */
+	int nshards;
+	struct fanout_conf fanout;
+	double warn_utilization;
+};
+
+/* Load and validate; NULL with a message naming the file and key on error. */
+struct config *config_load(const char *path, char *err, size_t errlen);
+void config_free(struct config *cfg);
+
+/* Index of the shard called name, or -1. */
+int config_shard_index(const struct config *cfg, const char *name);
+
+/* True when a pool built from a can serve b unchanged (same url). */
+bool shard_conf_same_target(const struct shard_conf *a, const struct shard_conf *b);
+
+#endif

@@ -1,0 +1,468 @@
+/*
+ * HTTP connections. Each connection is a small state machine:
+ *
+ *   HEAD  -- reading a request head (keep-alive timer, then request deadline)
+ *   BODY  -- reading its Content-Length body (request deadline)
+ *   BUSY  -- the handler has the request; we keep reading only to notice EOF
+ *   CLOSE -- the last reply is being flushed, then the connection is freed
+ *
+ * Pipelined requests wait in the input buffer until the reply before them is
+ * queued; a reply resumes parsing through a deferred event, never by
+ * recursion, so a client pipelining many requests cannot grow the stack.
+ */
+#include "http.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <event2/listener.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <sys/socket.h>
+
+#include "jsonw.h"
+#include "log.h"
+#include "util.h"
+
+enum conn_state { CS_HEAD, CS_BODY, CS_BUSY, CS_CLOSE };
+
+struct http_conn {
+	struct http_server *srv;
+	struct bufferevent *bev;
+	struct event *timer;
+	struct event *resume;
+	enum conn_state state;
+	bool dead;               /* the client is gone; free after the handler replies */
+	bool reading;            /* bytes of a request arrived: the request deadline runs */
+	size_t scan_from;        /* where the search for the end of the head resumes */
+	char *headbuf;
+	size_t headcap;
+	struct http_request req;
+	LIST_ENTRY(http_conn) link;
+};
+
+struct http_server {
+	struct event_base *base;
+	struct evconnlistener *listener;
+	http_handler handler;
+	void *arg;
+	struct http_limits lim;
+	bool shutting_down;
+	int inflight;
+	LIST_HEAD(, http_conn) conns;
+};
+
+static void conn_free(struct http_conn *c);
+static void try_parse(struct http_conn *c);
+
+const char *http_status_text(int status)
+{
+	switch (status) {
+	case 100: return "Continue";
+	case 200: return "OK";
+	case 400: return "Bad Request";
+	case 401: return "Unauthorized";
+	case 403: return "Forbidden";
+	case 404: return "Not Found";
+	case 405: return "Method Not Allowed";
+	case 408: return "Request Timeout";
+	case 409: return "Conflict";
+	case 411: return "Length Required";
+	case 413: return "Content Too Large";
+	case 414: return "URI Too Long";
+	case 422: return "Unprocessable Content";
+	case 431: return "Request Header Fields Too Large";
+	case 500: return "Internal Server Error";
+	case 501: return "Not Implemented";
+	case 502: return "Bad Gateway";
+	case 503: return "Service Unavailable";
+	case 504: return "Gateway Timeout";
+	case 505: return "HTTP Version Not Supported";
+	}
+	return "Unknown";
+}
+
+static void arm_timer(struct http_conn *c, double secs)
+{
+	struct timeval tv;
+	tv.tv_sec = (long)secs;
+	tv.tv_usec = (long)((secs - (double)tv.tv_sec) * 1e6);
+	evtimer_add(c->timer, &tv);
+}
+
+/* Write a reply head and move body's bytes behind it. */
+static void write_reply(struct http_conn *c, int status, struct evbuffer *body, const char *extra,
+			bool keepalive)
+{
+	struct evbuffer *out = bufferevent_get_output(c->bev);
+	size_t len = body ? evbuffer_get_length(body) : 0;
+	char head[256];
+	int n = snprintf(head, sizeof(head),
+			 "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n%s",
+			 status, http_status_text(status), len,
+			 keepalive ? "" : "Connection: close\r\n");
+	evbuffer_add(out, head, (size_t)n);
+	if (extra)
+		evbuffer_add(out, extra, strlen(extra));
+	evbuffer_add(out, "\r\n", 2);
+	if (body)
+		evbuffer_add_buffer(out, body);
+}
+
+/* Refuse a request the transport cannot accept, then close the connection. */
+static void reject(struct http_conn *c, int status, const char *code, const char *msg)
+{
+	struct evbuffer *b = evbuffer_new();
+	if (!b)
+		abort();
+	jsonw_error(b, code, msg, NULL);
+	evbuffer_add(b, "\n", 1);
+	write_reply(c, status, b, NULL, false);
+	evbuffer_free(b);
+	log_info("http: refused request from a client: %d %s", status, msg);
+	c->state = CS_CLOSE;
+	evtimer_del(c->timer);
+	bufferevent_disable(c->bev, EV_READ);
+}
+
+static void start_request(struct http_conn *c)
+{
+	struct http_server *s = c->srv;
+	c->state = CS_BUSY;
+	evtimer_del(c->timer);
+	c->req.start = mono_now();
+	s->inflight++;
+	s->handler(&c->req, s->arg);
+}
+
+static void read_body(struct http_conn *c)
+{
+	struct evbuffer *in = bufferevent_get_input(c->bev);
+	size_t need = (size_t)c->req.head.content_length;
+	if (evbuffer_get_length(in) < need)
+		return;
+	c->req.body = xmalloc(need + 1);
+	evbuffer_remove(in, c->req.body, need);
+	c->req.body[need] = '\0';
+	c->req.body_len = need;
+	start_request(c);
+}
+
+/* The head is complete at [0, len): copy it out, parse it, check limits. */
+static void take_head(struct http_conn *c, size_t len)
+{
+	struct http_head *h = &c->req.head;
+	const char *err;
+	int status;
+
+	if (len + 1 > c->headcap) {
+		c->headcap = len + 1;
+		c->headbuf = xrealloc(c->headbuf, c->headcap);
+	}
+	evbuffer_remove(bufferevent_get_input(c->bev), c->headbuf, len);
+	c->headbuf[len] = '\0';
+	c->scan_from = 0;
+	status = http_parse_head(c->headbuf, len, h, &err);
+	if (status) {
+		reject(c, status, status == 400 ? "bad_request" : "too_large", err);
+		return;
+	}
+	if (h->chunked) {
+		reject(c, 411, "bad_request", "chunked request bodies are not supported; send Content-Length");
+		return;
+	}
+	if (h->content_length > (long long)c->srv->lim.max_body) {
+		char msg[96];
+		snprintf(msg, sizeof(msg), "request body of %lld bytes is over max_body (%zu)",
+			 h->content_length, c->srv->lim.max_body);
+		reject(c, 413, "too_large", msg);
+		return;
+	}
+	if (h->content_length <= 0) {
+		c->req.body = xstrdup("");
+		start_request(c);
+		return;
+	}
+	c->state = CS_BODY;
+	if (h->expect_continue &&
+	    evbuffer_get_length(bufferevent_get_input(c->bev)) < (size_t)h->content_length)
+		bufferevent_write(c->bev, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+	read_body(c);
+}
+
+static void parse_head(struct http_conn *c)
+{
+	struct evbuffer *in = bufferevent_get_input(c->bev);
+	size_t len = evbuffer_get_length(in);
+	struct evbuffer_ptr start, found;
+
+	if (len == 0)
+		return;
+	if (!c->reading) {
+		/* The keep-alive timer becomes the request deadline once bytes arrive. */
+		c->reading = true;
+		evtimer_del(c->timer);
+		arm_timer(c, c->srv->lim.client_timeout);
+	}
+	evbuffer_ptr_set(in, &start, c->scan_from, EVBUFFER_PTR_SET);
+	found = evbuffer_search(in, "\r\n\r\n", 4, &start);
+	if (found.pos < 0) {
+		if (len > c->srv->lim.max_head) {
+			reject(c, 431, "too_large", "request head is over the size limit");
+			return;
+		}
+		c->scan_from = len > 3 ? len - 3 : 0;
+		return;
+	}
+	if ((size_t)found.pos + 4 > c->srv->lim.max_head) {
+		reject(c, 431, "too_large", "request head is over the size limit");
+		return;
+	}
+	take_head(c, (size_t)found.pos + 4);
+}
+
+static void try_parse(struct http_conn *c)
+{
+	if (c->state == CS_HEAD)
+		parse_head(c);
+	else if (c->state == CS_BODY)
+		read_body(c);
+}
+
+static void on_read(struct bufferevent *bev, void *arg)
+{
+	(void)bev;
+	try_parse(arg);
+}
+
+static void on_write(struct bufferevent *bev, void *arg)
+{
+	struct http_conn *c = arg;
+	(void)bev;
+	if (c->state == CS_CLOSE)
+		conn_free(c);
+}
+
+static void on_event(struct bufferevent *bev, short what, void *arg)
+{
+	struct http_conn *c = arg;
+	(void)bev;
+	if (!(what & (BEV_EVENT_EOF | BEV_EVENT_ERROR)))
+		return;
+	if (c->state == CS_BUSY) {
+		c->dead = true;
+		bufferevent_disable(c->bev, EV_READ | EV_WRITE);
+		if (c->req.on_abort)
+			c->req.on_abort(&c->req);
+		return;
+	}
+	conn_free(c);
+}
+
+static void on_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct http_conn *c = arg;
+	(void)fd;
+	(void)what;
+	if (c->state == CS_HEAD && !c->reading) {
+		conn_free(c); /* idle keep-alive connection */
+		return;
+	}
+	if (c->state == CS_HEAD || c->state == CS_BODY)
+		reject(c, 408, "bad_request", "request did not arrive within client_timeout");
+}
+
+static void on_resume(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	try_parse(arg);
+}
+
+static void reset_request(struct http_conn *c)
+{
+	free(c->req.body);
+	memset(&c->req, 0, sizeof(c->req));
+	c->req.conn = c;
+}
+
+void http_reply(struct http_request *req, int status, struct evbuffer *body, const char *extra)
+{
+	struct http_conn *c = req->conn;
+	struct http_server *s = c->srv;
+	bool keep = req->head.keepalive && !s->shutting_down;
+
+	s->inflight--;
+	if (c->dead) {
+		conn_free(c);
+		return;
+	}
+	write_reply(c, status, body, extra, keep);
+	reset_request(c);
+	if (!keep) {
+		c->state = CS_CLOSE;
+		bufferevent_disable(c->bev, EV_READ);
+		return;
+	}
+	c->state = CS_HEAD;
+	c->reading = false;
+	arm_timer(c, s->lim.keepalive_timeout);
+	if (evbuffer_get_length(bufferevent_get_input(c->bev)) > 0)
+		event_active(c->resume, EV_TIMEOUT, 0);
+}
+
+void http_reply_error(struct http_request *req, int status, const char *code, const char *msg)
+{
+	struct evbuffer *b = evbuffer_new();
+	if (!b)
+		abort();
+	jsonw_error(b, code, msg, NULL);
+	evbuffer_add(b, "\n", 1);
+	http_reply(req, status, b, NULL);
+	evbuffer_free(b);
+}
+
+const char *http_get_header(const struct http_request *req, const char *lname)
+{
+	return http_head_get(&req->head, lname);
+}
+
+static void conn_free(struct http_conn *c)
+{
+	LIST_REMOVE(c, link);
+	event_free(c->timer);
+	event_free(c->resume);
+	bufferevent_free(c->bev);
+	free(c->req.body);
+	free(c->headbuf);
+	free(c);
+}
+
+static void on_accept(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
+		      int salen, void *arg)
+{
+	struct http_server *s = arg;
+	struct http_conn *c;
+	int one = 1;
+	(void)l;
+	(void)sa;
+	(void)salen;
+
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	c = xcalloc(1, sizeof(*c));
+	c->srv = s;
+	c->req.conn = c;
+	c->bev = bufferevent_socket_new(s->base, fd, BEV_OPT_CLOSE_ON_FREE);
+	c->timer = evtimer_new(s->base, on_timer, c);
+	c->resume = event_new(s->base, -1, 0, on_resume, c);
+	if (!c->bev || !c->timer || !c->resume) {
+		log_error("http: cannot set up a connection");
+		if (c->bev)
+			bufferevent_free(c->bev);
+		else
+			evutil_closesocket(fd);
+		if (c->timer)
+			event_free(c->timer);
+		if (c->resume)
+			event_free(c->resume);
+		free(c);
+		return;
+	}
+	LIST_INSERT_HEAD(&s->conns, c, link);
+	bufferevent_setcb(c->bev, on_read, on_write, on_event, c);
+	bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+	/* Stop reading far ahead of the request being served (pipelining). */
+	bufferevent_setwatermark(c->bev, EV_READ, 0, s->lim.max_head + s->lim.max_body + 4096);
+	arm_timer(c, s->lim.keepalive_timeout);
+}
+
+static void on_accept_error(struct evconnlistener *l, void *arg)
+{
+	(void)l;
+	(void)arg;
+	log_warn("http: accept failed: %s", strerror(errno));
+}
+
+/* Split "host:port" (IPv6 as "[::1]:port") into a sockaddr. */
+static int parse_addr(const char *addr, struct sockaddr_storage *ss, int *sslen)
+{
+	int len = (int)sizeof(*ss);
+	if (evutil_parse_sockaddr_port(addr, (struct sockaddr *)ss, &len) < 0)
+		return -1;
+	*sslen = len;
+	return 0;
+}
+
+struct http_server *http_server_new(struct event_base *base, const char *addr,
+				    http_handler handler, void *arg, char *err, size_t errlen)
+{
+	struct http_server *s = xcalloc(1, sizeof(*s));
+	struct sockaddr_storage ss;
+	int sslen;
+
+	s->base = base;
+	s->handler = handler;
+	s->arg = arg;
+	s->lim.max_head = 16384;
+	s->lim.max_body = 1 << 20;
+	s->lim.client_timeout = 10;
+	s->lim.keepalive_timeout = 75;
+	LIST_INIT(&s->conns);
+	if (parse_addr(addr, &ss, &sslen) < 0) {
+		fmt_err(err, errlen, "invalid listen address '%s' (expected host:port)", addr);
+		goto fail;
+	}
+	s->listener = evconnlistener_new_bind(base, on_accept, s,
+					      LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE |
+						      LEV_OPT_CLOSE_ON_EXEC,
+					      1024, (struct sockaddr *)&ss, sslen);
+	if (!s->listener) {
+		fmt_err(err, errlen, "cannot listen on %s: %s", addr, strerror(errno));
+		goto fail;
+	}
+	evconnlistener_set_error_cb(s->listener, on_accept_error);
+	return s;
+fail:
+	free(s);
+	return NULL;
+}
+
+void http_server_set_limits(struct http_server *s, const struct http_limits *lim)
+{
+	s->lim = *lim;
+}
+
+void http_server_shutdown(struct http_server *s)
+{
+	struct http_conn *c, *next;
+	s->shutting_down = true;
+	if (s->listener)
+		evconnlistener_disable(s->listener);
+	for (c = LIST_FIRST(&s->conns); c; c = next) {
+		next = LIST_NEXT(c, link);
+		if (c->state == CS_HEAD && evbuffer_get_length(bufferevent_get_input(c->bev)) == 0)
+			conn_free(c);
+	}
+}
+
+int http_server_inflight(const struct http_server *s)
+{
+	return s->inflight;
+}
+
+void http_server_free(struct http_server *s)
+{
+	if (!s)
+		return;
+	while (!LIST_EMPTY(&s->conns))
+		conn_free(LIST_FIRST(&s->conns));
+	if (s->listener)
+		evconnlistener_free(s->listener);
+	free(s);
+}

@@ -1,0 +1,62 @@
+/*
+ * A small HTTP/1.1 server on libevent bufferevents: accepts connections,
+ * reads one request at a time (head, then a Content-Length body), hands it
+ * to a handler, and writes exactly one reply per request. It enforces the
+ * transport limits (head size, header count, target length, body size, a
+ * deadline for a request to arrive, an idle keep-alive timeout) and tells
+ * the handler when the client goes away before its reply.
+ *
+ * It knows nothing about shards or SQL; request.c and admin.c are handlers.
+ */
+#ifndef SG_HTTP_H
+#define SG_HTTP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "httpparse.h"
+
+struct event_base;
+struct evbuffer;
+struct http_conn;
+struct http_server;
+struct http_request;
+
+typedef void (*http_handler)(struct http_request *req, void *arg);
+typedef void (*http_abort_cb)(struct http_request *req);
+
+struct http_request {
+	struct http_conn *conn;
+	struct http_head head;
+	char *body;              /* NUL-terminated; body_len bytes */
+	size_t body_len;
+	double start;            /* monotonic seconds when the head was complete */
+	void *data;              /* the handler's state */
+	http_abort_cb on_abort;  /* set by the handler to hear about a vanished client */
+};
+
+struct http_limits {
+	size_t max_head;
+	size_t max_body;
+	double client_timeout;     /* a request's head and body must arrive within this */
+	double keepalive_timeout;  /* an idle connection is closed after this */
+};
+
+struct http_server *http_server_new(struct event_base *base, const char *addr,
+				    http_handler handler, void *arg, char *err, size_t errlen);
+void http_server_set_limits(struct http_server *s, const struct http_limits *lim);
+/* Stop accepting, close idle connections, and close the others after their reply. */
+void http_server_shutdown(struct http_server *s);
+/* Requests received and not yet answered. */
+int http_server_inflight(const struct http_server *s);
+void http_server_free(struct http_server *s);
+
+/* Send the reply (body's contents are moved out). extra: header lines, each ending CRLF, or NULL. */
+void http_reply(struct http_request *req, int status, struct evbuffer *body, const char *extra);
+/* Reply {"error": msg, "code": code} with status. */
+void http_reply_error(struct http_request *req, int status, const char *code, const char *msg);
+
+const char *http_get_header(const struct http_request *req, const char *lname);
+const char *http_status_text(int status);
+
+#endif

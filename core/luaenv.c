@@ -1,0 +1,134 @@
+/*
+ * Trusted Lua states. The gateway's own library (lua/) is loaded here with
+ * full standard libraries; operator scripts are confined by
+ * lua/shardgate/sandbox.lua, which shardgate.loader applies. string.dump is
+ * removed from the shared string table because a sandboxed script could
+ * reach it through the string metatable.
+ */
+#include "luaenv.h"
+
+#include <lauxlib.h>
+#include <limits.h>
+#include <lualib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "util.h"
+
+static char libdir[PATH_MAX];
+
+void luaenv_set_libdir(const char *dir)
+{
+	snprintf(libdir, sizeof(libdir), "%s", dir);
+}
+
+const char *luaenv_libdir(void)
+{
+	char exe[PATH_MAX - 8];
+	ssize_t n;
+	char *slash;
+
+	if (libdir[0])
+		return libdir;
+	const char *env = getenv("SHARDGATE_LUA_DIR");
+	if (env && *env) {
+		luaenv_set_libdir(env);
+		return libdir;
+	}
+	n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+	if (n <= 0) {
+		luaenv_set_libdir("lua");
+		return libdir;
+	}
+	exe[n] = '\0';
+	slash = strrchr(exe, '/');
+	if (slash)
+		*slash = '\0';
+	snprintf(libdir, sizeof(libdir), "%s/../lua", exe);
+	return libdir;
+}
+
+/* Allocator with a cap: refusing to grow makes Lua raise "not enough memory". */
+static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+	struct luaenv_alloc *a = ud;
+	if (nsize == 0) {
+		free(ptr);
+		a->used -= osize;
+		return NULL;
+	}
+	if (a->limit && nsize > osize && a->used + (nsize - osize) > a->limit)
+		return NULL;
+	void *p = realloc(ptr, nsize);
+	if (p)
+		a->used = a->used - osize + nsize;
+	return p;
+}
+
+static int l_core_log(lua_State *L)
+{
+	const char *level = luaL_checkstring(L, 1);
+	const char *msg = luaL_checkstring(L, 2);
+	enum log_level lv;
+	if (log_level_from_name(level, &lv) < 0)
+		lv = LOG_INFO;
+	log_msg(lv, "script: %s", msg);
+	return 0;
+}
+
+static const luaL_Reg core_funcs[] = {
+	{ "log", l_core_log },
+	{ NULL, NULL },
+};
+
+static int open_core(lua_State *L)
+{
+	lua_newtable(L);
+	luaL_register(L, NULL, core_funcs);
+	return 1;
+}
+
+static void set_path(lua_State *L)
+{
+	char path[PATH_MAX * 2 + 32];
+	const char *dir = luaenv_libdir();
+	snprintf(path, sizeof(path), "%s/?.lua;%s/?/init.lua", dir, dir);
+	lua_getglobal(L, "package");
+	lua_pushstring(L, path);
+	lua_setfield(L, -2, "path");
+	lua_pushstring(L, "");
+	lua_setfield(L, -2, "cpath");
+	lua_getfield(L, -1, "preload");
+	lua_pushcfunction(L, open_core);
+	lua_setfield(L, -2, "shardgate.core");
+	lua_pop(L, 2);
+}
+
+lua_State *luaenv_new(struct luaenv_alloc *alloc)
+{
+	lua_State *L = alloc ? lua_newstate(capped_alloc, alloc) : luaL_newstate();
+	if (!L)
+		return NULL;
+	luaL_openlibs(L);
+	lua_getglobal(L, "string");
+	lua_pushnil(L);
+	lua_setfield(L, -2, "dump");
+	lua_pop(L, 1);
+	set_path(L);
+	return L;
+}
+
+int luaenv_require(lua_State *L, const char *name, char *err, size_t errlen)
+{
+	lua_getglobal(L, "require");
+	lua_pushstring(L, name);
+	if (lua_pcall(L, 1, 1, 0) != 0) {
+		fmt_err(err, errlen, "cannot load %s: %s", name, lua_tostring(L, -1));
+		lua_pop(L, 1);
+		return -1;
+	}
+	return 0;
+}

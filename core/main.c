@@ -1,0 +1,172 @@
+/*
+ * shardgate: process start, command line, signals and shutdown. Everything
+ * runs on one libevent loop; this file wires the listener to the request
+ * handler and owns the loop's lifetime.
+ */
+#include <event2/event.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+#include "generation.h"
+#include "http.h"
+#include "log.h"
+#include "request.h"
+#include "util.h"
+
+#define SHARDGATE_VERSION "0.1.0"
+
+struct app {
+	struct event_base *base;
+	struct http_server *client;
+	struct event *sig_term;
+	struct event *sig_int;
+	struct event *drain;
+	double shutdown_deadline;
+	const char *config_path;
+};
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"usage: shardgate [-c FILE] [--check]\n"
+		"  -c, --config FILE  configuration (default conf/shardgate.lua)\n"
+		"      --check        validate the configuration and its script, then exit\n"
+		"  -V, --version      print the version\n"
+		"  -h, --help         this text\n");
+}
+
+static void apply_limits(struct app *app, const struct config *cfg)
+{
+	struct http_limits lim = {
+		.max_head = 16384,
+		.max_body = (size_t)cfg->max_body,
+		.client_timeout = cfg->client_timeout,
+		.keepalive_timeout = cfg->keepalive_timeout,
+	};
+	enum log_level lv;
+	http_server_set_limits(app->client, &lim);
+	if (log_level_from_name(cfg->log_level, &lv) == 0)
+		log_set_level(lv);
+}
+
+static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
+{
+	struct app *app = arg;
+	(void)fd;
+	(void)what;
+	if (request_inflight() == 0 || mono_now() >= app->shutdown_deadline) {
+		if (request_inflight() > 0)
+			log_warn("shutdown: %d requests still running after shutdown_timeout",
+				 request_inflight());
+		event_base_loopexit(app->base, NULL);
+	}
+}
+
+static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
+{
+	struct app *app = arg;
+	struct timeval tick = { 0, 20000 };
+	(void)what;
+	if (app->drain)
+		return;
+	log_info("received %s: no new connections, finishing %d requests",
+		 sig == SIGTERM ? "SIGTERM" : "SIGINT", request_inflight());
+	http_server_shutdown(app->client);
+	app->shutdown_deadline = mono_now() + generation_current()->cfg->shutdown_timeout;
+	app->drain = event_new(app->base, -1, EV_PERSIST, on_drain_tick, app);
+	event_add(app->drain, &tick);
+	on_drain_tick(-1, 0, app);
+}
+
+static int start(struct app *app)
+{
+	char err[1024];
+	struct generation *g = generation_build(app->base, app->config_path, NULL, err, sizeof(err));
+	if (!g) {
+		log_error("%s", err);
+		return -1;
+	}
+	generation_set_current(g);
+	app->client = http_server_new(app->base, g->cfg->listen, request_handle, NULL, err, sizeof(err));
+	if (!app->client) {
+		log_error("%s", err);
+		return -1;
+	}
+	apply_limits(app, g->cfg);
+	log_info("shardgate %s listening on %s with %d shards (script %s, generation %u)",
+		 SHARDGATE_VERSION, g->cfg->listen, g->cfg->nshards, g->cfg->script, g->id);
+	return 0;
+}
+
+static void stop(struct app *app)
+{
+	http_server_free(app->client);
+	generation_set_current(NULL);
+	if (app->drain)
+		event_free(app->drain);
+	if (app->sig_term)
+		event_free(app->sig_term);
+	if (app->sig_int)
+		event_free(app->sig_int);
+	event_base_free(app->base);
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "config", required_argument, NULL, 'c' },
+		{ "check", no_argument, NULL, 'k' },
+		{ "version", no_argument, NULL, 'V' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct app app = { .config_path = "conf/shardgate.lua" };
+	bool check = false;
+	int c, rc = 1;
+
+	while ((c = getopt_long(argc, argv, "c:Vh", opts, NULL)) != -1) {
+		switch (c) {
+		case 'c': app.config_path = optarg; break;
+		case 'k': check = true; break;
+		case 'V': printf("shardgate %s\n", SHARDGATE_VERSION); return 0;
+		case 'h': usage(stdout); return 0;
+		default: usage(stderr); return 2;
+		}
+	}
+	if (check) {
+		char err[1024];
+		if (generation_check(app.config_path, err, sizeof(err)) < 0) {
+			fprintf(stderr, "shardgate: %s\n", err);
+			return 1;
+		}
+		printf("%s: ok\n", app.config_path);
+		return 0;
+	}
+	signal(SIGPIPE, SIG_IGN);
+	srand((unsigned)(mono_now() * 1e6));
+	app.base = event_base_new();
+	if (!app.base) {
+		log_error("cannot create the event loop");
+		return 1;
+	}
+	request_set_base(app.base);
+	app.sig_term = evsignal_new(app.base, SIGTERM, on_stop_signal, &app);
+	app.sig_int = evsignal_new(app.base, SIGINT, on_stop_signal, &app);
+	if (!app.sig_term || !app.sig_int || event_add(app.sig_term, NULL) < 0 ||
+	    event_add(app.sig_int, NULL) < 0) {
+		log_error("cannot install signal handlers");
+		goto done;
+	}
+	if (start(&app) < 0)
+		goto done;
+	event_base_dispatch(app.base);
+	log_info("stopped");
+	rc = 0;
+done:
+	stop(&app);
+	return rc;
+}

@@ -1,0 +1,311 @@
+/*
+ * libpq on libevent. The pattern follows libusual's pgsocket: libpq tells us
+ * which direction it waits for (PQconnectPoll's answer, PQflush's), we watch
+ * exactly that on the connection's socket, and every wake-up goes through
+ * one I/O handler that dispatches on the connection state.
+ *
+ * Rule for callbacks: after CONNECTED, FAILED, DONE or BROKEN the receiver
+ * may free the connection or send the next statement, so this file never
+ * touches the connection after invoking one of them.
+ */
+#include "pgconn.h"
+
+#include <event2/event.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "util.h"
+
+static void on_io(evutil_socket_t fd, short what, void *arg);
+
+static void set_error(struct pgconn *c, const char *prefix)
+{
+	const char *msg = c->pg ? PQerrorMessage(c->pg) : "";
+	snprintf(c->error, sizeof(c->error), "%s%s", prefix, msg && *msg ? msg : "connection lost");
+	size_t n = strlen(c->error);
+	while (n && (c->error[n - 1] == '\n' || c->error[n - 1] == ' '))
+		c->error[--n] = '\0';
+}
+
+/* Watch the socket for `what` (EV_READ and/or EV_WRITE); re-arm only on change. */
+static int watch(struct pgconn *c, short what)
+{
+	int fd = PQsocket(c->pg);
+	if (fd < 0)
+		return -1;
+	if (c->ev && fd == c->fd && what == c->watching)
+		return 0;
+	if (c->ev)
+		event_free(c->ev);
+	c->fd = fd;
+	c->watching = what;
+	c->ev = event_new(c->base, fd, what | EV_PERSIST, on_io, c);
+	if (!c->ev || event_add(c->ev, NULL) < 0)
+		return -1;
+	return 0;
+}
+
+static void emit(struct pgconn *c, enum pgconn_event ev, PGresult *res)
+{
+	c->cb(c, ev, res, c->arg);
+}
+
+static void broken(struct pgconn *c, const char *prefix)
+{
+	set_error(c, prefix);
+	c->state = PGCONN_BROKEN;
+	if (c->ev)
+		event_del(c->ev);
+	emit(c, PGCONN_EV_BROKEN, NULL);
+}
+
+static void connect_failed(struct pgconn *c)
+{
+	set_error(c, "");
+	c->state = PGCONN_BROKEN;
+	if (c->ev)
+		event_del(c->ev);
+	if (c->timer)
+		event_del(c->timer);
+	emit(c, PGCONN_EV_FAILED, NULL);
+}
+
+static void connect_step(struct pgconn *c)
+{
+	switch (PQconnectPoll(c->pg)) {
+	case PGRES_POLLING_READING:
+		if (watch(c, EV_READ) < 0)
+			connect_failed(c);
+		return;
+	case PGRES_POLLING_WRITING:
+		if (watch(c, EV_WRITE) < 0)
+			connect_failed(c);
+		return;
+	case PGRES_POLLING_OK:
+		event_del(c->timer);
+		if (PQsetnonblocking(c->pg, 1) != 0 || watch(c, EV_READ) < 0) {
+			connect_failed(c);
+			return;
+		}
+		c->state = PGCONN_IDLE;
+		c->backend_pid = PQbackendPID(c->pg);
+		emit(c, PGCONN_EV_CONNECTED, NULL);
+		return;
+	default:
+		connect_failed(c);
+		return;
+	}
+}
+
+static void on_connect_timeout(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgconn *c = arg;
+	(void)fd;
+	(void)what;
+	if (c->state != PGCONN_CONNECTING)
+		return;
+	c->state = PGCONN_BROKEN;
+	if (c->ev)
+		event_del(c->ev);
+	snprintf(c->error, sizeof(c->error), "connect timed out");
+	emit(c, PGCONN_EV_FAILED, NULL);
+}
+
+/* Read what arrived and hand out every complete result; DONE at the end. */
+static void read_results(struct pgconn *c)
+{
+	if (!PQconsumeInput(c->pg)) {
+		broken(c, "");
+		return;
+	}
+	while (!PQisBusy(c->pg)) {
+		PGresult *res = PQgetResult(c->pg);
+		if (!res) {
+			c->state = PQstatus(c->pg) == CONNECTION_OK ? PGCONN_IDLE : PGCONN_BROKEN;
+			if (c->state == PGCONN_BROKEN)
+				set_error(c, "");
+			if (c->watching != EV_READ)
+				watch(c, EV_READ);
+			emit(c, PGCONN_EV_DONE, NULL);
+			return;
+		}
+		emit(c, PGCONN_EV_RESULT, res);
+		PQclear(res);
+	}
+}
+
+static void flush_output(struct pgconn *c)
+{
+	int rc = PQflush(c->pg);
+	if (rc < 0)
+		broken(c, "");
+	else if (rc == 0 && (c->watching & EV_WRITE) && watch(c, EV_READ) < 0)
+		broken(c, "");
+}
+
+/* An idle connection should be silent; input means a notice, or the server leaving. */
+static void idle_input(struct pgconn *c)
+{
+	PGnotify *n;
+	if (!PQconsumeInput(c->pg) || PQstatus(c->pg) != CONNECTION_OK) {
+		broken(c, "");
+		return;
+	}
+	while ((n = PQnotifies(c->pg)) != NULL)
+		PQfreemem(n);
+}
+
+static void on_io(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgconn *c = arg;
+	(void)fd;
+	switch (c->state) {
+	case PGCONN_CONNECTING:
+		connect_step(c);
+		return;
+	case PGCONN_BUSY:
+		if (what & EV_WRITE) {
+			flush_output(c);
+			if (c->state != PGCONN_BUSY)
+				return;
+		}
+		if (what & EV_READ)
+			read_results(c);
+		return;
+	case PGCONN_IDLE:
+		idle_input(c);
+		return;
+	case PGCONN_BROKEN:
+		if (c->ev)
+			event_del(c->ev);
+		return;
+	}
+}
+
+static void noop_notice(void *arg, const PGresult *res)
+{
+	(void)arg;
+	(void)res;
+}
+
+struct pgconn *pgconn_connect(struct event_base *base, const char *url, double timeout,
+			      pgconn_cb cb, void *arg)
+{
+	static const char *const keys[] = { "dbname", "fallback_application_name", "client_encoding", NULL };
+	const char *vals[] = { url, "shardgate", "UTF8", NULL };
+	struct pgconn *c = xcalloc(1, sizeof(*c));
+	struct timeval tv;
+
+	c->base = base;
+	c->cb = cb;
+	c->arg = arg;
+	c->fd = -1;
+	c->state = PGCONN_CONNECTING;
+	c->created = mono_now();
+	c->last_used = c->created;
+	c->pg = PQconnectStartParams(keys, vals, 1);
+	if (!c->pg || PQstatus(c->pg) == CONNECTION_BAD) {
+		set_error(c, "");
+		goto fail;
+	}
+	PQsetNoticeReceiver(c->pg, noop_notice, NULL);
+	c->timer = evtimer_new(base, on_connect_timeout, c);
+	if (!c->timer)
+		goto fail;
+	tv.tv_sec = (long)timeout;
+	tv.tv_usec = (long)((timeout - (double)tv.tv_sec) * 1e6);
+	evtimer_add(c->timer, &tv);
+	if (watch(c, EV_WRITE) < 0) {
+		set_error(c, "");
+		goto fail;
+	}
+	return c;
+fail:
+	log_warn("cannot start connection: %s", c->error);
+	pgconn_free(c);
+	return NULL;
+}
+
+void pgconn_set_handler(struct pgconn *c, pgconn_cb cb, void *arg)
+{
+	c->cb = cb;
+	c->arg = arg;
+}
+
+int pgconn_send(struct pgconn *c, const char *sql, int nparams, const char *const *values,
+		pgconn_cb cb, void *arg)
+{
+	c->sent = false;
+	if (c->state != PGCONN_IDLE || PQstatus(c->pg) != CONNECTION_OK) {
+		set_error(c, "");
+		return -1;
+	}
+	if (!PQsendQueryParams(c->pg, sql, nparams, NULL, values, NULL, NULL, 0)) {
+		set_error(c, "");
+		return -1;
+	}
+	c->sent = true;
+	c->cb = cb;
+	c->arg = arg;
+	c->state = PGCONN_BUSY;
+	c->last_used = mono_now();
+	int rc = PQflush(c->pg);
+	if (rc < 0 || watch(c, rc == 1 ? (EV_READ | EV_WRITE) : EV_READ) < 0) {
+		/* Report asynchronously through the normal path on the next read. */
+		set_error(c, "");
+		c->state = PGCONN_BROKEN;
+		return -1;
+	}
+	return 0;
+}
+
+static void *cancel_thread(void *arg)
+{
+	PGcancel *cn = arg;
+	char err[256];
+	if (!PQcancel(cn, err, sizeof(err)))
+		log_warn("cancel request failed: %s", err);
+	PQfreeCancel(cn);
+	return NULL;
+}
+
+void pgconn_cancel(struct pgconn *c)
+{
+	pthread_attr_t attr;
+	pthread_t t;
+	PGcancel *cn;
+
+	if (c->state != PGCONN_BUSY)
+		return;
+	cn = PQgetCancel(c->pg);
+	if (!cn)
+		return;
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	if (pthread_create(&t, &attr, cancel_thread, cn) != 0) {
+		log_warn("cannot start cancel thread; the statement runs on");
+		PQfreeCancel(cn);
+	}
+	pthread_attr_destroy(&attr);
+}
+
+bool pgconn_usable(const struct pgconn *c)
+{
+	return c->state == PGCONN_IDLE && PQstatus(c->pg) == CONNECTION_OK;
+}
+
+void pgconn_free(struct pgconn *c)
+{
+	if (!c)
+		return;
+	if (c->ev)
+		event_free(c->ev);
+	if (c->timer)
+		event_free(c->timer);
+	if (c->pg)
+		PQfinish(c->pg);
+	free(c);
+}

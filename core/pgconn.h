@@ -1,0 +1,77 @@
+/*
+ * One PostgreSQL connection driven by libpq in non-blocking mode on the
+ * event loop: connect (PQconnectStart/PQconnectPoll), send one statement
+ * (PQsendQueryParams), collect results (PQconsumeInput/PQisBusy/PQgetResult),
+ * cancel (PQcancel on a short-lived thread, since PQcancel blocks), and
+ * notice a server that went away while the connection sat idle.
+ *
+ * A connection reports everything through one callback with an event enum.
+ * Pools (pool.c) own connections; requests borrow them.
+ */
+#ifndef SG_PGCONN_H
+#define SG_PGCONN_H
+
+#include <stdbool.h>
+#include <libpq-fe.h>
+#include <sys/queue.h>
+
+struct event_base;
+struct pgconn;
+
+enum pgconn_state {
+	PGCONN_CONNECTING,
+	PGCONN_IDLE,
+	PGCONN_BUSY,
+	PGCONN_BROKEN,
+};
+
+enum pgconn_event {
+	PGCONN_EV_CONNECTED,   /* connect finished; the connection is idle */
+	PGCONN_EV_FAILED,      /* connect failed or timed out; free it */
+	PGCONN_EV_RESULT,      /* one result of the current statement; res valid during the call */
+	PGCONN_EV_DONE,        /* the statement finished; the connection is idle (or broken) */
+	PGCONN_EV_BROKEN,      /* the connection died; free it */
+};
+
+typedef void (*pgconn_cb)(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg);
+
+struct pgconn {
+	PGconn *pg;
+	struct event_base *base;
+	struct event *ev;
+	struct event *timer;
+	int fd;
+	short watching;
+	enum pgconn_state state;
+	pgconn_cb cb;
+	void *arg;
+	int backend_pid;
+	double created;
+	double expires;          /* max_lifetime with jitter; set by the pool */
+	double last_used;
+	bool sent;               /* the current statement reached the server */
+	bool session_dirty;      /* a SET or similar ran outside a transaction */
+	unsigned target_gen;     /* the pool's url generation it was opened for */
+	void *pool;              /* owner, opaque here */
+	TAILQ_ENTRY(pgconn) link;
+	char error[256];
+};
+
+/* Start connecting to url; the callback gets CONNECTED or FAILED. NULL if it cannot start. */
+struct pgconn *pgconn_connect(struct event_base *base, const char *url, double timeout,
+			      pgconn_cb cb, void *arg);
+
+/* Change who hears about this connection (used when a pool lends it out). */
+void pgconn_set_handler(struct pgconn *c, pgconn_cb cb, void *arg);
+
+/* Send one statement with text parameters; -1 if it could not be sent (c->error says why). */
+int pgconn_send(struct pgconn *c, const char *sql, int nparams, const char *const *values,
+		pgconn_cb cb, void *arg);
+
+/* Ask the server to cancel the running statement, without blocking the loop. */
+void pgconn_cancel(struct pgconn *c);
+
+bool pgconn_usable(const struct pgconn *c);
+void pgconn_free(struct pgconn *c);
+
+#endif

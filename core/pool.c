@@ -1,0 +1,404 @@
+/*
+ * Pool bookkeeping. Every connection is in exactly one place: the idle list,
+ * lent to a request (counted in nlent), connecting (nconnecting) or being
+ * cleaned by a ROLLBACK/DISCARD ALL (ncleaning). All moves go through the
+ * functions below, so the counts the health endpoint shows are exact.
+ *
+ * Connections are reused most-recently-idle first (like PgBouncer's default),
+ * which lets surplus ones age out through idle_timeout.
+ */
+#include "pool.h"
+
+#include <event2/event.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "util.h"
+
+static void conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg);
+static void maybe_grow(struct pool *p);
+
+static struct timeval tv_of(double s)
+{
+	struct timeval tv;
+	tv.tv_sec = (long)s;
+	tv.tv_usec = (long)((s - (double)tv.tv_sec) * 1e6);
+	return tv;
+}
+
+int pool_total(const struct pool *p)
+{
+	return p->nidle + p->nlent + p->nconnecting + p->ncleaning;
+}
+
+double pool_max_wait(const struct pool *p)
+{
+	struct pool_waiter *w = TAILQ_FIRST(&p->waiters);
+	return w ? mono_now() - w->since : 0.0;
+}
+
+static void close_conn(struct pool *p, struct pgconn *c, const char *why)
+{
+	p->stats.closed++;
+	log_debug("shard %s: closing connection (pid %d): %s", p->name, c->backend_pid, why);
+	pgconn_free(c);
+}
+
+static void maybe_free(struct pool *p)
+{
+	if (p->refs > 0 || pool_total(p) > 0)
+		return;
+	if (p->maint)
+		event_free(p->maint);
+	free(p->conf.name);
+	free(p->conf.url);
+	free(p->name);
+	free(p);
+}
+
+static void waiter_dequeue(struct pool_waiter *w)
+{
+	struct pool *p = w->pool;
+	if (!w->queued)
+		return;
+	TAILQ_REMOVE(&p->waiters, w, link);
+	p->nwaiting--;
+	w->queued = false;
+	if (w->timer) {
+		event_free(w->timer);
+		w->timer = NULL;
+	}
+}
+
+/* A lent connection that breaks between statements: its borrower finds out on use. */
+static void lent_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg)
+{
+	(void)c;
+	(void)ev;
+	(void)res;
+	(void)arg;
+}
+
+static void lend(struct pool *p, struct pgconn *c, struct pool_waiter *w)
+{
+	p->nlent++;
+	p->stats.checkouts++;
+	p->stats.wait_total += mono_now() - w->since;
+	pgconn_set_handler(c, lent_event, NULL);
+}
+
+/* A connection is free: the first waiter gets it, else it goes idle. */
+static void hand_out(struct pool *p, struct pgconn *c)
+{
+	struct pool_waiter *w = TAILQ_FIRST(&p->waiters);
+	if (!w) {
+		c->last_used = mono_now();
+		TAILQ_INSERT_HEAD(&p->idle, c, link);
+		p->nidle++;
+		pgconn_set_handler(c, conn_event, p);
+		return;
+	}
+	waiter_dequeue(w);
+	lend(p, c, w);
+	w->cb(w, c, POOL_OK);
+}
+
+static void fail_waiters(struct pool *p, const char *why)
+{
+	struct pool_waiter *w;
+	while ((w = TAILQ_FIRST(&p->waiters)) != NULL) {
+		waiter_dequeue(w);
+		p->stats.unavailable++;
+		snprintf(w->error, sizeof(w->error), "%s", why);
+		w->cb(w, NULL, POOL_UNAVAILABLE);
+	}
+}
+
+static void on_connected(struct pool *p, struct pgconn *c)
+{
+	p->nconnecting--;
+	p->stats.opened++;
+	if (p->retired || c->target_gen != p->target_gen || pool_total(p) >= p->conf.pool + 1) {
+		close_conn(p, c, "no longer needed");
+		return;
+	}
+	hand_out(p, c);
+}
+
+static void on_connect_failed(struct pool *p, struct pgconn *c)
+{
+	p->nconnecting--;
+	p->stats.connect_failures++;
+	snprintf(p->last_error, sizeof(p->last_error), "%s", c->error);
+	log_warn("shard %s: cannot connect: %s", p->name, c->error);
+	pgconn_free(c);
+	/* With nothing open or opening, no waiter can be served: tell them now. */
+	if (pool_total(p) == 0)
+		fail_waiters(p, p->last_error);
+}
+
+/* Events for connections the pool holds: idle ones (arg is the pool), connecting or cleaning ones (arg NULL). */
+static void conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg)
+{
+	struct pool *p = c->pool;
+	(void)res;
+	(void)arg;
+	switch (ev) {
+	case PGCONN_EV_CONNECTED:
+		on_connected(p, c);
+		break;
+	case PGCONN_EV_FAILED:
+		on_connect_failed(p, c);
+		break;
+	case PGCONN_EV_RESULT:
+		break;
+	case PGCONN_EV_DONE:
+		/* A cleaning statement finished: try again to give it back. */
+		p->ncleaning--;
+		p->nlent++;
+		pool_release(c);
+		break;
+	case PGCONN_EV_BROKEN:
+		if (arg == p) {
+			TAILQ_REMOVE(&p->idle, c, link);
+			p->nidle--;
+		} else {
+			p->ncleaning--;
+		}
+		log_info("shard %s: connection (pid %d) lost: %s", p->name, c->backend_pid, c->error);
+		close_conn(p, c, "broken");
+		maybe_grow(p);
+		maybe_free(p);
+		break;
+	}
+}
+
+static void open_conn(struct pool *p)
+{
+	struct pgconn *c = pgconn_connect(p->base, p->conf.url, p->conf.connect_timeout,
+					  conn_event, NULL);
+	if (!c) {
+		p->stats.connect_failures++;
+		snprintf(p->last_error, sizeof(p->last_error), "cannot start a connection");
+		return;
+	}
+	c->pool = p;
+	c->target_gen = p->target_gen;
+	/* Jitter spreads reconnects of connections opened together. */
+	c->expires = c->created + p->conf.max_lifetime * (0.8 + 0.2 * ((double)rand() / RAND_MAX));
+	p->nconnecting++;
+}
+
+/* Open connections for waiters that no connection in flight will serve, and up to min_idle. */
+static void maybe_grow(struct pool *p)
+{
+	if (p->retired)
+		return;
+	while (pool_total(p) < p->conf.pool &&
+	       (p->nwaiting > p->nconnecting + p->ncleaning ||
+		p->nidle + p->nconnecting < p->conf.min_idle))
+		open_conn(p);
+}
+
+/* Periodic upkeep: close idle connections past idle_timeout or max_lifetime, keep min_idle. */
+static void maintain(evutil_socket_t fd, short what, void *arg)
+{
+	struct pool *p = arg;
+	struct pgconn *c, *next;
+	double now = mono_now();
+	(void)fd;
+	(void)what;
+	for (c = TAILQ_FIRST(&p->idle); c; c = next) {
+		next = TAILQ_NEXT(c, link);
+		bool old = now >= c->expires;
+		bool stale = p->nidle > p->conf.min_idle && now - c->last_used >= p->conf.idle_timeout;
+		if (old || stale || p->retired) {
+			TAILQ_REMOVE(&p->idle, c, link);
+			p->nidle--;
+			close_conn(p, c, old ? "max_lifetime reached" : "idle_timeout reached");
+		}
+	}
+	maybe_grow(p);
+}
+
+struct pool *pool_new(struct event_base *base, const struct shard_conf *conf)
+{
+	struct pool *p = xcalloc(1, sizeof(*p));
+	struct timeval tv = { 1, 0 };
+	p->name = xstrdup(conf->name);
+	p->conf = *conf;
+	p->conf.name = xstrdup(conf->name);
+	p->conf.url = xstrdup(conf->url);
+	p->base = base;
+	TAILQ_INIT(&p->idle);
+	TAILQ_INIT(&p->waiters);
+	p->maint = event_new(base, -1, EV_PERSIST, maintain, p);
+	if (!p->maint)
+		abort();
+	event_add(p->maint, &tv);
+	maybe_grow(p);
+	return p;
+}
+
+void pool_ref(struct pool *p)
+{
+	p->refs++;
+}
+
+void pool_unref(struct pool *p)
+{
+	if (--p->refs == 0 && !p->retired)
+		pool_retire(p);
+	maybe_free(p);
+}
+
+void pool_reconfigure(struct pool *p, const struct shard_conf *conf)
+{
+	bool moved = strcmp(p->conf.url, conf->url) != 0;
+	free(p->conf.url);
+	free(p->conf.name);
+	p->conf = *conf;
+	p->conf.name = xstrdup(conf->name);
+	p->conf.url = xstrdup(conf->url);
+	if (moved) {
+		struct pgconn *c;
+		p->target_gen++;
+		while ((c = TAILQ_FIRST(&p->idle)) != NULL) {
+			TAILQ_REMOVE(&p->idle, c, link);
+			p->nidle--;
+			close_conn(p, c, "shard url changed");
+		}
+	}
+	/* A smaller pool shrinks as connections come back (pool_release). */
+	while (p->nidle > 0 && pool_total(p) > p->conf.pool) {
+		struct pgconn *c = TAILQ_LAST(&p->idle, pgconn_list);
+		TAILQ_REMOVE(&p->idle, c, link);
+		p->nidle--;
+		close_conn(p, c, "pool shrunk");
+	}
+	maybe_grow(p);
+}
+
+void pool_retire(struct pool *p)
+{
+	struct pgconn *c;
+	p->retired = true;
+	while ((c = TAILQ_FIRST(&p->idle)) != NULL) {
+		TAILQ_REMOVE(&p->idle, c, link);
+		p->nidle--;
+		close_conn(p, c, "shard removed");
+	}
+	fail_waiters(p, "shard removed from the configuration");
+}
+
+static void on_wait_timeout(evutil_socket_t fd, short what, void *arg)
+{
+	struct pool_waiter *w = arg;
+	(void)fd;
+	(void)what;
+	w->pool->stats.timeouts++;
+	waiter_dequeue(w);
+	w->cb(w, NULL, POOL_TIMEOUT);
+}
+
+static struct pgconn *take_idle(struct pool *p)
+{
+	struct pgconn *c = TAILQ_FIRST(&p->idle);
+	if (c) {
+		TAILQ_REMOVE(&p->idle, c, link);
+		p->nidle--;
+	}
+	return c;
+}
+
+struct pgconn *pool_checkout(struct pool *p, struct pool_waiter *w, pool_cb cb, void *arg,
+			     enum pool_err *err)
+{
+	struct timeval tv;
+	struct pgconn *c;
+
+	memset(w, 0, sizeof(*w));
+	w->pool = p;
+	w->cb = cb;
+	w->arg = arg;
+	w->since = mono_now();
+	if (p->retired) {
+		snprintf(w->error, sizeof(w->error), "shard removed from the configuration");
+		*err = POOL_UNAVAILABLE;
+		return NULL;
+	}
+	if (TAILQ_EMPTY(&p->waiters) && (c = take_idle(p)) != NULL) {
+		lend(p, c, w);
+		*err = POOL_OK;
+		return c;
+	}
+	if (p->nwaiting >= p->conf.max_waiting) {
+		p->stats.queue_full++;
+		*err = POOL_QUEUE_FULL;
+		return NULL;
+	}
+	w->timer = evtimer_new(p->base, on_wait_timeout, w);
+	if (!w->timer)
+		abort();
+	tv = tv_of(p->conf.checkout_timeout);
+	evtimer_add(w->timer, &tv);
+	TAILQ_INSERT_TAIL(&p->waiters, w, link);
+	p->nwaiting++;
+	w->queued = true;
+	maybe_grow(p);
+	*err = POOL_QUEUED;
+	return NULL;
+}
+
+void pool_cancel_wait(struct pool_waiter *w)
+{
+	if (w->pool)
+		waiter_dequeue(w);
+}
+
+/* Run a cleaning statement; the connection comes back through conn_event DONE. */
+static int clean(struct pool *p, struct pgconn *c, const char *sql)
+{
+	if (pgconn_send(c, sql, 0, NULL, conn_event, NULL) < 0)
+		return -1;
+	p->nlent--;
+	p->ncleaning++;
+	return 0;
+}
+
+void pool_release(struct pgconn *c)
+{
+	struct pool *p = c->pool;
+	const char *why = NULL;
+
+	if (!pgconn_usable(c))
+		why = c->error[0] ? c->error : "connection broken";
+	else if (p->retired)
+		why = "shard removed";
+	else if (c->target_gen != p->target_gen)
+		why = "shard url changed";
+	else if (pool_total(p) > p->conf.pool)
+		why = "pool shrunk";
+	else if (mono_now() >= c->expires)
+		why = "max_lifetime reached";
+	if (!why && PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
+		if (clean(p, c, "ROLLBACK") == 0)
+			return;
+		why = "rollback failed";
+	}
+	if (!why && c->session_dirty) {
+		c->session_dirty = false;
+		if (clean(p, c, "DISCARD ALL") == 0)
+			return;
+		why = "reset failed";
+	}
+	p->nlent--;
+	if (why) {
+		close_conn(p, c, why);
+		maybe_grow(p);
+		maybe_free(p);
+		return;
+	}
+	hand_out(p, c);
+}

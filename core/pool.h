@@ -1,0 +1,104 @@
+/*
+ * Per-shard connection pools. A pool owns at most `pool` connections to one
+ * shard: idle ones (reused most-recent first), ones lent to requests, ones
+ * connecting or being cleaned. Requests that find none free wait in FIFO
+ * order until checkout_timeout; beyond max_waiting they are refused at once.
+ *
+ * Pools outlive generations: a reload hands an unchanged shard's pool to
+ * the new generation with its connections and statistics (pool_reconfigure),
+ * and a removed shard's pool drains and closes (pool_retire).
+ */
+#ifndef SG_POOL_H
+#define SG_POOL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/queue.h>
+
+#include "config.h"
+#include "pgconn.h"
+
+struct event_base;
+struct pool;
+struct pool_waiter;
+
+enum pool_err {
+	POOL_OK,
+	POOL_QUEUED,        /* the waiter's callback will run later */
+	POOL_QUEUE_FULL,
+	POOL_TIMEOUT,
+	POOL_UNAVAILABLE,   /* the shard cannot be reached */
+};
+
+typedef void (*pool_cb)(struct pool_waiter *w, struct pgconn *c, enum pool_err err);
+
+/* Embedded in the borrower, so waiting allocates nothing. */
+struct pool_waiter {
+	TAILQ_ENTRY(pool_waiter) link;
+	struct pool *pool;
+	struct event *timer;
+	double since;
+	pool_cb cb;
+	void *arg;
+	bool queued;
+	char error[256];    /* why, for POOL_UNAVAILABLE */
+};
+
+struct pool_stats {
+	uint64_t checkouts;
+	uint64_t timeouts;
+	uint64_t queue_full;
+	uint64_t unavailable;
+	uint64_t opened;
+	uint64_t closed;
+	uint64_t connect_failures;
+	double wait_total;
+};
+
+TAILQ_HEAD(pgconn_list, pgconn);
+TAILQ_HEAD(waiter_list, pool_waiter);
+
+struct pool {
+	char *name;
+	struct shard_conf conf;
+	struct event_base *base;
+	struct event *maint;
+	int refs;
+	bool retired;
+	unsigned target_gen;     /* bumped when the url changes */
+	struct pgconn_list idle;
+	int nidle;
+	int nlent;
+	int nconnecting;
+	int ncleaning;
+	struct waiter_list waiters;
+	int nwaiting;
+	struct pool_stats stats;
+	char last_error[256];
+};
+
+struct pool *pool_new(struct event_base *base, const struct shard_conf *conf);
+void pool_ref(struct pool *p);
+void pool_unref(struct pool *p);
+
+/* Apply new settings (same name). A changed url retires old connections. */
+void pool_reconfigure(struct pool *p, const struct shard_conf *conf);
+/* The shard left the config: serve nothing new, close connections as they return. */
+void pool_retire(struct pool *p);
+
+/*
+ * Take a connection: returns it at once (err POOL_OK), or NULL with err
+ * POOL_QUEUED (cb runs later with a connection or POOL_TIMEOUT /
+ * POOL_UNAVAILABLE), POOL_QUEUE_FULL or POOL_UNAVAILABLE.
+ */
+struct pgconn *pool_checkout(struct pool *p, struct pool_waiter *w, pool_cb cb, void *arg,
+			     enum pool_err *err);
+/* Stop waiting (the borrower went away). */
+void pool_cancel_wait(struct pool_waiter *w);
+/* Give a lent connection back; it is cleaned, reused or closed as its state requires. */
+void pool_release(struct pgconn *c);
+
+int pool_total(const struct pool *p);
+double pool_max_wait(const struct pool *p);
+
+#endif

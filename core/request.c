@@ -1,0 +1,513 @@
+/*
+ * Life of a /query or /transaction request:
+ *
+ *   parse body -> route (tenant, shard hooks) -> checkout (maybe wait)
+ *     -> [BEGIN] -> statement 1..n -> [COMMIT | ROLLBACK] -> reply
+ *
+ * Each statement has a timer: past its timeout the statement is cancelled
+ * on the server (the answer is 504); if the server does not give the
+ * connection back within a grace period, the connection is closed instead.
+ * A client that disconnects gets its statement cancelled the same way. The
+ * connection is returned by finish(), the only exit, which pool_release
+ * cleans (ROLLBACK) or closes as its state requires.
+ */
+#include "request.h"
+
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "body.h"
+#include "config.h"
+#include "generation.h"
+#include "http.h"
+#include "jsonw.h"
+#include "log.h"
+#include "pool.h"
+#include "script.h"
+#include "util.h"
+
+#define CANCEL_GRACE 2.0
+
+enum phase { PH_BEGIN, PH_STMT, PH_COMMIT, PH_ROLLBACK };
+
+struct request {
+	struct http_request *http;
+	struct generation *gen;
+	struct event_base *base;
+	enum body_kind kind;
+	struct body body;
+	struct route route;
+	const struct shard_conf *shard;
+	struct pool *pool;
+	struct pool_waiter waiter;
+	struct pgconn *conn;
+	enum phase phase;
+	int cur;                 /* statement index in PH_STMT */
+	double timeout;          /* per statement */
+	struct event *timer;
+	bool cancelled;          /* a cancel was sent for the running statement */
+	bool aborted;            /* the client went away */
+	bool timed_out;
+	int status;              /* set once an error answer is written to out */
+	int nresults;            /* results written into out (transaction) */
+	struct evbuffer *out;
+};
+
+static int inflight;
+static struct event_base *loop_base;
+
+int request_inflight(void)
+{
+	return inflight;
+}
+
+/* ---- answers ---- */
+
+static void reply_json(struct http_request *http, int status, struct evbuffer *b, const char *extra)
+{
+	evbuffer_add(b, "\n", 1);
+	http_reply(http, status, b, extra);
+}
+
+static void set_error(struct request *r, int status, const char *code, const char *msg)
+{
+	evbuffer_drain(r->out, evbuffer_get_length(r->out));
+	jsonw_error(r->out, code, msg, r->shard ? r->shard->name : NULL);
+	r->status = status;
+}
+
+/* The HTTP status for a SQLSTATE, per DESIGN.md §5 (README lists the rest). */
+static int sqlstate_status(const char *st)
+{
+	if (!st || strlen(st) != 5)
+		return 502;
+	if (strcmp(st, "57014") == 0)
+		return 504;
+	if (strncmp(st, "23", 2) == 0 || strcmp(st, "40001") == 0 || strcmp(st, "40P01") == 0)
+		return 409;
+	if (strncmp(st, "42", 2) == 0 || strncmp(st, "22", 2) == 0 || strncmp(st, "0A", 2) == 0 ||
+	    strncmp(st, "21", 2) == 0 || strncmp(st, "25", 2) == 0 || strncmp(st, "P0", 2) == 0 ||
+	    strncmp(st, "2B", 2) == 0 || strncmp(st, "3D", 2) == 0 || strncmp(st, "44", 2) == 0 ||
+	    strncmp(st, "26", 2) == 0 || strncmp(st, "34", 2) == 0)
+		return 400;
+	if (strncmp(st, "08", 2) == 0 || strncmp(st, "57", 2) == 0)
+		return 502;
+	if (strncmp(st, "53", 2) == 0)
+		return 503;
+	return 500;
+}
+
+static void add_field(struct evbuffer *b, const char *name, const char *v)
+{
+	if (!v || !*v)
+		return;
+	evbuffer_add_printf(b, ",\"%s\":", name);
+	jsonw_cstring(b, v);
+}
+
+/* A statement failed: the error object with SQLSTATE, message, detail, hint. */
+static void sql_error(struct request *r, const PGresult *res)
+{
+	const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+	const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+	int status = sqlstate_status(st);
+	bool timeout = st && strcmp(st, "57014") == 0 && !r->aborted;
+	struct evbuffer *b = r->out;
+
+	evbuffer_drain(b, evbuffer_get_length(b));
+	evbuffer_add(b, "{\"error\":", 9);
+	if (timeout && r->timed_out) {
+		char m[128];
+		snprintf(m, sizeof(m), "statement cancelled after its timeout of %gs", r->timeout);
+		jsonw_cstring(b, m);
+	} else {
+		jsonw_cstring(b, msg ? msg : PQresultErrorMessage(res));
+	}
+	evbuffer_add(b, ",\"code\":", 8);
+	jsonw_cstring(b, timeout ? "statement_timeout" : (st ? st : "shard_error"));
+	evbuffer_add(b, ",\"shard\":", 9);
+	jsonw_cstring(b, r->shard->name);
+	add_field(b, "sqlstate", st);
+	add_field(b, "detail", PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL));
+	add_field(b, "hint", PQresultErrorField(res, PG_DIAG_MESSAGE_HINT));
+	add_field(b, "position", PQresultErrorField(res, PG_DIAG_STATEMENT_POSITION));
+	if (r->kind == BODY_TRANSACTION && r->phase == PH_STMT)
+		evbuffer_add_printf(b, ",\"statement\":%d", r->cur + 1);
+	evbuffer_add(b, "}", 1);
+	r->status = status;
+}
+
+/* ---- finishing ---- */
+
+static void request_free(struct request *r)
+{
+	if (r->timer)
+		event_free(r->timer);
+	body_free(&r->body);
+	evbuffer_free(r->out);
+	generation_unref(r->gen);
+	free(r);
+	inflight--;
+}
+
+/* The only exit: return the connection, answer (unless the client left), free. */
+static void finish(struct request *r)
+{
+	struct http_request *http = r->http;
+	const char *extra = NULL;
+
+	if (r->timer)
+		evtimer_del(r->timer);
+	if (r->conn) {
+		pool_release(r->conn);
+		r->conn = NULL;
+	}
+	if (r->status == 0) {
+		evbuffer_add(r->out, r->kind == BODY_TRANSACTION ? "]}" : "}", 2 - (r->kind != BODY_TRANSACTION));
+		r->status = 200;
+	}
+	if (r->status == 503)
+		extra = "Retry-After: 1\r\n";
+	http->data = NULL;
+	http->on_abort = NULL;
+	reply_json(http, r->status, r->out, extra);
+	request_free(r);
+}
+
+/* ---- statements ---- */
+
+static void run_next(struct request *r);
+static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg);
+
+static struct timeval tv_of(double s)
+{
+	struct timeval tv;
+	tv.tv_sec = (long)s;
+	tv.tv_usec = (long)((s - (double)tv.tv_sec) * 1e6);
+	return tv;
+}
+
+static void cancel_running(struct request *r)
+{
+	struct timeval tv = tv_of(CANCEL_GRACE);
+	if (!r->conn || r->cancelled)
+		return;
+	r->cancelled = true;
+	pgconn_cancel(r->conn);
+	evtimer_add(r->timer, &tv);
+}
+
+static void on_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct request *r = arg;
+	char msg[160];
+	(void)fd;
+	(void)what;
+	if (!r->cancelled) {
+		r->timed_out = true;
+		log_info("shard %s: statement timeout (%gs), cancelling", r->shard->name, r->timeout);
+		cancel_running(r);
+		return;
+	}
+	/* The server did not answer the cancel: give up on this connection. */
+	log_warn("shard %s: statement did not stop %gs after cancel; closing its connection",
+		 r->shard->name, CANCEL_GRACE);
+	snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
+	set_error(r, 504, "statement_timeout", msg);
+	finish(r);
+}
+
+static int send_sql(struct request *r, const char *sql, int n, const char *const *vals)
+{
+	struct timeval tv = tv_of(r->timeout);
+	r->cancelled = false;
+	if (pgconn_send(r->conn, sql, n, vals, on_conn_event, r) < 0) {
+		char msg[320];
+		snprintf(msg, sizeof(msg), "cannot send statement to shard %s: %s", r->shard->name,
+			 r->conn->error);
+		log_warn("%s", msg);
+		set_error(r, 502, "shard_error", msg);
+		return -1;
+	}
+	evtimer_add(r->timer, &tv);
+	return 0;
+}
+
+/* Statements that change session state make the connection need a reset. */
+static bool changes_session(const char *sql)
+{
+	while (*sql == ' ' || *sql == '\t' || *sql == '\n' || *sql == '\r' || *sql == '(')
+		sql++;
+	return strncasecmp(sql, "set", 3) == 0 || strncasecmp(sql, "reset", 5) == 0 ||
+	       strncasecmp(sql, "listen", 6) == 0 || strncasecmp(sql, "prepare", 7) == 0 ||
+	       strncasecmp(sql, "declare", 7) == 0 || strncasecmp(sql, "create temp", 11) == 0 ||
+	       strncasecmp(sql, "load", 4) == 0;
+}
+
+static void run_next(struct request *r)
+{
+	int rc;
+	if (r->aborted) {
+		finish(r);
+		return;
+	}
+	switch (r->phase) {
+	case PH_BEGIN:
+		rc = send_sql(r, "BEGIN", 0, NULL);
+		break;
+	case PH_STMT: {
+		const struct stmt *st = &r->body.stmts[r->cur];
+		if (changes_session(st->sql))
+			r->conn->session_dirty = true;
+		rc = send_sql(r, st->sql, st->nparams, st->values);
+		break;
+	}
+	case PH_COMMIT:
+		rc = send_sql(r, "COMMIT", 0, NULL);
+		break;
+	case PH_ROLLBACK:
+	default:
+		rc = send_sql(r, "ROLLBACK", 0, NULL);
+		break;
+	}
+	if (rc < 0)
+		finish(r);
+}
+
+static void write_result(struct request *r, const PGresult *res)
+{
+	if (r->kind == BODY_QUERY) {
+		jsonw_result_body(r->out, res);
+		return;
+	}
+	evbuffer_add(r->out, r->nresults ? ",{" : "{", r->nresults ? 2 : 1);
+	jsonw_result_body(r->out, res);
+	evbuffer_add(r->out, "}", 1);
+	r->nresults++;
+}
+
+static void on_result(struct request *r, PGresult *res)
+{
+	switch (PQresultStatus(res)) {
+	case PGRES_TUPLES_OK:
+	case PGRES_COMMAND_OK:
+		if (r->phase == PH_STMT && r->status == 0)
+			write_result(r, res);
+		return;
+	case PGRES_FATAL_ERROR:
+		if (r->status == 0)
+			sql_error(r, res);
+		return;
+	default: {
+		char msg[96];
+		snprintf(msg, sizeof(msg), "unsupported result (%s); COPY is not available",
+			 PQresStatus(PQresultStatus(res)));
+		set_error(r, 400, "bad_request", msg);
+		return;
+	}
+	}
+}
+
+/* The statement in flight finished: decide what runs next. */
+static void on_done(struct request *r)
+{
+	evtimer_del(r->timer);
+	if (!pgconn_usable(r->conn)) {
+		if (r->status == 0) {
+			char msg[320];
+			snprintf(msg, sizeof(msg), "shard %s closed the connection: %s",
+				 r->shard->name, r->conn->error);
+			set_error(r, 502, "shard_error", msg);
+		}
+		finish(r);
+		return;
+	}
+	if (r->kind == BODY_QUERY || r->phase == PH_ROLLBACK || r->phase == PH_COMMIT) {
+		finish(r);
+		return;
+	}
+	if (r->status != 0) {
+		r->phase = PH_ROLLBACK;   /* the error answer is already in out */
+	} else if (r->phase == PH_BEGIN) {
+		r->phase = PH_STMT;
+		r->cur = 0;
+	} else if (++r->cur == r->body.nstmts) {
+		r->phase = PH_COMMIT;
+	}
+	run_next(r);
+}
+
+static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg)
+{
+	struct request *r = arg;
+	(void)c;
+	switch (ev) {
+	case PGCONN_EV_RESULT:
+		on_result(r, res);
+		return;
+	case PGCONN_EV_DONE:
+	case PGCONN_EV_BROKEN:
+		on_done(r);
+		return;
+	default:
+		return;
+	}
+}
+
+static void start_statements(struct request *r)
+{
+	if (r->kind == BODY_TRANSACTION) {
+		evbuffer_add_printf(r->out, "{\"shard\":");
+		jsonw_cstring(r->out, r->shard->name);
+		evbuffer_add(r->out, ",\"results\":[", 12);
+		r->phase = PH_BEGIN;
+	} else {
+		evbuffer_add(r->out, "{\"shard\":", 9);
+		jsonw_cstring(r->out, r->shard->name);
+		evbuffer_add(r->out, ",", 1);
+		r->phase = PH_STMT;
+		r->cur = 0;
+	}
+	run_next(r);
+}
+
+/* ---- checkout ---- */
+
+static void checkout_failed(struct request *r, enum pool_err err)
+{
+	const char *code = err == POOL_TIMEOUT ? "checkout_timeout"
+			   : err == POOL_QUEUE_FULL ? "queue_full" : "shard_unavailable";
+	set_error(r, 503, code, "Service temporarily unavailable");
+	if (err == POOL_UNAVAILABLE) {
+		/* Say why, for operators reading the answer. */
+		evbuffer_drain(r->out, evbuffer_get_length(r->out));
+		evbuffer_add(r->out, "{\"error\":\"Service temporarily unavailable\",\"code\":\"shard_unavailable\",\"shard\":", 78);
+		jsonw_cstring(r->out, r->shard->name);
+		add_field(r->out, "detail", r->waiter.error);
+		evbuffer_add(r->out, "}", 1);
+	}
+	log_info("shard %s: %s for tenant '%s'", r->shard->name, code, r->route.tenant);
+	finish(r);
+}
+
+static void on_checkout(struct pool_waiter *w, struct pgconn *c, enum pool_err err)
+{
+	struct request *r = w->arg;
+	if (!c) {
+		checkout_failed(r, err);
+		return;
+	}
+	r->conn = c;
+	start_statements(r);
+}
+
+static void on_abort(struct http_request *http)
+{
+	struct request *r = http->data;
+	r->aborted = true;
+	log_info("shard %s: client went away; %s", r->shard ? r->shard->name : "-",
+		 r->conn ? "cancelling its statement" : "dropping its wait");
+	if (r->conn) {
+		cancel_running(r);
+		return;
+	}
+	pool_cancel_wait(&r->waiter);
+	finish(r);
+}
+
+static void checkout(struct request *r)
+{
+	enum pool_err err;
+	struct pgconn *c = pool_checkout(r->pool, &r->waiter, on_checkout, r, &err);
+	if (c) {
+		r->conn = c;
+		start_statements(r);
+	} else if (err != POOL_QUEUED) {
+		checkout_failed(r, err);
+	}
+}
+
+/* ---- entry ---- */
+
+static int route_status(const struct route *rt)
+{
+	return rt->kind == ROUTE_NO_TENANT ? 400 : 500;
+}
+
+static void handle_sql(struct http_request *http, enum body_kind kind)
+{
+	struct request *r = xcalloc(1, sizeof(*r));
+	char err[512];
+
+	inflight++;
+	r->http = http;
+	r->kind = kind;
+	r->out = evbuffer_new();
+	r->gen = generation_current();
+	generation_ref(r->gen);
+	http->data = r;
+	if (!r->out)
+		abort();
+	if (body_parse(http->body, http->body_len, kind, &r->body, err, sizeof(err)) < 0) {
+		set_error(r, 400, "bad_request", err);
+		finish(r);
+		return;
+	}
+	script_route(r->gen->script, http, &r->route);
+	if (r->route.kind != ROUTE_SHARD) {
+		set_error(r, route_status(&r->route),
+			  r->route.kind == ROUTE_NO_TENANT ? "no_tenant" : r->route.code,
+			  r->route.kind == ROUTE_NO_TENANT
+				  ? "the request names no tenant and the script gives no fan-out plan"
+				  : r->route.error);
+		finish(r);
+		return;
+	}
+	r->shard = &r->gen->cfg->shards[r->route.shard];
+	r->pool = r->gen->pools[r->route.shard];
+	r->timeout = r->shard->statement_timeout;
+	if (r->body.timeout > 0 && r->body.timeout < r->timeout)
+		r->timeout = r->body.timeout;
+	r->timer = evtimer_new(loop_base, on_timer, r);
+	if (!r->timer)
+		abort();
+	http->on_abort = on_abort;
+	checkout(r);
+}
+
+static void reply_static(struct http_request *http, int status, const char *json)
+{
+	struct evbuffer *b = evbuffer_new();
+	if (!b)
+		abort();
+	evbuffer_add(b, json, strlen(json));
+	reply_json(http, status, b, NULL);
+	evbuffer_free(b);
+}
+
+void request_set_base(struct event_base *base)
+{
+	loop_base = base;
+}
+
+void request_handle(struct http_request *http, void *arg)
+{
+	const char *m = http->head.method, *p = http->head.path;
+	bool post = strcmp(m, "POST") == 0, get = strcmp(m, "GET") == 0;
+	(void)arg;
+
+	if (strcmp(p, "/query") == 0 && post)
+		handle_sql(http, BODY_QUERY);
+	else if (strcmp(p, "/transaction") == 0 && post)
+		handle_sql(http, BODY_TRANSACTION);
+	else if (strcmp(p, "/healthz") == 0 && get)
+		reply_static(http, 200, "{\"status\":\"ok\"}");
+	else if (strcmp(p, "/query") == 0 || strcmp(p, "/transaction") == 0 ||
+		 strcmp(p, "/healthz") == 0)
+		http_reply_error(http, 405, "method_not_allowed", "method not allowed for this path");
+	else
+		http_reply_error(http, 404, "not_found", "no such endpoint");
+}

@@ -1,0 +1,395 @@
+/*
+ * Calling operator hooks from C.
+ *
+ * Safety: every call into Lua is a lua_pcall with a count hook armed. The
+ * hook checks the clock every 1000 VM instructions; past the deadline it
+ * raises an error and re-arms itself to fire on every instruction, so a
+ * script that catches the error with pcall is interrupted again at its next
+ * instruction and cannot loop its way out. Operator chunks run with the JIT
+ * off (the loader calls jit.off) because compiled traces do not run hooks.
+ * Memory is capped by the state's allocator (luaenv.c).
+ *
+ * The request table handed to hooks is cheap: method and path are set, and
+ * header, query and body are filled in only when a hook reads them.
+ */
+#include "script.h"
+
+#include <lauxlib.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+#include "http.h"
+#include "log.h"
+#include "luaenv.h"
+#include "util.h"
+
+#define HOOK_COUNT 1000
+
+struct script {
+	struct luaenv_alloc alloc;  /* first: the allocator's ud doubles as the script */
+	lua_State *L;
+	char *path;
+	double timeout;
+	double deadline;          /* while a hook runs; else 0 */
+	const char *hook_name;    /* the hook being run, for messages */
+	int ref_tenant;
+	int ref_shard;
+	int ref_shards;           /* the list of shard names, natural order */
+	int ref_index;            /* name -> 0-based index */
+	int ref_req_mt;
+	struct http_request *cur; /* the request whose hooks are running */
+	unsigned serial;
+	const char *const *shard_names;
+	int nshards;
+};
+
+static char serial_key;
+
+static void count_hook(lua_State *L, lua_Debug *ar)
+{
+	void *ud;
+	lua_getallocf(L, &ud);
+	struct script *s = ud;
+	if (s->deadline == 0 || mono_now() < s->deadline)
+		return;
+	lua_sethook(L, count_hook, LUA_MASKCOUNT, 1);
+	lua_getinfo(L, "Sl", ar);
+	luaL_error(L, "%s:%d: hook '%s' exceeded script_timeout (%gs)", ar->short_src,
+		   ar->currentline, s->hook_name, s->timeout);
+}
+
+/* pcall fn (at the stack below its nargs arguments) under the deadline. */
+static int guarded_call(struct script *s, const char *hook, int nargs, int nresults)
+{
+	int rc;
+	s->hook_name = hook;
+	s->deadline = mono_now() + s->timeout;
+	rc = lua_pcall(s->L, nargs, nresults, 0);
+	s->deadline = 0;
+	lua_sethook(s->L, count_hook, LUA_MASKCOUNT, HOOK_COUNT);
+	return rc;
+}
+
+static const char *error_text(lua_State *L)
+{
+	const char *msg = lua_tostring(L, -1);
+	if (!msg)
+		msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, -1));
+	return msg;
+}
+
+/* Where a hook function was defined, "file:line", for messages about its results. */
+static void hook_where(lua_State *L, int ref, char *buf, size_t len)
+{
+	lua_Debug ar;
+	lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+	if (lua_getinfo(L, ">S", &ar))
+		snprintf(buf, len, "%s:%d", ar.short_src, ar.linedefined);
+	else
+		snprintf(buf, len, "?");
+}
+
+/* ---- the request table ---- */
+
+static void push_headers(lua_State *L, const struct http_request *req)
+{
+	lua_createtable(L, 0, req->head.nheaders);
+	for (int i = 0; i < req->head.nheaders; i++) {
+		const struct http_header *h = &req->head.headers[i];
+		lua_getfield(L, -1, h->name);
+		if (lua_isnil(L, -1)) {
+			lua_pop(L, 1);
+			lua_pushstring(L, h->value);
+		} else {
+			/* Repeated headers are joined as HTTP allows. */
+			lua_pushfstring(L, "%s, %s", lua_tostring(L, -1), h->value);
+			lua_remove(L, -2);
+		}
+		lua_setfield(L, -2, h->name);
+	}
+}
+
+/* Query arguments, %-decoded; the first of repeated names wins. */
+static void push_query(lua_State *L, const char *q)
+{
+	lua_newtable(L);
+	while (*q) {
+		const char *amp = strchr(q, '&');
+		size_t len = amp ? (size_t)(amp - q) : strlen(q);
+		const char *eq = memchr(q, '=', len);
+		size_t klen = eq ? (size_t)(eq - q) : len;
+		if (klen > 0 && len < 4096) {
+			char buf[4096];
+			memcpy(buf, q, len);
+			size_t kl = http_url_decode(buf, klen);
+			lua_pushlstring(L, buf, kl);
+			lua_rawget(L, -2);
+			if (lua_isnil(L, -1)) {
+				lua_pop(L, 1);
+				lua_pushlstring(L, buf, kl);
+				size_t vl = eq ? http_url_decode(buf + klen + 1, len - klen - 1) : 0;
+				lua_pushlstring(L, buf + klen + 1, vl);
+				lua_rawset(L, -3);
+			} else {
+				lua_pop(L, 1);
+			}
+		}
+		q += len + (amp ? 1 : 0);
+	}
+}
+
+static int l_req_index(lua_State *L)
+{
+	struct script *s = lua_touserdata(L, lua_upvalueindex(1));
+	const char *key = lua_tostring(L, 2);
+	lua_pushlightuserdata(L, &serial_key);
+	lua_rawget(L, 1);
+	if (!s->cur || lua_tonumber(L, -1) != (lua_Number)s->serial)
+		return luaL_error(L, "req is only valid while its hooks run");
+	if (!key)
+		return 0;
+	if (strcmp(key, "header") == 0)
+		push_headers(L, s->cur);
+	else if (strcmp(key, "query") == 0)
+		push_query(L, s->cur->head.query);
+	else if (strcmp(key, "body") == 0)
+		lua_pushlstring(L, s->cur->body, s->cur->body_len);
+	else
+		return 0;
+	lua_pushvalue(L, 2);
+	lua_pushvalue(L, -2);
+	lua_rawset(L, 1);
+	return 1;
+}
+
+static void push_request(struct script *s, struct http_request *req)
+{
+	lua_State *L = s->L;
+	lua_createtable(L, 0, 4);
+	lua_pushstring(L, req->head.method);
+	lua_setfield(L, -2, "method");
+	lua_pushstring(L, req->head.path);
+	lua_setfield(L, -2, "path");
+	lua_pushlightuserdata(L, &serial_key);
+	lua_pushnumber(L, (lua_Number)s->serial);
+	lua_rawset(L, -3);
+	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_req_mt);
+	lua_setmetatable(L, -2);
+}
+
+/* ---- routing ---- */
+
+static void route_error(struct route *out, const char *code, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+static void route_error(struct route *out, const char *code, const char *fmt, ...)
+{
+	va_list ap;
+	out->kind = ROUTE_ERROR;
+	out->code = code;
+	va_start(ap, fmt);
+	vsnprintf(out->error, sizeof(out->error), fmt, ap);
+	va_end(ap);
+}
+
+/* tenant(req): leaves the tenant (string or number) on the stack, or nil. */
+static int call_tenant(struct script *s, struct http_request *req, struct route *out)
+{
+	lua_State *L = s->L;
+	char where[256];
+
+	if (s->ref_tenant == LUA_NOREF) {
+		const char *v = http_get_header(req, "x-tenant-id");
+		if (v)
+			lua_pushstring(L, v);
+		else
+			lua_pushnil(L);
+		return 0;
+	}
+	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_tenant);
+	push_request(s, req);
+	if (guarded_call(s, "tenant", 1, 1) != 0) {
+		route_error(out, "script_error", "hook 'tenant' failed: %s", error_text(L));
+		lua_pop(L, 1);
+		return -1;
+	}
+	int t = lua_type(L, -1);
+	if (t == LUA_TNIL || t == LUA_TSTRING || t == LUA_TNUMBER)
+		return 0;
+	hook_where(L, s->ref_tenant, where, sizeof(where));
+	route_error(out, "script_error",
+		    "%s: hook 'tenant' returned a %s; expected a string, a number or nil", where,
+		    lua_typename(L, t));
+	lua_pop(L, 2);
+	return -1;
+}
+
+/* shard(tenant, shards) with the tenant on the stack; consumes it. */
+static void call_shard(struct script *s, struct route *out)
+{
+	lua_State *L = s->L;
+	char where[256];
+
+	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_shard);
+	lua_insert(L, -2);
+	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_shards);
+	if (guarded_call(s, "shard", 2, 1) != 0) {
+		route_error(out, "script_error", "hook 'shard' failed: %s", error_text(L));
+		lua_pop(L, 1);
+		return;
+	}
+	if (lua_type(L, -1) != LUA_TSTRING) {
+		hook_where(L, s->ref_shard, where, sizeof(where));
+		route_error(out, "script_error",
+			    "%s: hook 'shard' returned a %s; expected a shard name (string)", where,
+			    luaL_typename(L, -2));
+		lua_pop(L, 2);
+		return;
+	}
+	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_index);
+	lua_pushvalue(L, -2);
+	lua_rawget(L, -2);
+	if (lua_type(L, -1) != LUA_TNUMBER) {
+		hook_where(L, s->ref_shard, where, sizeof(where));
+		route_error(out, "unknown_shard",
+			    "%s: hook 'shard' returned '%s', which is not a configured shard", where,
+			    lua_tostring(L, -3));
+		lua_pop(L, 3);
+		return;
+	}
+	out->kind = ROUTE_SHARD;
+	out->shard = (int)lua_tonumber(L, -1);
+	lua_pop(L, 3);
+}
+
+void script_route(struct script *s, struct http_request *req, struct route *out)
+{
+	lua_State *L = s->L;
+	int top = lua_gettop(L);
+
+	out->tenant[0] = '\0';
+	out->code = NULL;
+	out->error[0] = '\0';
+	s->cur = req;
+	s->serial++;
+	if (call_tenant(s, req, out) == 0) {
+		if (lua_isnil(L, -1)) {
+			out->kind = ROUTE_NO_TENANT;
+			lua_pop(L, 1);
+		} else {
+			/* Convert a copy: shard() gets the tenant with its original type. */
+			lua_pushvalue(L, -1);
+			snprintf(out->tenant, sizeof(out->tenant), "%s", lua_tostring(L, -1));
+			lua_pop(L, 1);
+			call_shard(s, out);
+		}
+	}
+	s->cur = NULL;
+	if (out->kind == ROUTE_ERROR)
+		log_warn("route: %s (tenant '%s')", out->error, out->tenant);
+	lua_settop(L, top);
+}
+
+/* ---- loading ---- */
+
+static int ref_hook(lua_State *L, const char *name)
+{
+	lua_getfield(L, -1, name);
+	if (lua_isnil(L, -1)) {
+		lua_pop(L, 1);
+		return LUA_NOREF;
+	}
+	return luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+static void build_shard_tables(struct script *s, const struct config *cfg)
+{
+	lua_State *L = s->L;
+	lua_createtable(L, cfg->nshards, 0);
+	lua_createtable(L, 0, cfg->nshards);
+	for (int i = 0; i < cfg->nshards; i++) {
+		lua_pushstring(L, cfg->shards[i].name);
+		lua_rawseti(L, -3, i + 1);
+		lua_pushnumber(L, i);
+		lua_setfield(L, -2, cfg->shards[i].name);
+	}
+	s->ref_index = luaL_ref(L, LUA_REGISTRYINDEX);
+	s->ref_shards = luaL_ref(L, LUA_REGISTRYINDEX);
+	lua_createtable(L, 0, 1);
+	lua_pushlightuserdata(L, s);
+	lua_pushcclosure(L, l_req_index, 1);
+	lua_setfield(L, -2, "__index");
+	s->ref_req_mt = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+/* Route shardgate.log through the gateway's logger. */
+static int bridge_log(struct script *s, char *err, size_t errlen)
+{
+	static const char code[] =
+		"local log = require 'shardgate.log'\n"
+		"log.set_backend(require('shardgate.core').log)\n";
+	if (luaL_loadbuffer(s->L, code, sizeof(code) - 1, "=shardgate") != 0 ||
+	    lua_pcall(s->L, 0, 0, 0) != 0) {
+		fmt_err(err, errlen, "cannot set up shardgate.log: %s", lua_tostring(s->L, -1));
+		return -1;
+	}
+	return 0;
+}
+
+static int load_hooks(struct script *s, char *err, size_t errlen)
+{
+	lua_State *L = s->L;
+	if (luaenv_require(L, "shardgate.loader", err, errlen) < 0)
+		return -1;
+	lua_getfield(L, -1, "load_script");
+	lua_pushstring(L, s->path);
+	if (guarded_call(s, "(main chunk)", 1, 2) != 0) {
+		fmt_err(err, errlen, "%s", error_text(L));
+		return -1;
+	}
+	if (lua_isnil(L, -2)) {
+		fmt_err(err, errlen, "%s", error_text(L));
+		return -1;
+	}
+	lua_pop(L, 1);
+	s->ref_tenant = ref_hook(L, "tenant");
+	s->ref_shard = ref_hook(L, "shard");
+	lua_settop(L, 0);
+	return 0;
+}
+
+struct script *script_new(const struct config *cfg, char *err, size_t errlen)
+{
+	struct script *s = xcalloc(1, sizeof(*s));
+	s->alloc.limit = (size_t)cfg->script_memory;
+	s->timeout = cfg->script_timeout;
+	s->path = xstrdup(cfg->script);
+	s->ref_tenant = s->ref_shard = LUA_NOREF;
+	s->L = luaenv_new(&s->alloc);
+	if (!s->L) {
+		fmt_err(err, errlen, "%s: cannot create a Lua state", s->path);
+		goto fail;
+	}
+	lua_sethook(s->L, count_hook, LUA_MASKCOUNT, HOOK_COUNT);
+	if (bridge_log(s, err, errlen) < 0 || load_hooks(s, err, errlen) < 0)
+		goto fail;
+	build_shard_tables(s, cfg);
+	return s;
+fail:
+	script_free(s);
+	return NULL;
+}
+
+void script_free(struct script *s)
+{
+	if (!s)
+		return;
+	if (s->L)
+		lua_close(s->L);
+	free(s->path);
+	free(s);
+}

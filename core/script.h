@@ -1,0 +1,37 @@
+/*
+ * The Lua side of a generation: one lua_State per generation holding the
+ * operator's routing script (loaded by lua/shardgate/loader.lua into the
+ * sandbox of lua/shardgate/sandbox.lua) and the bridge that calls its hooks
+ * for a request. Hooks are stopped when they outrun script_timeout or the
+ * state outgrows script_memory; a failing hook fails only its request.
+ */
+#ifndef SG_SCRIPT_H
+#define SG_SCRIPT_H
+
+#include <stddef.h>
+
+struct config;
+struct http_request;
+struct script;
+
+enum route_kind {
+	ROUTE_SHARD,      /* shard holds the index of the shard to use */
+	ROUTE_NO_TENANT,  /* tenant() gave nil and there is no fan-out plan */
+	ROUTE_ERROR,      /* code and error say what went wrong */
+};
+
+struct route {
+	enum route_kind kind;
+	int shard;
+	char tenant[128];
+	const char *code;       /* "script_error" or "unknown_shard" */
+	char error[512];
+};
+
+struct script *script_new(const struct config *cfg, char *err, size_t errlen);
+void script_free(struct script *s);
+
+/* Run tenant() and shard() for req. */
+void script_route(struct script *s, struct http_request *req, struct route *out);
+
+#endif

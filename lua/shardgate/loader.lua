@@ -1,0 +1,224 @@
+-- shardgate.loader: loads an operator's routing script and a configuration
+-- file the same way everywhere (the C core on start and reload, the test
+-- kit, `shardgate --check`), and checks the script's shape.
+--
+-- It does not validate configuration keys or values (the C core owns the key
+-- table), does not run hooks, and does not limit CPU time (the C core's
+-- count hook does; we turn the JIT off for loaded chunks so that hook fires).
+-- Neighbours: shardgate.sandbox supplies the script environment; the C core
+-- and the test kit call load_script / load_config and get a table or
+-- nil, "file:line: message".
+
+local sandbox = require "shardgate.sandbox"
+
+local byte, format, sub = string.byte, string.format, string.sub
+local concat, sort = table.concat, table.sort
+local min, tostring, type = math.min, tostring, type
+
+local loader = {}
+
+-- The hooks a script may define, in the order they are documented.
+loader.HOOKS = { "tenant", "shard", "fanout", "warnings" }
+
+local IS_HOOK = {}
+for _, name in ipairs(loader.HOOKS) do IS_HOOK[name] = true end
+
+---------------------------------------------------------------------------
+-- Helpers
+---------------------------------------------------------------------------
+
+-- Levenshtein distance between strings a and b (byte-wise), two rows.
+function loader.distance(a, b)
+  local la, lb = #a, #b
+  if la == 0 then return lb end
+  if lb == 0 then return la end
+  local prev, cur = {}, {}
+  for j = 0, lb do prev[j] = j end
+  for i = 1, la do
+    cur[0] = i
+    local ca = byte(a, i)
+    for j = 1, lb do
+      local cost = (ca == byte(b, j)) and 0 or 1
+      cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+    end
+    prev, cur = cur, prev
+  end
+  return prev[lb]
+end
+
+-- The closest of `candidates` to `name` when at most 2 edits away (ties go
+-- to the earlier candidate), else nil.
+local function suggest(name, candidates)
+  local best, best_d = nil, 3
+  for _, c in ipairs(candidates) do
+    local d = loader.distance(name, c)
+    if d < best_d then best, best_d = c, d end
+  end
+  return best
+end
+
+-- The contents of a Lua source file, or nil, message. `what` is "script"
+-- or "config", for the message. Bytecode is refused: it can crash the VM
+-- and skips the parser's checks.
+local function read_source(path, what)
+  if type(path) ~= "string" then
+    return nil, format("cannot open %s %s: path must be a string", what, tostring(path))
+  end
+  local f, err = io.open(path, "rb")
+  if not f then
+    -- io.open says "path: reason"; keep just the reason.
+    if sub(err, 1, #path + 2) == path .. ": " then err = sub(err, #path + 3) end
+    return nil, format("cannot open %s %s: %s", what, path, err)
+  end
+  local src, rerr = f:read("*a")
+  f:close()
+  if not src then
+    return nil, format("cannot read %s %s: %s", what, path, tostring(rerr))
+  end
+  if byte(src, 1) == 27 then
+    return nil, path .. ": binary chunks are not allowed"
+  end
+  return src
+end
+
+-- Compile src as text only (mode "t" is a second guard against bytecode
+-- after read_source's check), set its environment, turn the JIT off for it
+-- (and every function it defines) so the count hook sees hooks run, and
+-- call it. Returns true, result or false, "path:line: message".
+local function run_chunk(src, path, env)
+  local chunk, err = load(src, "@" .. path, "t")
+  if not chunk then return false, err end
+  setfenv(chunk, env)
+  if jit then jit.off(chunk, true) end
+  local ok, res = pcall(chunk)
+  if not ok and type(res) ~= "string" then
+    res = format("%s: error object is a %s value", path, type(res))
+  end
+  return ok, res
+end
+
+---------------------------------------------------------------------------
+-- Routing scripts
+---------------------------------------------------------------------------
+
+local function hook_list()
+  return concat(loader.HOOKS, ", ")
+end
+
+-- The first key of hooks that is not a known hook name, in a stable order
+-- (strings sorted, then other keys), or nil.
+local function first_unknown_key(hooks)
+  local strings, others = {}, {}
+  for k in pairs(hooks) do
+    if type(k) ~= "string" then
+      others[#others + 1] = k
+    elseif not IS_HOOK[k] then
+      strings[#strings + 1] = k
+    end
+  end
+  sort(strings)
+  return strings[1] or others[1]
+end
+
+local function unknown_hook_message(path, key)
+  if type(key) ~= "string" then
+    return format("%s: unknown hook [%s] (hooks are named: %s)", path, tostring(key), hook_list())
+  end
+  local near = suggest(key, loader.HOOKS)
+  if near then
+    return format("%s: unknown hook '%s' (did you mean '%s'?)", path, key, near)
+  end
+  return format("%s: unknown hook '%s' (known hooks: %s)", path, key, hook_list())
+end
+
+-- nil when hooks has the right shape, else the message. Unknown names are
+-- reported before a missing 'shard' so that a misspelt "shrad" gets a
+-- suggestion rather than "no 'shard' hook".
+local function check_hooks(hooks, path)
+  if type(hooks) ~= "table" then
+    return format("%s: script must return a table of hooks, got %s", path, type(hooks))
+  end
+  local unknown = first_unknown_key(hooks)
+  if unknown ~= nil then return unknown_hook_message(path, unknown) end
+  if hooks.shard == nil then
+    return format("%s: script defines no 'shard' hook", path)
+  end
+  for _, name in ipairs(loader.HOOKS) do
+    local v = hooks[name]
+    if v ~= nil and type(v) ~= "function" then
+      return format("%s: hook '%s' must be a function, got %s", path, name, type(v))
+    end
+  end
+  return nil
+end
+
+-- Load the routing script at path in a fresh sandbox and check its hooks.
+-- Returns the hooks table, or nil, message (with path or path:line).
+function loader.load_script(path)
+  local src, err = read_source(path, "script")
+  if not src then return nil, err end
+  local ok, hooks = run_chunk(src, path, sandbox.new_env())
+  if not ok then return nil, hooks end
+  err = check_hooks(hooks, path)
+  if err then return nil, err end
+  return hooks
+end
+
+---------------------------------------------------------------------------
+-- Configuration files
+---------------------------------------------------------------------------
+
+-- env(name [, default]): the environment variable, else default, else an
+-- error pointing at the config line that asked for it.
+local function config_env(name, default)
+  if type(name) ~= "string" then
+    error("env: variable name must be a string, got " .. type(name), 2)
+  end
+  local v = os.getenv(name)
+  if v ~= nil then return v end
+  if default ~= nil then return default end
+  error(format("environment variable %s is not set", name), 2)
+end
+
+-- The global environment of a config chunk: env(), tonumber, tostring and
+-- copies of math and string (string without dump); nothing else.
+local function config_globals()
+  local g = { env = config_env, tonumber = tonumber, tostring = tostring, math = {}, string = {} }
+  for k, v in pairs(math) do g.math[k] = v end
+  for k, v in pairs(string) do
+    if k ~= "dump" then g.string[k] = v end
+  end
+  return g
+end
+
+local function config_unknown_global(_, name)
+  error(format("unknown global '%s' in config", tostring(name)), 2)
+end
+
+local function config_assign_global(_, name)
+  error(format("assignment to global '%s' in config (declare it local)", tostring(name)), 2)
+end
+
+local function new_config_env()
+  local globals = setmetatable(config_globals(), { __index = config_unknown_global })
+  return setmetatable({}, {
+    __index = globals,
+    __newindex = config_assign_global,
+    __metatable = false,
+  })
+end
+
+-- Run the config file at path and return the table it returns (keys not yet
+-- validated), or nil, message (with path or path:line).
+function loader.load_config(path)
+  local src, err = read_source(path, "config")
+  if not src then return nil, err end
+  local ok, conf = run_chunk(src, path, new_config_env())
+  if not ok then return nil, conf end
+  if type(conf) ~= "table" then
+    return nil, format("%s: config must return a table, got %s", path, type(conf))
+  end
+  return conf
+end
+
+return loader

@@ -1,0 +1,153 @@
+-- shardgate.sandbox: the one allow-list of what an operator's routing script
+-- may use. new_env() builds a fresh, strict global environment for one
+-- script; everything not listed below simply does not exist there.
+--
+-- It does not load or run scripts (that is shardgate.loader) and does not
+-- limit CPU time (the C core's count hook does). Its neighbours: the loader
+-- sets the env on a script chunk; the shardgate modules are handed to
+-- scripts through the restricted require() built here.
+--
+-- Hooks run on the event loop, so nothing here may block or reach outside
+-- the process: no io, no os.execute/getenv, no load*/dofile (which would also
+-- admit bytecode), no debug, no ffi/jit, no package, no print.
+
+---------------------------------------------------------------------------
+-- The allow-list
+---------------------------------------------------------------------------
+
+-- Base functions and values, shared as they are (all are pure).
+-- rawlen exists only on Lua 5.2-compatible builds; missing names are skipped.
+local BASE = {
+  "assert", "error", "ipairs", "next", "pairs", "pcall", "xpcall", "select",
+  "tonumber", "tostring", "type", "unpack", "rawequal", "rawget", "rawlen",
+  "setmetatable", "getmetatable", "_VERSION",
+}
+
+-- Libraries, each given to a script as its own copy (so a script changing
+-- string.format changes only its own view). `omit` names fields left out;
+-- `only` keeps just the named fields.
+local LIBRARIES = {
+  string = { omit = { dump = true } },  -- dump would expose bytecode
+  table  = {},
+  math   = {},
+  bit    = {},
+  os     = { only = { "time", "clock", "date", "difftime" } },
+}
+
+-- Modules require() may load, and the fields of each hidden from scripts.
+-- set_backend/set_level belong to the gateway: a script must not be able to
+-- redirect or silence the gateway's log.
+local MODULES = {
+  ["shardgate"]      = {},
+  ["shardgate.hash"] = {},
+  ["shardgate.json"] = {},
+  ["shardgate.log"]  = { set_backend = true, set_level = true },
+}
+
+---------------------------------------------------------------------------
+
+local error, format, pairs, rawget, require, setmetatable, sort, tostring, type =
+  error, string.format, pairs, rawget, require, setmetatable, table.sort, tostring, type
+local real_getmetatable = getmetatable
+
+-- The trusted global table, captured when this module loads.
+local G = _G
+
+local sandbox = {}
+
+local function copy_library(lib, rule)
+  local out = {}
+  if rule.only then
+    for _, name in ipairs(rule.only) do out[name] = lib[name] end
+    return out
+  end
+  for k, v in pairs(lib) do
+    if not (rule.omit and rule.omit[k]) then out[k] = v end
+  end
+  return out
+end
+
+-- A script's view of one allowed module: a shallow copy without the hidden
+-- fields. Shared values (json.null, json.array_mt) keep their identity.
+local function module_view(name)
+  local out = {}
+  for k, v in pairs(require(name)) do
+    if not MODULES[name][k] then out[k] = v end
+  end
+  return out
+end
+
+-- The restricted require() of one environment. Views are built once per
+-- environment, so every require of a name in one script gets one table,
+-- and "shardgate".hash is that same table as require "shardgate.hash".
+local function make_require()
+  local loaded = {}
+  local function sandboxed_require(name)
+    if type(name) ~= "string" or not MODULES[name] then
+      error(format("require: module '%s' is not available to routing scripts", tostring(name)), 2)
+    end
+    if not loaded[name] then
+      loaded[name] = module_view(name)
+      if name == "shardgate" then
+        for _, sub in ipairs({ "hash", "json", "log" }) do
+          loaded.shardgate[sub] = sandboxed_require("shardgate." .. sub)
+        end
+      end
+    end
+    return loaded[name]
+  end
+  return sandboxed_require
+end
+
+-- getmetatable() for a script's own tables only. For strings it would hand
+-- out the string metatable shared by the whole Lua state (including the
+-- gateway's code), which a script could then rewrite.
+local function table_getmetatable(v)
+  if type(v) ~= "table" then return nil end
+  return real_getmetatable(v)
+end
+
+-- The allowed globals as a plain table: name -> value.
+local function allowed_globals()
+  local g = {}
+  for _, name in ipairs(BASE) do g[name] = rawget(G, name) end
+  for name, rule in pairs(LIBRARIES) do
+    local lib = rawget(G, name)
+    if type(lib) == "table" then g[name] = copy_library(lib, rule) end
+  end
+  g.getmetatable = table_getmetatable
+  g.require = make_require()
+  return g
+end
+
+local function unknown_global(_, name)
+  error(format("unknown global '%s'", tostring(name)), 2)
+end
+
+local function assign_global(_, name)
+  error(format("assignment to global '%s' (declare it local)", tostring(name)), 2)
+end
+
+-- A fresh environment for one operator script. The table the script sees
+-- is empty and read-only; lookups fall through to the allowed globals, and
+-- a name that is not there raises "unknown global 'x'" at the script's
+-- file:line. Any assignment raises, even to an allowed name.
+function sandbox.new_env()
+  local globals = setmetatable(allowed_globals(), { __index = unknown_global })
+  return setmetatable({}, {
+    __index = globals,
+    __newindex = assign_global,
+    __metatable = false,
+  })
+end
+
+-- The sorted names of the globals a script can see in this Lua state (for
+-- documentation and the test kit).
+function sandbox.globals()
+  local names = {}
+  for name in pairs(allowed_globals()) do names[#names + 1] = name end
+  sort(names)
+  return names
+end
+
+return sandbox
