@@ -10,6 +10,7 @@
  */
 #include "config.h"
 
+#include <event2/buffer.h>
 #include <lauxlib.h>
 #include <limits.h>
 #include <math.h>
@@ -18,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "jsonw.h"
 #include "luaenv.h"
 #include "util.h"
 
@@ -388,7 +390,7 @@ static void resolve_paths(struct config *cfg, const char *path)
 	const char *slash = strrchr(path, '/');
 	cfg->path = xstrdup(path);
 	cfg->dir = slash ? xstrndup(path, (size_t)(slash - path)) : xstrdup(".");
-	if (cfg->script && cfg->script[0] != '/') {
+	if (cfg->script && cfg->script[0] != '/' && strcmp(cfg->dir, ".") != 0) {
 		size_t n = strlen(cfg->dir) + strlen(cfg->script) + 2;
 		char *p = xmalloc(n);
 		snprintf(p, n, "%s/%s", cfg->dir, cfg->script);
@@ -491,4 +493,106 @@ int config_shard_index(const struct config *cfg, const char *name)
 bool shard_conf_same_target(const struct shard_conf *a, const struct shard_conf *b)
 {
 	return strcmp(a->url, b->url) == 0;
+}
+
+/* ---- showing the configuration (GET /admin/config) ---- */
+
+/*
+ * Replace the password in a libpq URL ("postgresql://user:secret@host") or
+ * key=value string ("password=secret") with "***".
+ */
+void config_mask_url(const char *url, char *out, size_t len)
+{
+	const char *scheme = strstr(url, "://");
+	const char *p;
+	snprintf(out, len, "%s", url);
+	if (scheme) {
+		const char *auth = scheme + 3;
+		const char *at = strchr(auth, '@');
+		const char *colon = memchr(auth, ':', at ? (size_t)(at - auth) : 0);
+		if (at && colon)
+			snprintf(out, len, "%.*s:***%s", (int)(colon - url), url, at);
+	}
+	p = strstr(out, "password=");
+	if (p) {
+		size_t head = (size_t)(p - out) + 9;
+		const char *rest = p + 9;
+		while (*rest && *rest != ' ' && *rest != '&')
+			rest++;
+		char tail[1024];
+		snprintf(tail, sizeof(tail), "%s", rest);
+		snprintf(out + head, len - head, "***%s", tail);
+	}
+}
+
+static void json_value(struct evbuffer *b, const struct conf_key *k, const void *base)
+{
+	const char *field = (const char *)base + k->offset;
+	switch (k->type) {
+	case CT_STRING: {
+		const char *s = *(char *const *)field;
+		if (s && strcmp(k->name, "url") == 0) {
+			char masked[1024];
+			config_mask_url(s, masked, sizeof(masked));
+			jsonw_cstring(b, masked);
+		} else {
+			jsonw_cstring(b, s);
+		}
+		return;
+	}
+	case CT_BOOL:
+		evbuffer_add_printf(b, "%s", *(const bool *)field ? "true" : "false");
+		return;
+	case CT_COUNT:
+	case CT_POSITIVE:
+		evbuffer_add_printf(b, "%d", *(const int *)field);
+		return;
+	case CT_DURATION:
+	case CT_PERCENT:
+		evbuffer_add_printf(b, "%.15g", *(const double *)field);
+		return;
+	}
+}
+
+/* Write keys as "name":value members, comma-separated, without braces. */
+static void json_members(struct evbuffer *b, const struct conf_key *keys, size_t n,
+			 const void *base, int *count)
+{
+	for (size_t i = 0; i < n; i++) {
+		const char *field = (const char *)base + keys[i].offset;
+		if (keys[i].type == CT_STRING && !*(char *const *)field)
+			continue;
+		evbuffer_add_printf(b, "%s\"%s\":", (*count)++ ? "," : "", keys[i].name);
+		json_value(b, &keys[i], base);
+	}
+}
+
+static void json_object(struct evbuffer *b, const char *name, const struct conf_key *keys,
+			size_t n, const void *base)
+{
+	int count = 0;
+	evbuffer_add_printf(b, ",\"%s\":{", name);
+	json_members(b, keys, n, base, &count);
+	evbuffer_add(b, "}", 1);
+}
+
+void config_write_json(const struct config *cfg, struct evbuffer *b)
+{
+	int count = 0;
+	evbuffer_add(b, "{", 1);
+	json_members(b, top_keys, ARRAY_LEN(top_keys), cfg, &count);
+	json_object(b, "defaults", shard_keys, ARRAY_LEN(shard_keys), &cfg->defaults);
+	evbuffer_add(b, ",\"shards\":{", 11);
+	for (int i = 0; i < cfg->nshards; i++) {
+		int n = 0;
+		evbuffer_add(b, i ? "," : "", i ? 1 : 0);
+		jsonw_cstring(b, cfg->shards[i].name);
+		evbuffer_add(b, ":{", 2);
+		json_members(b, shard_keys, ARRAY_LEN(shard_keys), &cfg->shards[i], &n);
+		evbuffer_add(b, "}", 1);
+	}
+	evbuffer_add(b, "}", 1);
+	json_object(b, "fanout", fanout_keys, ARRAY_LEN(fanout_keys), &cfg->fanout);
+	json_object(b, "warnings", warning_keys, ARRAY_LEN(warning_keys), &cfg->warn_utilization);
+	evbuffer_add(b, "}", 1);
 }

@@ -53,6 +53,13 @@ struct config {
 struct config *config_load(const char *path, char *err, size_t errlen);
 void config_free(struct config *cfg);
 
+struct evbuffer;
+
+/* The whole configuration as JSON, passwords in shard URLs masked. */
+void config_write_json(const struct config *cfg, struct evbuffer *b);
+/* url with its password replaced by "***". */
+void config_mask_url(const char *url, char *out, size_t len);
+
 /* Index of the shard called name, or -1. */
 int config_shard_index(const struct config *cfg, const char *name);
 

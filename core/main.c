@@ -10,10 +10,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "admin.h"
 #include "config.h"
 #include "generation.h"
 #include "http.h"
 #include "log.h"
+#include "reload.h"
 #include "request.h"
 #include "util.h"
 
@@ -22,7 +24,9 @@
 struct app {
 	struct event_base *base;
 	struct http_server *client;
+	struct http_server *admin;
 	struct event *sig_term;
+	struct event *sig_hup;
 	struct event *sig_int;
 	struct event *drain;
 	double shutdown_deadline;
@@ -49,6 +53,8 @@ static void apply_limits(struct app *app, const struct config *cfg)
 	};
 	enum log_level lv;
 	http_server_set_limits(app->client, &lim);
+	lim.max_body = 65536;
+	http_server_set_limits(app->admin, &lim);
 	if (log_level_from_name(cfg->log_level, &lv) == 0)
 		log_set_level(lv);
 }
@@ -76,10 +82,26 @@ static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
 	log_info("received %s: no new connections, finishing %d requests",
 		 sig == SIGTERM ? "SIGTERM" : "SIGINT", request_inflight());
 	http_server_shutdown(app->client);
+	http_server_shutdown(app->admin);
+	reload_shutdown();
 	app->shutdown_deadline = mono_now() + generation_current()->cfg->shutdown_timeout;
 	app->drain = event_new(app->base, -1, EV_PERSIST, on_drain_tick, app);
 	event_add(app->drain, &tick);
 	on_drain_tick(-1, 0, app);
+}
+
+static void on_hup(evutil_socket_t sig, short what, void *arg)
+{
+	char err[1024];
+	(void)sig;
+	(void)what;
+	(void)arg;
+	reload_run("SIGHUP", err, sizeof(err));
+}
+
+static void on_swap(struct generation *g, void *arg)
+{
+	apply_limits(arg, g->cfg);
 }
 
 static int start(struct app *app)
@@ -96,22 +118,36 @@ static int start(struct app *app)
 		log_error("%s", err);
 		return -1;
 	}
+	app->admin = http_server_new(app->base, g->cfg->admin_listen, admin_handle, NULL, err,
+				     sizeof(err));
+	if (!app->admin) {
+		log_error("admin listener: %s", err);
+		return -1;
+	}
 	apply_limits(app, g->cfg);
-	log_info("shardgate %s listening on %s with %d shards (script %s, generation %u)",
-		 SHARDGATE_VERSION, g->cfg->listen, g->cfg->nshards, g->cfg->script, g->id);
+	reload_init(app->base, app->config_path, on_swap, app);
+	reload_watch_apply();
+	log_info("shardgate %s listening on %s (admin %s) with %d shards, script %s, generation %u",
+		 SHARDGATE_VERSION, g->cfg->listen, g->cfg->admin_listen, g->cfg->nshards,
+		 g->cfg->script, g->id);
 	return 0;
 }
 
 static void stop(struct app *app)
 {
 	http_server_free(app->client);
-	generation_set_current(NULL);
+	http_server_free(app->admin);
+	reload_shutdown();
+	if (generation_current())
+		generation_set_current(NULL);
 	if (app->drain)
 		event_free(app->drain);
 	if (app->sig_term)
 		event_free(app->sig_term);
 	if (app->sig_int)
 		event_free(app->sig_int);
+	if (app->sig_hup)
+		event_free(app->sig_hup);
 	event_base_free(app->base);
 }
 
@@ -156,8 +192,9 @@ int main(int argc, char **argv)
 	request_set_base(app.base);
 	app.sig_term = evsignal_new(app.base, SIGTERM, on_stop_signal, &app);
 	app.sig_int = evsignal_new(app.base, SIGINT, on_stop_signal, &app);
-	if (!app.sig_term || !app.sig_int || event_add(app.sig_term, NULL) < 0 ||
-	    event_add(app.sig_int, NULL) < 0) {
+	app.sig_hup = evsignal_new(app.base, SIGHUP, on_hup, &app);
+	if (!app.sig_term || !app.sig_int || !app.sig_hup || event_add(app.sig_term, NULL) < 0 ||
+	    event_add(app.sig_int, NULL) < 0 || event_add(app.sig_hup, NULL) < 0) {
 		log_error("cannot install signal handlers");
 		goto done;
 	}

@@ -1,0 +1,58 @@
+-- conf/shardgate.lua — the default configuration, every key with its default.
+--
+-- A config file is a Lua chunk that returns a table. It runs in a sandbox:
+-- env(name [, default]) reads an environment variable (an unset variable
+-- without a default is an error naming the line); any other global is an
+-- error. Unknown keys are errors that name the key and suggest the closest
+-- one. Durations are seconds (fractions allowed). "reload" says whether a
+-- reload (SIGHUP, POST /admin/reload, watch) applies a change; the others
+-- need a restart.
+--
+-- The shard URLs below point at the demo cluster that `make demo` starts
+-- (./var/pg, port 54329); set SHARD_<n>_DATABASE_URL to use your own.
+
+return {
+  listen       = "127.0.0.1:8080",       -- client HTTP listener (restart)
+  admin_listen = "127.0.0.1:8081",       -- admin HTTP listener, keep it on loopback (restart)
+  script       = "../scripts/routing.lua", -- routing script, relative to this file's folder (reload)
+  watch        = false,                  -- reload when this file or the script changes (reload)
+
+  max_body          = 1048576,  -- largest request body in bytes; larger gets 413 too_large (reload)
+  client_timeout    = 10,       -- a request's head and body must arrive within this, else 408 (reload)
+  keepalive_timeout = 75,       -- idle client connections are closed after this (reload)
+  script_timeout    = 0.05,     -- longest a hook may run before it is stopped (500 script_error) (reload)
+  script_memory     = 67108864, -- bytes the script's Lua state may use (reload)
+  shutdown_timeout  = 30,       -- on SIGTERM/SIGINT, how long requests in flight may finish (reload)
+  log_level         = "info",   -- debug, info, warn or error (reload)
+
+  -- Settings every shard starts from; each shard may override any of them.
+  defaults = {
+    pool              = 5,     -- max connections to one shard
+    min_idle          = 0,     -- connections opened at start and kept open (0 = connect on first use)
+    checkout_timeout  = 5,     -- longest wait for a free connection, then 503 checkout_timeout
+    max_waiting       = 256,   -- requests queued on one pool; more get 503 queue_full at once
+    connect_timeout   = 5,     -- longest a new connection may take to open
+    idle_timeout      = 300,   -- idle connections above min_idle are closed after this
+    max_lifetime      = 3600,  -- connections are recycled after this (minus up to 20% jitter)
+    statement_timeout = 30,    -- longest a statement may run; it is cancelled, 504 statement_timeout
+  },
+
+  -- The shards: name = { url = libpq URL or key=value string, ...overrides }.
+  -- Names are handed to scripts in natural order (shard_2 before shard_10).
+  shards = {
+    shard_0 = { url = env("SHARD_0_DATABASE_URL", "postgresql://postgres@127.0.0.1:54329/app_shard_0") },
+    shard_1 = { url = env("SHARD_1_DATABASE_URL", "postgresql://postgres@127.0.0.1:54329/app_shard_1") },
+    shard_2 = { url = env("SHARD_2_DATABASE_URL", "postgresql://postgres@127.0.0.1:54329/app_shard_2") },
+  },
+
+  -- Limits for cross-shard fan-out; a script's plan may lower or override them.
+  fanout = {
+    concurrency = 5,       -- shards queried at once for one request
+    timeout     = 30,      -- the whole fan-out must finish within this
+    max_rows    = 100000,  -- rows buffered for one fan-out request, then 502 result_too_large
+  },
+
+  warnings = {
+    utilization = 80,      -- /health/shards warns when a pool is busier than this percentage
+  },
+}
