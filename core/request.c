@@ -25,6 +25,7 @@
 #include "http.h"
 #include "jsonw.h"
 #include "log.h"
+#include "pgerror.h"
 #include "pool.h"
 #include "script.h"
 #include "util.h"
@@ -79,65 +80,14 @@ static void set_error(struct request *r, int status, const char *code, const cha
 	r->status = status;
 }
 
-/* The HTTP status for a SQLSTATE, per DESIGN.md §5 (README lists the rest). */
-static int sqlstate_status(const char *st)
-{
-	if (!st || strlen(st) != 5)
-		return 502;
-	if (strcmp(st, "57014") == 0)
-		return 504;
-	if (strncmp(st, "23", 2) == 0 || strcmp(st, "40001") == 0 || strcmp(st, "40P01") == 0)
-		return 409;
-	if (strncmp(st, "42", 2) == 0 || strncmp(st, "22", 2) == 0 || strncmp(st, "0A", 2) == 0 ||
-	    strncmp(st, "21", 2) == 0 || strncmp(st, "25", 2) == 0 || strncmp(st, "P0", 2) == 0 ||
-	    strncmp(st, "2B", 2) == 0 || strncmp(st, "3D", 2) == 0 || strncmp(st, "44", 2) == 0 ||
-	    strncmp(st, "26", 2) == 0 || strncmp(st, "34", 2) == 0)
-		return 400;
-	if (strncmp(st, "08", 2) == 0 || strncmp(st, "57", 2) == 0)
-		return 502;
-	if (strncmp(st, "53", 2) == 0)
-		return 503;
-	return 500;
-}
-
-static void add_field(struct evbuffer *b, const char *name, const char *v)
-{
-	if (!v || !*v)
-		return;
-	evbuffer_add_printf(b, ",\"%s\":", name);
-	jsonw_cstring(b, v);
-}
-
 /* A statement failed: the error object with SQLSTATE, message, detail, hint. */
 static void sql_error(struct request *r, const PGresult *res)
 {
-	const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-	const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-	int status = sqlstate_status(st);
-	bool timeout = st && strcmp(st, "57014") == 0 && !r->aborted;
-	struct evbuffer *b = r->out;
-
-	evbuffer_drain(b, evbuffer_get_length(b));
-	evbuffer_add(b, "{\"error\":", 9);
-	if (timeout && r->timed_out) {
-		char m[128];
-		snprintf(m, sizeof(m), "statement cancelled after its timeout of %gs", r->timeout);
-		jsonw_cstring(b, m);
-	} else {
-		jsonw_cstring(b, msg ? msg : PQresultErrorMessage(res));
-	}
-	evbuffer_add(b, ",\"code\":", 8);
-	jsonw_cstring(b, timeout ? "statement_timeout" : (st ? st : "shard_error"));
-	evbuffer_add(b, ",\"shard\":", 9);
-	jsonw_cstring(b, r->shard->name);
-	add_field(b, "sqlstate", st);
-	add_field(b, "detail", PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL));
-	add_field(b, "hint", PQresultErrorField(res, PG_DIAG_MESSAGE_HINT));
-	add_field(b, "position", PQresultErrorField(res, PG_DIAG_STATEMENT_POSITION));
-	if (r->kind == BODY_TRANSACTION && r->phase == PH_STMT)
-		evbuffer_add_printf(b, ",\"statement\":%d", r->cur + 1);
-	evbuffer_add(b, "}", 1);
-	r->status = status;
+	bool timeout = pgerror_is_cancel(res) && r->timed_out && !r->aborted;
+	evbuffer_drain(r->out, evbuffer_get_length(r->out));
+	pgerror_write(r->out, res, r->shard->name, timeout, r->timeout,
+		      r->kind == BODY_TRANSACTION && r->phase == PH_STMT ? r->cur + 1 : 0);
+	r->status = timeout ? 504 : pgerror_status(PQresultErrorField(res, PG_DIAG_SQLSTATE));
 }
 
 /* ---- finishing ---- */
@@ -376,19 +326,22 @@ static void start_statements(struct request *r)
 
 /* ---- checkout ---- */
 
+/* 503 {"error": "Service temporarily unavailable", "code": ..., "shard": ...[, "detail": ...]} */
 static void checkout_failed(struct request *r, enum pool_err err)
 {
 	const char *code = err == POOL_TIMEOUT ? "checkout_timeout"
 			   : err == POOL_QUEUE_FULL ? "queue_full" : "shard_unavailable";
-	set_error(r, 503, code, "Service temporarily unavailable");
+	struct evbuffer *b = r->out;
+	evbuffer_drain(b, evbuffer_get_length(b));
+	evbuffer_add_printf(b, "{\"error\":\"Service temporarily unavailable\",\"code\":\"%s\",\"shard\":",
+			    code);
+	jsonw_cstring(b, r->shard->name);
 	if (err == POOL_UNAVAILABLE) {
-		/* Say why, for operators reading the answer. */
-		evbuffer_drain(r->out, evbuffer_get_length(r->out));
-		evbuffer_add(r->out, "{\"error\":\"Service temporarily unavailable\",\"code\":\"shard_unavailable\",\"shard\":", 78);
-		jsonw_cstring(r->out, r->shard->name);
-		add_field(r->out, "detail", r->waiter.error);
-		evbuffer_add(r->out, "}", 1);
+		evbuffer_add(b, ",\"detail\":", 10);
+		jsonw_cstring(b, r->waiter.error);
 	}
+	evbuffer_add(b, "}", 1);
+	r->status = 503;
 	log_info("shard %s: %s for tenant '%s'", r->shard->name, code, r->route.tenant);
 	finish(r);
 }
