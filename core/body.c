@@ -125,10 +125,51 @@ static int parse_timeout(struct body *b, json_t *root, char *err, size_t errlen)
 	return 0;
 }
 
+/* "order_by": [{"column": name, "desc": bool}, ...] and "limit": N, for fan-out merges. */
+static int parse_order(struct body *b, json_t *root, char *err, size_t errlen)
+{
+	static const char *const keys[] = { "column", "desc", NULL };
+	json_t *list = json_object_get(root, "order_by");
+	json_t *limit = json_object_get(root, "limit");
+	char what[32];
+
+	if (limit && !json_is_null(limit)) {
+		if (!json_is_integer(limit) || json_integer_value(limit) < 1 ||
+		    json_integer_value(limit) > 100000000) {
+			fmt_err(err, errlen, "'limit' must be a whole number >= 1");
+			return -1;
+		}
+		b->limit = (long)json_integer_value(limit);
+	}
+	if (!list || json_is_null(list))
+		return 0;
+	if (!json_is_array(list) || json_array_size(list) == 0 || json_array_size(list) > 16) {
+		fmt_err(err, errlen, "'order_by' must be an array of 1 to 16 {\"column\": ..., \"desc\": ...} objects");
+		return -1;
+	}
+	b->norder = (int)json_array_size(list);
+	b->order = xcalloc((size_t)b->norder, sizeof(*b->order));
+	for (int i = 0; i < b->norder; i++) {
+		json_t *o = json_array_get(list, (size_t)i);
+		json_t *col = json_object_get(o, "column"), *desc = json_object_get(o, "desc");
+		snprintf(what, sizeof(what), "order_by[%d]", i + 1);
+		if (json_is_object(o) && check_keys(o, keys, what, err, errlen) < 0)
+			return -1;
+		if (!json_is_object(o) || !json_is_string(col) || json_string_length(col) == 0 ||
+		    (desc && !json_is_boolean(desc) && !json_is_null(desc))) {
+			fmt_err(err, errlen, "%s must be {\"column\": name, \"desc\": true|false}", what);
+			return -1;
+		}
+		b->order[i].column = json_string_value(col);
+		b->order[i].desc = json_is_true(desc);
+	}
+	return 0;
+}
+
 static int parse_query(struct body *b, json_t *root, char *err, size_t errlen)
 {
-	static const char *const keys[] = { "sql", "params", "timeout", NULL };
-	if (check_keys(root, keys, "the body", err, errlen) < 0)
+	static const char *const keys[] = { "sql", "params", "timeout", "order_by", "limit", NULL };
+	if (check_keys(root, keys, "the body", err, errlen) < 0 || parse_order(b, root, err, errlen) < 0)
 		return -1;
 	b->stmts = xcalloc(1, sizeof(struct stmt));
 	b->nstmts = 1;
@@ -204,6 +245,7 @@ void body_free(struct body *b)
 	for (int i = 0; i < b->nstmts; i++)
 		free((void *)b->stmts[i].values);
 	free(b->stmts);
+	free(b->order);
 	for (int i = 0; i < b->nowned; i++)
 		free(b->owned[i]);
 	free(b->owned);

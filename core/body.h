@@ -7,6 +7,7 @@
 #ifndef SG_BODY_H
 #define SG_BODY_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 enum body_kind { BODY_QUERY, BODY_TRANSACTION };
@@ -17,11 +18,19 @@ struct stmt {
 	const char **values;     /* NULL entries are SQL NULL */
 };
 
+struct order_key {
+	const char *column;
+	bool desc;
+};
+
 struct body {
 	void *root;              /* json_t, owns the strings stmts point into */
 	struct stmt *stmts;
 	int nstmts;
 	double timeout;          /* seconds; 0 when the body gives none */
+	struct order_key *order; /* fan-out merge order ("order_by") */
+	int norder;
+	long limit;              /* fan-out row limit; 0 when none */
 	char **owned;            /* parameter texts made here (numbers, JSON) */
 	int nowned;
 	int capowned;

@@ -48,6 +48,7 @@ struct generation *generation_build(struct event_base *base, const char *path,
 {
 	struct generation *g = xcalloc(1, sizeof(*g));
 	g->refs = 1;
+	g->base = base;
 	g->cfg = config_load(path, err, errlen);
 	if (!g->cfg)
 		goto fail;

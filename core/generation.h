@@ -17,6 +17,7 @@ struct script;
 
 struct generation {
 	int refs;
+	struct event_base *base;
 	unsigned id;
 	struct config *cfg;
 	struct script *script;

@@ -59,15 +59,20 @@ static void apply_limits(struct app *app, const struct config *cfg)
 		log_set_level(lv);
 }
 
+static int inflight(const struct app *app)
+{
+	return http_server_inflight(app->client) + http_server_inflight(app->admin);
+}
+
 static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 {
 	struct app *app = arg;
 	(void)fd;
 	(void)what;
-	if (request_inflight() == 0 || mono_now() >= app->shutdown_deadline) {
-		if (request_inflight() > 0)
+	if (inflight(app) == 0 || mono_now() >= app->shutdown_deadline) {
+		if (inflight(app) > 0)
 			log_warn("shutdown: %d requests still running after shutdown_timeout",
-				 request_inflight());
+				 inflight(app));
 		event_base_loopexit(app->base, NULL);
 	}
 }
@@ -80,7 +85,7 @@ static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
 	if (app->drain)
 		return;
 	log_info("received %s: no new connections, finishing %d requests",
-		 sig == SIGTERM ? "SIGTERM" : "SIGINT", request_inflight());
+		 sig == SIGTERM ? "SIGTERM" : "SIGINT", inflight(app));
 	http_server_shutdown(app->client);
 	http_server_shutdown(app->admin);
 	reload_shutdown();

@@ -132,8 +132,10 @@ static void read_results(struct pgconn *c)
 			emit(c, PGCONN_EV_DONE, NULL);
 			return;
 		}
+		c->keep_result = false;
 		emit(c, PGCONN_EV_RESULT, res);
-		PQclear(res);
+		if (!c->keep_result)
+			PQclear(res);
 	}
 }
 
@@ -290,6 +292,11 @@ void pgconn_cancel(struct pgconn *c)
 		PQfreeCancel(cn);
 	}
 	pthread_attr_destroy(&attr);
+}
+
+void pgconn_keep_result(struct pgconn *c)
+{
+	c->keep_result = true;
 }
 
 bool pgconn_usable(const struct pgconn *c)

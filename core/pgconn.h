@@ -51,6 +51,7 @@ struct pgconn {
 	double last_used;
 	bool sent;               /* the current statement reached the server */
 	bool session_dirty;      /* a SET or similar ran outside a transaction */
+	bool keep_result;        /* the RESULT receiver took ownership of res */
 	unsigned target_gen;     /* the pool's url generation it was opened for */
 	void *pool;              /* owner, opaque here */
 	TAILQ_ENTRY(pgconn) link;
@@ -70,6 +71,9 @@ int pgconn_send(struct pgconn *c, const char *sql, int nparams, const char *cons
 
 /* Ask the server to cancel the running statement, without blocking the loop. */
 void pgconn_cancel(struct pgconn *c);
+
+/* Called by a RESULT receiver to keep res (it must PQclear it later). */
+void pgconn_keep_result(struct pgconn *c);
 
 bool pgconn_usable(const struct pgconn *c);
 void pgconn_free(struct pgconn *c);

@@ -21,6 +21,7 @@
 
 #include "body.h"
 #include "config.h"
+#include "fanout.h"
 #include "generation.h"
 #include "http.h"
 #include "jsonw.h"
@@ -57,13 +58,7 @@ struct request {
 	struct evbuffer *out;
 };
 
-static int inflight;
 static struct event_base *loop_base;
-
-int request_inflight(void)
-{
-	return inflight;
-}
 
 /* ---- answers ---- */
 
@@ -98,9 +93,9 @@ static void request_free(struct request *r)
 		event_free(r->timer);
 	body_free(&r->body);
 	evbuffer_free(r->out);
+	route_clear(&r->route);
 	generation_unref(r->gen);
 	free(r);
-	inflight--;
 }
 
 /* The only exit: return the connection, answer (unless the client left), free. */
@@ -395,7 +390,6 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 	struct request *r = xcalloc(1, sizeof(*r));
 	char err[512];
 
-	inflight++;
 	r->http = http;
 	r->kind = kind;
 	r->out = evbuffer_new();
@@ -409,13 +403,19 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 		finish(r);
 		return;
 	}
-	script_route(r->gen->script, http, &r->route);
+	script_route(r->gen->script, http, kind == BODY_QUERY, &r->route);
+	if (r->route.kind == ROUTE_FANOUT) {
+		fanout_start(http, r->gen, &r->body, &r->route);
+		request_free(r);
+		return;
+	}
 	if (r->route.kind != ROUTE_SHARD) {
 		set_error(r, route_status(&r->route),
 			  r->route.kind == ROUTE_NO_TENANT ? "no_tenant" : r->route.code,
-			  r->route.kind == ROUTE_NO_TENANT
-				  ? "the request names no tenant and the script gives no fan-out plan"
-				  : r->route.error);
+			  r->route.kind == ROUTE_ERROR ? r->route.error
+			  : kind == BODY_TRANSACTION
+				  ? "the request names no tenant; a transaction runs on one tenant's shard and never fans out"
+				  : "the request names no tenant and the script gives no fan-out plan");
 		finish(r);
 		return;
 	}

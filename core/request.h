@@ -16,7 +16,4 @@ void request_set_base(struct event_base *base);
 /* http_handler for the client listener; arg is unused. */
 void request_handle(struct http_request *req, void *arg);
 
-/* Requests that have not finished yet (for graceful shutdown). */
-int request_inflight(void);
-
 #endif

@@ -38,13 +38,14 @@ struct script {
 	const char *hook_name;    /* the hook being run, for messages */
 	int ref_tenant;
 	int ref_shard;
+	int ref_fanout;
 	int ref_shards;           /* the list of shard names, natural order */
 	int ref_index;            /* name -> 0-based index */
 	int ref_req_mt;
 	struct http_request *cur; /* the request whose hooks are running */
 	unsigned serial;
-	const char *const *shard_names;
 	int nshards;
+	struct fanout_conf fanout;  /* plan defaults */
 };
 
 static char serial_key;
@@ -196,7 +197,7 @@ static void route_error(struct route *out, const char *code, const char *fmt, ..
 	va_end(ap);
 }
 
-/* tenant(req): leaves the tenant (string or number) on the stack, or nil. */
+/* tenant(req), req at the top of the stack: pushes the tenant (string or number) or nil. */
 static int call_tenant(struct script *s, struct http_request *req, struct route *out)
 {
 	lua_State *L = s->L;
@@ -211,7 +212,7 @@ static int call_tenant(struct script *s, struct http_request *req, struct route 
 		return 0;
 	}
 	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_tenant);
-	push_request(s, req);
+	lua_pushvalue(L, -2);
 	if (guarded_call(s, "tenant", 1, 1) != 0) {
 		route_error(out, "script_error", "hook 'tenant' failed: %s", error_text(L));
 		lua_pop(L, 1);
@@ -266,31 +267,171 @@ static void call_shard(struct script *s, struct route *out)
 	lua_pop(L, 3);
 }
 
-void script_route(struct script *s, struct http_request *req, struct route *out)
+/* Read plan.<key> (top of stack is the plan table) as a number; default when nil. */
+static int plan_number(struct script *s, const char *key, double def, bool integer, double *out,
+		       struct route *rt, const char *where)
+{
+	lua_State *L = s->L;
+	lua_getfield(L, -1, key);
+	if (lua_isnil(L, -1)) {
+		*out = def;
+	} else if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0) ||
+		   (integer && lua_tonumber(L, -1) != floor(lua_tonumber(L, -1)))) {
+		route_error(rt, "script_error", "%s: fan-out plan field '%s' must be a %s > 0, got %s",
+			    where, key, integer ? "whole number" : "number",
+			    lua_isstring(L, -1) ? lua_tostring(L, -1) : luaL_typename(L, -1));
+		lua_pop(L, 1);
+		return -1;
+	} else {
+		*out = lua_tonumber(L, -1);
+	}
+	lua_pop(L, 1);
+	return 0;
+}
+
+static int plan_check_keys(struct script *s, struct route *rt, const char *where)
+{
+	static const char *const keys[] = { "shards", "concurrency", "timeout", "partial", "max_rows" };
+	lua_State *L = s->L;
+	lua_pushnil(L);
+	while (lua_next(L, -2) != 0) {
+		bool ok = false;
+		lua_pop(L, 1);
+		for (size_t i = 0; i < ARRAY_LEN(keys); i++)
+			ok = ok || (lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), keys[i]) == 0);
+		if (!ok) {
+			lua_pushvalue(L, -1);
+			route_error(rt, "script_error", "%s: unknown fan-out plan field '%s'", where,
+				    lua_isstring(L, -1) ? lua_tostring(L, -1) : luaL_typename(L, -1));
+			lua_pop(L, 2);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/* plan.shards: a list of configured shard names (default: all). */
+static int plan_shards(struct script *s, struct fanout_plan *p, struct route *rt, const char *where)
+{
+	lua_State *L = s->L;
+	lua_getfield(L, -1, "shards");
+	if (lua_isnil(L, -1))
+		lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_shards), lua_remove(L, -2);
+	if (!lua_istable(L, -1)) {
+		route_error(rt, "script_error", "%s: fan-out plan field 'shards' must be a list of shard names, got %s",
+			    where, luaL_typename(L, -1));
+		lua_pop(L, 1);
+		return -1;
+	}
+	int n = (int)lua_objlen(L, -1);
+	bool *seen = xcalloc((size_t)s->nshards, sizeof(bool));
+	p->shards = xcalloc((size_t)(n ? n : 1), sizeof(int));
+	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_index);
+	for (int i = 1; i <= n; i++) {
+		lua_rawgeti(L, -2, i);
+		lua_pushvalue(L, -1);
+		lua_rawget(L, -3);
+		if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TNUMBER ||
+		    seen[(int)lua_tonumber(L, -1)]) {
+			route_error(rt, "script_error", "%s: fan-out plan shards[%d] ('%s') is %s", where, i,
+				    lua_isstring(L, -2) ? lua_tostring(L, -2) : luaL_typename(L, -2),
+				    lua_type(L, -1) == LUA_TNUMBER ? "listed twice" : "not a configured shard");
+			lua_pop(L, 4);
+			free(seen);
+			return -1;
+		}
+		seen[(int)lua_tonumber(L, -1)] = true;
+		p->shards[p->nshards++] = (int)lua_tonumber(L, -1);
+		lua_pop(L, 2);
+	}
+	lua_pop(L, 2);
+	free(seen);
+	if (n == 0) {
+		route_error(rt, "script_error", "%s: fan-out plan names no shards", where);
+		return -1;
+	}
+	return 0;
+}
+
+/* fanout(req, shards), req at the top of the stack: a plan, or ROUTE_NO_TENANT for nil. */
+static void call_fanout(struct script *s, struct route *out)
+{
+	lua_State *L = s->L;
+	struct fanout_plan *p = &out->plan;
+	char where[256];
+	double v;
+
+	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_fanout);
+	lua_pushvalue(L, -2);
+	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_shards);
+	if (guarded_call(s, "fanout", 2, 1) != 0) {
+		route_error(out, "script_error", "hook 'fanout' failed: %s", error_text(L));
+		return;
+	}
+	if (lua_isnil(L, -1)) {
+		out->kind = ROUTE_NO_TENANT;
+		return;
+	}
+	hook_where(L, s->ref_fanout, where, sizeof(where));
+	if (!lua_istable(L, -1)) {
+		route_error(out, "script_error", "%s: hook 'fanout' returned a %s; expected a plan table or nil",
+			    where, luaL_typename(L, -1));
+		return;
+	}
+	if (plan_check_keys(s, out, where) < 0 || plan_shards(s, p, out, where) < 0)
+		return;
+	if (plan_number(s, "concurrency", s->fanout.concurrency, true, &v, out, where) < 0)
+		return;
+	p->concurrency = v > 100000 ? 100000 : (int)v;
+	if (plan_number(s, "timeout", s->fanout.timeout, false, &p->timeout, out, where) < 0)
+		return;
+	if (plan_number(s, "max_rows", s->fanout.max_rows, true, &v, out, where) < 0)
+		return;
+	p->max_rows = v > 1e9 ? 1000000000 : (int)v;
+	lua_getfield(L, -1, "partial");
+	if (!lua_isnil(L, -1) && !lua_isboolean(L, -1)) {
+		route_error(out, "script_error", "%s: fan-out plan field 'partial' must be a boolean, got %s",
+			    where, luaL_typename(L, -1));
+		return;
+	}
+	p->partial = lua_toboolean(L, -1);
+	out->kind = ROUTE_FANOUT;
+}
+
+void route_clear(struct route *r)
+{
+	free(r->plan.shards);
+	memset(&r->plan, 0, sizeof(r->plan));
+}
+
+void script_route(struct script *s, struct http_request *req, bool allow_fanout, struct route *out)
 {
 	lua_State *L = s->L;
 	int top = lua_gettop(L);
 
-	out->tenant[0] = '\0';
-	out->code = NULL;
-	out->error[0] = '\0';
+	memset(out, 0, sizeof(*out));
 	s->cur = req;
 	s->serial++;
+	push_request(s, req);
 	if (call_tenant(s, req, out) == 0) {
-		if (lua_isnil(L, -1)) {
-			out->kind = ROUTE_NO_TENANT;
-			lua_pop(L, 1);
-		} else {
+		if (!lua_isnil(L, -1)) {
 			/* Convert a copy: shard() gets the tenant with its original type. */
 			lua_pushvalue(L, -1);
 			snprintf(out->tenant, sizeof(out->tenant), "%s", lua_tostring(L, -1));
 			lua_pop(L, 1);
 			call_shard(s, out);
+		} else if (allow_fanout && s->ref_fanout != LUA_NOREF) {
+			lua_pop(L, 1);
+			call_fanout(s, out);
+		} else {
+			out->kind = ROUTE_NO_TENANT;
 		}
 	}
 	s->cur = NULL;
-	if (out->kind == ROUTE_ERROR)
+	if (out->kind == ROUTE_ERROR) {
 		log_warn("route: %s (tenant '%s')", out->error, out->tenant);
+		route_clear(out);
+	}
 	lua_settop(L, top);
 }
 
@@ -358,6 +499,7 @@ static int load_hooks(struct script *s, char *err, size_t errlen)
 	lua_pop(L, 1);
 	s->ref_tenant = ref_hook(L, "tenant");
 	s->ref_shard = ref_hook(L, "shard");
+	s->ref_fanout = ref_hook(L, "fanout");
 	lua_settop(L, 0);
 	return 0;
 }
@@ -368,7 +510,9 @@ struct script *script_new(const struct config *cfg, char *err, size_t errlen)
 	s->alloc.limit = (size_t)cfg->script_memory;
 	s->timeout = cfg->script_timeout;
 	s->path = xstrdup(cfg->script);
-	s->ref_tenant = s->ref_shard = LUA_NOREF;
+	s->ref_tenant = s->ref_shard = s->ref_fanout = LUA_NOREF;
+	s->nshards = cfg->nshards;
+	s->fanout = cfg->fanout;
 	s->L = luaenv_new(&s->alloc);
 	if (!s->L) {
 		fmt_err(err, errlen, "%s: cannot create a Lua state", s->path);

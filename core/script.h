@@ -8,6 +8,7 @@
 #ifndef SG_SCRIPT_H
 #define SG_SCRIPT_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 struct config;
@@ -16,13 +17,24 @@ struct script;
 
 enum route_kind {
 	ROUTE_SHARD,      /* shard holds the index of the shard to use */
+	ROUTE_FANOUT,     /* plan says which shards, how many at once, for how long */
 	ROUTE_NO_TENANT,  /* tenant() gave nil and there is no fan-out plan */
 	ROUTE_ERROR,      /* code and error say what went wrong */
+};
+
+struct fanout_plan {
+	int *shards;            /* indexes into the config's shards, in the plan's order */
+	int nshards;
+	int concurrency;
+	double timeout;
+	bool partial;
+	int max_rows;
 };
 
 struct route {
 	enum route_kind kind;
 	int shard;
+	struct fanout_plan plan; /* ROUTE_FANOUT; free with route_clear */
 	char tenant[128];
 	const char *code;       /* "script_error" or "unknown_shard" */
 	char error[512];
@@ -31,7 +43,12 @@ struct route {
 struct script *script_new(const struct config *cfg, char *err, size_t errlen);
 void script_free(struct script *s);
 
-/* Run tenant() and shard() for req. */
-void script_route(struct script *s, struct http_request *req, struct route *out);
+/*
+ * Run tenant() and shard() for req; when tenant() gives nil and fanout is
+ * allowed, run fanout() for a plan (missing fields from the config).
+ */
+void script_route(struct script *s, struct http_request *req, bool allow_fanout,
+		  struct route *out);
+void route_clear(struct route *r);
 
 #endif

@@ -1,0 +1,645 @@
+/*
+ * The fan-out executor. Each shard of the plan is a part:
+ *
+ *   PENDING -> WAITING (checkout queued) -> RUNNING (statement sent) -> DONE
+ *
+ * Parts start in plan order while fewer than `concurrency` are WAITING or
+ * RUNNING. Results stay as PGresults (no copies) until the answer is
+ * written. The plan's timeout, max_rows overflow or a vanished client stop
+ * the fan-out: waiting parts leave their queue, running statements are
+ * cancelled on the server, unstarted parts are reported as not run; the
+ * answer goes out only once every part is DONE, so no statement outlives
+ * it and every connection is back in its pool.
+ */
+#include "fanout.h"
+
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "body.h"
+#include "config.h"
+#include "generation.h"
+#include "http.h"
+#include "jsonw.h"
+#include "log.h"
+#include "pgerror.h"
+#include "pool.h"
+#include "script.h"
+#include "util.h"
+
+#define CANCEL_GRACE 2.0
+
+enum part_state { P_PENDING, P_WAITING, P_RUNNING, P_DONE };
+
+struct fanout;
+
+struct part {
+	struct fanout *fo;
+	int index;                 /* position in the plan */
+	const struct shard_conf *shard;
+	struct pool *pool;
+	struct pool_waiter waiter;
+	struct pgconn *conn;
+	enum part_state state;
+	struct event *timer;       /* statement timeout, then cancel grace */
+	bool cancelled;
+	bool timed_out;
+	PGresult *res;             /* the shard's result, kept until the answer */
+	struct evbuffer *error;    /* the shard's error object, when it failed */
+};
+
+struct fanout {
+	struct http_request *http;
+	struct generation *gen;
+	struct event_base *base;
+	struct body body;
+	struct fanout_plan plan;
+	struct part *parts;
+	char *sql;                 /* the statement each shard runs */
+	int depth;                 /* > 0 while an event handler runs: do not finish yet */
+	int next;                  /* next part to start */
+	int active;                /* WAITING + RUNNING */
+	int done;
+	long rows;
+	bool stopping;
+	const char *stop_code;     /* "timeout", "result_too_large", "aborted" */
+	struct event *deadline;
+};
+
+static void part_done(struct part *p);
+static void settle(struct fanout *fo);
+static void stop(struct fanout *fo, const char *code);
+
+/* Every entry from the event loop is bracketed by enter() and settle(). */
+static void enter(struct fanout *fo)
+{
+	fo->depth++;
+}
+
+static struct timeval tv_of(double s)
+{
+	struct timeval tv;
+	tv.tv_sec = (long)s;
+	tv.tv_usec = (long)((s - (double)tv.tv_sec) * 1e6);
+	return tv;
+}
+
+static void part_error(struct part *p, const char *code, const char *msg)
+{
+	if (p->error)
+		return;
+	p->error = evbuffer_new();
+	if (!p->error)
+		abort();
+	jsonw_error(p->error, code, msg, p->shard->name);
+}
+
+/* ---- one shard ---- */
+
+static void part_free(struct part *p)
+{
+	if (p->timer)
+		event_free(p->timer);
+	if (p->res)
+		PQclear(p->res);
+	if (p->error)
+		evbuffer_free(p->error);
+}
+
+static void part_cancel(struct part *p)
+{
+	struct timeval tv = tv_of(CANCEL_GRACE);
+	if (p->state != P_RUNNING || p->cancelled)
+		return;
+	p->cancelled = true;
+	pgconn_cancel(p->conn);
+	evtimer_add(p->timer, &tv);
+}
+
+static void on_part_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct part *p = arg;
+	struct fanout *fo = p->fo;
+	(void)fd;
+	(void)what;
+	if (!p->cancelled) {
+		p->timed_out = true;
+		part_cancel(p);
+		return;
+	}
+	log_warn("shard %s: fan-out statement did not stop %gs after cancel; closing its connection",
+		 p->shard->name, CANCEL_GRACE);
+	enter(fo);
+	part_error(p, "statement_timeout", "statement did not stop after cancel; connection closed");
+	part_done(p);
+	settle(fo);
+}
+
+static void on_result(struct part *p, PGresult *res)
+{
+	struct fanout *fo = p->fo;
+	char msg[160];
+	switch (PQresultStatus(res)) {
+	case PGRES_TUPLES_OK:
+	case PGRES_COMMAND_OK:
+		if (p->res || p->error)
+			return;
+		fo->rows += PQntuples(res);
+		p->res = res;
+		pgconn_keep_result(p->conn);
+		if (fo->rows > fo->plan.max_rows)
+			stop(fo, "result_too_large");
+		return;
+	case PGRES_FATAL_ERROR:
+		if (p->error)
+			return;
+		if (pgerror_is_cancel(res) && !p->timed_out && fo->stopping &&
+		    strcmp(fo->stop_code, "timeout") == 0) {
+			snprintf(msg, sizeof(msg), "cancelled at the fan-out timeout of %gs", fo->plan.timeout);
+			part_error(p, "fanout_timeout", msg);
+			return;
+		}
+		p->error = evbuffer_new();
+		if (!p->error)
+			abort();
+		pgerror_write(p->error, res, p->shard->name, p->timed_out,
+			      fo->body.timeout > 0 && fo->body.timeout < p->shard->statement_timeout
+				      ? fo->body.timeout : p->shard->statement_timeout, 0);
+		return;
+	default:
+		snprintf(msg, sizeof(msg), "unsupported result (%s)", PQresStatus(PQresultStatus(res)));
+		part_error(p, "bad_request", msg);
+		return;
+	}
+}
+
+static void on_part_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg)
+{
+	struct part *p = arg;
+	(void)c;
+	if (ev == PGCONN_EV_RESULT) {
+		on_result(p, res);
+		return;
+	}
+	if (ev != PGCONN_EV_DONE && ev != PGCONN_EV_BROKEN)
+		return;
+	if (!pgconn_usable(p->conn) && !p->error) {
+		char msg[320];
+		snprintf(msg, sizeof(msg), "shard %s closed the connection: %s", p->shard->name,
+			 p->conn->error);
+		part_error(p, "shard_error", msg);
+	}
+	enter(p->fo);
+	part_done(p);
+	settle(p->fo);
+}
+
+static void part_run(struct part *p)
+{
+	struct fanout *fo = p->fo;
+	const struct stmt *st = &fo->body.stmts[0];
+	double t = p->shard->statement_timeout;
+	struct timeval tv;
+
+	if (fo->body.timeout > 0 && fo->body.timeout < t)
+		t = fo->body.timeout;
+	if (pgconn_send(p->conn, fo->sql, st->nparams, st->values, on_part_event, p) < 0) {
+		char msg[320];
+		snprintf(msg, sizeof(msg), "cannot send statement: %s", p->conn->error);
+		part_error(p, "shard_error", msg);
+		part_done(p);
+		return;
+	}
+	p->state = P_RUNNING;
+	tv = tv_of(t);
+	evtimer_add(p->timer, &tv);
+}
+
+static void on_checkout(struct pool_waiter *w, struct pgconn *c, enum pool_err err)
+{
+	struct part *p = w->arg;
+	struct fanout *fo = p->fo;
+	enter(fo);
+	if (!c) {
+		part_error(p, err == POOL_TIMEOUT ? "checkout_timeout"
+			      : err == POOL_QUEUE_FULL ? "queue_full" : "shard_unavailable",
+			   err == POOL_UNAVAILABLE && w->error[0] ? w->error
+							       : "Service temporarily unavailable");
+		part_done(p);
+	} else {
+		p->conn = c;
+		part_run(p);
+	}
+	settle(fo);
+}
+
+static void part_start(struct part *p)
+{
+	enum pool_err err;
+	struct pgconn *c;
+
+	p->fo->active++;
+	p->state = P_WAITING;
+	p->timer = evtimer_new(p->fo->base, on_part_timer, p);
+	if (!p->timer)
+		abort();
+	c = pool_checkout(p->pool, &p->waiter, on_checkout, p, &err);
+	if (c) {
+		p->conn = c;
+		part_run(p);
+	} else if (err != POOL_QUEUED) {
+		on_checkout(&p->waiter, NULL, err);
+	}
+}
+
+/* ---- the answer ---- */
+
+static int field_index(const PGresult *res, const char *name)
+{
+	for (int i = 0; i < PQnfields(res); i++)
+		if (strcmp(PQfname(res, i), name) == 0)
+			return i;
+	return -1;
+}
+
+static bool same_columns(const PGresult *a, const PGresult *b)
+{
+	if (PQnfields(a) != PQnfields(b))
+		return false;
+	for (int i = 0; i < PQnfields(a); i++)
+		if (strcmp(PQfname(a, i), PQfname(b, i)) != 0 || PQftype(a, i) != PQftype(b, i))
+			return false;
+	return true;
+}
+
+struct row_ref {
+	const PGresult *res;
+	int row;
+	int part;
+};
+
+struct merge_ctx {
+	const int *cols;
+	const bool *desc;
+	const bool *numeric;
+	int n;
+};
+
+static bool is_numeric_type(Oid t)
+{
+	return t == 20 || t == 21 || t == 23 || t == 26 || t == 700 || t == 701 || t == 1700;
+}
+
+/* NULLs last; numbers as numbers (NaN above all); everything else byte-wise. */
+static int compare_values(const struct row_ref *a, const struct row_ref *b, int col, bool numeric)
+{
+	bool na = PQgetisnull(a->res, a->row, col), nb = PQgetisnull(b->res, b->row, col);
+	if (na || nb)
+		return na == nb ? 0 : (na ? 2 : -2);
+	const char *va = PQgetvalue(a->res, a->row, col), *vb = PQgetvalue(b->res, b->row, col);
+	if (numeric) {
+		double x = strtod(va, NULL), y = strtod(vb, NULL);
+		if (isnan(x) || isnan(y))
+			return isnan(x) == isnan(y) ? 0 : (isnan(x) ? 1 : -1);
+		return x < y ? -1 : x > y ? 1 : 0;
+	}
+	int la = PQgetlength(a->res, a->row, col), lb = PQgetlength(b->res, b->row, col);
+	int c = memcmp(va, vb, (size_t)(la < lb ? la : lb));
+	return c ? (c < 0 ? -1 : 1) : (la < lb ? -1 : la > lb ? 1 : 0);
+}
+
+static int compare_rows(const void *x, const void *y, void *arg)
+{
+	const struct row_ref *a = x, *b = y;
+	const struct merge_ctx *m = arg;
+	for (int i = 0; i < m->n; i++) {
+		int c = compare_values(a, b, m->cols[i], m->numeric[i]);
+		if (c == 2 || c == -2)
+			return c / 2; /* NULL placement ignores desc */
+		if (c)
+			return m->desc[i] ? -c : c;
+	}
+	if (a->part != b->part)
+		return a->part < b->part ? -1 : 1;
+	return a->row < b->row ? -1 : a->row > b->row;
+}
+
+/* Rows of every answered part, in plan order or merged; cut at limit. Returns rows written. */
+static long write_rows(struct fanout *fo, struct evbuffer *b, const PGresult *first)
+{
+	long limit = fo->body.limit > 0 ? fo->body.limit : fo->rows;
+	long n = 0, written = 0;
+	struct row_ref *refs = xmalloc(sizeof(*refs) * (size_t)(fo->rows ? fo->rows : 1));
+	int cols[16];
+	bool desc[16], numeric[16];
+	struct merge_ctx m = { cols, desc, numeric, fo->body.norder };
+
+	for (int i = 0; i < fo->plan.nshards; i++) {
+		const PGresult *res = fo->parts[i].res;
+		for (int r = 0; res && !fo->parts[i].error && r < PQntuples(res); r++)
+			refs[n++] = (struct row_ref){ res, r, i };
+	}
+	for (int i = 0; i < fo->body.norder; i++) {
+		cols[i] = field_index(first, fo->body.order[i].column);
+		desc[i] = fo->body.order[i].desc;
+		numeric[i] = is_numeric_type(PQftype(first, cols[i]));
+	}
+	if (fo->body.norder > 0)
+		qsort_r(refs, (size_t)n, sizeof(*refs), compare_rows, &m);
+	evbuffer_add(b, "\"rows\":[", 8);
+	for (long i = 0; i < n && written < limit; i++, written++)
+		jsonw_row_items(b, refs[i].res, refs[i].row, 1, written > 0);
+	evbuffer_add(b, "]", 1);
+	free(refs);
+	return written;
+}
+
+static void write_errors(struct fanout *fo, struct evbuffer *b)
+{
+	int n = 0;
+	evbuffer_add(b, "\"errors\":[", 10);
+	for (int i = 0; i < fo->plan.nshards; i++) {
+		if (!fo->parts[i].error)
+			continue;
+		if (n++)
+			evbuffer_add(b, ",", 1);
+		evbuffer_add_buffer(b, fo->parts[i].error);
+	}
+	evbuffer_add(b, "]", 1);
+}
+
+static void write_shards(struct fanout *fo, struct evbuffer *b)
+{
+	int n = 0;
+	evbuffer_add(b, "\"shards\":[", 10);
+	for (int i = 0; i < fo->plan.nshards; i++) {
+		if (!fo->parts[i].res || fo->parts[i].error)
+			continue;
+		if (n++)
+			evbuffer_add(b, ",", 1);
+		jsonw_cstring(b, fo->parts[i].shard->name);
+	}
+	evbuffer_add(b, "]", 1);
+}
+
+/* A failure answer: {"error":..., "code":..., "errors": [...]} */
+static int fail(struct fanout *fo, struct evbuffer *b, int status, const char *code, const char *msg)
+{
+	evbuffer_drain(b, evbuffer_get_length(b));
+	evbuffer_add(b, "{\"error\":", 9);
+	jsonw_cstring(b, msg);
+	evbuffer_add(b, ",\"code\":", 8);
+	jsonw_cstring(b, code);
+	evbuffer_add(b, ",", 1);
+	write_errors(fo, b);
+	evbuffer_add(b, "}", 1);
+	return status;
+}
+
+/* Check the answered parts agree on columns; names the first that differs. */
+static const PGresult *check_columns(struct fanout *fo, char *msg, size_t len, int *answered)
+{
+	const PGresult *first = NULL;
+	const char *first_shard = NULL;
+	*answered = 0;
+	for (int i = 0; i < fo->plan.nshards; i++) {
+		struct part *p = &fo->parts[i];
+		if (!p->res || p->error)
+			continue;
+		(*answered)++;
+		if (!first) {
+			first = p->res;
+			first_shard = p->shard->name;
+		} else if (!same_columns(first, p->res)) {
+			snprintf(msg, len, "shards return different columns: %s and %s differ in names or types",
+				 first_shard, p->shard->name);
+			return NULL;
+		}
+	}
+	return first;
+}
+
+static int build_answer(struct fanout *fo, struct evbuffer *b)
+{
+	char msg[256];
+	int answered, failed = 0;
+	const PGresult *first;
+
+	for (int i = 0; i < fo->plan.nshards; i++)
+		failed += fo->parts[i].error != NULL;
+	if (fo->stop_code && strcmp(fo->stop_code, "result_too_large") == 0) {
+		snprintf(msg, sizeof(msg), "fan-out result has more than max_rows (%d) rows", fo->plan.max_rows);
+		return fail(fo, b, 502, "result_too_large", msg);
+	}
+	msg[0] = '\0';
+	first = check_columns(fo, msg, sizeof(msg), &answered);
+	if (msg[0])
+		return fail(fo, b, 502, "column_mismatch", msg);
+	if (answered == 0 || (failed > 0 && !fo->plan.partial)) {
+		snprintf(msg, sizeof(msg), "fan-out failed on %d of %d shards", failed, fo->plan.nshards);
+		return fail(fo, b, 502, "fanout_failed", msg);
+	}
+	for (int i = 0; i < fo->body.norder; i++) {
+		if (field_index(first, fo->body.order[i].column) < 0) {
+			snprintf(msg, sizeof(msg), "order_by column '%s' is not in the result",
+				 fo->body.order[i].column);
+			return fail(fo, b, 400, "bad_request", msg);
+		}
+	}
+	evbuffer_add(b, "{", 1);
+	write_shards(fo, b);
+	evbuffer_add(b, ",\"command\":", 11);
+	const char *status = PQcmdStatus((PGresult *)first);
+	const char *sp = strchr(status, ' ');
+	jsonw_string(b, status, sp ? (size_t)(sp - status) : strlen(status));
+	evbuffer_add(b, ",", 1);
+	jsonw_fields(b, first);
+	struct evbuffer *rows = evbuffer_new();
+	if (!rows)
+		abort();
+	long n = write_rows(fo, rows, first);
+	evbuffer_add_printf(b, ",\"row_count\":%ld,", n);
+	evbuffer_add_buffer(b, rows);
+	evbuffer_free(rows);
+	evbuffer_add(b, ",", 1);
+	write_errors(fo, b);
+	evbuffer_add_printf(b, ",\"partial\":%s}", failed > 0 ? "true" : "false");
+	return 200;
+}
+
+static void fanout_free(struct fanout *fo)
+{
+	for (int i = 0; i < fo->plan.nshards; i++)
+		part_free(&fo->parts[i]);
+	free(fo->parts);
+	free(fo->plan.shards);
+	free(fo->sql);
+	if (fo->deadline)
+		event_free(fo->deadline);
+	body_free(&fo->body);
+	generation_unref(fo->gen);
+	free(fo);
+}
+
+static void complete(struct fanout *fo)
+{
+	struct evbuffer *b = evbuffer_new();
+	int status;
+	if (!b)
+		abort();
+	status = build_answer(fo, b);
+	evbuffer_add(b, "\n", 1);
+	fo->http->data = NULL;
+	fo->http->on_abort = NULL;
+	log_debug("fan-out over %d shards: %d", fo->plan.nshards, status);
+	http_reply(fo->http, status, b, NULL);
+	evbuffer_free(b);
+	fanout_free(fo);
+}
+
+/* ---- control ---- */
+
+/* Stop everything still going: queued parts leave, running ones are cancelled. */
+static void stop(struct fanout *fo, const char *code)
+{
+	if (!fo->stopping) {
+		fo->stopping = true;
+		fo->stop_code = code;
+	}
+	for (int i = 0; i < fo->plan.nshards; i++) {
+		struct part *p = &fo->parts[i];
+		if (p->state == P_WAITING) {
+			pool_cancel_wait(&p->waiter);
+			part_error(p, "fanout_timeout", "no connection before the fan-out stopped");
+			part_done(p);
+		} else if (p->state == P_RUNNING) {
+			part_cancel(p);
+		}
+	}
+}
+
+static void part_done(struct part *p)
+{
+	struct fanout *fo = p->fo;
+	if (p->timer)
+		evtimer_del(p->timer);
+	if (p->conn) {
+		pool_release(p->conn);
+		p->conn = NULL;
+	}
+	p->state = P_DONE;
+	fo->active--;
+	fo->done++;
+}
+
+/*
+ * Leave an event handler: start parts while there is room, and answer once
+ * nothing runs any more. Only the outermost handler does this, so the
+ * fan-out is never freed under a caller still looking at it.
+ */
+static void settle(struct fanout *fo)
+{
+	if (--fo->depth > 0)
+		return;
+	fo->depth++;
+	while (!fo->stopping && fo->active < fo->plan.concurrency && fo->next < fo->plan.nshards)
+		part_start(&fo->parts[fo->next++]);
+	fo->depth--;
+	if (fo->active > 0)
+		return;
+	for (int i = fo->next; i < fo->plan.nshards; i++) {
+		part_error(&fo->parts[i], "fanout_timeout", "not started before the fan-out stopped");
+		fo->parts[i].state = P_DONE;
+	}
+	fo->next = fo->plan.nshards;
+	complete(fo);
+}
+
+static void on_deadline(evutil_socket_t fd, short what, void *arg)
+{
+	struct fanout *fo = arg;
+	(void)fd;
+	(void)what;
+	log_info("fan-out over %d shards reached its timeout (%gs); cancelling", fo->plan.nshards,
+		 fo->plan.timeout);
+	enter(fo);
+	stop(fo, "timeout");
+	settle(fo);
+}
+
+static void on_abort(struct http_request *http)
+{
+	struct fanout *fo = http->data;
+	log_info("fan-out: client went away; cancelling");
+	enter(fo);
+	stop(fo, "aborted");
+	settle(fo);
+}
+
+/* The statement each shard runs: wrapped to sort and cut there when a limit is given. */
+static char *shard_sql(const struct body *b)
+{
+	const char *sql = b->stmts[0].sql;
+	size_t len = strlen(sql);
+	struct evbuffer *buf;
+	char *out;
+
+	if (b->limit <= 0)
+		return xstrdup(sql);
+	while (len > 0 && (sql[len - 1] == ';' || sql[len - 1] == ' ' || sql[len - 1] == '\n' ||
+			   sql[len - 1] == '\t' || sql[len - 1] == '\r'))
+		len--;
+	buf = evbuffer_new();
+	if (!buf)
+		abort();
+	evbuffer_add_printf(buf, "SELECT * FROM (%.*s\n) AS shardgate_fanout", (int)len, sql);
+	for (int i = 0; i < b->norder; i++) {
+		evbuffer_add(buf, i ? ", \"" : " ORDER BY \"", i ? 3 : 11);
+		for (const char *c = b->order[i].column; *c; c++)
+			evbuffer_add(buf, *c == '"' ? "\"\"" : c, *c == '"' ? 2 : 1);
+		evbuffer_add_printf(buf, "\" %s NULLS LAST", b->order[i].desc ? "DESC" : "ASC");
+	}
+	evbuffer_add_printf(buf, " LIMIT %ld", b->limit);
+	evbuffer_add(buf, "", 1);
+	out = xstrdup((const char *)evbuffer_pullup(buf, -1));
+	evbuffer_free(buf);
+	return out;
+}
+
+void fanout_start(struct http_request *http, struct generation *gen, struct body *body,
+		  struct route *route)
+{
+	struct fanout *fo = xcalloc(1, sizeof(*fo));
+	struct timeval tv;
+
+	fo->http = http;
+	fo->gen = gen;
+	generation_ref(gen);
+	fo->base = gen->base;
+	fo->body = *body;
+	memset(body, 0, sizeof(*body));
+	fo->plan = route->plan;
+	memset(&route->plan, 0, sizeof(route->plan));
+	fo->sql = shard_sql(&fo->body);
+	fo->parts = xcalloc((size_t)fo->plan.nshards, sizeof(struct part));
+	for (int i = 0; i < fo->plan.nshards; i++) {
+		struct part *p = &fo->parts[i];
+		p->fo = fo;
+		p->index = i;
+		p->shard = &gen->cfg->shards[fo->plan.shards[i]];
+		p->pool = gen->pools[fo->plan.shards[i]];
+	}
+	fo->deadline = evtimer_new(fo->base, on_deadline, fo);
+	if (!fo->deadline)
+		abort();
+	tv = tv_of(fo->plan.timeout);
+	evtimer_add(fo->deadline, &tv);
+	http->data = fo;
+	http->on_abort = on_abort;
+	enter(fo);
+	settle(fo);
+}
