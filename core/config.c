@@ -56,6 +56,8 @@ static const struct conf_key top_keys[] = {
 	{ "client_timeout", CT_DURATION, TOP(client_timeout), "10", true },
 	{ "keepalive_timeout", CT_DURATION, TOP(keepalive_timeout), "75", true },
 	{ "log_level", CT_STRING, TOP(log_level), "\"info\"", true },
+	{ "access_log", CT_STRING, TOP(access_log), "\"errors\"", true },
+	{ "access_log_file", CT_STRING, TOP(access_log_file), "\"stderr\"", true },
 };
 
 /* Settings of one shard; `defaults` holds all but url. */
@@ -420,6 +422,18 @@ static int read_config(struct reader *r, struct config *cfg)
 		fmt_err(r->err, r->errlen, "%s: script is required (the routing script's path)", r->file);
 		return -1;
 	}
+	if (strcmp(cfg->access_log, "on") && strcmp(cfg->access_log, "off") &&
+	    strcmp(cfg->access_log, "errors")) {
+		fmt_err(r->err, r->errlen, "%s: access_log must be \"on\", \"off\" or \"errors\", got '%s'",
+			r->file, cfg->access_log);
+		return -1;
+	}
+	if (strcmp(cfg->log_level, "debug") && strcmp(cfg->log_level, "info") &&
+	    strcmp(cfg->log_level, "warn") && strcmp(cfg->log_level, "error")) {
+		fmt_err(r->err, r->errlen, "%s: log_level must be debug, info, warn or error, got '%s'",
+			r->file, cfg->log_level);
+		return -1;
+	}
 	return 0;
 }
 
@@ -479,6 +493,8 @@ void config_free(struct config *cfg)
 	free(cfg->admin_listen);
 	free(cfg->script);
 	free(cfg->log_level);
+	free(cfg->access_log);
+	free(cfg->access_log_file);
 	free(cfg);
 }
 

@@ -42,6 +42,8 @@ struct config {
 	double client_timeout;
 	double keepalive_timeout;
 	char *log_level;
+	char *access_log;         /* "on", "off", "errors" */
+	char *access_log_file;    /* path or "stderr" */
 	struct shard_conf defaults;
 	struct shard_conf *shards;  /* natural order of names */
 	int nshards;

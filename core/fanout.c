@@ -26,6 +26,7 @@
 #include "http.h"
 #include "jsonw.h"
 #include "log.h"
+#include "metrics.h"
 #include "pgerror.h"
 #include "pool.h"
 #include "script.h"
@@ -48,6 +49,8 @@ struct part {
 	struct event *timer;       /* statement timeout, then cancel grace */
 	bool cancelled;
 	bool timed_out;
+	double sent_at;
+	char sqlstate[6];
 	PGresult *res;             /* the shard's result, kept until the answer */
 	struct evbuffer *error;    /* the shard's error object, when it failed */
 };
@@ -163,6 +166,9 @@ static void on_result(struct part *p, PGresult *res)
 			part_error(p, "fanout_timeout", msg);
 			return;
 		}
+		if (PQresultErrorField(res, PG_DIAG_SQLSTATE))
+			snprintf(p->sqlstate, sizeof(p->sqlstate), "%s",
+				 PQresultErrorField(res, PG_DIAG_SQLSTATE));
 		p->error = evbuffer_new();
 		if (!p->error)
 			abort();
@@ -187,6 +193,7 @@ static void on_part_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 	}
 	if (ev != PGCONN_EV_DONE && ev != PGCONN_EV_BROKEN)
 		return;
+	pool_observe_query(p->pool, mono_now() - p->sent_at, p->sqlstate[0] ? p->sqlstate : NULL);
 	if (!pgconn_usable(p->conn) && !p->error) {
 		char msg[320];
 		snprintf(msg, sizeof(msg), "shard %s closed the connection: %s", p->shard->name,
@@ -207,6 +214,7 @@ static void part_run(struct part *p)
 
 	if (fo->body.timeout > 0 && fo->body.timeout < t)
 		t = fo->body.timeout;
+	p->sent_at = mono_now();
 	if (pgconn_send(p->conn, fo->sql, st->nparams, st->values, on_part_event, p) < 0) {
 		char msg[320];
 		snprintf(msg, sizeof(msg), "cannot send statement: %s", p->conn->error);
@@ -389,6 +397,7 @@ static void write_shards(struct fanout *fo, struct evbuffer *b)
 /* A failure answer: {"error":..., "code":..., "errors": [...]} */
 static int fail(struct fanout *fo, struct evbuffer *b, int status, const char *code, const char *msg)
 {
+	snprintf(fo->http->info.code, sizeof(fo->http->info.code), "%s", code);
 	evbuffer_drain(b, evbuffer_get_length(b));
 	evbuffer_add(b, "{\"error\":", 9);
 	jsonw_cstring(b, msg);
@@ -488,10 +497,17 @@ static void fanout_free(struct fanout *fo)
 static void complete(struct fanout *fo)
 {
 	struct evbuffer *b = evbuffer_new();
-	int status;
+	int status, failed = 0;
 	if (!b)
 		abort();
 	status = build_answer(fo, b);
+	for (int i = 0; i < fo->plan.nshards; i++) {
+		if (fo->parts[i].error) {
+			failed++;
+			fo->parts[i].pool->stats.fanout_failures++;
+		}
+	}
+	metrics_fanout(fo->plan.nshards, failed);
 	evbuffer_add(b, "\n", 1);
 	fo->http->data = NULL;
 	fo->http->on_abort = NULL;
@@ -640,6 +656,7 @@ void fanout_start(struct http_request *http, struct generation *gen, struct body
 	evtimer_add(fo->deadline, &tv);
 	http->data = fo;
 	http->on_abort = on_abort;
+	snprintf(http->info.shard, sizeof(http->info.shard), "fanout:%d", fo->plan.nshards);
 	enter(fo);
 	settle(fo);
 }

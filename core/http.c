@@ -53,6 +53,8 @@ struct http_server {
 	http_handler handler;
 	void *arg;
 	struct http_limits lim;
+	http_reply_hook reply_hook;
+	void *reply_arg;
 	bool shutting_down;
 	int inflight;
 	LIST_HEAD(, http_conn) conns;
@@ -98,14 +100,14 @@ static void arm_timer(struct http_conn *c, double secs)
 
 /* Write a reply head and move body's bytes behind it. */
 static void write_reply(struct http_conn *c, int status, struct evbuffer *body, const char *extra,
-			bool keepalive)
+			bool keepalive, const char *type)
 {
 	struct evbuffer *out = bufferevent_get_output(c->bev);
 	size_t len = body ? evbuffer_get_length(body) : 0;
 	char head[256];
 	int n = snprintf(head, sizeof(head),
-			 "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n%s",
-			 status, http_status_text(status), len,
+			 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s",
+			 status, http_status_text(status), type, len,
 			 keepalive ? "" : "Connection: close\r\n");
 	evbuffer_add(out, head, (size_t)n);
 	if (extra)
@@ -123,7 +125,7 @@ static void reject(struct http_conn *c, int status, const char *code, const char
 		abort();
 	jsonw_error(b, code, msg, NULL);
 	evbuffer_add(b, "\n", 1);
-	write_reply(c, status, b, NULL, false);
+	write_reply(c, status, b, NULL, false, "application/json");
 	evbuffer_free(b);
 	log_info("http: refused request from a client: %d %s", status, msg);
 	c->state = CS_CLOSE;
@@ -292,18 +294,21 @@ static void reset_request(struct http_conn *c)
 	c->req.conn = c;
 }
 
-void http_reply(struct http_request *req, int status, struct evbuffer *body, const char *extra)
+static void reply(struct http_request *req, int status, struct evbuffer *body, const char *extra,
+		  const char *type)
 {
 	struct http_conn *c = req->conn;
 	struct http_server *s = c->srv;
 	bool keep = req->head.keepalive && !s->shutting_down;
 
 	s->inflight--;
+	if (s->reply_hook)
+		s->reply_hook(req, c->dead ? 499 : status, mono_now() - req->start, s->reply_arg);
 	if (c->dead) {
 		conn_free(c);
 		return;
 	}
-	write_reply(c, status, body, extra, keep);
+	write_reply(c, status, body, extra, keep, type);
 	reset_request(c);
 	if (!keep) {
 		c->state = CS_CLOSE;
@@ -317,8 +322,19 @@ void http_reply(struct http_request *req, int status, struct evbuffer *body, con
 		event_active(c->resume, EV_TIMEOUT, 0);
 }
 
+void http_reply(struct http_request *req, int status, struct evbuffer *body, const char *extra)
+{
+	reply(req, status, body, extra, "application/json");
+}
+
+void http_reply_typed(struct http_request *req, int status, struct evbuffer *body, const char *type)
+{
+	reply(req, status, body, NULL, type);
+}
+
 void http_reply_error(struct http_request *req, int status, const char *code, const char *msg)
 {
+	snprintf(req->info.code, sizeof(req->info.code), "%s", code);
 	struct evbuffer *b = evbuffer_new();
 	if (!b)
 		abort();
@@ -436,6 +452,12 @@ fail:
 void http_server_set_limits(struct http_server *s, const struct http_limits *lim)
 {
 	s->lim = *lim;
+}
+
+void http_server_set_reply_hook(struct http_server *s, http_reply_hook hook, void *arg)
+{
+	s->reply_hook = hook;
+	s->reply_arg = arg;
 }
 
 void http_server_shutdown(struct http_server *s)

@@ -33,7 +33,17 @@ struct http_request {
 	double start;            /* monotonic seconds when the head was complete */
 	void *data;              /* the handler's state */
 	http_abort_cb on_abort;  /* set by the handler to hear about a vanished client */
+	/* Filled by the handler for the access log and metrics. */
+	struct {
+		char tenant[64];
+		char shard[64];      /* a shard name, or "fanout:<n>" */
+		char code[32];       /* error code of the answer, "" on success */
+		double wait;         /* seconds spent waiting for a connection */
+	} info;
 };
+
+/* Called once per reply, before the request is reset (access log, metrics). */
+typedef void (*http_reply_hook)(const struct http_request *req, int status, double secs, void *arg);
 
 struct http_limits {
 	size_t max_head;
@@ -45,6 +55,7 @@ struct http_limits {
 struct http_server *http_server_new(struct event_base *base, const char *addr,
 				    http_handler handler, void *arg, char *err, size_t errlen);
 void http_server_set_limits(struct http_server *s, const struct http_limits *lim);
+void http_server_set_reply_hook(struct http_server *s, http_reply_hook hook, void *arg);
 /* Stop accepting, close idle connections, and close the others after their reply. */
 void http_server_shutdown(struct http_server *s);
 /* Requests received and not yet answered. */
@@ -53,6 +64,8 @@ void http_server_free(struct http_server *s);
 
 /* Send the reply (body's contents are moved out). extra: header lines, each ending CRLF, or NULL. */
 void http_reply(struct http_request *req, int status, struct evbuffer *body, const char *extra);
+/* Send a reply with another Content-Type than application/json. */
+void http_reply_typed(struct http_request *req, int status, struct evbuffer *body, const char *type);
 /* Reply {"error": msg, "code": code} with status. */
 void http_reply_error(struct http_request *req, int status, const char *code, const char *msg);
 

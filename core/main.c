@@ -10,11 +10,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "accesslog.h"
 #include "admin.h"
 #include "config.h"
 #include "generation.h"
 #include "http.h"
 #include "log.h"
+#include "metrics.h"
 #include "reload.h"
 #include "request.h"
 #include "util.h"
@@ -52,16 +54,37 @@ static void apply_limits(struct app *app, const struct config *cfg)
 		.keepalive_timeout = cfg->keepalive_timeout,
 	};
 	enum log_level lv;
+	char err[1200];
 	http_server_set_limits(app->client, &lim);
 	lim.max_body = 65536;
 	http_server_set_limits(app->admin, &lim);
 	if (log_level_from_name(cfg->log_level, &lv) == 0)
 		log_set_level(lv);
+	if (accesslog_configure(cfg->access_log, cfg->access_log_file, err, sizeof(err)) < 0)
+		log_error("%s; the access log keeps its previous settings", err);
 }
 
 static int inflight(const struct app *app)
 {
 	return http_server_inflight(app->client) + http_server_inflight(app->admin);
+}
+
+static const char *route_label(const char *path)
+{
+	static const char *const known[] = { "/query", "/transaction", "/health/shards", "/metrics",
+					     "/healthz" };
+	for (size_t i = 0; i < ARRAY_LEN(known); i++)
+		if (strcmp(path, known[i]) == 0)
+			return known[i];
+	return "other";
+}
+
+/* Every client reply: count it and log it. */
+static void on_client_reply(const struct http_request *req, int status, double secs, void *arg)
+{
+	(void)arg;
+	metrics_request(route_label(req->head.path), status);
+	accesslog_write(req, status, secs);
 }
 
 static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
@@ -129,6 +152,7 @@ static int start(struct app *app)
 		log_error("admin listener: %s", err);
 		return -1;
 	}
+	http_server_set_reply_hook(app->client, on_client_reply, NULL);
 	apply_limits(app, g->cfg);
 	reload_init(app->base, app->config_path, on_swap, app);
 	reload_watch_apply();
@@ -154,6 +178,7 @@ static void stop(struct app *app)
 	if (app->sig_hup)
 		event_free(app->sig_hup);
 	event_base_free(app->base);
+	accesslog_close();
 }
 
 int main(int argc, char **argv)

@@ -84,7 +84,7 @@ static void lend(struct pool *p, struct pgconn *c, struct pool_waiter *w)
 {
 	p->nlent++;
 	p->stats.checkouts++;
-	p->stats.wait_total += mono_now() - w->since;
+	histogram_observe(&p->stats.wait, mono_now() - w->since);
 	pgconn_set_handler(c, lent_event, NULL);
 }
 
@@ -401,4 +401,36 @@ void pool_release(struct pgconn *c)
 		return;
 	}
 	hand_out(p, c);
+}
+
+void pool_status(const struct pool *p, struct pool_status *st)
+{
+	st->name = p->name;
+	st->size = p->conf.pool;
+	st->checked_out = p->nlent + p->ncleaning;
+	st->available = st->size > st->checked_out ? st->size - st->checked_out : 0;
+	st->idle = p->nidle;
+	st->waiting = p->nwaiting;
+	st->utilization = st->size ? 100.0 * st->checked_out / st->size : 0;
+	st->state = "up";
+	st->max_wait_ms = pool_max_wait(p) * 1000.0;
+}
+
+void pool_observe_query(struct pool *p, double secs, const char *sqlstate)
+{
+	struct pool_stats *s = &p->stats;
+	histogram_observe(&s->query, secs);
+	if (!sqlstate || strlen(sqlstate) < 2)
+		return;
+	for (int i = 0; i < s->nerrors; i++) {
+		if (memcmp(s->errors[i].cls, sqlstate, 2) == 0) {
+			s->errors[i].n++;
+			return;
+		}
+	}
+	if (s->nerrors < (int)(sizeof(s->errors) / sizeof(s->errors[0]))) {
+		memcpy(s->errors[s->nerrors].cls, sqlstate, 2);
+		s->errors[s->nerrors].cls[2] = '\0';
+		s->errors[s->nerrors++].n = 1;
+	}
 }

@@ -16,6 +16,7 @@
 #include <sys/queue.h>
 
 #include "config.h"
+#include "metrics.h"
 #include "pgconn.h"
 
 struct event_base;
@@ -52,7 +53,27 @@ struct pool_stats {
 	uint64_t opened;
 	uint64_t closed;
 	uint64_t connect_failures;
-	double wait_total;
+	uint64_t fanout_failures;
+	struct histogram wait;      /* checkout wait, seconds */
+	struct histogram query;     /* statement duration, seconds */
+	struct {
+		char cls[3];            /* SQLSTATE class, e.g. "42" */
+		uint64_t n;
+	} errors[32];
+	int nerrors;
+};
+
+/* A pool's state as /health/shards and the warnings hook see it. */
+struct pool_status {
+	const char *name;
+	int size;
+	int checked_out;
+	int available;
+	int idle;
+	int waiting;
+	double utilization;         /* percent of size checked out */
+	const char *state;          /* "up", "down", "half_open" */
+	double max_wait_ms;
 };
 
 TAILQ_HEAD(pgconn_list, pgconn);
@@ -99,6 +120,9 @@ void pool_cancel_wait(struct pool_waiter *w);
 void pool_release(struct pgconn *c);
 
 int pool_total(const struct pool *p);
+void pool_status(const struct pool *p, struct pool_status *st);
+/* A statement on this shard took secs; sqlstate is NULL on success. */
+void pool_observe_query(struct pool *p, double secs, const char *sqlstate);
 double pool_max_wait(const struct pool *p);
 
 #endif

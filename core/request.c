@@ -23,6 +23,7 @@
 #include "config.h"
 #include "fanout.h"
 #include "generation.h"
+#include "health.h"
 #include "http.h"
 #include "jsonw.h"
 #include "log.h"
@@ -55,6 +56,8 @@ struct request {
 	bool timed_out;
 	int status;              /* set once an error answer is written to out */
 	int nresults;            /* results written into out (transaction) */
+	double sent_at;          /* when the running statement was sent */
+	char sqlstate[6];        /* of the running statement's error */
 	struct evbuffer *out;
 };
 
@@ -70,6 +73,7 @@ static void reply_json(struct http_request *http, int status, struct evbuffer *b
 
 static void set_error(struct request *r, int status, const char *code, const char *msg)
 {
+	snprintf(r->http->info.code, sizeof(r->http->info.code), "%s", code);
 	evbuffer_drain(r->out, evbuffer_get_length(r->out));
 	jsonw_error(r->out, code, msg, r->shard ? r->shard->name : NULL);
 	r->status = status;
@@ -79,6 +83,11 @@ static void set_error(struct request *r, int status, const char *code, const cha
 static void sql_error(struct request *r, const PGresult *res)
 {
 	bool timeout = pgerror_is_cancel(res) && r->timed_out && !r->aborted;
+	const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+	snprintf(r->http->info.code, sizeof(r->http->info.code), "%s",
+		 timeout ? "statement_timeout" : st ? st : "shard_error");
+	if (st)
+		snprintf(r->sqlstate, sizeof(r->sqlstate), "%s", st);
 	evbuffer_drain(r->out, evbuffer_get_length(r->out));
 	pgerror_write(r->out, res, r->shard->name, timeout, r->timeout,
 		      r->kind == BODY_TRANSACTION && r->phase == PH_STMT ? r->cur + 1 : 0);
@@ -169,6 +178,8 @@ static int send_sql(struct request *r, const char *sql, int n, const char *const
 {
 	struct timeval tv = tv_of(r->timeout);
 	r->cancelled = false;
+	r->sent_at = mono_now();
+	r->sqlstate[0] = '\0';
 	if (pgconn_send(r->conn, sql, n, vals, on_conn_event, r) < 0) {
 		char msg[320];
 		snprintf(msg, sizeof(msg), "cannot send statement to shard %s: %s", r->shard->name,
@@ -260,6 +271,8 @@ static void on_result(struct request *r, PGresult *res)
 static void on_done(struct request *r)
 {
 	evtimer_del(r->timer);
+	if (r->phase == PH_STMT)
+		pool_observe_query(r->pool, mono_now() - r->sent_at, r->sqlstate[0] ? r->sqlstate : NULL);
 	if (!pgconn_usable(r->conn)) {
 		if (r->status == 0) {
 			char msg[320];
@@ -337,6 +350,8 @@ static void checkout_failed(struct request *r, enum pool_err err)
 	}
 	evbuffer_add(b, "}", 1);
 	r->status = 503;
+	snprintf(r->http->info.code, sizeof(r->http->info.code), "%s", code);
+	r->http->info.wait = mono_now() - r->waiter.since;
 	log_info("shard %s: %s for tenant '%s'", r->shard->name, code, r->route.tenant);
 	finish(r);
 }
@@ -349,6 +364,7 @@ static void on_checkout(struct pool_waiter *w, struct pgconn *c, enum pool_err e
 		return;
 	}
 	r->conn = c;
+	r->http->info.wait = mono_now() - w->since;
 	start_statements(r);
 }
 
@@ -404,6 +420,7 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 		return;
 	}
 	script_route(r->gen->script, http, kind == BODY_QUERY, &r->route);
+	snprintf(http->info.tenant, sizeof(http->info.tenant), "%.63s", r->route.tenant);
 	if (r->route.kind == ROUTE_FANOUT) {
 		fanout_start(http, r->gen, &r->body, &r->route);
 		request_free(r);
@@ -420,6 +437,7 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 		return;
 	}
 	r->shard = &r->gen->cfg->shards[r->route.shard];
+	snprintf(http->info.shard, sizeof(http->info.shard), "%s", r->shard->name);
 	r->pool = r->gen->pools[r->route.shard];
 	r->timeout = r->shard->statement_timeout;
 	if (r->body.timeout > 0 && r->body.timeout < r->timeout)
@@ -458,8 +476,13 @@ void request_handle(struct http_request *http, void *arg)
 		handle_sql(http, BODY_TRANSACTION);
 	else if (strcmp(p, "/healthz") == 0 && get)
 		reply_static(http, 200, "{\"status\":\"ok\"}");
+	else if (strcmp(p, "/health/shards") == 0 && get)
+		health_shards(http);
+	else if (strcmp(p, "/metrics") == 0 && get)
+		health_metrics(http);
 	else if (strcmp(p, "/query") == 0 || strcmp(p, "/transaction") == 0 ||
-		 strcmp(p, "/healthz") == 0)
+		 strcmp(p, "/healthz") == 0 || strcmp(p, "/health/shards") == 0 ||
+		 strcmp(p, "/metrics") == 0)
 		http_reply_error(http, 405, "method_not_allowed", "method not allowed for this path");
 	else
 		http_reply_error(http, 404, "not_found", "no such endpoint");

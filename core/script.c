@@ -14,6 +14,7 @@
  */
 #include "script.h"
 
+#include <event2/buffer.h>
 #include <lauxlib.h>
 #include <math.h>
 #include <stdarg.h>
@@ -23,8 +24,10 @@
 
 #include "config.h"
 #include "http.h"
+#include "jsonw.h"
 #include "log.h"
 #include "luaenv.h"
+#include "pool.h"
 #include "util.h"
 
 #define HOOK_COUNT 1000
@@ -39,6 +42,7 @@ struct script {
 	int ref_tenant;
 	int ref_shard;
 	int ref_fanout;
+	int ref_warnings;
 	int ref_shards;           /* the list of shard names, natural order */
 	int ref_index;            /* name -> 0-based index */
 	int ref_req_mt;
@@ -500,6 +504,7 @@ static int load_hooks(struct script *s, char *err, size_t errlen)
 	s->ref_tenant = ref_hook(L, "tenant");
 	s->ref_shard = ref_hook(L, "shard");
 	s->ref_fanout = ref_hook(L, "fanout");
+	s->ref_warnings = ref_hook(L, "warnings");
 	lua_settop(L, 0);
 	return 0;
 }
@@ -510,7 +515,7 @@ struct script *script_new(const struct config *cfg, char *err, size_t errlen)
 	s->alloc.limit = (size_t)cfg->script_memory;
 	s->timeout = cfg->script_timeout;
 	s->path = xstrdup(cfg->script);
-	s->ref_tenant = s->ref_shard = s->ref_fanout = LUA_NOREF;
+	s->ref_tenant = s->ref_shard = s->ref_fanout = s->ref_warnings = LUA_NOREF;
 	s->nshards = cfg->nshards;
 	s->fanout = cfg->fanout;
 	s->L = luaenv_new(&s->alloc);
@@ -536,4 +541,79 @@ void script_free(struct script *s)
 		lua_close(s->L);
 	free(s->path);
 	free(s);
+}
+
+/* ---- warnings ---- */
+
+static void push_status(lua_State *L, const struct pool_status *st, int n)
+{
+	lua_createtable(L, 0, n);
+	for (int i = 0; i < n; i++) {
+		lua_createtable(L, 0, 8);
+		lua_pushinteger(L, st[i].size);
+		lua_setfield(L, -2, "size");
+		lua_pushinteger(L, st[i].checked_out);
+		lua_setfield(L, -2, "checked_out");
+		lua_pushinteger(L, st[i].available);
+		lua_setfield(L, -2, "available");
+		lua_pushinteger(L, st[i].idle);
+		lua_setfield(L, -2, "idle");
+		lua_pushinteger(L, st[i].waiting);
+		lua_setfield(L, -2, "waiting");
+		lua_pushnumber(L, st[i].utilization);
+		lua_setfield(L, -2, "utilization");
+		lua_pushstring(L, st[i].state);
+		lua_setfield(L, -2, "state");
+		lua_pushnumber(L, st[i].max_wait_ms);
+		lua_setfield(L, -2, "max_wait_ms");
+		lua_setfield(L, -2, st[i].name);
+	}
+}
+
+static void add_warning(struct evbuffer *b, int *count, const char *text)
+{
+	if ((*count)++)
+		evbuffer_add(b, ",", 1);
+	jsonw_cstring(b, text);
+}
+
+void script_warnings(struct script *s, const struct pool_status *st, int n, struct evbuffer *b,
+		     int *count)
+{
+	lua_State *L = s->L;
+	int top = lua_gettop(L);
+	char where[256], msg[768];
+
+	if (s->ref_warnings == LUA_NOREF)
+		return;
+	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_warnings);
+	push_status(L, st, n);
+	if (guarded_call(s, "warnings", 1, 1) != 0) {
+		snprintf(msg, sizeof(msg), "warnings hook failed: %s", error_text(L));
+		add_warning(b, count, msg);
+		log_warn("%s", msg);
+		goto done;
+	}
+	if (lua_isnil(L, -1))
+		goto done;
+	hook_where(L, s->ref_warnings, where, sizeof(where));
+	if (!lua_istable(L, -1)) {
+		snprintf(msg, sizeof(msg), "%s: hook 'warnings' returned a %s; expected a list of strings",
+			 where, luaL_typename(L, -1));
+		add_warning(b, count, msg);
+		goto done;
+	}
+	for (int i = 1; i <= (int)lua_objlen(L, -1) && i <= 1000; i++) {
+		lua_rawgeti(L, -1, i);
+		if (lua_type(L, -1) == LUA_TSTRING) {
+			add_warning(b, count, lua_tostring(L, -1));
+		} else {
+			snprintf(msg, sizeof(msg), "%s: hook 'warnings' returned a %s at [%d]; expected strings",
+				 where, luaL_typename(L, -1), i);
+			add_warning(b, count, msg);
+		}
+		lua_pop(L, 1);
+	}
+done:
+	lua_settop(L, top);
 }

@@ -12,6 +12,8 @@
 #include <stddef.h>
 
 struct config;
+struct evbuffer;
+struct pool_status;
 struct http_request;
 struct script;
 
@@ -50,5 +52,13 @@ void script_free(struct script *s);
 void script_route(struct script *s, struct http_request *req, bool allow_fanout,
 		  struct route *out);
 void route_clear(struct route *r);
+
+/*
+ * Call warnings(status) and append the strings it returns to b as JSON
+ * array elements (*count counts elements written so far). A failing hook
+ * adds one warning naming its file:line instead.
+ */
+void script_warnings(struct script *s, const struct pool_status *st, int n, struct evbuffer *b,
+		     int *count);
 
 #endif

@@ -1,0 +1,19 @@
+/*
+ * The access log: one key=value line per client request, on stderr or in a
+ * file, for every request ("on"), only failed ones ("errors") or none
+ * ("off"). It never contains SQL, parameters or headers other than the
+ * routing result.
+ */
+#ifndef SG_ACCESSLOG_H
+#define SG_ACCESSLOG_H
+
+#include <stddef.h>
+
+struct http_request;
+
+/* Apply config (mode "on", "off" or "errors"; file path or "stderr"). 0, or -1 with err. */
+int accesslog_configure(const char *mode, const char *file, char *err, size_t errlen);
+void accesslog_write(const struct http_request *req, int status, double secs);
+void accesslog_close(void);
+
+#endif

@@ -1,0 +1,237 @@
+/*
+ * /health/shards and /metrics. Both read live state: pool counters (pool.c),
+ * process counters (metrics.c) and the last reload (reload.c). The health
+ * document answers 200 whatever the shards' state, so a load balancer can
+ * tell "gateway alive, shard down" from "gateway dead".
+ */
+#include "health.h"
+
+#include <event2/buffer.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "config.h"
+#include "generation.h"
+#include "http.h"
+#include "jsonw.h"
+#include "metrics.h"
+#include "pool.h"
+#include "reload.h"
+#include "script.h"
+#include "util.h"
+
+static struct evbuffer *new_buffer(void)
+{
+	struct evbuffer *b = evbuffer_new();
+	if (!b)
+		abort();
+	return b;
+}
+
+static void iso_time(double t, char *buf, size_t len)
+{
+	time_t secs = (time_t)t;
+	struct tm tm;
+	gmtime_r(&secs, &tm);
+	strftime(buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+static void write_pool(struct evbuffer *b, const struct pool_status *st)
+{
+	jsonw_cstring(b, st->name);
+	evbuffer_add_printf(b,
+			    ":{\"size\":%d,\"checked_out\":%d,\"available\":%d,\"idle\":%d,"
+			    "\"waiting\":%d,\"utilization\":%.1f,\"state\":\"%s\",\"max_wait_ms\":%.0f}",
+			    st->size, st->checked_out, st->available, st->idle, st->waiting,
+			    st->utilization, st->state, floor(st->max_wait_ms));
+}
+
+static void builtin_warnings(struct evbuffer *b, int *count, const struct pool_status *st, int n,
+			     double threshold)
+{
+	char msg[1200];
+	const struct reload_status *rs = reload_status();
+	for (int i = 0; i < n; i++) {
+		msg[0] = '\0';
+		if (strcmp(st[i].state, "up") != 0)
+			snprintf(msg, sizeof(msg), "%s: Shard is %s", st[i].name, st[i].state);
+		else if (st[i].available == 0)
+			snprintf(msg, sizeof(msg), "%s: No available connections", st[i].name);
+		else if (st[i].utilization > threshold)
+			snprintf(msg, sizeof(msg), "%s: High connection utilization (%.1f%%)", st[i].name,
+				 st[i].utilization);
+		if (!msg[0])
+			continue;
+		if ((*count)++)
+			evbuffer_add(b, ",", 1);
+		jsonw_cstring(b, msg);
+	}
+	if (rs->attempted && !rs->ok) {
+		snprintf(msg, sizeof(msg), "Last reload failed: %s", rs->error);
+		if ((*count)++)
+			evbuffer_add(b, ",", 1);
+		jsonw_cstring(b, msg);
+	}
+}
+
+static void write_last_reload(struct evbuffer *b)
+{
+	const struct reload_status *rs = reload_status();
+	char at[32];
+	if (!rs->attempted) {
+		evbuffer_add(b, "null", 4);
+		return;
+	}
+	iso_time(rs->at, at, sizeof(at));
+	evbuffer_add_printf(b, "{\"ok\":%s,\"at\":\"%s\",\"trigger\":", rs->ok ? "true" : "false", at);
+	jsonw_cstring(b, rs->trigger);
+	evbuffer_add_printf(b, ",\"generation\":%u", rs->generation);
+	if (!rs->ok) {
+		evbuffer_add(b, ",\"error\":", 9);
+		jsonw_cstring(b, rs->error);
+	}
+	evbuffer_add(b, "}", 1);
+}
+
+void health_shards(struct http_request *req)
+{
+	struct generation *g = generation_current();
+	int n = g->cfg->nshards, count = 0;
+	struct pool_status *st = xcalloc((size_t)n, sizeof(*st));
+	struct evbuffer *b = new_buffer();
+	char now[32];
+
+	for (int i = 0; i < n; i++)
+		pool_status(g->pools[i], &st[i]);
+	iso_time(wall_now(), now, sizeof(now));
+	evbuffer_add_printf(b, "{\"timestamp\":\"%s\",\"generation\":%u,\"connection_pools\":{", now, g->id);
+	for (int i = 0; i < n; i++) {
+		if (i)
+			evbuffer_add(b, ",", 1);
+		write_pool(b, &st[i]);
+	}
+	evbuffer_add(b, "},\"last_reload\":", 16);
+	write_last_reload(b);
+	evbuffer_add(b, ",\"warnings\":[", 13);
+	builtin_warnings(b, &count, st, n, g->cfg->warn_utilization);
+	script_warnings(g->script, st, n, b, &count);
+	evbuffer_add(b, "]}\n", 3);
+	http_reply(req, 200, b, NULL);
+	evbuffer_free(b);
+	free(st);
+}
+
+/* ---- Prometheus ---- */
+
+static void family(struct evbuffer *b, const char *name, const char *type, const char *help)
+{
+	evbuffer_add_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+typedef double (*pool_value)(const struct pool *p);
+
+static double v_size(const struct pool *p) { return p->conf.pool; }
+static double v_checked_out(const struct pool *p) { return p->nlent + p->ncleaning; }
+static double v_idle(const struct pool *p) { return p->nidle; }
+static double v_waiting(const struct pool *p) { return p->nwaiting; }
+static double v_open(const struct pool *p) { return pool_total(p); }
+static double v_checkouts(const struct pool *p) { return (double)p->stats.checkouts; }
+static double v_timeouts(const struct pool *p) { return (double)p->stats.timeouts; }
+static double v_queue_full(const struct pool *p) { return (double)p->stats.queue_full; }
+static double v_unavailable(const struct pool *p) { return (double)p->stats.unavailable; }
+static double v_opened(const struct pool *p) { return (double)p->stats.opened; }
+static double v_closed(const struct pool *p) { return (double)p->stats.closed; }
+static double v_connect_failures(const struct pool *p) { return (double)p->stats.connect_failures; }
+static double v_fanout_failures(const struct pool *p) { return (double)p->stats.fanout_failures; }
+
+static const struct {
+	const char *name;
+	const char *type;
+	const char *help;
+	pool_value value;
+} pool_metrics[] = {
+	{ "shardgate_pool_size", "gauge", "Most connections the shard's pool may open.", v_size },
+	{ "shardgate_pool_checked_out", "gauge", "Connections lent to requests.", v_checked_out },
+	{ "shardgate_pool_idle", "gauge", "Open connections waiting for a request.", v_idle },
+	{ "shardgate_pool_waiting", "gauge", "Requests waiting for a connection.", v_waiting },
+	{ "shardgate_pool_connections", "gauge", "Connections open or opening.", v_open },
+	{ "shardgate_pool_checkouts_total", "counter", "Connections handed to requests.", v_checkouts },
+	{ "shardgate_pool_checkout_timeouts_total", "counter",
+	  "Requests that got 503 checkout_timeout.", v_timeouts },
+	{ "shardgate_pool_queue_full_total", "counter", "Requests that got 503 queue_full.", v_queue_full },
+	{ "shardgate_pool_unavailable_total", "counter",
+	  "Requests that got 503 shard_unavailable.", v_unavailable },
+	{ "shardgate_pool_connections_opened_total", "counter", "Connections opened.", v_opened },
+	{ "shardgate_pool_connections_closed_total", "counter", "Connections closed.", v_closed },
+	{ "shardgate_pool_connect_failures_total", "counter", "Failed connection attempts.",
+	  v_connect_failures },
+	{ "shardgate_fanout_shard_failures_total", "counter",
+	  "Shards that failed their part of a fan-out.", v_fanout_failures },
+};
+
+static void write_pool_metrics(struct evbuffer *b, const struct generation *g)
+{
+	char labels[96];
+	for (size_t m = 0; m < ARRAY_LEN(pool_metrics); m++) {
+		family(b, pool_metrics[m].name, pool_metrics[m].type, pool_metrics[m].help);
+		for (int i = 0; i < g->cfg->nshards; i++)
+			evbuffer_add_printf(b, "%s{shard=\"%s\"} %.17g\n", pool_metrics[m].name,
+					    g->pools[i]->name, pool_metrics[m].value(g->pools[i]));
+	}
+	family(b, "shardgate_query_errors_total", "counter",
+	       "Statements that failed, by SQLSTATE class.");
+	for (int i = 0; i < g->cfg->nshards; i++) {
+		const struct pool_stats *s = &g->pools[i]->stats;
+		for (int e = 0; e < s->nerrors; e++)
+			evbuffer_add_printf(b, "shardgate_query_errors_total{shard=\"%s\",class=\"%s\"} %llu\n",
+					    g->pools[i]->name, s->errors[e].cls,
+					    (unsigned long long)s->errors[e].n);
+	}
+	family(b, "shardgate_checkout_wait_seconds", "histogram",
+	       "Time requests waited for a connection.");
+	for (int i = 0; i < g->cfg->nshards; i++) {
+		snprintf(labels, sizeof(labels), "shard=\"%s\"", g->pools[i]->name);
+		histogram_write(b, "shardgate_checkout_wait_seconds", labels, &g->pools[i]->stats.wait);
+	}
+	family(b, "shardgate_query_duration_seconds", "histogram", "Time statements took on the shard.");
+	for (int i = 0; i < g->cfg->nshards; i++) {
+		snprintf(labels, sizeof(labels), "shard=\"%s\"", g->pools[i]->name);
+		histogram_write(b, "shardgate_query_duration_seconds", labels, &g->pools[i]->stats.query);
+	}
+}
+
+static void write_process_metrics(struct evbuffer *b, const struct generation *g)
+{
+	const struct reload_status *rs = reload_status();
+	int n;
+	const struct metrics_request_count *rc = metrics_requests(&n);
+
+	family(b, "shardgate_http_requests_total", "counter",
+	       "Client requests answered, by route and status (499: the client left).");
+	for (int i = 0; i < n; i++)
+		evbuffer_add_printf(b, "shardgate_http_requests_total{route=\"%s\",status=\"%d\"} %llu\n",
+				    rc[i].route, rc[i].status, (unsigned long long)rc[i].n);
+	family(b, "shardgate_fanout_requests_total", "counter", "Fan-out requests answered.");
+	evbuffer_add_printf(b, "shardgate_fanout_requests_total %llu\n",
+			    (unsigned long long)metrics_fanouts());
+	family(b, "shardgate_reloads_total", "counter", "Reload attempts, by result.");
+	evbuffer_add_printf(b, "shardgate_reloads_total{result=\"ok\"} %llu\n",
+			    (unsigned long long)rs->ok_total);
+	evbuffer_add_printf(b, "shardgate_reloads_total{result=\"failed\"} %llu\n",
+			    (unsigned long long)rs->failed_total);
+	family(b, "shardgate_generation", "gauge", "The configuration generation serving new requests.");
+	evbuffer_add_printf(b, "shardgate_generation %u\n", g->id);
+}
+
+void health_metrics(struct http_request *req)
+{
+	struct generation *g = generation_current();
+	struct evbuffer *b = new_buffer();
+	write_pool_metrics(b, g);
+	write_process_metrics(b, g);
+	http_reply_typed(req, 200, b, "text/plain; version=0.0.4; charset=utf-8");
+	evbuffer_free(b);
+}
