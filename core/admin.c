@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "config.h"
+#include "dryrun.h"
 #include "generation.h"
 #include "http.h"
 #include "jsonw.h"
@@ -57,6 +58,43 @@ static void handle_config(struct http_request *req)
 	reply(req, 200, b);
 }
 
+/* One query argument's decoded value, into buf; NULL when absent. Repeats: the nth. */
+static const char *arg(const char *q, const char *name, int nth, char *buf, size_t len)
+{
+	size_t nl = strlen(name);
+	while (*q) {
+		const char *amp = strchr(q, '&');
+		size_t l = amp ? (size_t)(amp - q) : strlen(q);
+		if (l > nl && strncmp(q, name, nl) == 0 && q[nl] == '=' && nth-- == 0) {
+			size_t vl = l - nl - 1 < len - 1 ? l - nl - 1 : len - 1;
+			memcpy(buf, q + nl + 1, vl);
+			buf[http_url_decode(buf, vl)] = '\0';
+			return buf;
+		}
+		q += l + (amp ? 1 : 0);
+	}
+	return NULL;
+}
+
+/* GET /admin/route?method=POST&path=/query&header=X-Org:%201&body=... */
+static void handle_route(struct http_request *req)
+{
+	static char hbuf[64][512];
+	char method[16], path[2048], body[8192];
+	struct dryrun_request dr = { 0 };
+	struct generation *g = generation_current();
+	struct evbuffer *b = new_buffer();
+	const char *q = req->head.query;
+
+	dr.method = arg(q, "method", 0, method, sizeof(method)) ? method : "POST";
+	dr.target = arg(q, "path", 0, path, sizeof(path)) ? path : "/query";
+	dr.body = arg(q, "body", 0, body, sizeof(body));
+	while (dr.nheaders < 64 && arg(q, "header", dr.nheaders, hbuf[dr.nheaders], sizeof(hbuf[0])))
+		dr.headers[dr.nheaders] = hbuf[dr.nheaders], dr.nheaders++;
+	dryrun_route(g->cfg, g->script, &dr, b);
+	reply(req, 200, b);
+}
+
 void admin_handle(struct http_request *req, void *arg)
 {
 	const char *m = req->head.method, *p = req->head.path;
@@ -66,6 +104,8 @@ void admin_handle(struct http_request *req, void *arg)
 			handle_reload(req);
 		else
 			http_reply_error(req, 405, "method_not_allowed", "use POST /admin/reload");
+	} else if (strcmp(p, "/admin/route") == 0 && strcmp(m, "GET") == 0) {
+		handle_route(req);
 	} else if (strcmp(p, "/admin/config") == 0 && strcmp(m, "GET") == 0) {
 		handle_config(req);
 	} else {

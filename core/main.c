@@ -3,6 +3,7 @@
  * runs on one libevent loop; this file wires the listener to the request
  * handler and owns the loop's lifetime.
  */
+#include <event2/buffer.h>
 #include <event2/event.h>
 #include <getopt.h>
 #include <signal.h>
@@ -13,12 +14,14 @@
 #include "accesslog.h"
 #include "admin.h"
 #include "config.h"
+#include "dryrun.h"
 #include "generation.h"
 #include "http.h"
 #include "log.h"
 #include "metrics.h"
 #include "reload.h"
 #include "request.h"
+#include "script.h"
 #include "util.h"
 
 #define SHARDGATE_VERSION "0.1.0"
@@ -38,9 +41,12 @@ struct app {
 static void usage(FILE *f)
 {
 	fprintf(f,
-		"usage: shardgate [-c FILE] [--check]\n"
+		"usage: shardgate [-c FILE] [--check | --route 'METHOD PATH' [-H 'Name: value']... [--body S]]\n"
 		"  -c, --config FILE  configuration (default conf/shardgate.lua)\n"
 		"      --check        validate the configuration and its script, then exit\n"
+		"      --route REQ    print the routing decision for a request, then exit\n"
+		"  -H, --header H     a request header for --route (repeatable)\n"
+		"      --body S       the request body for --route\n"
 		"  -V, --version      print the version\n"
 		"  -h, --help         this text\n");
 }
@@ -181,28 +187,79 @@ static void stop(struct app *app)
 	accesslog_close();
 }
 
+/* --route: the dry-run from the command line; exit 0 when the request would be routed. */
+static int route_cli(const char *path, const char *route, struct dryrun_request *dr)
+{
+	char err[1024], method[16];
+	const char *sp = strchr(route, ' ');
+	struct config *cfg = config_load(path, err, sizeof(err));
+	struct script *s = NULL;
+	struct evbuffer *b = evbuffer_new();
+	int status = 1;
+
+	if (!cfg || !b)
+		goto fail;
+	s = script_new(cfg, err, sizeof(err));
+	if (!s)
+		goto fail;
+	if (!sp || sp - route >= (long)sizeof(method)) {
+		snprintf(err, sizeof(err), "--route takes 'METHOD PATH', e.g. 'POST /query'");
+		goto fail;
+	}
+	snprintf(method, sizeof(method), "%.*s", (int)(sp - route), route);
+	dr->method = method;
+	dr->target = sp + 1;
+	status = dryrun_route(cfg, s, dr, b);
+	evbuffer_add(b, "\n", 1);
+	evbuffer_write(b, 1);
+	script_free(s);
+	config_free(cfg);
+	evbuffer_free(b);
+	return status == 200 ? 0 : 1;
+fail:
+	fprintf(stderr, "shardgate: %s\n", err);
+	script_free(s);
+	config_free(cfg);
+	if (b)
+		evbuffer_free(b);
+	return 1;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
 		{ "config", required_argument, NULL, 'c' },
 		{ "check", no_argument, NULL, 'k' },
+		{ "route", required_argument, NULL, 'r' },
+		{ "header", required_argument, NULL, 'H' },
+		{ "body", required_argument, NULL, 'b' },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct app app = { .config_path = "conf/shardgate.lua" };
+	struct dryrun_request dr = { 0 };
+	const char *route = NULL;
 	bool check = false;
 	int c, rc = 1;
 
-	while ((c = getopt_long(argc, argv, "c:Vh", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "c:H:Vh", opts, NULL)) != -1) {
 		switch (c) {
 		case 'c': app.config_path = optarg; break;
 		case 'k': check = true; break;
+		case 'r': route = optarg; break;
+		case 'b': dr.body = optarg; break;
+		case 'H':
+			if (dr.nheaders < (int)ARRAY_LEN(dr.headers))
+				dr.headers[dr.nheaders++] = optarg;
+			break;
 		case 'V': printf("shardgate %s\n", SHARDGATE_VERSION); return 0;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
 	}
+	if (route)
+		return route_cli(app.config_path, route, &dr);
 	if (check) {
 		char err[1024];
 		if (generation_check(app.config_path, err, sizeof(err)) < 0) {
