@@ -79,12 +79,21 @@ static const struct conf_key fanout_keys[] = {
 	{ "max_rows", CT_POSITIVE, FAN(max_rows), "100000", true },
 };
 
+#define BRK(f) offsetof(struct breaker_conf, f)
+
+static const struct conf_key breaker_keys[] = {
+	{ "failures", CT_POSITIVE, BRK(failures), "5", true },
+	{ "window", CT_DURATION, BRK(window), "10", true },
+	{ "backoff", CT_DURATION, BRK(backoff), "1", true },
+	{ "max_backoff", CT_DURATION, BRK(max_backoff), "30", true },
+};
+
 static const struct conf_key warning_keys[] = {
 	{ "utilization", CT_PERCENT, 0, "80", true },
 };
 
 /* Table-valued top-level keys, handled by their own readers. */
-static const char *const section_names[] = { "defaults", "shards", "fanout", "warnings" };
+static const char *const section_names[] = { "defaults", "shards", "fanout", "warnings", "breaker" };
 
 struct reader {
 	lua_State *L;
@@ -407,6 +416,7 @@ static int read_config(struct reader *r, struct config *cfg)
 	apply_defaults(r, shard_keys, ARRAY_LEN(shard_keys), &cfg->defaults);
 	apply_defaults(r, fanout_keys, ARRAY_LEN(fanout_keys), &cfg->fanout);
 	apply_defaults(r, warning_keys, ARRAY_LEN(warning_keys), &cfg->warn_utilization);
+	apply_defaults(r, breaker_keys, ARRAY_LEN(breaker_keys), &cfg->breaker);
 
 	if (read_table(r, -1, "", top_keys, ARRAY_LEN(top_keys), cfg, section_names,
 		       ARRAY_LEN(section_names)) < 0)
@@ -418,6 +428,14 @@ static int read_config(struct reader *r, struct config *cfg)
 	if (read_section(r, "warnings", warning_keys, ARRAY_LEN(warning_keys),
 			 &cfg->warn_utilization) < 0)
 		return -1;
+	if (read_section(r, "breaker", breaker_keys, ARRAY_LEN(breaker_keys), &cfg->breaker) < 0)
+		return -1;
+	for (int i = 0; i < cfg->nshards; i++) {
+		cfg->shards[i].breaker_failures = cfg->breaker.failures;
+		cfg->shards[i].breaker_window = cfg->breaker.window;
+		cfg->shards[i].breaker_backoff = cfg->breaker.backoff;
+		cfg->shards[i].breaker_max_backoff = cfg->breaker.max_backoff;
+	}
 	if (!cfg->script) {
 		fmt_err(r->err, r->errlen, "%s: script is required (the routing script's path)", r->file);
 		return -1;
@@ -610,5 +628,6 @@ void config_write_json(const struct config *cfg, struct evbuffer *b)
 	evbuffer_add(b, "}", 1);
 	json_object(b, "fanout", fanout_keys, ARRAY_LEN(fanout_keys), &cfg->fanout);
 	json_object(b, "warnings", warning_keys, ARRAY_LEN(warning_keys), &cfg->warn_utilization);
+	json_object(b, "breaker", breaker_keys, ARRAY_LEN(breaker_keys), &cfg->breaker);
 	evbuffer_add(b, "}", 1);
 }

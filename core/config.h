@@ -20,6 +20,18 @@ struct shard_conf {
 	double idle_timeout;
 	double max_lifetime;
 	double statement_timeout;
+	/* From the top-level `breaker` table; the same for every shard. */
+	int breaker_failures;
+	double breaker_window;
+	double breaker_backoff;
+	double breaker_max_backoff;
+};
+
+struct breaker_conf {
+	int failures;
+	double window;
+	double backoff;
+	double max_backoff;
 };
 
 struct fanout_conf {
@@ -48,6 +60,7 @@ struct config {
 	struct shard_conf *shards;  /* natural order of names */
 	int nshards;
 	struct fanout_conf fanout;
+	struct breaker_conf breaker;
 	double warn_utilization;
 };
 

@@ -16,8 +16,13 @@
 #include "log.h"
 #include "util.h"
 
+/* Seconds idle after which a connection is checked before it is lent. */
+#define POOL_CHECK_IDLE 2.0
+
 static void conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg);
 static void maybe_grow(struct pool *p);
+static void open_conn(struct pool *p);
+static void fail_waiters(struct pool *p, const char *why);
 
 static struct timeval tv_of(double s)
 {
@@ -51,6 +56,8 @@ static void maybe_free(struct pool *p)
 		return;
 	if (p->maint)
 		event_free(p->maint);
+	if (p->probe_timer)
+		event_free(p->probe_timer);
 	free(p->conf.name);
 	free(p->conf.url);
 	free(p->name);
@@ -115,10 +122,77 @@ static void fail_waiters(struct pool *p, const char *why)
 	}
 }
 
+const char *pool_state_name(enum pool_state st)
+{
+	switch (st) {
+	case POOL_STATE_UP: return "up";
+	case POOL_STATE_DOWN: return "down";
+	case POOL_STATE_HALF_OPEN: return "half_open";
+	}
+	return "?";
+}
+
+static void on_probe_time(evutil_socket_t fd, short what, void *arg);
+
+/* The one place the breaker state changes. */
+static void pool_set_state(struct pool *p, enum pool_state st)
+{
+	struct timeval tv;
+	char why[320];
+	if (p->state == st)
+		return;
+	log_info("shard %s: %s -> %s", p->name, pool_state_name(p->state), pool_state_name(st));
+	p->state = st;
+	switch (st) {
+	case POOL_STATE_UP:
+		p->recent_failures = 0;
+		p->backoff = p->conf.breaker_backoff;
+		return;
+	case POOL_STATE_DOWN:
+		tv = tv_of(p->backoff);
+		evtimer_add(p->probe_timer, &tv);
+		snprintf(why, sizeof(why), "shard is down (circuit breaker open): %s", p->last_error);
+		fail_waiters(p, why);
+		return;
+	case POOL_STATE_HALF_OPEN:
+		open_conn(p);
+		return;
+	}
+}
+
+static void on_probe_time(evutil_socket_t fd, short what, void *arg)
+{
+	struct pool *p = arg;
+	(void)fd;
+	(void)what;
+	if (p->state == POOL_STATE_DOWN && !p->retired)
+		pool_set_state(p, POOL_STATE_HALF_OPEN);
+}
+
+/* A connect failed: count it; enough in one window (or a failed probe) opens the breaker. */
+static void breaker_failure(struct pool *p)
+{
+	double now = mono_now();
+	if (p->state == POOL_STATE_HALF_OPEN) {
+		p->backoff = p->backoff * 2 > p->conf.breaker_max_backoff ? p->conf.breaker_max_backoff
+									  : p->backoff * 2;
+		pool_set_state(p, POOL_STATE_DOWN);
+		return;
+	}
+	if (now - p->window_start > p->conf.breaker_window) {
+		p->window_start = now;
+		p->recent_failures = 0;
+	}
+	if (++p->recent_failures >= p->conf.breaker_failures)
+		pool_set_state(p, POOL_STATE_DOWN);
+}
+
 static void on_connected(struct pool *p, struct pgconn *c)
 {
 	p->nconnecting--;
 	p->stats.opened++;
+	pool_set_state(p, POOL_STATE_UP);
+	p->recent_failures = 0;
 	if (p->retired || c->target_gen != p->target_gen || pool_total(p) >= p->conf.pool + 1) {
 		close_conn(p, c, "no longer needed");
 		return;
@@ -133,9 +207,12 @@ static void on_connect_failed(struct pool *p, struct pgconn *c)
 	snprintf(p->last_error, sizeof(p->last_error), "%s", c->error);
 	log_warn("shard %s: cannot connect: %s", p->name, c->error);
 	pgconn_free(c);
+	breaker_failure(p);
 	/* With nothing open or opening, no waiter can be served: tell them now. */
 	if (pool_total(p) == 0)
 		fail_waiters(p, p->last_error);
+	else
+		maybe_grow(p);
 }
 
 /* Events for connections the pool holds: idle ones (arg is the pool), connecting or cleaning ones (arg NULL). */
@@ -193,7 +270,7 @@ static void open_conn(struct pool *p)
 /* Open connections for waiters that no connection in flight will serve, and up to min_idle. */
 static void maybe_grow(struct pool *p)
 {
-	if (p->retired)
+	if (p->retired || p->state != POOL_STATE_UP)
 		return;
 	while (pool_total(p) < p->conf.pool &&
 	       (p->nwaiting > p->nconnecting + p->ncleaning ||
@@ -234,8 +311,10 @@ struct pool *pool_new(struct event_base *base, const struct shard_conf *conf)
 	TAILQ_INIT(&p->idle);
 	TAILQ_INIT(&p->waiters);
 	p->maint = event_new(base, -1, EV_PERSIST, maintain, p);
-	if (!p->maint)
+	p->probe_timer = evtimer_new(base, on_probe_time, p);
+	if (!p->maint || !p->probe_timer)
 		abort();
+	p->backoff = conf->breaker_backoff;
 	event_add(p->maint, &tv);
 	maybe_grow(p);
 	return p;
@@ -302,14 +381,30 @@ static void on_wait_timeout(evutil_socket_t fd, short what, void *arg)
 	w->cb(w, NULL, POOL_TIMEOUT);
 }
 
-static struct pgconn *take_idle(struct pool *p)
+/*
+ * Take an idle connection that can be lent now. One idle for longer than
+ * POOL_CHECK_IDLE is first checked with an empty statement (it may have
+ * died unnoticed, e.g. behind a network failure); *checking is set and the
+ * connection reaches a waiter through pool_release once the check passes.
+ */
+static struct pgconn *take_idle(struct pool *p, bool *checking)
 {
-	struct pgconn *c = TAILQ_FIRST(&p->idle);
-	if (c) {
+	struct pgconn *c;
+	double now = mono_now();
+	*checking = false;
+	while ((c = TAILQ_FIRST(&p->idle)) != NULL) {
 		TAILQ_REMOVE(&p->idle, c, link);
 		p->nidle--;
+		if (now - c->last_used < POOL_CHECK_IDLE)
+			return c;
+		if (pgconn_send(c, "", 0, NULL, conn_event, NULL) == 0) {
+			p->ncleaning++;
+			*checking = true;
+			return NULL;
+		}
+		close_conn(p, c, "failed its check before reuse");
 	}
-	return c;
+	return NULL;
 }
 
 struct pgconn *pool_checkout(struct pool *p, struct pool_waiter *w, pool_cb cb, void *arg,
@@ -328,12 +423,20 @@ struct pgconn *pool_checkout(struct pool *p, struct pool_waiter *w, pool_cb cb, 
 		*err = POOL_UNAVAILABLE;
 		return NULL;
 	}
-	if (TAILQ_EMPTY(&p->waiters) && (c = take_idle(p)) != NULL) {
+	if (p->state != POOL_STATE_UP) {
+		p->stats.unavailable++;
+		snprintf(w->error, sizeof(w->error), "shard is %s (circuit breaker open): %.200s",
+			 pool_state_name(p->state), p->last_error);
+		*err = POOL_UNAVAILABLE;
+		return NULL;
+	}
+	bool checking = false;
+	if (TAILQ_EMPTY(&p->waiters) && (c = take_idle(p, &checking)) != NULL) {
 		lend(p, c, w);
 		*err = POOL_OK;
 		return c;
 	}
-	if (p->nwaiting >= p->conf.max_waiting) {
+	if (!checking && p->nwaiting >= p->conf.max_waiting) {
 		p->stats.queue_full++;
 		*err = POOL_QUEUE_FULL;
 		return NULL;
@@ -412,7 +515,7 @@ void pool_status(const struct pool *p, struct pool_status *st)
 	st->idle = p->nidle;
 	st->waiting = p->nwaiting;
 	st->utilization = st->size ? 100.0 * st->checked_out / st->size : 0;
-	st->state = "up";
+	st->state = pool_state_name(p->state);
 	st->max_wait_ms = pool_max_wait(p) * 1000.0;
 }
 

@@ -79,8 +79,20 @@ struct pool_status {
 TAILQ_HEAD(pgconn_list, pgconn);
 TAILQ_HEAD(waiter_list, pool_waiter);
 
+/* The circuit breaker's state. */
+enum pool_state {
+	POOL_STATE_UP,
+	POOL_STATE_DOWN,        /* requests fail at once until the backoff ends */
+	POOL_STATE_HALF_OPEN,   /* one probe connection is testing the shard */
+};
+
 struct pool {
 	char *name;
+	enum pool_state state;
+	int recent_failures;     /* connect failures in the current window */
+	double window_start;
+	double backoff;          /* the next DOWN period */
+	struct event *probe_timer;
 	struct shard_conf conf;
 	struct event_base *base;
 	struct event *maint;
@@ -120,6 +132,7 @@ void pool_cancel_wait(struct pool_waiter *w);
 void pool_release(struct pgconn *c);
 
 int pool_total(const struct pool *p);
+const char *pool_state_name(enum pool_state st);
 void pool_status(const struct pool *p, struct pool_status *st);
 /* A statement on this shard took secs; sqlstate is NULL on success. */
 void pool_observe_query(struct pool *p, double secs, const char *sqlstate);

@@ -54,6 +54,7 @@ struct request {
 	bool cancelled;          /* a cancel was sent for the running statement */
 	bool aborted;            /* the client went away */
 	bool timed_out;
+	bool retried;            /* the first statement was re-tried on a fresh connection */
 	int status;              /* set once an error answer is written to out */
 	int nresults;            /* results written into out (transaction) */
 	double sent_at;          /* when the running statement was sent */
@@ -174,6 +175,14 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 	finish(r);
 }
 
+static void checkout(struct request *r);
+
+static bool first_statement(const struct request *r)
+{
+	return r->phase == PH_BEGIN || (r->phase == PH_STMT && r->cur == 0 && r->kind == BODY_QUERY);
+}
+
+/* 0 sent, 1 re-queued for another connection, -1 failed (error set). */
 static int send_sql(struct request *r, const char *sql, int n, const char *const *vals)
 {
 	struct timeval tv = tv_of(r->timeout);
@@ -182,6 +191,16 @@ static int send_sql(struct request *r, const char *sql, int n, const char *const
 	r->sqlstate[0] = '\0';
 	if (pgconn_send(r->conn, sql, n, vals, on_conn_event, r) < 0) {
 		char msg[320];
+		if (!r->conn->sent && !r->retried && first_statement(r)) {
+			/* Nothing reached the server: try once more on a fresh connection. */
+			log_info("shard %s: connection unusable before the first statement (%s); retrying",
+				 r->shard->name, r->conn->error);
+			r->retried = true;
+			pool_release(r->conn);
+			r->conn = NULL;
+			checkout(r);
+			return 1;
+		}
 		snprintf(msg, sizeof(msg), "cannot send statement to shard %s: %s", r->shard->name,
 			 r->conn->error);
 		log_warn("%s", msg);
@@ -317,6 +336,7 @@ static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 
 static void start_statements(struct request *r)
 {
+	evbuffer_drain(r->out, evbuffer_get_length(r->out));
 	if (r->kind == BODY_TRANSACTION) {
 		evbuffer_add_printf(r->out, "{\"shard\":");
 		jsonw_cstring(r->out, r->shard->name);
