@@ -19,6 +19,7 @@
 #include "http.h"
 #include "log.h"
 #include "metrics.h"
+#include "pool.h"
 #include "reload.h"
 #include "request.h"
 #include "script.h"
@@ -35,6 +36,7 @@ struct app {
 	struct event *sig_int;
 	struct event *drain;
 	double shutdown_deadline;
+	bool waiters_failed;
 	const char *config_path;
 };
 
@@ -98,12 +100,22 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 	struct app *app = arg;
 	(void)fd;
 	(void)what;
-	if (inflight(app) == 0 || mono_now() >= app->shutdown_deadline) {
-		if (inflight(app) > 0)
-			log_warn("shutdown: %d requests still running after shutdown_timeout",
-				 inflight(app));
+	if (inflight(app) == 0) {
 		event_base_loopexit(app->base, NULL);
+		return;
 	}
+	if (mono_now() < app->shutdown_deadline)
+		return;
+	if (!app->waiters_failed) {
+		/* Queued requests get 503 now; the next tick lets those answers go out. */
+		struct generation *g = generation_current();
+		app->waiters_failed = true;
+		for (int i = 0; i < g->cfg->nshards; i++)
+			pool_fail_waiters(g->pools[i], "the gateway is shutting down");
+		return;
+	}
+	log_warn("shutdown: %d requests still running after shutdown_timeout; exiting", inflight(app));
+	event_base_loopexit(app->base, NULL);
 }
 
 static void on_stop_signal(evutil_socket_t sig, short what, void *arg)

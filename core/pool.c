@@ -454,6 +454,11 @@ struct pgconn *pool_checkout(struct pool *p, struct pool_waiter *w, pool_cb cb, 
 	return NULL;
 }
 
+void pool_fail_waiters(struct pool *p, const char *why)
+{
+	fail_waiters(p, why);
+}
+
 void pool_cancel_wait(struct pool_waiter *w)
 {
 	if (w->pool)

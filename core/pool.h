@@ -126,6 +126,8 @@ void pool_retire(struct pool *p);
  */
 struct pgconn *pool_checkout(struct pool *p, struct pool_waiter *w, pool_cb cb, void *arg,
 			     enum pool_err *err);
+/* Answer every waiter POOL_UNAVAILABLE with why (shutdown). */
+void pool_fail_waiters(struct pool *p, const char *why);
 /* Stop waiting (the borrower went away). */
 void pool_cancel_wait(struct pool_waiter *w);
 /* Give a lent connection back; it is cleaned, reused or closed as its state requires. */
