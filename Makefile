@@ -37,9 +37,11 @@ deps:
 
 build: bin/shardgate
 
+# Link beside the target and rename, so a running gateway or spec never sees a half-written binary.
 bin/shardgate: $(OBJS)
 	@mkdir -p bin
-	$(CC) $(CFLAGS) -o $@ $(OBJS) $(PKG_LIBS)
+	$(CC) $(CFLAGS) -o $@.tmp $(OBJS) $(PKG_LIBS)
+	@mv -f $@.tmp $@
 
 build/%.o: core/%.c $(wildcard core/*.h)
 	@mkdir -p build
@@ -47,7 +49,8 @@ build/%.o: core/%.c $(wildcard core/*.h)
 
 bin/shardgate-asan: $(ASAN_OBJS)
 	@mkdir -p bin
-	$(CC) $(ASAN_FLAGS) -o $@ $(ASAN_OBJS) $(PKG_LIBS)
+	$(CC) $(ASAN_FLAGS) -o $@.tmp $(ASAN_OBJS) $(PKG_LIBS)
+	@mv -f $@.tmp $@
 
 build/asan/%.o: core/%.c $(wildcard core/*.h)
 	@mkdir -p build/asan
