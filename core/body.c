@@ -221,7 +221,7 @@ int body_parse(const char *buf, size_t len, enum body_kind kind, struct body *ou
 		fmt_err(err, errlen, "request body is empty; expected a JSON object");
 		return -1;
 	}
-	root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
+	root = json_loadb(buf, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
 	if (!root) {
 		fmt_err(err, errlen, "request body is not valid JSON: %s (line %d, column %d)",
 			jerr.text, jerr.line, jerr.column);

@@ -98,9 +98,84 @@ static const char *const section_names[] = { "defaults", "shards", "fanout", "wa
 struct reader {
 	lua_State *L;
 	const char *file;
+	char *src;         /* the file's text, to find the line of a key */
 	char *err;
 	size_t errlen;
+	char at[1100];     /* "file:line" or "file" for the key being reported */
 };
+
+static bool ident_char(char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
+}
+
+/* Byte offset just after the first `name =` (or ["name"] =) at or after from; -1 if none. */
+static long find_key_text(const char *src, long from, const char *name)
+{
+	size_t n = strlen(name);
+	for (const char *p = strstr(src + from, name); p; p = strstr(p + 1, name)) {
+		const char *q = p + n;
+		bool open = p > src && ident_char(p[-1]);
+		if (p > src + 1 && (p[-1] == '"' || p[-1] == '\'') && p[-2] == '[')
+			open = false, q += 2;
+		if (open || ident_char(*q))
+			continue;
+		while (*q == ' ' || *q == '\t')
+			q++;
+		if (*q == '=' && q[1] != '=')
+			return (long)(q - src);
+	}
+	return -1;
+}
+
+/*
+ * Point r->at at "file:line" for key name inside where ("" or "shards.a."):
+ * each dotted component is looked for after the previous one, so
+ * shards.a.pool finds the `pool` inside a's table, not the one in defaults.
+ */
+static const char *key_at(struct reader *r, const char *where, const char *name)
+{
+	char part[128];
+	long pos = 0;
+	const char *w = where;
+	snprintf(r->at, sizeof(r->at), "%s", r->file);
+	if (!r->src)
+		return r->at;
+	while (*w && pos >= 0) {
+		const char *dot = strchr(w, '.');
+		size_t len = dot ? (size_t)(dot - w) : strlen(w);
+		snprintf(part, sizeof(part), "%.*s", (int)len, w);
+		pos = find_key_text(r->src, pos, part);
+		w += len + (dot ? 1 : 0);
+	}
+	if (pos >= 0)
+		pos = find_key_text(r->src, pos, name);
+	if (pos >= 0) {
+		int line = 1;
+		for (long i = 0; i < pos; i++)
+			line += r->src[i] == '\n';
+		snprintf(r->at, sizeof(r->at), "%s:%d", r->file, line);
+	}
+	return r->at;
+}
+
+static char *read_text(const char *path)
+{
+	FILE *f = fopen(path, "rb");
+	char *buf;
+	long n;
+	if (!f)
+		return NULL;
+	if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || n > (1 << 22) ||
+	    fseek(f, 0, SEEK_SET) != 0) {
+		fclose(f);
+		return NULL;
+	}
+	buf = xmalloc((size_t)n + 1);
+	buf[fread(buf, 1, (size_t)n, f)] = '\0';
+	fclose(f);
+	return buf;
+}
 
 static const char *closest(const char *name, const struct conf_key *keys, size_t n,
 			   const char *const *extra, size_t nextra)
@@ -123,7 +198,7 @@ static int unknown_key(struct reader *r, const char *where, const char *name,
 		       const char *const *extra, size_t nextra)
 {
 	const char *s = closest(name, keys, n, extra, nextra);
-	fmt_err(r->err, r->errlen, "%s: unknown key '%s%s'%s%s%s", r->file, where, name,
+	fmt_err(r->err, r->errlen, "%s: unknown key '%s%s'%s%s%s", key_at(r, where, name), where, name,
 		s ? " (did you mean '" : "", s ? s : "", s ? "'?)" : "");
 	return -1;
 }
@@ -188,7 +263,7 @@ static int store_value(struct reader *r, const char *where, const struct conf_ke
 		return 0;
 	}
 bad:
-	fmt_err(r->err, r->errlen, "%s: %s%s must be %s, got %s%s%s", r->file, where, k->name,
+	fmt_err(r->err, r->errlen, "%s: %s%s must be %s, got %s%s%s", key_at(r, where, k->name), where, k->name,
 		type_desc(k->type),
 		t == LUA_TSTRING || t == LUA_TNUMBER ? "" : lua_typename(L, t),
 		t == LUA_TSTRING ? "'" : "",
@@ -466,6 +541,7 @@ struct config *config_load(const char *path, char *err, size_t errlen)
 		goto fail;
 	}
 	r.L = L;
+	r.src = read_text(path);
 	if (luaenv_require(L, "shardgate.loader", err, errlen) < 0)
 		goto fail;
 	lua_getfield(L, -1, "load_config");
@@ -483,10 +559,12 @@ struct config *config_load(const char *path, char *err, size_t errlen)
 		goto fail;
 	resolve_paths(cfg, path);
 	lua_close(L);
+	free(r.src);
 	return cfg;
 fail:
 	if (L)
 		lua_close(L);
+	free(r.src);
 	config_free(cfg);
 	return NULL;
 }

@@ -22,6 +22,9 @@ int pgerror_status(const char *st)
 		return 502;
 	if (strcmp(st, "57014") == 0)
 		return 504;
+	/* A parameter count that does not match the statement: the client's mistake. */
+	if (strcmp(st, "08P01") == 0)
+		return 400;
 	if (strncmp(st, "23", 2) == 0 || strcmp(st, "40001") == 0 || strcmp(st, "40P01") == 0)
 		return 409;
 	for (size_t i = 0; i < sizeof(client_classes) / sizeof(client_classes[0]); i++)

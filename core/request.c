@@ -14,6 +14,7 @@
 #include "request.h"
 
 #include <event2/buffer.h>
+#include <ctype.h>
 #include <event2/event.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -211,15 +212,55 @@ static int send_sql(struct request *r, const char *sql, int n, const char *const
 	return 0;
 }
 
-/* Statements that change session state make the connection need a reset. */
+/* Skip white space, "(" and SQL comments at the start of a statement. */
+static const char *skip_noise(const char *sql)
+{
+	for (;;) {
+		while (*sql == ' ' || *sql == '\t' || *sql == '\n' || *sql == '\r' || *sql == '(')
+			sql++;
+		if (sql[0] == '-' && sql[1] == '-') {
+			sql += strcspn(sql, "\n");
+		} else if (sql[0] == '/' && sql[1] == '*') {
+			const char *end = strstr(sql + 2, "*/");
+			if (!end)
+				return sql + strlen(sql);
+			sql = end + 2;
+		} else {
+			return sql;
+		}
+	}
+}
+
+static bool starts_with_word(const char *sql, const char *word)
+{
+	size_t n = strlen(word);
+	return strncasecmp(sql, word, n) == 0 && !isalnum((unsigned char)sql[n]) && sql[n] != '_';
+}
+
+/*
+ * Statements that change session state make the connection need a reset
+ * (DISCARD ALL) before another request gets it. Judged from the statement's
+ * first words, plus any call of set_config(); see the README for what this
+ * cannot see.
+ */
 static bool changes_session(const char *sql)
 {
-	while (*sql == ' ' || *sql == '\t' || *sql == '\n' || *sql == '\r' || *sql == '(')
-		sql++;
-	return strncasecmp(sql, "set", 3) == 0 || strncasecmp(sql, "reset", 5) == 0 ||
-	       strncasecmp(sql, "listen", 6) == 0 || strncasecmp(sql, "prepare", 7) == 0 ||
-	       strncasecmp(sql, "declare", 7) == 0 || strncasecmp(sql, "create temp", 11) == 0 ||
-	       strncasecmp(sql, "load", 4) == 0;
+	static const char *const words[] = { "set", "reset", "listen", "prepare", "declare", "load",
+					     "create temp", "create temporary", "create local",
+					     "create global" };
+	const char *s = skip_noise(sql);
+	for (size_t i = 0; i < ARRAY_LEN(words); i++) {
+		const char *w = words[i], *sp = strchr(w, ' ');
+		if (!sp) {
+			if (starts_with_word(s, w))
+				return true;
+		} else if (starts_with_word(s, "create")) {
+			const char *rest = skip_noise(s + 6);
+			if (starts_with_word(rest, sp + 1))
+				return true;
+		}
+	}
+	return strcasestr(sql, "set_config") != NULL;
 }
 
 static void run_next(struct request *r)

@@ -120,33 +120,71 @@ local function first_unknown_key(hooks)
   return strings[1] or others[1]
 end
 
-local function unknown_hook_message(path, key)
-  if type(key) ~= "string" then
-    return format("%s: unknown hook [%s] (hooks are named: %s)", path, tostring(key), hook_list())
+-- The line where the script defines key (`M.key =`, `function M.key(`,
+-- `key =` in a table constructor, `["key"] =`), or nil. Errors about a
+-- returned table have no line of their own; this finds the one to show.
+local function key_line(src, key)
+  local k = key:gsub("%W", "%%%0")
+  local patterns = {
+    "[%.:]" .. k .. "%s*=", "^%s*" .. k .. "%s*=", "[,{;]%s*" .. k .. "%s*=",
+    "function%s+[%w_]+[%.:]" .. k .. "%s*%(", "%[%s*[\"']" .. k .. "[\"']%s*%]%s*=",
+  }
+  local n = 0
+  for line in (src .. "\n"):gmatch("(.-)\n") do
+    n = n + 1
+    for _, pat in ipairs(patterns) do
+      if line:find(pat) then return n end
+    end
   end
+  return nil
+end
+
+-- The line of the script's last top-level `return`, or nil.
+local function return_line(src)
+  local n, found = 0, nil
+  for line in (src .. "\n"):gmatch("(.-)\n") do
+    n = n + 1
+    if line:find("^return[%s{(]") or line == "return" then found = n end
+  end
+  return found
+end
+
+-- "path:line" when line is known, else "path".
+local function where(path, line)
+  return line and format("%s:%d", path, line) or path
+end
+
+local function unknown_hook_message(path, key, src)
+  if type(key) ~= "string" then
+    return format("%s: unknown hook [%s] (hooks are named: %s)", where(path, return_line(src)),
+                  tostring(key), hook_list())
+  end
+  local at = where(path, key_line(src, key) or return_line(src))
   local near = suggest(key, loader.HOOKS)
   if near then
-    return format("%s: unknown hook '%s' (did you mean '%s'?)", path, key, near)
+    return format("%s: unknown hook '%s' (did you mean '%s'?)", at, key, near)
   end
-  return format("%s: unknown hook '%s' (known hooks: %s)", path, key, hook_list())
+  return format("%s: unknown hook '%s' (known hooks: %s)", at, key, hook_list())
 end
 
 -- nil when hooks has the right shape, else the message. Unknown names are
 -- reported before a missing 'shard' so that a misspelt "shrad" gets a
 -- suggestion rather than "no 'shard' hook".
-local function check_hooks(hooks, path)
+local function check_hooks(hooks, path, src)
   if type(hooks) ~= "table" then
-    return format("%s: script must return a table of hooks, got %s", path, type(hooks))
+    return format("%s: script must return a table of hooks, got %s", where(path, return_line(src)),
+                  type(hooks))
   end
   local unknown = first_unknown_key(hooks)
-  if unknown ~= nil then return unknown_hook_message(path, unknown) end
+  if unknown ~= nil then return unknown_hook_message(path, unknown, src) end
   if hooks.shard == nil then
-    return format("%s: script defines no 'shard' hook", path)
+    return format("%s: script defines no 'shard' hook", where(path, return_line(src)))
   end
   for _, name in ipairs(loader.HOOKS) do
     local v = hooks[name]
     if v ~= nil and type(v) ~= "function" then
-      return format("%s: hook '%s' must be a function, got %s", path, name, type(v))
+      return format("%s: hook '%s' must be a function, got %s",
+                    where(path, key_line(src, name) or return_line(src)), name, type(v))
     end
   end
   return nil
@@ -159,7 +197,7 @@ function loader.load_script(path)
   if not src then return nil, err end
   local ok, hooks = run_chunk(src, path, sandbox.new_env())
   if not ok then return nil, hooks end
-  err = check_hooks(hooks, path)
+  err = check_hooks(hooks, path, src)
   if err then return nil, err end
   return hooks
 end

@@ -140,28 +140,30 @@ describe("shardgate.loader", function()
     end)
 
     it("refuses a script that does not return a table", function()
-      assert.equal(SCRIPTS .. "returns_string.lua: script must return a table of hooks, got string",
+      assert.equal(SCRIPTS .. "returns_string.lua:2: script must return a table of hooks, got string",
         script_error("returns_string.lua"))
       assert.equal(SCRIPTS .. "returns_nothing.lua: script must return a table of hooks, got nil",
         script_error("returns_nothing.lua"))
     end)
 
+    -- Errors about the returned table point at the line that defines the key,
+    -- else at the final return statement.
     it("refuses a script without a shard hook", function()
-      assert.equal(SCRIPTS .. "no_shard.lua: script defines no 'shard' hook",
+      assert.equal(SCRIPTS .. "no_shard.lua:2: script defines no 'shard' hook",
         script_error("no_shard.lua"))
     end)
 
     it("refuses a hook that is not a function", function()
-      assert.equal(SCRIPTS .. "hook_not_function.lua: hook 'tenant' must be a function, got string",
+      assert.equal(SCRIPTS .. "hook_not_function.lua:3: hook 'tenant' must be a function, got string",
         script_error("hook_not_function.lua"))
     end)
 
     it("refuses unknown hooks, suggesting the close one", function()
-      assert.equal(SCRIPTS .. "unknown_hook.lua: unknown hook 'tenent' (did you mean 'tenant'?)",
+      assert.equal(SCRIPTS .. "unknown_hook.lua:3: unknown hook 'tenent' (did you mean 'tenant'?)",
         script_error("unknown_hook.lua"))
-      assert.equal(SCRIPTS .. "misspelt_shard.lua: unknown hook 'shrad' (did you mean 'shard'?)",
+      assert.equal(SCRIPTS .. "misspelt_shard.lua:4: unknown hook 'shrad' (did you mean 'shard'?)",
         script_error("misspelt_shard.lua"))
-      assert.equal(SCRIPTS .. "unknown_hook_far.lua: unknown hook 'routing_table'"
+      assert.equal(SCRIPTS .. "unknown_hook_far.lua:4: unknown hook 'routing_table'"
         .. " (known hooks: tenant, shard, fanout, warnings)",
         script_error("unknown_hook_far.lua"))
     end)
@@ -170,7 +172,7 @@ describe("shardgate.loader", function()
       local path = temp_file("return { shard = function() end, function() end }")
       local hooks, err = loader.load_script(path)
       assert.is_nil(hooks)
-      assert.equal(path .. ": unknown hook [1] (hooks are named: tenant, shard, fanout, warnings)", err)
+      assert.equal(path .. ":1: unknown hook [1] (hooks are named: tenant, shard, fanout, warnings)", err)
     end)
 
     it("refuses bytecode", function()
