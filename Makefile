@@ -23,7 +23,7 @@ OBJS := $(SRCS:core/%.c=build/%.o)
 ASAN_OBJS := $(SRCS:core/%.c=build/asan/%.o)
 ASAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all deps build test demo check asan clean
+.PHONY: all deps build test demo check asan fuzz clean
 
 all: build
 
@@ -75,6 +75,39 @@ asan: deps
 	@SHARDGATE_BIN=$(CURDIR)/bin/shardgate-asan \
 	 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=86 \
 	 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 spec/run
+
+# libFuzzer targets for everything that parses client bytes (core/test/fuzz_*.c),
+# each run for FUZZ_SECONDS on a copy of its seed corpus; crashes land in build/fuzz/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := http body route
+FUZZ_FLAGS := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined
+FUZZ_OBJS := $(filter-out build/fuzz/main.o,$(SRCS:core/%.c=build/fuzz/%.o))
+# LuaJIT (GC64) keeps tagged pointers LeakSanitizer cannot follow, so memory the
+# Lua heap still owns looks leaked after each input: fuzz_route checks leaks at exit only.
+FUZZ_OPTS_route := -detect_leaks=0
+.SECONDARY: $(FUZZ_OBJS)
+
+build/fuzz/%.o: core/%.c $(wildcard core/*.h)
+	@mkdir -p build/fuzz
+	clang -std=gnu11 -D_GNU_SOURCE $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link $(PKG_CFLAGS) -c -o $@ $<
+
+bin/fuzz_%: core/test/fuzz_%.c $(FUZZ_OBJS)
+	@mkdir -p bin
+	clang -std=gnu11 -D_GNU_SOURCE $(FUZZ_FLAGS) -fsanitize=fuzzer $(PKG_CFLAGS) -o $@ $< $(FUZZ_OBJS) $(PKG_LIBS)
+
+fuzz: deps
+	@command -v clang >/dev/null || { apt-get install -y -qq clang libclang-rt-14-dev >/dev/null; }
+	@$(MAKE) --no-print-directory $(FUZZ_TARGETS:%=bin/fuzz_%)
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p build/fuzz/corpus/$$t build/fuzz/crashes/$$t; \
+		cp -n core/test/corpus/$$t/* build/fuzz/corpus/$$t/ 2>/dev/null; \
+		echo "fuzz_$$t: $(FUZZ_SECONDS)s"; \
+		opts=; [ $$t = route ] && opts="$(FUZZ_OPTS_route)"; \
+		SHARDGATE_LUA_DIR=$(CURDIR)/lua bin/fuzz_$$t $$opts -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+			-artifact_prefix=build/fuzz/crashes/$$t/ build/fuzz/corpus/$$t 2>&1 | \
+			grep -E 'stat::number_of_executed_units|stat::peak_rss|ERROR|SUMMARY|Done' ; \
+		if ls build/fuzz/crashes/$$t/* >/dev/null 2>&1; then echo "fuzz_$$t found crashes: build/fuzz/crashes/$$t"; exit 1; fi; \
+	done
 
 clean:
 	rm -rf build bin
