@@ -93,7 +93,8 @@ static const struct conf_key warning_keys[] = {
 };
 
 /* Table-valued top-level keys, handled by their own readers. */
-static const char *const section_names[] = { "defaults", "shards", "fanout", "warnings", "breaker" };
+static const char *const section_names[] = { "defaults", "shards", "fanout", "warnings", "breaker",
+					     "settings" };
 
 struct reader {
 	lua_State *L;
@@ -471,6 +472,56 @@ static int read_defaults(struct reader *r, struct config *cfg)
 	return 0;
 }
 
+/*
+ * `settings`: free-form values for the routing script (require("shardgate").settings).
+ * Keys are names; values strings, numbers, booleans or tables of the same.
+ */
+static int check_settings(struct reader *r, int idx, const char *where, int depth)
+{
+	lua_State *L = r->L;
+	char sub[256];
+	int rc = 0;
+	idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
+	if (depth > 8) {
+		fmt_err(r->err, r->errlen, "%s: %s is nested too deeply", r->file, where);
+		return -1;
+	}
+	lua_pushnil(L);
+	while (rc == 0 && lua_next(L, idx) != 0) {
+		int kt = lua_type(L, -2), vt = lua_type(L, -1);
+		if (kt != LUA_TSTRING && kt != LUA_TNUMBER) {
+			fmt_err(r->err, r->errlen, "%s: %s keys must be names or numbers", r->file, where);
+			rc = -1;
+		} else {
+			lua_pushvalue(L, -2);
+			snprintf(sub, sizeof(sub), "%s.%s", where, lua_tostring(L, -1));
+			lua_pop(L, 1);
+			if (vt == LUA_TTABLE)
+				rc = check_settings(r, -1, sub, depth + 1);
+			else if (vt != LUA_TSTRING && vt != LUA_TNUMBER && vt != LUA_TBOOLEAN) {
+				fmt_err(r->err, r->errlen, "%s: %s must be a string, number, boolean or table, got %s",
+					key_at(r, "settings.", lua_tostring(L, -2)), sub, lua_typename(L, vt));
+				rc = -1;
+			}
+		}
+		lua_pop(L, 1);
+	}
+	if (rc < 0)
+		lua_pop(L, 1);
+	return rc;
+}
+
+static int read_settings(struct reader *r)
+{
+	int rc = 0;
+	if (get_section(r, -1, "settings") < 0)
+		return -1;
+	if (!lua_isnil(r->L, -1))
+		rc = check_settings(r, -1, "settings", 0);
+	lua_pop(r->L, 1);
+	return rc;
+}
+
 static void resolve_paths(struct config *cfg, const char *path)
 {
 	const char *slash = strrchr(path, '/');
@@ -504,6 +555,8 @@ static int read_config(struct reader *r, struct config *cfg)
 			 &cfg->warn_utilization) < 0)
 		return -1;
 	if (read_section(r, "breaker", breaker_keys, ARRAY_LEN(breaker_keys), &cfg->breaker) < 0)
+		return -1;
+	if (read_settings(r) < 0)
 		return -1;
 	for (int i = 0; i < cfg->nshards; i++) {
 		cfg->shards[i].breaker_failures = cfg->breaker.failures;

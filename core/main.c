@@ -187,6 +187,7 @@ static void stop(struct app *app)
 	reload_shutdown();
 	if (generation_current())
 		generation_set_current(NULL);
+	pool_close_all();
 	if (app->drain)
 		event_free(app->drain);
 	if (app->sig_term)

@@ -19,6 +19,8 @@
 /* Seconds idle after which a connection is checked before it is lent. */
 #define POOL_CHECK_IDLE 2.0
 
+static LIST_HEAD(, pool) all_pools = LIST_HEAD_INITIALIZER(all_pools);
+
 static void conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg);
 static void maybe_grow(struct pool *p);
 static void open_conn(struct pool *p);
@@ -54,6 +56,7 @@ static void maybe_free(struct pool *p)
 {
 	if (p->refs > 0 || pool_total(p) > 0)
 		return;
+	LIST_REMOVE(p, all);
 	if (p->maint)
 		event_free(p->maint);
 	if (p->probe_timer)
@@ -189,12 +192,14 @@ static void breaker_failure(struct pool *p)
 
 static void on_connected(struct pool *p, struct pgconn *c)
 {
+	TAILQ_REMOVE(&p->busy, c, link);
 	p->nconnecting--;
 	p->stats.opened++;
 	pool_set_state(p, POOL_STATE_UP);
 	p->recent_failures = 0;
 	if (p->retired || c->target_gen != p->target_gen || pool_total(p) >= p->conf.pool + 1) {
 		close_conn(p, c, "no longer needed");
+		maybe_free(p);
 		return;
 	}
 	hand_out(p, c);
@@ -202,6 +207,7 @@ static void on_connected(struct pool *p, struct pgconn *c)
 
 static void on_connect_failed(struct pool *p, struct pgconn *c)
 {
+	TAILQ_REMOVE(&p->busy, c, link);
 	p->nconnecting--;
 	p->stats.connect_failures++;
 	snprintf(p->last_error, sizeof(p->last_error), "%s", c->error);
@@ -213,6 +219,7 @@ static void on_connect_failed(struct pool *p, struct pgconn *c)
 		fail_waiters(p, p->last_error);
 	else
 		maybe_grow(p);
+	maybe_free(p);
 }
 
 /* Events for connections the pool holds: idle ones (arg is the pool), connecting or cleaning ones (arg NULL). */
@@ -232,6 +239,7 @@ static void conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, vo
 		break;
 	case PGCONN_EV_DONE:
 		/* A cleaning statement finished: try again to give it back. */
+		TAILQ_REMOVE(&p->busy, c, link);
 		p->ncleaning--;
 		p->nlent++;
 		pool_release(c);
@@ -241,6 +249,7 @@ static void conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, vo
 			TAILQ_REMOVE(&p->idle, c, link);
 			p->nidle--;
 		} else {
+			TAILQ_REMOVE(&p->busy, c, link);
 			p->ncleaning--;
 		}
 		log_info("shard %s: connection (pid %d) lost: %s", p->name, c->backend_pid, c->error);
@@ -264,6 +273,7 @@ static void open_conn(struct pool *p)
 	c->target_gen = p->target_gen;
 	/* Jitter spreads reconnects of connections opened together. */
 	c->expires = c->created + p->conf.max_lifetime * (0.8 + 0.2 * ((double)rand() / RAND_MAX));
+	TAILQ_INSERT_TAIL(&p->busy, c, link);
 	p->nconnecting++;
 }
 
@@ -309,7 +319,9 @@ struct pool *pool_new(struct event_base *base, const struct shard_conf *conf)
 	p->conf.url = xstrdup(conf->url);
 	p->base = base;
 	TAILQ_INIT(&p->idle);
+	TAILQ_INIT(&p->busy);
 	TAILQ_INIT(&p->waiters);
+	LIST_INSERT_HEAD(&all_pools, p, all);
 	p->maint = event_new(base, -1, EV_PERSIST, maintain, p);
 	p->probe_timer = evtimer_new(base, on_probe_time, p);
 	if (!p->maint || !p->probe_timer)
@@ -398,6 +410,7 @@ static struct pgconn *take_idle(struct pool *p, bool *checking)
 		if (now - c->last_used < POOL_CHECK_IDLE)
 			return c;
 		if (pgconn_send(c, "", 0, NULL, conn_event, NULL) == 0) {
+			TAILQ_INSERT_TAIL(&p->busy, c, link);
 			p->ncleaning++;
 			*checking = true;
 			return NULL;
@@ -471,6 +484,7 @@ static int clean(struct pool *p, struct pgconn *c, const char *sql)
 	if (pgconn_send(c, sql, 0, NULL, conn_event, NULL) < 0)
 		return -1;
 	p->nlent--;
+	TAILQ_INSERT_TAIL(&p->busy, c, link);
 	p->ncleaning++;
 	return 0;
 }
@@ -540,5 +554,29 @@ void pool_observe_query(struct pool *p, double secs, const char *sqlstate)
 		memcpy(s->errors[s->nerrors].cls, sqlstate, 2);
 		s->errors[s->nerrors].cls[2] = '\0';
 		s->errors[s->nerrors++].n = 1;
+	}
+}
+
+void pool_close_all(void)
+{
+	struct pool *p, *next;
+	struct pgconn *c;
+	for (p = LIST_FIRST(&all_pools); p; p = next) {
+		next = LIST_NEXT(p, all);
+		p->retired = true;
+		while ((c = TAILQ_FIRST(&p->idle)) != NULL) {
+			TAILQ_REMOVE(&p->idle, c, link);
+			p->nidle--;
+			close_conn(p, c, "shutdown");
+		}
+		while ((c = TAILQ_FIRST(&p->busy)) != NULL) {
+			TAILQ_REMOVE(&p->busy, c, link);
+			if (c->state == PGCONN_CONNECTING)
+				p->nconnecting--;
+			else
+				p->ncleaning--;
+			close_conn(p, c, "shutdown");
+		}
+		maybe_free(p);
 	}
 }

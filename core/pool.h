@@ -100,6 +100,8 @@ struct pool {
 	bool retired;
 	unsigned target_gen;     /* bumped when the url changes */
 	struct pgconn_list idle;
+	struct pgconn_list busy;     /* connecting or being cleaned/checked */
+	LIST_ENTRY(pool) all;        /* every pool, for shutdown */
 	int nidle;
 	int nlent;
 	int nconnecting;
@@ -134,6 +136,8 @@ void pool_cancel_wait(struct pool_waiter *w);
 void pool_release(struct pgconn *c);
 
 int pool_total(const struct pool *p);
+/* At exit: close every pool's connections and free pools no generation holds. */
+void pool_close_all(void);
 const char *pool_state_name(enum pool_state st);
 void pool_status(const struct pool *p, struct pool_status *st);
 /* A statement on this shard took secs; sqlstate is NULL on success. */

@@ -485,14 +485,32 @@ static int bridge_log(struct script *s, char *err, size_t errlen)
 	return 0;
 }
 
-static int load_hooks(struct script *s, char *err, size_t errlen)
+/*
+ * Load the script with the config's `settings` table. The config is run
+ * again in this state to get it (env() reads the same environment), which
+ * moves the values between Lua states without serialising them.
+ */
+static int load_hooks(struct script *s, const char *config_path, char *err, size_t errlen)
 {
 	lua_State *L = s->L;
 	if (luaenv_require(L, "shardgate.loader", err, errlen) < 0)
 		return -1;
-	lua_getfield(L, -1, "load_script");
+	lua_getfield(L, -1, "load_config");
+	lua_pushstring(L, config_path);
+	if (lua_pcall(L, 1, 2, 0) != 0 || lua_isnil(L, -2)) {
+		fmt_err(err, errlen, "%s", error_text(L));
+		return -1;
+	}
+	lua_pop(L, 1);
+	lua_getfield(L, -1, "settings");
+	lua_remove(L, -2);
+	lua_createtable(L, 0, 1);
+	lua_insert(L, -2);
+	lua_setfield(L, -2, "settings");       /* opts = { settings = conf.settings } */
+	lua_getfield(L, -2, "load_script");
 	lua_pushstring(L, s->path);
-	if (guarded_call(s, "(main chunk)", 1, 2) != 0) {
+	lua_pushvalue(L, -3);
+	if (guarded_call(s, "(main chunk)", 2, 2) != 0) {
 		fmt_err(err, errlen, "%s", error_text(L));
 		return -1;
 	}
@@ -524,7 +542,7 @@ struct script *script_new(const struct config *cfg, char *err, size_t errlen)
 		goto fail;
 	}
 	lua_sethook(s->L, count_hook, LUA_MASKCOUNT, HOOK_COUNT);
-	if (bridge_log(s, err, errlen) < 0 || load_hooks(s, err, errlen) < 0)
+	if (bridge_log(s, err, errlen) < 0 || load_hooks(s, cfg->path, err, errlen) < 0)
 		goto fail;
 	build_shard_tables(s, cfg);
 	return s;

@@ -192,10 +192,13 @@ end
 
 -- Load the routing script at path in a fresh sandbox and check its hooks.
 -- Returns the hooks table, or nil, message (with path or path:line).
-function loader.load_script(path)
+--
+-- opts.settings: the config's `settings` table, handed to the script as
+-- require("shardgate").settings.
+function loader.load_script(path, opts)
   local src, err = read_source(path, "script")
   if not src then return nil, err end
-  local ok, hooks = run_chunk(src, path, sandbox.new_env())
+  local ok, hooks = run_chunk(src, path, sandbox.new_env(opts and opts.settings))
   if not ok then return nil, hooks end
   err = check_hooks(hooks, path, src)
   if err then return nil, err end

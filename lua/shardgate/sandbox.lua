@@ -80,7 +80,7 @@ end
 -- The restricted require() of one environment. Views are built once per
 -- environment, so every require of a name in one script gets one table,
 -- and "shardgate".hash is that same table as require "shardgate.hash".
-local function make_require()
+local function make_require(settings)
   local loaded = {}
   local function sandboxed_require(name)
     if type(name) ~= "string" or not MODULES[name] then
@@ -92,6 +92,7 @@ local function make_require()
         for _, sub in ipairs({ "hash", "json", "log" }) do
           loaded.shardgate[sub] = sandboxed_require("shardgate." .. sub)
         end
+        loaded.shardgate.settings = settings
       end
     end
     return loaded[name]
@@ -108,7 +109,7 @@ local function table_getmetatable(v)
 end
 
 -- The allowed globals as a plain table: name -> value.
-local function allowed_globals()
+local function allowed_globals(settings)
   local g = {}
   for _, name in ipairs(BASE) do g[name] = rawget(G, name) end
   for name, rule in pairs(LIBRARIES) do
@@ -116,7 +117,7 @@ local function allowed_globals()
     if type(lib) == "table" then g[name] = copy_library(lib, rule) end
   end
   g.getmetatable = table_getmetatable
-  g.require = make_require()
+  g.require = make_require(settings)
   return g
 end
 
@@ -132,8 +133,11 @@ end
 -- is empty and read-only; lookups fall through to the allowed globals, and
 -- a name that is not there raises "unknown global 'x'" at the script's
 -- file:line. Any assignment raises, even to an allowed name.
-function sandbox.new_env()
-  local globals = setmetatable(allowed_globals(), { __index = unknown_global })
+--
+-- settings (optional) is the config's `settings` table; scripts read it as
+-- require("shardgate").settings (an empty table when there is none).
+function sandbox.new_env(settings)
+  local globals = setmetatable(allowed_globals(settings or {}), { __index = unknown_global })
   return setmetatable({}, {
     __index = globals,
     __newindex = assign_global,
