@@ -215,7 +215,7 @@ static void part_run(struct part *p)
 	if (fo->body.timeout > 0 && fo->body.timeout < t)
 		t = fo->body.timeout;
 	p->sent_at = mono_now();
-	if (pgconn_send(p->conn, fo->sql, st->nparams, st->values, on_part_event, p) < 0) {
+	if (pgconn_send_cached(p->conn, fo->sql, st->nparams, st->values, on_part_event, p) < 0) {
 		char msg[320];
 		snprintf(msg, sizeof(msg), "cannot send statement: %s", p->conn->error);
 		part_error(p, "shard_error", msg);

@@ -21,6 +21,8 @@
 
 static void on_io(evutil_socket_t fd, short what, void *arg);
 
+#define CACHE_SLOTS 512     /* power of two; at most half are used */
+
 static void set_error(struct pgconn *c, const char *prefix)
 {
 	const char *msg = c->pg ? PQerrorMessage(c->pg) : "";
@@ -114,6 +116,32 @@ static void on_connect_timeout(evutil_socket_t fd, short what, void *arg)
 	emit(c, PGCONN_EV_FAILED, NULL);
 }
 
+static int send_pending(struct pgconn *c);
+
+/*
+ * Results of the PREPARE step are not the client's: success is swallowed,
+ * an error is the statement's error. A cached statement whose plan went
+ * stale after DDL ("cached plan must not change result type") is re-sent
+ * once unprepared when no transaction is open, so the client never sees it.
+ */
+static bool swallow_result(struct pgconn *c, PGresult *res)
+{
+	const char *st;
+	if (c->pending == PEND_PREPARING) {
+		if (PQresultStatus(res) == PGRES_COMMAND_OK)
+			return true;
+		c->pending_failed = true;
+		return false;
+	}
+	st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+	if (c->pend_entry && st && strcmp(st, "0A000") == 0 &&
+	    PQtransactionStatus(c->pg) != PQTRANS_INERROR && c->pending == PEND_NONE) {
+		c->pending = PEND_RETRY;
+		return true;
+	}
+	return false;
+}
+
 /* Read what arrived and hand out every complete result; DONE at the end. */
 static void read_results(struct pgconn *c)
 {
@@ -124,6 +152,15 @@ static void read_results(struct pgconn *c)
 	while (!PQisBusy(c->pg)) {
 		PGresult *res = PQgetResult(c->pg);
 		if (!res) {
+			if (c->pending != PEND_NONE && !c->pending_failed && PQstatus(c->pg) == CONNECTION_OK) {
+				if (send_pending(c) < 0)
+					broken(c, "");
+				return;
+			}
+			if (c->pending == PEND_PREPARING && c->pend_entry)
+				c->pend_entry->name[0] = '\0'; /* not prepared: try again next time */
+			c->pending = PEND_NONE;
+			c->pend_entry = NULL;
 			c->state = PQstatus(c->pg) == CONNECTION_OK ? PGCONN_IDLE : PGCONN_BROKEN;
 			if (c->state == PGCONN_BROKEN)
 				set_error(c, "");
@@ -131,6 +168,10 @@ static void read_results(struct pgconn *c)
 				watch(c, EV_READ);
 			emit(c, PGCONN_EV_DONE, NULL);
 			return;
+		}
+		if (swallow_result(c, res)) {
+			PQclear(res);
+			continue;
 		}
 		c->keep_result = false;
 		emit(c, PGCONN_EV_RESULT, res);
@@ -237,15 +278,11 @@ void pgconn_set_handler(struct pgconn *c, pgconn_cb cb, void *arg)
 	c->arg = arg;
 }
 
-int pgconn_send(struct pgconn *c, const char *sql, int nparams, const char *const *values,
-		pgconn_cb cb, void *arg)
+/* After a PQsend* call: flush and watch, or mark the connection broken. */
+static int sent(struct pgconn *c, int ok, pgconn_cb cb, void *arg)
 {
-	c->sent = false;
-	if (c->state != PGCONN_IDLE || PQstatus(c->pg) != CONNECTION_OK) {
-		set_error(c, "");
-		return -1;
-	}
-	if (!PQsendQueryParams(c->pg, sql, nparams, NULL, values, NULL, NULL, 0)) {
+	int rc;
+	if (!ok) {
 		set_error(c, "");
 		return -1;
 	}
@@ -254,14 +291,110 @@ int pgconn_send(struct pgconn *c, const char *sql, int nparams, const char *cons
 	c->arg = arg;
 	c->state = PGCONN_BUSY;
 	c->last_used = mono_now();
-	int rc = PQflush(c->pg);
+	rc = PQflush(c->pg);
 	if (rc < 0 || watch(c, rc == 1 ? (EV_READ | EV_WRITE) : EV_READ) < 0) {
-		/* Report asynchronously through the normal path on the next read. */
 		set_error(c, "");
 		c->state = PGCONN_BROKEN;
 		return -1;
 	}
 	return 0;
+}
+
+static bool ready(struct pgconn *c)
+{
+	c->sent = false;
+	c->pending = PEND_NONE;
+	c->pending_failed = false;
+	c->pend_entry = NULL;
+	if (c->state != PGCONN_IDLE || PQstatus(c->pg) != CONNECTION_OK) {
+		set_error(c, "");
+		return false;
+	}
+	return true;
+}
+
+int pgconn_send(struct pgconn *c, const char *sql, int nparams, const char *const *values,
+		pgconn_cb cb, void *arg)
+{
+	if (!ready(c))
+		return -1;
+	return sent(c, PQsendQueryParams(c->pg, sql, nparams, NULL, values, NULL, NULL, 0), cb, arg);
+}
+
+static uint64_t sql_hash(const char *s)
+{
+	uint64_t h = 1469598103934665603ULL;
+	for (; *s; s++)
+		h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+	return h;
+}
+
+/* The slot for sql: its entry, or the empty slot where it would go. */
+static struct stmt_entry *cache_slot(struct pgconn *c, const char *sql, uint64_t h)
+{
+	unsigned i = (unsigned)h & (CACHE_SLOTS - 1);
+	for (;; i = (i + 1) & (CACHE_SLOTS - 1)) {
+		struct stmt_entry *e = &c->cache[i];
+		if (!e->sql || (e->hash == h && strcmp(e->sql, sql) == 0))
+			return e;
+	}
+}
+
+/* The second step after PREPARE (or the re-send after a stale plan). */
+static int send_pending(struct pgconn *c)
+{
+	int ok;
+	if (c->pending == PEND_RETRY) {
+		c->pend_entry->name[0] = '\0'; /* the plan went stale: prepare anew next time */
+		c->pend_entry = NULL;
+		ok = PQsendQueryParams(c->pg, c->pend_sql, c->pend_n, NULL, c->pend_vals, NULL, NULL, 0);
+	} else {
+		ok = PQsendQueryPrepared(c->pg, c->pend_entry->name, c->pend_n, c->pend_vals, NULL, NULL, 0);
+	}
+	c->pending = PEND_NONE;
+	return sent(c, ok, c->cb, c->arg);
+}
+
+int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const char *const *values,
+		       pgconn_cb cb, void *arg)
+{
+	uint64_t h = sql_hash(sql);
+	struct stmt_entry *e;
+
+	if (!ready(c))
+		return -1;
+	if (!c->cache)
+		c->cache = xcalloc(CACHE_SLOTS, sizeof(*c->cache));
+	e = cache_slot(c, sql, h);
+	c->pend_sql = sql;
+	c->pend_n = nparams;
+	c->pend_vals = values;
+	if (e->sql && e->name[0]) {
+		c->pend_entry = e;
+		return sent(c, PQsendQueryPrepared(c->pg, e->name, nparams, values, NULL, NULL, 0), cb, arg);
+	}
+	if (!e->sql && c->ncache >= CACHE_SLOTS / 2)
+		return sent(c, PQsendQueryParams(c->pg, sql, nparams, NULL, values, NULL, NULL, 0), cb, arg);
+	/* Remember it now; a failed PREPARE leaves the entry unnamed (prepare again next time). */
+	if (!e->sql) {
+		e->hash = h;
+		e->sql = xstrdup(sql);
+		c->ncache++;
+	}
+	snprintf(e->name, sizeof(e->name), "sg%u", ++c->next_stmt);
+	c->pend_entry = e;
+	c->pending = PEND_PREPARING;
+	return sent(c, PQsendPrepare(c->pg, e->name, sql, 0, NULL), cb, arg);
+}
+
+void pgconn_cache_clear(struct pgconn *c)
+{
+	if (!c->cache)
+		return;
+	for (int i = 0; i < CACHE_SLOTS; i++)
+		free(c->cache[i].sql);
+	memset(c->cache, 0, CACHE_SLOTS * sizeof(*c->cache));
+	c->ncache = 0;
 }
 
 static void *cancel_thread(void *arg)
@@ -314,5 +447,7 @@ void pgconn_free(struct pgconn *c)
 		event_free(c->timer);
 	if (c->pg)
 		PQfinish(c->pg);
+	pgconn_cache_clear(c);
+	free(c->cache);
 	free(c);
 }

@@ -12,11 +12,19 @@
 #define SG_PGCONN_H
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <libpq-fe.h>
 #include <sys/queue.h>
 
 struct event_base;
 struct pgconn;
+
+/* A statement this connection has prepared on the server (see pgconn_send_cached). */
+struct stmt_entry {
+	uint64_t hash;
+	char *sql;
+	char name[16];
+};
 
 enum pgconn_state {
 	PGCONN_CONNECTING,
@@ -53,6 +61,17 @@ struct pgconn {
 	bool session_dirty;      /* a SET or similar ran outside a transaction */
 	bool keep_result;        /* the RESULT receiver took ownership of res */
 	unsigned target_gen;     /* the pool's url generation it was opened for */
+	/* Prepared-statement cache, keyed by SQL text (open addressing). */
+	struct stmt_entry *cache;
+	int ncache;
+	unsigned next_stmt;
+	/* The statement waiting for its PREPARE to finish, or re-sent after a stale plan. */
+	enum { PEND_NONE, PEND_PREPARING, PEND_RETRY } pending;
+	bool pending_failed;
+	const char *pend_sql;
+	int pend_n;
+	const char *const *pend_vals;
+	struct stmt_entry *pend_entry;
 	void *pool;              /* owner, opaque here */
 	TAILQ_ENTRY(pgconn) link;
 	char error[256];
@@ -68,6 +87,17 @@ void pgconn_set_handler(struct pgconn *c, pgconn_cb cb, void *arg);
 /* Send one statement with text parameters; -1 if it could not be sent (c->error says why). */
 int pgconn_send(struct pgconn *c, const char *sql, int nparams, const char *const *values,
 		pgconn_cb cb, void *arg);
+
+/*
+ * Like pgconn_send, for client statements: the first time a connection sees
+ * a SQL text it prepares it (one extra round trip), afterwards it only binds
+ * and executes the prepared statement, which spares the server parsing and
+ * planning. sql and values must stay valid until DONE.
+ */
+int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const char *const *values,
+		       pgconn_cb cb, void *arg);
+/* Forget prepared statements (after DISCARD ALL, which drops them on the server). */
+void pgconn_cache_clear(struct pgconn *c);
 
 /* Ask the server to cancel the running statement, without blocking the loop. */
 void pgconn_cancel(struct pgconn *c);

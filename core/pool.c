@@ -511,6 +511,7 @@ void pool_release(struct pgconn *c)
 	}
 	if (!why && c->session_dirty) {
 		c->session_dirty = false;
+		pgconn_cache_clear(c);  /* DISCARD ALL drops prepared statements too */
 		if (clean(p, c, "DISCARD ALL") == 0)
 			return;
 		why = "reset failed";

@@ -184,13 +184,13 @@ static bool first_statement(const struct request *r)
 }
 
 /* 0 sent, 1 re-queued for another connection, -1 failed (error set). */
-static int send_sql(struct request *r, const char *sql, int n, const char *const *vals)
+static int send_sql(struct request *r, const char *sql, int n, const char *const *vals, bool cache)
 {
 	struct timeval tv = tv_of(r->timeout);
 	r->cancelled = false;
 	r->sent_at = mono_now();
 	r->sqlstate[0] = '\0';
-	if (pgconn_send(r->conn, sql, n, vals, on_conn_event, r) < 0) {
+	if ((cache ? pgconn_send_cached : pgconn_send)(r->conn, sql, n, vals, on_conn_event, r) < 0) {
 		char msg[320];
 		if (!r->conn->sent && !r->retried && first_statement(r)) {
 			/* Nothing reached the server: try once more on a fresh connection. */
@@ -246,6 +246,7 @@ static bool starts_with_word(const char *sql, const char *word)
 static bool changes_session(const char *sql)
 {
 	static const char *const words[] = { "set", "reset", "listen", "prepare", "declare", "load",
+					     "deallocate", "discard",
 					     "create temp", "create temporary", "create local",
 					     "create global" };
 	const char *s = skip_noise(sql);
@@ -272,21 +273,21 @@ static void run_next(struct request *r)
 	}
 	switch (r->phase) {
 	case PH_BEGIN:
-		rc = send_sql(r, "BEGIN", 0, NULL);
+		rc = send_sql(r, "BEGIN", 0, NULL, false);
 		break;
 	case PH_STMT: {
 		const struct stmt *st = &r->body.stmts[r->cur];
 		if (changes_session(st->sql))
 			r->conn->session_dirty = true;
-		rc = send_sql(r, st->sql, st->nparams, st->values);
+		rc = send_sql(r, st->sql, st->nparams, st->values, !r->conn->session_dirty);
 		break;
 	}
 	case PH_COMMIT:
-		rc = send_sql(r, "COMMIT", 0, NULL);
+		rc = send_sql(r, "COMMIT", 0, NULL, false);
 		break;
 	case PH_ROLLBACK:
 	default:
-		rc = send_sql(r, "ROLLBACK", 0, NULL);
+		rc = send_sql(r, "ROLLBACK", 0, NULL, false);
 		break;
 	}
 	if (rc < 0)
