@@ -197,8 +197,10 @@ static void on_connected(struct pool *p, struct pgconn *c)
 	p->stats.opened++;
 	pool_set_state(p, POOL_STATE_UP);
 	p->recent_failures = 0;
-	if (p->retired || c->target_gen != p->target_gen || pool_total(p) >= p->conf.pool + 1) {
+	/* pool_total no longer counts c: close it if the others already fill the pool. */
+	if (p->retired || c->target_gen != p->target_gen || pool_total(p) >= p->conf.pool) {
 		close_conn(p, c, "no longer needed");
+		maybe_grow(p);
 		maybe_free(p);
 		return;
 	}
