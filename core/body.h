@@ -1,5 +1,5 @@
 /*
- * Decoding request bodies (JSON, via jansson) into statements with text
+ * Decoding request bodies (JSON, via cJSON) into statements with text
  * parameters, as DESIGN.md §5 describes. Pure: no sockets, no database, so
  * it is fuzzed directly (core/test/fuzz_body.c). Every refusal comes with a
  * message that says which field was wrong and why.
@@ -24,13 +24,15 @@ struct order_key {
 };
 
 struct body {
-	void *root;              /* json_t, owns the strings stmts point into */
+	void *root;              /* cJSON, owns the strings stmts point into */
 	struct stmt *stmts;
 	int nstmts;
 	double timeout;          /* seconds; 0 when the body gives none */
 	struct order_key *order; /* fan-out merge order ("order_by") */
 	int norder;
 	long limit;              /* fan-out row limit; 0 when none */
+	const char *src;         /* the raw body, to recover number literals */
+	size_t srclen;
 	char **owned;            /* parameter texts made here (numbers, JSON) */
 	int nowned;
 	int capowned;

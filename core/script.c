@@ -15,6 +15,7 @@
 #include "script.h"
 
 #include <event2/buffer.h>
+#include <ctype.h>
 #include <lauxlib.h>
 #include <math.h>
 #include <stdarg.h>
@@ -68,16 +69,32 @@ static void count_hook(lua_State *L, lua_Debug *ar)
 }
 
 /* pcall fn (at the stack below its nargs arguments) under the deadline. */
-static int guarded_call(struct script *s, const char *hook, int nargs, int nresults)
+static int guarded_call_for(struct script *s, const char *hook, int nargs, int nresults,
+			    double limit)
 {
 	int rc;
+	double saved = s->timeout;
 	s->hook_name = hook;
-	s->deadline = mono_now() + s->timeout;
+	s->timeout = limit;
+	s->deadline = mono_now() + limit;
 	rc = lua_pcall(s->L, nargs, nresults, 0);
 	s->deadline = 0;
+	s->timeout = saved;
 	lua_sethook(s->L, count_hook, LUA_MASKCOUNT, HOOK_COUNT);
 	return rc;
 }
+
+static int guarded_call(struct script *s, const char *hook, int nargs, int nresults)
+{
+	return guarded_call_for(s, hook, nargs, nresults, s->timeout);
+}
+
+/*
+ * Loading runs once per reload, off the request path, and may build large
+ * tables: it gets LOAD_TIMEOUT_FACTOR times script_timeout, at least a second.
+ */
+#define LOAD_TIMEOUT_FACTOR 20
+#define LOAD_TIMEOUT_MIN 1.0
 
 static const char *error_text(lua_State *L)
 {
@@ -96,6 +113,34 @@ static void hook_where(lua_State *L, int ref, char *buf, size_t len)
 		snprintf(buf, len, "%s:%d", ar.short_src, ar.linedefined);
 	else
 		snprintf(buf, len, "?");
+}
+
+/* True when msg starts with "file:line:" (Lua's position prefix). */
+static bool has_position(const char *msg)
+{
+	const char *colon = strchr(msg, ':');
+	if (!colon || colon == msg || !isdigit((unsigned char)colon[1]))
+		return false;
+	for (colon++; isdigit((unsigned char)*colon); colon++)
+		;
+	return *colon == ':';
+}
+
+/*
+ * "hook 'NAME' failed: MESSAGE" for the error at the top of the stack. An
+ * error without a position (a table raised, error("x", 0)) gets the hook's
+ * own file:line, so the operator always learns where to look.
+ */
+static void hook_failure(struct script *s, int ref, const char *name, char *buf, size_t len)
+{
+	const char *msg = error_text(s->L);
+	char where[256];
+	if (has_position(msg)) {
+		snprintf(buf, len, "hook '%s' failed: %s", name, msg);
+		return;
+	}
+	hook_where(s->L, ref, where, sizeof(where));
+	snprintf(buf, len, "hook '%s' failed: %s: %s", name, where, msg);
 }
 
 /* ---- the request table ---- */
@@ -218,7 +263,9 @@ static int call_tenant(struct script *s, struct http_request *req, struct route 
 	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_tenant);
 	lua_pushvalue(L, -2);
 	if (guarded_call(s, "tenant", 1, 1) != 0) {
-		route_error(out, "script_error", "hook 'tenant' failed: %s", error_text(L));
+		char msg[480];
+		hook_failure(s, s->ref_tenant, "tenant", msg, sizeof(msg));
+		route_error(out, "script_error", "%s", msg);
 		lua_pop(L, 1);
 		return -1;
 	}
@@ -243,7 +290,9 @@ static void call_shard(struct script *s, struct route *out)
 	lua_insert(L, -2);
 	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_shards);
 	if (guarded_call(s, "shard", 2, 1) != 0) {
-		route_error(out, "script_error", "hook 'shard' failed: %s", error_text(L));
+		char msg[480];
+		hook_failure(s, s->ref_shard, "shard", msg, sizeof(msg));
+		route_error(out, "script_error", "%s", msg);
 		lua_pop(L, 1);
 		return;
 	}
@@ -251,7 +300,7 @@ static void call_shard(struct script *s, struct route *out)
 		hook_where(L, s->ref_shard, where, sizeof(where));
 		route_error(out, "script_error",
 			    "%s: hook 'shard' returned a %s; expected a shard name (string)", where,
-			    luaL_typename(L, -2));
+			    luaL_typename(L, -1));
 		lua_pop(L, 2);
 		return;
 	}
@@ -369,7 +418,9 @@ static void call_fanout(struct script *s, struct route *out)
 	lua_pushvalue(L, -2);
 	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_shards);
 	if (guarded_call(s, "fanout", 2, 1) != 0) {
-		route_error(out, "script_error", "hook 'fanout' failed: %s", error_text(L));
+		char msg[480];
+		hook_failure(s, s->ref_fanout, "fanout", msg, sizeof(msg));
+		route_error(out, "script_error", "%s", msg);
 		return;
 	}
 	if (lua_isnil(L, -1)) {
@@ -510,7 +561,9 @@ static int load_hooks(struct script *s, const char *config_path, char *err, size
 	lua_getfield(L, -2, "load_script");
 	lua_pushstring(L, s->path);
 	lua_pushvalue(L, -3);
-	if (guarded_call(s, "(main chunk)", 2, 2) != 0) {
+	if (guarded_call_for(s, "(main chunk)", 2, 2,
+			     s->timeout * LOAD_TIMEOUT_FACTOR > LOAD_TIMEOUT_MIN
+				     ? s->timeout * LOAD_TIMEOUT_FACTOR : LOAD_TIMEOUT_MIN) != 0) {
 		fmt_err(err, errlen, "%s", error_text(L));
 		return -1;
 	}
@@ -607,7 +660,7 @@ void script_warnings(struct script *s, const struct pool_status *st, int n, stru
 	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_warnings);
 	push_status(L, st, n);
 	if (guarded_call(s, "warnings", 1, 1) != 0) {
-		snprintf(msg, sizeof(msg), "warnings hook failed: %s", error_text(L));
+		hook_failure(s, s->ref_warnings, "warnings", msg, sizeof(msg));
 		add_warning(b, count, msg);
 		log_warn("%s", msg);
 		goto done;
