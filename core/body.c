@@ -113,7 +113,7 @@ static int number_text(struct body *b, const cJSON *v, const char **out, const c
 	char num[64];
 	double d = v->valuedouble;
 	if (d == floor(d) && fabs(d) < MAX_EXACT_INT) {
-		snprintf(num, sizeof(num), "%.0f", d);
+		fmt_int(num, (long long)d);
 	} else if (d == floor(d) && isfinite(d)) {
 		*out = exact_integer(b, v);
 		if (*out)
@@ -130,9 +130,10 @@ static int number_text(struct body *b, const cJSON *v, const char **out, const c
 	return 0;
 }
 
-static int param_text(struct body *b, const cJSON *v, const char **out, const char *what,
+static int param_text(struct body *b, const cJSON *v, const char **out, const char *stmt, int index,
 		      char *err, size_t errlen)
 {
+	char what[64];
 	*out = NULL;
 	if (cJSON_IsNull(v))
 		return 0;
@@ -143,7 +144,15 @@ static int param_text(struct body *b, const cJSON *v, const char **out, const ch
 	} else if (cJSON_IsString(v)) {
 		*out = v->valuestring;
 	} else if (cJSON_IsNumber(v)) {
-		return number_text(b, v, out, what, err, errlen);
+		/* Named only for an error message; formatting it every time is measurable. */
+		int rc = number_text(b, v, out, "", err, errlen);
+		if (rc < 0) {
+			char why[400];
+			str_copy(why, sizeof(why), err);
+			snprintf(what, sizeof(what), "%s: params[%d]", stmt, index);
+			fmt_err(err, errlen, "%s%s", what, why);
+		}
+		return rc;
 	} else {
 		char *s = cJSON_PrintUnformatted(v);
 		if (!s)
@@ -188,7 +197,6 @@ static int parse_stmt(struct body *b, const cJSON *obj, struct stmt *st, const c
 		      char *err, size_t errlen)
 {
 	const cJSON *sql = member(obj, "sql"), *params = member(obj, "params");
-	char pwhat[64];
 
 	if (!cJSON_IsString(sql) || !sql->valuestring[0]) {
 		fmt_err(err, errlen, "%s: 'sql' is required and must be a non-empty string", what);
@@ -212,8 +220,7 @@ static int parse_stmt(struct body *b, const cJSON *obj, struct stmt *st, const c
 	const cJSON *v;
 	int i = 0;
 	cJSON_ArrayForEach(v, params) {
-		snprintf(pwhat, sizeof(pwhat), "%s: params[%d]", what, i + 1);
-		if (param_text(b, v, &st->values[i], pwhat, err, errlen) < 0)
+		if (param_text(b, v, &st->values[i], what, i + 1, err, errlen) < 0)
 			return -1;
 		i++;
 	}

@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "util.h"
+
 /* Built-in type OIDs (pg_type.dat); stable across PostgreSQL versions. */
 enum {
 	OID_BOOL = 16, OID_BYTEA = 17, OID_CHAR = 18, OID_NAME = 19, OID_INT8 = 20,
@@ -208,7 +210,11 @@ void jsonw_result_body(struct evbuffer *b, const PGresult *res)
 
 	evbuffer_add(b, "\"command\":", 10);
 	jsonw_string(b, status, sp ? (size_t)(sp - status) : strlen(status));
-	evbuffer_add_printf(b, ",\"row_count\":%ld,", count);
+	char num[24];
+	size_t n = fmt_int(num, count);
+	evbuffer_add(b, ",\"row_count\":", 13);
+	evbuffer_add(b, num, n);
+	evbuffer_add(b, ",", 1);
 	jsonw_fields(b, res);
 	evbuffer_add(b, ",", 1);
 	jsonw_rows(b, res);

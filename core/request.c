@@ -380,7 +380,7 @@ static void start_statements(struct request *r)
 {
 	evbuffer_drain(r->out, evbuffer_get_length(r->out));
 	if (r->kind == BODY_TRANSACTION) {
-		evbuffer_add_printf(r->out, "{\"shard\":");
+		evbuffer_add(r->out, "{\"shard\":", 9);
 		jsonw_cstring(r->out, r->shard->name);
 		evbuffer_add(r->out, ",\"results\":[", 12);
 		r->phase = PH_BEGIN;
@@ -482,7 +482,7 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 		return;
 	}
 	script_route(r->gen->script, http, kind == BODY_QUERY, &r->route);
-	snprintf(http->info.tenant, sizeof(http->info.tenant), "%.63s", r->route.tenant);
+	str_copy(http->info.tenant, sizeof(http->info.tenant), r->route.tenant);
 	if (r->route.kind == ROUTE_FANOUT) {
 		fanout_start(http, r->gen, &r->body, &r->route);
 		request_free(r);
@@ -499,7 +499,7 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 		return;
 	}
 	r->shard = &r->gen->cfg->shards[r->route.shard];
-	snprintf(http->info.shard, sizeof(http->info.shard), "%s", r->shard->name);
+	str_copy(http->info.shard, sizeof(http->info.shard), r->shard->name);
 	r->pool = r->gen->pools[r->route.shard];
 	r->timeout = r->shard->statement_timeout;
 	if (r->body.timeout > 0 && r->body.timeout < r->timeout)

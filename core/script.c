@@ -47,6 +47,7 @@ struct script {
 	int ref_shards;           /* the list of shard names, natural order */
 	int ref_index;            /* name -> 0-based index */
 	int ref_req_mt;
+	int ref_header_mt;
 	struct http_request *cur; /* the request whose hooks are running */
 	unsigned serial;
 	int nshards;
@@ -192,6 +193,69 @@ static void push_query(lua_State *L, const char *q)
 	}
 }
 
+/* The request a proxy table (req, req.header) belongs to, or an error if it is gone. */
+static struct http_request *current(lua_State *L, struct script *s, int idx)
+{
+	lua_pushlightuserdata(L, &serial_key);
+	lua_rawget(L, idx);
+	if (!s->cur || lua_tonumber(L, -1) != (lua_Number)s->serial)
+		luaL_error(L, "req is only valid while its hooks run");
+	lua_pop(L, 1);
+	return s->cur;
+}
+
+/*
+ * req.header[name]: one header, looked up when asked (names are
+ * case-insensitive; repeated headers joined with ", "). Building a table of
+ * every header for each request cost more than the rest of routing.
+ */
+static int l_header_index(lua_State *L)
+{
+	struct script *s = lua_touserdata(L, lua_upvalueindex(1));
+	struct http_request *req = current(L, s, 1);
+	size_t len;
+	const char *key = lua_tolstring(L, 2, &len);
+	char name[128];
+	int found = 0;
+
+	if (!key || len >= sizeof(name))
+		return 0;
+	for (size_t i = 0; i <= len; i++)
+		name[i] = (char)tolower((unsigned char)key[i]);
+	for (int i = 0; i < req->head.nheaders; i++) {
+		if (strcmp(req->head.headers[i].name, name) != 0)
+			continue;
+		if (found++)
+			lua_pushliteral(L, ", ");
+		lua_pushstring(L, req->head.headers[i].value);
+	}
+	if (!found)
+		return 0;
+	lua_concat(L, 2 * found - 1);
+	lua_pushvalue(L, 2);
+	lua_pushvalue(L, -2);
+	lua_rawset(L, 1);
+	return 1;
+}
+
+/* req.header(): every header as a plain table, for iteration. */
+static int l_header_all(lua_State *L)
+{
+	struct script *s = lua_touserdata(L, lua_upvalueindex(1));
+	push_headers(L, current(L, s, 1));
+	return 1;
+}
+
+static void push_header_proxy(lua_State *L, struct script *s)
+{
+	lua_createtable(L, 0, 2);
+	lua_pushlightuserdata(L, &serial_key);
+	lua_pushnumber(L, (lua_Number)s->serial);
+	lua_rawset(L, -3);
+	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_header_mt);
+	lua_setmetatable(L, -2);
+}
+
 static int l_req_index(lua_State *L)
 {
 	struct script *s = lua_touserdata(L, lua_upvalueindex(1));
@@ -203,7 +267,7 @@ static int l_req_index(lua_State *L)
 	if (!key)
 		return 0;
 	if (strcmp(key, "header") == 0)
-		push_headers(L, s->cur);
+		push_header_proxy(L, s);
 	else if (strcmp(key, "query") == 0)
 		push_query(L, s->cur->head.query);
 	else if (strcmp(key, "body") == 0)
@@ -520,6 +584,16 @@ static void build_shard_tables(struct script *s, const struct config *cfg)
 	lua_pushcclosure(L, l_req_index, 1);
 	lua_setfield(L, -2, "__index");
 	s->ref_req_mt = luaL_ref(L, LUA_REGISTRYINDEX);
+	lua_createtable(L, 0, 3);
+	lua_pushlightuserdata(L, s);
+	lua_pushcclosure(L, l_header_index, 1);
+	lua_setfield(L, -2, "__index");
+	lua_pushlightuserdata(L, s);
+	lua_pushcclosure(L, l_header_all, 1);
+	lua_setfield(L, -2, "__call");
+	lua_pushboolean(L, 0);
+	lua_setfield(L, -2, "__metatable");
+	s->ref_header_mt = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
 /* Route shardgate.log through the gateway's logger. */

@@ -136,3 +136,32 @@ void fmt_err(char *buf, size_t len, const char *fmt, ...)
 	vsnprintf(buf, len, fmt, ap);
 	va_end(ap);
 }
+
+size_t str_copy(char *dst, size_t size, const char *src)
+{
+	size_t n = strlen(src);
+	if (!size)
+		return 0;
+	if (n >= size)
+		n = size - 1;
+	memcpy(dst, src, n);
+	dst[n] = '\0';
+	return n;
+}
+
+size_t fmt_int(char *buf, long long v)
+{
+	char tmp[24];
+	size_t n = 0, len = 0;
+	unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+	do {
+		tmp[n++] = (char)('0' + u % 10);
+		u /= 10;
+	} while (u);
+	if (v < 0)
+		buf[len++] = '-';
+	while (n)
+		buf[len++] = tmp[--n];
+	buf[len] = '\0';
+	return len;
+}

@@ -28,6 +28,11 @@ int natural_cmp(const char *a, const char *b);
 /* Levenshtein distance, for "did you mean" suggestions. */
 int edit_distance(const char *a, const char *b);
 
+/* Copy src into dst[size], cut and terminated; returns the length copied. */
+size_t str_copy(char *dst, size_t size, const char *src);
+/* Decimal digits of v into buf (at least 21 bytes), terminated; returns the length. */
+size_t fmt_int(char *buf, long long v);
+
 /* Copy into a fixed buffer with printf formatting; always terminated. */
 void fmt_err(char *buf, size_t len, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));

@@ -255,4 +255,73 @@ return {
       assert.same({ { dbs[1] } }, res.json.results[1].rows)
     end)
   end)
+
+  describe("with req.header", function()
+    local gw
+
+    setup(function()
+      -- The tenant names what the hook saw, so each answer tells the spec
+      -- how req.header behaved; shard() sends every tenant to shard_0.
+      gw = helpers.start_gateway({
+        shards = helpers.shards_config(dbs),
+        script = [[
+local stash
+return {
+  tenant = function(req)
+    local mode = req.header["x-mode"]
+    if mode == "mixed-case" then return req.header["X-Org"] end
+    if mode == "repeated" then return req.header["x-org"] end
+    if mode == "all" then
+      local names = {}
+      for name in pairs(req.header()) do names[#names + 1] = name end
+      table.sort(names)
+      return table.concat(names, ",")
+    end
+    if mode == "stash" then stash = req.header; return "stashed" end
+    if mode == "stale" then return stash["x-org"] end
+    return req.header["x-org"]
+  end,
+  shard = function(tenant, shards) return shards[1] end,
+}
+]],
+        config = { access_log = "on" },
+      })
+    end)
+
+    local function tenant_of(headers)
+      local res = gw:post("/query", { sql = "SELECT 1" }, headers)
+      return res, gw:log():match(".*access method=POST path=/query tenant=(%S+)")
+    end
+
+    it("looks names up case-insensitively", function()
+      local res, t = tenant_of({ ["x-mode"] = "mixed-case", ["X-ORG"] = "acme" })
+      assert.equal(200, res.status, res.body)
+      assert.equal("acme", t)
+    end)
+
+    it("joins a repeated header with a comma", function()
+      local conn = gw:connect()
+      conn:send_raw("POST /query HTTP/1.1\r\nHost: x\r\nX-Mode: repeated\r\nX-Org: a\r\n"
+        .. "X-Org: b\r\nContent-Length: 18\r\n\r\n{\"sql\":\"SELECT 1\"}")
+      local res = conn:receive(5)
+      conn:close()
+      assert.equal(200, res.status, res.body)
+      assert.matches('tenant="a, b"', gw:log(), 1, true)
+    end)
+
+    it("gives every header as a table when called: req.header()", function()
+      local res, t = tenant_of({ ["x-mode"] = "all", ["x-org"] = "1" })
+      assert.equal(200, res.status, res.body)
+      assert.matches("x-mode", t, 1, true)
+      assert.matches("x-org", t, 1, true)
+    end)
+
+    it("refuses to be read after its request's hooks returned", function()
+      assert.equal(200, (tenant_of({ ["x-mode"] = "stash", ["x-org"] = "1" })).status)
+      local res = gw:post("/query", { sql = "SELECT 1" }, { ["x-mode"] = "stale" })
+      assert.equal(500, res.status)
+      assert.equal("script_error", res.json.code)
+      assert.matches("req is only valid while its hooks run", res.json.error, 1, true)
+    end)
+  end)
 end)
