@@ -8,12 +8,12 @@
 # `make deps` installs Debian packages with apt-get (as root) only when one is missing.
 
 PKGS := gcc make pkg-config libluajit2-5.1-dev luajit2 libevent-dev libpq-dev \
-        libcjson-dev lua-busted lua-socket lua-posix postgresql postgresql-contrib curl
+        libcjson-dev libssl-dev lua-busted lua-socket lua-posix postgresql postgresql-contrib curl
 
 CC      ?= cc
-PKG_CFLAGS := $(shell pkg-config --cflags luajit libevent libcjson 2>/dev/null) \
+PKG_CFLAGS := $(shell pkg-config --cflags luajit libevent libcjson openssl 2>/dev/null) \
               -I$(shell pg_config --includedir 2>/dev/null || echo /usr/include/postgresql)
-PKG_LIBS   := $(shell pkg-config --libs luajit libevent libcjson 2>/dev/null) -lpq -pthread -lm
+PKG_LIBS   := $(shell pkg-config --libs luajit libevent libcjson openssl 2>/dev/null) -lpq -pthread -lm
 WARN    := -Wall -Wextra -Wshadow -Wno-unused-parameter -Wstrict-prototypes
 CFLAGS  ?= -O2 -g
 ALL_CFLAGS = -std=gnu11 -D_GNU_SOURCE $(WARN) $(CFLAGS) $(PKG_CFLAGS)

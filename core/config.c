@@ -38,6 +38,7 @@ struct conf_key {
 	size_t offset;
 	const char *def;   /* default, in Lua literal form; NULL: none */
 	bool reload;       /* a reload applies it (else needs a restart) */
+	bool secret;       /* shown as "***" by /admin/config */
 };
 
 #define TOP(f) offsetof(struct config, f)
@@ -45,56 +46,69 @@ struct conf_key {
 #define FAN(f) offsetof(struct fanout_conf, f)
 
 static const struct conf_key top_keys[] = {
-	{ "listen", CT_STRING, TOP(listen), "\"127.0.0.1:8080\"", false },
-	{ "admin_listen", CT_STRING, TOP(admin_listen), "\"127.0.0.1:8081\"", false },
-	{ "script", CT_STRING, TOP(script), NULL, true },
-	{ "watch", CT_BOOL, TOP(watch), "false", true },
-	{ "max_body", CT_POSITIVE, TOP(max_body), "1048576", true },
-	{ "script_timeout", CT_DURATION, TOP(script_timeout), "0.05", true },
-	{ "script_memory", CT_POSITIVE, TOP(script_memory), "67108864", true },
-	{ "shutdown_timeout", CT_DURATION, TOP(shutdown_timeout), "30", true },
-	{ "client_timeout", CT_DURATION, TOP(client_timeout), "10", true },
-	{ "keepalive_timeout", CT_DURATION, TOP(keepalive_timeout), "75", true },
-	{ "log_level", CT_STRING, TOP(log_level), "\"info\"", true },
-	{ "access_log", CT_STRING, TOP(access_log), "\"errors\"", true },
-	{ "access_log_file", CT_STRING, TOP(access_log_file), "\"stderr\"", true },
+	{ "listen", CT_STRING, TOP(listen), "\"127.0.0.1:8080\"", false, false },
+	{ "admin_listen", CT_STRING, TOP(admin_listen), "\"127.0.0.1:8081\"", false, false },
+	{ "script", CT_STRING, TOP(script), NULL, true, false },
+	{ "watch", CT_BOOL, TOP(watch), "false", true, false },
+	{ "max_body", CT_POSITIVE, TOP(max_body), "1048576", true, false },
+	{ "script_timeout", CT_DURATION, TOP(script_timeout), "0.05", true, false },
+	{ "script_memory", CT_POSITIVE, TOP(script_memory), "67108864", true, false },
+	{ "shutdown_timeout", CT_DURATION, TOP(shutdown_timeout), "30", true, false },
+	{ "client_timeout", CT_DURATION, TOP(client_timeout), "10", true, false },
+	{ "keepalive_timeout", CT_DURATION, TOP(keepalive_timeout), "75", true, false },
+	{ "log_level", CT_STRING, TOP(log_level), "\"info\"", true, false },
+	{ "access_log", CT_STRING, TOP(access_log), "\"errors\"", true, false },
+	{ "access_log_file", CT_STRING, TOP(access_log_file), "\"stderr\"", true, false },
+	{ "admin_token", CT_STRING, TOP(admin_token), NULL, true, true },
 };
 
 /* Settings of one shard; `defaults` holds all but url. */
 static const struct conf_key shard_keys[] = {
-	{ "url", CT_STRING, SHARD(url), NULL, true },
-	{ "pool", CT_POSITIVE, SHARD(pool), "5", true },
-	{ "min_idle", CT_COUNT, SHARD(min_idle), "0", true },
-	{ "checkout_timeout", CT_DURATION, SHARD(checkout_timeout), "5", true },
-	{ "max_waiting", CT_COUNT, SHARD(max_waiting), "256", true },
-	{ "connect_timeout", CT_DURATION, SHARD(connect_timeout), "5", true },
-	{ "idle_timeout", CT_DURATION, SHARD(idle_timeout), "300", true },
-	{ "max_lifetime", CT_DURATION, SHARD(max_lifetime), "3600", true },
-	{ "statement_timeout", CT_DURATION, SHARD(statement_timeout), "30", true },
+	{ "url", CT_STRING, SHARD(url), NULL, true, false },
+	{ "pool", CT_POSITIVE, SHARD(pool), "5", true, false },
+	{ "min_idle", CT_COUNT, SHARD(min_idle), "0", true, false },
+	{ "checkout_timeout", CT_DURATION, SHARD(checkout_timeout), "5", true, false },
+	{ "max_waiting", CT_COUNT, SHARD(max_waiting), "256", true, false },
+	{ "connect_timeout", CT_DURATION, SHARD(connect_timeout), "5", true, false },
+	{ "idle_timeout", CT_DURATION, SHARD(idle_timeout), "300", true, false },
+	{ "max_lifetime", CT_DURATION, SHARD(max_lifetime), "3600", true, false },
+	{ "statement_timeout", CT_DURATION, SHARD(statement_timeout), "30", true, false },
 };
 
 static const struct conf_key fanout_keys[] = {
-	{ "concurrency", CT_POSITIVE, FAN(concurrency), "5", true },
-	{ "timeout", CT_DURATION, FAN(timeout), "30", true },
-	{ "max_rows", CT_POSITIVE, FAN(max_rows), "100000", true },
+	{ "concurrency", CT_POSITIVE, FAN(concurrency), "5", true, false },
+	{ "timeout", CT_DURATION, FAN(timeout), "30", true, false },
+	{ "max_rows", CT_POSITIVE, FAN(max_rows), "100000", true, false },
 };
 
 #define BRK(f) offsetof(struct breaker_conf, f)
 
 static const struct conf_key breaker_keys[] = {
-	{ "failures", CT_POSITIVE, BRK(failures), "5", true },
-	{ "window", CT_DURATION, BRK(window), "10", true },
-	{ "backoff", CT_DURATION, BRK(backoff), "1", true },
-	{ "max_backoff", CT_DURATION, BRK(max_backoff), "30", true },
+	{ "failures", CT_POSITIVE, BRK(failures), "5", true, false },
+	{ "window", CT_DURATION, BRK(window), "10", true, false },
+	{ "backoff", CT_DURATION, BRK(backoff), "1", true, false },
+	{ "max_backoff", CT_DURATION, BRK(max_backoff), "30", true, false },
 };
 
 static const struct conf_key warning_keys[] = {
-	{ "utilization", CT_PERCENT, 0, "80", true },
+	{ "utilization", CT_PERCENT, 0, "80", true, false },
 };
 
 /* Table-valued top-level keys, handled by their own readers. */
 static const char *const section_names[] = { "defaults", "shards", "fanout", "warnings", "breaker",
-					     "settings" };
+					     "settings", "auth" };
+
+#define AUTH(f) offsetof(struct auth_conf, f)
+
+/* auth = { mode = ..., ... }; `mode`, `keys` and `public_key_file` are read by read_auth. */
+static const struct conf_key auth_keys[] = {
+	{ "alg", CT_STRING, AUTH(jwt_alg), "\"HS256\"", true, false },
+	{ "secret", CT_STRING, AUTH(jwt_secret), NULL, true, true },
+	{ "public_key", CT_STRING, AUTH(jwt_public_key), NULL, true, false },
+	{ "tenant_claim", CT_STRING, AUTH(tenant_claim), "\"tenant\"", true, false },
+	{ "leeway", CT_DURATION, AUTH(leeway), NULL, true, false },
+};
+static const char *const auth_sections[] = { "mode", "keys", "public_key_file" };
 
 struct reader {
 	lua_State *L;
@@ -522,6 +536,130 @@ static int read_settings(struct reader *r)
 	return rc;
 }
 
+/* keys = { { name = ..., key = ..., tenants = "*" | { ... } }, ... } */
+static int read_api_key(struct reader *r, int i, struct api_key *k)
+{
+	lua_State *L = r->L;
+	char where[64];
+	snprintf(where, sizeof(where), "auth.keys[%d]", i);
+	if (!lua_istable(L, -1)) {
+		fmt_err(r->err, r->errlen, "%s: %s must be a table {name = ..., key = ..., tenants = ...}", r->file, where);
+		return -1;
+	}
+	lua_getfield(L, -1, "key");
+	if (lua_type(L, -1) != LUA_TSTRING || lua_objlen(L, -1) < 8) {
+		fmt_err(r->err, r->errlen, "%s: %s.key must be a string of at least 8 characters", r->file, where);
+		lua_pop(L, 1);
+		return -1;
+	}
+	auth_digest(lua_tostring(L, -1), k->digest);
+	lua_pop(L, 1);
+	lua_getfield(L, -1, "name");
+	k->name = xstrdup(lua_isstring(L, -1) ? lua_tostring(L, -1) : where);
+	lua_pop(L, 1);
+	lua_getfield(L, -1, "tenants");
+	if (lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), "*") == 0) {
+		k->all = true;
+	} else if (lua_istable(L, -1)) {
+		int n = (int)lua_objlen(L, -1);
+		k->tenants = xcalloc((size_t)(n ? n : 1), sizeof(char *));
+		for (int t = 1; t <= n; t++) {
+			lua_rawgeti(L, -1, t);
+			if (!lua_isstring(L, -1)) {
+				fmt_err(r->err, r->errlen, "%s: %s.tenants[%d] must be a tenant id", r->file, where, t);
+				lua_pop(L, 2);
+				return -1;
+			}
+			k->tenants[k->ntenants++] = xstrdup(lua_tostring(L, -1));
+			lua_pop(L, 1);
+		}
+	} else {
+		fmt_err(r->err, r->errlen, "%s: %s.tenants must be \"*\" or a list of tenant ids", r->file, where);
+		lua_pop(L, 1);
+		return -1;
+	}
+	lua_pop(L, 1);
+	return 0;
+}
+
+static int read_auth_mode(struct reader *r, struct auth_conf *a)
+{
+	lua_getfield(r->L, -1, "mode");
+	const char *m = lua_isstring(r->L, -1) ? lua_tostring(r->L, -1) : "off";
+	if (strcmp(m, "off") == 0)
+		a->mode = AUTH_OFF;
+	else if (strcmp(m, "api_key") == 0)
+		a->mode = AUTH_API_KEY;
+	else if (strcmp(m, "jwt") == 0)
+		a->mode = AUTH_JWT;
+	else {
+		fmt_err(r->err, r->errlen, "%s: auth.mode must be \"off\", \"api_key\" or \"jwt\", got '%s'",
+			key_at(r, "auth.", "mode"), m);
+		lua_pop(r->L, 1);
+		return -1;
+	}
+	lua_pop(r->L, 1);
+	return 0;
+}
+
+static int read_public_key_file(struct reader *r, struct auth_conf *a, const char *dir)
+{
+	char path[2048];
+	lua_getfield(r->L, -1, "public_key_file");
+	if (lua_isnil(r->L, -1)) {
+		lua_pop(r->L, 1);
+		return 0;
+	}
+	const char *f = lua_tostring(r->L, -1);
+	snprintf(path, sizeof(path), "%s%s%s", f && f[0] != '/' ? dir : "", f && f[0] != '/' ? "/" : "",
+		 f ? f : "");
+	lua_pop(r->L, 1);
+	free(a->jwt_public_key);
+	a->jwt_public_key = read_text(path);
+	if (!a->jwt_public_key) {
+		fmt_err(r->err, r->errlen, "%s: cannot read auth.public_key_file %s", r->file, path);
+		return -1;
+	}
+	return 0;
+}
+
+static int read_auth(struct reader *r, struct config *cfg, const char *dir)
+{
+	struct auth_conf *a = &cfg->auth;
+	int rc = 0;
+	apply_defaults(r, auth_keys, ARRAY_LEN(auth_keys), a);
+	if (get_section(r, -1, "auth") < 0)
+		return -1;
+	if (lua_isnil(r->L, -1)) {
+		lua_pop(r->L, 1);
+		return 0;
+	}
+	if (read_table(r, -1, "auth.", auth_keys, ARRAY_LEN(auth_keys), a, auth_sections,
+		       ARRAY_LEN(auth_sections)) < 0 || read_auth_mode(r, a) < 0 ||
+	    read_public_key_file(r, a, dir) < 0) {
+		lua_pop(r->L, 1);
+		return -1;
+	}
+	lua_getfield(r->L, -1, "keys");
+	if (a->mode == AUTH_API_KEY) {
+		int n = lua_istable(r->L, -1) ? (int)lua_objlen(r->L, -1) : 0;
+		if (n == 0) {
+			fmt_err(r->err, r->errlen, "%s: auth.keys must list at least one key for mode \"api_key\"", r->file);
+			rc = -1;
+		}
+		a->keys = xcalloc((size_t)(n ? n : 1), sizeof(struct api_key));
+		for (int i = 1; rc == 0 && i <= n; i++) {
+			lua_rawgeti(r->L, -1, i);
+			rc = read_api_key(r, i, &a->keys[a->nkeys++]);
+			lua_pop(r->L, 1);
+		}
+	}
+	lua_pop(r->L, 2);
+	if (rc == 0)
+		rc = auth_prepare(a, r->file, r->err, r->errlen);
+	return rc;
+}
+
 static void resolve_paths(struct config *cfg, const char *path)
 {
 	const char *slash = strrchr(path, '/');
@@ -558,6 +696,23 @@ static int read_config(struct reader *r, struct config *cfg)
 		return -1;
 	if (read_settings(r) < 0)
 		return -1;
+	{
+		const char *slash = strrchr(r->file, '/');
+		char dir[2048];
+		if (slash && (size_t)(slash - r->file) < sizeof(dir))
+			memcpy(dir, r->file, (size_t)(slash - r->file)), dir[slash - r->file] = '\0';
+		else
+			strcpy(dir, ".");
+		if (read_auth(r, cfg, dir) < 0)
+			return -1;
+	}
+	if (cfg->admin_token) {
+		if (strlen(cfg->admin_token) < 16) {
+			fmt_err(r->err, r->errlen, "%s: admin_token must be at least 16 characters", key_at(r, "", "admin_token"));
+			return -1;
+		}
+		auth_digest(cfg->admin_token, cfg->admin_digest);
+	}
 	for (int i = 0; i < cfg->nshards; i++) {
 		cfg->shards[i].breaker_failures = cfg->breaker.failures;
 		cfg->shards[i].breaker_window = cfg->breaker.window;
@@ -644,6 +799,8 @@ void config_free(struct config *cfg)
 	free(cfg->log_level);
 	free(cfg->access_log);
 	free(cfg->access_log_file);
+	free(cfg->admin_token);
+	auth_conf_free(&cfg->auth);
 	free(cfg);
 }
 
@@ -693,6 +850,10 @@ void config_mask_url(const char *url, char *out, size_t len)
 static void json_value(struct evbuffer *b, const struct conf_key *k, const void *base)
 {
 	const char *field = (const char *)base + k->offset;
+	if (k->secret) {
+		jsonw_cstring(b, "***");
+		return;
+	}
 	switch (k->type) {
 	case CT_STRING: {
 		const char *s = *(char *const *)field;
@@ -760,5 +921,17 @@ void config_write_json(const struct config *cfg, struct evbuffer *b)
 	json_object(b, "fanout", fanout_keys, ARRAY_LEN(fanout_keys), &cfg->fanout);
 	json_object(b, "warnings", warning_keys, ARRAY_LEN(warning_keys), &cfg->warn_utilization);
 	json_object(b, "breaker", breaker_keys, ARRAY_LEN(breaker_keys), &cfg->breaker);
+	{
+		static const char *const modes[] = { "off", "api_key", "jwt" };
+		evbuffer_add_printf(b, ",\"auth\":{\"mode\":\"%s\",\"keys\":[", modes[cfg->auth.mode]);
+		for (int i = 0; i < cfg->auth.nkeys; i++) {
+			evbuffer_add(b, i ? ",{\"name\":" : "{\"name\":", i ? 10 : 9);
+			jsonw_cstring(b, cfg->auth.keys[i].name);
+			evbuffer_add(b, ",\"key\":\"***\"}", 14);
+		}
+		evbuffer_add_printf(b, "],\"alg\":");
+		jsonw_cstring(b, cfg->auth.mode == AUTH_JWT ? cfg->auth.jwt_alg : NULL);
+		evbuffer_add_printf(b, ",\"secret\":%s}", cfg->auth.jwt_secret ? "\"***\"" : "null");
+	}
 	evbuffer_add(b, "}", 1);
 }

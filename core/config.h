@@ -9,6 +9,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "auth.h"
+
 struct shard_conf {
 	char *name;
 	char *url;
@@ -56,6 +58,9 @@ struct config {
 	char *log_level;
 	char *access_log;         /* "on", "off", "errors" */
 	char *access_log_file;    /* path or "stderr" */
+	char *admin_token;        /* NULL: the admin listener needs no token */
+	unsigned char admin_digest[32];
+	struct auth_conf auth;
 	struct shard_conf defaults;
 	struct shard_conf *shards;  /* natural order of names */
 	int nshards;

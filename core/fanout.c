@@ -293,23 +293,79 @@ struct row_ref {
 struct merge_ctx {
 	const int *cols;
 	const bool *desc;
-	const bool *numeric;
+	const enum key_kind *kinds;
 	int n;
 };
 
-static bool is_numeric_type(Oid t)
+enum key_kind { KEY_TEXT, KEY_FLOAT, KEY_DECIMAL };
+
+/* Integers and numeric compare exactly as decimals; float4/float8 as doubles. */
+static enum key_kind key_kind_of(Oid t)
 {
-	return t == 20 || t == 21 || t == 23 || t == 26 || t == 700 || t == 701 || t == 1700;
+	if (t == 700 || t == 701)
+		return KEY_FLOAT;
+	if (t == 20 || t == 21 || t == 23 || t == 26 || t == 1700)
+		return KEY_DECIMAL;
+	return KEY_TEXT;
+}
+
+/* NaN above Infinity above every number above -Infinity, as PostgreSQL sorts them. */
+static int special_rank(const char *v)
+{
+	if (strcmp(v, "NaN") == 0)
+		return 3;
+	if (strcmp(v, "Infinity") == 0)
+		return 2;
+	if (strcmp(v, "-Infinity") == 0)
+		return -2;
+	return 0;
+}
+
+/* Compare two unsigned decimal texts ("0123.450") exactly. */
+static int compare_magnitude(const char *a, const char *b)
+{
+	while (*a == '0' && a[1] && a[1] != '.')
+		a++;
+	while (*b == '0' && b[1] && b[1] != '.')
+		b++;
+	size_t ia = strcspn(a, "."), ib = strcspn(b, ".");
+	if (ia != ib)
+		return ia < ib ? -1 : 1;
+	int c = strncmp(a, b, ia);
+	if (c)
+		return c < 0 ? -1 : 1;
+	a += ia + (a[ia] == '.');
+	b += ib + (b[ib] == '.');
+	while (*a || *b) {
+		char x = *a ? *a++ : '0', y = *b ? *b++ : '0';
+		if (x != y)
+			return x < y ? -1 : 1;
+	}
+	return 0;
+}
+
+static int compare_decimal(const char *a, const char *b)
+{
+	int ra = special_rank(a), rb = special_rank(b);
+	if (ra || rb)
+		return ra == rb ? 0 : (ra < rb ? -1 : 1);
+	bool na = *a == '-', nb = *b == '-';
+	if (na != nb)
+		return na ? -1 : 1;
+	int c = compare_magnitude(a + na, b + nb);
+	return na ? -c : c;
 }
 
 /* NULLs last; numbers as numbers (NaN above all); everything else byte-wise. */
-static int compare_values(const struct row_ref *a, const struct row_ref *b, int col, bool numeric)
+static int compare_values(const struct row_ref *a, const struct row_ref *b, int col, enum key_kind kind)
 {
 	bool na = PQgetisnull(a->res, a->row, col), nb = PQgetisnull(b->res, b->row, col);
 	if (na || nb)
 		return na == nb ? 0 : (na ? 2 : -2);
 	const char *va = PQgetvalue(a->res, a->row, col), *vb = PQgetvalue(b->res, b->row, col);
-	if (numeric) {
+	if (kind == KEY_DECIMAL)
+		return compare_decimal(va, vb);
+	if (kind == KEY_FLOAT) {
 		double x = strtod(va, NULL), y = strtod(vb, NULL);
 		if (isnan(x) || isnan(y))
 			return isnan(x) == isnan(y) ? 0 : (isnan(x) ? 1 : -1);
@@ -325,7 +381,7 @@ static int compare_rows(const void *x, const void *y, void *arg)
 	const struct row_ref *a = x, *b = y;
 	const struct merge_ctx *m = arg;
 	for (int i = 0; i < m->n; i++) {
-		int c = compare_values(a, b, m->cols[i], m->numeric[i]);
+		int c = compare_values(a, b, m->cols[i], m->kinds[i]);
 		if (c == 2 || c == -2)
 			return c / 2; /* NULL placement ignores desc */
 		if (c)
@@ -343,8 +399,9 @@ static long write_rows(struct fanout *fo, struct evbuffer *b, const PGresult *fi
 	long n = 0, written = 0;
 	struct row_ref *refs = xmalloc(sizeof(*refs) * (size_t)(fo->rows ? fo->rows : 1));
 	int cols[16];
-	bool desc[16], numeric[16];
-	struct merge_ctx m = { cols, desc, numeric, fo->body.norder };
+	bool desc[16];
+	enum key_kind kinds[16];
+	struct merge_ctx m = { cols, desc, kinds, fo->body.norder };
 
 	for (int i = 0; i < fo->plan.nshards; i++) {
 		const PGresult *res = fo->parts[i].res;
@@ -354,7 +411,7 @@ static long write_rows(struct fanout *fo, struct evbuffer *b, const PGresult *fi
 	for (int i = 0; i < fo->body.norder; i++) {
 		cols[i] = field_index(first, fo->body.order[i].column);
 		desc[i] = fo->body.order[i].desc;
-		numeric[i] = is_numeric_type(PQftype(first, cols[i]));
+		kinds[i] = key_kind_of(PQftype(first, cols[i]));
 	}
 	if (fo->body.norder > 0)
 		qsort_r(refs, (size_t)n, sizeof(*refs), compare_rows, &m);

@@ -525,8 +525,10 @@ void http_server_shutdown(struct http_server *s)
 {
 	struct http_conn *c, *next;
 	s->shutting_down = true;
+	/* Close the listening socket, so new connections are refused rather than left waiting. */
 	if (s->listener)
-		evconnlistener_disable(s->listener);
+		evconnlistener_free(s->listener);
+	s->listener = NULL;
 	for (c = LIST_FIRST(&s->conns); c; c = next) {
 		next = LIST_NEXT(c, link);
 		if (c->state == CS_HEAD && evbuffer_get_length(c->in) == 0)
@@ -537,6 +539,15 @@ void http_server_shutdown(struct http_server *s)
 int http_server_inflight(const struct http_server *s)
 {
 	return s->inflight;
+}
+
+int http_server_unflushed(const struct http_server *s)
+{
+	int n = 0;
+	const struct http_conn *c;
+	LIST_FOREACH(c, &s->conns, link)
+		n += evbuffer_get_length(c->out) > 0;
+	return n;
 }
 
 void http_server_free(struct http_server *s)

@@ -60,6 +60,8 @@ void http_server_set_reply_hook(struct http_server *s, http_reply_hook hook, voi
 void http_server_shutdown(struct http_server *s);
 /* Requests received and not yet answered. */
 int http_server_inflight(const struct http_server *s);
+/* Connections whose answers are not yet all written. */
+int http_server_unflushed(const struct http_server *s);
 void http_server_free(struct http_server *s);
 
 /* Send the reply (body's contents are moved out). extra: header lines, each ending CRLF, or NULL. */

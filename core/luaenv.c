@@ -51,7 +51,12 @@ const char *luaenv_libdir(void)
 	return libdir;
 }
 
-/* Allocator with a cap: refusing to grow makes Lua raise "not enough memory". */
+/*
+ * Allocator with a cap: refusing to grow makes Lua raise "not enough memory".
+ * The cap holds only while operator code runs (script.c's guarded calls):
+ * the bridge's own small allocations outside a protected call must not fail,
+ * since an error there would have no handler.
+ */
 static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
 	struct luaenv_alloc *a = ud;
@@ -60,12 +65,18 @@ static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 		a->used -= osize;
 		return NULL;
 	}
-	if (a->limit && nsize > osize && a->used + (nsize - osize) > a->limit)
+	if (a->enforce && a->limit && nsize > osize && a->used + (nsize - osize) > a->limit)
 		return NULL;
 	void *p = realloc(ptr, nsize);
 	if (p)
 		a->used = a->used - osize + nsize;
 	return p;
+}
+
+bool luaenv_is_capped(lua_State *L)
+{
+	void *ud;
+	return lua_getallocf(L, &ud) == capped_alloc;
 }
 
 static int l_core_log(lua_State *L)
@@ -79,8 +90,25 @@ static int l_core_log(lua_State *L)
 	return 0;
 }
 
+static luaenv_expired_fn expired_fn;
+static void *expired_arg;
+
+void luaenv_set_expired(luaenv_expired_fn fn, void *arg)
+{
+	expired_fn = fn;
+	expired_arg = arg;
+}
+
+/* shardgate.core.expired(): true once the running hook is past its time limit. */
+static int l_core_expired(lua_State *L)
+{
+	lua_pushboolean(L, expired_fn && expired_fn(L, expired_arg));
+	return 1;
+}
+
 static const luaL_Reg core_funcs[] = {
 	{ "log", l_core_log },
+	{ "expired", l_core_expired },
 	{ NULL, NULL },
 };
 

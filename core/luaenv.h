@@ -7,12 +7,14 @@
 #ifndef SG_LUAENV_H
 #define SG_LUAENV_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <lua.h>
 
 struct luaenv_alloc {
 	size_t used;
 	size_t limit;   /* 0 = unlimited */
+	bool enforce;   /* the limit holds only while operator code runs */
 };
 
 /* Directory holding shardgate.lua; from SHARDGATE_LUA_DIR or ../lua next to the binary. */
@@ -21,6 +23,13 @@ void luaenv_set_libdir(const char *dir);
 
 /* A new state with libs opened; alloc may be NULL (no cap). NULL on failure. */
 lua_State *luaenv_new(struct luaenv_alloc *alloc);
+
+/* True for states made with an alloc (whose ud is that struct luaenv_alloc). */
+bool luaenv_is_capped(lua_State *L);
+
+/* How shardgate.core.expired() learns whether the running hook is past its limit. */
+typedef bool (*luaenv_expired_fn)(lua_State *L, void *arg);
+void luaenv_set_expired(luaenv_expired_fn fn, void *arg);
 
 /* require(name) and leave the module on the stack; 0 or -1 with message in err. */
 int luaenv_require(lua_State *L, const char *name, char *err, size_t errlen);

@@ -37,6 +37,7 @@ struct app {
 	struct event *drain;
 	double shutdown_deadline;
 	bool waiters_failed;
+	bool forced;              /* requests were still running at shutdown_timeout */
 	const char *config_path;
 };
 
@@ -100,7 +101,9 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 	struct app *app = arg;
 	(void)fd;
 	(void)what;
-	if (inflight(app) == 0) {
+	/* Done when every answer is not only made but written out. */
+	if (inflight(app) == 0 && http_server_unflushed(app->client) == 0 &&
+	    http_server_unflushed(app->admin) == 0) {
 		event_base_loopexit(app->base, NULL);
 		return;
 	}
@@ -115,6 +118,7 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 		return;
 	}
 	log_warn("shutdown: %d requests still running after shutdown_timeout; exiting", inflight(app));
+	app->forced = true;
 	event_base_loopexit(app->base, NULL);
 }
 
@@ -302,6 +306,14 @@ int main(int argc, char **argv)
 		goto done;
 	event_base_dispatch(app.base);
 	log_info("stopped");
+	if (app.forced) {
+		/*
+		 * Requests still run on connections the server will roll back when
+		 * they close; tearing their state down under them would gain nothing.
+		 * Exit with everything still reachable from here.
+		 */
+		exit(0);
+	}
 	rc = 0;
 done:
 	stop(&app);

@@ -56,6 +56,18 @@ struct script {
 
 static char serial_key;
 
+/* For shardgate.core.expired(): the sandbox's xpcall skips user handlers past the deadline. */
+static bool hook_expired(lua_State *L, void *arg)
+{
+	void *ud;
+	(void)arg;
+	if (!luaenv_is_capped(L))
+		return false;
+	lua_getallocf(L, &ud);
+	struct script *s = ud;
+	return s->deadline != 0 && mono_now() >= s->deadline;
+}
+
 static void count_hook(lua_State *L, lua_Debug *ar)
 {
 	void *ud;
@@ -78,10 +90,15 @@ static int guarded_call_for(struct script *s, const char *hook, int nargs, int n
 	s->hook_name = hook;
 	s->timeout = limit;
 	s->deadline = mono_now() + limit;
+	s->alloc.enforce = true;
 	rc = lua_pcall(s->L, nargs, nresults, 0);
+	s->alloc.enforce = false;
 	s->deadline = 0;
 	s->timeout = saved;
 	lua_sethook(s->L, count_hook, LUA_MASKCOUNT, HOOK_COUNT);
+	/* LuaJIT does not collect when an allocation fails: free what the hook left now. */
+	if (rc == LUA_ERRMEM)
+		lua_gc(s->L, LUA_GCCOLLECT, 0);
 	return rc;
 }
 
@@ -669,6 +686,7 @@ struct script *script_new(const struct config *cfg, char *err, size_t errlen)
 		goto fail;
 	}
 	lua_sethook(s->L, count_hook, LUA_MASKCOUNT, HOOK_COUNT);
+	luaenv_set_expired(hook_expired, NULL);
 	if (bridge_log(s, err, errlen) < 0 || load_hooks(s, cfg->path, err, errlen) < 0)
 		goto fail;
 	build_shard_tables(s, cfg);

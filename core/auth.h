@@ -1,0 +1,69 @@
+/*
+ * Client authentication and tenant authorization (config `auth`), and the
+ * admin bearer token (config `admin_token`). API keys and admin tokens are
+ * compared by SHA-256 digest with CRYPTO_memcmp, so neither the content
+ * nor the length of a secret leaks through timing. JWTs (HS256 or RS256)
+ * are verified here, in C, before any hook runs.
+ */
+#ifndef SG_AUTH_H
+#define SG_AUTH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+struct http_request;
+struct lua_State;
+
+enum auth_mode { AUTH_OFF, AUTH_API_KEY, AUTH_JWT };
+
+struct api_key {
+	char *name;
+	unsigned char digest[32];
+	char **tenants;
+	int ntenants;
+	bool all;                 /* tenants = "*" */
+};
+
+struct auth_conf {
+	enum auth_mode mode;
+	struct api_key *keys;
+	int nkeys;
+	char *jwt_alg;            /* "HS256" or "RS256" */
+	char *jwt_secret;
+	char *jwt_public_key;     /* PEM */
+	void *jwt_pkey;           /* EVP_PKEY, parsed at load */
+	char *tenant_claim;
+	double leeway;
+	bool jwt_all_claim_set;   /* a claim value "*" means every tenant */
+};
+
+/* Who a request is, once authenticated. */
+struct auth_identity {
+	enum auth_mode mode;
+	const struct api_key *key;
+	void *claims;             /* cJSON object (JWT) */
+	char tenant[128];         /* the JWT's tenant claim */
+	bool all;                 /* may use every tenant and fan out */
+};
+
+/* Derived state after the config's values are read (digests, parsed key); 0 or -1 with err. */
+int auth_prepare(struct auth_conf *a, const char *file, char *err, size_t errlen);
+void auth_conf_free(struct auth_conf *a);
+void auth_digest(const char *secret, unsigned char out[32]);
+
+/*
+ * Authenticate req: 0 with *id filled, or the HTTP status (401) with a
+ * message in msg. With auth off, every request is allowed everything.
+ */
+int auth_check(const struct auth_conf *a, const struct http_request *req, struct auth_identity *id,
+	       char *msg, size_t msglen);
+bool auth_allows(const struct auth_identity *id, const char *tenant);
+void auth_identity_clear(struct auth_identity *id);
+
+/* True when req carries "Authorization: Bearer <token>" matching digest. */
+bool auth_bearer_matches(const struct http_request *req, const unsigned char digest[32]);
+
+/* Push req.auth for hooks: nil (auth off) or a table describing the identity. */
+void auth_push(struct lua_State *L, const struct auth_identity *id);
+
+#endif
