@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "auth.h"
 #include "config.h"
 #include "dryrun.h"
 #include "generation.h"
@@ -98,7 +99,16 @@ static void handle_route(struct http_request *req)
 void admin_handle(struct http_request *req, void *arg)
 {
 	const char *m = req->head.method, *p = req->head.path;
+	const struct config *cfg = generation_current()->cfg;
 	(void)arg;
+	if (cfg->admin_token && !auth_bearer_matches(req, cfg->admin_digest)) {
+		struct evbuffer *b = new_buffer();
+		jsonw_error(b, "unauthorized", "the admin API needs Authorization: Bearer <admin_token>", NULL);
+		evbuffer_add(b, "\n", 1);
+		http_reply(req, 401, b, "WWW-Authenticate: Bearer\r\n");
+		evbuffer_free(b);
+		return;
+	}
 	if (strcmp(p, "/admin/reload") == 0) {
 		if (strcmp(m, "POST") == 0)
 			handle_reload(req);

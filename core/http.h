@@ -16,6 +16,7 @@
 
 #include "httpparse.h"
 
+struct auth_identity;
 struct event_base;
 struct evbuffer;
 struct http_conn;
@@ -32,6 +33,7 @@ struct http_request {
 	size_t body_len;
 	double start;            /* monotonic seconds when the head was complete */
 	void *data;              /* the handler's state */
+	const struct auth_identity *auth; /* who sent it, while its hooks run (req.auth) */
 	http_abort_cb on_abort;  /* set by the handler to hear about a vanished client */
 	/* Filled by the handler for the access log and metrics. */
 	struct {

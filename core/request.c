@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "auth.h"
 #include "body.h"
 #include "config.h"
 #include "fanout.h"
@@ -44,6 +45,7 @@ struct request {
 	enum body_kind kind;
 	struct body body;
 	struct route route;
+	struct auth_identity auth;
 	const struct shard_conf *shard;
 	struct pool *pool;
 	struct pool_waiter waiter;
@@ -105,6 +107,7 @@ static void request_free(struct request *r)
 	body_free(&r->body);
 	evbuffer_free(r->out);
 	route_clear(&r->route);
+	auth_identity_clear(&r->auth);
 	generation_unref(r->gen);
 	free(r);
 }
@@ -127,6 +130,8 @@ static void finish(struct request *r)
 	}
 	if (r->status == 503)
 		extra = "Retry-After: 1\r\n";
+	else if (r->status == 401)
+		extra = "WWW-Authenticate: Bearer\r\n";
 	http->data = NULL;
 	http->on_abort = NULL;
 	reply_json(http, r->status, r->out, extra);
@@ -463,6 +468,33 @@ static int route_status(const struct route *rt)
 	return rt->kind == ROUTE_NO_TENANT ? 400 : 500;
 }
 
+/* Authenticate the client (config `auth`); on failure answer 401 and return -1. */
+static int authorize(struct request *r)
+{
+	char msg[256];
+	if (auth_check(&r->gen->cfg->auth, r->http, &r->auth, msg, sizeof(msg)) == 0)
+		return 0;
+	log_info("auth: refused a request: %s", msg);
+	set_error(r, 401, "unauthorized", msg);
+	finish(r);
+	return -1;
+}
+
+/* After routing: may this client use the tenant (or fan out)? Answers 403 when not. */
+static bool forbidden(struct request *r)
+{
+	char msg[256];
+	if (r->route.kind == ROUTE_SHARD && !auth_allows(&r->auth, r->route.tenant))
+		snprintf(msg, sizeof(msg), "these credentials may not use tenant '%.100s'", r->route.tenant);
+	else if (r->route.kind == ROUTE_FANOUT && !r->auth.all)
+		snprintf(msg, sizeof(msg), "a fan-out needs credentials for every tenant");
+	else
+		return false;
+	set_error(r, 403, "forbidden", msg);
+	finish(r);
+	return true;
+}
+
 static void handle_sql(struct http_request *http, enum body_kind kind)
 {
 	struct request *r = xcalloc(1, sizeof(*r));
@@ -481,8 +513,14 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 		finish(r);
 		return;
 	}
+	if (authorize(r) < 0)
+		return;
+	http->auth = &r->auth;
 	script_route(r->gen->script, http, kind == BODY_QUERY, &r->route);
+	http->auth = NULL;
 	str_copy(http->info.tenant, sizeof(http->info.tenant), r->route.tenant);
+	if (forbidden(r))
+		return;
 	if (r->route.kind == ROUTE_FANOUT) {
 		fanout_start(http, r->gen, &r->body, &r->route);
 		request_free(r);

@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "auth.h"
 #include "config.h"
 #include "http.h"
 #include "jsonw.h"
@@ -289,6 +290,8 @@ static int l_req_index(lua_State *L)
 		push_query(L, s->cur->head.query);
 	else if (strcmp(key, "body") == 0)
 		lua_pushlstring(L, s->cur->body, s->cur->body_len);
+	else if (strcmp(key, "auth") == 0)
+		auth_push(L, s->cur->auth);
 	else
 		return 0;
 	lua_pushvalue(L, 2);
