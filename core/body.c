@@ -197,12 +197,24 @@ static int parse_stmt(struct body *b, const cJSON *obj, struct stmt *st, const c
 		      char *err, size_t errlen)
 {
 	const cJSON *sql = member(obj, "sql"), *params = member(obj, "params");
+	const cJSON *name = member(obj, "query");
 
-	if (!cJSON_IsString(sql) || !sql->valuestring[0]) {
-		fmt_err(err, errlen, "%s: 'sql' is required and must be a non-empty string", what);
+	if (name && sql) {
+		fmt_err(err, errlen, "%s: give either 'sql' or 'query' (a named query), not both", what);
 		return -1;
 	}
-	st->sql = sql->valuestring;
+	if (name) {
+		if (!cJSON_IsString(name) || !name->valuestring[0]) {
+			fmt_err(err, errlen, "%s: 'query' must be the name of a configured query", what);
+			return -1;
+		}
+		st->name = name->valuestring;
+	} else if (!cJSON_IsString(sql) || !sql->valuestring[0]) {
+		fmt_err(err, errlen, "%s: 'sql' (or 'query', a named query) is required and must be a non-empty string", what);
+		return -1;
+	} else {
+		st->sql = sql->valuestring;
+	}
 	if (!params || cJSON_IsNull(params))
 		return 0;
 	if (!cJSON_IsArray(params)) {
@@ -283,7 +295,7 @@ static int parse_order(struct body *b, const cJSON *root, char *err, size_t errl
 
 static int parse_query(struct body *b, const cJSON *root, char *err, size_t errlen)
 {
-	static const char *const keys[] = { "sql", "params", "timeout", "order_by", "limit", NULL };
+	static const char *const keys[] = { "sql", "query", "params", "timeout", "order_by", "limit", NULL };
 	if (check_keys(root, keys, "the body", err, errlen) < 0 || parse_order(b, root, err, errlen) < 0)
 		return -1;
 	b->stmts = xcalloc(1, sizeof(struct stmt));
@@ -294,7 +306,7 @@ static int parse_query(struct body *b, const cJSON *root, char *err, size_t errl
 static int parse_transaction(struct body *b, const cJSON *root, char *err, size_t errlen)
 {
 	static const char *const keys[] = { "statements", "timeout", NULL };
-	static const char *const stmt_keys[] = { "sql", "params", NULL };
+	static const char *const stmt_keys[] = { "sql", "query", "params", NULL };
 	const cJSON *list = member(root, "statements");
 	char what[48];
 

@@ -13,7 +13,8 @@
 enum body_kind { BODY_QUERY, BODY_TRANSACTION };
 
 struct stmt {
-	const char *sql;
+	const char *sql;         /* NULL for a named query until request.c resolves name */
+	const char *name;        /* "query": a named query from the config */
 	int nparams;
 	const char **values;     /* NULL entries are SQL NULL */
 };

@@ -60,6 +60,8 @@ static const struct conf_key top_keys[] = {
 	{ "access_log", CT_STRING, TOP(access_log), "\"errors\"", true, false },
 	{ "access_log_file", CT_STRING, TOP(access_log_file), "\"stderr\"", true, false },
 	{ "admin_token", CT_STRING, TOP(admin_token), NULL, true, true },
+	{ "sql", CT_STRING, TOP(sql_mode), "\"raw\"", true, false },
+	{ "tenant_setting", CT_STRING, TOP(tenant_setting), NULL, true, false },
 };
 
 /* Settings of one shard; `defaults` holds all but url. */
@@ -96,7 +98,7 @@ static const struct conf_key warning_keys[] = {
 
 /* Table-valued top-level keys, handled by their own readers. */
 static const char *const section_names[] = { "defaults", "shards", "fanout", "warnings", "breaker",
-					     "settings", "auth" };
+					     "settings", "auth", "queries" };
 
 #define AUTH(f) offsetof(struct auth_conf, f)
 
@@ -660,6 +662,56 @@ static int read_auth(struct reader *r, struct config *cfg, const char *dir)
 	return rc;
 }
 
+/* queries = { name = { sql = "...", params = n }, ... } */
+static int read_queries(struct reader *r, struct config *cfg)
+{
+	lua_State *L = r->L;
+	int n = 0, rc = 0;
+	if (get_section(r, -1, "queries") < 0)
+		return -1;
+	if (lua_isnil(L, -1)) {
+		lua_pop(L, 1);
+		return 0;
+	}
+	lua_pushnil(L);
+	while (lua_next(L, -2) != 0) {
+		n++;
+		lua_pop(L, 1);
+	}
+	cfg->queries = xcalloc((size_t)(n ? n : 1), sizeof(struct named_query));
+	lua_pushnil(L);
+	while (rc == 0 && lua_next(L, -2) != 0) {
+		struct named_query *q = &cfg->queries[cfg->nqueries];
+		const char *name = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+		lua_getfield(L, -1, "sql");
+		lua_getfield(L, -2, "params");
+		if (!name || !lua_istable(L, -3) || lua_type(L, -2) != LUA_TSTRING ||
+		    !(lua_isnil(L, -1) || (lua_isnumber(L, -1) && lua_tonumber(L, -1) >= 0))) {
+			fmt_err(r->err, r->errlen, "%s: queries.%s must be { sql = \"...\", params = <count> }",
+				key_at(r, "queries.", name ? name : "?"), name ? name : "?");
+			rc = -1;
+		} else {
+			q->name = xstrdup(name);
+			q->sql = xstrdup(lua_tostring(L, -2));
+			q->params = (int)lua_tonumber(L, -1);
+			cfg->nqueries++;
+		}
+		lua_pop(L, 3);
+	}
+	if (rc < 0)
+		lua_pop(L, 1);
+	lua_pop(L, 1);
+	return rc;
+}
+
+const struct named_query *config_find_query(const struct config *cfg, const char *name)
+{
+	for (int i = 0; i < cfg->nqueries; i++)
+		if (strcmp(cfg->queries[i].name, name) == 0)
+			return &cfg->queries[i];
+	return NULL;
+}
+
 static void resolve_paths(struct config *cfg, const char *path)
 {
 	const char *slash = strrchr(path, '/');
@@ -694,8 +746,13 @@ static int read_config(struct reader *r, struct config *cfg)
 		return -1;
 	if (read_section(r, "breaker", breaker_keys, ARRAY_LEN(breaker_keys), &cfg->breaker) < 0)
 		return -1;
-	if (read_settings(r) < 0)
+	if (read_settings(r) < 0 || read_queries(r, cfg) < 0)
 		return -1;
+	if (strcmp(cfg->sql_mode, "raw") != 0 && strcmp(cfg->sql_mode, "named") != 0) {
+		fmt_err(r->err, r->errlen, "%s: sql must be \"raw\" or \"named\", got '%s'",
+			key_at(r, "", "sql"), cfg->sql_mode);
+		return -1;
+	}
 	{
 		const char *slash = strrchr(r->file, '/');
 		char dir[2048];
@@ -801,6 +858,13 @@ void config_free(struct config *cfg)
 	free(cfg->access_log_file);
 	free(cfg->admin_token);
 	auth_conf_free(&cfg->auth);
+	free(cfg->sql_mode);
+	free(cfg->tenant_setting);
+	for (int i = 0; i < cfg->nqueries; i++) {
+		free(cfg->queries[i].name);
+		free(cfg->queries[i].sql);
+	}
+	free(cfg->queries);
 	free(cfg);
 }
 

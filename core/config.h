@@ -29,6 +29,12 @@ struct shard_conf {
 	double breaker_max_backoff;
 };
 
+struct named_query {
+	char *name;
+	char *sql;
+	int params;
+};
+
 struct breaker_conf {
 	int failures;
 	double window;
@@ -61,6 +67,10 @@ struct config {
 	char *admin_token;        /* NULL: the admin listener needs no token */
 	unsigned char admin_digest[32];
 	struct auth_conf auth;
+	char *sql_mode;           /* "raw" or "named" */
+	struct named_query *queries;
+	int nqueries;
+	char *tenant_setting;     /* e.g. "app.tenant_id"; NULL: none */
 	struct shard_conf defaults;
 	struct shard_conf *shards;  /* natural order of names */
 	int nshards;
@@ -79,6 +89,9 @@ struct evbuffer;
 void config_write_json(const struct config *cfg, struct evbuffer *b);
 /* url with its password replaced by "***". */
 void config_mask_url(const char *url, char *out, size_t len);
+
+/* The named query called name, or NULL. */
+const struct named_query *config_find_query(const struct config *cfg, const char *name);
 
 /* Index of the shard called name, or -1. */
 int config_shard_index(const struct config *cfg, const char *name);

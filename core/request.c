@@ -36,7 +36,7 @@
 
 #define CANCEL_GRACE 2.0
 
-enum phase { PH_BEGIN, PH_STMT, PH_COMMIT, PH_ROLLBACK };
+enum phase { PH_BEGIN, PH_SETTING, PH_STMT, PH_COMMIT, PH_ROLLBACK };
 
 struct request {
 	struct http_request *http;
@@ -52,6 +52,8 @@ struct request {
 	struct pgconn *conn;
 	enum phase phase;
 	int cur;                 /* statement index in PH_STMT */
+	bool wrapped;            /* runs in BEGIN ... COMMIT (a transaction, or tenant_setting) */
+	const char *setting[2];  /* tenant_setting name and the tenant, for set_config() */
 	double timeout;          /* per statement */
 	struct event *timer;
 	bool cancelled;          /* a cancel was sent for the running statement */
@@ -185,7 +187,7 @@ static void checkout(struct request *r);
 
 static bool first_statement(const struct request *r)
 {
-	return r->phase == PH_BEGIN || (r->phase == PH_STMT && r->cur == 0 && r->kind == BODY_QUERY);
+	return r->phase == PH_BEGIN || (r->phase == PH_STMT && r->cur == 0 && !r->wrapped);
 }
 
 /* 0 sent, 1 re-queued for another connection, -1 failed (error set). */
@@ -280,6 +282,10 @@ static void run_next(struct request *r)
 	case PH_BEGIN:
 		rc = send_sql(r, "BEGIN", 0, NULL, false);
 		break;
+	case PH_SETTING:
+		/* Transaction-local, so it ends with this request (RLS policies read it). */
+		rc = send_sql(r, "SELECT set_config($1, $2, true)", 2, r->setting, true);
+		break;
 	case PH_STMT: {
 		const struct stmt *st = &r->body.stmts[r->cur];
 		if (changes_session(st->sql))
@@ -349,13 +355,15 @@ static void on_done(struct request *r)
 		finish(r);
 		return;
 	}
-	if (r->kind == BODY_QUERY || r->phase == PH_ROLLBACK || r->phase == PH_COMMIT) {
+	if (!r->wrapped || r->phase == PH_ROLLBACK || r->phase == PH_COMMIT) {
 		finish(r);
 		return;
 	}
 	if (r->status != 0) {
 		r->phase = PH_ROLLBACK;   /* the error answer is already in out */
-	} else if (r->phase == PH_BEGIN) {
+	} else if (r->phase == PH_BEGIN && r->setting[0]) {
+		r->phase = PH_SETTING;
+	} else if (r->phase == PH_BEGIN || r->phase == PH_SETTING) {
 		r->phase = PH_STMT;
 		r->cur = 0;
 	} else if (++r->cur == r->body.nstmts) {
@@ -384,18 +392,14 @@ static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 static void start_statements(struct request *r)
 {
 	evbuffer_drain(r->out, evbuffer_get_length(r->out));
-	if (r->kind == BODY_TRANSACTION) {
-		evbuffer_add(r->out, "{\"shard\":", 9);
-		jsonw_cstring(r->out, r->shard->name);
+	evbuffer_add(r->out, "{\"shard\":", 9);
+	jsonw_cstring(r->out, r->shard->name);
+	if (r->kind == BODY_TRANSACTION)
 		evbuffer_add(r->out, ",\"results\":[", 12);
-		r->phase = PH_BEGIN;
-	} else {
-		evbuffer_add(r->out, "{\"shard\":", 9);
-		jsonw_cstring(r->out, r->shard->name);
+	else
 		evbuffer_add(r->out, ",", 1);
-		r->phase = PH_STMT;
-		r->cur = 0;
-	}
+	r->phase = r->wrapped ? PH_BEGIN : PH_STMT;
+	r->cur = 0;
 	run_next(r);
 }
 
@@ -495,6 +499,44 @@ static bool forbidden(struct request *r)
 	return true;
 }
 
+/*
+ * Named queries: replace each statement's name by the configured SQL and
+ * check its parameter count; with sql = "named", raw SQL is refused (403).
+ * Answers and returns -1 on a refusal.
+ */
+static int resolve_queries(struct request *r)
+{
+	const struct config *cfg = r->gen->cfg;
+	char msg[256];
+	for (int i = 0; i < r->body.nstmts; i++) {
+		struct stmt *st = &r->body.stmts[i];
+		const struct named_query *q;
+		if (!st->name) {
+			if (strcmp(cfg->sql_mode, "named") == 0) {
+				set_error(r, 403, "forbidden",
+					  "raw SQL is disabled here (sql = \"named\"): call a named query with \"query\"");
+				finish(r);
+				return -1;
+			}
+			continue;
+		}
+		q = config_find_query(cfg, st->name);
+		if (!q)
+			snprintf(msg, sizeof(msg), "no query named '%.100s' is configured", st->name);
+		else if (q->params != st->nparams)
+			snprintf(msg, sizeof(msg), "query '%.100s' takes %d parameters, got %d", st->name,
+				 q->params, st->nparams);
+		else {
+			st->sql = q->sql;
+			continue;
+		}
+		set_error(r, 400, "bad_request", msg);
+		finish(r);
+		return -1;
+	}
+	return 0;
+}
+
 static void handle_sql(struct http_request *http, enum body_kind kind)
 {
 	struct request *r = xcalloc(1, sizeof(*r));
@@ -513,7 +555,7 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 		finish(r);
 		return;
 	}
-	if (authorize(r) < 0)
+	if (resolve_queries(r) < 0 || authorize(r) < 0)
 		return;
 	http->auth = &r->auth;
 	script_route(r->gen->script, http, kind == BODY_QUERY, &r->route);
@@ -537,6 +579,11 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 		return;
 	}
 	r->shard = &r->gen->cfg->shards[r->route.shard];
+	r->wrapped = kind == BODY_TRANSACTION || r->gen->cfg->tenant_setting;
+	if (r->gen->cfg->tenant_setting) {
+		r->setting[0] = r->gen->cfg->tenant_setting;
+		r->setting[1] = r->route.tenant;
+	}
 	str_copy(http->info.shard, sizeof(http->info.shard), r->shard->name);
 	r->pool = r->gen->pools[r->route.shard];
 	r->timeout = r->shard->statement_timeout;
