@@ -4,6 +4,8 @@
 #   make test    install what is missing, build, run every spec against real PostgreSQL
 #   make check   compile with -Werror and run cppcheck
 #   make asan    the whole suite under AddressSanitizer + UBSan
+#   make bench   throughput, latency, CPU and memory against PostgreSQL and PgBouncer
+#   make fuzz    libFuzzer targets for everything that parses client bytes
 #
 # `make deps` installs Debian packages with apt-get (as root) only when one is missing.
 
@@ -23,7 +25,7 @@ OBJS := $(SRCS:core/%.c=build/%.o)
 ASAN_OBJS := $(SRCS:core/%.c=build/asan/%.o)
 ASAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all deps build test demo check asan fuzz clean
+.PHONY: all deps build test demo check asan fuzz bench clean
 
 all: build
 
@@ -59,6 +61,10 @@ build/asan/%.o: core/%.c $(wildcard core/*.h)
 test: deps
 	@$(MAKE) --no-print-directory build
 	@spec/run
+
+bench: deps
+	@$(MAKE) --no-print-directory build
+	@tools/bench.sh
 
 demo: deps
 	@$(MAKE) --no-print-directory build

@@ -1,0 +1,759 @@
+#!/usr/bin/env bash
+# tools/bench.sh — the benchmark behind `make bench`.
+#
+# Starts its own throwaway PostgreSQL (tools/pg.sh), fills shard databases
+# with pgbench's tables, and measures, one row after another in the same run
+# and for the same duration each:
+#
+#   direct     pgbench -S point selects straight to one shard database, simple
+#              and prepared protocol, at BENCH_CLIENTS clients and at clients =
+#              pool size (the database's own best)
+#   pgbouncer  the same through PgBouncer (transaction pooling, pool = BENCH_POOL)
+#   shardgate  the same statement as HTTP POST /query through bin/shardgate,
+#              driven by wrk (tools/bench/query.lua): every request on the shard
+#              pgbench hits (the like-for-like row), then tenants spread over
+#              all shards
+#   fan-out    one request over 16 shards at concurrency 4 against one
+#              single-shard request, sequential (tools/bench/seq.lua)
+#   idle       a fresh gateway with 3 x 15 pooled connections and
+#              BENCH_IDLE_CLIENTS idle keep-alive clients (tools/bench/idle.lua)
+#
+# and prints one table with the ratios against the targets of issue 6. The
+# gateway's and PgBouncer's CPU come from /proc/PID/stat (utime+stime), their
+# memory from /proc/PID/status (VmHWM, VmRSS); the load generator's CPU from
+# the shell's `times`; PostgreSQL's from its postmaster and its children.
+# Everything listens on 127.0.0.1; everything it starts is stopped and its
+# temp dir removed on exit, however the run ends.
+#
+# Settings (environment):
+#   BENCH_SECONDS=10        duration of each throughput row
+#   BENCH_CLIENTS=32        concurrent clients of the throughput rows
+#   BENCH_POOL=10           pool size per shard (gateway) and PgBouncer pool
+#   BENCH_THREADS=2         pgbench -j / wrk -t
+#   BENCH_SCALE=10          pgbench scale of each big shard
+#   BENCH_SHARDS=3          big shard databases (copies of one pgbench -i)
+#   BENCH_ROUNDS=1          rounds of the 8 throughput rows; with more, each column is
+#                           the median over the rounds (rows interleaved, so drifting
+#                           load on the machine hits all of them alike)
+#   BENCH_FANOUT_N=25       timed sequential requests per fan-out measurement
+#   BENCH_IDLE_CLIENTS=1000 idle keep-alive clients for the memory line
+#   BENCH_PERF=1            also profile the gateway with perf during the one-shard
+#                           row and print where its CPU goes (needs linux-perf)
+#   BENCH_NO_INSTALL=1      never apt-get missing packages, just fail
+#   SHARDGATE_BIN           the gateway binary (default bin/shardgate)
+set -u
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root" || exit 1
+. "$root/tools/pg.sh"
+
+secs=${BENCH_SECONDS:-10}
+clients=${BENCH_CLIENTS:-32}
+pool=${BENCH_POOL:-10}
+threads=${BENCH_THREADS:-2}
+scale=${BENCH_SCALE:-10}
+nshards=${BENCH_SHARDS:-3}
+fanout_n=${BENCH_FANOUT_N:-25}
+rounds=${BENCH_ROUNDS:-1}
+idle_clients=${BENCH_IDLE_CLIENTS:-1000}
+bin=${SHARDGATE_BIN:-$root/bin/shardgate}
+
+fanout_shards=16         # the issue's fan-out: 16 shards ...
+fanout_concurrency=4     # ... at concurrency 4 (tools/bench/fanout_routing.lua)
+fanout_sql='SELECT pg_sleep(0.02), count(*) FROM pgbench_branches'
+idle_pool=15             # idle line: 3 shards x 15 = 45 pooled connections
+
+t_start=$(date +%s)
+load_start=$(cut -d" " -f1-3 /proc/loadavg)
+say() { printf 'bench: %s\n' "$*" >&2; }
+die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
+
+for v in secs:SECONDS clients:CLIENTS pool:POOL threads:THREADS scale:SCALE nshards:SHARDS \
+         fanout_n:FANOUT_N idle_clients:IDLE_CLIENTS rounds:ROUNDS; do
+    var=${v%%:*}
+    [[ ${!var} =~ ^[1-9][0-9]*$ ]] || die "BENCH_${v#*:} must be a positive integer, got '${!var}'"
+done
+[ "$threads" -le "$clients" ] && [ "$threads" -le "$pool" ] ||
+    die "BENCH_THREADS ($threads) must not exceed BENCH_CLIENTS or BENCH_POOL"
+[ "$nshards" -le 3 ] || say "BENCH_SHARDS=$nshards: the idle line still uses 3 shards"
+
+# --- packages ----------------------------------------------------------------
+# pgbench ships in Debian's postgresql-15 (pulled in by postgresql); pg_prewarm
+# in its contrib part.
+bench_pkgs=(postgresql postgresql-contrib pgbouncer wrk luajit2 lua-socket curl)
+[ "${BENCH_PERF:-}" = 1 ] && bench_pkgs+=(linux-perf)
+
+ensure_packages() {
+    local p missing=()
+    for p in "${bench_pkgs[@]}"; do
+        dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' ||
+            missing+=("$p")
+    done
+    [ ${#missing[@]} = 0 ] && return 0
+    [ "${BENCH_NO_INSTALL:-}" = 1 ] && die "missing packages: ${missing[*]} (BENCH_NO_INSTALL=1)"
+    [ "$(id -u)" = 0 ] || die "missing packages: ${missing[*]}; run as root to install them"
+    say "installing: ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null ||
+        die "apt-get install failed"
+}
+ensure_packages
+[ "$(id -u)" = 0 ] || die "run as root: PostgreSQL and PgBouncer run as the postgres user"
+[ -x "$bin" ] || die "$bin is missing: run make build first"
+bindir=$(pg_bindir) || exit 1
+for c in "$bindir/pgbench" "$bindir/psql" pgbouncer wrk luajit curl setpriv; do
+    command -v "$c" >/dev/null || die "$c not found"
+done
+pgbouncer_bin=$(command -v pgbouncer)
+
+need_fds=$((idle_clients + 1024))
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$need_fds" ]; then
+    ulimit -n "$need_fds" 2>/dev/null ||
+        die "cannot raise the open-file limit to $need_fds (hard limit $(ulimit -Hn))"
+fi
+
+# --- temp dir, leftovers of killed runs, cleanup ------------------------------
+base=/tmp
+[ -d /dev/shm ] && [ -w /dev/shm ] && base=/dev/shm   # tmpfs: fast setup
+
+# kill_recorded DIR: stop processes a run recorded in DIR/pids ("pid name"),
+# only if that pid still runs that program with DIR on its command line.
+kill_recorded() {
+    local dir=$1 pid name
+    [ -f "$dir/pids" ] || return 0
+    while read -r pid name; do
+        [ -r "/proc/$pid/cmdline" ] || continue
+        [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] || continue
+        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$dir" || continue
+        kill -KILL "$pid" 2>/dev/null
+    done <"$dir/pids"
+}
+
+for old in "$base"/shardgate-bench.*; do
+    [ -d "$old" ] || continue
+    owner=$(cat "$old/owner" 2>/dev/null)
+    if [ -n "$owner" ] && [ -r "/proc/$owner/cmdline" ] &&
+            tr '\0' ' ' <"/proc/$owner/cmdline" | grep -q 'bench\.sh'; then
+        say "warning: another benchmark is running (pid $owner); numbers will suffer"
+        continue
+    fi
+    say "removing the leftovers of a killed run: $old"
+    kill_recorded "$old"
+    pg_cluster_destroy "$old/pg" 2>/dev/null
+    rm -rf "$old"
+done
+
+tmp=$(mktemp -d "$base/shardgate-bench.XXXXXX") || die "cannot create a temp dir in $base"
+chmod 755 "$tmp"
+echo $$ >"$tmp/owner"
+mkdir -p "$tmp/out" "$tmp/log" "$tmp/bin"
+
+# Run a copy of the binary: a rebuild during the run then changes no row, and
+# perf still finds its symbols. The Lua library stays the one beside the original.
+export SHARDGATE_LUA_DIR=${SHARDGATE_LUA_DIR:-$(cd "$(dirname "$bin")/../lua" 2>/dev/null && pwd)}
+cp "$bin" "$tmp/bin/shardgate" || die "cannot copy $bin"
+bin_desc="$bin, built $(date -r "$bin" '+%F %T'), git $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')"
+[ -n "$(git -C "$root" status --porcelain -- core lua 2>/dev/null)" ] && bin_desc="$bin_desc + uncommitted core/lua changes"
+bin=$tmp/bin/shardgate
+
+gw_pid='' pgb_pid='' load_pid='' helper_pid=''
+
+# stop_proc PID: TERM, up to 10 s, then KILL; reaps it.
+stop_proc() {
+    local pid=$1
+    [ -n "$pid" ] || return 0
+    if kill -TERM "$pid" 2>/dev/null; then
+        for _ in $(seq 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null
+    fi
+    wait "$pid" 2>/dev/null
+    return 0
+}
+
+# stop_subshell PID: a `( cmd; times ) &` wrapper: its children, then itself.
+stop_subshell() {
+    local pid=$1 child
+    [ -n "$pid" ] || return 0
+    for child in $(cat "/proc/$pid/task/$pid/children" 2>/dev/null); do
+        kill -TERM "$child" 2>/dev/null
+    done
+    stop_proc "$pid"
+}
+
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM HUP
+    trap '' PIPE
+    stop_subshell "$load_pid"
+    stop_proc "$helper_pid"
+    stop_proc "$gw_pid"
+    stop_proc "$pgb_pid"
+    pg_cluster_destroy "$tmp/pg"
+    rm -rf "$tmp"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+trap 'exit 141' PIPE
+
+# --- measuring -----------------------------------------------------------------
+clk_tck=$(getconf CLK_TCK)
+
+# proc_ticks PID: utime + stime of PID in clock ticks (0 if gone).
+proc_ticks() {
+    local s
+    s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+    s=${s##*) }
+    set -- $s
+    echo $(( ${12} + ${13} ))
+}
+
+# pg_ticks: CPU of the whole cluster — the postmaster with its reaped children
+# (cutime, cstime) plus every live child.
+pg_ticks() {
+    local pm files=() c
+    pm=$(head -n 1 "$tmp/pg/data/postmaster.pid" 2>/dev/null) || { echo 0; return; }
+    for c in $(cat "/proc/$pm/task/$pm/children" 2>/dev/null); do
+        files+=("/proc/$c/stat")
+    done
+    cat "/proc/$pm/stat" "${files[@]}" 2>/dev/null | awk -v pm="$pm" '
+        { n = split($0, a, ") "); split(a[n], f, " ")
+          if ($1 == pm) t += f[12] + f[13] + f[14] + f[15]; else t += f[12] + f[13] }
+        END { print t + 0 }'
+}
+
+# machine_stat: "busy total" jiffies of all CPUs from /proc/stat.
+machine_stat() {
+    awk '/^cpu / { idle = $5 + $6; tot = 0; for (i = 2; i <= NF; i++) tot += $i; print tot - idle, tot }' /proc/stat
+}
+
+# mem_kib PID FIELD: VmHWM / VmRSS of PID in KiB.
+mem_kib() {
+    awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null
+}
+
+# times_us FILE: the children's user+sys time from a `times` output, in µs.
+times_us() {
+    sed -n 2p "$1" | awk '{
+        t = 0
+        for (i = 1; i <= 2; i++) { split($i, p, "m"); sub("s", "", p[2]); t += p[1] * 60 + p[2] }
+        printf "%d\n", t * 1e6 }'
+}
+
+# per_req TICKS REQUESTS: CPU µs per request, one decimal ("<X" when below
+# one clock tick spread over the requests).
+per_req() {
+    awk -v t="$1" -v n="$2" -v hz="$clk_tck" 'BEGIN {
+        if (n <= 0) print "-"; else if (t <= 0) printf "<%.0f", 1e6 / hz / n; else printf "%.1f", t * 1e6 / hz / n }'
+}
+
+# Row results, by row key.
+declare -A R_label R_clients R_rps R_p50 R_p99 R_pcpu R_prss R_lcpu R_pgcpu R_busy R_note
+rows=()
+
+# Snapshots around a row; PROXY is the gateway or PgBouncer pid (or empty).
+snap_begin() {
+    s_proxy=0; [ -n "$1" ] && s_proxy=$(proc_ticks "$1")
+    s_pg=$(pg_ticks)
+    read -r s_busy s_tot < <(machine_stat)
+}
+
+# snap_end KEY PROXY REQUESTS LOADGEN_US
+snap_end() {
+    local key=$1 proxy=$2 n=$3 load_us=$4 e_busy e_tot
+    sleep 0.3   # let the load generator's backends exit and be reaped
+    read -r e_busy e_tot < <(machine_stat)
+    R_pgcpu[$key]=$(per_req $(( $(pg_ticks) - s_pg )) "$n")
+    R_busy[$key]=$(awk -v b=$((e_busy - s_busy)) -v t=$((e_tot - s_tot)) \
+        'BEGIN { if (t > 0) printf "%.0f", 100 * b / t; else print "-" }')
+    R_lcpu[$key]=$(awk -v u="$load_us" -v n="$n" 'BEGIN { if (n > 0) printf "%.1f", u / n; else print "-" }')
+    if [ -n "$proxy" ]; then
+        R_pcpu[$key]=$(per_req $(( $(proc_ticks "$proxy") - s_proxy )) "$n")
+        R_prss[$key]=$(awk -v h="$(mem_kib "$proxy" VmHWM)" -v r="$(mem_kib "$proxy" VmRSS)" \
+            'BEGIN { printf "%.1f/%.1f", h / 1024, r / 1024 }')
+    else
+        R_pcpu[$key]=-; R_prss[$key]=-
+    fi
+}
+
+add_row() {   # add_row KEY LABEL CLIENTS
+    rows+=("$1"); R_label[$1]=$2; R_clients[$1]=$3; R_note[$1]=
+}
+
+# --- PostgreSQL with the shard databases ------------------------------------------
+say "starting PostgreSQL in $tmp/pg"
+pg_cluster_up "$tmp/pg" shared_buffers=512MB || die "PostgreSQL did not start"
+pg_port=$(pg_cluster_port "$tmp/pg")
+
+psql_do() {   # psql_do DB SQL
+    "$bindir/psql" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pg_port" -U postgres -d "$1" -c "$2"
+}
+
+t0=$(date +%s)
+say "pgbench -i -s $scale into bench_0, copied to $nshards shard databases"
+psql_do postgres "CREATE DATABASE bench_0" || die "CREATE DATABASE bench_0 failed"
+"$bindir/pgbench" -i -s "$scale" -q -h 127.0.0.1 -p "$pg_port" -U postgres bench_0 \
+    >"$tmp/log/pgbench-init.log" 2>&1 || { cat "$tmp/log/pgbench-init.log" >&2; die "pgbench -i failed"; }
+for ((i = 1; i < nshards; i++)); do
+    psql_do postgres "CREATE DATABASE bench_$i TEMPLATE bench_0 STRATEGY FILE_COPY" ||
+        die "cannot create bench_$i"
+done
+say "$fanout_shards small databases for the fan-out (scale 1)"
+psql_do postgres "CREATE DATABASE fan_0" || die "CREATE DATABASE fan_0 failed"
+"$bindir/pgbench" -i -s 1 -q -h 127.0.0.1 -p "$pg_port" -U postgres fan_0 \
+    >>"$tmp/log/pgbench-init.log" 2>&1 || die "pgbench -i fan_0 failed"
+for ((i = 1; i < fanout_shards; i++)); do
+    psql_do postgres "CREATE DATABASE fan_$i TEMPLATE fan_0 STRATEGY FILE_COPY" || die "cannot create fan_$i"
+done
+for ((i = 0; i < nshards; i++)); do
+    psql_do "bench_$i" "CREATE EXTENSION IF NOT EXISTS pg_prewarm;
+        SELECT pg_prewarm('pgbench_accounts') + pg_prewarm('pgbench_accounts_pkey')" >/dev/null ||
+        say "pg_prewarm failed on bench_$i; the first rows start with a colder cache"
+done
+accounts=$((100000 * scale))
+say "setup took $(( $(date +%s) - t0 )) s"
+
+# wait_conns COUNT WHERE: until COUNT server connections match the
+# pg_stat_activity condition WHERE (pools warming up), at most 30 s.
+wait_conns() {
+    local n=0
+    for _ in $(seq 300); do
+        n=$(psql_do postgres "SELECT count(*) FROM pg_stat_activity WHERE $2")
+        [ "$n" -ge "$1" ] && return 0
+        sleep 0.1
+    done
+    die "only $n of $1 pooled connections ($2) opened within 30 s"
+}
+wait_pooled() {   # wait_pooled COUNT DBPATTERN: the gateway's connections
+    wait_conns "$1" "application_name = 'shardgate' AND datname LIKE '$2'"
+}
+
+# --- the direct rows ------------------------------------------------------------
+# run_pgbench KEY PORT CLIENTS MODE PROXY_PID
+run_pgbench() {
+    local key=$1 port=$2 c=$3 mode=$4 proxy=$5 out=$tmp/out/$1 n lat
+    mkdir -p "$tmp/log/$key"
+    say "row ${R_label[$key]}: pgbench -S -M $mode -c $c -j $threads -T $secs (port $port)"
+    snap_begin "$proxy"
+    ( "$bindir/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -S -M "$mode" -c "$c" -j "$threads" \
+        -T "$secs" -l --log-prefix="$tmp/log/$key/tx" bench_0 >"$out.out" 2>"$out.err"
+      echo $? >"$out.rc"; times >"$out.times" ) &
+    load_pid=$!
+    wait "$load_pid"
+    load_pid=
+    [ "$(cat "$out.rc")" = 0 ] || { cat "$out.err" "$out.out" >&2; die "pgbench failed in row $key"; }
+    n=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out.out")
+    snap_end "$key" "$proxy" "$n" "$(times_us "$out.times")"
+    R_rps[$key]=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out.out" | awk '{ printf "%.0f", $1 }')
+    # p50/p99 from the per-transaction log (3rd field: latency in µs).
+    lat=$(cat "$tmp/log/$key"/tx.* | awk '{ print $3 }' | sort -n | awk '
+        { a[NR] = $1 }
+        END { if (NR == 0) { print "- -"; exit }
+              i = int(NR * 0.50); if (i < NR * 0.50) i++; j = int(NR * 0.99); if (j < NR * 0.99) j++
+              printf "%.2f %.2f\n", a[i] / 1000, a[j] / 1000 }')
+    R_p50[$key]=${lat% *}
+    R_p99[$key]=${lat#* }
+    rm -rf "$tmp/log/$key"
+    local failed
+    failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out.out")
+    [ -n "$failed" ] && [ "$failed" != 0 ] && R_note[$key]="$failed failed"
+}
+
+add_row direct_s32 "direct simple" "$clients"
+add_row direct_p32 "direct prepared" "$clients"
+add_row direct_sp "direct simple @pool" "$pool"
+add_row direct_pp "direct prepared @pool" "$pool"
+
+# --- PgBouncer ----------------------------------------------------------------------
+pgb_dir=$tmp/pgbouncer
+mkdir -p "$pgb_dir"
+echo '"postgres" ""' >"$pgb_dir/users.txt"
+
+# start_pgbouncer: on a free port (retrying if it was taken meanwhile); sets
+# pgb_pid and pgb_port.
+start_pgbouncer() {
+    local log=$pgb_dir/pgbouncer.log
+    for _ in 1 2 3; do
+        pgb_port=$(pg_free_port) || die "no free port"
+        cat >"$pgb_dir/pgbouncer.ini" <<EOF
+; written by tools/bench.sh
+[databases]
+bench_0 = host=127.0.0.1 port=$pg_port dbname=bench_0 user=postgres
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $pgb_port
+unix_socket_dir =
+auth_type = trust
+auth_file = $pgb_dir/users.txt
+pool_mode = transaction
+default_pool_size = $pool
+min_pool_size = $pool
+max_client_conn = $((clients + 100))
+logfile = $log
+log_connections = 0
+log_disconnections = 0
+EOF
+        : >"$log"
+        chown -R postgres: "$pgb_dir"
+        say "starting PgBouncer on 127.0.0.1:$pgb_port (transaction pooling, pool $pool)"
+        # setpriv execs: $! is PgBouncer itself (it refuses to run as root).
+        setpriv --reuid=postgres --regid=postgres --init-groups "$pgbouncer_bin" "$pgb_dir/pgbouncer.ini" \
+            >"$pgb_dir/stdout.log" 2>&1 &
+        pgb_pid=$!
+        echo "$pgb_pid pgbouncer" >>"$tmp/pids"
+        for _ in $(seq 100); do
+            kill -0 "$pgb_pid" 2>/dev/null || break
+            if grep -q "listening on 127.0.0.1:$pgb_port" "$log" &&
+                    "$bindir/psql" -X -q -At -h 127.0.0.1 -p "$pgb_port" -U postgres -d bench_0 \
+                        -c 'select 1' >/dev/null 2>&1; then
+                return 0
+            fi
+            sleep 0.1
+        done
+        stop_proc "$pgb_pid"
+        pgb_pid=
+        grep -qi 'in use' "$log" "$pgb_dir/stdout.log" || break
+    done
+    cat "$log" "$pgb_dir/stdout.log" >&2
+    die "PgBouncer did not start (log above)"
+}
+start_pgbouncer
+# One unreported second to open PgBouncer's server connections (its
+# min_pool_size only fills a pool that clients use), as the gateway's min_idle has.
+"$bindir/pgbench" -h 127.0.0.1 -p "$pgb_port" -U postgres -n -S -c "$clients" -j "$threads" -T 1 bench_0 \
+    >"$tmp/log/pgbouncer-warmup.log" 2>&1 || { cat "$tmp/log/pgbouncer-warmup.log" >&2; die "pgbench through PgBouncer failed"; }
+
+# PgBouncer 1.18 in transaction mode cannot carry named prepared statements
+# (max_prepared_statements came in 1.21): its second row uses -M extended.
+add_row pgb_s32 "pgbouncer simple" "$clients"
+add_row pgb_e32 "pgbouncer extended" "$clients"
+
+# --- the gateway ---------------------------------------------------------------------
+# start_gateway NAME CONFIG_BODY: writes $tmp/NAME.lua, starts the gateway on
+# two free ports (retrying with others if one was taken meanwhile), waits
+# until its log says it listens and /healthz answers; sets gw_pid, gw_port,
+# admin_port.
+start_gateway() {
+    local name=$1 body=$2 conf=$tmp/$1.lua log=$tmp/log/$1.log
+    for _ in 1 2 3; do
+        gw_port=$(pg_free_port) && admin_port=$(pg_free_port) || die "no free port"
+        [ "$admin_port" = "$gw_port" ] && continue
+        {
+            echo "-- written by tools/bench.sh"
+            echo "return {"
+            echo "  listen = \"127.0.0.1:$gw_port\", admin_listen = \"127.0.0.1:$admin_port\","
+            echo "  shutdown_timeout = 2,"
+            printf '%s\n' "$body"
+            echo "}"
+        } >"$conf"
+        "$bin" -c "$conf" --check >"$log" 2>&1 || { cat "$log" >&2; die "$conf: --check failed"; }
+        "$bin" -c "$conf" >"$log" 2>&1 &
+        gw_pid=$!
+        echo "$gw_pid shardgate" >>"$tmp/pids"
+        for _ in $(seq 100); do
+            kill -0 "$gw_pid" 2>/dev/null || break
+            # The log line first: another program could answer /healthz on a taken port.
+            if grep -q "listening on 127.0.0.1:$gw_port " "$log" &&
+                    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$gw_port/healthz")" = 200 ]; then
+                return 0
+            fi
+            sleep 0.1
+        done
+        stop_gateway
+        grep -q 'Address already in use' "$log" || break
+        say "a port was taken meanwhile; starting the gateway again"
+    done
+    cat "$log" >&2
+    die "the gateway did not start (log above)"
+}
+
+stop_gateway() {
+    stop_proc "$gw_pid"
+    gw_pid=
+}
+
+# shard_of TENANT: the shard the running gateway routes the tenant to.
+shard_of() {
+    curl -s "http://127.0.0.1:$admin_port/admin/route?header=X-Organization-Id:%20$1" |
+        sed -n 's/.*"shard":"\([^"]*\)".*/\1/p'
+}
+
+shards_lua() {   # shards_lua PREFIX DBPREFIX COUNT [EXTRA]
+    local i
+    echo "  shards = {"
+    for ((i = 0; i < $3; i++)); do
+        echo "    $1$i = { url = \"postgresql://postgres@127.0.0.1:$pg_port/$2$i\"${4:+, $4} },"
+    done
+    echo "  },"
+}
+
+say "starting the gateway: $nshards shards, pool $pool, min_idle $pool"
+start_gateway gw-main "  script = \"$root/scripts/routing.lua\",
+  defaults = { pool = $pool, min_idle = $pool },
+$(shards_lua shard_ bench_ "$nshards")"
+wait_pooled $((nshards * pool)) 'bench_%'
+main_rss_start=$(mem_kib "$gw_pid" VmRSS)
+
+# Tenants: the first one the gateway puts on shard_0 (= bench_0, the database
+# pgbench and PgBouncer hit), and 4 per shard for the spread row.
+one_tenant=
+spread=()
+declare -A per_shard
+for ((t = 1; t <= 400; t++)); do
+    s=$(shard_of "$t")
+    [ -n "$s" ] || die "GET /admin/route gave no shard for tenant $t"
+    [ -z "$one_tenant" ] && [ "$s" = shard_0 ] && one_tenant=$t
+    if [ "${per_shard[$s]:-0}" -lt 4 ]; then
+        per_shard[$s]=$(( ${per_shard[$s]:-0} + 1 ))
+        spread+=("$t")
+    fi
+    [ -n "$one_tenant" ] && [ ${#spread[@]} -ge $((4 * nshards)) ] && break
+done
+[ -n "$one_tenant" ] && [ ${#spread[@]} = $((4 * nshards)) ] ||
+    die "tenants 1..400 do not reach every shard 4 times (${#spread[@]})"
+spread_csv=$(IFS=,; echo "${spread[*]}")
+say "tenant $one_tenant -> shard_0; spread tenants $spread_csv (4 per shard)"
+
+answer=$(curl -s "http://127.0.0.1:$gw_port/query" -H "X-Organization-Id: $one_tenant" \
+    -H 'Content-Type: application/json' \
+    -d '{"sql":"SELECT abalance FROM pgbench_accounts WHERE aid = $1","params":[1]}')
+case $answer in
+*'"shard":"shard_0"'*'"row_count":1'*) ;;
+*) die "sample request failed: $answer" ;;
+esac
+
+# run_wrk KEY TENANTS: POST /query (tools/bench/query.lua); TENANTS "-":
+# GET /healthz (tools/bench/healthz.lua).
+run_wrk() {
+    local key=$1 out=$tmp/out/$1 line script=$root/tools/bench/query.lua
+    [ "$2" = - ] && script=$root/tools/bench/healthz.lua
+    say "row ${R_label[$key]}: wrk -t $threads -c $clients -d ${secs}s, $(basename "$script") $2"
+    local perf_pid=
+    if [ "$key" = sg_one ] && [ "${BENCH_PERF:-}" = 1 ] && [ "$round" = 1 ]; then
+        perf record -q -F 999 -g -p "$gw_pid" -o "$tmp/perf.data" >"$tmp/log/perf.log" 2>&1 &
+        perf_pid=$!
+        R_note[$key]="perf on"
+    fi
+    snap_begin "$gw_pid"
+    ( wrk -t "$threads" -c "$clients" -d "${secs}s" --timeout 10s -s "$script" \
+        "http://127.0.0.1:$gw_port" -- "$2" "$accounts" >"$out.out" 2>"$out.err"
+      echo $? >"$out.rc"; times >"$out.times" ) &
+    load_pid=$!
+    wait "$load_pid"
+    load_pid=
+    if [ -n "$perf_pid" ]; then
+        kill -INT "$perf_pid" 2>/dev/null
+        wait "$perf_pid" 2>/dev/null
+    fi
+    line=$(grep '^BENCH ' "$out.out")
+    [ "$(cat "$out.rc")" = 0 ] && [ -n "$line" ] || { cat "$out.err" "$out.out" >&2; die "wrk failed in row $key"; }
+    local requests duration_us p50_us p99_us status_errors socket_errors
+    eval "$(echo "${line#BENCH }" | tr ' ' '\n' | grep -E '^[a-z_0-9]+=[0-9]+$')"
+    snap_end "$key" "$gw_pid" "$requests" "$(times_us "$out.times")"
+    R_rps[$key]=$(awk -v n="$requests" -v d="$duration_us" 'BEGIN { printf "%.0f", n / (d / 1e6) }')
+    R_p50[$key]=$(awk -v v="$p50_us" 'BEGIN { printf "%.2f", v / 1000 }')
+    R_p99[$key]=$(awk -v v="$p99_us" 'BEGIN { printf "%.2f", v / 1000 }')
+    [ "$status_errors" = 0 ] && [ "$socket_errors" = 0 ] ||
+        R_note[$key]="${R_note[$key]:+${R_note[$key]}, }errors: $status_errors non-2xx, $socket_errors socket"
+}
+
+add_row sg_one "shardgate one-shard" "$clients"
+add_row sg_spread "shardgate spread ($nshards shards)" "$clients"
+add_row sg_healthz "shardgate GET /healthz (no DB)" "$clients"
+sg_requests_note="pool $pool/shard: one-shard uses 1 pool ($pool conns), spread $nshards pools ($((nshards * pool)) conns)"
+
+# --- the throughput rows, BENCH_ROUNDS times -------------------------------------------
+# PgBouncer and the gateway stay up (idle) through all rows, so that each
+# round runs every row back to back; with several rounds each column is the
+# median over the rounds, which keeps drifting load on the machine from
+# favouring one row.
+declare -A L_rps L_p50 L_p99 L_pcpu L_lcpu L_pgcpu L_busy
+keep() {   # keep KEY: add this round's numbers to the row's lists
+    L_rps[$1]+=" ${R_rps[$1]}"; L_p50[$1]+=" ${R_p50[$1]}"; L_p99[$1]+=" ${R_p99[$1]}"
+    L_pcpu[$1]+=" ${R_pcpu[$1]}"; L_lcpu[$1]+=" ${R_lcpu[$1]}"; L_pgcpu[$1]+=" ${R_pgcpu[$1]}"
+    L_busy[$1]+=" ${R_busy[$1]}"
+}
+median() {   # median FORMAT LIST...
+    local f=$1
+    shift
+    printf '%s\n' "$@" | grep -E '^[0-9.]+$' | sort -g |
+        awk -v f="$f" '{ a[NR] = $1 } END { if (NR == 0) print "-"
+            else printf f "\n", (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+for ((round = 1; round <= rounds; round++)); do
+    [ "$rounds" -gt 1 ] && say "round $round of $rounds"
+    run_pgbench direct_s32 "$pg_port" "$clients" simple ""; keep direct_s32
+    run_pgbench direct_p32 "$pg_port" "$clients" prepared ""; keep direct_p32
+    run_pgbench direct_sp "$pg_port" "$pool" simple ""; keep direct_sp
+    run_pgbench direct_pp "$pg_port" "$pool" prepared ""; keep direct_pp
+    run_pgbench pgb_s32 "$pgb_port" "$clients" simple "$pgb_pid"; keep pgb_s32
+    run_pgbench pgb_e32 "$pgb_port" "$clients" extended "$pgb_pid"; keep pgb_e32
+    run_wrk sg_one "$one_tenant"; keep sg_one
+    run_wrk sg_spread "$spread_csv"; keep sg_spread
+done
+for k in "${rows[@]}"; do
+    [ -n "${L_rps[$k]:-}" ] || continue
+    R_rps[$k]=$(median '%.0f' ${L_rps[$k]})
+    R_p50[$k]=$(median '%.2f' ${L_p50[$k]})
+    R_p99[$k]=$(median '%.2f' ${L_p99[$k]})
+    R_pcpu[$k]=$(median '%.1f' ${L_pcpu[$k]})
+    R_lcpu[$k]=$(median '%.1f' ${L_lcpu[$k]})
+    R_pgcpu[$k]=$(median '%.1f' ${L_pgcpu[$k]})
+    R_busy[$k]=$(median '%.0f' ${L_busy[$k]})
+    if [ "$rounds" -gt 1 ]; then
+        R_note[$k]="rps $(echo ${L_rps[$k]} | tr ' ' /)${R_note[$k]:+; ${R_note[$k]}}"
+    fi
+done
+stop_proc "$pgb_pid"
+pgb_pid=
+# Once, outside the rounds: the gateway's HTTP path alone, for reference.
+run_wrk sg_healthz -
+stop_gateway
+
+# --- fan-out ---------------------------------------------------------------------------
+say "starting the fan-out gateway: $fanout_shards shards, pool 2, min_idle 1"
+start_gateway gw-fanout "  script = \"$root/tools/bench/fanout_routing.lua\",
+  defaults = { pool = 2, min_idle = 1 },
+$(shards_lua shard_ fan_ "$fanout_shards")"
+wait_pooled "$fanout_shards" 'fan_%'
+
+fan_body="{\"sql\":\"$fanout_sql\"}"
+# run_seq KEY EXPECT HEADER
+run_seq() {
+    local key=$1 out=$tmp/out/$1 line warm=3
+    say "row ${R_label[$key]}: $fanout_n sequential requests (+$warm warm-up)"
+    snap_begin "$gw_pid"
+    ( luajit "$root/tools/bench/seq.lua" 127.0.0.1 "$gw_port" "$fanout_n" "$warm" "$2" "$3" "$fan_body" \
+        >"$out.out" 2>"$out.err"
+      echo $? >"$out.rc"; times >"$out.times" ) &
+    load_pid=$!
+    wait "$load_pid"
+    load_pid=
+    line=$(grep '^SEQ ' "$out.out")
+    [ "$(cat "$out.rc")" = 0 ] && [ -n "$line" ] || { cat "$out.err" >&2; die "row $key failed"; }
+    # shellcheck disable=SC2034  # all set by the eval below, not all used
+    local n p50_ms p99_ms min_ms max_ms mean_ms total_s
+    eval "$(echo "${line#SEQ }" | tr ' ' '\n' | grep -E '^[a-z_0-9]+=[0-9.]+$')"
+    snap_end "$key" "$gw_pid" $((fanout_n + warm)) "$(times_us "$out.times")"
+    R_rps[$key]=$(awk -v n="$n" -v t="$total_s" 'BEGIN { printf "%.1f", n / t }')
+    R_p50[$key]=$(printf '%.2f' "$p50_ms")
+    R_p99[$key]=$(printf '%.2f' "$p99_ms")
+}
+
+add_row fo_single "single-shard seq (pg_sleep 20 ms)" 1
+add_row fo_fan "fan-out ${fanout_shards}x c$fanout_concurrency seq" 1
+run_seq fo_single '"row_count":1' "X-Organization-Id: 1"
+run_seq fo_fan '"errors":[]' "X-Scope: all"
+# The fan-out answer must come from all shards.
+fan_answer=$(curl -s "http://127.0.0.1:$gw_port/query" -H 'X-Scope: all' -H 'Content-Type: application/json' -d "$fan_body")
+fan_rows=$(printf '%s' "$fan_answer" | sed -n 's/.*"row_count":\([0-9]*\).*/\1/p')
+[ "$fan_rows" = "$fanout_shards" ] || die "the fan-out answered $fan_rows rows, not $fanout_shards: ${fan_answer:0:300}"
+stop_gateway
+
+# --- idle clients ----------------------------------------------------------------------
+idle_shards=3
+[ "$nshards" -lt 3 ] && idle_shards=$nshards
+say "idle line: fresh gateway, $idle_shards shards x min_idle $idle_pool, $idle_clients keep-alive clients"
+start_gateway gw-idle "  script = \"$root/scripts/routing.lua\",
+  defaults = { pool = $idle_pool, min_idle = $idle_pool },
+$(shards_lua shard_ bench_ "$idle_shards")"
+wait_pooled $((idle_shards * idle_pool)) 'bench_%'
+idle_pooled=$(psql_do postgres "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shardgate'")
+sleep 0.5
+idle_rss0=$(mem_kib "$gw_pid" VmRSS)
+luajit "$root/tools/bench/idle.lua" 127.0.0.1 "$gw_port" "$idle_clients" 120 \
+    >"$tmp/out/idle.out" 2>"$tmp/out/idle.err" &
+helper_pid=$!
+for _ in $(seq 600); do
+    grep -q '^IDLE ready' "$tmp/out/idle.out" 2>/dev/null && break
+    kill -0 "$helper_pid" 2>/dev/null || { cat "$tmp/out/idle.err" >&2; helper_pid=; die "idle.lua failed"; }
+    sleep 0.1
+done
+grep -q '^IDLE ready' "$tmp/out/idle.out" || die "idle.lua did not open $idle_clients connections in 60 s"
+sleep 1
+idle_rss=$(mem_kib "$gw_pid" VmRSS)
+idle_hwm=$(mem_kib "$gw_pid" VmHWM)
+idle_fds=$(ls "/proc/$gw_pid/fd" | wc -l)
+idle_sockets=$(awk -v p=":$(printf '%04X' "$gw_port")" '$2 ~ p"$" && $4 == "01"' /proc/net/tcp | wc -l)
+stop_proc "$helper_pid"
+helper_pid=
+stop_gateway
+
+# --- the report ----------------------------------------------------------------------
+t_total=$(( $(date +%s) - t_start ))
+cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+
+fmt='%-34s %7s %9s %8s %8s %10s %13s %10s %9s %6s  %s\n'
+echo
+echo "shardgate benchmark: ${secs}s per row x $rounds round(s), $clients clients, pool $pool, pgbench scale $scale x $nshards shards, $threads load threads"
+echo "binary: $bin_desc"
+echo "machine: $(nproc) CPUs, $cpu_model, $(uname -r); loadavg at start: $load_start, at end: $(cut -d" " -f1-3 /proc/loadavg)"
+echo
+printf "$fmt" row clients rps "p50 ms" "p99 ms" "proxy CPU" "proxy RSS" "load CPU" "pg CPU" "busy" note
+printf "$fmt" "" "" "" "" "" "us/req" "peak/now MiB" "us/req" "us/req" "%" ""
+for k in "${rows[@]}"; do
+    printf "$fmt" "${R_label[$k]}" "${R_clients[$k]}" "${R_rps[$k]}" "${R_p50[$k]}" "${R_p99[$k]}" \
+        "${R_pcpu[$k]}" "${R_prss[$k]}" "${R_lcpu[$k]}" "${R_pgcpu[$k]}" "${R_busy[$k]}" "${R_note[$k]}"
+done
+echo
+echo "proxy = PgBouncer in the pgbouncer rows, the gateway in the shardgate rows; load = pgbench, wrk or seq.lua;"
+echo "pg = the whole PostgreSQL cluster; busy = all CPUs of the machine (other processes included)."
+echo "pgbouncer extended: PgBouncer 1.18 cannot carry named prepared statements in transaction mode."
+echo "$sg_requests_note; GET /healthz: the HTTP path alone (static wrk request), once."
+echo
+
+# ratio LABEL NUM DEN OP TARGET: prints NUM/DEN and PASS/MISS (no OP: info).
+ratio() {
+    awk -v l="$1" -v a="$2" -v b="$3" -v op="${4:-}" -v t="${5:-}" 'BEGIN {
+        if (b + 0 == 0) { printf "%-52s %8s\n", l, "-"; exit }
+        r = a / b; v = ""
+        if (op == ">=") v = (r >= t) ? "PASS" : "MISS"
+        if (op == "<=") v = (r <= t) ? "PASS" : "MISS"
+        if (op != "") printf "%-52s %8.2f   target %s %-5s %s\n", l, r, op, t, v
+        else printf "%-52s %8.2f   (info)\n", l, r }'
+}
+one=${R_rps[sg_one]} sp=${R_rps[sg_spread]}
+ratio "shardgate one-shard / pgbouncer simple @$clients" "$one" "${R_rps[pgb_s32]}" ">=" 1.0
+ratio "shardgate one-shard / direct simple @$pool" "$one" "${R_rps[direct_sp]}" ">=" 0.8
+ratio "shardgate one-shard / pgbouncer extended @$clients" "$one" "${R_rps[pgb_e32]}"
+ratio "shardgate one-shard / direct simple @$clients" "$one" "${R_rps[direct_s32]}"
+ratio "shardgate one-shard / direct prepared @$clients" "$one" "${R_rps[direct_p32]}"
+ratio "shardgate one-shard / direct prepared @$pool" "$one" "${R_rps[direct_pp]}"
+ratio "shardgate spread / pgbouncer simple @$clients" "$sp" "${R_rps[pgb_s32]}"
+ratio "shardgate spread / direct simple @$pool" "$sp" "${R_rps[direct_sp]}"
+ratio "shardgate spread / direct simple @$clients" "$sp" "${R_rps[direct_s32]}"
+awk -v a="${R_pcpu[sg_one]}" -v b="${R_pcpu[sg_spread]}" 'BEGIN {
+    m = (a + 0 > b + 0) ? a : b
+    printf "%-52s %8.1f   target <= 20  %s   (one-shard %s, spread %s)\n",
+        "gateway CPU us/request (worse shardgate row)", m, (m <= 20 ? "PASS" : "MISS"), a, b }'
+awk -v a="${R_pcpu[sg_one]}" -v b="${R_pcpu[pgb_s32]}" 'BEGIN {
+    if (b + 0 > 0) printf "%-52s %8.2f   (info)\n", "gateway CPU/req one-shard / PgBouncer CPU/req simple", a / b }'
+awk -v f="${R_p50[fo_fan]}" -v s="${R_p50[fo_single]}" -v w="$((fanout_shards / fanout_concurrency))" 'BEGIN {
+    r = (s > 0) ? f / (w * s) : 0
+    printf "%-52s %8.2f   target <= 1.2 %s   (fan-out p50 %s ms, single p50 %s ms)\n",
+        "fan-out p50 / (" w " waves x single-shard p50)", r, (r <= 1.2 ? "PASS" : "MISS"), f, s }'
+awk -v r="$idle_rss" -v h="$idle_hwm" -v r0="$idle_rss0" -v n="$idle_clients" -v p="$idle_pooled" \
+    -v fds="$idle_fds" -v so="$idle_sockets" 'BEGIN {
+    printf "%-52s %8.1f   target <= 32  %s\n", "gateway RSS MiB, " n " idle clients + " p " pooled", r / 1024,
+        (r / 1024 <= 32 ? "PASS" : "MISS")
+    printf "  idle clients: VmRSS %.1f MiB (%.1f MiB before the clients, %.1f KiB per client), VmHWM %.1f MiB;\n",
+        r / 1024, r0 / 1024, (r - r0) / n, h / 1024
+    printf "  gateway fds %d, established client sockets %d, pooled connections %d (fresh gateway, no load before)\n",
+        fds, so, p }'
+awk -v s="$main_rss_start" 'BEGIN { printf "  the load gateway: VmRSS %.1f MiB with its pools open, before any request\n", s / 1024 }'
+if [ -s "$tmp/perf.data" ]; then
+    echo
+    echo "perf, the gateway during the one-shard row (cpu-clock samples, self time):"
+    perf report -i "$tmp/perf.data" --no-children --sort dso --stdio 2>/dev/null |
+        grep -E '^ +[0-9.]+%' | head -n 10
+    echo "  top symbols:"
+    perf report -i "$tmp/perf.data" --no-children --sort dso,sym --stdio -g none 2>/dev/null |
+        grep -E '^ +[0-9.]+%' | head -n 25
+fi
+echo
+echo "total time: ${t_total} s"

@@ -1,0 +1,48 @@
+-- tools/bench/query.lua — wrk script for the shardgate rows of tools/bench.sh.
+--
+-- Every request is POST /query with pgbench -S's statement,
+--   SELECT abalance FROM pgbench_accounts WHERE aid = $1
+-- with a fresh random aid (1 .. accounts, as pgbench draws it) and a tenant
+-- picked at random from a list, sent as X-Organization-Id. The bench driver
+-- asks the gateway which shard each tenant maps to and passes either one
+-- tenant (every request on one shard) or tenants spread evenly over all
+-- shards:
+--
+--   wrk ... -s tools/bench/query.lua URL -- TENANT[,TENANT...] ACCOUNTS
+--
+-- done() prints one machine-readable line (BENCH ...) that the driver parses:
+-- completed requests, duration, p50/p99 latency in microseconds, and errors.
+
+local thread_count = 0
+
+function setup(thread)
+  thread_count = thread_count + 1
+  thread:set("thread_no", thread_count)
+end
+
+local tenants, accounts, headers
+local head = '{"sql":"SELECT abalance FROM pgbench_accounts WHERE aid = $1","params":['
+
+function init(args)
+  tenants = {}
+  for t in string.gmatch(args[1] or "", "[^,]+") do
+    tenants[#tenants + 1] = t
+  end
+  assert(#tenants > 0, "query.lua: pass tenants as the first argument after --")
+  accounts = assert(tonumber(args[2]), "query.lua: pass the number of accounts as the second argument")
+  math.randomseed(os.time() * 1000 + (thread_no or 0) * 7919)
+  headers = { ["Content-Type"] = "application/json" }
+end
+
+function request()
+  headers["X-Organization-Id"] = tenants[math.random(#tenants)]
+  return wrk.format("POST", "/query", headers, head .. math.random(accounts) .. "]}")
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH requests=%d duration_us=%d p50_us=%d p99_us=%d status_errors=%d socket_errors=%d\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.status, e.connect + e.read + e.write + e.timeout))
+end
