@@ -98,7 +98,13 @@ static const struct conf_key warning_keys[] = {
 
 /* Table-valued top-level keys, handled by their own readers. */
 static const char *const section_names[] = { "defaults", "shards", "fanout", "warnings", "breaker",
-					     "settings", "auth", "queries" };
+					     "settings", "auth", "queries", "tls" };
+
+#define TLS(f) offsetof(struct config, f)
+static const struct conf_key tls_keys[] = {
+	{ "cert", CT_STRING, TLS(tls_cert), NULL, false, false },
+	{ "key", CT_STRING, TLS(tls_key), NULL, false, false },
+};
 
 #define AUTH(f) offsetof(struct auth_conf, f)
 
@@ -712,18 +718,26 @@ const struct named_query *config_find_query(const struct config *cfg, const char
 	return NULL;
 }
 
+/* A path in the config is relative to the config file's folder. */
+static void resolve_one(const struct config *cfg, char **path)
+{
+	if (!*path || (*path)[0] == '/' || strcmp(cfg->dir, ".") == 0)
+		return;
+	size_t n = strlen(cfg->dir) + strlen(*path) + 2;
+	char *p = xmalloc(n);
+	snprintf(p, n, "%s/%s", cfg->dir, *path);
+	free(*path);
+	*path = p;
+}
+
 static void resolve_paths(struct config *cfg, const char *path)
 {
 	const char *slash = strrchr(path, '/');
 	cfg->path = xstrdup(path);
 	cfg->dir = slash ? xstrndup(path, (size_t)(slash - path)) : xstrdup(".");
-	if (cfg->script && cfg->script[0] != '/' && strcmp(cfg->dir, ".") != 0) {
-		size_t n = strlen(cfg->dir) + strlen(cfg->script) + 2;
-		char *p = xmalloc(n);
-		snprintf(p, n, "%s/%s", cfg->dir, cfg->script);
-		free(cfg->script);
-		cfg->script = p;
-	}
+	resolve_one(cfg, &cfg->script);
+	resolve_one(cfg, &cfg->tls_cert);
+	resolve_one(cfg, &cfg->tls_key);
 }
 
 static int read_config(struct reader *r, struct config *cfg)
@@ -748,6 +762,12 @@ static int read_config(struct reader *r, struct config *cfg)
 		return -1;
 	if (read_settings(r) < 0 || read_queries(r, cfg) < 0)
 		return -1;
+	if (read_section(r, "tls", tls_keys, ARRAY_LEN(tls_keys), cfg) < 0)
+		return -1;
+	if (!cfg->tls_cert != !cfg->tls_key) {
+		fmt_err(r->err, r->errlen, "%s: tls needs both cert and key", key_at(r, "", "tls"));
+		return -1;
+	}
 	if (strcmp(cfg->sql_mode, "raw") != 0 && strcmp(cfg->sql_mode, "named") != 0) {
 		fmt_err(r->err, r->errlen, "%s: sql must be \"raw\" or \"named\", got '%s'",
 			key_at(r, "", "sql"), cfg->sql_mode);
@@ -860,6 +880,8 @@ void config_free(struct config *cfg)
 	auth_conf_free(&cfg->auth);
 	free(cfg->sql_mode);
 	free(cfg->tenant_setting);
+	free(cfg->tls_cert);
+	free(cfg->tls_key);
 	for (int i = 0; i < cfg->nqueries; i++) {
 		free(cfg->queries[i].name);
 		free(cfg->queries[i].sql);

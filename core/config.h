@@ -71,6 +71,8 @@ struct config {
 	struct named_query *queries;
 	int nqueries;
 	char *tenant_setting;     /* e.g. "app.tenant_id"; NULL: none */
+	char *tls_cert;           /* HTTPS on the client listener when both are set */
+	char *tls_key;
 	struct shard_conf defaults;
 	struct shard_conf *shards;  /* natural order of names */
 	int nshards;

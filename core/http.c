@@ -19,6 +19,8 @@
 #include "http.h"
 
 #include <arpa/inet.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/event.h>
@@ -44,6 +46,8 @@ struct http_conn {
 	struct event *wev;       /* writable: armed only while output is pending */
 	struct evbuffer *in;
 	struct evbuffer *out;
+	SSL *ssl;                /* HTTPS: the TLS session over fd, else NULL */
+	bool read_wants_write;   /* TLS: SSL_read waits for the socket to be writable */
 	struct event *timer;
 	struct event *resume;
 	enum conn_state state;
@@ -62,6 +66,7 @@ struct http_server {
 	http_handler handler;
 	void *arg;
 	struct http_limits lim;
+	SSL_CTX *ssl_ctx;        /* HTTPS when set */
 	http_reply_hook reply_hook;
 	void *reply_arg;
 	bool shutting_down;
@@ -258,21 +263,52 @@ static void try_parse(struct http_conn *c)
 		read_body(c);
 }
 
+/* Through TLS: write the first chunk of out; -1 on a fatal error, 0 when it must wait, else bytes. */
+static int ssl_write_some(struct http_conn *c)
+{
+	struct evbuffer_iovec v;
+	int n;
+	if (evbuffer_peek(c->out, -1, NULL, &v, 1) < 1)
+		return 0;
+	ERR_clear_error();
+	n = SSL_write(c->ssl, v.iov_base, (int)v.iov_len);
+	if (n > 0) {
+		evbuffer_drain(c->out, (size_t)n);
+		return n;
+	}
+	switch (SSL_get_error(c->ssl, n)) {
+	case SSL_ERROR_WANT_WRITE:
+	case SSL_ERROR_WANT_READ:
+		return 0;
+	default:
+		return -1;
+	}
+}
+
 /* Write what the socket takes now; arm EV_WRITE only for the rest. Frees a closing connection once all is out. */
 static void flush(struct http_conn *c)
 {
 	while (evbuffer_get_length(c->out) > 0) {
-		int n = evbuffer_write_atmost(c->out, c->fd, -1);
-		if (n < 0) {
-			int err = EVUTIL_SOCKET_ERROR();
-			if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR)
+		int n;
+		if (c->ssl) {
+			n = ssl_write_some(c);
+			if (n == 0)
 				break;
+		} else {
+			n = evbuffer_write_atmost(c->out, c->fd, -1);
+			if (n < 0) {
+				int err = EVUTIL_SOCKET_ERROR();
+				if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR)
+					break;
+			}
+		}
+		if (n < 0) {
 			/* The client is gone; the next read reports it (or we free a closing one). */
 			evbuffer_drain(c->out, evbuffer_get_length(c->out));
 			break;
 		}
 	}
-	if (evbuffer_get_length(c->out) > 0) {
+	if (evbuffer_get_length(c->out) > 0 || c->read_wants_write) {
 		event_add(c->wev, NULL);
 		return;
 	}
@@ -295,26 +331,58 @@ static void client_gone(struct http_conn *c)
 	conn_free(c);
 }
 
+/* Read into reserved space: bytes read, 0 on EOF, -1 when nothing is there yet, -2 on error. */
+static ssize_t read_some(struct http_conn *c, void *buf, size_t len)
+{
+	ssize_t n;
+	if (!c->ssl) {
+		n = recv(c->fd, buf, len, 0);
+		if (n < 0)
+			return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? -1 : -2;
+		return n;
+	}
+	ERR_clear_error();
+	c->read_wants_write = false;
+	n = SSL_read(c->ssl, buf, (int)len);
+	if (n > 0)
+		return n;
+	switch (SSL_get_error(c->ssl, (int)n)) {
+	case SSL_ERROR_WANT_READ:
+		return -1;
+	case SSL_ERROR_WANT_WRITE:
+		c->read_wants_write = true;
+		event_add(c->wev, NULL);
+		return -1;
+	case SSL_ERROR_ZERO_RETURN:
+		return 0;
+	default:
+		return -2;
+	}
+}
+
 static void on_read(evutil_socket_t fd, short what, void *arg)
 {
 	struct http_conn *c = arg;
 	struct evbuffer_iovec v;
 	size_t limit = c->srv->lim.max_head + c->srv->lim.max_body + 4096;
 	ssize_t n;
+	(void)fd;
 	(void)what;
 
-	if (evbuffer_reserve_space(c->in, 16384, &v, 1) < 1)
-		abort();
-	n = recv(fd, v.iov_base, v.iov_len, 0);
-	if (n <= 0) {
-		v.iov_len = 0;
+	do {
+		if (evbuffer_reserve_space(c->in, 16384, &v, 1) < 1)
+			abort();
+		n = read_some(c, v.iov_base, v.iov_len);
+		v.iov_len = n > 0 ? (size_t)n : 0;
 		evbuffer_commit_space(c->in, &v, 1);
-		if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+		if (n == 0 || n == -2) {
 			client_gone(c);
+			return;
+		}
+		/* TLS may hold decrypted bytes the socket no longer signals. */
+	} while (n > 0 && c->ssl && SSL_pending(c->ssl) > 0);
+	if (n < 0)
 		return;
-	}
-	v.iov_len = (size_t)n;
-	evbuffer_commit_space(c->in, &v, 1);
 	/* Stop reading far ahead of the request being served (pipelining). */
 	if (evbuffer_get_length(c->in) > limit)
 		event_del(c->rev);
@@ -323,9 +391,13 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
 
 static void on_write(evutil_socket_t fd, short what, void *arg)
 {
-	(void)fd;
+	struct http_conn *c = arg;
 	(void)what;
-	flush(arg);
+	if (c->read_wants_write) {
+		on_read(fd, EV_READ, c);
+		return;
+	}
+	flush(c);
 }
 
 static void on_timer(evutil_socket_t fd, short what, void *arg)
@@ -422,6 +494,8 @@ static void conn_free(struct http_conn *c)
 	event_free(c->wev);
 	evbuffer_free(c->in);
 	evbuffer_free(c->out);
+	if (c->ssl)
+		SSL_free(c->ssl);
 	evutil_closesocket(c->fd);
 	free(c->req.body);
 	free(c->headbuf);
@@ -450,6 +524,12 @@ static void on_accept(struct evconnlistener *l, evutil_socket_t fd, struct socka
 	c->out = evbuffer_new();
 	c->timer = evtimer_new(s->base, on_timer, c);
 	c->resume = event_new(s->base, -1, 0, on_resume, c);
+	if (s->ssl_ctx) {
+		c->ssl = SSL_new(s->ssl_ctx);
+		if (!c->ssl || SSL_set_fd(c->ssl, fd) != 1)
+			abort();
+		SSL_set_accept_state(c->ssl);
+	}
 	if (!c->rev || !c->wev || !c->in || !c->out || !c->timer || !c->resume) {
 		log_error("http: cannot set up a connection");
 		abort();
@@ -513,6 +593,11 @@ fail:
 void http_server_set_limits(struct http_server *s, const struct http_limits *lim)
 {
 	s->lim = *lim;
+}
+
+void http_server_set_tls(struct http_server *s, void *ssl_ctx)
+{
+	s->ssl_ctx = ssl_ctx;
 }
 
 void http_server_set_reply_hook(struct http_server *s, http_reply_hook hook, void *arg)

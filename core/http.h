@@ -58,6 +58,8 @@ struct http_server *http_server_new(struct event_base *base, const char *addr,
 				    http_handler handler, void *arg, char *err, size_t errlen);
 void http_server_set_limits(struct http_server *s, const struct http_limits *lim);
 void http_server_set_reply_hook(struct http_server *s, http_reply_hook hook, void *arg);
+/* Serve HTTPS on new connections with this SSL_CTX (the caller keeps it alive). */
+void http_server_set_tls(struct http_server *s, void *ssl_ctx);
 /* Stop accepting, close idle connections, and close the others after their reply. */
 void http_server_shutdown(struct http_server *s);
 /* Requests received and not yet answered. */

@@ -6,6 +6,8 @@
 #include <event2/buffer.h>
 #include <event2/event.h>
 #include <getopt.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +37,7 @@ struct app {
 	struct event *sig_hup;
 	struct event *sig_int;
 	struct event *drain;
+	SSL_CTX *tls;
 	double shutdown_deadline;
 	bool waiters_failed;
 	bool forced;              /* requests were still running at shutdown_timeout */
@@ -154,6 +157,25 @@ static void on_swap(struct generation *g, void *arg)
 	apply_limits(arg, g->cfg);
 }
 
+/* The client listener's TLS context from tls.cert / tls.key; NULL with err on failure. */
+static SSL_CTX *make_tls(const struct config *cfg, char *err, size_t errlen)
+{
+	SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+	if (!ctx || SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1 ||
+	    SSL_CTX_use_certificate_chain_file(ctx, cfg->tls_cert) != 1 ||
+	    SSL_CTX_use_PrivateKey_file(ctx, cfg->tls_key, SSL_FILETYPE_PEM) != 1 ||
+	    SSL_CTX_check_private_key(ctx) != 1) {
+		char ssl_err[256];
+		ERR_error_string_n(ERR_get_error(), ssl_err, sizeof(ssl_err));
+		snprintf(err, errlen, "tls: cannot use cert %s / key %s: %s", cfg->tls_cert, cfg->tls_key,
+			 ssl_err);
+		SSL_CTX_free(ctx);
+		return NULL;
+	}
+	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+	return ctx;
+}
+
 static int start(struct app *app)
 {
 	char err[1024];
@@ -175,11 +197,20 @@ static int start(struct app *app)
 		return -1;
 	}
 	http_server_set_reply_hook(app->client, on_client_reply, NULL);
+	if (g->cfg->tls_cert) {
+		app->tls = make_tls(g->cfg, err, sizeof(err));
+		if (!app->tls) {
+			log_error("%s", err);
+			return -1;
+		}
+		http_server_set_tls(app->client, app->tls);
+	}
 	apply_limits(app, g->cfg);
 	reload_init(app->base, app->config_path, on_swap, app);
 	reload_watch_apply();
-	log_info("shardgate %s listening on %s (admin %s) with %d shards, script %s, generation %u",
-		 SHARDGATE_VERSION, g->cfg->listen, g->cfg->admin_listen, g->cfg->nshards,
+	log_info("shardgate %s listening on %s%s (admin %s) with %d shards, script %s, generation %u",
+		 SHARDGATE_VERSION, g->cfg->listen, app->tls ? " with TLS" : "", g->cfg->admin_listen,
+		 g->cfg->nshards,
 		 g->cfg->script, g->id);
 	return 0;
 }
@@ -188,6 +219,7 @@ static void stop(struct app *app)
 {
 	http_server_free(app->client);
 	http_server_free(app->admin);
+	SSL_CTX_free(app->tls);
 	reload_shutdown();
 	if (generation_current())
 		generation_set_current(NULL);
