@@ -24,6 +24,20 @@ return {
   script_memory     = 67108864, -- bytes the script's Lua state may use (reload)
   shutdown_timeout  = 30,       -- on SIGTERM/SIGINT, how long requests in flight may finish (reload)
   log_level         = "info",   -- debug, info, warn or error (reload)
+  access_log        = "errors", -- "on" (every request), "errors" (status >= 400) or "off" (reload)
+  access_log_file   = "stderr", -- or a file path (reload)
+
+  -- Security (see README "Security"); all off by default.
+  -- admin_token  = env("SHARDGATE_ADMIN_TOKEN"),  -- admin requests need "Authorization: Bearer <token>"
+  -- auth = { mode = "api_key", keys = { { name = "app", key = env("APP_API_KEY"), tenants = "*" } } },
+  -- auth = { mode = "jwt", alg = "HS256", secret = env("JWT_SECRET"), tenant_claim = "tenant", leeway = 30 },
+  -- tenant_setting = "app.tenant_id",   -- set_config() in each request's transaction, for row-level security
+  -- sql = "named",                      -- clients may only call the queries below ("raw" is the default)
+  -- queries = { org_by_id = { sql = "SELECT * FROM organizations WHERE id = $1", params = 1 } },
+  -- tls = { cert = "server.crt", key = "server.key" },  -- HTTPS on the client listener (restart)
+
+  -- Values for the routing script: require("shardgate").settings (reload).
+  settings = {},
 
   -- Settings every shard starts from; each shard may override any of them.
   defaults = {
@@ -54,5 +68,15 @@ return {
 
   warnings = {
     utilization = 80,      -- /health/shards warns when a pool is busier than this percentage
+  },
+
+  -- Circuit breaker, for every shard: this many connect failures within
+  -- `window` seconds mark a shard down; one probe after `backoff` seconds,
+  -- doubling up to `max_backoff` while it keeps failing.
+  breaker = {
+    failures    = 5,
+    window      = 10,
+    backoff     = 1,
+    max_backoff = 30,
   },
 }
