@@ -12,6 +12,7 @@
 
 #include <event2/buffer.h>
 #include <lauxlib.h>
+#include <libpq-fe.h>
 #include <limits.h>
 #include <math.h>
 #include <stddef.h>
@@ -286,6 +287,12 @@ static int store_value(struct reader *r, const char *where, const struct conf_ke
 		return 0;
 	}
 bad:
+	if (k->secret) {
+		/* Never echo a secret, even a mistyped one. */
+		fmt_err(r->err, r->errlen, "%s: %s%s must be %s, got a %s", key_at(r, where, k->name), where,
+			k->name, type_desc(k->type), lua_typename(L, t));
+		return -1;
+	}
 	fmt_err(r->err, r->errlen, "%s: %s%s must be %s, got %s%s%s", key_at(r, where, k->name), where, k->name,
 		type_desc(k->type),
 		t == LUA_TSTRING || t == LUA_TNUMBER ? "" : lua_typename(L, t),
@@ -397,12 +404,49 @@ static void shard_conf_copy(struct shard_conf *dst, const struct shard_conf *src
 	dst->url = src->url ? xstrdup(src->url) : NULL;
 }
 
+/*
+ * libpq's parse errors quote the URL: replace it in msg (in place) by its
+ * masked form when that is no longer, else cut the message before it.
+ */
+static void mask_in(char *msg, const char *url, const char *masked)
+{
+	char *at = msg ? strstr(msg, url) : NULL;
+	size_t ul = strlen(url), ml = strlen(masked);
+	if (!at)
+		return;
+	if (ml <= ul) {
+		memcpy(at, masked, ml);
+		memmove(at + ml, at + ul, strlen(at + ul) + 1);
+	} else {
+		*at = '\0';
+	}
+}
+
 static int check_shard(struct reader *r, const struct shard_conf *s)
 {
+	char *perr = NULL;
+	PQconninfoOption *opts;
 	if (!s->url) {
 		fmt_err(r->err, r->errlen, "%s: shards.%s.url is required", r->file, s->name);
 		return -1;
 	}
+	/* libpq's own parser, so a URL it cannot use is refused here, not at first connect. */
+	opts = PQconninfoParse(s->url, &perr);
+	if (!opts) {
+		char masked[1024];
+		config_mask_url(s->url, masked, sizeof(masked));
+		mask_in(perr, s->url, masked);
+		fmt_err(r->err, r->errlen, "%s: shards.%s.url is not a valid connection string (%s): %s",
+			key_at(r, "shards.", s->name), s->name, masked, perr ? perr : "out of memory");
+		if (perr) {
+			size_t n = strlen(r->err);
+			while (n && r->err[n - 1] == '\n')
+				r->err[--n] = '\0';
+		}
+		PQfreemem(perr);
+		return -1;
+	}
+	PQconninfoFree(opts);
 	if (s->min_idle > s->pool) {
 		fmt_err(r->err, r->errlen, "%s: shards.%s.min_idle (%d) is larger than pool (%d)",
 			r->file, s->name, s->min_idle, s->pool);
@@ -1011,9 +1055,10 @@ void config_write_json(const struct config *cfg, struct evbuffer *b)
 		static const char *const modes[] = { "off", "api_key", "jwt" };
 		evbuffer_add_printf(b, ",\"auth\":{\"mode\":\"%s\",\"keys\":[", modes[cfg->auth.mode]);
 		for (int i = 0; i < cfg->auth.nkeys; i++) {
-			evbuffer_add(b, i ? ",{\"name\":" : "{\"name\":", i ? 10 : 9);
+			const char *open = i ? ",{\"name\":" : "{\"name\":";
+			evbuffer_add(b, open, strlen(open));
 			jsonw_cstring(b, cfg->auth.keys[i].name);
-			evbuffer_add(b, ",\"key\":\"***\"}", 14);
+			evbuffer_add(b, ",\"key\":\"***\"}", strlen(",\"key\":\"***\"}"));
 		}
 		evbuffer_add_printf(b, "],\"alg\":");
 		jsonw_cstring(b, cfg->auth.mode == AUTH_JWT ? cfg->auth.jwt_alg : NULL);

@@ -267,7 +267,7 @@ struct pgconn *pgconn_connect(struct event_base *base, const char *url, double t
 	}
 	return c;
 fail:
-	log_warn("cannot start connection: %s", c->error);
+	/* libpq's message may quote the URL, password and all: the pool logs a plain line instead. */
 	pgconn_free(c);
 	return NULL;
 }

@@ -23,7 +23,7 @@ static LIST_HEAD(, pool) all_pools = LIST_HEAD_INITIALIZER(all_pools);
 
 static void conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg);
 static void maybe_grow(struct pool *p);
-static void open_conn(struct pool *p);
+static int open_conn(struct pool *p);
 static void fail_waiters(struct pool *p, const char *why);
 
 static struct timeval tv_of(double s)
@@ -262,14 +262,19 @@ static void conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, vo
 	}
 }
 
-static void open_conn(struct pool *p)
+/* Start one connection; -1 when it cannot even start (counted as a connect failure). */
+static int open_conn(struct pool *p)
 {
 	struct pgconn *c = pgconn_connect(p->base, p->conf.url, p->conf.connect_timeout,
 					  conn_event, NULL);
 	if (!c) {
 		p->stats.connect_failures++;
 		snprintf(p->last_error, sizeof(p->last_error), "cannot start a connection");
-		return;
+		log_warn("shard %s: cannot start a connection", p->name);
+		breaker_failure(p);
+		if (pool_total(p) == 0)
+			fail_waiters(p, p->last_error);
+		return -1;
 	}
 	c->pool = p;
 	c->target_gen = p->target_gen;
@@ -277,6 +282,7 @@ static void open_conn(struct pool *p)
 	c->expires = c->created + p->conf.max_lifetime * (0.8 + 0.2 * ((double)rand() / RAND_MAX));
 	TAILQ_INSERT_TAIL(&p->busy, c, link);
 	p->nconnecting++;
+	return 0;
 }
 
 /* Open connections for waiters that no connection in flight will serve, and up to min_idle. */
@@ -287,7 +293,8 @@ static void maybe_grow(struct pool *p)
 	while (pool_total(p) < p->conf.pool &&
 	       (p->nwaiting > p->nconnecting + p->ncleaning ||
 		p->nidle + p->nconnecting < p->conf.min_idle))
-		open_conn(p);
+		if (open_conn(p) < 0)
+			break;
 }
 
 /* Periodic upkeep: close idle connections past idle_timeout or max_lifetime, keep min_idle. */

@@ -555,7 +555,8 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 		finish(r);
 		return;
 	}
-	if (resolve_queries(r) < 0 || authorize(r) < 0)
+	/* Authenticate first: an anonymous client learns nothing, not even query names. */
+	if (authorize(r) < 0 || resolve_queries(r) < 0)
 		return;
 	http->auth = &r->auth;
 	script_route(r->gen->script, http, kind == BODY_QUERY, &r->route);
