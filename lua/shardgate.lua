@@ -1,6 +1,7 @@
 -- shardgate: the gateway's own Lua library, as routing scripts see it through
--- `local sg = require "shardgate"`: hashing (sg.hash), JSON (sg.json) and
--- logging (sg.log), plus the library version.
+-- `local sg = require "shardgate"`: hashing (sg.hash), JSON (sg.json),
+-- logging (sg.log), HS256 JWT verification (sg.jwt) and request accessors
+-- (sg.request), plus the library version.
 --
 -- It holds no state and does nothing blocking; each helper lives in its own
 -- submodule under lua/shardgate/. Loading and sandboxing scripts is not here
@@ -11,4 +12,6 @@ return {
   hash = require "shardgate.hash",
   json = require "shardgate.json",
   log = require "shardgate.log",
+  jwt = require "shardgate.jwt",
+  request = require "shardgate.request",
 }
