@@ -73,7 +73,7 @@ int dryrun_route(const struct config *cfg, struct script *s, const struct dryrun
 	struct http_request req;
 	struct route rt;
 	char *buf = build(dr, &req);
-	bool fanout_ok = strcmp(req.head.path, "/transaction") != 0;
+	bool fanout_ok = strcmp(endpoint_of(req.head.path), "/transaction") != 0;
 	int status = 200;
 
 	script_route(s, &req, fanout_ok, &rt);

@@ -83,6 +83,7 @@ static int inflight(const struct app *app)
 
 static const char *route_label(const char *path)
 {
+	path = endpoint_of(path);
 	static const char *const known[] = { "/query", "/transaction", "/health/shards", "/metrics",
 					     "/healthz" };
 	for (size_t i = 0; i < ARRAY_LEN(known); i++)

@@ -614,7 +614,7 @@ void request_set_base(struct event_base *base)
 
 void request_handle(struct http_request *http, void *arg)
 {
-	const char *m = http->head.method, *p = http->head.path;
+	const char *m = http->head.method, *p = endpoint_of(http->head.path);
 	bool post = strcmp(m, "POST") == 0, get = strcmp(m, "GET") == 0;
 	(void)arg;
 

@@ -41,17 +41,20 @@ struct script {
 	double timeout;
 	double deadline;          /* while a hook runs; else 0 */
 	const char *hook_name;    /* the hook being run, for messages */
+	char timeout_msg[320];    /* set when the running hook passed its deadline */
 	int ref_tenant;
 	int ref_shard;
 	int ref_fanout;
 	int ref_warnings;
 	int ref_shards;           /* the list of shard names, natural order */
+	int ref_names;            /* a private copy of it, to notice a hook changing it */
 	int ref_index;            /* name -> 0-based index */
 	int ref_req_mt;
 	int ref_header_mt;
 	struct http_request *cur; /* the request whose hooks are running */
 	unsigned serial;
 	int nshards;
+	char **names;             /* the shard names, for restore_shards */
 	struct fanout_conf fanout;  /* plan defaults */
 };
 
@@ -77,9 +80,18 @@ static void count_hook(lua_State *L, lua_Debug *ar)
 	if (s->deadline == 0 || mono_now() < s->deadline)
 		return;
 	lua_sethook(L, count_hook, LUA_MASKCOUNT, 1);
-	lua_getinfo(L, "Sl", ar);
-	luaL_error(L, "%s:%d: hook '%s' exceeded script_timeout (%gs)", ar->short_src,
-		   ar->currentline, s->hook_name, s->timeout);
+	/*
+	 * The message is made once, where the hook first fired; later firings
+	 * (after a pcall caught it, perhaps in the gateway's own loader) raise
+	 * the same text, so the operator sees the script's line, once.
+	 */
+	if (!s->timeout_msg[0]) {
+		lua_getinfo(L, "Sl", ar);
+		snprintf(s->timeout_msg, sizeof(s->timeout_msg), "%s:%d: hook '%s' exceeded script_timeout (%gs)",
+			 ar->short_src, ar->currentline, s->hook_name, s->timeout);
+	}
+	lua_pushstring(L, s->timeout_msg);
+	lua_error(L);
 }
 
 /* pcall fn (at the stack below its nargs arguments) under the deadline. */
@@ -90,6 +102,7 @@ static int guarded_call_for(struct script *s, const char *hook, int nargs, int n
 	double saved = s->timeout;
 	s->hook_name = hook;
 	s->timeout = limit;
+	s->timeout_msg[0] = '\0';
 	s->deadline = mono_now() + limit;
 	s->alloc.enforce = true;
 	rc = lua_pcall(s->L, nargs, nresults, 0);
@@ -365,6 +378,39 @@ static int call_tenant(struct script *s, struct http_request *req, struct route 
 }
 
 /* shard(tenant, shards) with the tenant on the stack; consumes it. */
+/*
+ * Hooks get the same shards list table every call. If one changed it, put
+ * it back, so one request's mistake cannot change what later ones see.
+ */
+static void restore_shards(struct script *s)
+{
+	lua_State *L = s->L;
+	bool changed;
+	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_shards);
+	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_names);
+	changed = lua_objlen(L, -2) != lua_objlen(L, -1);
+	/* Interned strings: comparing references is enough, and cheap. */
+	for (int i = 1; !changed && i <= s->nshards; i++) {
+		lua_rawgeti(L, -2, i);
+		lua_rawgeti(L, -2, i);
+		changed = !lua_rawequal(L, -1, -2);
+		lua_pop(L, 2);
+	}
+	lua_pop(L, 1);
+	if (changed) {
+		log_warn("%s: a hook changed its shards list; restored", s->path);
+		lua_pop(L, 1);
+		lua_createtable(L, s->nshards, 0);
+		for (int i = 0; i < s->nshards; i++) {
+			lua_pushstring(L, s->names[i]);
+			lua_rawseti(L, -2, i + 1);
+		}
+		lua_rawseti(L, LUA_REGISTRYINDEX, s->ref_shards);
+		return;
+	}
+	lua_pop(L, 1);
+}
+
 static void call_shard(struct script *s, struct route *out)
 {
 	lua_State *L = s->L;
@@ -373,7 +419,9 @@ static void call_shard(struct script *s, struct route *out)
 	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_shard);
 	lua_insert(L, -2);
 	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_shards);
-	if (guarded_call(s, "shard", 2, 1) != 0) {
+	int rc = guarded_call(s, "shard", 2, 1);
+	restore_shards(s);
+	if (rc != 0) {
 		char msg[480];
 		hook_failure(s, s->ref_shard, "shard", msg, sizeof(msg));
 		route_error(out, "script_error", "%s", msg);
@@ -413,6 +461,7 @@ static int plan_number(struct script *s, const char *key, double def, bool integ
 	if (lua_isnil(L, -1)) {
 		*out = def;
 	} else if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0) ||
+		   !isfinite(lua_tonumber(L, -1)) ||
 		   (integer && lua_tonumber(L, -1) != floor(lua_tonumber(L, -1)))) {
 		route_error(rt, "script_error", "%s: fan-out plan field '%s' must be a %s > 0, got %s",
 			    where, key, integer ? "whole number" : "number",
@@ -501,7 +550,9 @@ static void call_fanout(struct script *s, struct route *out)
 	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_fanout);
 	lua_pushvalue(L, -2);
 	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_shards);
-	if (guarded_call(s, "fanout", 2, 1) != 0) {
+	int rc = guarded_call(s, "fanout", 2, 1);
+	restore_shards(s);
+	if (rc != 0) {
 		char msg[480];
 		hook_failure(s, s->ref_fanout, "fanout", msg, sizeof(msg));
 		route_error(out, "script_error", "%s", msg);
@@ -598,6 +649,12 @@ static void build_shard_tables(struct script *s, const struct config *cfg)
 		lua_setfield(L, -2, cfg->shards[i].name);
 	}
 	s->ref_index = luaL_ref(L, LUA_REGISTRYINDEX);
+	lua_createtable(L, cfg->nshards, 0);
+	for (int i = 0; i < cfg->nshards; i++) {
+		lua_rawgeti(L, -2, i + 1);
+		lua_rawseti(L, -2, i + 1);
+	}
+	s->ref_names = luaL_ref(L, LUA_REGISTRYINDEX);
 	s->ref_shards = luaL_ref(L, LUA_REGISTRYINDEX);
 	lua_createtable(L, 0, 1);
 	lua_pushlightuserdata(L, s);
@@ -682,6 +739,9 @@ struct script *script_new(const struct config *cfg, char *err, size_t errlen)
 	s->path = xstrdup(cfg->script);
 	s->ref_tenant = s->ref_shard = s->ref_fanout = s->ref_warnings = LUA_NOREF;
 	s->nshards = cfg->nshards;
+	s->names = xcalloc((size_t)cfg->nshards, sizeof(char *));
+	for (int i = 0; i < cfg->nshards; i++)
+		s->names[i] = xstrdup(cfg->shards[i].name);
 	s->fanout = cfg->fanout;
 	s->L = luaenv_new(&s->alloc);
 	if (!s->L) {
@@ -705,6 +765,9 @@ void script_free(struct script *s)
 		return;
 	if (s->L)
 		lua_close(s->L);
+	for (int i = 0; s->names && i < s->nshards; i++)
+		free(s->names[i]);
+	free(s->names);
 	free(s->path);
 	free(s);
 }

@@ -165,3 +165,18 @@ size_t fmt_int(char *buf, long long v)
 	buf[len] = '\0';
 	return len;
 }
+
+static bool ends_with_segment(const char *path, const char *seg)
+{
+	size_t lp = strlen(path), ls = strlen(seg);
+	return lp >= ls && strcmp(path + lp - ls, seg) == 0;
+}
+
+const char *endpoint_of(const char *path)
+{
+	if (ends_with_segment(path, "/query"))
+		return "/query";
+	if (ends_with_segment(path, "/transaction"))
+		return "/transaction";
+	return path;
+}

@@ -25,6 +25,11 @@ double wall_now(void);
 /* strcmp that orders embedded numbers by value: "shard_2" < "shard_10". */
 int natural_cmp(const char *a, const char *b);
 
+/* The endpoint a client path names: "/query" for "/query" and ".../query", likewise
+ * "/transaction" (so scripts can take the tenant from a prefix like /orgs/42/query);
+ * else the path itself. */
+const char *endpoint_of(const char *path);
+
 /* Levenshtein distance, for "did you mean" suggestions. */
 int edit_distance(const char *a, const char *b);
 

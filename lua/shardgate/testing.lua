@@ -602,7 +602,7 @@ function Kit:route(req)
     local tenant = tenant_field(a)
     ok, a, b = step_shard(self, a)
     out = ok and { tenant = tenant, shard = a } or failed(tenant, a, b)
-  elseif req.path ~= "/transaction" and self.hooks.fanout then
+  elseif req.path:sub(-12) ~= "/transaction" and self.hooks.fanout then
     ok, a, b = step_fanout(self, view)
     if not ok then
       out = failed(nil, a, b)
