@@ -11,11 +11,13 @@
 
 #include "auth.h"
 #include "config.h"
+#include "directory.h"
 #include "dryrun.h"
 #include "generation.h"
 #include "http.h"
 #include "jsonw.h"
 #include "reload.h"
+#include "tenants.h"
 
 static struct evbuffer *new_buffer(void)
 {
@@ -96,6 +98,26 @@ static void handle_route(struct http_request *req)
 	reply(req, 200, b);
 }
 
+/* POST /admin/tenants/<id>/pause and /resume (<id> %-decoded). */
+static void handle_tenant(struct http_request *req, const char *rest)
+{
+	char id[256];
+	const char *slash = strrchr(rest, '/');
+	size_t n = slash ? (size_t)(slash - rest) : 0;
+	if (!slash || n == 0 || n >= sizeof(id)) {
+		http_reply_error(req, 404, "not_found", "use POST /admin/tenants/<id>/pause or /resume");
+		return;
+	}
+	memcpy(id, rest, n);
+	id[http_url_decode(id, n)] = '\0';
+	if (strcmp(slash, "/pause") == 0)
+		tenants_pause(id, req);
+	else if (strcmp(slash, "/resume") == 0)
+		tenants_resume(id, req);
+	else
+		http_reply_error(req, 404, "not_found", "use POST /admin/tenants/<id>/pause or /resume");
+}
+
 void admin_handle(struct http_request *req, void *arg)
 {
 	const char *m = req->head.method, *p = req->head.path;
@@ -114,6 +136,12 @@ void admin_handle(struct http_request *req, void *arg)
 			handle_reload(req);
 		else
 			http_reply_error(req, 405, "method_not_allowed", "use POST /admin/reload");
+	} else if (strncmp(p, "/admin/tenants/", 15) == 0 && strcmp(m, "POST") == 0) {
+		handle_tenant(req, p + 15);
+	} else if (strcmp(p, "/admin/tenants") == 0 && strcmp(m, "GET") == 0) {
+		tenants_list(req);
+	} else if (strcmp(p, "/admin/directory/refresh") == 0 && strcmp(m, "POST") == 0) {
+		directory_refresh_request(req);
 	} else if (strcmp(p, "/admin/route") == 0 && strcmp(m, "GET") == 0) {
 		handle_route(req);
 	} else if (strcmp(p, "/admin/config") == 0 && strcmp(m, "GET") == 0) {

@@ -99,9 +99,18 @@ static const struct conf_key warning_keys[] = {
 
 /* Table-valued top-level keys, handled by their own readers. */
 static const char *const section_names[] = { "defaults", "shards", "fanout", "warnings", "breaker",
-					     "settings", "auth", "queries", "tls" };
+					     "settings", "auth", "queries", "tls", "directory" };
 
 #define TLS(f) offsetof(struct config, f)
+
+static const struct conf_key directory_keys[] = {
+	{ "url", CT_STRING, TLS(dir_url), NULL, true, false },
+	{ "query", CT_STRING, TLS(dir_query), "\"SELECT tenant, shard FROM tenant_directory\"", true, false },
+	{ "refresh", CT_DURATION, TLS(dir_refresh), "30", true, false },
+	{ "listen", CT_STRING, TLS(dir_listen), NULL, true, false },
+	{ "pause_warning", CT_DURATION, TLS(dir_pause_warning), "60", true, false },
+};
+
 static const struct conf_key tls_keys[] = {
 	{ "cert", CT_STRING, TLS(tls_cert), NULL, false, false },
 	{ "key", CT_STRING, TLS(tls_key), NULL, false, false },
@@ -808,6 +817,20 @@ static int read_config(struct reader *r, struct config *cfg)
 		return -1;
 	if (read_section(r, "tls", tls_keys, ARRAY_LEN(tls_keys), cfg) < 0)
 		return -1;
+	apply_defaults(r, directory_keys, ARRAY_LEN(directory_keys), cfg);
+	if (read_section(r, "directory", directory_keys, ARRAY_LEN(directory_keys), cfg) < 0)
+		return -1;
+	if (cfg->dir_url) {
+		char *perr = NULL;
+		PQconninfoOption *o = PQconninfoParse(cfg->dir_url, &perr);
+		if (!o) {
+			fmt_err(r->err, r->errlen, "%s: directory.url is not a valid connection string",
+				key_at(r, "directory.", "url"));
+			PQfreemem(perr);
+			return -1;
+		}
+		PQconninfoFree(o);
+	}
 	if (!cfg->tls_cert != !cfg->tls_key) {
 		fmt_err(r->err, r->errlen, "%s: tls needs both cert and key", key_at(r, "", "tls"));
 		return -1;
@@ -926,6 +949,9 @@ void config_free(struct config *cfg)
 	free(cfg->tenant_setting);
 	free(cfg->tls_cert);
 	free(cfg->tls_key);
+	free(cfg->dir_url);
+	free(cfg->dir_query);
+	free(cfg->dir_listen);
 	for (int i = 0; i < cfg->nqueries; i++) {
 		free(cfg->queries[i].name);
 		free(cfg->queries[i].sql);

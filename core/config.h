@@ -71,6 +71,11 @@ struct config {
 	struct named_query *queries;
 	int nqueries;
 	char *tenant_setting;     /* e.g. "app.tenant_id"; NULL: none */
+	char *dir_url;            /* the tenant directory's database; NULL: none */
+	char *dir_query;
+	char *dir_listen;
+	double dir_refresh;
+	double dir_pause_warning;
 	char *tls_cert;           /* HTTPS on the client listener when both are set */
 	char *tls_key;
 	struct shard_conf defaults;

@@ -14,6 +14,7 @@
 #include <time.h>
 
 #include "config.h"
+#include "directory.h"
 #include "generation.h"
 #include "http.h"
 #include "jsonw.h"
@@ -21,6 +22,7 @@
 #include "pool.h"
 #include "reload.h"
 #include "script.h"
+#include "tenants.h"
 #include "util.h"
 
 static struct evbuffer *new_buffer(void)
@@ -115,8 +117,12 @@ void health_shards(struct http_request *req)
 	}
 	evbuffer_add(b, "},\"last_reload\":", 16);
 	write_last_reload(b);
+	evbuffer_add(b, ",\"directory\":", 13);
+	directory_health(b);
 	evbuffer_add(b, ",\"warnings\":[", 13);
 	builtin_warnings(b, &count, st, n, g->cfg->warn_utilization);
+	directory_warnings(b, &count);
+	tenants_warnings(b, &count, g->cfg->dir_pause_warning);
 	script_warnings(g->script, st, n, b, &count);
 	evbuffer_add(b, "]}\n", 3);
 	http_reply(req, 200, b, NULL);
@@ -232,6 +238,7 @@ void health_metrics(struct http_request *req)
 	struct evbuffer *b = new_buffer();
 	write_pool_metrics(b, g);
 	write_process_metrics(b, g);
+	directory_metrics(b);
 	http_reply_typed(req, 200, b, "text/plain; version=0.0.4; charset=utf-8");
 	evbuffer_free(b);
 }

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "directory.h"
 #include "log.h"
 #include "util.h"
 
@@ -106,8 +107,32 @@ static int l_core_expired(lua_State *L)
 	return 1;
 }
 
+/* shardgate.core.directory(tenant): the directory's shard for tenant, or nil. */
+static int l_core_directory(lua_State *L)
+{
+	char num[32];
+	const char *key, *shard;
+	if (lua_type(L, 1) == LUA_TNUMBER) {
+		lua_Number d = lua_tonumber(L, 1);
+		if (d == (lua_Number)(long long)d && d > -9007199254740992.0 && d < 9007199254740992.0)
+			fmt_int(num, (long long)d);
+		else
+			snprintf(num, sizeof(num), "%.17g", (double)d);
+		key = num;
+	} else {
+		key = luaL_checkstring(L, 1);
+	}
+	shard = directory_lookup(key);
+	if (shard)
+		lua_pushstring(L, shard);
+	else
+		lua_pushnil(L);
+	return 1;
+}
+
 static const luaL_Reg core_funcs[] = {
 	{ "log", l_core_log },
+	{ "directory", l_core_directory },
 	{ "expired", l_core_expired },
 	{ NULL, NULL },
 };

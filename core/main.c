@@ -16,6 +16,7 @@
 #include "accesslog.h"
 #include "admin.h"
 #include "config.h"
+#include "directory.h"
 #include "dryrun.h"
 #include "generation.h"
 #include "http.h"
@@ -25,6 +26,7 @@
 #include "reload.h"
 #include "request.h"
 #include "script.h"
+#include "tenants.h"
 #include "util.h"
 
 #define SHARDGATE_VERSION "0.1.0"
@@ -155,7 +157,9 @@ static void on_hup(evutil_socket_t sig, short what, void *arg)
 
 static void on_swap(struct generation *g, void *arg)
 {
-	apply_limits(arg, g->cfg);
+	struct app *app = arg;
+	apply_limits(app, g->cfg);
+	directory_configure(app->base, g->cfg);
 }
 
 /* The client listener's TLS context from tls.cert / tls.key; NULL with err on failure. */
@@ -208,6 +212,8 @@ static int start(struct app *app)
 	}
 	apply_limits(app, g->cfg);
 	reload_init(app->base, app->config_path, on_swap, app);
+	tenants_init(app->base);
+	directory_configure(app->base, g->cfg);
 	reload_watch_apply();
 	log_info("shardgate %s listening on %s%s (admin %s) with %d shards, script %s, generation %u",
 		 SHARDGATE_VERSION, g->cfg->listen, app->tls ? " with TLS" : "", g->cfg->admin_listen,
@@ -218,6 +224,9 @@ static int start(struct app *app)
 
 static void stop(struct app *app)
 {
+	/* These may still answer admin requests, so they go before the servers. */
+	directory_shutdown();
+	tenants_shutdown();
 	http_server_free(app->client);
 	http_server_free(app->admin);
 	SSL_CTX_free(app->tls);

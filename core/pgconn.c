@@ -197,8 +197,12 @@ static void idle_input(struct pgconn *c)
 		broken(c, "");
 		return;
 	}
-	while ((n = PQnotifies(c->pg)) != NULL)
+	while ((n = PQnotifies(c->pg)) != NULL) {
+		c->notify_channel = n->relname;
+		emit(c, PGCONN_EV_NOTIFY, NULL);
+		c->notify_channel = NULL;
 		PQfreemem(n);
+	}
 }
 
 static void on_io(evutil_socket_t fd, short what, void *arg)
@@ -319,6 +323,19 @@ int pgconn_send(struct pgconn *c, const char *sql, int nparams, const char *cons
 	if (!ready(c))
 		return -1;
 	return sent(c, PQsendQueryParams(c->pg, sql, nparams, NULL, values, NULL, NULL, 0), cb, arg);
+}
+
+int pgconn_send_rows(struct pgconn *c, const char *sql, pgconn_cb cb, void *arg)
+{
+	if (!ready(c))
+		return -1;
+	if (!PQsendQueryParams(c->pg, sql, 0, NULL, NULL, NULL, NULL, 0)) {
+		set_error(c, "");
+		return -1;
+	}
+	PQsetSingleRowMode(c->pg);
+	/* sent() with ok = 1: the query is already queued. */
+	return sent(c, 1, cb, arg);
 }
 
 static uint64_t sql_hash(const char *s)

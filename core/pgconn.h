@@ -39,6 +39,7 @@ enum pgconn_event {
 	PGCONN_EV_RESULT,      /* one result of the current statement; res valid during the call */
 	PGCONN_EV_DONE,        /* the statement finished; the connection is idle (or broken) */
 	PGCONN_EV_BROKEN,      /* the connection died; free it */
+	PGCONN_EV_NOTIFY,      /* an idle connection got a NOTIFY; res is NULL, see pgconn.notify */
 };
 
 typedef void (*pgconn_cb)(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg);
@@ -75,6 +76,7 @@ struct pgconn {
 	void *pool;              /* owner, opaque here */
 	TAILQ_ENTRY(pgconn) link;
 	char error[256];
+	const char *notify_channel; /* during PGCONN_EV_NOTIFY */
 };
 
 /* Start connecting to url; the callback gets CONNECTED or FAILED. NULL if it cannot start. */
@@ -96,6 +98,9 @@ int pgconn_send(struct pgconn *c, const char *sql, int nparams, const char *cons
  */
 int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const char *const *values,
 		       pgconn_cb cb, void *arg);
+/* Send sql and deliver its rows one result per row (single-row mode), for large loads. */
+int pgconn_send_rows(struct pgconn *c, const char *sql, pgconn_cb cb, void *arg);
+
 /* Forget prepared statements (after DISCARD ALL, which drops them on the server). */
 void pgconn_cache_clear(struct pgconn *c);
 

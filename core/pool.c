@@ -238,6 +238,7 @@ static void conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, vo
 		on_connect_failed(p, c);
 		break;
 	case PGCONN_EV_RESULT:
+	case PGCONN_EV_NOTIFY:
 		break;
 	case PGCONN_EV_DONE:
 		/* A cleaning statement finished: try again to give it back. */

@@ -32,6 +32,7 @@
 #include "pgerror.h"
 #include "pool.h"
 #include "script.h"
+#include "tenants.h"
 #include "util.h"
 
 #define CANCEL_GRACE 2.0
@@ -60,6 +61,9 @@ struct request {
 	bool aborted;            /* the client went away */
 	bool timed_out;
 	bool retried;            /* the first statement was re-tried on a fresh connection */
+	bool waiting_tenant;     /* queued behind a paused tenant */
+	bool entered;            /* counted in its tenant's in-flight requests */
+	struct tenant_waiter twait;
 	int status;              /* set once an error answer is written to out */
 	int nresults;            /* results written into out (transaction) */
 	double sent_at;          /* when the running statement was sent */
@@ -108,6 +112,8 @@ static void request_free(struct request *r)
 		event_free(r->timer);
 	body_free(&r->body);
 	evbuffer_free(r->out);
+	if (r->entered)
+		tenants_leave(r->route.tenant);
 	route_clear(&r->route);
 	auth_identity_clear(&r->auth);
 	generation_unref(r->gen);
@@ -443,6 +449,12 @@ static void on_abort(struct http_request *http)
 {
 	struct request *r = http->data;
 	r->aborted = true;
+	if (r->waiting_tenant) {
+		tenants_cancel_wait(&r->twait);
+		r->waiting_tenant = false;
+		finish(r);
+		return;
+	}
 	log_info("shard %s: client went away; %s", r->shard ? r->shard->name : "-",
 		 r->conn ? "cancelling its statement" : "dropping its wait");
 	if (r->conn) {
@@ -537,6 +549,8 @@ static int resolve_queries(struct request *r)
 	return 0;
 }
 
+static void route_request(struct request *r);
+
 static void handle_sql(struct http_request *http, enum body_kind kind)
 {
 	struct request *r = xcalloc(1, sizeof(*r));
@@ -558,6 +572,41 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 	/* Authenticate first: an anonymous client learns nothing, not even query names. */
 	if (authorize(r) < 0 || resolve_queries(r) < 0)
 		return;
+	route_request(r);
+}
+
+/* A paused tenant's request: released by resume (route again), or its wait ended. */
+static void on_tenant_released(struct tenant_waiter *w, bool released)
+{
+	struct request *r = w->arg;
+	r->waiting_tenant = false;
+	if (!released) {
+		set_error(r, 503, "tenant_paused", "Service temporarily unavailable");
+		evbuffer_drain(r->out, evbuffer_get_length(r->out));
+		static const char head[] =
+			"{\"error\":\"Service temporarily unavailable\",\"code\":\"tenant_paused\",\"tenant\":";
+		evbuffer_add(r->out, head, sizeof(head) - 1);
+		jsonw_cstring(r->out, r->route.tenant);
+		evbuffer_add(r->out, "}", 1);
+		finish(r);
+		return;
+	}
+	/* The move may have changed the mapping: route again, on the generation serving now. */
+	if (r->gen != generation_current()) {
+		generation_unref(r->gen);
+		r->gen = generation_current();
+		generation_ref(r->gen);
+	}
+	route_request(r);
+}
+
+/* Route (script hooks), authorize, then wait for a paused tenant or go to the pool. */
+static void route_request(struct request *r)
+{
+	struct http_request *http = r->http;
+	enum body_kind kind = r->kind;
+
+	route_clear(&r->route);
 	http->auth = &r->auth;
 	script_route(r->gen->script, http, kind == BODY_QUERY, &r->route);
 	http->auth = NULL;
@@ -579,6 +628,15 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 		finish(r);
 		return;
 	}
+	http->on_abort = on_abort;
+	if (tenants_paused(r->route.tenant)) {
+		r->waiting_tenant = true;
+		tenants_wait(r->route.tenant, &r->twait,
+			     r->gen->cfg->shards[r->route.shard].checkout_timeout, on_tenant_released, r);
+		return;
+	}
+	tenants_enter(r->route.tenant);
+	r->entered = true;
 	r->shard = &r->gen->cfg->shards[r->route.shard];
 	r->wrapped = kind == BODY_TRANSACTION || r->gen->cfg->tenant_setting;
 	if (r->gen->cfg->tenant_setting) {

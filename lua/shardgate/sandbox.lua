@@ -38,7 +38,7 @@ local LIBRARIES = {
 -- set_backend/set_level belong to the gateway: a script must not be able to
 -- redirect or silence the gateway's log.
 local MODULES = {
-  ["shardgate"]         = {},
+  ["shardgate"]         = { _set_directory = true },
   ["shardgate.hash"]    = {},
   ["shardgate.json"]    = {},
   ["shardgate.log"]     = { set_backend = true, set_level = true },

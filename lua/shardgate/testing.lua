@@ -829,6 +829,13 @@ function testing.load(script_path, opts)
   if opts.settings ~= nil and type(opts.settings) ~= "table" then
     error("testing.load: settings must be a table, got " .. type(opts.settings), 2)
   end
+  if opts.directory ~= nil and type(opts.directory) ~= "table" then
+    error("testing.load: directory must be a table of tenant = shard, got " .. type(opts.directory), 2)
+  end
+  -- sg.directory(tenant) answers from this table, as the gateway's answers from its directory.
+  local dir = {}
+  for k, v in pairs(opts.directory or {}) do dir[tostring(k)] = v end
+  require("shardgate")._set_directory(dir)
   local kit = setmetatable({
     path = script_path,
     shards = shard_names(opts.shards),
