@@ -36,6 +36,14 @@ return {
   -- queries = { org_by_id = { sql = "SELECT * FROM organizations WHERE id = $1", params = 1 } },
   -- tls = { cert = "server.crt", key = "server.key" },  -- HTTPS on the client listener (restart)
 
+  -- Tenant directory (see README "Tenant directory"): tenant -> shard rows
+  -- read from a table, for sg.directory(tenant) in the script.
+  -- directory = {
+  --   url = env("DIRECTORY_DATABASE_URL"),
+  --   query = "SELECT tenant, shard FROM tenant_directory",
+  --   refresh = 30, listen = "tenant_directory", pause_warning = 60,
+  -- },
+
   -- Values for the routing script: require("shardgate").settings (reload).
   settings = {},
 
