@@ -253,7 +253,7 @@ static const char *type_desc(enum conf_type t)
 static int store_value(struct reader *r, const char *where, const struct conf_key *k, void *base)
 {
 	lua_State *L = r->L;
-	char *field = (char *)base + k->offset;
+	void *field = (char *)base + k->offset;
 	double d;
 	int t = lua_type(L, -1);
 
@@ -1005,7 +1005,7 @@ void config_mask_url(const char *url, char *out, size_t len)
 
 static void json_value(struct evbuffer *b, const struct conf_key *k, const void *base)
 {
-	const char *field = (const char *)base + k->offset;
+	const void *field = (const char *)base + k->offset;
 	if (k->secret) {
 		jsonw_cstring(b, "***");
 		return;
@@ -1041,7 +1041,7 @@ static void json_members(struct evbuffer *b, const struct conf_key *keys, size_t
 			 const void *base, int *count)
 {
 	for (size_t i = 0; i < n; i++) {
-		const char *field = (const char *)base + keys[i].offset;
+		const void *field = (const char *)base + keys[i].offset;
 		if (keys[i].type == CT_STRING && !*(char *const *)field)
 			continue;
 		evbuffer_add_printf(b, "%s\"%s\":", (*count)++ ? "," : "", keys[i].name);

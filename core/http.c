@@ -71,7 +71,7 @@ struct http_server {
 	void *reply_arg;
 	bool shutting_down;
 	int inflight;
-	LIST_HEAD(, http_conn) conns;
+	LIST_HEAD(conn_list, http_conn) conns;
 };
 
 static void conn_free(struct http_conn *c);

@@ -19,7 +19,7 @@
 /* Seconds idle after which a connection is checked before it is lent. */
 #define POOL_CHECK_IDLE 2.0
 
-static LIST_HEAD(, pool) all_pools = LIST_HEAD_INITIALIZER(all_pools);
+static LIST_HEAD(pool_list, pool) all_pools = LIST_HEAD_INITIALIZER(all_pools);
 
 static void conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg);
 static void maybe_grow(struct pool *p);
