@@ -25,7 +25,7 @@ OBJS := $(SRCS:core/%.c=build/%.o)
 ASAN_OBJS := $(SRCS:core/%.c=build/asan/%.o)
 ASAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all deps build test demo check asan fuzz bench clean
+.PHONY: all deps build test demo check asan valgrind fuzz bench clean
 
 all: build
 
@@ -81,6 +81,20 @@ asan: deps
 	@SHARDGATE_BIN=$(CURDIR)/bin/shardgate-asan \
 	 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=86 \
 	 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 spec/run
+
+# The specs that do not depend on tight timing, with every gateway under
+# valgrind's memcheck; any definite or indirect leak or memory error fails it.
+VALGRIND_SPECS ?= spec/02-integration/01-routing_spec.lua spec/02-integration/02-query_spec.lua \
+	spec/02-integration/03-transaction_spec.lua spec/02-integration/07-statement_cache_spec.lua
+valgrind: deps
+	@$(MAKE) --no-print-directory build
+	@command -v valgrind >/dev/null || apt-get install -y -qq valgrind >/dev/null
+	@rm -rf build/valgrind && mkdir -p build/valgrind
+	@SHARDGATE_BIN=$(CURDIR)/tools/valgrind-shardgate VALGRIND_LOG_DIR=$(CURDIR)/build/valgrind \
+		spec/run $(VALGRIND_SPECS)
+	@if grep -l "ERROR SUMMARY: [1-9]\|definitely lost\|indirectly lost" build/valgrind/*.log 2>/dev/null; then \
+		echo "valgrind found problems (build/valgrind/)"; exit 1; \
+	else echo "valgrind: $$(ls build/valgrind | wc -l) gateway runs, no leaks or memory errors"; fi
 
 # libFuzzer targets for everything that parses client bytes (core/test/fuzz_*.c),
 # each run for FUZZ_SECONDS on a copy of its seed corpus; crashes land in build/fuzz/.

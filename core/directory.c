@@ -58,6 +58,7 @@ static struct {
 	char load_error[256];
 	/* status */
 	bool attempted, last_ok;
+	bool settled;
 	double last_at, loaded_at, load_secs;
 	long last_rows;
 	char last_error[256];
@@ -234,6 +235,7 @@ static void answer_waiters(void)
 static void finish_load(void)
 {
 	D.attempted = true;
+	D.settled = true;
 	D.last_at = wall_now();
 	D.loading = false;
 	if (D.load_failed || !D.building) {
@@ -471,6 +473,7 @@ void directory_configure(struct event_base *base, const struct config *cfg)
 		return;
 	}
 	stop_all();
+	D.settled = false;
 	free(D.url);
 	free(D.query);
 	free(D.listen);
@@ -488,6 +491,11 @@ void directory_configure(struct event_base *base, const struct config *cfg)
 	event_add(D.timer, &tv);
 	start_listen();
 	start_load();
+}
+
+bool directory_settled(void)
+{
+	return !D.url || D.settled;
 }
 
 void directory_shutdown(void)

@@ -23,6 +23,8 @@ struct http_request;
 /* Apply the config's `directory` (start, and after each reload): (re)connect and load when it changed. */
 void directory_configure(struct event_base *base, const struct config *cfg);
 void directory_shutdown(void);
+/* True once the first load after configuring finished (or there is no directory). */
+bool directory_settled(void);
 
 /* The shard for tenant, or NULL (not listed, or no directory). Counts lookups and misses. */
 const char *directory_lookup(const char *tenant);

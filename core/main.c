@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "accesslog.h"
 #include "admin.h"
@@ -158,7 +159,8 @@ static void on_hup(evutil_socket_t sig, short what, void *arg)
 static void on_swap(struct generation *g, void *arg)
 {
 	struct app *app = arg;
-	apply_limits(app, g->cfg);
+	if (app->client)
+		apply_limits(app, g->cfg);
 	directory_configure(app->base, g->cfg);
 }
 
@@ -181,6 +183,26 @@ static SSL_CTX *make_tls(const struct config *cfg, char *err, size_t errlen)
 	return ctx;
 }
 
+/*
+ * With a tenant directory, requests routed before its first load would go
+ * to the fallback shard: listen only once it loaded (or failed, or
+ * DIRECTORY_START_WAIT passed), running the loop for it meanwhile.
+ */
+#define DIRECTORY_START_WAIT 15.0
+
+static void wait_for_directory(struct app *app, const struct config *cfg)
+{
+	double deadline = mono_now() + DIRECTORY_START_WAIT;
+	directory_configure(app->base, cfg);
+	if (!cfg->dir_url)
+		return;
+	while (!directory_settled() && mono_now() < deadline)
+		event_base_loop(app->base, EVLOOP_ONCE);
+	if (!directory_settled())
+		log_warn("directory: not loaded after %gs; listening anyway (scripts see no directory yet)",
+			 DIRECTORY_START_WAIT);
+}
+
 static int start(struct app *app)
 {
 	char err[1024];
@@ -190,6 +212,9 @@ static int start(struct app *app)
 		return -1;
 	}
 	generation_set_current(g);
+	reload_init(app->base, app->config_path, on_swap, app);
+	tenants_init(app->base);
+	wait_for_directory(app, g->cfg);
 	app->client = http_server_new(app->base, g->cfg->listen, request_handle, NULL, err, sizeof(err));
 	if (!app->client) {
 		log_error("%s", err);
@@ -211,9 +236,6 @@ static int start(struct app *app)
 		http_server_set_tls(app->client, app->tls);
 	}
 	apply_limits(app, g->cfg);
-	reload_init(app->base, app->config_path, on_swap, app);
-	tenants_init(app->base);
-	directory_configure(app->base, g->cfg);
 	reload_watch_apply();
 	log_info("shardgate %s listening on %s%s (admin %s) with %d shards, script %s, generation %u",
 		 SHARDGATE_VERSION, g->cfg->listen, app->tls ? " with TLS" : "", g->cfg->admin_listen,
@@ -350,11 +372,12 @@ int main(int argc, char **argv)
 	log_info("stopped");
 	if (app.forced) {
 		/*
-		 * Requests still run on connections the server will roll back when
-		 * they close; tearing their state down under them would gain nothing.
-		 * Exit with everything still reachable from here.
+		 * Requests still run on connections the server rolls back when they
+		 * close; tearing their state down under them would gain nothing.
+		 * _exit: nothing is buffered (logs use write(2)), and atexit
+		 * handlers such as a leak checker would only report that state.
 		 */
-		exit(0);
+		_exit(0);
 	}
 	rc = 0;
 done:
