@@ -142,14 +142,31 @@ static bool swallow_result(struct pgconn *c, PGresult *res)
 	return false;
 }
 
-/* Read what arrived and hand out every complete result; DONE at the end. */
+static void on_more(evutil_socket_t fd, short what, void *arg);
+
+/*
+ * Read what arrived and hand out every complete result; DONE at the end.
+ * With c->batch set (bulk loads), at most that many results per loop turn:
+ * libpq may hold thousands of rows from one read, and handing them all out
+ * at once would stall every other request for as long.
+ */
 static void read_results(struct pgconn *c)
 {
+	int handed = 0;
 	if (!PQconsumeInput(c->pg)) {
 		broken(c, "");
 		return;
 	}
 	while (!PQisBusy(c->pg)) {
+		if (c->batch && handed++ >= c->batch) {
+			if (!c->more) {
+				c->more = event_new(c->base, -1, 0, on_more, c);
+				if (!c->more)
+					abort();
+			}
+			event_active(c->more, EV_READ, 0);
+			return;
+		}
 		PGresult *res = PQgetResult(c->pg);
 		if (!res) {
 			if (c->pending != PEND_NONE && !c->pending_failed && PQstatus(c->pg) == CONNECTION_OK) {
@@ -178,6 +195,15 @@ static void read_results(struct pgconn *c)
 		if (!c->keep_result)
 			PQclear(res);
 	}
+}
+
+static void on_more(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgconn *c = arg;
+	(void)fd;
+	(void)what;
+	if (c->state == PGCONN_BUSY)
+		read_results(c);
 }
 
 static void flush_output(struct pgconn *c)
@@ -462,6 +488,8 @@ void pgconn_free(struct pgconn *c)
 		event_free(c->ev);
 	if (c->timer)
 		event_free(c->timer);
+	if (c->more)
+		event_free(c->more);
 	if (c->pg)
 		PQfinish(c->pg);
 	pgconn_cache_clear(c);

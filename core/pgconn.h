@@ -77,6 +77,8 @@ struct pgconn {
 	TAILQ_ENTRY(pgconn) link;
 	char error[256];
 	const char *notify_channel; /* during PGCONN_EV_NOTIFY */
+	int batch;               /* results handed out per loop turn; 0 = all that arrived */
+	struct event *more;      /* continues a batch on the next loop turn */
 };
 
 /* Start connecting to url; the callback gets CONNECTED or FAILED. NULL if it cannot start. */

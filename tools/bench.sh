@@ -15,6 +15,12 @@
 #              all shards
 #   fan-out    one request over 16 shards at concurrency 4 against one
 #              single-shard request, sequential (tools/bench/seq.lua)
+#   directory  a gateway routing with sg.directory(tenant) or jump hash
+#              (tools/bench/directory_routing.lua): the one-shard row's load
+#              for BENCH_DIR_SECONDS with 100 tenants the directory puts on
+#              shard_0, once without and once with POST /admin/directory/refresh
+#              loading a BENCH_DIR_ROWS-row tenant_directory 1 s into the row;
+#              load time, the gateway's VmRSS before/after, bytes per entry
 #   idle       a fresh gateway with 3 x 15 pooled connections and
 #              BENCH_IDLE_CLIENTS idle keep-alive clients (tools/bench/idle.lua)
 #
@@ -37,6 +43,8 @@
 #                           load on the machine hits all of them alike)
 #   BENCH_FANOUT_N=25       timed sequential requests per fan-out measurement
 #   BENCH_IDLE_CLIENTS=1000 idle keep-alive clients for the memory line
+#   BENCH_DIR_SECONDS=6     duration of each directory row
+#   BENCH_DIR_ROWS=1000000  rows of the directory table the refresh loads
 #   BENCH_PERF=1            also profile the gateway with perf during the one-shard
 #                           row and print where its CPU goes (needs linux-perf)
 #   BENCH_NO_INSTALL=1      never apt-get missing packages, just fail
@@ -56,12 +64,16 @@ nshards=${BENCH_SHARDS:-3}
 fanout_n=${BENCH_FANOUT_N:-25}
 rounds=${BENCH_ROUNDS:-1}
 idle_clients=${BENCH_IDLE_CLIENTS:-1000}
+dir_secs=${BENCH_DIR_SECONDS:-6}
+dir_rows=${BENCH_DIR_ROWS:-1000000}
 bin=${SHARDGATE_BIN:-$root/bin/shardgate}
 
 fanout_shards=16         # the issue's fan-out: 16 shards ...
 fanout_concurrency=4     # ... at concurrency 4 (tools/bench/fanout_routing.lua)
 fanout_sql='SELECT pg_sleep(0.02), count(*) FROM pgbench_branches'
 idle_pool=15             # idle line: 3 shards x 15 = 45 pooled connections
+dir_tenants=100          # directory rows: wrk's tenants, all on shard_0 in the directory
+dir_refresh_at=1         # ... and the refresh starts this many seconds into the row
 
 t_start=$(date +%s)
 load_start=$(cut -d" " -f1-3 /proc/loadavg)
@@ -69,12 +81,15 @@ say() { printf 'bench: %s\n' "$*" >&2; }
 die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
 
 for v in secs:SECONDS clients:CLIENTS pool:POOL threads:THREADS scale:SCALE nshards:SHARDS \
-         fanout_n:FANOUT_N idle_clients:IDLE_CLIENTS rounds:ROUNDS; do
+         fanout_n:FANOUT_N idle_clients:IDLE_CLIENTS rounds:ROUNDS dir_secs:DIR_SECONDS dir_rows:DIR_ROWS; do
     var=${v%%:*}
     [[ ${!var} =~ ^[1-9][0-9]*$ ]] || die "BENCH_${v#*:} must be a positive integer, got '${!var}'"
 done
 [ "$threads" -le "$clients" ] && [ "$threads" -le "$pool" ] ||
     die "BENCH_THREADS ($threads) must not exceed BENCH_CLIENTS or BENCH_POOL"
+[ "$dir_secs" -gt "$dir_refresh_at" ] || die "BENCH_DIR_SECONDS must exceed $dir_refresh_at (the refresh starts then)"
+[ "$dir_rows" -ge $((nshards * dir_tenants)) ] ||
+    die "BENCH_DIR_ROWS must be at least $((nshards * dir_tenants)) (the wrk tenants are among them)"
 [ "$nshards" -le 3 ] || say "BENCH_SHARDS=$nshards: the idle line still uses 3 shards"
 
 # --- packages ----------------------------------------------------------------
@@ -187,7 +202,7 @@ cleanup() {
     trap - EXIT INT TERM HUP
     trap '' PIPE
     stop_subshell "$load_pid"
-    stop_proc "$helper_pid"
+    stop_subshell "$helper_pid"
     stop_proc "$gw_pid"
     stop_proc "$pgb_pid"
     pg_cluster_destroy "$tmp/pg"
@@ -252,7 +267,7 @@ per_req() {
 }
 
 # Row results, by row key.
-declare -A R_label R_clients R_rps R_p50 R_p99 R_pcpu R_prss R_lcpu R_pgcpu R_busy R_note
+declare -A R_label R_clients R_rps R_p50 R_p99 R_pcpu R_prss R_lcpu R_pgcpu R_busy R_note R_max R_req
 rows=()
 
 # Snapshots around a row; PROXY is the gateway or PgBouncer pid (or empty).
@@ -527,12 +542,14 @@ case $answer in
 *) die "sample request failed: $answer" ;;
 esac
 
-# run_wrk KEY TENANTS: POST /query (tools/bench/query.lua); TENANTS "-":
-# GET /healthz (tools/bench/healthz.lua).
+# run_wrk KEY TENANTS [SECONDS]: POST /query (tools/bench/query.lua); TENANTS
+# "-": GET /healthz (tools/bench/healthz.lua). SECONDS defaults to
+# BENCH_SECONDS. $tmp/out/KEY.start gets the time wrk starts (ns since the epoch).
 run_wrk() {
-    local key=$1 out=$tmp/out/$1 line script=$root/tools/bench/query.lua
+    local key=$1 out=$tmp/out/$1 line script=$root/tools/bench/query.lua d=${3:-$secs} shown=$2
     [ "$2" = - ] && script=$root/tools/bench/healthz.lua
-    say "row ${R_label[$key]}: wrk -t $threads -c $clients -d ${secs}s, $(basename "$script") $2"
+    [ ${#shown} -gt 60 ] && shown="${shown:0:40}... ($(tr ',' '\n' <<<"$2" | wc -l) tenants)"
+    say "row ${R_label[$key]}: wrk -t $threads -c $clients -d ${d}s, $(basename "$script") $shown"
     local perf_pid=
     if [ "$key" = sg_one ] && [ "${BENCH_PERF:-}" = 1 ] && [ "$round" = 1 ]; then
         perf record -q -F 999 -g -p "$gw_pid" -o "$tmp/perf.data" >"$tmp/log/perf.log" 2>&1 &
@@ -540,7 +557,8 @@ run_wrk() {
         R_note[$key]="perf on"
     fi
     snap_begin "$gw_pid"
-    ( wrk -t "$threads" -c "$clients" -d "${secs}s" --timeout 10s -s "$script" \
+    ( date +%s%N >"$out.start"
+      wrk -t "$threads" -c "$clients" -d "${d}s" --timeout 10s -s "$script" \
         "http://127.0.0.1:$gw_port" -- "$2" "$accounts" >"$out.out" 2>"$out.err"
       echo $? >"$out.rc"; times >"$out.times" ) &
     load_pid=$!
@@ -552,12 +570,14 @@ run_wrk() {
     fi
     line=$(grep '^BENCH ' "$out.out")
     [ "$(cat "$out.rc")" = 0 ] && [ -n "$line" ] || { cat "$out.err" "$out.out" >&2; die "wrk failed in row $key"; }
-    local requests duration_us p50_us p99_us status_errors socket_errors
+    local requests duration_us p50_us p99_us max_us='' status_errors socket_errors
     eval "$(echo "${line#BENCH }" | tr ' ' '\n' | grep -E '^[a-z_0-9]+=[0-9]+$')"
     snap_end "$key" "$gw_pid" "$requests" "$(times_us "$out.times")"
     R_rps[$key]=$(awk -v n="$requests" -v d="$duration_us" 'BEGIN { printf "%.0f", n / (d / 1e6) }')
     R_p50[$key]=$(awk -v v="$p50_us" 'BEGIN { printf "%.2f", v / 1000 }')
     R_p99[$key]=$(awk -v v="$p99_us" 'BEGIN { printf "%.2f", v / 1000 }')
+    R_max[$key]=$(awk -v v="$max_us" 'BEGIN { if (v == "") print "-"; else printf "%.1f", v / 1000 }')
+    R_req[$key]=$requests
     [ "$status_errors" = 0 ] && [ "$socket_errors" = 0 ] ||
         R_note[$key]="${R_note[$key]:+${R_note[$key]}, }errors: $status_errors non-2xx, $socket_errors socket"
 }
@@ -655,6 +675,109 @@ fan_rows=$(printf '%s' "$fan_answer" | sed -n 's/.*"row_count":\([0-9]*\).*/\1/p
 [ "$fan_rows" = "$fanout_shards" ] || die "the fan-out answered $fan_rows rows, not $fanout_shards: ${fan_answer:0:300}"
 stop_gateway
 
+# --- tenant directory --------------------------------------------------------------------
+# bench_dir holds tenant_directory (tenant text primary key, shard text) with
+# only the wrk tenants, which the gateway loads at start, and beside it
+# tenant_directory_full: tenants '1'..'BENCH_DIR_ROWS' spread over the shards
+# (shard_<n % shards>, so the wrk tenants, multiples of the shard count, stay on
+# shard_0). After the baseline row a rename makes the full table
+# tenant_directory, and the load row's POST /admin/directory/refresh loads it.
+dir_h=$(awk -v n="$dir_rows" 'BEGIN {
+    if (n % 1e6 == 0) printf "%dM", n / 1e6; else if (n % 1e3 == 0) printf "%dk", n / 1e3; else print n }')
+t0=$(date +%s)
+dir_t0=$t0
+say "directory: bench_dir with tenant_directory_full of $dir_rows rows"
+dir_sel="SELECT g::text, 'shard_' || (g % $nshards) FROM generate_series"
+psql_do postgres "CREATE DATABASE bench_dir" || die "CREATE DATABASE bench_dir failed"
+psql_do bench_dir "CREATE TABLE tenant_directory (tenant text PRIMARY KEY, shard text NOT NULL);
+    INSERT INTO tenant_directory $dir_sel($nshards, $((nshards * dir_tenants)), $nshards) g;
+    CREATE TABLE tenant_directory_full (tenant text NOT NULL, shard text NOT NULL);
+    INSERT INTO tenant_directory_full $dir_sel(1, $dir_rows) g;
+    ALTER TABLE tenant_directory_full ADD PRIMARY KEY (tenant)" || die "cannot fill bench_dir"
+# No autovacuum or checkpoint of these rows during the measured rows.
+psql_do bench_dir "VACUUM ANALYZE" && psql_do bench_dir "CHECKPOINT" || die "VACUUM/CHECKPOINT of bench_dir failed"
+dir_csv=$(seq -s, "$nshards" "$nshards" $((nshards * dir_tenants)))
+say "directory setup took $(( $(date +%s) - t0 )) s"
+
+say "starting the directory gateway: $nshards shards, pool $pool, min_idle $pool, directory refresh 3600 s"
+start_gateway gw-dir "  script = \"$root/tools/bench/directory_routing.lua\",
+  defaults = { pool = $pool, min_idle = $pool },
+  directory = { url = \"postgresql://postgres@127.0.0.1:$pg_port/bench_dir\", refresh = 3600 },
+$(shards_lua shard_ bench_ "$nshards")"
+wait_pooled $((nshards * pool)) 'bench_%'
+
+# dir_state: "SIZE LOADING OK ROWS SECONDS" from /health/shards' directory
+# object (OK ROWS SECONDS are "- - -" before the first load ends).
+dir_state() {
+    curl -s "http://127.0.0.1:$gw_port/health/shards" | grep -o '"directory":{.*' | sed -n '
+        s/^"directory":{"size":\([0-9]*\),[^}]*"loading":\([a-z]*\),"last_refresh":{"ok":\([a-z]*\),"at":"[^"]*","rows":\([0-9]*\),"seconds":\([0-9.]*\)[,}].*/\1 \2 \3 \4 \5/p
+        s/^"directory":{"size":\([0-9]*\),[^}]*"loading":\([a-z]*\),"last_refresh":null}.*/\1 \2 - - -/p'
+}
+# dir_metric NAME: a counter of the gateway's /metrics.
+dir_metric() {
+    curl -s "http://127.0.0.1:$gw_port/metrics" | awk -v n="$1" '$1 == n { print $2 }'
+}
+for _ in $(seq 300); do
+    read -r d_size d_loading d_ok _ _ < <(dir_state)
+    [ "${d_ok:-}" = true ] && [ "$d_loading" = false ] && break
+    sleep 0.1
+done
+[ "${d_ok:-}" = true ] && [ "$d_size" = "$dir_tenants" ] ||
+    die "the directory gateway did not load its $dir_tenants-row directory in 30 s: $(dir_state)"
+answer=$(curl -s "http://127.0.0.1:$gw_port/query" -H "X-Organization-Id: $nshards" \
+    -H 'Content-Type: application/json' \
+    -d '{"sql":"SELECT abalance FROM pgbench_accounts WHERE aid = $1","params":[1]}')
+case $answer in
+*'"shard":"shard_0"'*'"row_count":1'*) ;;
+*) die "directory sample request failed: $answer" ;;
+esac
+say "directory loaded ($d_size rows); wrk tenants $nshards, $((2 * nshards)) .. $((nshards * dir_tenants)) -> shard_0"
+
+add_row dir_base "directory baseline (no refresh)" "$clients"
+add_row dir_load "directory during $dir_h-row load" "$clients"
+dir_lookups0=$(dir_metric shardgate_directory_lookups_total)
+dir_misses0=$(dir_metric shardgate_directory_misses_total)
+run_wrk dir_base "$dir_csv" "$dir_secs"
+
+psql_do bench_dir "BEGIN; ALTER TABLE tenant_directory RENAME TO tenant_directory_small;
+    ALTER TABLE tenant_directory_full RENAME TO tenant_directory; COMMIT" || die "cannot swap the directory tables"
+sleep 0.2
+dir_rss0=$(mem_kib "$gw_pid" VmRSS)
+# The refresh, dir_refresh_at seconds after wrk started (run_wrk stamps KEY.start).
+dir_out=$tmp/out/dir_load
+rm -f "$dir_out.start"
+( while [ ! -s "$dir_out.start" ]; do sleep 0.01; done
+  sleep "$dir_refresh_at"
+  date +%s%N >"$dir_out.sent"
+  curl -s -m 120 -o "$dir_out.answer" -w '%{http_code} %{time_total}\n' \
+      -X POST "http://127.0.0.1:$admin_port/admin/directory/refresh" >"$dir_out.curl" ) &
+helper_pid=$!
+run_wrk dir_load "$dir_csv" "$dir_secs"
+wait "$helper_pid"
+helper_pid=
+read -r dir_code dir_answer_s <"$dir_out.curl"
+dir_answer=$(cat "$dir_out.answer" 2>/dev/null)
+[ "$dir_code" = 200 ] && [[ $dir_answer == *"\"ok\":true,\"size\":$dir_rows}"* ]] ||
+    die "POST /admin/directory/refresh answered $dir_code: $dir_answer"
+dir_sent_s=$(awk -v a="$(cat "$dir_out.start")" -v b="$(cat "$dir_out.sent")" 'BEGIN { printf "%.2f", (b - a) / 1e9 }')
+sleep 0.5
+dir_rss1=$(mem_kib "$gw_pid" VmRSS)
+dir_hwm=$(mem_kib "$gw_pid" VmHWM)
+read -r d_size d_loading d_ok d_rows d_secs < <(dir_state)
+[ "$d_ok" = true ] && [ "$d_size" = "$dir_rows" ] && [ "$d_rows" = "$dir_rows" ] ||
+    die "/health/shards after the refresh: $(dir_state) (expected $dir_rows entries)"
+dir_lookups=$(( $(dir_metric shardgate_directory_lookups_total) - dir_lookups0 ))
+dir_misses=$(( $(dir_metric shardgate_directory_misses_total) - dir_misses0 ))
+dir_requests=$(( ${R_req[dir_base]} + ${R_req[dir_load]} ))
+[ "$dir_misses" = 0 ] && [ "$dir_lookups" -ge "$dir_requests" ] ||
+    die "the directory rows did not route through the directory: $dir_lookups lookups, $dir_misses misses for $dir_requests requests"
+R_note[dir_base]="max ${R_max[dir_base]} ms${R_note[dir_base]:+; ${R_note[dir_base]}}"
+R_note[dir_load]="max ${R_max[dir_load]} ms; refresh at ${dir_sent_s}s: load ${d_secs}s (answer $(printf '%.3f' "$dir_answer_s")s)${R_note[dir_load]:+; ${R_note[dir_load]}}"
+awk -v s="$dir_sent_s" -v a="$dir_answer_s" -v d="$dir_secs" 'BEGIN { exit !(s + a > d) }' &&
+    R_note[dir_load]+="; the load outlasted the row"
+stop_gateway
+say "the directory rows took $(( $(date +%s) - dir_t0 )) s, setup included"
+
 # --- idle clients ----------------------------------------------------------------------
 idle_shards=3
 [ "$nshards" -lt 3 ] && idle_shards=$nshards
@@ -705,6 +828,8 @@ echo "proxy = PgBouncer in the pgbouncer rows, the gateway in the shardgate rows
 echo "pg = the whole PostgreSQL cluster; busy = all CPUs of the machine (other processes included)."
 echo "pgbouncer extended: PgBouncer 1.18 cannot carry named prepared statements in transaction mode."
 echo "$sg_requests_note; GET /healthz: the HTTP path alone (static wrk request), once."
+echo "directory rows: ${dir_secs}s each, the one-shard load with $dir_tenants tenants that sg.directory puts on shard_0; in the load row"
+echo "POST /admin/directory/refresh loads $dir_rows rows ${dir_refresh_at}s in (beside the live table) and p50/p99 cover the whole row."
 echo
 
 # ratio LABEL NUM DEN OP TARGET: prints NUM/DEN and PASS/MISS (no OP: info).
@@ -746,6 +871,15 @@ awk -v r="$idle_rss" -v h="$idle_hwm" -v r0="$idle_rss0" -v n="$idle_clients" -v
     printf "  gateway fds %d, established client sockets %d, pooled connections %d (fresh gateway, no load before)\n",
         fds, so, p }'
 awk -v s="$main_rss_start" 'BEGIN { printf "  the load gateway: VmRSS %.1f MiB with its pools open, before any request\n", s / 1024 }'
+ratio "p99 during $dir_h-row directory load / baseline p99" "${R_p99[dir_load]}" "${R_p99[dir_base]}"
+awk -v n="$dir_rows" -v ls="$d_secs" -v at="$dir_sent_s" -v ans="$dir_answer_s" -v r0="$dir_rss0" -v r1="$dir_rss1" \
+    -v h="$dir_hwm" -v lk="$dir_lookups" -v ms="$dir_misses" -v rq="$dir_requests" 'BEGIN {
+    printf "  directory load: %d rows in %.3f s (/health/shards last_refresh.seconds); POST /admin/directory/refresh\n", n, ls
+    printf "    sent %.2f s into the row answered after %.3f s\n", at, ans
+    printf "  directory memory: gateway VmRSS %.1f MiB before the load, %.1f MiB after (%+.1f MiB) = %.1f bytes per entry;\n",
+        r0 / 1024, r1 / 1024, (r1 - r0) / 1024, (r1 - r0) * 1024 / n
+    printf "    VmHWM %.1f MiB\n", h / 1024
+    printf "  directory routing: %d lookups, %d misses for %d requests in the two directory rows\n", lk, ms, rq }'
 if [ -s "$tmp/perf.data" ]; then
     echo
     echo "perf, the gateway during the one-shard row (cpu-clock samples, self time):"

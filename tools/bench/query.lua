@@ -11,7 +11,7 @@
 --   wrk ... -s tools/bench/query.lua URL -- TENANT[,TENANT...] ACCOUNTS
 --
 -- done() prints one machine-readable line (BENCH ...) that the driver parses:
--- completed requests, duration, p50/p99 latency in microseconds, and errors.
+-- completed requests, duration, p50/p99/max latency in microseconds, and errors.
 
 local thread_count = 0
 
@@ -42,7 +42,7 @@ end
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
-    "BENCH requests=%d duration_us=%d p50_us=%d p99_us=%d status_errors=%d socket_errors=%d\n",
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    "BENCH requests=%d duration_us=%d p50_us=%d p99_us=%d max_us=%d status_errors=%d socket_errors=%d\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency.max,
     e.status, e.connect + e.read + e.write + e.timeout))
 end
