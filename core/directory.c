@@ -64,7 +64,10 @@ static struct {
 	char last_error[256];
 	uint64_t lookups, misses, ok_total, failed_total;
 	struct http_request *waiters[MAX_WAITERS];
+	bool waiter_next[MAX_WAITERS];  /* arrived during a load: answered by the next one */
 	int nwaiters;
+	void (*idle_fn)(void *);        /* run once no load is running or pending */
+	void *idle_arg;
 } D;
 
 /* ---- the table ---- */
@@ -213,23 +216,52 @@ const char *directory_lookup(const char *tenant)
 
 static void start_load(void);
 
-static void answer_waiters(void)
+/* Answer the waiters whose load just finished (all of them with all = true). */
+static void answer_waiters(bool all)
 {
+	int kept = 0;
 	for (int i = 0; i < D.nwaiters; i++) {
+		if (D.waiter_next[i] && !all) {
+			D.waiters[kept] = D.waiters[i];
+			D.waiter_next[kept++] = false;   /* the next load is theirs */
+			continue;
+		}
 		struct evbuffer *b = evbuffer_new();
 		if (!b)
 			abort();
-		if (D.last_ok) {
+		if (D.last_ok && D.url) {
 			evbuffer_add_printf(b, "{\"ok\":true,\"size\":%u}\n", D.live ? D.live->n : 0);
 		} else {
 			evbuffer_add(b, "{\"ok\":false,\"error\":", 20);
-			jsonw_cstring(b, D.last_error);
+			jsonw_cstring(b, D.url ? D.last_error : "the directory was removed from the configuration");
 			evbuffer_add(b, "}\n", 2);
 		}
-		http_reply(D.waiters[i], D.last_ok ? 200 : 502, b, NULL);
+		D.waiters[i]->on_abort = NULL;
+		http_reply(D.waiters[i], D.last_ok && D.url ? 200 : 502, b, NULL);
 		evbuffer_free(b);
 	}
-	D.nwaiters = 0;
+	D.nwaiters = kept;
+}
+
+static void run_idle_fn(void)
+{
+	void (*fn)(void *) = D.idle_fn;
+	D.idle_fn = NULL;
+	if (fn)
+		fn(D.idle_arg);
+}
+
+bool directory_busy(void)
+{
+	return D.url && (D.loading || D.again);
+}
+
+void directory_when_idle(void (*fn)(void *), void *arg)
+{
+	D.idle_fn = fn;
+	D.idle_arg = arg;
+	if (!directory_busy())
+		run_idle_fn();
 }
 
 static void finish_load(void)
@@ -262,11 +294,13 @@ static void finish_load(void)
 		pgconn_free(D.load_conn);
 		D.load_conn = NULL;
 	}
-	answer_waiters();
+	answer_waiters(false);
 	if (D.again) {
 		D.again = false;
 		start_load();
+		return;
 	}
+	run_idle_fn();
 }
 
 static void fail_load(const char *why)
@@ -485,6 +519,8 @@ void directory_configure(struct event_base *base, const struct config *cfg)
 	if (!D.url) {
 		table_free(D.live);
 		D.live = NULL;
+		answer_waiters(true);
+		run_idle_fn();
 		return;
 	}
 	tv.tv_sec = (long)D.refresh;
@@ -502,7 +538,10 @@ bool directory_settled(void)
 void directory_shutdown(void)
 {
 	stop_all();
-	answer_waiters();
+	free(D.url);
+	D.url = NULL;
+	answer_waiters(true);
+	D.idle_fn = NULL;
 	table_free(D.live);
 	D.live = NULL;
 	if (D.timer)
@@ -524,7 +563,9 @@ static void on_waiter_abort(struct http_request *req)
 {
 	for (int i = 0; i < D.nwaiters; i++) {
 		if (D.waiters[i] == req) {
-			D.waiters[i] = D.waiters[--D.nwaiters];
+			D.nwaiters--;
+			D.waiters[i] = D.waiters[D.nwaiters];
+			D.waiter_next[i] = D.waiter_next[D.nwaiters];
 			break;
 		}
 	}
@@ -541,10 +582,12 @@ void directory_refresh_request(struct http_request *req)
 		http_reply_error(req, 503, "busy", "too many refresh requests waiting");
 		return;
 	}
+	/* A load already running may predate the caller's change: it waits for the next one. */
+	D.waiter_next[D.nwaiters] = D.loading;
 	D.waiters[D.nwaiters++] = req;
 	req->on_abort = on_waiter_abort;
 	if (D.loading)
-		D.again = true;     /* the running load may predate the change: load once more */
+		D.again = true;
 	else
 		start_load();
 }

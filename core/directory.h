@@ -23,6 +23,10 @@ struct http_request;
 /* Apply the config's `directory` (start, and after each reload): (re)connect and load when it changed. */
 void directory_configure(struct event_base *base, const struct config *cfg);
 void directory_shutdown(void);
+/* A load is running or pending. */
+bool directory_busy(void);
+/* Run fn once no load is running or pending (at once when idle); one at a time. */
+void directory_when_idle(void (*fn)(void *), void *arg);
 /* True once the first load after configuring finished (or there is no directory). */
 bool directory_settled(void);
 

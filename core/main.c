@@ -122,6 +122,7 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 		app->waiters_failed = true;
 		for (int i = 0; i < g->cfg->nshards; i++)
 			pool_fail_waiters(g->pools[i], "the gateway is shutting down");
+		tenants_fail_waiters();
 		return;
 	}
 	log_warn("shutdown: %d requests still running after shutdown_timeout; exiting", inflight(app));

@@ -676,9 +676,11 @@ static void build_shard_tables(struct script *s, const struct config *cfg)
 /* Route shardgate.log through the gateway's logger. */
 static int bridge_log(struct script *s, char *err, size_t errlen)
 {
+	/* Also loads the whole library here, outside any script's time limit. */
 	static const char code[] =
 		"local log = require 'shardgate.log'\n"
-		"log.set_backend(require('shardgate.core').log)\n";
+		"log.set_backend(require('shardgate.core').log)\n"
+		"require 'shardgate'\n";
 	if (luaL_loadbuffer(s->L, code, sizeof(code) - 1, "=shardgate") != 0 ||
 	    lua_pcall(s->L, 0, 0, 0) != 0) {
 		fmt_err(err, errlen, "cannot set up shardgate.log: %s", lua_tostring(s->L, -1));

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "directory.h"
 #include "http.h"
 #include "jsonw.h"
 #include "log.h"
@@ -224,7 +225,7 @@ void tenants_pause(const char *tenant, struct http_request *req)
 	evtimer_add(t->pause->admin_timer, &tv);
 }
 
-void tenants_resume(const char *tenant, struct http_request *req)
+static void do_resume(const char *tenant, struct http_request *req)
 {
 	struct tenant *t = find(tenant, false);
 	struct paused *p = t ? t->pause : NULL;
@@ -250,10 +251,74 @@ void tenants_resume(const char *tenant, struct http_request *req)
 		if (t)
 			forget_if_unused(t);
 	}
+	if (!req) {
+		evbuffer_free(b);
+		return;
+	}
 	evbuffer_add(b, "{\"tenant\":", 10);
 	jsonw_cstring(b, tenant);
 	evbuffer_add_printf(b, ",\"paused\":false,\"released\":%d}", released);
+	req->on_abort = NULL;
 	reply_json(req, 200, b);
+}
+
+/*
+ * A resume while a directory load runs (a NOTIFY just arrived, say) is
+ * answered at once, but the tenant stays paused until the load is live:
+ * then its requests, queued and new, are routed with the new directory.
+ */
+struct pending_resume {
+	char *tenant;
+	struct pending_resume *next;
+};
+static struct pending_resume *pending;
+
+static void run_pending(void *arg)
+{
+	struct pending_resume *list = pending, *next;
+	(void)arg;
+	pending = NULL;
+	for (; list; list = next) {
+		next = list->next;
+		do_resume(list->tenant, NULL);
+		free(list->tenant);
+		free(list);
+	}
+}
+
+void tenants_resume(const char *tenant, struct http_request *req)
+{
+	struct tenant *t = find(tenant, false);
+	struct evbuffer *b;
+	if (!directory_busy() || !t || !t->pause) {
+		do_resume(tenant, req);
+		return;
+	}
+	struct pending_resume *p = xcalloc(1, sizeof(*p));
+	p->tenant = xstrdup(tenant);
+	p->next = pending;
+	pending = p;
+	log_info("tenant %s: resumes when the directory load in progress is live", tenant);
+	b = buf();
+	evbuffer_add(b, "{\"tenant\":", 10);
+	jsonw_cstring(b, tenant);
+	evbuffer_add_printf(b, ",\"paused\":false,\"released\":%d,\"after_directory_load\":true}",
+			    t->pause->nwaiting);
+	reply_json(req, 200, b);
+	directory_when_idle(run_pending, NULL);
+}
+
+void tenants_fail_waiters(void)
+{
+	for (int i = 0; i < BUCKETS; i++) {
+		for (struct tenant *t = buckets[i]; t; t = t->next) {
+			struct tenant_waiter *w;
+			while (t->pause && (w = TAILQ_FIRST(&t->pause->waiters)) != NULL) {
+				tenants_cancel_wait(w);
+				w->cb(w, false);
+			}
+		}
+	}
 }
 
 void tenants_list(struct http_request *req)
@@ -295,6 +360,12 @@ void tenants_warnings(struct evbuffer *b, int *count, double warn_after)
 
 void tenants_shutdown(void)
 {
+	while (pending) {
+		struct pending_resume *p = pending;
+		pending = p->next;
+		free(p->tenant);
+		free(p);
+	}
 	for (int i = 0; i < BUCKETS; i++) {
 		while (buckets[i]) {
 			struct tenant *t = buckets[i];

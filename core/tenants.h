@@ -45,6 +45,9 @@ void tenants_pause(const char *tenant, struct http_request *req);
 void tenants_resume(const char *tenant, struct http_request *req);
 void tenants_list(struct http_request *req);
 
+/* Shutdown: answer every request waiting on a paused tenant (503 tenant_paused). */
+void tenants_fail_waiters(void);
+
 /* For /health/shards: pauses longer than warn_after seconds. */
 void tenants_warnings(struct evbuffer *b, int *count, double warn_after);
 
