@@ -58,8 +58,13 @@ build/asan/%.o: core/%.c $(wildcard core/*.h)
 	@mkdir -p build/asan
 	$(CC) -std=gnu11 -D_GNU_SOURCE $(WARN) $(ASAN_FLAGS) $(PKG_CFLAGS) -c -o $@ $<
 
+# C unit tests (core/test/test_units.c), run by spec/01-unit/c_units_spec.lua.
+bin/test_units: core/test/test_units.c build/httpparse.o build/util.o
+	@mkdir -p bin
+	$(CC) $(ALL_CFLAGS) -o $@ $< build/httpparse.o build/util.o
+
 test: deps
-	@$(MAKE) --no-print-directory build
+	@$(MAKE) --no-print-directory build bin/test_units
 	@spec/run
 
 bench: deps
