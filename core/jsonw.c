@@ -61,67 +61,104 @@ static const char esc[256] = {
 	[0x1d] = 'u', [0x1e] = 'u', [0x1f] = 'u', [0x7f] = 'u',
 };
 
-void jsonw_string(struct evbuffer *b, const char *s, size_t len)
+/*
+ * Output goes through a stack buffer flushed to the evbuffer when full or
+ * done: a result is hundreds of small pieces, and one evbuffer_add each cost
+ * more than the JSON itself.
+ */
+struct out {
+	struct evbuffer *b;
+	size_t n;
+	char buf[8192];
+};
+
+static void out_init(struct out *o, struct evbuffer *b)
+{
+	o->b = b;
+	o->n = 0;
+}
+
+static void out_flush(struct out *o)
+{
+	if (o->n)
+		evbuffer_add(o->b, o->buf, o->n);
+	o->n = 0;
+}
+
+static inline void put(struct out *o, const void *p, size_t len)
+{
+	if (len > sizeof(o->buf) - o->n) {
+		out_flush(o);
+		if (len > sizeof(o->buf)) {
+			evbuffer_add(o->b, p, len);
+			return;
+		}
+	}
+	memcpy(o->buf + o->n, p, len);
+	o->n += len;
+}
+
+static void w_string(struct out *o, const char *s, size_t len)
 {
 	size_t run = 0;
-	evbuffer_add(b, "\"", 1);
+	put(o, "\"", 1);
 	for (size_t i = 0; i < len; i++) {
 		unsigned char c = (unsigned char)s[i];
 		if (!esc[c])
 			continue;
 		if (i > run)
-			evbuffer_add(b, s + run, i - run);
+			put(o, s + run, i - run);
 		if (esc[c] == 'u') {
 			char u[7];
 			snprintf(u, sizeof(u), "\\u%04x", c);
-			evbuffer_add(b, u, 6);
+			put(o, u, 6);
 		} else {
 			char e[2] = { '\\', esc[c] };
-			evbuffer_add(b, e, 2);
+			put(o, e, 2);
 		}
 		run = i + 1;
 	}
 	if (len > run)
-		evbuffer_add(b, s + run, len - run);
-	evbuffer_add(b, "\"", 1);
+		put(o, s + run, len - run);
+	put(o, "\"", 1);
 }
 
-void jsonw_cstring(struct evbuffer *b, const char *s)
+static void w_cstring(struct out *o, const char *s)
 {
 	if (!s)
-		evbuffer_add(b, "null", 4);
+		put(o, "null", 4);
 	else
-		jsonw_string(b, s, strlen(s));
+		w_string(o, s, strlen(s));
 }
 
-void jsonw_error(struct evbuffer *b, const char *code, const char *msg, const char *shard)
+static void w_error(struct out *o, const char *code, const char *msg, const char *shard)
 {
-	evbuffer_add(b, "{\"error\":", 9);
-	jsonw_cstring(b, msg);
-	evbuffer_add(b, ",\"code\":", 8);
-	jsonw_cstring(b, code);
+	put(o, "{\"error\":", 9);
+	w_cstring(o, msg);
+	put(o, ",\"code\":", 8);
+	w_cstring(o, code);
 	if (shard) {
-		evbuffer_add(b, ",\"shard\":", 9);
-		jsonw_cstring(b, shard);
+		put(o, ",\"shard\":", 9);
+		w_cstring(o, shard);
 	}
-	evbuffer_add(b, "}", 1);
+	put(o, "}", 1);
 }
 
-void jsonw_fields(struct evbuffer *b, const PGresult *res)
+static void w_fields(struct out *o, const PGresult *res)
 {
 	char tbuf[32];
 	int n = PQnfields(res);
-	evbuffer_add(b, "\"fields\":[", 10);
+	put(o, "\"fields\":[", 10);
 	for (int i = 0; i < n; i++) {
 		if (i)
-			evbuffer_add(b, ",", 1);
-		evbuffer_add(b, "{\"name\":", 8);
-		jsonw_cstring(b, PQfname(res, i));
-		evbuffer_add(b, ",\"type\":", 8);
-		jsonw_cstring(b, jsonw_type_name(PQftype(res, i), tbuf, sizeof(tbuf)));
-		evbuffer_add(b, "}", 1);
+			put(o, ",", 1);
+		put(o, "{\"name\":", 8);
+		w_cstring(o, PQfname(res, i));
+		put(o, ",\"type\":", 8);
+		w_cstring(o, jsonw_type_name(PQftype(res, i), tbuf, sizeof(tbuf)));
+		put(o, "}", 1);
 	}
-	evbuffer_add(b, "]", 1);
+	put(o, "]", 1);
 }
 
 enum kind { K_TEXT, K_NUMBER, K_FLOAT, K_BOOL, K_JSON };
@@ -142,35 +179,35 @@ static enum kind kind_of(Oid oid)
 	}
 }
 
-static void value(struct evbuffer *b, enum kind k, const char *v, size_t len)
+static void value(struct out *o, enum kind k, const char *v, size_t len)
 {
 	switch (k) {
 	case K_NUMBER:
-		evbuffer_add(b, v, len);
+		put(o, v, len);
 		return;
 	case K_FLOAT:
 		/* NaN, Infinity and -Infinity have no JSON number form. */
 		if (v[0] == 'N' || v[0] == 'I' || (v[0] == '-' && v[1] == 'I'))
-			jsonw_string(b, v, len);
+			w_string(o, v, len);
 		else
-			evbuffer_add(b, v, len);
+			put(o, v, len);
 		return;
 	case K_BOOL:
 		if (v[0] == 't')
-			evbuffer_add(b, "true", 4);
+			put(o, "true", 4);
 		else
-			evbuffer_add(b, "false", 5);
+			put(o, "false", 5);
 		return;
 	case K_JSON:
-		evbuffer_add(b, v, len);
+		put(o, v, len);
 		return;
 	case K_TEXT:
-		jsonw_string(b, v, len);
+		w_string(o, v, len);
 		return;
 	}
 }
 
-int jsonw_row_items(struct evbuffer *b, const PGresult *res, int first_row, int max_rows, int need_comma)
+static int w_row_items(struct out *o, const PGresult *res, int first_row, int max_rows, int need_comma)
 {
 	int nf = PQnfields(res), nr = PQntuples(res), written = 0;
 	enum kind kinds[nf > 0 ? nf : 1];
@@ -178,29 +215,29 @@ int jsonw_row_items(struct evbuffer *b, const PGresult *res, int first_row, int 
 		kinds[f] = kind_of(PQftype(res, f));
 	for (int r = first_row; r < nr && written < max_rows; r++, written++) {
 		if (need_comma || written)
-			evbuffer_add(b, ",", 1);
-		evbuffer_add(b, "[", 1);
+			put(o, ",", 1);
+		put(o, "[", 1);
 		for (int f = 0; f < nf; f++) {
 			if (f)
-				evbuffer_add(b, ",", 1);
+				put(o, ",", 1);
 			if (PQgetisnull(res, r, f))
-				evbuffer_add(b, "null", 4);
+				put(o, "null", 4);
 			else
-				value(b, kinds[f], PQgetvalue(res, r, f), (size_t)PQgetlength(res, r, f));
+				value(o, kinds[f], PQgetvalue(res, r, f), (size_t)PQgetlength(res, r, f));
 		}
-		evbuffer_add(b, "]", 1);
+		put(o, "]", 1);
 	}
 	return written;
 }
 
-void jsonw_rows(struct evbuffer *b, const PGresult *res)
+static void w_rows(struct out *o, const PGresult *res)
 {
-	evbuffer_add(b, "\"rows\":[", 8);
-	jsonw_row_items(b, res, 0, PQntuples(res), 0);
-	evbuffer_add(b, "]", 1);
+	put(o, "\"rows\":[", 8);
+	w_row_items(o, res, 0, PQntuples(res), 0);
+	put(o, "]", 1);
 }
 
-void jsonw_result_body(struct evbuffer *b, const PGresult *res)
+static void w_result_body(struct out *o, const PGresult *res)
 {
 	const char *status = PQcmdStatus((PGresult *)res);
 	const char *sp = strchr(status, ' ');
@@ -208,14 +245,74 @@ void jsonw_result_body(struct evbuffer *b, const PGresult *res)
 	long count = PQresultStatus(res) == PGRES_TUPLES_OK ? PQntuples(res)
 			 : (*tuples ? strtol(tuples, NULL, 10) : 0);
 
-	evbuffer_add(b, "\"command\":", 10);
-	jsonw_string(b, status, sp ? (size_t)(sp - status) : strlen(status));
+	put(o, "\"command\":", 10);
+	w_string(o, status, sp ? (size_t)(sp - status) : strlen(status));
 	char num[24];
 	size_t n = fmt_int(num, count);
-	evbuffer_add(b, ",\"row_count\":", 13);
-	evbuffer_add(b, num, n);
-	evbuffer_add(b, ",", 1);
-	jsonw_fields(b, res);
-	evbuffer_add(b, ",", 1);
-	jsonw_rows(b, res);
+	put(o, ",\"row_count\":", 13);
+	put(o, num, n);
+	put(o, ",", 1);
+	w_fields(o, res);
+	put(o, ",", 1);
+	w_rows(o, res);
+}
+
+/* ---- the public functions: each writes through one stack buffer ---- */
+
+void jsonw_string(struct evbuffer *b, const char *s, size_t len)
+{
+	struct out o;
+	out_init(&o, b);
+	w_string(&o, s, len);
+	out_flush(&o);
+}
+
+void jsonw_cstring(struct evbuffer *b, const char *s)
+{
+	struct out o;
+	out_init(&o, b);
+	w_cstring(&o, s);
+	out_flush(&o);
+}
+
+void jsonw_error(struct evbuffer *b, const char *code, const char *msg, const char *shard)
+{
+	struct out o;
+	out_init(&o, b);
+	w_error(&o, code, msg, shard);
+	out_flush(&o);
+}
+
+void jsonw_fields(struct evbuffer *b, const PGresult *res)
+{
+	struct out o;
+	out_init(&o, b);
+	w_fields(&o, res);
+	out_flush(&o);
+}
+
+int jsonw_row_items(struct evbuffer *b, const PGresult *res, int first_row, int max_rows, int need_comma)
+{
+	struct out o;
+	int n;
+	out_init(&o, b);
+	n = w_row_items(&o, res, first_row, max_rows, need_comma);
+	out_flush(&o);
+	return n;
+}
+
+void jsonw_rows(struct evbuffer *b, const PGresult *res)
+{
+	struct out o;
+	out_init(&o, b);
+	w_rows(&o, res);
+	out_flush(&o);
+}
+
+void jsonw_result_body(struct evbuffer *b, const PGresult *res)
+{
+	struct out o;
+	out_init(&o, b);
+	w_result_body(&o, res);
+	out_flush(&o);
 }

@@ -9,6 +9,7 @@
 
 #include <lauxlib.h>
 #include <limits.h>
+#include <stdint.h>
 #include <lualib.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -130,7 +131,31 @@ static int l_core_directory(lua_State *L)
 	return 1;
 }
 
+/*
+ * shardgate.core.jump(text, buckets): FNV-1a 64 of text, then Lamping &
+ * Veach's jump consistent hash; lua/shardgate/hash.lua has validated both
+ * arguments and has the same function in Lua.
+ */
+static int l_core_jump(lua_State *L)
+{
+	size_t len;
+	const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &len);
+	long long buckets = (long long)luaL_checknumber(L, 2);
+	uint64_t key = 14695981039346656037ULL;
+	long long b = -1, j = 0;
+	for (size_t i = 0; i < len; i++)
+		key = (key ^ s[i]) * 1099511628211ULL;
+	while (j < buckets) {
+		b = j;
+		key = key * 2862933555777941757ULL + 1;
+		j = (long long)((double)(b + 1) * (2147483648.0 / (double)((key >> 33) + 1)));
+	}
+	lua_pushnumber(L, (lua_Number)b);
+	return 1;
+}
+
 static const luaL_Reg core_funcs[] = {
+	{ "jump", l_core_jump },
 	{ "log", l_core_log },
 	{ "directory", l_core_directory },
 	{ "expired", l_core_expired },

@@ -39,7 +39,7 @@ local LIBRARIES = {
 -- redirect or silence the gateway's log.
 local MODULES = {
   ["shardgate"]         = { _set_directory = true },
-  ["shardgate.hash"]    = {},
+  ["shardgate.hash"]    = { jump_lua = true },
   ["shardgate.json"]    = {},
   ["shardgate.log"]     = { set_backend = true, set_level = true },
   ["shardgate.jwt"]     = {},
