@@ -23,6 +23,7 @@
 #include "http.h"
 #include "log.h"
 #include "metrics.h"
+#include "pgconn.h"
 #include "pool.h"
 #include "reload.h"
 #include "request.h"
@@ -257,6 +258,7 @@ static void stop(struct app *app)
 	if (generation_current())
 		generation_set_current(NULL);
 	pool_close_all();
+	pgconn_shutdown();
 	if (app->drain)
 		event_free(app->drain);
 	if (app->sig_term)

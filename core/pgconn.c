@@ -10,7 +10,10 @@
  */
 #include "pgconn.h"
 
+#include <arpa/inet.h>
+#include <event2/dns.h>
 #include <event2/event.h>
+#include <event2/util.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -264,12 +267,139 @@ static void noop_notice(void *arg, const PGresult *res)
 	(void)res;
 }
 
+/*
+ * Host names are resolved here with evdns, not by libpq: libpq calls the
+ * blocking getaddrinfo() inside PQconnectStart, which would stall the loop
+ * on a slow resolver. The address goes to libpq as `hostaddr`, the name
+ * stays `host` (for TLS verification and messages). IP addresses, socket
+ * directories and multi-host URLs go to libpq as they are.
+ */
+struct dns_lookup {
+	struct pgconn *c;        /* NULL once the connection is gone */
+};
+
+static struct evdns_base *dns;
+
+void pgconn_shutdown(void)
+{
+	if (dns)
+		evdns_base_free(dns, 0);
+	dns = NULL;
+}
+
+/* The host name url needs resolved, or NULL (copied into buf). */
+static const char *name_to_resolve(const char *url, char *buf, size_t len)
+{
+	PQconninfoOption *opts = PQconninfoParse(url, NULL), *o;
+	const char *host = NULL, *hostaddr = NULL;
+	unsigned char addr[16];
+	if (!opts)
+		return NULL;
+	for (o = opts; o->keyword; o++) {
+		if (strcmp(o->keyword, "host") == 0)
+			host = o->val;
+		else if (strcmp(o->keyword, "hostaddr") == 0)
+			hostaddr = o->val;
+	}
+	buf[0] = '\0';
+	if (host && *host && !(hostaddr && *hostaddr) && host[0] != '/' && host[0] != '@' &&
+	    !strchr(host, ',') && inet_pton(AF_INET, host, addr) != 1 && inet_pton(AF_INET6, host, addr) != 1)
+		snprintf(buf, len, "%s", host);
+	PQconninfoFree(opts);
+	return buf[0] ? buf : NULL;
+}
+
+static int start_libpq(struct pgconn *c, const char *url)
+{
+	const char *keys[] = { "dbname", "fallback_application_name", "client_encoding", NULL, NULL };
+	const char *vals[] = { url, "shardgate", "UTF8", NULL, NULL };
+	if (c->hostaddr[0]) {
+		keys[3] = "hostaddr";
+		vals[3] = c->hostaddr;
+	}
+	c->pg = PQconnectStartParams(keys, vals, 1);
+	if (!c->pg || PQstatus(c->pg) == CONNECTION_BAD) {
+		set_error(c, "");
+		return -1;
+	}
+	PQsetNoticeReceiver(c->pg, noop_notice, NULL);
+	if (watch(c, EV_WRITE) < 0) {
+		set_error(c, "");
+		return -1;
+	}
+	return 0;
+}
+
+static void on_resolved_event(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgconn *c = arg;
+	(void)fd;
+	(void)what;
+	if (c->state != PGCONN_CONNECTING)
+		return;
+	if (!c->hostaddr[0] || start_libpq(c, c->url) < 0) {
+		c->state = PGCONN_BROKEN;
+		if (c->timer)
+			event_del(c->timer);
+		emit(c, PGCONN_EV_FAILED, NULL);
+	}
+}
+
+static void on_dns(int err, struct evutil_addrinfo *ai, void *arg)
+{
+	struct dns_lookup *d = arg;
+	struct pgconn *c = d->c;
+	free(d);
+	if (!c) {
+		if (ai)
+			evutil_freeaddrinfo(ai);
+		return;
+	}
+	c->dns = NULL;
+	if (err || !ai) {
+		snprintf(c->error, sizeof(c->error), "cannot resolve host name: %s", evutil_gai_strerror(err));
+	} else {
+		const void *a = ai->ai_family == AF_INET6
+			? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
+			: (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr;
+		evutil_inet_ntop(ai->ai_family, a, c->hostaddr, sizeof(c->hostaddr));
+		log_debug("resolved a shard host to %s without blocking", c->hostaddr);
+	}
+	if (ai)
+		evutil_freeaddrinfo(ai);
+	/* The callback may run inside evdns_getaddrinfo itself: continue from the loop. */
+	event_active(c->resolved, EV_TIMEOUT, 0);
+}
+
+static int resolve(struct pgconn *c, const char *host)
+{
+	struct evutil_addrinfo hints;
+	struct dns_lookup *d;
+	if (!dns) {
+		dns = evdns_base_new(c->base, EVDNS_BASE_INITIALIZE_NAMESERVERS);
+		if (!dns)
+			return -1;
+		evdns_base_load_hosts(dns, NULL);
+	}
+	c->resolved = event_new(c->base, -1, 0, on_resolved_event, c);
+	if (!c->resolved)
+		return -1;
+	memset(&hints, 0, sizeof(hints));
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	d = xcalloc(1, sizeof(*d));
+	d->c = c;
+	c->dns = d;
+	evdns_getaddrinfo(dns, host, NULL, &hints, on_dns, d);
+	return 0;
+}
+
 struct pgconn *pgconn_connect(struct event_base *base, const char *url, double timeout,
 			      pgconn_cb cb, void *arg)
 {
-	static const char *const keys[] = { "dbname", "fallback_application_name", "client_encoding", NULL };
-	const char *vals[] = { url, "shardgate", "UTF8", NULL };
 	struct pgconn *c = xcalloc(1, sizeof(*c));
+	char host[256];
+	const char *name;
 	struct timeval tv;
 
 	c->base = base;
@@ -279,22 +409,21 @@ struct pgconn *pgconn_connect(struct event_base *base, const char *url, double t
 	c->state = PGCONN_CONNECTING;
 	c->created = mono_now();
 	c->last_used = c->created;
-	c->pg = PQconnectStartParams(keys, vals, 1);
-	if (!c->pg || PQstatus(c->pg) == CONNECTION_BAD) {
-		set_error(c, "");
-		goto fail;
-	}
-	PQsetNoticeReceiver(c->pg, noop_notice, NULL);
 	c->timer = evtimer_new(base, on_connect_timeout, c);
 	if (!c->timer)
 		goto fail;
 	tv.tv_sec = (long)timeout;
 	tv.tv_usec = (long)((timeout - (double)tv.tv_sec) * 1e6);
 	evtimer_add(c->timer, &tv);
-	if (watch(c, EV_WRITE) < 0) {
-		set_error(c, "");
-		goto fail;
+	name = name_to_resolve(url, host, sizeof(host));
+	if (name) {
+		c->url = xstrdup(url);
+		if (resolve(c, name) < 0)
+			goto fail;
+		return c;
 	}
+	if (start_libpq(c, url) < 0)
+		goto fail;
 	return c;
 fail:
 	/* libpq's message may quote the URL, password and all: the pool logs a plain line instead. */
@@ -484,6 +613,14 @@ void pgconn_free(struct pgconn *c)
 {
 	if (!c)
 		return;
+	if (c->dns) {
+		/* The lookup's callback still runs (on cancel too); it must find no connection. */
+		c->dns->c = NULL;
+		c->dns = NULL;
+	}
+	if (c->resolved)
+		event_free(c->resolved);
+	free(c->url);
 	if (c->ev)
 		event_free(c->ev);
 	if (c->timer)

@@ -16,6 +16,7 @@
 #include <libpq-fe.h>
 #include <sys/queue.h>
 
+struct dns_lookup;
 struct event_base;
 struct pgconn;
 
@@ -77,6 +78,10 @@ struct pgconn {
 	TAILQ_ENTRY(pgconn) link;
 	char error[256];
 	const char *notify_channel; /* during PGCONN_EV_NOTIFY */
+	struct dns_lookup *dns;  /* resolving the host name, before libpq starts */
+	struct event *resolved;  /* runs the connect once the name is resolved */
+	char *url;               /* kept while resolving */
+	char hostaddr[64];
 	int batch;               /* results handed out per loop turn; 0 = all that arrived */
 	struct event *more;      /* continues a batch on the next loop turn */
 };
@@ -113,6 +118,8 @@ void pgconn_cancel(struct pgconn *c);
 void pgconn_keep_result(struct pgconn *c);
 
 bool pgconn_usable(const struct pgconn *c);
+/* At exit: free the shared DNS resolver. */
+void pgconn_shutdown(void);
 void pgconn_free(struct pgconn *c);
 
 #endif
