@@ -302,6 +302,52 @@ end
 
 -- Polls fn until it returns a truthy value (returned). For conditions seen
 -- outside the gateway (database rows, files); not for sequencing requests.
+---------------------------------------------------------------------------
+-- Latches: hold gateway requests at a point of our choosing
+---------------------------------------------------------------------------
+
+-- A latch is a psql session of ours holding advisory lock `key` on db.
+-- Statements that run `SELECT pg_advisory_lock_shared(key)` (or take the
+-- lock any other way) wait on it, holding their pooled connection, until
+-- :open() ends our session. Specs use it to keep connections busy exactly as
+-- long as they need, with no sleep.
+local Latch = {}
+Latch.__index = Latch
+local all_latches = {}
+local latch_serial = 0
+
+function helpers.latch(db, key)
+  latch_serial = latch_serial + 1
+  local name = ("sg_latch_%d_%d"):format(key, latch_serial)
+  local proc = helpers.spawn({ pg_bin() .. "/psql", "-X", "-q",
+    "-h", pg_host(), "-p", pg_port(), "-U", "postgres", "-d", db,
+    "-c", string.format("SELECT pg_advisory_lock(%d); SELECT pg_sleep(600)", key) },
+    { log = scratch() .. "/" .. name .. ".log", env = { PGAPPNAME = name } })
+  local l = setmetatable({ db = db, key = key, name = name, proc = proc }, Latch)
+  all_latches[#all_latches + 1] = l
+  helpers.wait_until(function()
+    return helpers.psql("postgres", string.format("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a "
+      .. "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.objid = %d AND l.granted "
+      .. "AND a.application_name = '%s'", key, name)) == "1"
+  end, 10, "the latch session to hold its lock")
+  return l
+end
+
+-- Opens the latch: ends our session, which releases the lock.
+function Latch:open()
+  if self.opened then return end
+  self.opened = true
+  helpers.psql("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+    .. "WHERE application_name = '" .. self.name .. "'")
+  self.proc:wait(10)
+end
+
+-- Opens every latch still closed (for teardown).
+function helpers.open_latches()
+  for _, l in ipairs(all_latches) do l:open() end
+  all_latches = {}
+end
+
 function helpers.wait_until(fn, timeout, what)
   timeout = timeout or 10
   local deadline = socket.gettime() + timeout

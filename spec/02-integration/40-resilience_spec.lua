@@ -177,33 +177,8 @@ end
 -- Latches (as in 04-pool_spec.lua)
 ---------------------------------------------------------------------------
 
-local Latch = {}
-Latch.__index = Latch
-
--- Closes a latch on db: returns once our session holds the advisory lock.
-local function latch(db, key)
-  local name = "sg_res_latch_" .. key
-  local proc = helpers.spawn({ os.getenv("SG_TEST_PGBIN") .. "/psql", "-X", "-q",
-    "-h", os.getenv("SG_TEST_PGHOST") or "127.0.0.1", "-p", os.getenv("SG_TEST_PGPORT"),
-    "-U", "postgres", "-d", db,
-    "-c", string.format("SELECT pg_advisory_lock(%d); SELECT pg_sleep(600)", key) },
-    { log = os.getenv("SG_TEST_TMP") .. "/" .. name .. ".log", env = { PGAPPNAME = name } })
-  local l = setmetatable({ db = db, key = key, name = name, proc = proc }, Latch)
-  helpers.wait_until(function()
-    return count(string.format("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a "
-      .. "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.objid = %d AND l.granted "
-      .. "AND a.application_name = '%s'", key, name)) == 1
-  end, 10, "the latch session to hold its lock")
-  return l
-end
-
-function Latch:open()
-  if self.opened then return end
-  self.opened = true
-  helpers.psql("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-    .. "WHERE application_name = '" .. self.name .. "'")
-  self.proc:wait(10)
-end
+-- An advisory-lock latch (spec/helpers.lua): requests that take the lock wait until :open().
+local latch = helpers.latch
 
 -- A statement that waits on latch key and then answers {{"passed"}}.
 local function latched(key, tag)
