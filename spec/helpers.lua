@@ -348,6 +348,54 @@ function helpers.open_latches()
   all_latches = {}
 end
 
+---------------------------------------------------------------------------
+-- Prometheus text, as GET /metrics answers it
+---------------------------------------------------------------------------
+
+-- "a=1,b=2" for {a = "1", b = "2"}: labels in a stable order.
+function helpers.label_key(labels)
+  local keys = {}
+  for k in pairs(labels) do keys[#keys + 1] = k end
+  table.sort(keys)
+  local parts = {}
+  for _, k in ipairs(keys) do parts[#parts + 1] = k .. "=" .. labels[k] end
+  return table.concat(parts, ",")
+end
+
+local function metric_number(s)
+  if s == "+Inf" then return math.huge end
+  if s == "-Inf" then return -math.huge end
+  return tonumber(s)
+end
+
+-- { series = { [name] = { [label key] = value } }, types = { [family] = type }, text = text }
+function helpers.parse_metrics(text)
+  local m = { series = {}, types = {}, text = text }
+  for line in text:gmatch("[^\n]+") do
+    local fam, typ = line:match("^# TYPE (%S+) (%S+)$")
+    if fam then
+      m.types[fam] = typ
+    elseif not line:match("^#") then
+      local name, labels, value = line:match("^([%w_:]+)(%b{}) (%S+)$")
+      if not name then
+        name, value = line:match("^([%w_:]+) (%S+)$")
+        labels = "{}"
+      end
+      assert(name and metric_number(value), "unparsable metrics line: " .. line)
+      local l = {}
+      for k, v in labels:gmatch('([%w_]+)="([^"]*)"') do l[k] = v end
+      m.series[name] = m.series[name] or {}
+      m.series[name][helpers.label_key(l)] = metric_number(value)
+    end
+  end
+  return m
+end
+
+-- The value of one series in a parsed scrape, or nil.
+function helpers.metric(m, name, labels)
+  return (m.series[name] or {})[helpers.label_key(labels or {})]
+end
+
 function helpers.wait_until(fn, timeout, what)
   timeout = timeout or 10
   local deadline = socket.gettime() + timeout

@@ -139,43 +139,8 @@ end
 ---------------------------------------------------------------------------
 
 -- Series key: name plus its labels sorted, e.g. 'x{class=42,shard=shard_1}'.
-local function label_key(labels)
-  local keys = {}
-  for k in pairs(labels) do keys[#keys + 1] = k end
-  table.sort(keys)
-  local parts = {}
-  for _, k in ipairs(keys) do parts[#parts + 1] = k .. "=" .. labels[k] end
-  return table.concat(parts, ",")
-end
-
-local function number(s)
-  if s == "+Inf" then return math.huge end
-  if s == "-Inf" then return -math.huge end
-  return tonumber(s)
-end
-
--- { series = { [name] = { [label key] = value } }, types = { [family] = type } }
-local function parse_metrics(text)
-  local m = { series = {}, types = {} }
-  for line in text:gmatch("[^\n]+") do
-    local fam, typ = line:match("^# TYPE (%S+) (%S+)$")
-    if fam then
-      m.types[fam] = typ
-    elseif not line:match("^#") then
-      local name, labels, value = line:match("^([%w_:]+)(%b{}) (%S+)$")
-      if not name then
-        name, value = line:match("^([%w_:]+) (%S+)$")
-        labels = "{}"
-      end
-      assert(name and number(value), "unparsable metrics line: " .. line)
-      local l = {}
-      for k, v in labels:gmatch('([%w_]+)="([^"]*)"') do l[k] = v end
-      m.series[name] = m.series[name] or {}
-      m.series[name][label_key(l)] = number(value)
-    end
-  end
-  return m
-end
+local label_key = helpers.label_key
+local parse_metrics = helpers.parse_metrics
 
 local function scrape(gw)
   local res = gw:get("/metrics")
@@ -187,9 +152,7 @@ local function scrape(gw)
   return m
 end
 
-local function value(m, name, labels)
-  return (m.series[name] or {})[label_key(labels or {})]
-end
+local value = helpers.metric
 
 -- Series of `name` whose value changed from m0 to m1, and by how much.
 local function deltas(m0, m1, name)

@@ -367,42 +367,15 @@ end
 -- Prometheus text
 ---------------------------------------------------------------------------
 
-local function label_key(labels)
-  local keys = {}
-  for k in pairs(labels) do keys[#keys + 1] = k end
-  table.sort(keys)
-  local parts = {}
-  for _, k in ipairs(keys) do parts[#parts + 1] = k .. "=" .. labels[k] end
-  return table.concat(parts, ",")
-end
+local label_key = helpers.label_key
 
 local function scrape(gw)
   local res = gw:get("/metrics")
   assert.equal(200, res.status, res.body)
-  local m = { series = {}, types = {}, text = res.body }
-  for line in res.body:gmatch("[^\n]+") do
-    local fam, typ = line:match("^# TYPE (%S+) (%S+)$")
-    if fam then
-      m.types[fam] = typ
-    elseif not line:match("^#") then
-      local name, labels, v = line:match("^([%w_:]+)(%b{}) (%S+)$")
-      if not name then
-        name, v = line:match("^([%w_:]+) (%S+)$")
-        labels = "{}"
-      end
-      assert(name and tonumber(v), "unparsable metrics line: " .. line)
-      local l = {}
-      for k, lv in labels:gmatch('([%w_]+)="([^"]*)"') do l[k] = lv end
-      m.series[name] = m.series[name] or {}
-      m.series[name][label_key(l)] = tonumber(v)
-    end
-  end
-  return m
+  return helpers.parse_metrics(res.body)
 end
 
-local function metric(m, name, labels)
-  return (m.series[name] or {})[label_key(labels or {})]
-end
+local metric = helpers.metric
 
 local function promtool_check(text)
   local file = os.getenv("SG_TEST_TMP") .. "/dir_metrics.txt"
