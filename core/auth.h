@@ -34,7 +34,6 @@ struct auth_conf {
 	void *jwt_pkey;           /* EVP_PKEY, parsed at load */
 	char *tenant_claim;
 	double leeway;
-	bool jwt_all_claim_set;   /* a claim value "*" means every tenant */
 };
 
 /* Who a request is, once authenticated. */
