@@ -486,9 +486,20 @@ static int plan_check_keys(struct script *s, struct route *rt, const char *where
 		for (size_t i = 0; i < ARRAY_LEN(keys); i++)
 			ok = ok || (lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), keys[i]) == 0);
 		if (!ok) {
+			const char *name, *near = NULL;
+			int best = 3;
 			lua_pushvalue(L, -1);
-			route_error(rt, "script_error", "%s: unknown fan-out plan field '%s'", where,
-				    lua_isstring(L, -1) ? lua_tostring(L, -1) : luaL_typename(L, -1));
+			name = lua_isstring(L, -1) ? lua_tostring(L, -1) : luaL_typename(L, -1);
+			/* The closest field within two edits, as for config keys and hook names. */
+			for (size_t i = 0; lua_type(L, -2) == LUA_TSTRING && i < ARRAY_LEN(keys); i++) {
+				int d = edit_distance(name, keys[i]);
+				if (d < best) {
+					best = d;
+					near = keys[i];
+				}
+			}
+			route_error(rt, "script_error", "%s: unknown fan-out plan field '%s'%s%s%s", where, name,
+				    near ? " (did you mean '" : "", near ? near : "", near ? "'?)" : "");
 			lua_pop(L, 2);
 			return -1;
 		}

@@ -440,6 +440,7 @@ local function step_shard(kit, tenant)
 end
 
 local PLAN_KEYS = { shards = true, concurrency = true, timeout = true, partial = true, max_rows = true }
+local PLAN_KEY_ORDER = { "shards", "concurrency", "timeout", "partial", "max_rows" }
 
 -- lua_isstring ? lua_tostring : luaL_typename, as the plan messages show values.
 local function shown(v)
@@ -494,7 +495,14 @@ local function step_fanout(kit, view)
   end
   for k in next, plan do
     if type(k) ~= "string" or not PLAN_KEYS[k] then
-      return false, "script_error", format("%s: unknown fan-out plan field '%s'", at, shown(k))
+      -- The closest field within two edits, first in the gateway's order, as core/script.c does.
+      local near, best = nil, 3
+      for _, cand in ipairs(type(k) == "string" and PLAN_KEY_ORDER or {}) do
+        local d = loader.distance(k, cand)
+        if d < best then near, best = cand, d end
+      end
+      return false, "script_error", format("%s: unknown fan-out plan field '%s'%s", at, shown(k),
+        near and (" (did you mean '" .. near .. "'?)") or "")
     end
   end
   local d = kit.fanout_defaults

@@ -188,7 +188,7 @@ return {
   fanout = function(req, shards) return { shards = shards, concurency = 2 } end,
 }
 ]])
-      assert.same({ code = "script_error", error = k.path .. ":3: unknown fan-out plan field 'concurency'" },
+      assert.same({ code = "script_error", error = k.path .. ":3: unknown fan-out plan field 'concurency' (did you mean 'concurrency'?)" },
         k:route{})
     end)
   end)

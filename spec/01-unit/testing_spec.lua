@@ -335,7 +335,7 @@ describe("shardgate.testing", function()
     it("raises the gateway's message for each bad plan", function()
       local at = kit.path .. ":26: "
       assert.equal(at .. "hook 'fanout' returned a string; expected a plan table or nil", plan_error("string"))
-      assert.equal(at .. "unknown fan-out plan field 'concurency'", plan_error("typo"))
+      assert.equal(at .. "unknown fan-out plan field 'concurency' (did you mean 'concurrency'?)", plan_error("typo"))
       assert.equal(at .. "fan-out plan shards[2] ('shard_7') is not a configured shard", plan_error("unknown"))
       assert.equal(at .. "fan-out plan shards[2] ('shard_1') is listed twice", plan_error("twice"))
       assert.equal(at .. "fan-out plan names no shards", plan_error("none"))
