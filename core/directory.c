@@ -523,8 +523,7 @@ void directory_configure(struct event_base *base, const struct config *cfg)
 		run_idle_fn();
 		return;
 	}
-	tv.tv_sec = (long)D.refresh;
-	tv.tv_usec = (long)((D.refresh - (double)tv.tv_sec) * 1e6);
+	tv = tv_of(D.refresh);
 	event_add(D.timer, &tv);
 	start_listen();
 	start_load();

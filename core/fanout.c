@@ -83,14 +83,6 @@ static void enter(struct fanout *fo)
 	fo->depth++;
 }
 
-static struct timeval tv_of(double s)
-{
-	struct timeval tv;
-	tv.tv_sec = (long)s;
-	tv.tv_usec = (long)((s - (double)tv.tv_sec) * 1e6);
-	return tv;
-}
-
 static void part_error(struct part *p, const char *code, const char *msg)
 {
 	if (p->error)
@@ -233,8 +225,7 @@ static void on_checkout(struct pool_waiter *w, struct pgconn *c, enum pool_err e
 	struct fanout *fo = p->fo;
 	enter(fo);
 	if (!c) {
-		part_error(p, err == POOL_TIMEOUT ? "checkout_timeout"
-			      : err == POOL_QUEUE_FULL ? "queue_full" : "shard_unavailable",
+		part_error(p, pool_err_code(err),
 			   err == POOL_UNAVAILABLE && w->error[0] ? w->error
 							       : "Service temporarily unavailable");
 		part_done(p);

@@ -107,9 +107,7 @@ const char *http_status_text(int status)
 
 static void arm_timer(struct http_conn *c, double secs)
 {
-	struct timeval tv;
-	tv.tv_sec = (long)secs;
-	tv.tv_usec = (long)((secs - (double)tv.tv_sec) * 1e6);
+	struct timeval tv = tv_of(secs);
 	evtimer_add(c->timer, &tv);
 }
 

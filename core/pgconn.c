@@ -412,8 +412,7 @@ struct pgconn *pgconn_connect(struct event_base *base, const char *url, double t
 	c->timer = evtimer_new(base, on_connect_timeout, c);
 	if (!c->timer)
 		goto fail;
-	tv.tv_sec = (long)timeout;
-	tv.tv_usec = (long)((timeout - (double)tv.tv_sec) * 1e6);
+	tv = tv_of(timeout);
 	evtimer_add(c->timer, &tv);
 	name = name_to_resolve(url, host, sizeof(host));
 	if (name) {

@@ -26,14 +26,6 @@ static void maybe_grow(struct pool *p);
 static int open_conn(struct pool *p);
 static void fail_waiters(struct pool *p, const char *why);
 
-static struct timeval tv_of(double s)
-{
-	struct timeval tv;
-	tv.tv_sec = (long)s;
-	tv.tv_usec = (long)((s - (double)tv.tv_sec) * 1e6);
-	return tv;
-}
-
 int pool_total(const struct pool *p)
 {
 	return p->nidle + p->nlent + p->nconnecting + p->ncleaning;
@@ -480,6 +472,15 @@ struct pgconn *pool_checkout(struct pool *p, struct pool_waiter *w, pool_cb cb, 
 void pool_fail_waiters(struct pool *p, const char *why)
 {
 	fail_waiters(p, why);
+}
+
+const char *pool_err_code(enum pool_err err)
+{
+	switch (err) {
+	case POOL_TIMEOUT: return "checkout_timeout";
+	case POOL_QUEUE_FULL: return "queue_full";
+	default: return "shard_unavailable";
+	}
 }
 
 void pool_cancel_wait(struct pool_waiter *w)

@@ -130,6 +130,8 @@ struct pgconn *pool_checkout(struct pool *p, struct pool_waiter *w, pool_cb cb, 
 			     enum pool_err *err);
 /* Answer every waiter POOL_UNAVAILABLE with why (shutdown). */
 void pool_fail_waiters(struct pool *p, const char *why);
+/* The API's error code for a failed checkout: checkout_timeout, queue_full, shard_unavailable. */
+const char *pool_err_code(enum pool_err err);
 /* Stop waiting (the borrower went away). */
 void pool_cancel_wait(struct pool_waiter *w);
 /* Give a lent connection back; it is cleaned, reused or closed as its state requires. */

@@ -151,14 +151,6 @@ static void finish(struct request *r)
 static void run_next(struct request *r);
 static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg);
 
-static struct timeval tv_of(double s)
-{
-	struct timeval tv;
-	tv.tv_sec = (long)s;
-	tv.tv_usec = (long)((s - (double)tv.tv_sec) * 1e6);
-	return tv;
-}
-
 static void cancel_running(struct request *r)
 {
 	struct timeval tv = tv_of(CANCEL_GRACE);
@@ -414,8 +406,7 @@ static void start_statements(struct request *r)
 /* 503 {"error": "Service temporarily unavailable", "code": ..., "shard": ...[, "detail": ...]} */
 static void checkout_failed(struct request *r, enum pool_err err)
 {
-	const char *code = err == POOL_TIMEOUT ? "checkout_timeout"
-			   : err == POOL_QUEUE_FULL ? "queue_full" : "shard_unavailable";
+	const char *code = pool_err_code(err);
 	struct evbuffer *b = r->out;
 	evbuffer_drain(b, evbuffer_get_length(b));
 	evbuffer_add_printf(b, "{\"error\":\"Service temporarily unavailable\",\"code\":\"%s\",\"shard\":",

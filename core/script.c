@@ -290,21 +290,18 @@ static void push_header_proxy(lua_State *L, struct script *s)
 static int l_req_index(lua_State *L)
 {
 	struct script *s = lua_touserdata(L, lua_upvalueindex(1));
+	struct http_request *req = current(L, s, 1);
 	const char *key = lua_tostring(L, 2);
-	lua_pushlightuserdata(L, &serial_key);
-	lua_rawget(L, 1);
-	if (!s->cur || lua_tonumber(L, -1) != (lua_Number)s->serial)
-		return luaL_error(L, "req is only valid while its hooks run");
 	if (!key)
 		return 0;
 	if (strcmp(key, "header") == 0)
 		push_header_proxy(L, s);
 	else if (strcmp(key, "query") == 0)
-		push_query(L, s->cur->head.query);
+		push_query(L, req->head.query);
 	else if (strcmp(key, "body") == 0)
-		lua_pushlstring(L, s->cur->body, s->cur->body_len);
+		lua_pushlstring(L, req->body, req->body_len);
 	else if (strcmp(key, "auth") == 0)
-		auth_push(L, s->cur->auth);
+		auth_push(L, req->auth);
 	else
 		return 0;
 	lua_pushvalue(L, 2);

@@ -158,8 +158,7 @@ void tenants_wait(const char *tenant, struct tenant_waiter *w, double timeout, t
 	w->timer = evtimer_new(base, on_wait_timeout, w);
 	if (!w->timer)
 		abort();
-	tv.tv_sec = (long)timeout;
-	tv.tv_usec = (long)((timeout - (double)tv.tv_sec) * 1e6);
+	tv = tv_of(timeout);
 	evtimer_add(w->timer, &tv);
 	TAILQ_INSERT_TAIL(&t->pause->waiters, w, link);
 	t->pause->nwaiting++;

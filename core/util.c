@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/time.h>
 #include <time.h>
 
 static void oom(size_t size)
@@ -53,6 +54,14 @@ char *xstrndup(const char *s, size_t n)
 	memcpy(p, s, n);
 	p[n] = '\0';
 	return p;
+}
+
+struct timeval tv_of(double secs)
+{
+	struct timeval tv;
+	tv.tv_sec = (long)secs;
+	tv.tv_usec = (long)((secs - (double)tv.tv_sec) * 1e6);
+	return tv;
 }
 
 double mono_now(void)

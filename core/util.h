@@ -17,6 +17,10 @@ void *xrealloc(void *p, size_t size);
 char *xstrdup(const char *s);
 char *xstrndup(const char *s, size_t n);
 
+struct timeval;
+/* A duration in seconds as a struct timeval, for libevent timers. */
+struct timeval tv_of(double secs);
+
 /* Seconds on the monotonic clock. */
 double mono_now(void);
 /* Seconds since the epoch, with fractions. */
