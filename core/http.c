@@ -48,7 +48,9 @@ struct http_conn {
 	struct evbuffer *out;
 	SSL *ssl;                /* HTTPS: the TLS session over fd, else NULL */
 	bool read_wants_write;   /* TLS: SSL_read waits for the socket to be writable */
-	struct event *timer;
+	struct event *timer;     /* see set_deadline() */
+	double deadline;         /* when the current wait ends; 0 while a handler has the request */
+	double armed_at;         /* when the timer fires; 0 when it is not pending */
 	struct event *resume;
 	enum conn_state state;
 	bool dead;               /* the client is gone; free after the handler replies */
@@ -105,10 +107,36 @@ const char *http_status_text(int status)
 	return "Unknown";
 }
 
-static void arm_timer(struct http_conn *c, double secs)
+/*
+ * One timer per connection, moved lazily. c->deadline is when the current
+ * wait ends: the keep-alive idle limit, or a request's client_timeout once
+ * its bytes arrive. The timer never fires more than client_timeout ahead,
+ * so a new request's deadline (now + client_timeout) is never earlier than
+ * it, and a request moves the deadline without touching libevent's timer
+ * heap. When the timer fires before the deadline it is armed again for the
+ * rest.
+ */
+static void arm_until(struct http_conn *c, double when)
 {
-	struct timeval tv = tv_of(secs);
+	double now = mono_now(), step = c->srv->lim.client_timeout;
+	double at = when - now > step ? now + step : when;
+	struct timeval tv = tv_of(at > now ? at - now : 0);
 	evtimer_add(c->timer, &tv);
+	c->armed_at = at;
+}
+
+static void set_deadline(struct http_conn *c, double when)
+{
+	c->deadline = when;
+	if (when != 0 && (c->armed_at == 0 || c->armed_at > when))
+		arm_until(c, when);
+}
+
+static void stop_timer(struct http_conn *c)
+{
+	evtimer_del(c->timer);
+	c->armed_at = 0;
+	c->deadline = 0;
 }
 
 /* Write a reply head and move body's bytes behind it. */
@@ -151,7 +179,7 @@ static void reject(struct http_conn *c, int status, const char *code, const char
 	evbuffer_free(b);
 	log_info("http: refused request from a client: %d %s", status, msg);
 	c->state = CS_CLOSE;
-	evtimer_del(c->timer);
+	stop_timer(c);
 	event_del(c->rev);
 	flush(c);
 }
@@ -160,7 +188,7 @@ static void start_request(struct http_conn *c)
 {
 	struct http_server *s = c->srv;
 	c->state = CS_BUSY;
-	evtimer_del(c->timer);
+	c->deadline = 0;        /* the timer, if it fires meanwhile, does nothing */
 	c->req.start = mono_now();
 	s->inflight++;
 	s->handler(&c->req, s->arg);
@@ -233,8 +261,7 @@ static void parse_head(struct http_conn *c)
 	if (!c->reading) {
 		/* The keep-alive timer becomes the request deadline once bytes arrive. */
 		c->reading = true;
-		evtimer_del(c->timer);
-		arm_timer(c, c->srv->lim.client_timeout);
+		set_deadline(c, mono_now() + c->srv->lim.client_timeout);
 	}
 	evbuffer_ptr_set(in, &start, c->scan_from, EVBUFFER_PTR_SET);
 	found = evbuffer_search(in, "\r\n\r\n", 4, &start);
@@ -403,6 +430,13 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 	struct http_conn *c = arg;
 	(void)fd;
 	(void)what;
+	c->armed_at = 0;
+	if (c->deadline == 0 || c->state == CS_BUSY || c->state == CS_CLOSE)
+		return;
+	if (mono_now() < c->deadline) {
+		arm_until(c, c->deadline);
+		return;
+	}
 	if (c->state == CS_HEAD && !c->reading) {
 		conn_free(c); /* idle keep-alive connection */
 		return;
@@ -449,7 +483,7 @@ static void reply(struct http_request *req, int status, struct evbuffer *body, c
 	}
 	c->state = CS_HEAD;
 	c->reading = false;
-	arm_timer(c, s->lim.keepalive_timeout);
+	set_deadline(c, mono_now() + s->lim.keepalive_timeout);
 	flush(c);
 	event_add(c->rev, NULL);
 	if (evbuffer_get_length(c->in) > 0)
@@ -534,7 +568,7 @@ static void on_accept(struct evconnlistener *l, evutil_socket_t fd, struct socka
 	}
 	LIST_INSERT_HEAD(&s->conns, c, link);
 	event_add(c->rev, NULL);
-	arm_timer(c, s->lim.keepalive_timeout);
+	set_deadline(c, mono_now() + s->lim.keepalive_timeout);
 }
 
 static void on_accept_error(struct evconnlistener *l, void *arg)

@@ -10,9 +10,26 @@
 #include <string.h>
 #include <strings.h>
 
+/*
+ * RFC 9110 token characters, mapped to themselves in lower case (0: not a
+ * token character): one table lookup per byte of a method or field name.
+ */
+static unsigned char token_lower[256];
+
+static void init_tables(void)
+{
+	static const char extra[] = "!#$%&'*+-.^_`|~";
+	if (token_lower['a'])
+		return;
+	for (int c = 0; c < 256; c++)
+		token_lower[c] = isalnum(c) ? (unsigned char)tolower(c) : 0;
+	for (const char *p = extra; *p; p++)
+		token_lower[(unsigned char)*p] = (unsigned char)*p;
+}
+
 static bool is_tchar(unsigned char c)
 {
-	return isalnum(c) || (c && strchr("!#$%&'*+-.^_`|~", c) != NULL);
+	return token_lower[c] != 0;
 }
 
 /* Find the CRLF ending the line at p; returns the CR or NULL. */
@@ -150,8 +167,8 @@ static int parse_header(char *p, char *eol, struct http_head *h, const char **er
 		*err = "obsolete header line folding";
 		return 400;
 	}
-	for (colon = p; colon < eol && is_tchar((unsigned char)*colon); colon++)
-		*colon = (char)tolower((unsigned char)*colon);
+	for (colon = p; colon < eol && token_lower[(unsigned char)*colon]; colon++)
+		*colon = (char)token_lower[(unsigned char)*colon];
 	if (colon == p || colon >= eol || *colon != ':') {
 		*err = "malformed header field";
 		return 400;
@@ -183,6 +200,7 @@ int http_parse_head(char *buf, size_t len, struct http_head *h, const char **err
 	char *p = buf, *end = buf + len, *eol;
 	int rc;
 
+	init_tables();
 	memset(h, 0, sizeof(*h));
 	h->content_length = -1;
 	*err = NULL;

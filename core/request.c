@@ -56,7 +56,7 @@ struct request {
 	bool wrapped;            /* runs in BEGIN ... COMMIT (a transaction, or tenant_setting) */
 	const char *setting[2];  /* tenant_setting name and the tenant, for set_config() */
 	double timeout;          /* per statement */
-	struct event *timer;
+	struct event *timer;     /* the statement timer, stored behind the struct (no malloc) */
 	bool cancelled;          /* a cancel was sent for the running statement */
 	bool aborted;            /* the client went away */
 	bool timed_out;
@@ -109,7 +109,7 @@ static void sql_error(struct request *r, const PGresult *res)
 static void request_free(struct request *r)
 {
 	if (r->timer)
-		event_free(r->timer);
+		event_del(r->timer);
 	body_free(&r->body);
 	evbuffer_free(r->out);
 	if (r->entered)
@@ -242,31 +242,50 @@ static bool starts_with_word(const char *sql, const char *word)
 	return strncasecmp(sql, word, n) == 0 && !isalnum((unsigned char)sql[n]) && sql[n] != '_';
 }
 
+/* Does sql call set_config()? A scan for the '_' of each candidate, case-insensitive. */
+static bool calls_set_config(const char *sql)
+{
+	for (const char *u = strchr(sql, '_'); u; u = strchr(u + 1, '_')) {
+		if (u - sql >= 3 && strncasecmp(u - 3, "set_config", 10) == 0)
+			return true;
+	}
+	return false;
+}
+
 /*
  * Statements that change session state make the connection need a reset
  * (DISCARD ALL) before another request gets it. Judged from the statement's
  * first words, plus any call of set_config(); see the README for what this
- * cannot see.
+ * cannot see. Runs for every statement: the first letter picks the few
+ * words worth comparing.
  */
 static bool changes_session(const char *sql)
 {
-	static const char *const words[] = { "set", "reset", "listen", "prepare", "declare", "load",
-					     "deallocate", "discard",
-					     "create temp", "create temporary", "create local",
-					     "create global" };
 	const char *s = skip_noise(sql);
-	for (size_t i = 0; i < ARRAY_LEN(words); i++) {
-		const char *w = words[i], *sp = strchr(w, ' ');
-		if (!sp) {
-			if (starts_with_word(s, w))
-				return true;
-		} else if (starts_with_word(s, "create")) {
+	switch (*s | 0x20) {
+	case 's':
+		return starts_with_word(s, "set") || calls_set_config(sql);
+	case 'r':
+		return starts_with_word(s, "reset") || calls_set_config(sql);
+	case 'l':
+		return starts_with_word(s, "listen") || starts_with_word(s, "load") ||
+		       calls_set_config(sql);
+	case 'p':
+		return starts_with_word(s, "prepare") || calls_set_config(sql);
+	case 'd':
+		return starts_with_word(s, "declare") || starts_with_word(s, "deallocate") ||
+		       starts_with_word(s, "discard") || calls_set_config(sql);
+	case 'c':
+		if (starts_with_word(s, "create")) {
 			const char *rest = skip_noise(s + 6);
-			if (starts_with_word(rest, sp + 1))
+			if (starts_with_word(rest, "temp") || starts_with_word(rest, "temporary") ||
+			    starts_with_word(rest, "local") || starts_with_word(rest, "global"))
 				return true;
 		}
+		return calls_set_config(sql);
+	default:
+		return calls_set_config(sql);
 	}
-	return strcasestr(sql, "set_config") != NULL;
 }
 
 static void run_next(struct request *r)
@@ -544,7 +563,8 @@ static void route_request(struct request *r);
 
 static void handle_sql(struct http_request *http, enum body_kind kind)
 {
-	struct request *r = xcalloc(1, sizeof(*r));
+	/* One allocation: the request and its statement timer's struct event behind it. */
+	struct request *r = xcalloc(1, sizeof(*r) + event_get_struct_event_size());
 	char err[512];
 
 	r->http = http;
@@ -639,8 +659,8 @@ static void route_request(struct request *r)
 	r->timeout = r->shard->statement_timeout;
 	if (r->body.timeout > 0 && r->body.timeout < r->timeout)
 		r->timeout = r->body.timeout;
-	r->timer = evtimer_new(loop_base, on_timer, r);
-	if (!r->timer)
+	r->timer = (struct event *)(r + 1);
+	if (evtimer_assign(r->timer, loop_base, on_timer, r) < 0)
 		abort();
 	http->on_abort = on_abort;
 	checkout(r);

@@ -615,7 +615,7 @@ void script_route(struct script *s, struct http_request *req, bool allow_fanout,
 		if (!lua_isnil(L, -1)) {
 			/* Convert a copy: shard() gets the tenant with its original type. */
 			lua_pushvalue(L, -1);
-			snprintf(out->tenant, sizeof(out->tenant), "%s", lua_tostring(L, -1));
+			str_copy(out->tenant, sizeof(out->tenant), lua_tostring(L, -1));
 			lua_pop(L, 1);
 			call_shard(s, out);
 		} else if (allow_fanout && s->ref_fanout != LUA_NOREF) {

@@ -33,10 +33,10 @@ struct paused {
 };
 
 struct tenant {
-	char *name;
 	int inflight;
 	struct paused *pause;
 	struct tenant *next;
+	char name[];             /* one allocation: an entry lives for each request */
 };
 
 static struct tenant *buckets[BUCKETS];
@@ -58,8 +58,9 @@ static struct tenant *find(const char *name, bool create)
 			return t;
 	if (!create)
 		return NULL;
-	struct tenant *t = xcalloc(1, sizeof(*t));
-	t->name = xstrdup(name);
+	size_t len = strlen(name);
+	struct tenant *t = xcalloc(1, sizeof(*t) + len + 1);
+	memcpy(t->name, name, len);
 	t->next = buckets[b];
 	buckets[b] = t;
 	return t;
@@ -73,7 +74,6 @@ static void forget_if_unused(struct tenant *t)
 	while (*pp != t)
 		pp = &(*pp)->next;
 	*pp = t->next;
-	free(t->name);
 	free(t);
 }
 
@@ -376,7 +376,6 @@ void tenants_shutdown(void)
 				event_free(t->pause->admin_timer);
 				free(t->pause);
 			}
-			free(t->name);
 			free(t);
 		}
 	}

@@ -218,5 +218,45 @@ describe("POST /transaction", function()
       assert.same({ { "leaky_fn" } }, res.json.rows)
       assert.equal(baseline, app_name())
     end)
+
+    -- Each kind of statement the gateway treats as changing the session
+    -- (request.c, changes_session): what it leaves must be gone for the next
+    -- request on the same pooled connection (pool = 1 here).
+    local function count(sql)
+      local res = query(sql)
+      assert.equal(200, res.status, res.body)
+      return res.json.rows[1][1]
+    end
+
+    it("a temporary table (lower case, CREATE TEMP) is gone for the next request", function()
+      assert.equal(200, query("create temp table scratch_t (x int)").status)
+      assert.equal(0, count("SELECT count(*) FROM pg_class WHERE relname = 'scratch_t'"))
+    end)
+
+    it("a temporary table (CREATE GLOBAL TEMPORARY) is gone for the next request", function()
+      assert.equal(200, query("CREATE GLOBAL TEMPORARY TABLE scratch_g (x int)").status)
+      assert.equal(0, count("SELECT count(*) FROM pg_class WHERE relname = 'scratch_g'"))
+    end)
+
+    it("a PREPAREd statement is gone for the next request", function()
+      assert.equal(200, query("Prepare leaky_plan AS SELECT 1").status)
+      assert.equal(0, count("SELECT count(*) FROM pg_prepared_statements WHERE name = 'leaky_plan'"))
+    end)
+
+    it("a LISTEN is gone for the next request", function()
+      assert.equal(200, query("LISTEN leaky_channel").status)
+      assert.equal(0, count("SELECT count(*) FROM pg_listening_channels() AS c WHERE c = 'leaky_channel'"))
+    end)
+
+    it("a cursor WITH HOLD (DECLARE) is gone for the next request", function()
+      assert.equal(200, query("DECLARE leaky_cursor CURSOR WITH HOLD FOR SELECT 1").status)
+      assert.equal(0, count("SELECT count(*) FROM pg_cursors WHERE name = 'leaky_cursor'"))
+    end)
+
+    it("a set_config() inside a larger statement (mixed case) does not reach the next request", function()
+      local res = query("SELECT 1 AS one, SET_Config('application_name', 'leaky_mixed', false)")
+      assert.equal(200, res.status, res.body)
+      assert.equal(baseline, app_name())
+    end)
   end)
 end)
