@@ -1,7 +1,7 @@
 /*
  * Request body decoding with cJSON (chosen over jansson after measuring:
  * ~0.4 µs against ~3.5 µs to parse a typical /query body, a tenth of the
- * gateway's whole budget per request).
+ * gateway's whole budget per request), its nodes in a per-body arena.
  *
  * JSON parameter values become PostgreSQL text parameters: null -> NULL,
  * true/false -> "true"/"false", integers in decimal, other numbers in the
@@ -25,6 +25,81 @@
 #include "util.h"
 
 #define MAX_EXACT_INT 9007199254740992.0   /* 2^53: doubles hold every integer below */
+
+/*
+ * The parsed document's nodes and strings come from an arena, a few blocks
+ * that body_free() releases at once, instead of a malloc and a free for
+ * each node (a /query body makes about seven) and a walk of the tree to
+ * free it. cJSON's allocator hooks are global, so they point at the arena
+ * only while cJSON_ParseWithLengthOpts runs; the loop is single-threaded.
+ * Blocks stay under glibc's large-chunk size, and one is kept for the next
+ * body.
+ */
+#define ARENA_BLOCK 960
+
+struct arena_block {
+	struct arena_block *next;
+	size_t used, cap;
+	char data[];
+};
+
+static struct body *arena_body;      /* whose parse is running */
+static struct arena_block *spare;    /* a free block of ARENA_BLOCK bytes */
+
+static void *arena_alloc(size_t n)
+{
+	struct arena_block *blk = arena_body->arena;
+	void *p;
+	n = (n + 7) & ~(size_t)7;
+	if (!blk || blk->cap - blk->used < n) {
+		size_t cap = ARENA_BLOCK - sizeof(*blk);
+		if (n <= cap && spare) {
+			blk = spare;
+			spare = NULL;
+		} else {
+			if (n > cap)
+				cap = n;
+			blk = xmalloc(sizeof(*blk) + cap);
+			blk->cap = cap;
+		}
+		blk->used = 0;
+		blk->next = arena_body->arena;
+		arena_body->arena = blk;
+	}
+	p = blk->data + blk->used;
+	blk->used += n;
+	return p;
+}
+
+static void arena_free(void *p)
+{
+	(void)p;   /* released with the whole arena */
+}
+
+static void arena_release(struct body *b)
+{
+	struct arena_block *blk = b->arena, *next;
+	for (; blk; blk = next) {
+		next = blk->next;
+		if (!spare && blk->cap == ARENA_BLOCK - sizeof(*blk))
+			spare = blk;
+		else
+			free(blk);
+	}
+	b->arena = NULL;
+}
+
+static cJSON *parse_in_arena(struct body *b, const char *buf, size_t len, const char **end)
+{
+	cJSON_Hooks hooks = { arena_alloc, arena_free };
+	cJSON *root;
+	arena_body = b;
+	cJSON_InitHooks(&hooks);
+	root = cJSON_ParseWithLengthOpts(buf, len, end, 0);
+	cJSON_InitHooks(NULL);
+	arena_body = NULL;
+	return root;
+}
 
 static const char *own(struct body *b, char *s)
 {
@@ -363,7 +438,7 @@ static bool has_escaped_nul(const char *buf, size_t len)
 static int parse_document(const char *buf, size_t len, struct body *out, char *err, size_t errlen)
 {
 	const char *end = NULL;
-	cJSON *root = cJSON_ParseWithLengthOpts(buf, len, &end, 0);
+	cJSON *root = parse_in_arena(out, buf, len, &end);
 	if (!root) {
 		size_t at = end && end >= buf && end <= buf + len ? (size_t)(end - buf) : 0;
 		fmt_err(err, errlen, "request body is not valid JSON (error at byte %zu)", at);
@@ -415,7 +490,6 @@ void body_free(struct body *b)
 	for (int i = 0; i < b->nowned; i++)
 		free(b->owned[i]);
 	free(b->owned);
-	if (b->root)
-		cJSON_Delete(b->root);
+	arena_release(b);   /* root and its nodes */
 	memset(b, 0, sizeof(*b));
 }

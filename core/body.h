@@ -26,6 +26,7 @@ struct order_key {
 
 struct body {
 	void *root;              /* cJSON, owns the strings stmts point into */
+	void *arena;             /* the blocks root's nodes live in (body.c) */
 	struct stmt *stmts;
 	int nstmts;
 	double timeout;          /* seconds; 0 when the body gives none */
