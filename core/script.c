@@ -9,8 +9,8 @@
  * off (the loader calls jit.off) because compiled traces do not run hooks.
  * Memory is capped by the state's allocator (luaenv.c).
  *
- * The request table handed to hooks is cheap: method and path are set, and
- * header, query and body are filled in only when a hook reads them.
+ * The request table handed to hooks is cheap: each field (method, path,
+ * header, query, body, auth) is filled in only when a hook reads it.
  */
 #include "script.h"
 
@@ -302,6 +302,10 @@ static int l_req_index(lua_State *L)
 		lua_pushlstring(L, req->body, req->body_len);
 	else if (strcmp(key, "auth") == 0)
 		auth_push(L, req->auth);
+	else if (strcmp(key, "method") == 0)
+		lua_pushstring(L, req->head.method);
+	else if (strcmp(key, "path") == 0)
+		lua_pushstring(L, req->head.path);
 	else
 		return 0;
 	lua_pushvalue(L, 2);
@@ -314,10 +318,6 @@ static void push_request(struct script *s, struct http_request *req)
 {
 	lua_State *L = s->L;
 	lua_createtable(L, 0, 4);
-	lua_pushstring(L, req->head.method);
-	lua_setfield(L, -2, "method");
-	lua_pushstring(L, req->head.path);
-	lua_setfield(L, -2, "path");
 	lua_pushlightuserdata(L, &serial_key);
 	lua_pushnumber(L, (lua_Number)s->serial);
 	lua_rawset(L, -3);

@@ -26,7 +26,7 @@ end
 -- CPU the gateway and PostgreSQL on the same cores then lacked; pgbench
 -- draws its aid in C. PREBUILT distinct aids per thread (out of 1,000,000
 -- at scale 10) keep the index lookups spread out.
-local PREBUILT = 50000
+local PREBUILT = 20000
 
 local reqs, n, i = {}, 0, 0
 local head = '{"sql":"SELECT abalance FROM pgbench_accounts WHERE aid = $1","params":['
