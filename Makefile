@@ -25,7 +25,7 @@ OBJS := $(SRCS:core/%.c=build/%.o)
 ASAN_OBJS := $(SRCS:core/%.c=build/asan/%.o)
 ASAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all deps build test demo check asan valgrind fuzz bench clean
+.PHONY: all deps build test demo check asan valgrind fuzz bench profile clean
 
 all: build
 
@@ -70,6 +70,12 @@ test: deps
 bench: deps
 	@$(MAKE) --no-print-directory build
 	@tools/bench.sh
+
+# Instructions per POST /query under callgrind: exact, unlike CPU times.
+profile: deps
+	@$(MAKE) --no-print-directory build
+	@command -v valgrind >/dev/null || apt-get install -y -qq valgrind >/dev/null
+	@tools/profile.sh
 
 demo: deps
 	@$(MAKE) --no-print-directory build

@@ -356,7 +356,8 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	srand((unsigned)(mono_now() * 1e6));
 	app.base = event_base_new();
-	if (!app.base) {
+	/* Two priorities: database connections first (pgconn.c), then everything else. */
+	if (!app.base || event_base_priority_init(app.base, 2) < 0) {
 		log_error("cannot create the event loop");
 		return 1;
 	}

@@ -48,7 +48,11 @@ static int watch(struct pgconn *c, short what)
 	c->fd = fd;
 	c->watching = what;
 	c->ev = event_new(c->base, fd, what | EV_PERSIST, on_io, c);
-	if (!c->ev || event_add(c->ev, NULL) < 0)
+	if (!c->ev)
+		return -1;
+	if (c->first)
+		event_priority_set(c->ev, 0);
+	if (event_add(c->ev, NULL) < 0)
 		return -1;
 	return 0;
 }
@@ -596,6 +600,20 @@ void pgconn_cancel(struct pgconn *c)
 		PQfreeCancel(cn);
 	}
 	pthread_attr_destroy(&attr);
+}
+
+/*
+ * A pool connection's result frees it for the next queued request: run it
+ * before the client sockets that became readable in the same poll, so the
+ * database waits as little as possible for its next statement. (Measured
+ * with the bench's one-shard load, runs alternating with and without: 2 to
+ * 15% more requests per second, the machine busier.)
+ */
+void pgconn_run_first(struct pgconn *c)
+{
+	c->first = true;
+	if (c->ev)
+		event_priority_set(c->ev, 0);
 }
 
 void pgconn_keep_result(struct pgconn *c)

@@ -62,6 +62,7 @@ struct pgconn {
 	bool sent;               /* the current statement reached the server */
 	bool session_dirty;      /* a SET or similar ran outside a transaction */
 	bool keep_result;        /* the RESULT receiver took ownership of res */
+	bool first;              /* its events run before client sockets (pgconn_run_first) */
 	unsigned target_gen;     /* the pool's url generation it was opened for */
 	/* Prepared-statement cache, keyed by SQL text (open addressing). */
 	struct stmt_entry *cache;
@@ -116,6 +117,14 @@ void pgconn_cancel(struct pgconn *c);
 
 /* Called by a RESULT receiver to keep res (it must PQclear it later). */
 void pgconn_keep_result(struct pgconn *c);
+
+/*
+ * Give c's events the loop's first priority (main.c sets up two): for pool
+ * connections, whose results free a connection for the next queued request.
+ * Not for streams that stay readable for long (the directory's load), which
+ * would keep everything else waiting.
+ */
+void pgconn_run_first(struct pgconn *c);
 
 bool pgconn_usable(const struct pgconn *c);
 /* At exit: free the shared DNS resolver. */

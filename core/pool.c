@@ -271,6 +271,7 @@ static int open_conn(struct pool *p)
 	}
 	c->pool = p;
 	c->target_gen = p->target_gen;
+	pgconn_run_first(c);
 	/* Jitter spreads reconnects of connections opened together. */
 	c->expires = c->created + p->conf.max_lifetime * (0.8 + 0.2 * ((double)rand() / RAND_MAX));
 	TAILQ_INSERT_TAIL(&p->busy, c, link);

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# tools/profile.sh — instructions per request, behind `make profile`.
+#
+# Counts what one POST /query costs the gateway in user space, exactly and
+# repeatably (a count of executed instructions does not move with the load
+# on the machine, unlike the CPU times of `make bench`): it starts a
+# throwaway PostgreSQL (tools/pg.sh) with pgbench's tables at scale 1, runs
+# bin/shardgate under `valgrind --tool=callgrind` with scripts/routing.lua
+# and one shard, sends PROFILE_WARMUP requests, zeroes the counters, sends
+# PROFILE_REQUESTS sequential requests on one keep-alive connection
+# (tools/bench/seq.lua) with pgbench -S's statement, and prints the
+# instructions per request and the functions that cost most, inclusive.
+# System calls and the kernel's work are not counted; `BENCH_PERF=1 make
+# bench` shows those.
+#
+# Settings (environment):
+#   PROFILE_REQUESTS=3000   counted requests
+#   PROFILE_WARMUP=200      requests before counting (statement cache, Lua)
+#   PROFILE_TOP=40          functions listed
+#   PROFILE_KEEP=DIR        also copy the callgrind file to DIR (for
+#                           callgrind_annotate or kcachegrind)
+#   SHARDGATE_BIN           the gateway binary (default bin/shardgate)
+set -u
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root" || exit 1
+. "$root/tools/pg.sh"
+
+n=${PROFILE_REQUESTS:-3000}
+warm=${PROFILE_WARMUP:-200}
+top=${PROFILE_TOP:-40}
+bin=${SHARDGATE_BIN:-$root/bin/shardgate}
+die() { printf 'profile: error: %s\n' "$*" >&2; exit 1; }
+say() { printf 'profile: %s\n' "$*" >&2; }
+
+for v in n warm top; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "PROFILE_* settings must be positive integers"
+done
+[ -x "$bin" ] || die "$bin is missing: run make build first"
+for c in valgrind callgrind_control callgrind_annotate luajit curl; do
+    command -v "$c" >/dev/null || die "$c not found (apt-get install valgrind luajit2 curl)"
+done
+bindir=$(pg_bindir) || exit 1
+
+base=/tmp
+[ -d /dev/shm ] && [ -w /dev/shm ] && base=/dev/shm
+tmp=$(mktemp -d "$base/shardgate-profile.XXXXXX") || die "cannot create a temp dir"
+chmod 755 "$tmp"
+gw_pid=
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    if [ -n "$gw_pid" ]; then
+        kill -TERM "$gw_pid" 2>/dev/null
+        for _ in $(seq 100); do kill -0 "$gw_pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$gw_pid" 2>/dev/null
+        wait "$gw_pid" 2>/dev/null
+    fi
+    pg_cluster_destroy "$tmp/pg" 2>/dev/null
+    rm -rf "$tmp"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+say "starting PostgreSQL in $tmp/pg"
+pg_cluster_up "$tmp/pg" >/dev/null || die "PostgreSQL did not start"
+pg_port=$(pg_cluster_port "$tmp/pg")
+"$bindir/psql" -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -c "CREATE DATABASE prof" ||
+    die "CREATE DATABASE failed"
+"$bindir/pgbench" -i -s 1 -q -h 127.0.0.1 -p "$pg_port" -U postgres prof >"$tmp/init.log" 2>&1 ||
+    { cat "$tmp/init.log" >&2; die "pgbench -i failed"; }
+
+gw_port=$(pg_free_port) && admin_port=$(pg_free_port) || die "no free port"
+cat >"$tmp/gw.lua" <<EOF
+-- written by tools/profile.sh
+return {
+  listen = "127.0.0.1:$gw_port", admin_listen = "127.0.0.1:$admin_port",
+  script = "$root/scripts/routing.lua",
+  defaults = { pool = 2, min_idle = 1 },
+  shards = { shard_0 = { url = "postgresql://postgres@127.0.0.1:$pg_port/prof" } },
+}
+EOF
+export SHARDGATE_LUA_DIR=${SHARDGATE_LUA_DIR:-$root/lua}
+say "starting the gateway under callgrind (instrumentation off until the warm-up is done)"
+valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" --instr-atstart=no -q \
+    "$bin" -c "$tmp/gw.lua" >"$tmp/gw.log" 2>&1 &
+gw_pid=$!
+for _ in $(seq 300); do
+    curl -s -o /dev/null "http://127.0.0.1:$gw_port/healthz" && break
+    kill -0 "$gw_pid" 2>/dev/null || { cat "$tmp/gw.log" >&2; die "the gateway exited"; }
+    sleep 0.1
+done
+
+body='{"sql":"SELECT abalance FROM pgbench_accounts WHERE aid = $1","params":[42]}'
+seq_run() {   # seq_run COUNT
+    luajit "$root/tools/bench/seq.lua" 127.0.0.1 "$gw_port" "$1" 0 '"row_count":1' \
+        'X-Organization-Id: 7' "$body"
+}
+seq_run "$warm" >/dev/null || die "warm-up requests failed"
+callgrind_control -i on "$gw_pid" >/dev/null || die "callgrind_control could not reach the gateway"
+seq_run "$n" >"$tmp/seq.out" || die "counted requests failed"
+callgrind_control -i off "$gw_pid" >/dev/null
+callgrind_control -d "$gw_pid" >/dev/null
+out=$(ls -t "$tmp"/cg.out.* 2>/dev/null | head -n 1)
+[ -n "$out" ] || die "callgrind wrote no dump"
+[ -n "${PROFILE_KEEP:-}" ] && cp "$out" "$PROFILE_KEEP/" && say "kept $PROFILE_KEEP/$(basename "$out")"
+
+total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
+[ -n "$total" ] || die "callgrind_annotate found no totals"
+echo "shardgate profile: $n sequential POST /query (pgbench -S statement, scripts/routing.lua), git $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')"
+echo "instructions per request (user space): $((total / n))"
+echo
+echo "inclusive instructions per request, by function:"
+callgrind_annotate --inclusive=yes "$out" 2>/dev/null |
+    awk -v n="$n" -v top="$top" '
+        /^ *[0-9,]+ \(/ && $0 !~ /PROGRAM TOTALS|libc-start|below main|event_base_(dispatch|loop)|ld-linux|:main / {
+            v = $1; gsub(",", "", v); $1 = ""; $2 = ""
+            sub(/^ +/, ""); sub(/ \[.*\]$/, "")
+            if (seen[$0]++) next
+            printf "%10d  %s\n", v / n, $0
+            if (++shown >= top) exit
+        }'
