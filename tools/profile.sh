@@ -114,11 +114,14 @@ echo "instructions per request (user space): $((total / n))"
 echo
 echo "inclusive instructions per request, by function:"
 callgrind_annotate --inclusive=yes "$out" 2>/dev/null |
-    awk -v n="$n" -v top="$top" '
-        /^ *[0-9,]+ \(/ && $0 !~ /PROGRAM TOTALS|libc-start|below main|event_base_(dispatch|loop)|ld-linux|:main / {
-            v = $1; gsub(",", "", v); $1 = ""; $2 = ""
-            sub(/^ +/, ""); sub(/ \[.*\]$/, "")
-            if (seen[$0]++) next
-            printf "%10d  %s\n", v / n, $0
+    awk -v n="$n" -v top="$top" -v root="$root/" '
+        /^ *[0-9,]+ \( *[0-9.]+%\)/ && $0 !~ /PROGRAM TOTALS|libc-start|below main|event_base_(dispatch|loop)|ld-linux|:main / {
+            v = $1; gsub(",", "", v)
+            name = $0
+            sub(/^ *[0-9,]+ +\( *[0-9.]+%\) +/, "", name)
+            sub(/ \[.*\]$/, "", name)
+            if (index(name, root) == 1) name = substr(name, length(root) + 1)
+            if (seen[name]++) next
+            printf "%10d  %s\n", v / n, name
             if (++shown >= top) exit
         }'
