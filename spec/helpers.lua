@@ -131,6 +131,21 @@ local function mkdtemp(prefix)
   return dir
 end
 
+-- A fresh dir and a function write(name, content) that writes a file there
+-- and returns its path: for specs that load scripts and configs from files
+-- and compare messages naming them. The dir is short, /tmp/<prefix>-XXXXXX,
+-- so a path stays whole in Lua's chunk names (60 characters) instead of
+-- being cut to "...". The caller removes it (rm -rf in teardown).
+function helpers.scratch_writer(prefix)
+  local dir, err = stdlib.mkdtemp("/tmp/" .. prefix .. "-XXXXXX")
+  if not dir then error("cannot make a temp dir in /tmp: " .. tostring(err), 2) end
+  return function(name, content)
+    local path = dir .. "/" .. name
+    helpers.write_file(path, content)
+    return path
+  end, dir
+end
+
 -- os.execute's result differs between LuaJIT builds (raw wait status, or
 -- Lua 5.2's true/"exit"/code); this returns the exit code either way.
 local function exit_code(a, b, c)

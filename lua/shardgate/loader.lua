@@ -48,7 +48,7 @@ end
 
 -- The closest of `candidates` to `name` when at most 2 edits away (ties go
 -- to the earlier candidate), else nil.
-local function suggest(name, candidates)
+function loader.suggest(name, candidates)
   local best, best_d = nil, 3
   for _, c in ipairs(candidates) do
     local d = loader.distance(name, c)
@@ -160,7 +160,7 @@ local function unknown_hook_message(path, key, src)
                   tostring(key), hook_list())
   end
   local at = where(path, key_line(src, key) or return_line(src))
-  local near = suggest(key, loader.HOOKS)
+  local near = loader.suggest(key, loader.HOOKS)
   if near then
     return format("%s: unknown hook '%s' (did you mean '%s'?)", at, key, near)
   end

@@ -90,15 +90,6 @@ local function cstr(s)
   return (s:match("^[^%z]*"))
 end
 
-local function closest(name, candidates)
-  local best, best_d = nil, 3
-  for _, c in ipairs(candidates) do
-    local d = loader.distance(name, c)
-    if d < best_d then best, best_d = c, d end
-  end
-  return best
-end
-
 -- Raise "<fname>: unknown option 'x' (did you mean 'y'?)" for a key of t
 -- not in known (a list); level as for error(), counted from the caller.
 local function check_keys(t, known, fname, what, level)
@@ -106,7 +97,7 @@ local function check_keys(t, known, fname, what, level)
   for _, k in ipairs(known) do set[k] = true end
   for k in pairs(t) do
     if not set[k] then
-      local near = type(k) == "string" and closest(k, known)
+      local near = type(k) == "string" and loader.suggest(k, known)
       error(format("%s: unknown %s '%s'%s", fname, what, tostring(k),
         near and (" (did you mean '" .. near .. "'?)") or (" (known: " .. concat(known, ", ") .. ")")),
         (level or 2) + 1)

@@ -5,18 +5,9 @@
 -- config files, whose keys only the gateway's C code knows.
 
 local testing = require "shardgate.testing"
+local helpers = require "spec.helpers"
 
-local DIR = os.tmpname()
-os.remove(DIR)
-assert(os.execute("mkdir -p '" .. DIR .. "'"))
-
-local function write(name, src)
-  local path = DIR .. "/" .. name
-  local f = assert(io.open(path, "wb"))
-  f:write(src)
-  f:close()
-  return path
-end
+local write, DIR = helpers.scratch_writer("sgmis")
 
 -- The message testing.load raises for the script src (it must fail).
 local function load_error(name, src)

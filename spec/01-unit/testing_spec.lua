@@ -6,19 +6,10 @@
 -- spec/02-integration/50-operator_spec.lua.
 
 local testing = require "shardgate.testing"
+local helpers = require "spec.helpers"
 
 -- A fresh temp dir for this file's scripts and configs.
-local DIR = os.tmpname()
-os.remove(DIR)
-assert(os.execute("mkdir -p '" .. DIR .. "'"))
-
-local function write(name, src)
-  local path = DIR .. "/" .. name
-  local f = assert(io.open(path, "wb"))
-  f:write(src)
-  f:close()
-  return path
-end
+local write, DIR = helpers.scratch_writer("sgkit")
 
 -- A script from hook bodies; the returned path is under DIR.
 local counter = 0
@@ -27,26 +18,7 @@ local function script(src)
   return write("script_" .. counter .. ".lua", src)
 end
 
-local ROUTING = [[
-local sg = require "shardgate"
-local route = {}
-
-function route.tenant(req)
-  return req.header["x-organization-id"]
-end
-
-function route.shard(tenant, shards)
-  return shards[sg.hash.jump(tenant, #shards) + 1]
-end
-
-function route.fanout(req, shards)
-  if req.header["x-scope"] == "all" then
-    return { shards = shards, partial = true }
-  end
-end
-
-return route
-]]
+local ROUTING = helpers.default_script
 
 -- A script whose hooks do what the header x-case says, for the checks.
 local CASES = [[
