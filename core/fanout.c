@@ -48,6 +48,7 @@ struct part {
 	enum part_state state;
 	struct event *timer;       /* statement timeout, then cancel grace */
 	bool cancelled;
+	bool cancel_seen;        /* the statement ended by the cancel sent for it */
 	bool timed_out;
 	double sent_at;
 	char sqlstate[6];
@@ -138,6 +139,8 @@ static void on_result(struct part *p, PGresult *res)
 {
 	struct fanout *fo = p->fo;
 	char msg[160];
+	if (p->cancelled && pgerror_is_cancel(res))
+		p->cancel_seen = true;
 	switch (PQresultStatus(res)) {
 	case PGRES_TUPLES_OK:
 	case PGRES_COMMAND_OK:
@@ -185,6 +188,9 @@ static void on_part_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 	}
 	if (ev != PGCONN_EV_DONE && ev != PGCONN_EV_BROKEN)
 		return;
+	/* Ended before its cancel arrived: that cancel must not reach the next borrower (request.c). */
+	if (p->cancelled && !p->cancel_seen)
+		pgconn_discard(p->conn);
 	pool_observe_query(p->pool, mono_now() - p->sent_at, p->sqlstate[0] ? p->sqlstate : NULL);
 	if (!pgconn_usable(p->conn) && !p->error) {
 		char msg[320];
@@ -207,7 +213,7 @@ static void part_run(struct part *p)
 	if (fo->body.timeout > 0 && fo->body.timeout < t)
 		t = fo->body.timeout;
 	p->sent_at = mono_now();
-	if (pgconn_send_cached(p->conn, fo->sql, st->nparams, st->values, on_part_event, p) < 0) {
+	if (pgconn_send_statement(p->conn, fo->sql, st->nparams, st->values, on_part_event, p) < 0) {
 		char msg[320];
 		snprintf(msg, sizeof(msg), "cannot send statement: %s", p->conn->error);
 		part_error(p, "shard_error", msg);

@@ -11,6 +11,7 @@
 #include "pgconn.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <event2/dns.h>
 #include <event2/event.h>
 #include <event2/util.h>
@@ -18,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "log.h"
 #include "util.h"
@@ -62,13 +64,23 @@ static void emit(struct pgconn *c, enum pgconn_event ev, PGresult *res)
 	c->cb(c, ev, res, c->arg);
 }
 
-static void broken(struct pgconn *c, const char *prefix)
+/* The connection cannot be used any more: BROKEN, whose receiver may free it. */
+static void fail(struct pgconn *c, const char *why)
 {
-	set_error(c, prefix);
+	str_copy(c->error, sizeof(c->error), why);
 	c->state = PGCONN_BROKEN;
 	if (c->ev)
 		event_del(c->ev);
 	emit(c, PGCONN_EV_BROKEN, NULL);
+}
+
+/* fail() with libpq's message, after prefix. */
+static void broken(struct pgconn *c, const char *prefix)
+{
+	char why[sizeof(c->error)];
+	set_error(c, prefix);
+	str_copy(why, sizeof(why), c->error);
+	fail(c, why);
 }
 
 static void connect_failed(struct pgconn *c)
@@ -129,7 +141,9 @@ static int send_pending(struct pgconn *c);
  * Results of the PREPARE step are not the client's: success is swallowed,
  * an error is the statement's error. A cached statement whose plan went
  * stale after DDL ("cached plan must not change result type") is re-sent
- * once unprepared when no transaction is open, so the client never sees it.
+ * once unprepared when no transaction is open, so the client never sees it;
+ * inside one the client gets the error and the statement is prepared anew
+ * next time.
  */
 static bool swallow_result(struct pgconn *c, PGresult *res)
 {
@@ -141,8 +155,12 @@ static bool swallow_result(struct pgconn *c, PGresult *res)
 		return false;
 	}
 	st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-	if (c->pend_entry && st && strcmp(st, "0A000") == 0 &&
-	    PQtransactionStatus(c->pg) != PQTRANS_INERROR && c->pending == PEND_NONE) {
+	if (c->pend_entry && st && strcmp(st, "0A000") == 0 && c->pending == PEND_NONE) {
+		if (c->pend_in_txn) {
+			/* The error aborted the transaction: a re-send could only fail again. */
+			c->pend_entry->name[0] = '\0';   /* prepare anew next time */
+			return false;
+		}
 		c->pending = PEND_RETRY;
 		return true;
 	}
@@ -197,10 +215,21 @@ static void read_results(struct pgconn *c)
 			PQclear(res);
 			continue;
 		}
+		ExecStatusType st = PQresultStatus(res);
 		c->keep_result = false;
 		emit(c, PGCONN_EV_RESULT, res);
 		if (!c->keep_result)
 			PQclear(res);
+		if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {
+			/*
+			 * libpq hands out the COPY result again on every call until the
+			 * copy ends, which this loop would never see: the receiver has
+			 * the result (it answers that COPY is not available), and the
+			 * connection, in the middle of a copy, is closed.
+			 */
+			fail(c, "COPY is not available through the gateway");
+			return;
+		}
 	}
 }
 
@@ -213,13 +242,15 @@ static void on_more(evutil_socket_t fd, short what, void *arg)
 		read_results(c);
 }
 
-static void flush_output(struct pgconn *c)
+/* -1 when the connection broke: its BROKEN receiver may have freed it. */
+static int flush_output(struct pgconn *c)
 {
 	int rc = PQflush(c->pg);
-	if (rc < 0)
+	if (rc < 0 || (rc == 0 && (c->watching & EV_WRITE) && watch(c, EV_READ) < 0)) {
 		broken(c, "");
-	else if (rc == 0 && (c->watching & EV_WRITE) && watch(c, EV_READ) < 0)
-		broken(c, "");
+		return -1;
+	}
+	return 0;
 }
 
 /* An idle connection should be silent; input means a notice, or the server leaving. */
@@ -247,11 +278,8 @@ static void on_io(evutil_socket_t fd, short what, void *arg)
 		connect_step(c);
 		return;
 	case PGCONN_BUSY:
-		if (what & EV_WRITE) {
-			flush_output(c);
-			if (c->state != PGCONN_BUSY)
-				return;
-		}
+		if ((what & EV_WRITE) && flush_output(c) < 0)
+			return;
 		if (what & EV_READ)
 			read_results(c);
 		return;
@@ -541,6 +569,7 @@ int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const cha
 	if (!c->cache)
 		c->cache = xcalloc(CACHE_SLOTS, sizeof(*c->cache));
 	e = cache_slot(c, sql, h);
+	c->pend_in_txn = PQtransactionStatus(c->pg) != PQTRANS_IDLE;
 	c->pend_sql = sql;
 	c->pend_n = nparams;
 	c->pend_vals = values;
@@ -559,7 +588,97 @@ int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const cha
 	snprintf(e->name, sizeof(e->name), "sg%u", ++c->next_stmt);
 	c->pend_entry = e;
 	c->pending = PEND_PREPARING;
-	return sent(c, PQsendPrepare(c->pg, e->name, sql, 0, NULL), cb, arg);
+	if (sent(c, PQsendPrepare(c->pg, e->name, sql, 0, NULL), cb, arg) < 0) {
+		e->name[0] = '\0';   /* never prepared: prepare again next time */
+		c->pend_entry = NULL;
+		c->pending = PEND_NONE;
+		return -1;
+	}
+	return 0;
+}
+
+/* Skip white space, "(" and SQL comments at the start of a statement. */
+static const char *skip_noise(const char *sql)
+{
+	for (;;) {
+		while (*sql == ' ' || *sql == '\t' || *sql == '\n' || *sql == '\r' || *sql == '(')
+			sql++;
+		if (sql[0] == '-' && sql[1] == '-') {
+			sql += strcspn(sql, "\n");
+		} else if (sql[0] == '/' && sql[1] == '*') {
+			const char *end = strstr(sql + 2, "*/");
+			if (!end)
+				return sql + strlen(sql);
+			sql = end + 2;
+		} else {
+			return sql;
+		}
+	}
+}
+
+static bool starts_with_word(const char *sql, const char *word)
+{
+	size_t n = strlen(word);
+	return strncasecmp(sql, word, n) == 0 && !isalnum((unsigned char)sql[n]) && sql[n] != '_';
+}
+
+/* Does sql call set_config()? A scan for the '_' of each candidate, case-insensitive. */
+static bool calls_set_config(const char *sql)
+{
+	for (const char *u = strchr(sql, '_'); u; u = strchr(u + 1, '_')) {
+		if (u - sql >= 3 && strncasecmp(u - 3, "set_config", 10) == 0)
+			return true;
+	}
+	return false;
+}
+
+/*
+ * Statements that change session state make the connection need a reset
+ * (DISCARD ALL) before another request gets it. Judged from the statement's
+ * first words, plus any call of set_config(); see the README for what this
+ * cannot see. Runs for every statement: the first letter picks the few
+ * words worth comparing.
+ */
+static bool changes_session(const char *sql)
+{
+	const char *s = skip_noise(sql);
+	switch (*s | 0x20) {
+	case 's':
+		return starts_with_word(s, "set") || calls_set_config(sql);
+	case 'r':
+		return starts_with_word(s, "reset") || calls_set_config(sql);
+	case 'l':
+		return starts_with_word(s, "listen") || starts_with_word(s, "load") ||
+		       calls_set_config(sql);
+	case 'p':
+		return starts_with_word(s, "prepare") || calls_set_config(sql);
+	case 'd':
+		return starts_with_word(s, "declare") || starts_with_word(s, "deallocate") ||
+		       starts_with_word(s, "discard") || calls_set_config(sql);
+	case 'c':
+		if (starts_with_word(s, "create")) {
+			const char *rest = skip_noise(s + 6);
+			if (starts_with_word(rest, "temp") || starts_with_word(rest, "temporary") ||
+			    starts_with_word(rest, "local") || starts_with_word(rest, "global"))
+				return true;
+		}
+		return calls_set_config(sql);
+	default:
+		return calls_set_config(sql);
+	}
+}
+
+int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const char *const *values,
+			   pgconn_cb cb, void *arg)
+{
+	if (!c->session_dirty && changes_session(sql))
+		c->session_dirty = true;
+	return (c->session_dirty ? pgconn_send : pgconn_send_cached)(c, sql, nparams, values, cb, arg);
+}
+
+void pgconn_discard(struct pgconn *c)
+{
+	c->discard = true;
 }
 
 void pgconn_cache_clear(struct pgconn *c)

@@ -60,7 +60,9 @@ struct pgconn {
 	double expires;          /* max_lifetime with jitter; set by the pool */
 	double last_used;
 	bool sent;               /* the current statement reached the server */
-	bool session_dirty;      /* a SET or similar ran outside a transaction */
+	bool session_dirty;      /* a SET or similar ran: DISCARD ALL before reuse */
+	bool discard;            /* close instead of reusing (pgconn_discard) */
+	bool pend_in_txn;        /* the cached statement was sent inside a transaction */
 	bool keep_result;        /* the RESULT receiver took ownership of res */
 	bool first;              /* its events run before client sockets (pgconn_run_first) */
 	unsigned target_gen;     /* the pool's url generation it was opened for */
@@ -90,6 +92,23 @@ struct pgconn {
 /* Start connecting to url; the callback gets CONNECTED or FAILED. NULL if it cannot start. */
 struct pgconn *pgconn_connect(struct event_base *base, const char *url, double timeout,
 			      pgconn_cb cb, void *arg);
+
+/*
+ * A client's statement: marks the connection for DISCARD ALL on release when
+ * the statement changes session state (SET, PREPARE, LISTEN, temporary
+ * tables, set_config() ...: judged from its first words, see the README),
+ * and goes through the statement cache (pgconn_send_cached) unless that has
+ * happened on this connection.
+ */
+int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const char *const *values,
+			   pgconn_cb cb, void *arg);
+
+/*
+ * Never reuse c: its owner closes it when it comes back. For a connection
+ * whose state is in doubt (a cleaning statement failed, a cancel may still
+ * be on its way to the server).
+ */
+void pgconn_discard(struct pgconn *c);
 
 /* Change who hears about this connection (used when a pool lends it out). */
 void pgconn_set_handler(struct pgconn *c, pgconn_cb cb, void *arg);

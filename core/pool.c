@@ -220,8 +220,6 @@ static void on_connect_failed(struct pool *p, struct pgconn *c)
 static void conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg)
 {
 	struct pool *p = c->pool;
-	(void)res;
-	(void)arg;
 	switch (ev) {
 	case PGCONN_EV_CONNECTED:
 		on_connected(p, c);
@@ -230,6 +228,10 @@ static void conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, vo
 		on_connect_failed(p, c);
 		break;
 	case PGCONN_EV_RESULT:
+		/* A cleaning statement (ROLLBACK, DISCARD ALL) or the idle check failed: never reuse it. */
+		if (arg != p && PQresultStatus(res) == PGRES_FATAL_ERROR)
+			pgconn_discard(c);
+		break;
 	case PGCONN_EV_NOTIFY:
 		break;
 	case PGCONN_EV_DONE:
@@ -508,6 +510,8 @@ void pool_release(struct pgconn *c)
 
 	if (!pgconn_usable(c))
 		why = c->error[0] ? c->error : "connection broken";
+	else if (c->discard)
+		why = "its state is in doubt (a failed reset, or a cancel still on its way)";
 	else if (p->retired)
 		why = "shard removed";
 	else if (c->target_gen != p->target_gen)

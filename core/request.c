@@ -58,6 +58,7 @@ struct request {
 	double timeout;          /* per statement */
 	struct event *timer;     /* the statement timer, stored behind the struct (no malloc) */
 	bool cancelled;          /* a cancel was sent for the running statement */
+	bool cancel_seen;        /* ... and the statement ended by it */
 	bool aborted;            /* the client went away */
 	bool timed_out;
 	bool retried;            /* the first statement was re-tried on a fresh connection */
@@ -224,13 +225,17 @@ static bool first_statement(const struct request *r)
 }
 
 /* 0 sent, 1 re-queued for another connection, -1 failed (error set). */
-static int send_sql(struct request *r, const char *sql, int n, const char *const *vals, bool cache)
+typedef int (*sender)(struct pgconn *c, const char *sql, int n, const char *const *vals,
+		      pgconn_cb cb, void *arg);
+
+static int send_sql(struct request *r, const char *sql, int n, const char *const *vals, sender send)
 {
 	struct timeval tv = tv_of(r->timeout);
 	r->cancelled = false;
+	r->cancel_seen = false;
 	r->sent_at = mono_now();
 	r->sqlstate[0] = '\0';
-	if ((cache ? pgconn_send_cached : pgconn_send)(r->conn, sql, n, vals, on_conn_event, r) < 0) {
+	if (send(r->conn, sql, n, vals, on_conn_event, r) < 0) {
 		char msg[320];
 		if (!r->conn->sent && !r->retried && first_statement(r)) {
 			/* Nothing reached the server: try once more on a fresh connection. */
@@ -252,77 +257,6 @@ static int send_sql(struct request *r, const char *sql, int n, const char *const
 	return 0;
 }
 
-/* Skip white space, "(" and SQL comments at the start of a statement. */
-static const char *skip_noise(const char *sql)
-{
-	for (;;) {
-		while (*sql == ' ' || *sql == '\t' || *sql == '\n' || *sql == '\r' || *sql == '(')
-			sql++;
-		if (sql[0] == '-' && sql[1] == '-') {
-			sql += strcspn(sql, "\n");
-		} else if (sql[0] == '/' && sql[1] == '*') {
-			const char *end = strstr(sql + 2, "*/");
-			if (!end)
-				return sql + strlen(sql);
-			sql = end + 2;
-		} else {
-			return sql;
-		}
-	}
-}
-
-static bool starts_with_word(const char *sql, const char *word)
-{
-	size_t n = strlen(word);
-	return strncasecmp(sql, word, n) == 0 && !isalnum((unsigned char)sql[n]) && sql[n] != '_';
-}
-
-/* Does sql call set_config()? A scan for the '_' of each candidate, case-insensitive. */
-static bool calls_set_config(const char *sql)
-{
-	for (const char *u = strchr(sql, '_'); u; u = strchr(u + 1, '_')) {
-		if (u - sql >= 3 && strncasecmp(u - 3, "set_config", 10) == 0)
-			return true;
-	}
-	return false;
-}
-
-/*
- * Statements that change session state make the connection need a reset
- * (DISCARD ALL) before another request gets it. Judged from the statement's
- * first words, plus any call of set_config(); see the README for what this
- * cannot see. Runs for every statement: the first letter picks the few
- * words worth comparing.
- */
-static bool changes_session(const char *sql)
-{
-	const char *s = skip_noise(sql);
-	switch (*s | 0x20) {
-	case 's':
-		return starts_with_word(s, "set") || calls_set_config(sql);
-	case 'r':
-		return starts_with_word(s, "reset") || calls_set_config(sql);
-	case 'l':
-		return starts_with_word(s, "listen") || starts_with_word(s, "load") ||
-		       calls_set_config(sql);
-	case 'p':
-		return starts_with_word(s, "prepare") || calls_set_config(sql);
-	case 'd':
-		return starts_with_word(s, "declare") || starts_with_word(s, "deallocate") ||
-		       starts_with_word(s, "discard") || calls_set_config(sql);
-	case 'c':
-		if (starts_with_word(s, "create")) {
-			const char *rest = skip_noise(s + 6);
-			if (starts_with_word(rest, "temp") || starts_with_word(rest, "temporary") ||
-			    starts_with_word(rest, "local") || starts_with_word(rest, "global"))
-				return true;
-		}
-		return calls_set_config(sql);
-	default:
-		return calls_set_config(sql);
-	}
-}
-
 static void run_next(struct request *r)
 {
 	int rc;
@@ -332,25 +266,23 @@ static void run_next(struct request *r)
 	}
 	switch (r->phase) {
 	case PH_BEGIN:
-		rc = send_sql(r, "BEGIN", 0, NULL, false);
+		rc = send_sql(r, "BEGIN", 0, NULL, pgconn_send);
 		break;
 	case PH_SETTING:
 		/* Transaction-local, so it ends with this request (RLS policies read it). */
-		rc = send_sql(r, "SELECT set_config($1, $2, true)", 2, r->setting, true);
+		rc = send_sql(r, "SELECT set_config($1, $2, true)", 2, r->setting, pgconn_send_cached);
 		break;
 	case PH_STMT: {
 		const struct stmt *st = &r->body.stmts[r->cur];
-		if (changes_session(st->sql))
-			r->conn->session_dirty = true;
-		rc = send_sql(r, st->sql, st->nparams, st->values, !r->conn->session_dirty);
+		rc = send_sql(r, st->sql, st->nparams, st->values, pgconn_send_statement);
 		break;
 	}
 	case PH_COMMIT:
-		rc = send_sql(r, "COMMIT", 0, NULL, false);
+		rc = send_sql(r, "COMMIT", 0, NULL, pgconn_send);
 		break;
 	case PH_ROLLBACK:
 	default:
-		rc = send_sql(r, "ROLLBACK", 0, NULL, false);
+		rc = send_sql(r, "ROLLBACK", 0, NULL, pgconn_send);
 		break;
 	}
 	if (rc < 0)
@@ -371,6 +303,8 @@ static void write_result(struct request *r, const PGresult *res)
 
 static void on_result(struct request *r, PGresult *res)
 {
+	if (r->cancelled && pgerror_is_cancel(res))
+		r->cancel_seen = true;
 	switch (PQresultStatus(res)) {
 	case PGRES_TUPLES_OK:
 	case PGRES_COMMAND_OK:
@@ -395,6 +329,14 @@ static void on_result(struct request *r, PGresult *res)
 static void on_done(struct request *r)
 {
 	evtimer_del(r->timer);
+	/*
+	 * The statement ended before the cancel reached it: the cancel may still
+	 * arrive and hit whatever the connection runs next, another client's
+	 * statement perhaps. This request finishes as it would; the connection
+	 * is closed when it comes back.
+	 */
+	if (r->cancelled && !r->cancel_seen)
+		pgconn_discard(r->conn);
 	if (r->phase == PH_STMT)
 		pool_observe_query(r->pool, mono_now() - r->sent_at, r->sqlstate[0] ? r->sqlstate : NULL);
 	if (!pgconn_usable(r->conn)) {

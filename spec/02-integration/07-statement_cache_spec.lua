@@ -81,6 +81,35 @@ describe("statement cache", function()
     assert.equal(200, again.status, again.body)
   end)
 
+  it("inside a transaction, answers a stale plan with its own error and prepares anew next time", function()
+    helpers.psql(db, "INSERT INTO organizations VALUES (1, 'one')")
+    local sql = "SELECT * FROM organizations ORDER BY id"
+    local function txn()
+      return gw:post("/transaction", { statements = { { sql = sql } } }, H)
+    end
+    assert.equal(200, txn().status)
+    helpers.psql(db, "ALTER TABLE organizations ADD COLUMN plan text DEFAULT 'free'")
+    -- The error aborted the transaction; a blind re-send would only have
+    -- answered 25P02 (current transaction is aborted).
+    local stale = txn()
+    assert.equal(400, stale.status, stale.body)
+    assert.equal("0A000", stale.json.code)
+    local again = txn()
+    assert.equal(200, again.status, again.body)
+    assert.equal(3, #again.json.results[1].fields)
+  end)
+
+  it("answers COPY with 400 and closes that connection, and the next request is served", function()
+    for _, sql in ipairs({ "COPY organizations TO STDOUT", "COPY organizations FROM STDIN" }) do
+      local res = query(sql)
+      assert.equal(400, res.status, res.body)
+      assert.equal("bad_request", res.json.code)
+      assert.matches("COPY is not available", res.json.error, 1, true)
+      local next_one = query("SELECT 1 AS one")
+      assert.equal(200, next_one.status, next_one.body)
+    end
+  end)
+
   it("prepares again after a client's DISCARD ALL drops the server's statements", function()
     local sql = "SELECT 1 AS one"
     assert.equal(200, query(sql).status)

@@ -291,6 +291,28 @@ describe("fan-out", function()
       end
     end)
 
+    it("resets a session setting a fanned-out statement changed before the connection is reused", function()
+      local plan = { shards = { "shard_0" } }
+      local set = fan(gw, { sql = "SELECT set_config('application_name', 'leaky_fanout', false) AS v" }, plan)
+      assert.equal(200, set.status, set.body)
+      assert.same({ { "leaky_fanout" } }, set.json.rows)
+      -- pool = 2: enough sequential reads to meet both of shard_0's connections
+      for _ = 1, 4 do
+        local res = fan(gw, { sql = "SELECT current_setting('application_name') AS a" }, plan)
+        assert.equal(200, res.status, res.body)
+        assert.same({ { "shardgate" } }, res.json.rows)
+      end
+    end)
+
+    it("answers a COPY with the shard's error and keeps serving", function()
+      local res = fan(gw, { sql = "COPY shard_info TO STDOUT" }, { shards = { "shard_0", "shard_1" } })
+      assert.is_true(res.status >= 400, res.body)
+      assert.matches("COPY", res.body, 1, true)
+      local ok = fan(gw, { sql = "SELECT name FROM shard_info" }, { shards = { "shard_0", "shard_1" } })
+      assert.equal(200, ok.status, ok.body)
+      assert_pools_clean(gw)
+    end)
+
     it("never fans out a /transaction: 400 without a tenant, even with a plan", function()
       local res = gw:post("/transaction", { statements = {
         { sql = "INSERT INTO shard_info (name) VALUES ('fo_tx_probe')" },
