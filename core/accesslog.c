@@ -75,33 +75,47 @@ static bool needs_quotes(const char *v)
 	return false;
 }
 
-/* Append " key=value" to line at *n, quoting the value when needed. */
+/* Append len bytes of s to line at *n, as many as fit (*n stays below cap). */
+static void append(char *line, size_t cap, size_t *n, const char *s, size_t len)
+{
+	if (*n + 1 >= cap)
+		return;
+	if (len > cap - 1 - *n)
+		len = cap - 1 - *n;
+	memcpy(line + *n, s, len);
+	*n += len;
+}
+
+/* Append " key=value" to line at *n, quoting the value when needed; cut at cap. */
 static void kv(char *line, size_t cap, size_t *n, const char *key, const char *v)
 {
-	if (*n + 8 >= cap)
-		return;
-	*n += (size_t)snprintf(line + *n, cap - *n, " %s=", key);
+	append(line, cap, n, " ", 1);
+	append(line, cap, n, key, strlen(key));
+	append(line, cap, n, "=", 1);
 	if (!v || !*v) {
-		v = "-";
-	} else if (needs_quotes(v)) {
-		line[(*n)++] = '"';
-		for (; *v && *n + 6 < cap; v++) {
-			unsigned char c = (unsigned char)*v;
-			if (c == '"' || c == '\\') {
-				line[(*n)++] = '\\';
-				line[(*n)++] = (char)c;
-			} else if (c < ' ' || c == 0x7f) {
-				*n += (size_t)snprintf(line + *n, cap - *n, "\\x%02x", c);
-			} else {
-				line[(*n)++] = (char)c;
-			}
-		}
-		line[(*n)++] = '"';
+		append(line, cap, n, "-", 1);
 		return;
 	}
-	*n += (size_t)snprintf(line + *n, cap - *n, "%s", v);
-	if (*n >= cap)
-		*n = cap - 1;
+	if (!needs_quotes(v)) {
+		append(line, cap, n, v, strlen(v));
+		return;
+	}
+	append(line, cap, n, "\"", 1);
+	for (; *v; v++) {
+		unsigned char c = (unsigned char)*v;
+		char esc[5];
+		size_t k;
+		if (c == '"' || c == '\\')
+			esc[0] = '\\', esc[1] = (char)c, k = 2;
+		else if (c < ' ' || c == 0x7f)
+			k = (size_t)snprintf(esc, sizeof(esc), "\\x%02x", c);
+		else
+			esc[0] = (char)c, k = 1;
+		if (*n + k + 2 >= cap)   /* keep room for the closing quote */
+			break;
+		append(line, cap, n, esc, k);
+	}
+	append(line, cap, n, "\"", 1);
 }
 
 void accesslog_write(const struct http_request *req, int status, double secs)

@@ -866,6 +866,20 @@ end
       assert.equal("200", f.status)
     end)
 
+    it("cuts a line at its limit for any path length, and keeps serving", function()
+      local gw = start({ access_log = "errors" })
+      -- Around the 2 KiB line limit, where each field's start used to run past it.
+      for len = 1900, 2060, 3 do
+        local path = "/" .. string.rep("p", len - 1)
+        local res = gw:request("GET", path)
+        assert.equal(404, res.status, "path of " .. len)
+      end
+      assert.equal(200, gw:request("GET", "/healthz").status)
+      for line in gw:log():gmatch("[^\n]+") do
+        assert.is_true(#line < 2048, "a line of " .. #line .. " bytes")
+      end
+    end)
+
     it("carries the checkout wait of a request that waited", function()
       -- min_idle: the holder must not wait for a connect under the 0.3 s timeout.
       local gw = start({ access_log = "on" }, { pool = 1, checkout_timeout = 0.3, min_idle = 1 })
