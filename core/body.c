@@ -121,32 +121,51 @@ static void shortest(double d, char *buf, size_t len)
 	}
 }
 
-/* The number of a number node in document order (DFS over the tree), or -1. */
-static int number_ordinal(const cJSON *node, const cJSON *target, int *count)
+/*
+ * Big integers are recovered from the raw body: every number node paired
+ * with its literal, in document order (a walk of the tree, and one scan of
+ * the text: outside strings, every maximal run of number characters is one
+ * number literal; the body already parsed as JSON, so nothing else can look
+ * like one). Built once per body, on its first integer beyond 2^53, and
+ * sorted by node for lookups: a body full of such integers costs one pass,
+ * not one pass each.
+ */
+struct num_ref {
+	const cJSON *node;
+	const char *lit;
+	size_t len;
+};
+
+static void collect_numbers(const cJSON *node, struct num_ref **v, int *n, int *cap)
 {
 	const cJSON *c;
-	if (node == target)
-		return *count;
 	if (cJSON_IsNumber(node)) {
-		(*count)++;
-		return -1;
+		if (*n == *cap) {
+			*cap = *cap ? *cap * 2 : 16;
+			*v = xrealloc(*v, (size_t)*cap * sizeof(**v));
+		}
+		(*v)[(*n)++].node = node;
+		return;
 	}
-	cJSON_ArrayForEach(c, node) {
-		int r = number_ordinal(c, target, count);
-		if (r >= 0)
-			return r;
-	}
-	return -1;
+	cJSON_ArrayForEach(c, node)
+		collect_numbers(c, v, n, cap);
 }
 
-/*
- * The literal text of the nth number in the raw body. Outside strings,
- * every maximal run of number characters is one number literal; the body
- * already parsed as JSON, so nothing else can look like one.
- */
-static bool nth_number_literal(const char *src, size_t len, int nth, const char **start, size_t *n)
+static int by_node(const void *a, const void *b)
 {
-	int seen = 0;
+	const cJSON *x = ((const struct num_ref *)a)->node, *y = ((const struct num_ref *)b)->node;
+	return x < y ? -1 : x > y;
+}
+
+/* 0, or -1 when the literals do not line up with the nodes (then nothing is recovered). */
+static int index_numbers(struct body *b)
+{
+	struct num_ref *v = NULL;
+	int n = 0, cap = 0, k = 0;
+	const char *src = b->src;
+	size_t len = b->srclen;
+
+	collect_numbers(b->root, &v, &n, &cap);
 	for (size_t i = 0; i < len; i++) {
 		char c = src[i];
 		if (c == '"') {
@@ -157,29 +176,37 @@ static bool nth_number_literal(const char *src, size_t len, int nth, const char 
 			size_t j = i;
 			while (j < len && strchr("-+0123456789.eE", src[j]))
 				j++;
-			if (seen++ == nth) {
-				*start = src + i;
-				*n = j - i;
-				return true;
-			}
+			if (k == n)
+				break;
+			v[k].lit = src + i;
+			v[k++].len = j - i;
 			i = j - 1;
 		}
 	}
-	return false;
+	if (k != n) {
+		free(v);
+		return -1;
+	}
+	qsort(v, (size_t)n, sizeof(*v), by_node);
+	b->numbers = v;
+	b->nnumbers = n;
+	return 0;
 }
 
 /* An integer literal (digits, optional minus) passes through exactly; else NULL. */
 static const char *exact_integer(struct body *b, const cJSON *v)
 {
-	int count = 0, nth = number_ordinal(b->root, v, &count);
-	const char *lit;
-	size_t n;
-	if (nth < 0 || !nth_number_literal(b->src, b->srclen, nth, &lit, &n))
+	struct num_ref key = { v, NULL, 0 };
+	const struct num_ref *r;
+	if (!b->numbers && index_numbers(b) < 0)
 		return NULL;
-	for (size_t i = 0; i < n; i++)
-		if (!(lit[i] == '-' || (lit[i] >= '0' && lit[i] <= '9')))
+	r = bsearch(&key, b->numbers, (size_t)b->nnumbers, sizeof(key), by_node);
+	if (!r)
+		return NULL;
+	for (size_t i = 0; i < r->len; i++)
+		if (!(r->lit[i] == '-' || (r->lit[i] >= '0' && r->lit[i] <= '9')))
 			return NULL;
-	return own(b, xstrndup(lit, n));
+	return own(b, xstrndup(r->lit, r->len));
 }
 
 static int number_text(struct body *b, const cJSON *v, const char **out, const char *what,
@@ -490,6 +517,7 @@ void body_free(struct body *b)
 	for (int i = 0; i < b->nowned; i++)
 		free(b->owned[i]);
 	free(b->owned);
+	free(b->numbers);
 	arena_release(b);   /* root and its nodes */
 	memset(b, 0, sizeof(*b));
 }

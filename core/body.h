@@ -35,6 +35,8 @@ struct body {
 	long limit;              /* fan-out row limit; 0 when none */
 	const char *src;         /* the raw body, to recover number literals */
 	size_t srclen;
+	void *numbers;           /* number nodes and their literals, once needed (body.c) */
+	int nnumbers;
 	char **owned;            /* parameter texts made here (numbers, JSON) */
 	int nowned;
 	int capowned;

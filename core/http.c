@@ -765,8 +765,15 @@ void http_server_shutdown(struct http_server *s)
 	s->listener = NULL;
 	for (c = LIST_FIRST(&s->conns); c; c = next) {
 		next = LIST_NEXT(c, link);
-		if (c->state == CS_HEAD && evbuffer_get_length(c->in) == 0)
+		if (c->state != CS_HEAD || evbuffer_get_length(c->in) > 0)
+			continue;
+		if (evbuffer_get_length(c->out) == 0) {
 			conn_free(c);
+		} else {
+			/* Its last answer is still going out: close once flush() has sent it. */
+			c->state = CS_CLOSE;
+			event_del(c->rev);
+		}
 	}
 }
 

@@ -207,6 +207,17 @@ describe("POST /query", function()
       assert.matches("[[9007199254740994,-42]]", res.body, 1, true)
     end)
 
+    it("every integer beyond 2^53 in a body goes in exactly, with other numbers around them", function()
+      -- Numbers before, between and inside JSON parameters: each big integer
+      -- must get its own literal back from the raw body.
+      local res = query('{"timeout": 30, "sql": "SELECT $1::int8 AS a, $2::int4 AS b, $3::int8 AS c, '
+        .. '$4::jsonb AS d, $5::int8 AS e", '
+        .. '"params": [9007199254740993, 7, -9007199254740995, [1.5, 2], 9007199254740999]}')
+      assert.equal(200, res.status, res.body)
+      assert.matches('[[9007199254740993,7,-9007199254740995,[1.5, 2],9007199254740999]]',
+        res.body, 1, true)
+    end)
+
     it("floats go in without losing precision", function()
       local res = query('{"sql": "SELECT $1::float8 = 0.1::float8 AS same, $2::float8 AS tiny", '
         .. '"params": [0.1, 1.5e-7]}')
