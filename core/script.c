@@ -682,15 +682,18 @@ static void build_shard_tables(struct script *s, const struct config *cfg)
 }
 
 /* Route shardgate.log through the gateway's logger. */
-static int bridge_log(struct script *s, char *err, size_t errlen)
+/* Scripts' log.* go to the gateway's log, filtered at its log_level before any formatting. */
+static int bridge_log(struct script *s, const char *level, char *err, size_t errlen)
 {
 	/* Also loads the whole library here, outside any script's time limit. */
 	static const char code[] =
+		"local level = ...\n"
 		"local log = require 'shardgate.log'\n"
 		"log.set_backend(require('shardgate.core').log)\n"
+		"log.set_level(level)\n"
 		"require 'shardgate'\n";
 	if (luaL_loadbuffer(s->L, code, sizeof(code) - 1, "=shardgate") != 0 ||
-	    lua_pcall(s->L, 0, 0, 0) != 0) {
+	    (lua_pushstring(s->L, level), lua_pcall(s->L, 1, 0, 0)) != 0) {
 		fmt_err(err, errlen, "cannot set up shardgate.log: %s", lua_tostring(s->L, -1));
 		return -1;
 	}
@@ -760,7 +763,7 @@ struct script *script_new(const struct config *cfg, char *err, size_t errlen)
 	}
 	lua_sethook(s->L, count_hook, LUA_MASKCOUNT, HOOK_COUNT);
 	luaenv_set_expired(hook_expired, NULL);
-	if (bridge_log(s, err, errlen) < 0 || load_hooks(s, cfg->path, err, errlen) < 0)
+	if (bridge_log(s, cfg->log_level, err, errlen) < 0 || load_hooks(s, cfg->path, err, errlen) < 0)
 		goto fail;
 	build_shard_tables(s, cfg);
 	return s;

@@ -39,6 +39,48 @@ describe("routing", function()
     helpers.stop_all()
   end)
 
+  describe("a script's log", function()
+    local LOGGING = [[
+local sg = require "shardgate"
+return {
+  tenant = function(req)
+    sg.log.debug("dbg-mark %s", "d")
+    sg.log.info("info-mark")
+    sg.log.warn("warn-mark")
+    return "t"
+  end,
+  shard = function(tenant, shards) return shards[1] end,
+}
+]]
+
+    -- The levels of the marks the gateway's log shows after one request.
+    local function marks(level)
+      local gw = helpers.start_gateway({
+        shards = helpers.shards_config(dbs, { pool = 1 }),
+        script = LOGGING,
+        config = { log_level = level },
+      })
+      local res = gw:post("/query", { sql = "SELECT 1 AS one" })
+      assert.equal(200, res.status, res.body)
+      local log, seen = gw:log(), {}
+      for _, m in ipairs({ "dbg-mark d", "info-mark", "warn-mark" }) do
+        if log:find(m, 1, true) then seen[#seen + 1] = m end
+      end
+      gw:stop()
+      return seen, log
+    end
+
+    it("follows log_level: debug shows log.debug, with the script's line", function()
+      local seen, log = marks("debug")
+      assert.same({ "dbg-mark d", "info-mark", "warn-mark" }, seen)
+      assert.matches("%[debug%] script: %S+script%.lua:4: dbg%-mark d", log)
+    end)
+
+    it("follows log_level: warn drops log.info and log.debug", function()
+      assert.same({ "warn-mark" }, (marks("warn")))
+    end)
+  end)
+
   describe("with hash.jump on a header", function()
     local gw
 
