@@ -204,7 +204,7 @@ static int verify_jwt(const struct auth_conf *a, const char *tok, struct auth_id
 	if (cJSON_IsString(tc))
 		str_copy(id->tenant, sizeof(id->tenant), tc->valuestring);
 	else if (cJSON_IsNumber(tc))
-		snprintf(id->tenant, sizeof(id->tenant), "%.17g", tc->valuedouble);
+		fmt_number(id->tenant, tc->valuedouble);
 	else {
 		fmt_err(msg, msglen, "token has no '%s' claim", a->tenant_claim);
 		goto fail;

@@ -114,11 +114,7 @@ static int l_core_directory(lua_State *L)
 	char num[32];
 	const char *key, *shard;
 	if (lua_type(L, 1) == LUA_TNUMBER) {
-		lua_Number d = lua_tonumber(L, 1);
-		if (d == (lua_Number)(long long)d && d > -9007199254740992.0 && d < 9007199254740992.0)
-			fmt_int(num, (long long)d);
-		else
-			snprintf(num, sizeof(num), "%.17g", (double)d);
+		fmt_number(num, lua_tonumber(L, 1));
 		key = num;
 	} else {
 		key = luaL_checkstring(L, 1);

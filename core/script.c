@@ -613,10 +613,11 @@ void script_route(struct script *s, struct http_request *req, bool allow_fanout,
 	push_request(s, req);
 	if (call_tenant(s, req, out) == 0) {
 		if (!lua_isnil(L, -1)) {
-			/* Convert a copy: shard() gets the tenant with its original type. */
-			lua_pushvalue(L, -1);
-			str_copy(out->tenant, sizeof(out->tenant), lua_tostring(L, -1));
-			lua_pop(L, 1);
+			/* shard() gets the tenant with its original type; numbers are written as fmt_number does. */
+			if (lua_type(L, -1) == LUA_TNUMBER)
+				fmt_number(out->tenant, lua_tonumber(L, -1));
+			else
+				str_copy(out->tenant, sizeof(out->tenant), lua_tostring(L, -1));
 			call_shard(s, out);
 		} else if (allow_fanout && s->ref_fanout != LUA_NOREF) {
 			lua_pop(L, 1);

@@ -158,6 +158,13 @@ size_t str_copy(char *dst, size_t size, const char *src)
 	return n;
 }
 
+size_t fmt_number(char *buf, double d)
+{
+	if (d > -9007199254740992.0 && d < 9007199254740992.0 && d == (double)(long long)d)
+		return fmt_int(buf, (long long)d);
+	return (size_t)snprintf(buf, 32, "%.17g", d);
+}
+
 size_t fmt_int(char *buf, long long v)
 {
 	char tmp[24];

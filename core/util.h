@@ -41,6 +41,13 @@ int edit_distance(const char *a, const char *b);
 size_t str_copy(char *dst, size_t size, const char *src);
 /* Decimal digits of v into buf (at least 21 bytes), terminated; returns the length. */
 size_t fmt_int(char *buf, long long v);
+/*
+ * A number as a tenant key (at least 32 bytes): integers below 2^53 in
+ * decimal ("42", not "42.0" or "4.2e+01"), anything else in %.17g, which
+ * reads back as the same double. One form everywhere a number names a
+ * tenant (script results, JWT claims, the directory), so they all match.
+ */
+size_t fmt_number(char *buf, double d);
 
 /* Copy into a fixed buffer with printf formatting; always terminated. */
 void fmt_err(char *buf, size_t len, const char *fmt, ...)

@@ -90,6 +90,12 @@ static void test_util(void)
 	char num[32];
 	fmt_int(num, -9007199254740993LL);
 	check(strcmp(num, "-9007199254740993") == 0, "formats integers", num);
+	fmt_number(num, 123456789012345.0);
+	check(strcmp(num, "123456789012345") == 0, "writes an integral tenant number in full", num);
+	fmt_number(num, 0.1);
+	check(strcmp(num, "0.10000000000000001") == 0, "writes other numbers as %.17g", num);
+	fmt_number(num, 1e300);
+	check(strcmp(num, "1.0000000000000001e+300") == 0, "writes huge numbers without a cast", num);
 	check(strcmp(endpoint_of("/orgs/42/query"), "/query") == 0 &&
 		      strcmp(endpoint_of("/transaction"), "/transaction") == 0 &&
 		      strcmp(endpoint_of("/xquery"), "/xquery") == 0 && strcmp(endpoint_of("/healthz"), "/healthz") == 0,

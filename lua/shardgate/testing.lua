@@ -570,10 +570,18 @@ function Kit:fanout(req)
   return unwrap(ok, a, b)
 end
 
--- The decision as core/dryrun.c writes it: tenant as a string (numbers
--- converted like lua_tostring, at most 127 bytes, "" shown as none).
+-- A number as the gateway writes a tenant (core/util.c, fmt_number):
+-- integers below 2^53 in decimal, anything else in %.17g.
+local function number_key(n)
+  if n == floor(n) and n > -2 ^ 53 and n < 2 ^ 53 then return format("%d", n) end
+  return format("%.17g", n)
+end
+
+-- The decision as core/dryrun.c writes it: tenant as a string (numbers as
+-- number_key writes them, at most 127 bytes, "" shown as none).
 local function tenant_field(tenant)
   if tenant == nil then return nil end
+  if type(tenant) == "number" then tenant = number_key(tenant) end
   local s = sub(cstr(tostring(tenant)), 1, TENANT_MAX)
   if s == "" then return nil end
   return s

@@ -31,7 +31,7 @@ function route.tenant(req)
   if c == "error" then error("no tenant for you") end
   if c == "error_table" then error({}) end
   if c == "number" then return 42 end
-  if c == "float" then return 1.5 end
+  if c == "float" then return 1.5 elseif c == "big" then return 123456789012345 end
   if c == "empty" then return "" end
   if c == "long" then return string.rep("x", 200) end
   return req.header["x-organization-id"]
@@ -333,6 +333,7 @@ describe("shardgate.testing", function()
     it("shows a number tenant as a string, as the dry-run's JSON does", function()
       assert.same({ tenant = "42", shard = "shard_2" }, route{ ["x-case"] = "number" })
       assert.same({ tenant = "1.5", shard = "shard_2" }, route{ ["x-case"] = "float" })
+      assert.equal("123456789012345", route{ ["x-case"] = "big" }.tenant)
     end)
 
     it("shows an empty tenant as none, and cuts a long one at 127 bytes", function()

@@ -195,6 +195,12 @@ return {
         assert.same({ { dbs[tenant % 3 + 1] } }, res.json.rows)
       end
     end)
+
+    it("names a large integral tenant in full, as JWT claims and the directory do", function()
+      local res = gw:request("GET", "/admin/route?header=x-organization-id:%20123456789012345", { admin = true })
+      assert.equal(200, res.status, res.body)
+      assert.equal("123456789012345", res.json.tenant)   -- not 1.2345678901234e+14
+    end)
   end)
 
   describe("with no tenant hook", function()
