@@ -42,6 +42,35 @@ struct conf_key {
 	bool secret;       /* shown as "***" by /admin/config */
 };
 
+/*
+ * A config file is a Lua program, run on the event loop at every reload:
+ * one that loops (a slip in a generated config, or while editing a watched
+ * file) is stopped after this long, like a hook at script_timeout, and the
+ * reload fails with the file and line instead of freezing the gateway.
+ */
+#define CONFIG_EVAL_LIMIT 2.0
+
+static double eval_deadline;
+static char eval_msg[320];
+
+static void eval_hook(lua_State *L, lua_Debug *ar)
+{
+	if (mono_now() < eval_deadline)
+		return;
+	/*
+	 * At once again if a pcall (the loader's own) caught it; the message is
+	 * made where it first fired, so it names the config's line.
+	 */
+	lua_sethook(L, eval_hook, LUA_MASKCOUNT, 1);
+	if (!eval_msg[0]) {
+		lua_getinfo(L, "Sl", ar);
+		snprintf(eval_msg, sizeof(eval_msg), "%s:%d: evaluating the config took longer than %gs; does it loop?",
+			 ar->short_src, ar->currentline, CONFIG_EVAL_LIMIT);
+	}
+	lua_pushstring(L, eval_msg);
+	lua_error(L);
+}
+
 #define TOP(f) offsetof(struct config, f)
 #define SHARD(f) offsetof(struct shard_conf, f)
 #define FAN(f) offsetof(struct fanout_conf, f)
@@ -887,6 +916,7 @@ struct config *config_load(const char *path, char *err, size_t errlen)
 	struct config *cfg = xcalloc(1, sizeof(*cfg));
 	struct reader r = { .file = path, .err = err, .errlen = errlen };
 	lua_State *L = luaenv_new(NULL);
+	int rc;
 
 	if (!L) {
 		fmt_err(err, errlen, "%s: cannot create a Lua state", path);
@@ -898,7 +928,12 @@ struct config *config_load(const char *path, char *err, size_t errlen)
 		goto fail;
 	lua_getfield(L, -1, "load_config");
 	lua_pushstring(L, path);
-	if (lua_pcall(L, 1, 2, 0) != 0) {
+	eval_deadline = mono_now() + CONFIG_EVAL_LIMIT;
+	eval_msg[0] = '\0';
+	lua_sethook(L, eval_hook, LUA_MASKCOUNT, 1000);
+	rc = lua_pcall(L, 1, 2, 0);
+	lua_sethook(L, NULL, 0, 0);
+	if (rc != 0) {
 		fmt_err(err, errlen, "%s", lua_tostring(L, -1));
 		goto fail;
 	}

@@ -89,6 +89,12 @@ describe("configuration", function()
       assert.equal(0, code, output)
     end)
 
+    it("stops a config that loops, naming its file and line", function()
+      local path = dir .. "/loops.lua"
+      helpers.write_file(path, "local n = 0\nwhile true do n = n + 1 end\nreturn {}\n")
+      assert_refused(path, "loops.lua:2:", "took longer than 2s")
+    end)
+
     it("refuses an unknown key, naming it and the file, with a suggestion", function()
       local path = config_file(config_src("good.lua", "  listn = \"127.0.0.1:1\",\n"))
       assert_refused(path, path, "'listn'", "did you mean 'listen'")
