@@ -52,6 +52,7 @@ struct http_conn {
 	struct event *timer;     /* see set_deadline() */
 	double deadline;         /* when the current wait ends; 0 while a handler has the request */
 	double armed_at;         /* when the timer fires; 0 when it is not pending */
+	bool writing;            /* an answer waits for the client to take it: deadline is a write deadline */
 	struct event *resume;
 	enum conn_state state;
 	bool dead;               /* the client is gone; free after the handler replies */
@@ -403,6 +404,19 @@ static void flush(struct http_conn *c)
 			break;
 		}
 	}
+	if (evbuffer_get_length(c->out) > 0) {
+		/* The client must keep taking its answer: client_timeout from each bit of progress. */
+		c->writing = true;
+		set_deadline(c, mono_now() + c->srv->lim.client_timeout);
+	} else if (c->writing) {
+		c->writing = false;
+		if (c->state == CS_HEAD || c->state == CS_BODY)
+			set_deadline(c, mono_now() + (c->state == CS_HEAD && !c->reading
+							      ? c->srv->lim.keepalive_timeout
+							      : c->srv->lim.client_timeout));
+		else
+			c->deadline = 0;
+	}
 	if (evbuffer_get_length(c->out) > 0 || c->read_wants_write) {
 		event_add(c->wev, NULL);
 		return;
@@ -548,12 +562,23 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	c->armed_at = 0;
-	if (c->deadline == 0 || c->state == CS_BUSY || c->state == CS_CLOSE)
+	if (c->deadline == 0)
 		return;
 	if (mono_now() < c->deadline) {
 		arm_until(c, c->deadline);
 		return;
 	}
+	if (c->writing) {
+		log_info("http: a client took none of its answer for %gs (client_timeout); closing",
+			 c->srv->lim.client_timeout);
+		if (c->state == CS_BUSY)
+			client_gone(c);   /* its handler hears of it and replies into nothing */
+		else
+			conn_free(c);
+		return;
+	}
+	if (c->state == CS_BUSY || c->state == CS_CLOSE)
+		return;
 	if (c->state == CS_HEAD && !c->reading) {
 		conn_free(c); /* idle keep-alive connection */
 		return;

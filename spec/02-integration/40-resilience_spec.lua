@@ -737,6 +737,30 @@ END $$ /* res_stubborn */]])
       still_serving()
     end)
 
+    it("closes a connection whose client takes none of its answer for client_timeout", function()
+      local conn = gw:connect()
+      -- About 30 MB of answer: far more than the sockets hold, so most of it
+      -- waits in the gateway for a client that never reads.
+      local body = '{"sql": "SELECT repeat(\'x\', 10000) FROM generate_series(1, 3000)"}'
+      assert(conn:send_raw("POST /query HTTP/1.1\r\nHost: x\r\nX-Tenant-Id: shard_0\r\n"
+        .. "Content-Length: " .. #body .. "\r\n\r\n" .. body))
+      helpers.wait_until(function()
+        return gw:log():find("took none of its answer", 1, true) ~= nil
+      end, 15, "the gateway giving up on the client")
+      still_serving()
+      -- What the sockets held still arrives, then the end: not the whole answer.
+      local sock, got = conn.sock, 0
+      sock:settimeout(5)
+      while true do
+        local data, err, partial = sock:receive(65536)
+        got = got + #(data or partial or "")
+        if err == "closed" then break end
+        assert.is_nil(err, "reading the cut answer")
+      end
+      assert.is_true(got < 30000000, "the whole answer arrived (" .. got .. " bytes)")
+      conn:close()
+    end)
+
     it("keeps serving others while slow clients (half heads, half bodies, a trickle) are cut off", function()
       local t0 = helpers.now()
       local slow = {}
