@@ -551,17 +551,14 @@ static void fanout_free(struct fanout *fo)
 static void complete(struct fanout *fo)
 {
 	struct evbuffer *b = evbuffer_new();
-	int status, failed = 0;
+	int status;
 	if (!b)
 		abort();
 	status = build_answer(fo, b);
-	for (int i = 0; i < fo->plan.nshards; i++) {
-		if (fo->parts[i].error) {
-			failed++;
+	for (int i = 0; i < fo->plan.nshards; i++)
+		if (fo->parts[i].error)
 			fo->parts[i].pool->stats.fanout_failures++;
-		}
-	}
-	metrics_fanout(fo->plan.nshards, failed);
+	metrics_fanout();
 	evbuffer_add(b, "\n", 1);
 	fo->http->data = NULL;
 	fo->http->on_abort = NULL;

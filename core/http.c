@@ -285,7 +285,7 @@ static bool take_head(struct http_conn *c, const char *src, size_t len)
 	c->scan_from = 0;
 	status = http_parse_head(c->headbuf, len, h, &err);
 	if (status) {
-		reject(c, status, status == 400 ? "bad_request" : "too_large", err);
+		reject(c, status, status == 414 || status == 431 ? "too_large" : "bad_request", err);
 		return false;
 	}
 	if (h->chunked) {

@@ -1,5 +1,5 @@
 /*
- * A small HTTP/1.1 server on libevent bufferevents: accepts connections,
+ * A small HTTP/1.1 server on plain libevent events: accepts connections,
  * reads one request at a time (head, then a Content-Length body), hands it
  * to a handler, and writes exactly one reply per request. It enforces the
  * transport limits (head size, header count, target length, body size, a

@@ -301,14 +301,6 @@ int jsonw_row_items(struct evbuffer *b, const PGresult *res, int first_row, int 
 	return n;
 }
 
-void jsonw_rows(struct evbuffer *b, const PGresult *res)
-{
-	struct out o;
-	out_init(&o, b);
-	w_rows(&o, res);
-	out_flush(&o);
-}
-
 void jsonw_result_body(struct evbuffer *b, const PGresult *res)
 {
 	struct out o;

@@ -19,8 +19,6 @@ void jsonw_error(struct evbuffer *b, const char *code, const char *msg, const ch
 
 /* "fields": [...] for res (no surrounding braces; caller adds the comma). */
 void jsonw_fields(struct evbuffer *b, const PGresult *res);
-/* "rows": [...] for res. */
-void jsonw_rows(struct evbuffer *b, const PGresult *res);
 /* Write the rows of res as elements (no brackets), for concatenation; returns rows written. */
 int jsonw_row_items(struct evbuffer *b, const PGresult *res, int first_row, int max_rows, int need_comma);
 /* "command", "row_count", "fields" and "rows" of res, comma separated. */

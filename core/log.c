@@ -18,11 +18,6 @@ void log_set_level(enum log_level level)
 	min_level = level;
 }
 
-const char *log_level_name(enum log_level level)
-{
-	return names[level];
-}
-
 int log_level_from_name(const char *name, enum log_level *out)
 {
 	for (int i = 0; i < 4; i++) {

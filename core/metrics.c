@@ -17,7 +17,6 @@ const double histogram_bounds[HIST_BUCKETS] = {
 static struct metrics_request_count requests[MAX_REQUEST_COUNTS];
 static int nrequests;
 static uint64_t fanouts;
-static uint64_t fanout_failures;
 
 void histogram_observe(struct histogram *h, double v)
 {
@@ -59,11 +58,9 @@ void metrics_request(const char *route, int status)
 	requests[nrequests++] = (struct metrics_request_count){ route, status, 1 };
 }
 
-void metrics_fanout(int shards, int failed)
+void metrics_fanout(void)
 {
-	(void)shards;
 	fanouts++;
-	fanout_failures += (uint64_t)failed;
 }
 
 const struct metrics_request_count *metrics_requests(int *n)
@@ -77,7 +74,3 @@ uint64_t metrics_fanouts(void)
 	return fanouts;
 }
 
-uint64_t metrics_fanout_shard_failures(void)
-{
-	return fanout_failures;
-}

@@ -28,7 +28,8 @@ void histogram_write(struct evbuffer *b, const char *name, const char *labels,
 
 /* One finished HTTP request on the client listener. */
 void metrics_request(const char *route, int status);
-void metrics_fanout(int shards, int failed);
+/* One finished fan-out (its shards' failures are counted per pool). */
+void metrics_fanout(void);
 
 struct metrics_request_count {
 	const char *route;
@@ -39,6 +40,5 @@ struct metrics_request_count {
 /* The request counters, for health.c to write. */
 const struct metrics_request_count *metrics_requests(int *n);
 uint64_t metrics_fanouts(void);
-uint64_t metrics_fanout_shard_failures(void);
 
 #endif

@@ -737,6 +737,13 @@ END $$ /* res_stubborn */]])
       still_serving()
     end)
 
+    it("answers 505 bad_request for an HTTP version other than 1.x, and closes", function()
+      local conn = gw:connect()
+      assert(conn:send_raw("GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n"))
+      assert_refused(conn, 505, "bad_request")
+      still_serving()
+    end)
+
     it("closes a connection whose client takes none of its answer for client_timeout", function()
       local conn = gw:connect()
       -- About 30 MB of answer: far more than the sockets hold, so most of it
