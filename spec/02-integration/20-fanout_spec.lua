@@ -686,6 +686,11 @@ describe("fan-out", function()
     end)
 
     it("refuses as soon as the rows overflow, cancelling a shard still running", function()
+      -- A fresh idle connection on every shard, so each part starts at once:
+      -- earlier tests' stops may have closed connections whose statement
+      -- ended before its cancel arrived (the pool then opens new ones).
+      local warm = fan(gw, { sql = "SELECT 1 AS warm" }, { shards = ALL, concurrency = NSHARDS })
+      assert.equal(200, warm.status, warm.body)
       reset_starts(dbs)
       -- 4 rows from each shard; shard_7's come only after 30 s.
       local body = {
