@@ -10,7 +10,8 @@
 # `make deps` installs Debian packages with apt-get (as root) only when one is missing.
 
 PKGS := gcc make pkg-config libluajit2-5.1-dev luajit2 libevent-dev libpq-dev \
-        libcjson-dev libssl-dev lua-busted lua-socket lua-posix postgresql postgresql-contrib curl
+        libcjson-dev libssl-dev lua-busted lua-socket lua-posix postgresql postgresql-contrib curl \
+        prometheus
 
 CC      ?= cc
 PKG_CFLAGS := $(shell pkg-config --cflags luajit libevent libcjson openssl 2>/dev/null) \
