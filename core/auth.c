@@ -150,13 +150,15 @@ static bool verify_signature(const struct auth_conf *a, const char *input, size_
 	return siglen == maclen && CRYPTO_memcmp(mac, sig, maclen) == 0;
 }
 
+/* A token part's JSON, decoded into a buffer of its own size: claims are as large as the head allows. */
 static cJSON *decode_part(const char *p, size_t len)
 {
-	unsigned char buf[4096];
-	long n = b64url_decode(p, len, buf, sizeof(buf) - 1);
-	if (n < 0)
-		return NULL;
-	return cJSON_ParseWithLength((const char *)buf, (size_t)n);
+	size_t cap = len / 4 * 3 + 4;
+	unsigned char *buf = xmalloc(cap);
+	long n = b64url_decode(p, len, buf, cap - 1);
+	cJSON *j = n < 0 ? NULL : cJSON_ParseWithLength((const char *)buf, (size_t)n);
+	free(buf);
+	return j;
 }
 
 /* 0 with the claims, or -1 with why. */
@@ -201,7 +203,12 @@ static int verify_jwt(const struct auth_conf *a, const char *tok, struct auth_id
 		goto fail;
 	}
 	tc = cJSON_GetObjectItemCaseSensitive(claims, a->tenant_claim);
-	if (cJSON_IsString(tc))
+	if (cJSON_IsString(tc) && strlen(tc->valuestring) >= sizeof(id->tenant)) {
+		/* Cut short it could name another tenant. */
+		fmt_err(msg, msglen, "token's '%s' claim is longer than %zu bytes", a->tenant_claim,
+			sizeof(id->tenant) - 1);
+		goto fail;
+	} else if (cJSON_IsString(tc))
 		str_copy(id->tenant, sizeof(id->tenant), tc->valuestring);
 	else if (cJSON_IsNumber(tc))
 		fmt_number(id->tenant, tc->valuedouble);

@@ -615,13 +615,76 @@ static int check_settings(struct reader *r, int idx, const char *where, int dept
 	return rc;
 }
 
-static int read_settings(struct reader *r)
+/* Does a settings key name a secret? Its value is shown as "***" by /admin/config. */
+static bool secret_name(const char *k)
+{
+	static const char *const words[] = { "password", "passwd", "pwd", "secret", "token", "key",
+					     "credential", "private", "auth" };
+	for (size_t i = 0; i < ARRAY_LEN(words); i++)
+		if (strcasestr(k, words[i]))
+			return true;
+	return false;
+}
+
+/*
+ * The settings table (checked by check_settings) as JSON for /admin/config:
+ * values under a secret-looking key, and connection strings with a
+ * password, masked.
+ */
+static void settings_json(lua_State *L, int idx, struct evbuffer *b, bool secret)
+{
+	int n = 0;
+	idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
+	evbuffer_add(b, "{", 1);
+	lua_pushnil(L);
+	while (lua_next(L, idx) != 0) {
+		const char *k;
+		bool hide;
+		lua_pushvalue(L, -2);
+		k = lua_tostring(L, -1);
+		hide = secret || secret_name(k);
+		if (n++)
+			evbuffer_add(b, ",", 1);
+		jsonw_cstring(b, k);
+		evbuffer_add(b, ":", 1);
+		lua_pop(L, 1);
+		if (lua_istable(L, -1)) {
+			settings_json(L, -1, b, hide);
+		} else if (hide) {
+			jsonw_cstring(b, "***");
+		} else if (lua_type(L, -1) == LUA_TBOOLEAN) {
+			evbuffer_add_printf(b, "%s", lua_toboolean(L, -1) ? "true" : "false");
+		} else if (lua_type(L, -1) == LUA_TNUMBER) {
+			evbuffer_add_printf(b, "%.17g", lua_tonumber(L, -1));
+		} else {
+			const char *v = lua_tostring(L, -1);
+			char masked[1024];
+			if (strncmp(v, "postgres", 8) == 0 && strstr(v, "://")) {
+				config_mask_url(v, masked, sizeof(masked));
+				v = masked;
+			}
+			jsonw_cstring(b, v);
+		}
+		lua_pop(L, 1);
+	}
+	evbuffer_add(b, "}", 1);
+}
+
+static int read_settings(struct reader *r, struct config *cfg)
 {
 	int rc = 0;
 	if (get_section(r, -1, "settings") < 0)
 		return -1;
 	if (!lua_isnil(r->L, -1))
 		rc = check_settings(r, -1, "settings", 0);
+	if (rc == 0 && !lua_isnil(r->L, -1)) {
+		struct evbuffer *b = evbuffer_new();
+		if (!b)
+			abort();
+		settings_json(r->L, -1, b, false);
+		cfg->settings_json = xstrndup((const char *)evbuffer_pullup(b, -1), evbuffer_get_length(b));
+		evbuffer_free(b);
+	}
 	lua_pop(r->L, 1);
 	return rc;
 }
@@ -842,7 +905,7 @@ static int read_config(struct reader *r, struct config *cfg)
 		return -1;
 	if (read_section(r, "breaker", breaker_keys, ARRAY_LEN(breaker_keys), &cfg->breaker) < 0)
 		return -1;
-	if (read_settings(r) < 0 || read_queries(r, cfg) < 0)
+	if (read_settings(r, cfg) < 0 || read_queries(r, cfg) < 0)
 		return -1;
 	if (read_section(r, "tls", tls_keys, ARRAY_LEN(tls_keys), cfg) < 0)
 		return -1;
@@ -987,6 +1050,7 @@ void config_free(struct config *cfg)
 	free(cfg->dir_url);
 	free(cfg->dir_query);
 	free(cfg->dir_listen);
+	free(cfg->settings_json);
 	for (int i = 0; i < cfg->nqueries; i++) {
 		free(cfg->queries[i].name);
 		free(cfg->queries[i].sql);
@@ -1011,31 +1075,58 @@ bool shard_conf_same_target(const struct shard_conf *a, const struct shard_conf 
 /* ---- showing the configuration (GET /admin/config) ---- */
 
 /*
- * Replace the password in a libpq URL ("postgresql://user:secret@host") or
- * key=value string ("password=secret") with "***".
+ * A connection string as /admin/config and log lines show it: parsed by
+ * libpq itself (URL or key=value form alike) and written back as key=value
+ * pairs, with every option libpq marks as a secret (password, sslpassword:
+ * dispchar "*") as ***. No byte of a secret can survive a quoting or
+ * escaping form the parser understands and a pattern would not. A string
+ * libpq cannot parse is not shown at all.
  */
 void config_mask_url(const char *url, char *out, size_t len)
 {
-	const char *scheme = strstr(url, "://");
-	const char *p;
-	snprintf(out, len, "%s", url);
-	if (scheme) {
-		const char *auth = scheme + 3;
-		const char *at = strchr(auth, '@');
-		const char *colon = memchr(auth, ':', at ? (size_t)(at - auth) : 0);
-		if (at && colon)
-			snprintf(out, len, "%.*s:***%s", (int)(colon - url), url, at);
+	PQconninfoOption *opts = PQconninfoParse(url, NULL), *o;
+	size_t n = 0;
+	if (!opts) {
+		snprintf(out, len, "(a connection string libpq cannot parse; not shown)");
+		return;
 	}
-	p = strstr(out, "password=");
-	if (p) {
-		size_t head = (size_t)(p - out) + 9;
-		const char *rest = p + 9;
-		while (*rest && *rest != ' ' && *rest != '&')
-			rest++;
-		char tail[1024];
-		snprintf(tail, sizeof(tail), "%s", rest);
-		snprintf(out + head, len - head, "***%s", tail);
+	out[0] = '\0';
+	for (o = opts; o->keyword; o++) {
+		const char *v = o->val;
+		bool secret = o->dispchar && o->dispchar[0] == '*';
+		if (!v)
+			continue;
+		if (secret)
+			v = "***";
+		n += (size_t)snprintf(out + (n < len ? n : len), n < len ? len - n : 0, "%s%s=", n ? " " : "",
+				      o->keyword);
+		if (*v && !strpbrk(v, " \t\n\r\f\v'\\")) {
+			n += (size_t)snprintf(out + (n < len ? n : len), n < len ? len - n : 0, "%s", v);
+			continue;
+		}
+		/* libpq's quoting: '...' with \' and \\ escaped. */
+		if (n < len)
+			out[n] = '\'';
+		n++;
+		for (; *v; v++) {
+			if (*v == '\'' || *v == '\\') {
+				if (n < len)
+					out[n] = '\\';
+				n++;
+			}
+			if (n < len)
+				out[n] = *v;
+			n++;
+		}
+		if (n < len)
+			out[n] = '\'';
+		n++;
 	}
+	if (n >= len && len > 4)
+		memcpy(out + len - 4, "...", 4);
+	else if (n < len)
+		out[n] = '\0';
+	PQconninfoFree(opts);
 }
 
 static void json_value(struct evbuffer *b, const struct conf_key *k, const void *base)
@@ -1112,6 +1203,12 @@ void config_write_json(const struct config *cfg, struct evbuffer *b)
 	json_object(b, "fanout", fanout_keys, ARRAY_LEN(fanout_keys), &cfg->fanout);
 	json_object(b, "warnings", warning_keys, ARRAY_LEN(warning_keys), &cfg->warn_utilization);
 	json_object(b, "breaker", breaker_keys, ARRAY_LEN(breaker_keys), &cfg->breaker);
+	if (cfg->dir_url)
+		json_object(b, "directory", directory_keys, ARRAY_LEN(directory_keys), cfg);
+	if (cfg->settings_json) {
+		evbuffer_add(b, ",\"settings\":", 12);
+		evbuffer_add(b, cfg->settings_json, strlen(cfg->settings_json));
+	}
 	{
 		static const char *const modes[] = { "off", "api_key", "jwt" };
 		evbuffer_add_printf(b, ",\"auth\":{\"mode\":\"%s\",\"keys\":[", modes[cfg->auth.mode]);

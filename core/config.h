@@ -72,6 +72,7 @@ struct config {
 	int nqueries;
 	char *tenant_setting;     /* e.g. "app.tenant_id"; NULL: none */
 	char *dir_url;            /* the tenant directory's database; NULL: none */
+	char *settings_json;      /* `settings` as /admin/config shows it (secrets masked); NULL: none */
 	char *dir_query;
 	char *dir_listen;
 	double dir_refresh;
@@ -94,7 +95,7 @@ struct evbuffer;
 
 /* The whole configuration as JSON, passwords in shard URLs masked. */
 void config_write_json(const struct config *cfg, struct evbuffer *b);
-/* url with its password replaced by "***". */
+/* A libpq connection string (URL or key=value) as key=value pairs, every secret as "***". */
 void config_mask_url(const char *url, char *out, size_t len);
 
 /* The named query called name, or NULL. */

@@ -11,7 +11,6 @@
 #include "pgconn.h"
 
 #include <arpa/inet.h>
-#include <ctype.h>
 #include <event2/dns.h>
 #include <event2/event.h>
 #include <event2/util.h>
@@ -19,9 +18,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include "log.h"
+#include "sqlclass.h"
 #include "util.h"
 
 static void on_io(evutil_socket_t fd, short what, void *arg);
@@ -597,81 +596,10 @@ int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const cha
 	return 0;
 }
 
-/* Skip white space, "(" and SQL comments at the start of a statement. */
-static const char *skip_noise(const char *sql)
-{
-	for (;;) {
-		while (*sql == ' ' || *sql == '\t' || *sql == '\n' || *sql == '\r' || *sql == '(')
-			sql++;
-		if (sql[0] == '-' && sql[1] == '-') {
-			sql += strcspn(sql, "\n");
-		} else if (sql[0] == '/' && sql[1] == '*') {
-			const char *end = strstr(sql + 2, "*/");
-			if (!end)
-				return sql + strlen(sql);
-			sql = end + 2;
-		} else {
-			return sql;
-		}
-	}
-}
-
-static bool starts_with_word(const char *sql, const char *word)
-{
-	size_t n = strlen(word);
-	return strncasecmp(sql, word, n) == 0 && !isalnum((unsigned char)sql[n]) && sql[n] != '_';
-}
-
-/* Does sql call set_config()? A scan for the '_' of each candidate, case-insensitive. */
-static bool calls_set_config(const char *sql)
-{
-	for (const char *u = strchr(sql, '_'); u; u = strchr(u + 1, '_')) {
-		if (u - sql >= 3 && strncasecmp(u - 3, "set_config", 10) == 0)
-			return true;
-	}
-	return false;
-}
-
-/*
- * Statements that change session state make the connection need a reset
- * (DISCARD ALL) before another request gets it. Judged from the statement's
- * first words, plus any call of set_config(); see the README for what this
- * cannot see. Runs for every statement: the first letter picks the few
- * words worth comparing.
- */
-static bool changes_session(const char *sql)
-{
-	const char *s = skip_noise(sql);
-	switch (*s | 0x20) {
-	case 's':
-		return starts_with_word(s, "set") || calls_set_config(sql);
-	case 'r':
-		return starts_with_word(s, "reset") || calls_set_config(sql);
-	case 'l':
-		return starts_with_word(s, "listen") || starts_with_word(s, "load") ||
-		       calls_set_config(sql);
-	case 'p':
-		return starts_with_word(s, "prepare") || calls_set_config(sql);
-	case 'd':
-		return starts_with_word(s, "declare") || starts_with_word(s, "deallocate") ||
-		       starts_with_word(s, "discard") || calls_set_config(sql);
-	case 'c':
-		if (starts_with_word(s, "create")) {
-			const char *rest = skip_noise(s + 6);
-			if (starts_with_word(rest, "temp") || starts_with_word(rest, "temporary") ||
-			    starts_with_word(rest, "local") || starts_with_word(rest, "global"))
-				return true;
-		}
-		return calls_set_config(sql);
-	default:
-		return calls_set_config(sql);
-	}
-}
-
 int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const char *const *values,
 			   pgconn_cb cb, void *arg)
 {
-	if (!c->session_dirty && changes_session(sql))
+	if (!c->session_dirty && sql_changes_session(sql))
 		c->session_dirty = true;
 	return (c->session_dirty ? pgconn_send : pgconn_send_cached)(c, sql, nparams, values, cb, arg);
 }

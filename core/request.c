@@ -32,6 +32,7 @@
 #include "pgerror.h"
 #include "pool.h"
 #include "script.h"
+#include "sqlclass.h"
 #include "tenants.h"
 #include "util.h"
 
@@ -468,7 +469,7 @@ static void checkout(struct request *r)
 
 static int route_status(const struct route *rt)
 {
-	return rt->kind == ROUTE_NO_TENANT ? 400 : 500;
+	return rt->kind == ROUTE_NO_TENANT || strcmp(rt->code, "bad_request") == 0 ? 400 : 500;
 }
 
 /* Authenticate the client (config `auth`); on failure answer 401 and return -1. */
@@ -536,6 +537,32 @@ static int resolve_queries(struct request *r)
 	return 0;
 }
 
+/*
+ * Inside the gateway's own BEGIN ... COMMIT (every /transaction, and /query
+ * under tenant_setting) a statement that ends or starts a transaction would
+ * commit part of the request, or run the rest outside it (and outside the
+ * tenant setting): refused before anything runs. Savepoints stay allowed.
+ */
+static int refuse_transaction_control(struct request *r)
+{
+	char msg[256];
+	if (r->kind != BODY_TRANSACTION && !r->gen->cfg->tenant_setting)
+		return 0;
+	for (int i = 0; i < r->body.nstmts; i++) {
+		const char *sql = r->body.stmts[i].sql;
+		if (!sql_controls_transaction(sql))
+			continue;
+		snprintf(msg, sizeof(msg),
+			 "statement %d ends or starts a transaction (%.40s); the gateway runs the request in one "
+			 "transaction of its own: leave BEGIN, COMMIT and ROLLBACK out (savepoints are allowed)",
+			 i + 1, sql_skip_noise(sql));
+		set_error(r, 400, "bad_request", msg);
+		finish(r);
+		return -1;
+	}
+	return 0;
+}
+
 static void route_request(struct request *r);
 
 static void handle_sql(struct http_request *http, enum body_kind kind)
@@ -557,7 +584,7 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 		return;
 	}
 	/* Authenticate first: an anonymous client learns nothing, not even query names. */
-	if (authorize(r) < 0 || resolve_queries(r) < 0)
+	if (authorize(r) < 0 || resolve_queries(r) < 0 || refuse_transaction_control(r) < 0)
 		return;
 	route_request(r);
 }

@@ -602,6 +602,40 @@ void route_clear(struct route *r)
 	memset(&r->plan, 0, sizeof(r->plan));
 }
 
+/*
+ * The tenant tenant() gave, at the top of the stack, into out->tenant:
+ * numbers as fmt_number writes them, strings as they are. An empty string
+ * (after white space) is no tenant: it is replaced by nil. A tenant that
+ * would not fit whole, or holds a NUL byte, is refused (400 bad_request):
+ * cut short it could name another tenant. shard() gets the tenant with its
+ * original type.
+ */
+static int check_tenant(lua_State *L, struct route *out)
+{
+	size_t len;
+	const char *t;
+	if (lua_type(L, -1) == LUA_TNUMBER) {
+		fmt_number(out->tenant, lua_tonumber(L, -1));
+		return 0;
+	}
+	if (lua_isnil(L, -1))
+		return 0;
+	t = lua_tolstring(L, -1, &len);
+	if (len >= sizeof(out->tenant) || memchr(t, '\0', len)) {
+		route_error(out, "bad_request", "the tenant id is %s (at most %zu bytes, no NUL)",
+			    len >= sizeof(out->tenant) ? "too long" : "not text", sizeof(out->tenant) - 1);
+		lua_pop(L, 1);
+		return -1;
+	}
+	if (t[strspn(t, " \t\r\n")] == '\0') {
+		lua_pop(L, 1);
+		lua_pushnil(L);
+		return 0;
+	}
+	memcpy(out->tenant, t, len + 1);
+	return 0;
+}
+
 void script_route(struct script *s, struct http_request *req, bool allow_fanout, struct route *out)
 {
 	lua_State *L = s->L;
@@ -611,13 +645,8 @@ void script_route(struct script *s, struct http_request *req, bool allow_fanout,
 	s->cur = req;
 	s->serial++;
 	push_request(s, req);
-	if (call_tenant(s, req, out) == 0) {
+	if (call_tenant(s, req, out) == 0 && check_tenant(L, out) == 0) {
 		if (!lua_isnil(L, -1)) {
-			/* shard() gets the tenant with its original type; numbers are written as fmt_number does. */
-			if (lua_type(L, -1) == LUA_TNUMBER)
-				fmt_number(out->tenant, lua_tonumber(L, -1));
-			else
-				str_copy(out->tenant, sizeof(out->tenant), lua_tostring(L, -1));
 			call_shard(s, out);
 		} else if (allow_fanout && s->ref_fanout != LUA_NOREF) {
 			lua_pop(L, 1);

@@ -396,6 +396,20 @@ end
 -- false, code, message.
 ---------------------------------------------------------------------------
 
+-- core/script.c check_tenant: a string tenant that is empty after white
+-- space is no tenant (nil); one longer than TENANT_MAX bytes or holding a
+-- NUL byte is refused (400 bad_request), since cut short it could name
+-- another tenant.
+local function check_tenant(v)
+  if type(v) ~= "string" then return true, v end
+  if #v > TENANT_MAX or v:find("\0", 1, true) then
+    return false, "bad_request", format("the tenant id is %s (at most %d bytes, no NUL)",
+      #v > TENANT_MAX and "too long" or "not text", TENANT_MAX)
+  end
+  if v:find("^[ \t\r\n]*$") then return true, nil end
+  return true, v
+end
+
 local function step_tenant(kit, view, req)
   local hook = kit.hooks.tenant
   if not hook then
@@ -404,12 +418,12 @@ local function step_tenant(kit, view, req)
     local v = req.header["x-tenant-id"]
     local f = first_values[req]["x-tenant-id"]
     if f and f[1] == v then v = f[2] end
-    return true, v
+    return check_tenant(v)
   end
   local ok, v = guarded_call(kit, "tenant", hook, view)
   if not ok then return false, "script_error", hook_failure("tenant", hook, v, FAILURE_MAX) end
   local t = type(v)
-  if t == "nil" or t == "string" or t == "number" then return true, v end
+  if t == "nil" or t == "string" or t == "number" then return check_tenant(v) end
   return false, "script_error",
     format("%s: hook 'tenant' returned a %s; expected a string, a number or nil", where(hook), t)
 end
@@ -638,7 +652,7 @@ end
 -- (core/request.c route_status): 200 when it runs, 400 no_tenant, 500.
 function testing.status(decision)
   if decision.shard or decision.fanout then return 200 end
-  if decision.code == "no_tenant" then return 400 end
+  if decision.code == "no_tenant" or decision.code == "bad_request" then return 400 end
   return 500
 end
 
