@@ -192,7 +192,9 @@ static void on_part_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 	if (p->cancelled && !p->cancel_seen)
 		pgconn_discard(p->conn);
 	pool_observe_query(p->pool, mono_now() - p->sent_at, p->sqlstate[0] ? p->sqlstate : NULL);
-	if (!pgconn_usable(p->conn) && !p->error) {
+	if (pgconn_reset_failed(p->conn) && !p->error) {
+		part_error(p, "shard_error", "the connection could not be reset before the statement; nothing ran");
+	} else if (!pgconn_usable(p->conn) && !p->error) {
 		char msg[320];
 		snprintf(msg, sizeof(msg), "shard %s closed the connection: %s", p->shard->name,
 			 p->conn->error);
@@ -252,7 +254,7 @@ static void part_start(struct part *p)
 	p->timer = evtimer_new(p->fo->base, on_part_timer, p);
 	if (!p->timer)
 		abort();
-	c = pool_checkout(p->pool, &p->waiter, on_checkout, p, &err);
+	c = pool_checkout(p->pool, &p->waiter, NULL, on_checkout, p, &err);
 	if (c) {
 		p->conn = c;
 		part_run(p);

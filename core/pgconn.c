@@ -14,6 +14,7 @@
 #include <event2/dns.h>
 #include <event2/event.h>
 #include <event2/util.h>
+#include <openssl/rand.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -134,42 +135,145 @@ static void on_connect_timeout(evutil_socket_t fd, short what, void *arg)
 	emit(c, PGCONN_EV_FAILED, NULL);
 }
 
-static int send_pending(struct pgconn *c);
+static int resend(struct pgconn *c);
+
+/* What a query in flight is for (c->pipe, oldest first). */
+enum pipe_item {
+	PI_CLIENT,    /* the borrower's statement: its results are handed out */
+	PI_PREPARE,   /* the cache's PREPARE of it: swallowed, unless it failed */
+	PI_RESET,     /* a statement of the reset, or its guard: swallowed, a failure noted */
+	PI_SYNC,      /* the end of a pipeline segment */
+};
+
+static void pipe_push(struct pgconn *c, enum pipe_item it)
+{
+	if (c->npipe == (int)sizeof(c->pipe))
+		abort();   /* never: a send queues at most 21 */
+	c->pipe[(c->pipe_head + c->npipe) % sizeof(c->pipe)] = (unsigned char)it;
+	c->npipe++;
+}
+
+static void pipe_pop(struct pgconn *c)
+{
+	c->pipe_head = (c->pipe_head + 1) % (int)sizeof(c->pipe);
+	c->npipe--;
+}
+
+/* Is res the server saying that prepared statement `name` is gone? */
+static bool lost_statement(const PGresult *res, const char *name)
+{
+	const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+	const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+	char quoted[24];
+	if (!st || strcmp(st, "26000") != 0 || !msg)
+		return false;
+	/* The name is quoted the same in every message language. */
+	snprintf(quoted, sizeof(quoted), "\"%s\"", name);
+	return strstr(msg, quoted) != NULL;
+}
+
+/* Is res "cached plan must not change result type" (DDL changed a cached statement's columns)? */
+static bool stale_plan(const PGresult *res)
+{
+	const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+	const char *fn = PQresultErrorField(res, PG_DIAG_SOURCE_FUNCTION);
+	return st && strcmp(st, "0A000") == 0 && fn && strcmp(fn, "RevalidateCachedQuery") == 0;
+}
 
 /*
- * Results of the PREPARE step are not the client's: success is swallowed,
- * an error is the statement's error. A cached statement whose plan went
- * stale after DDL ("cached plan must not change result type") is re-sent
- * once unprepared when no transaction is open, so the client never sees it;
- * inside one the client gets the error and the statement is prepared anew
- * next time.
+ * A failure of the gateway's own statement cache, not of the statement:
+ * the server lost the prepared statement (a DEALLOCATE hidden in a DO
+ * block or a function), or its plan went stale after DDL. Outside a
+ * transaction the statement did not run and is sent again at once, so the
+ * client never sees it. Inside one the error aborted the transaction: the
+ * client's receiver gets it with pgconn_retry_transaction() true.
+ * Either way the cache is mended first.
  */
-static bool swallow_result(struct pgconn *c, PGresult *res)
+static bool cache_failure(struct pgconn *c, const PGresult *res)
 {
-	const char *st;
-	if (c->pending == PEND_PREPARING) {
-		if (PQresultStatus(res) == PGRES_COMMAND_OK)
-			return true;
-		c->pending_failed = true;
+	struct stmt_entry *e = c->pend_entry;
+	bool lost;
+	if (!e || c->pending != PEND_NONE || c->retry_txn)
+		return false;
+	lost = lost_statement(res, e->name);
+	if (!lost && !stale_plan(res))
+		return false;
+	if (lost) {
+		log_info("a prepared statement of the gateway's (%s) was dropped on the server (pid %d); "
+			 "forgetting them all on this connection", e->name, c->backend_pid);
+		pgconn_cache_clear(c);  /* the others are likely gone too (DEALLOCATE ALL) */
+	} else {
+		e->name[0] = '\0';     /* prepare anew next time */
+	}
+	c->pend_entry = NULL;
+	if (c->pend_in_txn) {
+		c->retry_txn = true;
 		return false;
 	}
-	st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-	if (c->pend_entry && st && strcmp(st, "0A000") == 0 && c->pending == PEND_NONE) {
-		if (c->pend_in_txn) {
-			/* The error aborted the transaction: a re-send could only fail again. */
-			c->pend_entry->name[0] = '\0';   /* prepare anew next time */
-			return false;
-		}
-		c->pending = PEND_RETRY;
-		return true;
+	c->pending = lost ? PEND_REPREPARE : PEND_RETRY;
+	return true;
+}
+
+/* Every query in flight answered: leave pipeline mode, re-send a mended statement, or DONE. */
+static void statement_over(struct pgconn *c)
+{
+	if (PQpipelineStatus(c->pg) != PQ_PIPELINE_OFF && !PQexitPipelineMode(c->pg)) {
+		broken(c, "cannot leave pipeline mode: ");
+		return;
 	}
-	return false;
+	if (c->pending != PEND_NONE && !c->reset_failed && PQstatus(c->pg) == CONNECTION_OK) {
+		if (resend(c) < 0)
+			broken(c, "");
+		return;
+	}
+	c->pending = PEND_NONE;
+	c->pend_entry = NULL;
+	c->state = PQstatus(c->pg) == CONNECTION_OK ? PGCONN_IDLE : PGCONN_BROKEN;
+	if (c->state == PGCONN_BROKEN)
+		set_error(c, "");
+	if (c->watching != EV_READ)
+		watch(c, EV_READ);
+	emit(c, PGCONN_EV_DONE, NULL);
+}
+
+/* A result that is not the client's: 1 swallowed, 0 hand it out. */
+static int swallow(struct pgconn *c, enum pipe_item it, PGresult *res)
+{
+	ExecStatusType st = PQresultStatus(res);
+	switch (it) {
+	case PI_RESET:
+		if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && !c->reset_failed) {
+			const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+			log_warn("the reset of a connection (pid %d) failed: %s; closing it", c->backend_pid,
+				 m ? m : PQresStatus(st));
+			c->reset_failed = true;
+			c->discard = true;
+		}
+		return 1;
+	case PI_PREPARE:
+		if (st == PGRES_COMMAND_OK)
+			return 1;
+		if (c->pend_entry)
+			c->pend_entry->name[0] = '\0';  /* not prepared: prepare again next time */
+		c->pend_entry = NULL;
+		return st == PGRES_PIPELINE_ABORTED;  /* the reset failed before it: not the client's */
+	case PI_CLIENT:
+		/* Skipped after a failed reset or PREPARE, whose error is already out. */
+		if (st == PGRES_PIPELINE_ABORTED)
+			return 1;
+		return st == PGRES_FATAL_ERROR && cache_failure(c, res);
+	default:
+		return 1;
+	}
 }
 
 static void on_more(evutil_socket_t fd, short what, void *arg);
 
 /*
  * Read what arrived and hand out every complete result; DONE at the end.
+ * c->pipe says what each query's results are for: the reset's and the
+ * PREPARE's are swallowed, the client's handed out. A query's results end
+ * with a NULL from PQgetResult, a pipeline segment with a SYNC result.
  * With c->batch set (bulk loads), at most that many results per loop turn:
  * libpq may hold thousands of rows from one read, and handing them all out
  * at once would stall every other request for as long.
@@ -181,7 +285,9 @@ static void read_results(struct pgconn *c)
 		broken(c, "");
 		return;
 	}
-	while (!PQisBusy(c->pg)) {
+	while (c->npipe > 0 && !PQisBusy(c->pg)) {
+		enum pipe_item it = (enum pipe_item)c->pipe[c->pipe_head];
+		PGresult *res;
 		if (c->batch && handed++ >= c->batch) {
 			if (!c->more) {
 				c->more = event_new(c->base, -1, 0, on_more, c);
@@ -191,26 +297,17 @@ static void read_results(struct pgconn *c)
 			event_active(c->more, EV_READ, 0);
 			return;
 		}
-		PGresult *res = PQgetResult(c->pg);
-		if (!res) {
-			if (c->pending != PEND_NONE && !c->pending_failed && PQstatus(c->pg) == CONNECTION_OK) {
-				if (send_pending(c) < 0)
-					broken(c, "");
+		res = PQgetResult(c->pg);
+		if (it == PI_SYNC || !res) {
+			PQclear(res);
+			pipe_pop(c);
+			if (c->npipe == 0) {
+				statement_over(c);
 				return;
 			}
-			if (c->pending == PEND_PREPARING && c->pend_entry)
-				c->pend_entry->name[0] = '\0'; /* not prepared: try again next time */
-			c->pending = PEND_NONE;
-			c->pend_entry = NULL;
-			c->state = PQstatus(c->pg) == CONNECTION_OK ? PGCONN_IDLE : PGCONN_BROKEN;
-			if (c->state == PGCONN_BROKEN)
-				set_error(c, "");
-			if (c->watching != EV_READ)
-				watch(c, EV_READ);
-			emit(c, PGCONN_EV_DONE, NULL);
-			return;
+			continue;
 		}
-		if (swallow_result(c, res)) {
+		if (swallow(c, it, res)) {
 			PQclear(res);
 			continue;
 		}
@@ -467,14 +564,10 @@ void pgconn_set_handler(struct pgconn *c, pgconn_cb cb, void *arg)
 	c->arg = arg;
 }
 
-/* After a PQsend* call: flush and watch, or mark the connection broken. */
-static int sent(struct pgconn *c, int ok, pgconn_cb cb, void *arg)
+/* After the PQsend* calls: flush and watch, or mark the connection broken. */
+static int sent(struct pgconn *c, pgconn_cb cb, void *arg)
 {
 	int rc;
-	if (!ok) {
-		set_error(c, "");
-		return -1;
-	}
 	c->sent = true;
 	c->cb = cb;
 	c->arg = arg;
@@ -489,12 +582,25 @@ static int sent(struct pgconn *c, int ok, pgconn_cb cb, void *arg)
 	return 0;
 }
 
+/* A send that failed half way leaves libpq's queue in doubt: never reuse the connection. */
+static int send_failed(struct pgconn *c)
+{
+	set_error(c, "");
+	c->discard = true;
+	c->npipe = 0;
+	c->pipe_head = 0;
+	return -1;
+}
+
 static bool ready(struct pgconn *c)
 {
 	c->sent = false;
 	c->pending = PEND_NONE;
-	c->pending_failed = false;
 	c->pend_entry = NULL;
+	c->reset_failed = false;
+	c->retry_txn = false;
+	c->npipe = 0;
+	c->pipe_head = 0;
 	if (c->state != PGCONN_IDLE || PQstatus(c->pg) != CONNECTION_OK) {
 		set_error(c, "");
 		return false;
@@ -502,12 +608,117 @@ static bool ready(struct pgconn *c)
 	return true;
 }
 
+/*
+ * The reset: what DISCARD ALL does, except dropping the gateway's own
+ * prepared statements, so another borrower finds the session as a new
+ * one would be, whatever SQL the last one sent (DO blocks, functions and
+ * EXECUTE included). It goes out in the same round trip as the borrower's
+ * first statement, as two pipeline segments:
+ *
+ *   1. SET SESSION AUTHORIZATION DEFAULT, RESET ALL, CLOSE ALL, UNLISTEN *,
+ *      pg_advisory_unlock_all(), DISCARD TEMP, DISCARD SEQUENCES, and
+ *      set_config('shardgate.reset', <nonce>) last; Sync. Its own
+ *      transaction, so what the last borrower left in the transaction
+ *      defaults (read-only, isolation) is gone before the second starts.
+ *   2. The guard, then the statement; Sync. The guard divides by zero,
+ *      aborting the segment so the statement never runs, unless segment 1
+ *      completed (the nonce is set: a failure rolled it back) and no
+ *      prepared statement made with SQL's PREPARE is left (one could also
+ *      have replaced one of the gateway's own under its name). A failed
+ *      reset closes the connection; the borrower retries elsewhere.
+ *
+ * Segment 1's statements are prepared once per connection; the guard is
+ * the unnamed statement, which no SQL can replace. Names are qualified
+ * with pg_catalog, and operators too, so no search_path can divert them.
+ */
+static const char *const reset_sql[] = {
+	"SET SESSION AUTHORIZATION DEFAULT",
+	"RESET ALL",
+	"CLOSE ALL",
+	"UNLISTEN *",
+	"SELECT pg_catalog.pg_advisory_unlock_all()",
+	"DISCARD TEMP",
+	"DISCARD SEQUENCES",
+	"SELECT pg_catalog.set_config('shardgate.reset', $1, false)",
+};
+static const char reset_guard[] =
+	"SELECT 1 OPERATOR(pg_catalog./) pg_catalog.int4((pg_catalog.current_setting('shardgate.reset', true) "
+	"OPERATOR(pg_catalog.=) $1 AND NOT EXISTS (SELECT FROM pg_catalog.pg_prepared_statements "
+	"WHERE from_sql)) IS TRUE)";
+
+/* Queue the reset's two segments' first parts; the caller adds the statement and a Sync. */
+static int queue_reset(struct pgconn *c)
+{
+	unsigned char raw[16];
+	const char *nonce[1] = { c->nonce };
+	char name[8];
+	int n = (int)ARRAY_LEN(reset_sql);
+	/* Unguessable, so no borrower can set it beforehand and pass a failed reset off as done. */
+	if (RAND_bytes(raw, sizeof(raw)) != 1)
+		abort();
+	for (int i = 0; i < 16; i++)
+		snprintf(c->nonce + 2 * i, 3, "%02x", raw[i]);
+	for (int i = 0; i < n; i++) {
+		int np = i == n - 1;
+		snprintf(name, sizeof(name), "sgr%d", i + 1);
+		if (!c->reset_prepared) {
+			if (!PQsendPrepare(c->pg, name, reset_sql[i], np, NULL))
+				return -1;
+			pipe_push(c, PI_RESET);
+		}
+		if (!PQsendQueryPrepared(c->pg, name, np, np ? nonce : NULL, NULL, NULL, 0))
+			return -1;
+		pipe_push(c, PI_RESET);
+	}
+	if (!PQpipelineSync(c->pg))
+		return -1;
+	pipe_push(c, PI_SYNC);
+	if (!PQsendQueryParams(c->pg, reset_guard, 1, NULL, nonce, NULL, NULL, 0))
+		return -1;
+	pipe_push(c, PI_RESET);
+	c->reset_prepared = true;
+	c->reset_next = false;
+	c->session_dirty = false;
+	return 0;
+}
+
+/*
+ * Queue and send one statement of the borrower's: e is its cache entry
+ * (NULL: unnamed), prepare whether to PREPARE it first. A PREPARE and the
+ * reset go in one pipeline with the statement, so neither costs a round
+ * trip of its own.
+ */
+static int send_one(struct pgconn *c, const char *sql, int n, const char *const *vals,
+		    struct stmt_entry *e, bool prepare, pgconn_cb cb, void *arg)
+{
+	bool pipeline = c->reset_next || prepare;
+	if (pipeline && !PQenterPipelineMode(c->pg))
+		return send_failed(c);
+	if (c->reset_next && queue_reset(c) < 0)
+		return send_failed(c);
+	if (prepare) {
+		if (!PQsendPrepare(c->pg, e->name, sql, 0, NULL))
+			return send_failed(c);
+		pipe_push(c, PI_PREPARE);
+	}
+	if (!(e ? PQsendQueryPrepared(c->pg, e->name, n, vals, NULL, NULL, 0)
+		: PQsendQueryParams(c->pg, sql, n, NULL, vals, NULL, NULL, 0)))
+		return send_failed(c);
+	pipe_push(c, PI_CLIENT);
+	if (pipeline) {
+		if (!PQpipelineSync(c->pg))
+			return send_failed(c);
+		pipe_push(c, PI_SYNC);
+	}
+	return sent(c, cb, arg);
+}
+
 int pgconn_send(struct pgconn *c, const char *sql, int nparams, const char *const *values,
 		pgconn_cb cb, void *arg)
 {
 	if (!ready(c))
 		return -1;
-	return sent(c, PQsendQueryParams(c->pg, sql, nparams, NULL, values, NULL, NULL, 0), cb, arg);
+	return send_one(c, sql, nparams, values, NULL, false, cb, arg);
 }
 
 int pgconn_send_rows(struct pgconn *c, const char *sql, pgconn_cb cb, void *arg)
@@ -519,8 +730,8 @@ int pgconn_send_rows(struct pgconn *c, const char *sql, pgconn_cb cb, void *arg)
 		return -1;
 	}
 	PQsetSingleRowMode(c->pg);
-	/* sent() with ok = 1: the query is already queued. */
-	return sent(c, 1, cb, arg);
+	pipe_push(c, PI_CLIENT);
+	return sent(c, cb, arg);
 }
 
 static uint64_t sql_hash(const char *s)
@@ -542,42 +753,22 @@ static struct stmt_entry *cache_slot(struct pgconn *c, const char *sql, uint64_t
 	}
 }
 
-/* The second step after PREPARE (or the re-send after a stale plan). */
-static int send_pending(struct pgconn *c)
+/* Send sql through the cache: execute its prepared statement, or prepare it in the same round trip. */
+static int send_via_cache(struct pgconn *c, pgconn_cb cb, void *arg)
 {
-	int ok;
-	if (c->pending == PEND_RETRY) {
-		c->pend_entry->name[0] = '\0'; /* the plan went stale: prepare anew next time */
-		c->pend_entry = NULL;
-		ok = PQsendQueryParams(c->pg, c->pend_sql, c->pend_n, NULL, c->pend_vals, NULL, NULL, 0);
-	} else {
-		ok = PQsendQueryPrepared(c->pg, c->pend_entry->name, c->pend_n, c->pend_vals, NULL, NULL, 0);
-	}
-	c->pending = PEND_NONE;
-	return sent(c, ok, c->cb, c->arg);
-}
-
-int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const char *const *values,
-		       pgconn_cb cb, void *arg)
-{
+	const char *sql = c->pend_sql;
 	uint64_t h = sql_hash(sql);
 	struct stmt_entry *e;
 
-	if (!ready(c))
-		return -1;
 	if (!c->cache)
 		c->cache = xcalloc(CACHE_SLOTS, sizeof(*c->cache));
 	e = cache_slot(c, sql, h);
-	c->pend_in_txn = PQtransactionStatus(c->pg) != PQTRANS_IDLE;
-	c->pend_sql = sql;
-	c->pend_n = nparams;
-	c->pend_vals = values;
 	if (e->sql && e->name[0]) {
 		c->pend_entry = e;
-		return sent(c, PQsendQueryPrepared(c->pg, e->name, nparams, values, NULL, NULL, 0), cb, arg);
+		return send_one(c, sql, c->pend_n, c->pend_vals, e, false, cb, arg);
 	}
 	if (!e->sql && c->ncache >= CACHE_SLOTS / 2)
-		return sent(c, PQsendQueryParams(c->pg, sql, nparams, NULL, values, NULL, NULL, 0), cb, arg);
+		return send_one(c, sql, c->pend_n, c->pend_vals, NULL, false, cb, arg);
 	/* Remember it now; a failed PREPARE leaves the entry unnamed (prepare again next time). */
 	if (!e->sql) {
 		e->hash = h;
@@ -586,14 +777,36 @@ int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const cha
 	}
 	snprintf(e->name, sizeof(e->name), "sg%u", ++c->next_stmt);
 	c->pend_entry = e;
-	c->pending = PEND_PREPARING;
-	if (sent(c, PQsendPrepare(c->pg, e->name, sql, 0, NULL), cb, arg) < 0) {
+	if (send_one(c, sql, c->pend_n, c->pend_vals, e, true, cb, arg) < 0) {
 		e->name[0] = '\0';   /* never prepared: prepare again next time */
 		c->pend_entry = NULL;
-		c->pending = PEND_NONE;
 		return -1;
 	}
 	return 0;
+}
+
+/* The statement again after a cache failure (cache_failure): unprepared, or prepared anew. */
+static int resend(struct pgconn *c)
+{
+	int how = c->pending;
+	c->pending = PEND_NONE;
+	c->npipe = 0;
+	c->pipe_head = 0;
+	if (how == PEND_RETRY)
+		return send_one(c, c->pend_sql, c->pend_n, c->pend_vals, NULL, false, c->cb, c->arg);
+	return send_via_cache(c, c->cb, c->arg);
+}
+
+int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const char *const *values,
+		       pgconn_cb cb, void *arg)
+{
+	if (!ready(c))
+		return -1;
+	c->pend_in_txn = PQtransactionStatus(c->pg) != PQTRANS_IDLE;
+	c->pend_sql = sql;
+	c->pend_n = nparams;
+	c->pend_vals = values;
+	return send_via_cache(c, cb, arg);
 }
 
 int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const char *const *values,
@@ -601,7 +814,31 @@ int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const 
 {
 	if (!c->session_dirty && sql_changes_session(sql))
 		c->session_dirty = true;
+	/* A session-changing statement is a one-off: not worth a cache slot. */
 	return (c->session_dirty ? pgconn_send : pgconn_send_cached)(c, sql, nparams, values, cb, arg);
+}
+
+void pgconn_lend(struct pgconn *c, const char *tenant)
+{
+	bool same = tenant && c->has_owner && strcmp(c->owner, tenant) == 0;
+	if (c->used && (c->session_dirty || !same))
+		c->reset_next = true;
+	c->used = true;
+	c->has_owner = tenant != NULL;
+	if (tenant && !same)
+		str_copy(c->owner, sizeof(c->owner), tenant);
+	else if (!tenant)
+		c->owner[0] = '\0';
+}
+
+bool pgconn_reset_failed(const struct pgconn *c)
+{
+	return c->reset_failed;
+}
+
+bool pgconn_retry_transaction(const struct pgconn *c)
+{
+	return c->retry_txn;
 }
 
 void pgconn_discard(struct pgconn *c)

@@ -60,19 +60,31 @@ struct pgconn {
 	double expires;          /* max_lifetime with jitter; set by the pool */
 	double last_used;
 	bool sent;               /* the current statement reached the server */
-	bool session_dirty;      /* a SET or similar ran: DISCARD ALL before reuse */
+	bool session_dirty;      /* a SET or similar ran: reset before any reuse, same tenant too */
 	bool discard;            /* close instead of reusing (pgconn_discard) */
 	bool pend_in_txn;        /* the cached statement was sent inside a transaction */
 	bool keep_result;        /* the RESULT receiver took ownership of res */
 	bool first;              /* its events run before client sockets (pgconn_run_first) */
 	unsigned target_gen;     /* the pool's url generation it was opened for */
+	/* Isolation between borrowers (pgconn_lend). */
+	char owner[128];         /* tenant of the last borrower; "" with !has_owner: none */
+	bool has_owner;          /* the last borrower was a tenant (not a fan-out or nobody) */
+	bool used;               /* lent since its last reset: may carry its borrower's state */
+	bool reset_next;         /* the next send starts with the reset */
+	bool reset_failed;       /* the reset or its guard failed: nothing of the statement ran */
+	bool reset_prepared;     /* the reset's statements are prepared on this connection */
+	bool retry_txn;          /* the statement failed on the gateway's own cache inside a transaction */
+	char nonce[33];          /* the current reset's marker (see queue_reset) */
+	/* What each query in flight is for, oldest first (see read_results). */
+	unsigned char pipe[32];
+	int pipe_head;
+	int npipe;
 	/* Prepared-statement cache, keyed by SQL text (open addressing). */
 	struct stmt_entry *cache;
 	int ncache;
 	unsigned next_stmt;
 	/* The statement waiting for its PREPARE to finish, or re-sent after a stale plan. */
-	enum { PEND_NONE, PEND_PREPARING, PEND_RETRY } pending;
-	bool pending_failed;
+	enum { PEND_NONE, PEND_RETRY, PEND_REPREPARE } pending;
 	const char *pend_sql;
 	int pend_n;
 	const char *const *pend_vals;
@@ -94,11 +106,36 @@ struct pgconn *pgconn_connect(struct event_base *base, const char *url, double t
 			      pgconn_cb cb, void *arg);
 
 /*
- * A client's statement: marks the connection for DISCARD ALL on release when
- * the statement changes session state (SET, PREPARE, LISTEN, temporary
- * tables, set_config() ...: judged from its first words, see the README),
- * and goes through the statement cache (pgconn_send_cached) unless that has
- * happened on this connection.
+ * The pool lends c to a borrower: tenant, or NULL for a fan-out or no
+ * tenant. When c may carry another borrower's session state (it was lent
+ * since its last reset, to someone else, to no tenant, or a statement that
+ * visibly changes the session ran), the next statement sent goes out
+ * behind the reset, in the same round trip (see the comment above
+ * queue_reset in pgconn.c).
+ */
+void pgconn_lend(struct pgconn *c, const char *tenant);
+
+/*
+ * After DONE: the reset sent with the statement failed, or its guard found
+ * the session not clean, so nothing of the statement ran. The connection is
+ * marked for closing; the borrower may try again on another one.
+ */
+bool pgconn_reset_failed(const struct pgconn *c);
+
+/*
+ * After DONE with an error: the statement failed inside a transaction only
+ * because of the gateway's own statement cache (the server lost its
+ * prepared statements, or a plan went stale after DDL). The statement did
+ * not run; the cache is mended, and redoing the transaction from BEGIN will
+ * not meet the same error.
+ */
+bool pgconn_retry_transaction(const struct pgconn *c);
+
+/*
+ * A client's statement: notes when it visibly changes session state (SET,
+ * PREPARE, LISTEN, DO, temporary objects, set_config() ...: a fast path, see
+ * sqlclass.h), so even the same tenant's next request gets the reset, and
+ * goes through the statement cache (pgconn_send_cached).
  */
 int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const char *const *values,
 			   pgconn_cb cb, void *arg);
@@ -128,7 +165,7 @@ int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const cha
 /* Send sql and deliver its rows one result per row (single-row mode), for large loads. */
 int pgconn_send_rows(struct pgconn *c, const char *sql, pgconn_cb cb, void *arg);
 
-/* Forget prepared statements (after DISCARD ALL, which drops them on the server). */
+/* Forget prepared statements (the server lost them). */
 void pgconn_cache_clear(struct pgconn *c);
 
 /* Ask the server to cancel the running statement, without blocking the loop. */

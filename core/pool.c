@@ -1,7 +1,7 @@
 /*
  * Pool bookkeeping. Every connection is in exactly one place: the idle list,
  * lent to a request (counted in nlent), connecting (nconnecting) or being
- * cleaned by a ROLLBACK/DISCARD ALL (ncleaning). All moves go through the
+ * cleaned by a ROLLBACK or checked before reuse (ncleaning). All moves go through the
  * functions below, so the counts the health endpoint shows are exact.
  *
  * Connections are reused most-recently-idle first (like PgBouncer's default),
@@ -88,6 +88,7 @@ static void lend(struct pool *p, struct pgconn *c, struct pool_waiter *w)
 	p->stats.checkouts++;
 	histogram_observe(&p->stats.wait, mono_now() - w->since);
 	pgconn_set_handler(c, lent_event, NULL);
+	pgconn_lend(c, w->tenant);
 }
 
 /* A connection is free: the first waiter gets it, else it goes idle. */
@@ -228,7 +229,7 @@ static void conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, vo
 		on_connect_failed(p, c);
 		break;
 	case PGCONN_EV_RESULT:
-		/* A cleaning statement (ROLLBACK, DISCARD ALL) or the idle check failed: never reuse it. */
+		/* A cleaning statement (ROLLBACK) or the idle check failed: never reuse it. */
 		if (arg != p && PQresultStatus(res) == PGRES_FATAL_ERROR)
 			pgconn_discard(c);
 		break;
@@ -425,14 +426,15 @@ static struct pgconn *take_idle(struct pool *p, bool *checking)
 	return NULL;
 }
 
-struct pgconn *pool_checkout(struct pool *p, struct pool_waiter *w, pool_cb cb, void *arg,
-			     enum pool_err *err)
+struct pgconn *pool_checkout(struct pool *p, struct pool_waiter *w, const char *tenant, pool_cb cb,
+			     void *arg, enum pool_err *err)
 {
 	struct timeval tv;
 	struct pgconn *c;
 
 	memset(w, 0, sizeof(*w));
 	w->pool = p;
+	w->tenant = tenant;
 	w->cb = cb;
 	w->arg = arg;
 	w->since = mono_now();
@@ -524,13 +526,6 @@ void pool_release(struct pgconn *c)
 		if (clean(p, c, "ROLLBACK") == 0)
 			return;
 		why = "rollback failed";
-	}
-	if (!why && c->session_dirty) {
-		c->session_dirty = false;
-		pgconn_cache_clear(c);  /* DISCARD ALL drops prepared statements too */
-		if (clean(p, c, "DISCARD ALL") == 0)
-			return;
-		why = "reset failed";
 	}
 	p->nlent--;
 	if (why) {

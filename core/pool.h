@@ -37,6 +37,7 @@ typedef void (*pool_cb)(struct pool_waiter *w, struct pgconn *c, enum pool_err e
 struct pool_waiter {
 	TAILQ_ENTRY(pool_waiter) link;
 	struct pool *pool;
+	const char *tenant;     /* the borrower's tenant (NULL: a fan-out); must outlive the wait */
 	struct event *timer;
 	double since;
 	pool_cb cb;
@@ -122,12 +123,13 @@ void pool_reconfigure(struct pool *p, const struct shard_conf *conf);
 void pool_retire(struct pool *p);
 
 /*
- * Take a connection: returns it at once (err POOL_OK), or NULL with err
+ * Take a connection for tenant (NULL: a fan-out or no tenant; see
+ * pgconn_lend): returns it at once (err POOL_OK), or NULL with err
  * POOL_QUEUED (cb runs later with a connection or POOL_TIMEOUT /
  * POOL_UNAVAILABLE), POOL_QUEUE_FULL or POOL_UNAVAILABLE.
  */
-struct pgconn *pool_checkout(struct pool *p, struct pool_waiter *w, pool_cb cb, void *arg,
-			     enum pool_err *err);
+struct pgconn *pool_checkout(struct pool *p, struct pool_waiter *w, const char *tenant, pool_cb cb,
+			     void *arg, enum pool_err *err);
 /* Answer every waiter POOL_UNAVAILABLE with why (shutdown). */
 void pool_fail_waiters(struct pool *p, const char *why);
 /* The API's error code for a failed checkout: checkout_timeout, queue_full, shard_unavailable. */

@@ -63,6 +63,8 @@ struct request {
 	bool aborted;            /* the client went away */
 	bool timed_out;
 	bool retried;            /* the first statement was re-tried on a fresh connection */
+	bool redo;               /* rolling back to run the transaction again from BEGIN */
+	bool redone;             /* ... which happens once */
 	bool waiting_tenant;     /* queued behind a paused tenant */
 	bool entered;            /* counted in its tenant's in-flight requests */
 	struct tenant_waiter twait;
@@ -271,7 +273,7 @@ static void run_next(struct request *r)
 		break;
 	case PH_SETTING:
 		/* Transaction-local, so it ends with this request (RLS policies read it). */
-		rc = send_sql(r, "SELECT set_config($1, $2, true)", 2, r->setting, pgconn_send_cached);
+		rc = send_sql(r, "SELECT pg_catalog.set_config($1, $2, true)", 2, r->setting, pgconn_send_cached);
 		break;
 	case PH_STMT: {
 		const struct stmt *st = &r->body.stmts[r->cur];
@@ -326,6 +328,31 @@ static void on_result(struct request *r, PGresult *res)
 	}
 }
 
+static void start_statements(struct request *r);
+
+/*
+ * The reset sent with the first statement failed (the connection is closed
+ * when it comes back), so nothing ran: once more on another connection.
+ */
+static void retry_after_reset(struct request *r)
+{
+	if (!r->retried && r->status == 0) {
+		r->retried = true;
+		pool_release(r->conn);
+		r->conn = NULL;
+		checkout(r);
+		return;
+	}
+	if (r->status == 0) {
+		char msg[320];
+		snprintf(msg, sizeof(msg), "shard %s: a connection could not be reset for this request twice; "
+			 "nothing ran", r->shard->name);
+		log_warn("%s", msg);
+		set_error(r, 502, "shard_error", msg);
+	}
+	finish(r);
+}
+
 /* The statement in flight finished: decide what runs next. */
 static void on_done(struct request *r)
 {
@@ -340,6 +367,10 @@ static void on_done(struct request *r)
 		pgconn_discard(r->conn);
 	if (r->phase == PH_STMT)
 		pool_observe_query(r->pool, mono_now() - r->sent_at, r->sqlstate[0] ? r->sqlstate : NULL);
+	if (pgconn_reset_failed(r->conn)) {
+		retry_after_reset(r);
+		return;
+	}
 	if (!pgconn_usable(r->conn)) {
 		if (r->status == 0) {
 			char msg[320];
@@ -350,11 +381,24 @@ static void on_done(struct request *r)
 		finish(r);
 		return;
 	}
+	if (r->phase == PH_ROLLBACK && r->redo) {
+		r->redo = false;
+		start_statements(r);
+		return;
+	}
 	if (!r->wrapped || r->phase == PH_ROLLBACK || r->phase == PH_COMMIT) {
 		finish(r);
 		return;
 	}
-	if (r->status != 0) {
+	if (r->status != 0 && !r->redone && pgconn_retry_transaction(r->conn)) {
+		/* The gateway's statement cache failed, not the statement: all over again, once. */
+		log_info("shard %s: statement %d failed on the gateway's statement cache (%s); "
+			 "running the transaction again", r->shard->name, r->cur + 1, r->sqlstate);
+		r->redo = r->redone = true;
+		r->status = 0;
+		r->http->info.code[0] = '\0';
+		r->phase = PH_ROLLBACK;
+	} else if (r->status != 0) {
 		r->phase = PH_ROLLBACK;   /* the error answer is already in out */
 	} else if (r->phase == PH_BEGIN && r->setting[0]) {
 		r->phase = PH_SETTING;
@@ -386,6 +430,7 @@ static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 
 static void start_statements(struct request *r)
 {
+	r->nresults = 0;
 	evbuffer_drain(r->out, evbuffer_get_length(r->out));
 	evbuffer_add(r->out, "{\"shard\":", 9);
 	jsonw_cstring(r->out, r->shard->name);
@@ -456,7 +501,7 @@ static void on_abort(struct http_request *http)
 static void checkout(struct request *r)
 {
 	enum pool_err err;
-	struct pgconn *c = pool_checkout(r->pool, &r->waiter, on_checkout, r, &err);
+	struct pgconn *c = pool_checkout(r->pool, &r->waiter, r->route.tenant, on_checkout, r, &err);
 	if (c) {
 		r->conn = c;
 		start_statements(r);
