@@ -156,7 +156,10 @@ static cJSON *decode_part(const char *p, size_t len)
 	size_t cap = len / 4 * 3 + 4;
 	unsigned char *buf = xmalloc(cap);
 	long n = b64url_decode(p, len, buf, cap - 1);
-	cJSON *j = n < 0 ? NULL : cJSON_ParseWithLength((const char *)buf, (size_t)n);
+	cJSON *j = NULL;
+	/* A NUL byte, raw or escaped, would cut a claim short as a C string: no such token. */
+	if (n >= 0 && !memchr(buf, '\0', (size_t)n) && !memmem(buf, (size_t)n, "\\u0000", 6))
+		j = cJSON_ParseWithLength((const char *)buf, (size_t)n);
 	free(buf);
 	return j;
 }

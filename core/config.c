@@ -10,6 +10,7 @@
  */
 #include "config.h"
 
+#include <ctype.h>
 #include <event2/buffer.h>
 #include <lauxlib.h>
 #include <libpq-fe.h>
@@ -19,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "jsonw.h"
 #include "luaenv.h"
@@ -105,6 +107,8 @@ static const struct conf_key shard_keys[] = {
 	{ "idle_timeout", CT_DURATION, SHARD(idle_timeout), "300", true, false },
 	{ "max_lifetime", CT_DURATION, SHARD(max_lifetime), "3600", true, false },
 	{ "statement_timeout", CT_DURATION, SHARD(statement_timeout), "30", true, false },
+	{ "max_rows", CT_POSITIVE, SHARD(max_rows), "1000000", true, false },
+	{ "max_result_bytes", CT_POSITIVE, SHARD(max_result_bytes), "67108864", true, false },
 };
 
 static const struct conf_key fanout_keys[] = {
@@ -615,15 +619,80 @@ static int check_settings(struct reader *r, int idx, const char *where, int dept
 	return rc;
 }
 
-/* Does a settings key name a secret? Its value is shown as "***" by /admin/config. */
+/*
+ * Does a settings key name a secret? Its value is shown as "***" by
+ * /admin/config. Anywhere in the name: password, passwd, secret, token,
+ * credential, private, apikey; as a whole word of it (split at anything
+ * but letters and digits): key, pwd, pass, auth. So api_key and
+ * basic_auth are hidden, author and monkey are not.
+ */
 static bool secret_name(const char *k)
 {
-	static const char *const words[] = { "password", "passwd", "pwd", "secret", "token", "key",
-					     "credential", "private", "auth" };
-	for (size_t i = 0; i < ARRAY_LEN(words); i++)
-		if (strcasestr(k, words[i]))
+	static const char *const parts[] = { "password", "passwd", "secret", "token", "credential",
+					     "private", "apikey" };
+	static const char *const words[] = { "key", "pwd", "pass", "auth" };
+	for (size_t i = 0; i < ARRAY_LEN(parts); i++)
+		if (strcasestr(k, parts[i]))
 			return true;
+	while (*k) {
+		size_t n = 0;
+		while (k[n] && isalnum((unsigned char)k[n]))
+			n++;
+		for (size_t i = 0; i < ARRAY_LEN(words); i++)
+			if (n == strlen(words[i]) && strncasecmp(k, words[i], n) == 0)
+				return true;
+		k += n;
+		while (*k && !isalnum((unsigned char)*k))
+			k++;
+	}
 	return false;
+}
+
+/*
+ * A settings string as /admin/config shows it: a libpq key=value string
+ * with a password through config_mask_url; any URL's password
+ * (scheme://user:password@host, any scheme) as ***.
+ */
+static const char *mask_setting(const char *v, char *out, size_t len)
+{
+	const char *scheme = strstr(v, "://");
+	PQconninfoOption *opts = PQconninfoParse(v, NULL);
+	bool has_password = false;
+	if (opts) {
+		for (PQconninfoOption *o = opts; o->keyword; o++)
+			if (o->val && o->dispchar && o->dispchar[0] == '*')
+				has_password = true;
+		PQconninfoFree(opts);
+	}
+	if (has_password) {
+		config_mask_url(v, out, len);
+		return out;
+	}
+	if (scheme) {
+		const char *auth = scheme + 3;
+		size_t host = strcspn(auth, "/?#");
+		const char *at = memrchr(auth, '@', host);
+		const char *colon = at ? memchr(auth, ':', (size_t)(at - auth)) : NULL;
+		if (colon) {
+			snprintf(out, len, "%.*s***%s", (int)(colon + 1 - v), v, at);
+			return out;
+		}
+	}
+	return v;
+}
+
+/* Is the table at idx a sequence 1..n (shown as a JSON array)? */
+static bool is_sequence(lua_State *L, int idx)
+{
+	size_t n = lua_objlen(L, idx), count = 0;
+	if (n == 0)
+		return false;
+	lua_pushnil(L);
+	while (lua_next(L, idx) != 0) {
+		count++;
+		lua_pop(L, 1);
+	}
+	return count == n;
 }
 
 /*
@@ -634,20 +703,24 @@ static bool secret_name(const char *k)
 static void settings_json(lua_State *L, int idx, struct evbuffer *b, bool secret)
 {
 	int n = 0;
+	bool array;
 	idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
-	evbuffer_add(b, "{", 1);
+	array = is_sequence(L, idx);
+	evbuffer_add(b, array ? "[" : "{", 1);
 	lua_pushnil(L);
 	while (lua_next(L, idx) != 0) {
 		const char *k;
-		bool hide;
-		lua_pushvalue(L, -2);
-		k = lua_tostring(L, -1);
-		hide = secret || secret_name(k);
+		bool hide = secret;
 		if (n++)
 			evbuffer_add(b, ",", 1);
-		jsonw_cstring(b, k);
-		evbuffer_add(b, ":", 1);
-		lua_pop(L, 1);
+		if (!array) {
+			lua_pushvalue(L, -2);
+			k = lua_tostring(L, -1);
+			hide = hide || secret_name(k);
+			jsonw_cstring(b, k);
+			evbuffer_add(b, ":", 1);
+			lua_pop(L, 1);
+		}
 		if (lua_istable(L, -1)) {
 			settings_json(L, -1, b, hide);
 		} else if (hide) {
@@ -657,17 +730,12 @@ static void settings_json(lua_State *L, int idx, struct evbuffer *b, bool secret
 		} else if (lua_type(L, -1) == LUA_TNUMBER) {
 			evbuffer_add_printf(b, "%.17g", lua_tonumber(L, -1));
 		} else {
-			const char *v = lua_tostring(L, -1);
 			char masked[1024];
-			if (strncmp(v, "postgres", 8) == 0 && strstr(v, "://")) {
-				config_mask_url(v, masked, sizeof(masked));
-				v = masked;
-			}
-			jsonw_cstring(b, v);
+			jsonw_cstring(b, mask_setting(lua_tostring(L, -1), masked, sizeof(masked)));
 		}
 		lua_pop(L, 1);
 	}
-	evbuffer_add(b, "}", 1);
+	evbuffer_add(b, array ? "]" : "}", 1);
 }
 
 static int read_settings(struct reader *r, struct config *cfg)

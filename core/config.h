@@ -22,6 +22,8 @@ struct shard_conf {
 	double idle_timeout;
 	double max_lifetime;
 	double statement_timeout;
+	int max_rows;             /* rows one request may read from this shard */
+	int max_result_bytes;     /* bytes of answer one request may build from this shard */
 	/* From the top-level `breaker` table; the same for every shard. */
 	int breaker_failures;
 	double breaker_window;

@@ -1,7 +1,9 @@
 /*
  * Unit tests for C-only logic that needs no sockets or database: the
  * request-head parser, URL decoding, natural ordering of shard names, the
- * "did you mean" distance, integer formatting and endpoint names. Each case
+ * "did you mean" distance, integer formatting, endpoint names and the
+ * statement classifier (sqlclass.c: transaction control, session changes,
+ * leading noise). Each case
  * prints "ok <name>" or "not ok <name>: <why>"; the exit status is the
  * number of failures. spec/01-unit/c_units_spec.lua runs it and turns each
  * line into a test.
@@ -10,6 +12,7 @@
 #include <string.h>
 
 #include "../httpparse.h"
+#include "../sqlclass.h"
 #include "../util.h"
 
 static int failures;
@@ -102,9 +105,138 @@ static void test_util(void)
 	      "names the endpoint of a prefixed path", "wrong endpoint");
 }
 
+/* sql as one printable line for a test name: control characters escaped, ':' (which ends a name) as ';'. */
+static const char *shown(const char *sql)
+{
+	static char buf[4][160];
+	static int which;
+	char *out = buf[which++ % 4];
+	size_t n = 0;
+	for (; *sql && n + 3 < sizeof(buf[0]); sql++) {
+		const char *esc = *sql == '\n' ? "\\n" : *sql == '\t' ? "\\t" : *sql == '\r' ? "\\r"
+			: *sql == '\f' ? "\\f" : NULL;
+		if (esc) {
+			out[n++] = esc[0];
+			out[n++] = esc[1];
+		} else {
+			out[n++] = *sql == ':' ? ';' : *sql;
+		}
+	}
+	out[n] = '\0';
+	return out;
+}
+
+static void expect_bool(bool (*fn)(const char *), const char *fname, const char *sql, bool want)
+{
+	char name[256];
+	snprintf(name, sizeof(name), "%s is %s for \"%s\"", fname, want ? "true" : "false", shown(sql));
+	check(fn(sql) == want, name, want ? "said false" : "said true");
+}
+
+/* Statements that would end the gateway's own transaction, or start another. */
+static const char *const controls_transaction[] = {
+	"BEGIN", "begin", "Begin;", "BEGIN ISOLATION LEVEL SERIALIZABLE", "begin work", "BEGIN TRANSACTION READ ONLY",
+	"START TRANSACTION", "start transaction", "START\n\tTRANSACTION ISOLATION LEVEL REPEATABLE READ",
+	"start /* a comment */ transaction", "start -- why\ntransaction",
+	"COMMIT", "commit", "CoMmIt;", "COMMIT WORK", "commit transaction", "COMMIT AND CHAIN", "COMMIT PREPARED 'x'",
+	"END", "end", "end;", "END TRANSACTION", "end work",
+	"ROLLBACK", "rollback", "rollback;", "ROLLBACK WORK", "rollback transaction", "ROLLBACK AND NO CHAIN",
+	"ROLLBACK PREPARED 'x'", "rollback prepared 'x'",
+	"ABORT", "abort", "ABORT WORK", "abort transaction",
+	"PREPARE TRANSACTION 'x'", "prepare\ttransaction 'x'",
+	/* after white space, parentheses and comments */
+	"  commit", "\n\t\r\f commit", "(commit)", " ( (rollback", "-- x\ncommit", "-- one\n-- two\n  rollback",
+	"/* c */commit", "/**/begin", "/* a /* nested */ b */ commit", "/* a /* b /* c */ d */ e */ROLLBACK",
+	"-- x\n/* y */ -- z\n  ( END",
+};
+
+/* Statements that stay inside it, or are no transaction control at all. */
+static const char *const not_controls_transaction[] = {
+	"SAVEPOINT a", "savepoint a", "RELEASE a", "release savepoint a", "ROLLBACK TO a", "rollback to a",
+	"ROLLBACK TO SAVEPOINT a", "ROLLBACK WORK TO a", "rollback transaction to savepoint a",
+	"rollback /* c */ to a", "ROLLBACK\n  TO SAVEPOINT a", "-- x\nROLLBACK WORK TO SAVEPOINT a",
+	"beginning_col", "select beginning_col from t", "select 'commit'", "select 1 -- commit",
+	"endpoint", "select * from endpoint", "commit_log", "select * from commit_log",
+	"insert into commit_log values (1)", "start", "start something", "START TRANSACTIONS",
+	"prepare p as select 1", "PREPARE transaction_x AS SELECT 1", "committed", "rollbacks", "abortion",
+	"ending", "begin_x", "begin$", "commit$1", "end2",
+	"-- commit\nselect 1", "/* commit */ select 1", "/* a /* nested */ commit */ select 1",
+	"", "   ", "(", "-- only a comment", "/* unterminated commit", "/* a /* b */ commit",
+	"SELECT 1", "update t set commit = 1", "with x as (select 1) select * from x",
+};
+
+static const char *const changes_session[] = {
+	"SET search_path = x", "set local statement_timeout = 1", "SET SESSION AUTHORIZATION u", "RESET ALL",
+	"reset search_path", "LISTEN ch", "LOAD 'auto_explain'", "PREPARE p AS SELECT 1", "DECLARE c CURSOR FOR SELECT 1",
+	"DEALLOCATE p", "deallocate all", "DISCARD ALL", "DO $$ BEGIN END $$", "do 'select 1'",
+	"CREATE TEMP TABLE t (a int)", "create temporary table t (a int)", "CREATE LOCAL TEMP TABLE t (a int)",
+	"CREATE GLOBAL TEMPORARY TABLE t (a int)", "create /* c */ temp view v as select 1",
+	"create\n-- c\ntemporary sequence s",
+	"SELECT set_config('a.b', 'c', false)", "select SET_CONFIG('a.b', 'c', false)",
+	"with x as (select pg_catalog.set_config('a.b', 'c', false)) select 1",
+	"update t set a = set_config('a.b', 'c', false)", "-- c\nset x = 1", "/* a /* b */ c */ SET x = 1",
+	"  (set x = 1",
+};
+
+static const char *const not_changes_session[] = {
+	"SELECT 1", "select settings from t", "setup", "select * from reset_log", "update listen_log set a = 1",
+	"loader", "prepared", "declared", "discarded", "done", "domain", "do_thing()", "do$",
+	"create table t (a int)", "CREATE TABLE temp_x (a int)", "create temporary_things", "create table temp (a int)",
+	"insert into t values ('set x = 1')", "-- set x = 1\nselect 1", "/* set x = 1 */ select 1",
+	"/* a /* set */ b */ select 1", "", "BEGIN", "COMMIT",
+};
+
+static void test_sqlclass(void)
+{
+	for (size_t i = 0; i < sizeof(controls_transaction) / sizeof(controls_transaction[0]); i++)
+		expect_bool(sql_controls_transaction, "sql_controls_transaction", controls_transaction[i], true);
+	for (size_t i = 0; i < sizeof(not_controls_transaction) / sizeof(not_controls_transaction[0]); i++)
+		expect_bool(sql_controls_transaction, "sql_controls_transaction", not_controls_transaction[i], false);
+	for (size_t i = 0; i < sizeof(changes_session) / sizeof(changes_session[0]); i++)
+		expect_bool(sql_changes_session, "sql_changes_session", changes_session[i], true);
+	for (size_t i = 0; i < sizeof(not_changes_session) / sizeof(not_changes_session[0]); i++)
+		expect_bool(sql_changes_session, "sql_changes_session", not_changes_session[i], false);
+
+	/* sql_skip_noise: a pointer into the statement, at its first word. */
+	{
+		static const struct {
+			const char *sql;
+			size_t at;
+		} skips[] = {
+			{ "select 1", 0 },
+			{ "   select", 3 },
+			{ "\t\n\r\f(( select", 7 },
+			{ "-- a\nselect", 5 },
+			{ "-- a\n-- b\n  select", 12 },
+			{ "/* a */select", 7 },
+			{ "/* a /* nested */ b */ select", 23 },
+			{ "/* a /* b /* c */ d */ e */x", 27 },
+			{ "-- x\n/* y */ ( -- z\n commit", 21 },
+			{ "-- only a comment", 17 },
+			{ "/* unterminated", 15 },
+			{ "/* a /* b */ unterminated", 25 },
+			{ "/**/x", 4 },
+			{ "", 0 },
+			{ "- 1", 0 },
+			{ "/ * x", 0 },
+			{ "select /* x */ 1", 0 },
+			{ "x -- y", 0 },
+		};
+		for (size_t i = 0; i < sizeof(skips) / sizeof(skips[0]); i++) {
+			char name[256], why[64];
+			const char *got = sql_skip_noise(skips[i].sql);
+			snprintf(name, sizeof(name), "sql_skip_noise skips %zu bytes of \"%s\"", skips[i].at,
+				 shown(skips[i].sql));
+			snprintf(why, sizeof(why), "skipped %ld", (long)(got - skips[i].sql));
+			check(got == skips[i].sql + skips[i].at, name, why);
+		}
+	}
+}
+
 int main(void)
 {
 	test_parser();
 	test_util();
+	test_sqlclass();
 	return failures;
 }

@@ -336,9 +336,12 @@ describe("shardgate.testing", function()
       assert.equal("123456789012345", route{ ["x-case"] = "big" }.tenant)
     end)
 
-    it("shows an empty tenant as none, and cuts a long one at 127 bytes", function()
-      assert.same({ shard = "shard_0" }, route{ ["x-case"] = "empty" })
-      assert.same({ tenant = ("x"):rep(127), shard = "shard_0" }, route{ ["x-case"] = "long" })
+    -- core/script.c check_tenant: "" is no tenant; a tenant cut to 127
+    -- bytes could name another one, so it is refused (400 bad_request).
+    it("answers no_tenant for an empty tenant, and bad_request for one over 127 bytes", function()
+      assert.same({ code = "no_tenant", error = "no tenant and no fan-out plan" }, route{ ["x-case"] = "empty" })
+      assert.same({ code = "bad_request", error = "the tenant id is too long (at most 127 bytes, no NUL)" },
+        route{ ["x-case"] = "long" })
     end)
 
     it("answers the fan-out plan with the dry-run's fields", function()
@@ -500,6 +503,113 @@ describe("shardgate.testing", function()
           .. "the same list, so the change would stay for later requests (copy it first)",
         testing.error_of(function() k:route{ header = { ["x-tenant-id"] = "1" } } end))
       assert.same({ "shard_0", "shard_1", "shard_2" }, k.shards_list)
+    end)
+  end)
+
+  -- What an empty or over-long tenant becomes (core/script.c check_tenant),
+  -- for kit:tenant, kit:route and testing.status alike; the gateway's side
+  -- of the same requests is spec/02-integration/62-request_rules_spec.lua.
+  describe("empty and long tenants", function()
+    local TENANTS = [[
+local route = {}
+local give = {
+  empty = "", spaces = "  ", blank = " \t\r\n ", max = ("m"):rep(127), long = ("x"):rep(128),
+  longer = ("x"):rep(200), nul = "a\0b", padded = " a ", zero = 0,
+}
+function route.tenant(req)
+  local c = req.header["x-case"]
+  if c then return give[c] end
+  return req.header["x-organization-id"]
+end
+function route.shard(tenant, shards) return shards[1] end
+function route.fanout(req, shards)
+  if req.header["x-plan"] == "all" then return {} end
+end
+return route
+]]
+    local TOO_LONG = "the tenant id is too long (at most 127 bytes, no NUL)"
+    local kit, plain
+    setup(function()
+      kit = testing.load(script(TENANTS))
+      plain = testing.load(script("return { shard = function(t, shards) return shards[2] end }"))
+    end)
+
+    local function case(c, extra)
+      local h = { ["x-case"] = c }
+      for k, v in pairs(extra or {}) do h[k] = v end
+      return { header = h }
+    end
+
+    it("makes a tenant hook's empty or blank string no tenant (nil)", function()
+      for _, c in ipairs({ "empty", "spaces", "blank" }) do
+        assert.is_nil(kit:tenant(case(c)), c)
+        local d = kit:route(case(c))
+        assert.same({ code = "no_tenant", error = "no tenant and no fan-out plan" }, d, c)
+        assert.equal(400, testing.status(d), c)
+      end
+    end)
+
+    it("lets an empty tenant fan out like no tenant, but never in a /transaction", function()
+      assert.same({ "shard_0", "shard_1", "shard_2" },
+        kit:route(case("spaces", { ["x-plan"] = "all" })).fanout.shards)
+      assert.same({ code = "no_tenant", error = "no tenant and no fan-out plan" },
+        kit:route{ path = "/transaction", header = { ["x-case"] = "empty", ["x-plan"] = "all" } })
+    end)
+
+    it("keeps a tenant with text in it as it is, white space and all", function()
+      assert.equal(" a ", kit:tenant(case("padded")))
+      assert.same({ tenant = " a ", shard = "shard_0" }, kit:route(case("padded")))
+      assert.same({ tenant = "0", shard = "shard_0" }, kit:route(case("zero")))
+    end)
+
+    it("keeps a tenant of exactly 127 bytes whole", function()
+      assert.equal(("m"):rep(127), kit:tenant(case("max")))
+      local d = kit:route(case("max"))
+      assert.same({ tenant = ("m"):rep(127), shard = "shard_0" }, d)
+      assert.equal(200, testing.status(d))
+    end)
+
+    it("refuses a tenant over 127 bytes with bad_request (400), instead of cutting it", function()
+      for _, c in ipairs({ "long", "longer" }) do
+        assert.equal(TOO_LONG, testing.error_of(kit.tenant, kit, case(c)), c)
+        local d = kit:route(case(c))
+        assert.same({ code = "bad_request", error = TOO_LONG }, d, c)
+        assert.equal(400, testing.status(d), c)
+      end
+      -- Not even a fan-out plan rescues it: the tenant step failed.
+      assert.same({ code = "bad_request", error = TOO_LONG }, kit:route(case("long", { ["x-plan"] = "all" })))
+    end)
+
+    it("refuses a tenant holding a NUL byte", function()
+      local d = kit:route(case("nul"))
+      assert.same({ code = "bad_request", error = "the tenant id is not text (at most 127 bytes, no NUL)" }, d)
+      assert.equal(400, testing.status(d))
+    end)
+
+    it("applies the same rules to X-Tenant-Id without a tenant hook", function()
+      for _, v in ipairs({ "", "   ", " \t " }) do
+        assert.is_nil(plain:tenant{ header = { ["X-Tenant-Id"] = v } }, "'" .. v .. "'")
+        assert.same({ code = "no_tenant", error = "no tenant and no fan-out plan" },
+          plain:route{ header = { ["X-Tenant-Id"] = v } })
+      end
+      assert.same({ tenant = ("t"):rep(127), shard = "shard_1" },
+        plain:route{ header = { ["X-Tenant-Id"] = ("t"):rep(127) } })
+      local d = plain:route{ header = { ["X-Tenant-Id"] = ("t"):rep(128) } }
+      assert.same({ code = "bad_request", error = TOO_LONG }, d)
+      assert.equal(400, testing.status(d))
+      -- The first of repeated headers counts, empty or not.
+      assert.same({ code = "no_tenant", error = "no tenant and no fan-out plan" },
+        plain:route{ header = { ["X-Tenant-Id"] = { "", "b" } } })
+    end)
+
+    it("keeps two long tenants with a common prefix apart: neither is routed", function()
+      local a, b = ("p"):rep(127) .. "a", ("p"):rep(127) .. "b"
+      local ra = plain:route{ header = { ["X-Tenant-Id"] = a } }
+      local rb = plain:route{ header = { ["X-Tenant-Id"] = b } }
+      assert.is_nil(ra.tenant)
+      assert.is_nil(rb.tenant)
+      assert.equal("bad_request", ra.code)
+      assert.equal("bad_request", rb.code)
     end)
   end)
 
