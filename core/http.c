@@ -615,7 +615,14 @@ static void reply(struct http_request *req, int status, struct evbuffer *body, c
 		conn_free(c);
 		return;
 	}
+	unsigned long failed = alloc_failures();
 	write_reply(c, status, body, extra, keep, type);
+	if (alloc_failures() != failed) {
+		/* Part of the answer is missing: send nothing more of it, and close. */
+		log_error("http: out of memory queueing a %d answer; closing the client's connection", status);
+		evbuffer_drain(c->out, evbuffer_get_length(c->out));
+		keep = false;
+	}
 	reset_request(c);
 	if (!keep) {
 		c->state = CS_CLOSE;

@@ -237,12 +237,13 @@ static void w_rows(struct out *o, const PGresult *res)
 	put(o, "]", 1);
 }
 
-static void w_result_body(struct out *o, const PGresult *res)
+/* "command", "row_count", "fields" of res, then a comma; rows counts a TUPLES_OK result's rows. */
+static void w_result_head(struct out *o, const PGresult *res, long rows)
 {
 	const char *status = PQcmdStatus((PGresult *)res);
 	const char *sp = strchr(status, ' ');
 	const char *tuples = PQcmdTuples((PGresult *)res);
-	long count = PQresultStatus(res) == PGRES_TUPLES_OK ? PQntuples(res)
+	long count = PQresultStatus(res) == PGRES_TUPLES_OK ? rows
 			 : (*tuples ? strtol(tuples, NULL, 10) : 0);
 
 	put(o, "\"command\":", 10);
@@ -254,6 +255,11 @@ static void w_result_body(struct out *o, const PGresult *res)
 	put(o, ",", 1);
 	w_fields(o, res);
 	put(o, ",", 1);
+}
+
+static void w_result_body(struct out *o, const PGresult *res)
+{
+	w_result_head(o, res, PQntuples(res));
 	w_rows(o, res);
 }
 
@@ -299,6 +305,17 @@ int jsonw_row_items(struct evbuffer *b, const PGresult *res, int first_row, int 
 	n = w_row_items(&o, res, first_row, max_rows, need_comma);
 	out_flush(&o);
 	return n;
+}
+
+void jsonw_result_streamed(struct evbuffer *b, const PGresult *res, long nrows, struct evbuffer *rows)
+{
+	struct out o;
+	out_init(&o, b);
+	w_result_head(&o, res, nrows);
+	put(&o, "\"rows\":[", 8);
+	out_flush(&o);
+	evbuffer_add_buffer(b, rows);
+	evbuffer_add(b, "]", 1);
 }
 
 void jsonw_result_body(struct evbuffer *b, const PGresult *res)

@@ -21,6 +21,12 @@ void jsonw_error(struct evbuffer *b, const char *code, const char *msg, const ch
 void jsonw_fields(struct evbuffer *b, const PGresult *res);
 /* Write the rows of res as elements (no brackets), for concatenation; returns rows written. */
 int jsonw_row_items(struct evbuffer *b, const PGresult *res, int first_row, int max_rows, int need_comma);
+/*
+ * The same for a result read row by row: res is the closing zero-row
+ * result (command tag and fields), nrows the rows read, rows their JSON
+ * items (jsonw_row_items), moved into b without a copy.
+ */
+void jsonw_result_streamed(struct evbuffer *b, const PGresult *res, long nrows, struct evbuffer *rows);
 /* "command", "row_count", "fields" and "rows" of res, comma separated. */
 void jsonw_result_body(struct evbuffer *b, const PGresult *res);
 

@@ -327,6 +327,8 @@ int main(int argc, char **argv)
 	bool check = false;
 	int c, rc = 1;
 
+	/* Before anything of libevent's: its buffers' allocation failures are counted. */
+	event_set_mem_functions(counted_malloc, counted_realloc, free);
 	while ((c = getopt_long(argc, argv, "c:H:Vh", opts, NULL)) != -1) {
 		switch (c) {
 		case 'c': app.config_path = optarg; break;

@@ -305,6 +305,14 @@ static void read_results(struct pgconn *c)
 				statement_over(c);
 				return;
 			}
+			/*
+			 * In a pipeline, single-row mode is set as the client's query
+			 * comes up. libpq refuses it for a query the pipeline already
+			 * aborted, which has no rows anyway.
+			 */
+			if (c->cur_rows && c->pipe[c->pipe_head] == PI_CLIENT &&
+			    PQpipelineStatus(c->pg) != PQ_PIPELINE_OFF)
+				PQsetSingleRowMode(c->pg);
 			continue;
 		}
 		if (swallow(c, it, res)) {
@@ -599,6 +607,7 @@ static bool ready(struct pgconn *c)
 	c->pend_entry = NULL;
 	c->reset_failed = false;
 	c->retry_txn = false;
+	c->cur_rows = false;
 	c->npipe = 0;
 	c->pipe_head = 0;
 	if (c->state != PGCONN_IDLE || PQstatus(c->pg) != CONNECTION_OK) {
@@ -705,10 +714,14 @@ static int send_one(struct pgconn *c, const char *sql, int n, const char *const 
 		: PQsendQueryParams(c->pg, sql, n, NULL, vals, NULL, NULL, 0)))
 		return send_failed(c);
 	pipe_push(c, PI_CLIENT);
+	c->cur_rows = c->want_rows;
+	c->want_rows = false;
 	if (pipeline) {
 		if (!PQpipelineSync(c->pg))
 			return send_failed(c);
 		pipe_push(c, PI_SYNC);
+	} else if (c->cur_rows && !PQsetSingleRowMode(c->pg)) {
+		return send_failed(c);
 	}
 	return sent(c, cb, arg);
 }
@@ -792,6 +805,7 @@ static int resend(struct pgconn *c)
 	c->pending = PEND_NONE;
 	c->npipe = 0;
 	c->pipe_head = 0;
+	c->want_rows = c->cur_rows;
 	if (how == PEND_RETRY)
 		return send_one(c, c->pend_sql, c->pend_n, c->pend_vals, NULL, false, c->cb, c->arg);
 	return send_via_cache(c, c->cb, c->arg);
@@ -829,6 +843,11 @@ void pgconn_lend(struct pgconn *c, const char *tenant)
 		str_copy(c->owner, sizeof(c->owner), tenant);
 	else if (!tenant)
 		c->owner[0] = '\0';
+}
+
+void pgconn_want_rows(struct pgconn *c)
+{
+	c->want_rows = true;
 }
 
 bool pgconn_reset_failed(const struct pgconn *c)

@@ -74,6 +74,8 @@ struct pgconn {
 	bool reset_failed;       /* the reset or its guard failed: nothing of the statement ran */
 	bool reset_prepared;     /* the reset's statements are prepared on this connection */
 	bool retry_txn;          /* the statement failed on the gateway's own cache inside a transaction */
+	bool want_rows;          /* the next statement sent delivers its rows one by one */
+	bool cur_rows;           /* ... the one in flight does */
 	char nonce[33];          /* the current reset's marker (see queue_reset) */
 	/* What each query in flight is for, oldest first (see read_results). */
 	unsigned char pipe[32];
@@ -164,6 +166,14 @@ int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const cha
 		       pgconn_cb cb, void *arg);
 /* Send sql and deliver its rows one result per row (single-row mode), for large loads. */
 int pgconn_send_rows(struct pgconn *c, const char *sql, pgconn_cb cb, void *arg);
+
+/*
+ * The next statement sent hands out its rows one result each
+ * (PGRES_SINGLE_TUPLE, then a zero-row PGRES_TUPLES_OK with the command
+ * tag), so the borrower can stop a result that grows too large before it
+ * is all in memory.
+ */
+void pgconn_want_rows(struct pgconn *c);
 
 /* Forget prepared statements (the server lost them). */
 void pgconn_cache_clear(struct pgconn *c);

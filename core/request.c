@@ -73,6 +73,8 @@ struct request {
 	double sent_at;          /* when the running statement was sent */
 	char sqlstate[6];        /* of the running statement's error */
 	struct evbuffer *out;
+	struct evbuffer *rows;   /* the running statement's rows as JSON items, read one by one */
+	long nrows;              /* ... how many */
 };
 
 static struct event_base *loop_base;
@@ -144,6 +146,8 @@ static void request_free(struct request *r)
 		event_del(r->timer);
 	body_free(&r->body);
 	evbuffer_free(r->out);
+	if (r->rows)
+		evbuffer_free(r->rows);
 	if (r->entered)
 		tenants_leave(r->route.tenant);
 	route_clear(&r->route);
@@ -277,6 +281,7 @@ static void run_next(struct request *r)
 		break;
 	case PH_STMT: {
 		const struct stmt *st = &r->body.stmts[r->cur];
+		pgconn_want_rows(r->conn);
 		rc = send_sql(r, st->sql, st->nparams, st->values, pgconn_send_statement);
 		break;
 	}
@@ -292,16 +297,69 @@ static void run_next(struct request *r)
 		finish(r);
 }
 
-static void write_result(struct request *r, const PGresult *res)
+/*
+ * The answer cannot be what it should (over a cap, or memory ran out while
+ * writing it): the error replaces it, and the statement, whose remaining
+ * rows nobody will read, is cancelled.
+ */
+static void give_up_result(struct request *r, int status, const char *code, const char *msg)
 {
-	if (r->kind == BODY_QUERY) {
-		jsonw_result_body(r->out, res);
+	log_warn("shard %s: %s (tenant '%s')", r->shard->name, msg, r->route.tenant);
+	if (r->rows)
+		evbuffer_drain(r->rows, evbuffer_get_length(r->rows));
+	set_error(r, status, code, msg);
+	cancel_running(r);
+}
+
+static void out_of_memory(struct request *r)
+{
+	give_up_result(r, 500, "out_of_memory",
+		       "the gateway ran out of memory writing the answer; nothing of it was sent");
+}
+
+/* One row of the running statement (single-row mode), held until its command tag arrives. */
+static void add_row(struct request *r, const PGresult *res)
+{
+	unsigned long failed = alloc_failures();
+	char msg[200];
+	if (!r->rows && !(r->rows = evbuffer_new())) {
+		out_of_memory(r);
 		return;
 	}
-	evbuffer_add(r->out, r->nresults ? ",{" : "{", r->nresults ? 2 : 1);
-	jsonw_result_body(r->out, res);
-	evbuffer_add(r->out, "}", 1);
+	jsonw_row_items(r->rows, res, 0, 1, r->nrows > 0);
+	if (alloc_failures() != failed) {
+		out_of_memory(r);
+		return;
+	}
+	if (++r->nrows > r->shard->max_rows) {
+		snprintf(msg, sizeof(msg), "the result has more than max_rows (%d) rows; the statement was cancelled",
+			 r->shard->max_rows);
+		give_up_result(r, 502, "result_too_large", msg);
+	} else if (evbuffer_get_length(r->rows) + evbuffer_get_length(r->out) >
+		   (size_t)r->shard->max_result_bytes) {
+		snprintf(msg, sizeof(msg), "the answer grew past max_result_bytes (%d bytes); the statement was "
+			 "cancelled", r->shard->max_result_bytes);
+		give_up_result(r, 502, "result_too_large", msg);
+	}
+}
+
+/* A statement's closing result: its answer, with the rows read before it. */
+static void write_result(struct request *r, const PGresult *res)
+{
+	unsigned long failed = alloc_failures();
+	bool streamed = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 0 && r->rows;
+	if (r->kind == BODY_TRANSACTION)
+		evbuffer_add(r->out, r->nresults ? ",{" : "{", r->nresults ? 2 : 1);
+	if (streamed)
+		jsonw_result_streamed(r->out, res, r->nrows, r->rows);
+	else
+		jsonw_result_body(r->out, res);
+	if (r->kind == BODY_TRANSACTION)
+		evbuffer_add(r->out, "}", 1);
 	r->nresults++;
+	r->nrows = 0;
+	if (alloc_failures() != failed)
+		out_of_memory(r);
 }
 
 static void on_result(struct request *r, PGresult *res)
@@ -309,12 +367,19 @@ static void on_result(struct request *r, PGresult *res)
 	if (r->cancelled && pgerror_is_cancel(res))
 		r->cancel_seen = true;
 	switch (PQresultStatus(res)) {
+	case PGRES_SINGLE_TUPLE:
+		if (r->phase == PH_STMT && r->status == 0)
+			add_row(r, res);
+		return;
 	case PGRES_TUPLES_OK:
 	case PGRES_COMMAND_OK:
 		if (r->phase == PH_STMT && r->status == 0)
 			write_result(r, res);
 		return;
 	case PGRES_FATAL_ERROR:
+		if (r->rows)
+			evbuffer_drain(r->rows, evbuffer_get_length(r->rows));
+		r->nrows = 0;
 		if (r->status == 0)
 			sql_error(r, res);
 		return;
@@ -431,6 +496,9 @@ static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 static void start_statements(struct request *r)
 {
 	r->nresults = 0;
+	r->nrows = 0;
+	if (r->rows)
+		evbuffer_drain(r->rows, evbuffer_get_length(r->rows));
 	evbuffer_drain(r->out, evbuffer_get_length(r->out));
 	evbuffer_add(r->out, "{\"shard\":", 9);
 	jsonw_cstring(r->out, r->shard->name);
@@ -597,10 +665,14 @@ static int refuse_transaction_control(struct request *r)
 		const char *sql = r->body.stmts[i].sql;
 		if (!sql_controls_transaction(sql))
 			continue;
+		const char *word = sql_skip_noise(sql);
+		int len = 0;
+		while (len < 20 && isalpha((unsigned char)word[len]))
+			len++;
 		snprintf(msg, sizeof(msg),
-			 "statement %d ends or starts a transaction (%.40s); the gateway runs the request in one "
+			 "statement %d ends or starts a transaction (%.*s); the gateway runs the request in one "
 			 "transaction of its own: leave BEGIN, COMMIT and ROLLBACK out (savepoints are allowed)",
-			 i + 1, sql_skip_noise(sql));
+			 i + 1, len, word);
 		set_error(r, 400, "bad_request", msg);
 		finish(r);
 		return -1;

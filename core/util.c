@@ -19,6 +19,29 @@ static void oom(size_t size)
 	abort();
 }
 
+static unsigned long failures;
+
+void *counted_malloc(size_t size)
+{
+	void *p = malloc(size);
+	if (!p && size)
+		failures++;
+	return p;
+}
+
+void *counted_realloc(void *p, size_t size)
+{
+	void *q = realloc(p, size);
+	if (!q && size)
+		failures++;
+	return q;
+}
+
+unsigned long alloc_failures(void)
+{
+	return failures;
+}
+
 void *xmalloc(size_t size)
 {
 	void *p = malloc(size ? size : 1);

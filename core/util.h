@@ -12,6 +12,15 @@
 #define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
 void *xmalloc(size_t size);
+
+/*
+ * malloc and realloc that count their failures, for libevent's buffers
+ * (main.c installs them): the answer path checks alloc_failures() around
+ * what it writes, so an answer that lost bytes is never sent as a 200.
+ */
+void *counted_malloc(size_t size);
+void *counted_realloc(void *p, size_t size);
+unsigned long alloc_failures(void);
 void *xcalloc(size_t n, size_t size);
 void *xrealloc(void *p, size_t size);
 char *xstrdup(const char *s);
