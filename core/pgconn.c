@@ -14,7 +14,6 @@
 #include <event2/dns.h>
 #include <event2/event.h>
 #include <event2/util.h>
-#include <openssl/rand.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -136,12 +135,15 @@ static void on_connect_timeout(evutil_socket_t fd, short what, void *arg)
 }
 
 static int resend(struct pgconn *c);
+static int send_slow_reset(struct pgconn *c);
+static int sent(struct pgconn *c, pgconn_cb cb, void *arg);
 
 /* What a query in flight is for (c->pipe, oldest first). */
 enum pipe_item {
 	PI_CLIENT,    /* the borrower's statement: its results are handed out */
 	PI_PREPARE,   /* the cache's PREPARE of it: swallowed, unless it failed */
-	PI_RESET,     /* a statement of the reset, or its guard: swallowed, a failure noted */
+	PI_RESET,     /* a statement of the quick reset, or its guard: swallowed, a failure noted */
+	PI_SLOW,      /* a statement of the slow reset: swallowed, a failure closes the connection */
 	PI_SYNC,      /* the end of a pipeline segment */
 };
 
@@ -221,6 +223,19 @@ static void statement_over(struct pgconn *c)
 		broken(c, "cannot leave pipeline mode: ");
 		return;
 	}
+	c->in_reset = false;
+	if (c->cancelled && (c->reset_slow || c->pending != PEND_NONE)) {
+		/* Cancelled by its borrower: never sent again. Its state is in doubt. */
+		c->reset_slow = false;
+		c->pending = PEND_NONE;
+		c->discard = true;
+	}
+	if (c->reset_slow && !c->reset_failed && PQstatus(c->pg) == CONNECTION_OK) {
+		c->reset_slow = false;
+		if (send_slow_reset(c) < 0 || sent(c, c->cb, c->arg) < 0)
+			broken(c, "");
+		return;
+	}
 	if (c->pending != PEND_NONE && !c->reset_failed && PQstatus(c->pg) == CONNECTION_OK) {
 		if (resend(c) < 0)
 			broken(c, "");
@@ -242,7 +257,11 @@ static int swallow(struct pgconn *c, enum pipe_item it, PGresult *res)
 	ExecStatusType st = PQresultStatus(res);
 	switch (it) {
 	case PI_RESET:
-		if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && !c->reset_failed) {
+		if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
+			c->reset_slow = true;
+		return 1;
+	case PI_SLOW:
+		if (st != PGRES_COMMAND_OK && !c->reset_failed) {
 			const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
 			log_warn("the reset of a connection (pid %d) failed: %s; closing it", c->backend_pid,
 				 m ? m : PQresStatus(st));
@@ -261,7 +280,20 @@ static int swallow(struct pgconn *c, enum pipe_item it, PGresult *res)
 		/* Skipped after a failed reset or PREPARE, whose error is already out. */
 		if (st == PGRES_PIPELINE_ABORTED)
 			return 1;
-		return st == PGRES_FATAL_ERROR && cache_failure(c, res);
+		if (st != PGRES_FATAL_ERROR)
+			return 0;
+		if (c->in_reset && !c->reset_apart) {
+			const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+			/* Must run alone (VACUUM, SET TRANSACTION ...): again after the slow reset. */
+			if (code && strcmp(code, "25001") == 0) {
+				c->reset_slow = true;
+				return 1;
+			}
+			/* The reset shared the failed statement's transaction: it was rolled back. */
+			c->has_owner = false;
+			c->session_dirty = true;
+		}
+		return cache_failure(c, res);
 	default:
 		return 1;
 	}
@@ -606,6 +638,10 @@ static bool ready(struct pgconn *c)
 	c->pending = PEND_NONE;
 	c->pend_entry = NULL;
 	c->reset_failed = false;
+	c->reset_slow = false;
+	c->in_reset = false;
+	c->reset_apart = false;
+	c->cancelled = false;
 	c->retry_txn = false;
 	c->cur_rows = false;
 	c->npipe = 0;
@@ -619,75 +655,105 @@ static bool ready(struct pgconn *c)
 
 /*
  * The reset: what DISCARD ALL does, except dropping the gateway's own
- * prepared statements, so another borrower finds the session as a new
- * one would be, whatever SQL the last one sent (DO blocks, functions and
+ * prepared statements, so another borrower finds the session as a new one
+ * would be, whatever SQL the last one sent (DO blocks, functions and
  * EXECUTE included). It goes out in the same round trip as the borrower's
- * first statement, as two pipeline segments:
+ * first statement, in one libpq pipeline:
  *
- *   1. SET SESSION AUTHORIZATION DEFAULT, RESET ALL, CLOSE ALL, UNLISTEN *,
- *      pg_advisory_unlock_all(), DISCARD TEMP, DISCARD SEQUENCES, and
- *      set_config('shardgate.reset', <nonce>) last; Sync. Its own
- *      transaction, so what the last borrower left in the transaction
- *      defaults (read-only, isolation) is gone before the second starts.
- *   2. The guard, then the statement; Sync. The guard divides by zero,
- *      aborting the segment so the statement never runs, unless segment 1
- *      completed (the nonce is set: a failure rolled it back) and no
- *      prepared statement made with SQL's PREPARE is left (one could also
- *      have replaced one of the gateway's own under its name). A failed
- *      reset closes the connection; the borrower retries elsewhere.
+ *   SET SESSION AUTHORIZATION DEFAULT; RESET ALL; CLOSE ALL; DISCARD TEMP;
+ *   DISCARD SEQUENCES; the guard; the statement; Sync
  *
- * Segment 1's statements are prepared once per connection; the guard is
- * the unnamed statement, which no SQL can replace. Names are qualified
- * with pg_catalog, and operators too, so no search_path can divert them.
+ * The guard also releases advisory locks, and divides by zero, aborting
+ * the statement, unless the session holds nothing else DISCARD ALL would
+ * remove: no LISTEN (UNLISTEN would only act at commit), no prepared
+ * statement made with SQL's PREPARE (one could also have replaced one of
+ * the gateway's own under its name), and no transaction characteristic
+ * left from the last borrower's defaults. That is nearly always so, and
+ * the whole reset costs the server six short prepared statements. Otherwise (or when the statement refuses to run in a
+ * pipeline, 25001) the slow path runs DISCARD ALL on its own, forgets the
+ * statement cache, and sends the statement again; if even that fails the
+ * connection is closed and nothing of the statement ran.
+ *
+ * A BEGIN goes after a Sync of its own, so the transaction it opens starts
+ * clean (SET TRANSACTION still works in it); what the reset did is
+ * committed by then. Otherwise the reset shares the statement's
+ * transaction: when that fails, the reset is rolled back with it, and the
+ * connection is marked for a reset before anyone's next use.
+ *
+ * The reset's statements are prepared once per connection. SQL that
+ * replaced one of them (DEALLOCATE, then PREPARE under the same name) left
+ * a statement the guard sees, unless it replaced the guard itself: that
+ * needs a function of the tenant's own running dynamic SQL, so the README
+ * asks for a role that cannot create functions (which could capture other
+ * tenants' rows through triggers anyway). Names and operators are
+ * qualified with pg_catalog, so no search_path can divert them.
  */
 static const char *const reset_sql[] = {
-	"SET SESSION AUTHORIZATION DEFAULT",
+	"SET SESSION AUTHORIZATION DEFAULT",   /* also the role, which RESET ALL leaves */
 	"RESET ALL",
 	"CLOSE ALL",
-	"UNLISTEN *",
-	"SELECT pg_catalog.pg_advisory_unlock_all()",
 	"DISCARD TEMP",
 	"DISCARD SEQUENCES",
-	"SELECT pg_catalog.set_config('shardgate.reset', $1, false)",
+	"SELECT pg_catalog.pg_advisory_unlock_all(), 1 OPERATOR(pg_catalog./) pg_catalog.int4(("
+	"NOT EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql) "
+	"AND NOT EXISTS (SELECT FROM pg_catalog.pg_listening_channels()) "
+	"AND pg_catalog.current_setting('transaction_read_only') OPERATOR(pg_catalog.=) "
+	"pg_catalog.current_setting('default_transaction_read_only') "
+	"AND pg_catalog.current_setting('transaction_isolation') OPERATOR(pg_catalog.=) "
+	"pg_catalog.current_setting('default_transaction_isolation') "
+	"AND pg_catalog.current_setting('transaction_deferrable') OPERATOR(pg_catalog.=) "
+	"pg_catalog.current_setting('default_transaction_deferrable')) IS TRUE)",
 };
-static const char reset_guard[] =
-	"SELECT 1 OPERATOR(pg_catalog./) pg_catalog.int4((pg_catalog.current_setting('shardgate.reset', true) "
-	"OPERATOR(pg_catalog.=) $1 AND NOT EXISTS (SELECT FROM pg_catalog.pg_prepared_statements "
-	"WHERE from_sql)) IS TRUE)";
 
-/* Queue the reset's two segments' first parts; the caller adds the statement and a Sync. */
+/* Queue the fast reset (see above); the caller adds the statement and the Sync. */
 static int queue_reset(struct pgconn *c)
 {
-	unsigned char raw[16];
-	const char *nonce[1] = { c->nonce };
 	char name[8];
-	int n = (int)ARRAY_LEN(reset_sql);
-	/* Unguessable, so no borrower can set it beforehand and pass a failed reset off as done. */
-	if (RAND_bytes(raw, sizeof(raw)) != 1)
-		abort();
-	for (int i = 0; i < 16; i++)
-		snprintf(c->nonce + 2 * i, 3, "%02x", raw[i]);
-	for (int i = 0; i < n; i++) {
-		int np = i == n - 1;
+	for (int i = 0; i < (int)ARRAY_LEN(reset_sql); i++) {
 		snprintf(name, sizeof(name), "sgr%d", i + 1);
 		if (!c->reset_prepared) {
-			if (!PQsendPrepare(c->pg, name, reset_sql[i], np, NULL))
+			if (!PQsendPrepare(c->pg, name, reset_sql[i], 0, NULL))
 				return -1;
 			pipe_push(c, PI_RESET);
 		}
-		if (!PQsendQueryPrepared(c->pg, name, np, np ? nonce : NULL, NULL, NULL, 0))
+		if (!PQsendQueryPrepared(c->pg, name, 0, NULL, NULL, NULL, 0))
 			return -1;
 		pipe_push(c, PI_RESET);
 	}
-	if (!PQpipelineSync(c->pg))
-		return -1;
-	pipe_push(c, PI_SYNC);
-	if (!PQsendQueryParams(c->pg, reset_guard, 1, NULL, nonce, NULL, NULL, 0))
-		return -1;
-	pipe_push(c, PI_RESET);
 	c->reset_prepared = true;
 	c->reset_next = false;
 	c->session_dirty = false;
+	c->in_reset = true;
+	return 0;
+}
+
+/*
+ * The slow path, after the fast reset found state it does not clear (or
+ * the statement would not run behind it): roll back what is open, then
+ * DISCARD ALL on its own. The statement is sent again when it is done.
+ */
+static int send_slow_reset(struct pgconn *c)
+{
+	log_debug("connection (pid %d) holds session state the quick reset does not clear: DISCARD ALL",
+		  c->backend_pid);
+	c->npipe = 0;
+	c->pipe_head = 0;
+	if (!PQenterPipelineMode(c->pg))
+		return -1;
+	if (PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
+		if (!PQsendQueryParams(c->pg, "ROLLBACK", 0, NULL, NULL, NULL, NULL, 0) || !PQpipelineSync(c->pg))
+			return -1;
+		pipe_push(c, PI_SLOW);
+		pipe_push(c, PI_SYNC);
+	}
+	if (!PQsendQueryParams(c->pg, "DISCARD ALL", 0, NULL, NULL, NULL, NULL, 0) || !PQpipelineSync(c->pg))
+		return -1;
+	pipe_push(c, PI_SLOW);
+	pipe_push(c, PI_SYNC);
+	pgconn_cache_clear(c);      /* DISCARD ALL dropped them */
+	c->reset_prepared = false;
+	c->pending = PEND_AFTER_RESET;
+	c->last_used = mono_now();
 	return 0;
 }
 
@@ -701,10 +767,23 @@ static int send_one(struct pgconn *c, const char *sql, int n, const char *const 
 		    struct stmt_entry *e, bool prepare, pgconn_cb cb, void *arg)
 {
 	bool pipeline = c->reset_next || prepare;
+	c->pend_sql = sql;
+	c->pend_n = n;
+	c->pend_vals = vals;
+	c->pend_cached = e != NULL || prepare;
 	if (pipeline && !PQenterPipelineMode(c->pg))
 		return send_failed(c);
-	if (c->reset_next && queue_reset(c) < 0)
-		return send_failed(c);
+	if (c->reset_next) {
+		if (queue_reset(c) < 0)
+			return send_failed(c);
+		/* A transaction of the borrower's starts after the reset, clean (see above). */
+		c->reset_apart = !e && strcmp(sql, "BEGIN") == 0;
+		if (c->reset_apart) {
+			if (!PQpipelineSync(c->pg))
+				return send_failed(c);
+			pipe_push(c, PI_SYNC);
+		}
+	}
 	if (prepare) {
 		if (!PQsendPrepare(c->pg, e->name, sql, 0, NULL))
 			return send_failed(c);
@@ -798,7 +877,10 @@ static int send_via_cache(struct pgconn *c, pgconn_cb cb, void *arg)
 	return 0;
 }
 
-/* The statement again after a cache failure (cache_failure): unprepared, or prepared anew. */
+/*
+ * The statement again: unprepared after a stale plan, prepared anew after
+ * a lost statement (cache_failure), or as it was after the slow reset.
+ */
 static int resend(struct pgconn *c)
 {
 	int how = c->pending;
@@ -806,7 +888,7 @@ static int resend(struct pgconn *c)
 	c->npipe = 0;
 	c->pipe_head = 0;
 	c->want_rows = c->cur_rows;
-	if (how == PEND_RETRY)
+	if (how == PEND_RETRY || (how == PEND_AFTER_RESET && !c->pend_cached))
 		return send_one(c, c->pend_sql, c->pend_n, c->pend_vals, NULL, false, c->cb, c->arg);
 	return send_via_cache(c, c->cb, c->arg);
 }
@@ -893,6 +975,7 @@ void pgconn_cancel(struct pgconn *c)
 
 	if (c->state != PGCONN_BUSY)
 		return;
+	c->cancelled = true;
 	cn = PQgetCancel(c->pg);
 	if (!cn)
 		return;

@@ -71,12 +71,15 @@ struct pgconn {
 	bool has_owner;          /* the last borrower was a tenant (not a fan-out or nobody) */
 	bool used;               /* lent since its last reset: may carry its borrower's state */
 	bool reset_next;         /* the next send starts with the reset */
-	bool reset_failed;       /* the reset or its guard failed: nothing of the statement ran */
+	bool reset_failed;       /* the slow reset failed: nothing of the statement ran */
+	bool reset_slow;         /* the quick reset found state it does not clear: DISCARD ALL */
+	bool in_reset;           /* the statement in flight went out behind the quick reset */
+	bool reset_apart;        /* ... in a pipeline segment of its own (before a BEGIN) */
+	bool cancelled;          /* its borrower cancelled the statement in flight */
 	bool reset_prepared;     /* the reset's statements are prepared on this connection */
 	bool retry_txn;          /* the statement failed on the gateway's own cache inside a transaction */
 	bool want_rows;          /* the next statement sent delivers its rows one by one */
 	bool cur_rows;           /* ... the one in flight does */
-	char nonce[33];          /* the current reset's marker (see queue_reset) */
 	/* What each query in flight is for, oldest first (see read_results). */
 	unsigned char pipe[32];
 	int pipe_head;
@@ -86,7 +89,8 @@ struct pgconn {
 	int ncache;
 	unsigned next_stmt;
 	/* The statement waiting for its PREPARE to finish, or re-sent after a stale plan. */
-	enum { PEND_NONE, PEND_RETRY, PEND_REPREPARE } pending;
+	enum { PEND_NONE, PEND_RETRY, PEND_REPREPARE, PEND_AFTER_RESET } pending;
+	bool pend_cached;        /* the statement goes through the cache */
 	const char *pend_sql;
 	int pend_n;
 	const char *const *pend_vals;

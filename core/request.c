@@ -70,6 +70,7 @@ struct request {
 	struct tenant_waiter twait;
 	int status;              /* set once an error answer is written to out */
 	int nresults;            /* results written into out (transaction) */
+	int nres;                /* results the running statement gave */
 	double sent_at;          /* when the running statement was sent */
 	char sqlstate[6];        /* of the running statement's error */
 	struct evbuffer *out;
@@ -242,6 +243,7 @@ static int send_sql(struct request *r, const char *sql, int n, const char *const
 	r->cancel_seen = false;
 	r->sent_at = mono_now();
 	r->sqlstate[0] = '\0';
+	r->nres = 0;
 	if (send(r->conn, sql, n, vals, on_conn_event, r) < 0) {
 		char msg[320];
 		if (!r->conn->sent && !r->retried && first_statement(r)) {
@@ -364,6 +366,7 @@ static void write_result(struct request *r, const PGresult *res)
 
 static void on_result(struct request *r, PGresult *res)
 {
+	r->nres++;
 	if (r->cancelled && pgerror_is_cancel(res))
 		r->cancel_seen = true;
 	switch (PQresultStatus(res)) {
@@ -435,6 +438,13 @@ static void on_done(struct request *r)
 	if (pgconn_reset_failed(r->conn)) {
 		retry_after_reset(r);
 		return;
+	}
+	if (r->status == 0 && r->cancelled && r->nres == 0) {
+		/* Cancelled before it gave anything (while its reset ran, say): no answer to build on. */
+		char msg[160];
+		snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
+		set_error(r, r->timed_out ? 504 : 502, r->timed_out ? "statement_timeout" : "shard_error",
+			  r->timed_out ? msg : "the statement was cancelled before it answered");
 	}
 	if (!pgconn_usable(r->conn)) {
 		if (r->status == 0) {
