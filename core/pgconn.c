@@ -917,8 +917,10 @@ int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const 
 void pgconn_lend(struct pgconn *c, const char *tenant)
 {
 	bool same = tenant && c->has_owner && strcmp(c->owner, tenant) == 0;
-	if (c->used && (c->session_dirty || !same))
+	if (c->used && (c->session_dirty || !same)) {
 		c->reset_next = true;
+		c->session_dirty = false;   /* the reset clears it: the statement may use the cache */
+	}
 	c->used = true;
 	c->has_owner = tenant != NULL;
 	if (tenant && !same)
