@@ -553,15 +553,26 @@ static void fanout_free(struct fanout *fo)
 static void complete(struct fanout *fo)
 {
 	struct evbuffer *b = evbuffer_new();
+	unsigned long failed = alloc_failures();
 	int status;
 	if (!b)
 		abort();
 	status = build_answer(fo, b);
+	evbuffer_add(b, "\n", 1);
+	if (alloc_failures() != failed) {
+		/* Never a 200 with rows missing: the error replaces the answer. */
+		log_error("fan-out over %d shards: out of memory writing the answer", fo->plan.nshards);
+		evbuffer_drain(b, evbuffer_get_length(b));
+		jsonw_error(b, "out_of_memory", "the gateway ran out of memory writing the answer; nothing of it "
+			    "was sent", NULL);
+		evbuffer_add(b, "\n", 1);
+		snprintf(fo->http->info.code, sizeof(fo->http->info.code), "out_of_memory");
+		status = 500;
+	}
 	for (int i = 0; i < fo->plan.nshards; i++)
 		if (fo->parts[i].error)
 			fo->parts[i].pool->stats.fanout_failures++;
 	metrics_fanout();
-	evbuffer_add(b, "\n", 1);
 	fo->http->data = NULL;
 	fo->http->on_abort = NULL;
 	log_debug("fan-out over %d shards: %d", fo->plan.nshards, status);
