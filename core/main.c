@@ -149,6 +149,50 @@ static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
 	on_drain_tick(-1, 0, app);
 }
 
+/*
+ * A second SIGTERM or SIGINT ends the process at once, even while the loop
+ * is stuck (a hook in a long C call never returns to it, so libevent's own
+ * handling of the signal would never run). This handler runs first and
+ * passes the first signal on to libevent's; on the second it writes one
+ * line, with only async-signal-safe calls, and exits.
+ */
+static struct sigaction loop_sigterm, loop_sigint;
+static volatile sig_atomic_t stop_signals;
+static const struct app *signal_app;
+
+static void on_raw_stop_signal(int sig)
+{
+	char line[160], num[24];
+	size_t n = 0;
+	const char *head = "shardgate: second stop signal with ", *tail = " requests in flight; exiting now\n";
+	if (++stop_signals < 2) {
+		const struct sigaction *next = sig == SIGTERM ? &loop_sigterm : &loop_sigint;
+		if (next->sa_handler != SIG_DFL && next->sa_handler != SIG_IGN)
+			next->sa_handler(sig);
+		return;
+	}
+	n += str_copy(line + n, sizeof(line) - n, head);
+	fmt_int(num, signal_app ? inflight(signal_app) : 0);
+	n += str_copy(line + n, sizeof(line) - n, num);
+	n += str_copy(line + n, sizeof(line) - n, tail);
+	if (write(STDERR_FILENO, line, n) < 0)
+		n = 0;
+	_exit(1);
+}
+
+/* Put on_raw_stop_signal in front of libevent's handlers (after evsignal_add). */
+static void install_second_signal(const struct app *app)
+{
+	struct sigaction sa;
+	signal_app = app;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_raw_stop_signal;
+	sigemptyset(&sa.sa_mask);
+	sa.sa_flags = SA_RESTART;
+	sigaction(SIGTERM, &sa, &loop_sigterm);
+	sigaction(SIGINT, &sa, &loop_sigint);
+}
+
 static void on_hup(evutil_socket_t sig, short what, void *arg)
 {
 	char err[1024];
@@ -372,6 +416,7 @@ int main(int argc, char **argv)
 		log_error("cannot install signal handlers");
 		goto done;
 	}
+	install_second_signal(&app);
 	if (start(&app) < 0)
 		goto done;
 	event_base_dispatch(app.base);
