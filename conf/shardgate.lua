@@ -57,6 +57,7 @@ return {
     idle_timeout      = 300,   -- idle connections above min_idle are closed after this
     max_lifetime      = 3600,  -- connections are recycled after this (minus up to 20% jitter)
     statement_timeout = 30,    -- longest a statement may run; it is cancelled, 504 statement_timeout
+    check_timeout     = 3,     -- longest the pool's own statements (liveness check, ROLLBACK) may take
     max_rows          = 1000000,  -- rows one request may read from a shard; more: cancelled, 502 result_too_large
     max_result_bytes  = 67108864, -- bytes of answer one request may build from a shard; more: cancelled, 502
   },

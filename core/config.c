@@ -107,6 +107,7 @@ static const struct conf_key shard_keys[] = {
 	{ "idle_timeout", CT_DURATION, SHARD(idle_timeout), "300", true, false },
 	{ "max_lifetime", CT_DURATION, SHARD(max_lifetime), "3600", true, false },
 	{ "statement_timeout", CT_DURATION, SHARD(statement_timeout), "30", true, false },
+	{ "check_timeout", CT_DURATION, SHARD(check_timeout), "3", true, false },
 	{ "max_rows", CT_POSITIVE, SHARD(max_rows), "1000000", true, false },
 	{ "max_result_bytes", CT_POSITIVE, SHARD(max_result_bytes), "67108864", true, false },
 };
@@ -636,7 +637,9 @@ static bool secret_name(const char *k)
 			return true;
 	while (*k) {
 		size_t n = 0;
-		while (k[n] && isalnum((unsigned char)k[n]))
+		/* A word ends at anything but a letter or digit, or where camelCase turns upper. */
+		while (k[n] && isalnum((unsigned char)k[n]) &&
+		       !(n > 0 && isupper((unsigned char)k[n]) && islower((unsigned char)k[n - 1])))
 			n++;
 		for (size_t i = 0; i < ARRAY_LEN(words); i++)
 			if (n == strlen(words[i]) && strncasecmp(k, words[i], n) == 0)
@@ -646,6 +649,43 @@ static bool secret_name(const char *k)
 			k++;
 	}
 	return false;
+}
+
+/*
+ * Any "password=", "pwd=" or "passwd=" in s (any case; ODBC, JDBC, libpq
+ * strings libpq itself refuses) with its value up to the next space, ';',
+ * '&' or quote replaced by ***, into out. false when there is none.
+ */
+static bool mask_pairs(const char *s, char *out, size_t len)
+{
+	static const char *const keys[] = { "password=", "passwd=", "pwd=" };
+	size_t n = 0;
+	bool found = false;
+	while (*s && n + 1 < len) {
+		size_t klen = 0;
+		for (size_t i = 0; i < ARRAY_LEN(keys) && !klen; i++)
+			if (strncasecmp(s, keys[i], strlen(keys[i])) == 0)
+				klen = strlen(keys[i]);
+		if (!klen) {
+			out[n++] = *s++;
+			continue;
+		}
+		found = true;
+		for (size_t i = 0; i < klen && n + 1 < len; i++)
+			out[n++] = *s++;
+		n += str_copy(out + n, len - n, "***");
+		if (*s == '\'' || *s == '"') {
+			char q = *s++;
+			while (*s && *s != q)
+				s += (*s == '\\' && s[1]) ? 2 : 1;
+			if (*s)
+				s++;
+		} else {
+			s += strcspn(s, " \t;&");
+		}
+	}
+	out[n < len ? n : len - 1] = '\0';
+	return found;
 }
 
 /*
@@ -674,11 +714,14 @@ static const char *mask_setting(const char *v, char *out, size_t len)
 		const char *at = memrchr(auth, '@', host);
 		const char *colon = at ? memchr(auth, ':', (size_t)(at - auth)) : NULL;
 		if (colon) {
-			snprintf(out, len, "%.*s***%s", (int)(colon + 1 - v), v, at);
+			char tmp[1024];
+			snprintf(tmp, sizeof(tmp), "%.*s***%s", (int)(colon + 1 - v), v, at);
+			if (!mask_pairs(tmp, out, len))
+				str_copy(out, len, tmp);
 			return out;
 		}
 	}
-	return v;
+	return mask_pairs(v, out, len) ? out : v;
 }
 
 /* Is the table at idx a sequence 1..n (shown as a JSON array)? */

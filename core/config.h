@@ -22,6 +22,7 @@ struct shard_conf {
 	double idle_timeout;
 	double max_lifetime;
 	double statement_timeout;
+	double check_timeout;     /* the pool's own statements (liveness check, ROLLBACK) */
 	int max_rows;             /* rows one request may read from this shard */
 	int max_result_bytes;     /* bytes of answer one request may build from this shard */
 	/* From the top-level `breaker` table; the same for every shard. */

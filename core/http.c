@@ -75,6 +75,9 @@ struct http_server {
 	void *reply_arg;
 	bool shutting_down;
 	int inflight;
+	int nconns;
+	struct event *accept_retry;  /* re-enables the listener after a descriptor shortage */
+	double short_since;          /* when the current shortage began; 0: none */
 	LIST_HEAD(conn_list, http_conn) conns;
 };
 
@@ -669,6 +672,7 @@ const char *http_get_header(const struct http_request *req, const char *lname)
 static void conn_free(struct http_conn *c)
 {
 	LIST_REMOVE(c, link);
+	c->srv->nconns--;
 	event_free(c->timer);
 	event_free(c->resume);
 	event_free(c->rev);
@@ -693,6 +697,10 @@ static void on_accept(struct evconnlistener *l, evutil_socket_t fd, struct socka
 	(void)sa;
 	(void)salen;
 
+	if (s->short_since != 0) {
+		log_info("http: accepting connections again after %.1fs", mono_now() - s->short_since);
+		s->short_since = 0;
+	}
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	c = xcalloc(1, sizeof(*c));
 	c->srv = s;
@@ -716,15 +724,46 @@ static void on_accept(struct evconnlistener *l, evutil_socket_t fd, struct socka
 		abort();
 	}
 	LIST_INSERT_HEAD(&s->conns, c, link);
+	s->nconns++;
 	event_add(c->rev, NULL);
-	set_deadline(c, mono_now() + s->lim.keepalive_timeout);
+	/* The first request's head is due within client_timeout: an idle new connection is cheap to open. */
+	set_deadline(c, mono_now() + s->lim.client_timeout);
+}
+
+/*
+ * Out of descriptors (EMFILE, ENFILE) the pending connection stays in the
+ * kernel's queue and the listener would wake the loop again at once, for
+ * ever: it is switched off and tried again every ACCEPT_RETRY seconds,
+ * so a client is taken within that long of a descriptor freeing up while
+ * the CPU stays idle. One line at the start of a shortage, one at its end.
+ */
+#define ACCEPT_RETRY 0.1
+
+static void on_accept_retry(evutil_socket_t fd, short what, void *arg)
+{
+	struct http_server *s = arg;
+	(void)fd;
+	(void)what;
+	if (s->listener)
+		evconnlistener_enable(s->listener);
 }
 
 static void on_accept_error(struct evconnlistener *l, void *arg)
 {
-	(void)l;
-	(void)arg;
-	log_warn("http: accept failed: %s", strerror(errno));
+	struct http_server *s = arg;
+	struct timeval tv = tv_of(ACCEPT_RETRY);
+	int err = errno;
+	if (err != EMFILE && err != ENFILE && err != ENOBUFS && err != ENOMEM) {
+		log_warn("http: accept failed: %s", strerror(err));
+		return;
+	}
+	if (s->short_since == 0) {
+		s->short_since = mono_now();
+		log_warn("http: cannot accept connections: %s (%d client connections open); pausing accepts, "
+			 "retrying every %gs", strerror(err), s->nconns, ACCEPT_RETRY);
+	}
+	evconnlistener_disable(l);
+	evtimer_add(s->accept_retry, &tv);
 }
 
 /* Split "host:port" (IPv6 as "[::1]:port") into a sockaddr. */
@@ -765,6 +804,9 @@ struct http_server *http_server_new(struct event_base *base, const char *addr,
 		goto fail;
 	}
 	evconnlistener_set_error_cb(s->listener, on_accept_error);
+	s->accept_retry = evtimer_new(base, on_accept_retry, s);
+	if (!s->accept_retry)
+		abort();
 	return s;
 fail:
 	free(s);
@@ -831,5 +873,7 @@ void http_server_free(struct http_server *s)
 		conn_free(LIST_FIRST(&s->conns));
 	if (s->listener)
 		evconnlistener_free(s->listener);
+	if (s->accept_retry)
+		event_free(s->accept_retry);
 	free(s);
 }

@@ -120,11 +120,18 @@ static void connect_step(struct pgconn *c)
 	}
 }
 
+/* The connect timer, or a deadline (pgconn_deadline) that passed with the server silent. */
 static void on_connect_timeout(evutil_socket_t fd, short what, void *arg)
 {
 	struct pgconn *c = arg;
 	(void)fd;
 	(void)what;
+	if (c->state == PGCONN_BUSY) {
+		char why[96];
+		snprintf(why, sizeof(why), "the server did not answer within %gs", c->deadline);
+		fail(c, why);
+		return;
+	}
 	if (c->state != PGCONN_CONNECTING)
 		return;
 	c->state = PGCONN_BROKEN;
@@ -243,12 +250,27 @@ static void statement_over(struct pgconn *c)
 	}
 	c->pending = PEND_NONE;
 	c->pend_entry = NULL;
+	if (c->deadline > 0) {
+		c->deadline = 0;
+		event_del(c->timer);
+	}
 	c->state = PQstatus(c->pg) == CONNECTION_OK ? PGCONN_IDLE : PGCONN_BROKEN;
 	if (c->state == PGCONN_BROKEN)
 		set_error(c, "");
 	if (c->watching != EV_READ)
 		watch(c, EV_READ);
 	emit(c, PGCONN_EV_DONE, NULL);
+}
+
+/*
+ * An error in the transaction the quick reset shared with the statement:
+ * the reset was rolled back with it. The statement's next send (a retry)
+ * and the connection's next borrower get it again.
+ */
+static void reset_undone(struct pgconn *c)
+{
+	if (c->in_reset && !c->reset_apart)
+		c->reset_next = true;
 }
 
 /* A result that is not the client's: 1 swallowed, 0 hand it out. */
@@ -275,23 +297,26 @@ static int swallow(struct pgconn *c, enum pipe_item it, PGresult *res)
 		if (c->pend_entry)
 			c->pend_entry->name[0] = '\0';  /* not prepared: prepare again next time */
 		c->pend_entry = NULL;
-		return st == PGRES_PIPELINE_ABORTED;  /* the reset failed before it: not the client's */
+		if (st == PGRES_PIPELINE_ABORTED)
+			return 1;                       /* the reset failed before it: not the client's */
+		reset_undone(c);
+		return 0;
 	case PI_CLIENT:
 		/* Skipped after a failed reset or PREPARE, whose error is already out. */
 		if (st == PGRES_PIPELINE_ABORTED)
 			return 1;
-		if (st != PGRES_FATAL_ERROR)
+		if (st != PGRES_FATAL_ERROR) {
+			c->handed = true;
 			return 0;
+		}
 		if (c->in_reset && !c->reset_apart) {
 			const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
 			/* Must run alone (VACUUM, SET TRANSACTION ...): again after the slow reset. */
-			if (code && strcmp(code, "25001") == 0) {
+			if (code && strcmp(code, "25001") == 0 && !c->handed) {
 				c->reset_slow = true;
 				return 1;
 			}
-			/* The reset shared the failed statement's transaction: it was rolled back. */
-			c->has_owner = false;
-			c->session_dirty = true;
+			reset_undone(c);
 		}
 		return cache_failure(c, res);
 	default:
@@ -330,6 +355,23 @@ static void read_results(struct pgconn *c)
 			return;
 		}
 		res = PQgetResult(c->pg);
+		if (it == PI_SYNC && res && PQresultStatus(res) != PGRES_PIPELINE_SYNC) {
+			/*
+			 * An error at commit (a deferred constraint): the statement's.
+			 * A NULL and then the sync itself follow it.
+			 */
+			reset_undone(c);
+			c->sync_error = true;
+			c->keep_result = false;
+			emit(c, PGCONN_EV_RESULT, res);
+			if (!c->keep_result)
+				PQclear(res);
+			continue;
+		}
+		if (it == PI_SYNC && !res && c->sync_error) {
+			c->sync_error = false;
+			continue;
+		}
 		if (it == PI_SYNC || !res) {
 			PQclear(res);
 			pipe_pop(c);
@@ -477,13 +519,24 @@ static const char *name_to_resolve(const char *url, char *buf, size_t len)
 	return buf[0] ? buf : NULL;
 }
 
+/*
+ * TCP keepalives and tcp_user_timeout, so the kernel notices a peer that
+ * went silent (a partition with no reset) in seconds, not the ~15 minutes
+ * of TCP's retransmissions. Given before the URL, which may override them.
+ */
+static const char *const tcp_keys[] = { "keepalives", "keepalives_idle", "keepalives_interval",
+					"keepalives_count", "tcp_user_timeout" };
+static const char *const tcp_vals[] = { "1", "10", "5", "3", "30000" };
+
 static int start_libpq(struct pgconn *c, const char *url)
 {
-	const char *keys[] = { "dbname", "fallback_application_name", "client_encoding", NULL, NULL };
-	const char *vals[] = { url, "shardgate", "UTF8", NULL, NULL };
+	const char *keys[] = { tcp_keys[0], tcp_keys[1], tcp_keys[2], tcp_keys[3], tcp_keys[4],
+			       "dbname", "fallback_application_name", "client_encoding", NULL, NULL };
+	const char *vals[] = { tcp_vals[0], tcp_vals[1], tcp_vals[2], tcp_vals[3], tcp_vals[4],
+			       url, "shardgate", "UTF8", NULL, NULL };
 	if (c->hostaddr[0]) {
-		keys[3] = "hostaddr";
-		vals[3] = c->hostaddr;
+		keys[8] = "hostaddr";
+		vals[8] = c->hostaddr;
 	}
 	c->pg = PQconnectStartParams(keys, vals, 1);
 	if (!c->pg || PQstatus(c->pg) == CONNECTION_BAD) {
@@ -641,6 +694,8 @@ static bool ready(struct pgconn *c)
 	c->reset_slow = false;
 	c->in_reset = false;
 	c->reset_apart = false;
+	c->handed = false;
+	c->sync_error = false;
 	c->cancelled = false;
 	c->retry_txn = false;
 	c->cur_rows = false;
@@ -722,7 +777,6 @@ static int queue_reset(struct pgconn *c)
 	}
 	c->reset_prepared = true;
 	c->reset_next = false;
-	c->session_dirty = false;
 	c->in_reset = true;
 	return 0;
 }
@@ -776,8 +830,13 @@ static int send_one(struct pgconn *c, const char *sql, int n, const char *const 
 	if (c->reset_next) {
 		if (queue_reset(c) < 0)
 			return send_failed(c);
-		/* A transaction of the borrower's starts after the reset, clean (see above). */
-		c->reset_apart = !e && strcmp(sql, "BEGIN") == 0;
+		/*
+		 * A statement that starts or ends a transaction goes after the reset's
+		 * own Sync: a BEGIN's transaction starts clean, and a ROLLBACK cannot
+		 * undo the reset. Neither reads anything, so running one although the
+		 * reset failed shows nothing.
+		 */
+		c->reset_apart = sql_controls_transaction(sql);
 		if (c->reset_apart) {
 			if (!PQpipelineSync(c->pg))
 				return send_failed(c);
@@ -805,11 +864,38 @@ static int send_one(struct pgconn *c, const char *sql, int n, const char *const 
 	return sent(c, cb, arg);
 }
 
+/*
+ * When the last borrower ran SQL that can drop or replace prepared
+ * statements (PREPARE, DEALLOCATE, DISCARD, DO), the quick reset's own
+ * statements cannot be trusted: the slow reset (DISCARD ALL) goes first,
+ * in a round trip of its own, and the statement follows. 1 when sent so.
+ */
+static int slow_first(struct pgconn *c, const char *sql, int n, const char *const *vals, bool cached,
+		      pgconn_cb cb, void *arg)
+{
+	if (!c->reset_next || !c->reset_discard)
+		return 0;
+	c->reset_next = false;
+	c->reset_discard = false;
+	c->pend_sql = sql;
+	c->pend_n = n;
+	c->pend_vals = vals;
+	c->pend_cached = cached;
+	c->cur_rows = c->want_rows;
+	c->want_rows = false;
+	if (send_slow_reset(c) < 0 || sent(c, cb, arg) < 0)
+		return send_failed(c);
+	return 1;
+}
+
 int pgconn_send(struct pgconn *c, const char *sql, int nparams, const char *const *values,
 		pgconn_cb cb, void *arg)
 {
+	int rc;
 	if (!ready(c))
 		return -1;
+	if ((rc = slow_first(c, sql, nparams, values, false, cb, arg)) != 0)
+		return rc < 0 ? -1 : 0;
 	return send_one(c, sql, nparams, values, NULL, false, cb, arg);
 }
 
@@ -896,9 +982,12 @@ static int resend(struct pgconn *c)
 int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const char *const *values,
 		       pgconn_cb cb, void *arg)
 {
+	int rc;
 	if (!ready(c))
 		return -1;
 	c->pend_in_txn = PQtransactionStatus(c->pg) != PQTRANS_IDLE;
+	if ((rc = slow_first(c, sql, nparams, values, true, cb, arg)) != 0)
+		return rc < 0 ? -1 : 0;
 	c->pend_sql = sql;
 	c->pend_n = nparams;
 	c->pend_vals = values;
@@ -910,6 +999,8 @@ int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const 
 {
 	if (!c->session_dirty && sql_changes_session(sql))
 		c->session_dirty = true;
+	if (!c->reset_discard && sql_touches_statements(sql))
+		c->reset_discard = true;
 	/* A session-changing statement is a one-off: not worth a cache slot. */
 	return (c->session_dirty ? pgconn_send : pgconn_send_cached)(c, sql, nparams, values, cb, arg);
 }
@@ -927,6 +1018,13 @@ void pgconn_lend(struct pgconn *c, const char *tenant)
 		str_copy(c->owner, sizeof(c->owner), tenant);
 	else if (!tenant)
 		c->owner[0] = '\0';
+}
+
+void pgconn_deadline(struct pgconn *c, double secs)
+{
+	struct timeval tv = tv_of(secs);
+	c->deadline = secs;
+	evtimer_add(c->timer, &tv);
 }
 
 void pgconn_want_rows(struct pgconn *c)

@@ -76,6 +76,10 @@ struct pgconn {
 	bool in_reset;           /* the statement in flight went out behind the quick reset */
 	bool reset_apart;        /* ... in a pipeline segment of its own (before a BEGIN) */
 	bool cancelled;          /* its borrower cancelled the statement in flight */
+	bool handed;             /* the statement in flight handed out a result */
+	bool sync_error;         /* a commit-time error came in place of a sync (read_results) */
+	bool reset_discard;      /* the next reset is DISCARD ALL (statements may have been replaced) */
+	double deadline;         /* seconds the statement in flight may take (pgconn_deadline); 0: none */
 	bool reset_prepared;     /* the reset's statements are prepared on this connection */
 	bool retry_txn;          /* the statement failed on the gateway's own cache inside a transaction */
 	bool want_rows;          /* the next statement sent delivers its rows one by one */
@@ -178,6 +182,13 @@ int pgconn_send_rows(struct pgconn *c, const char *sql, pgconn_cb cb, void *arg)
  * is all in memory.
  */
 void pgconn_want_rows(struct pgconn *c);
+
+/*
+ * The statement just sent must finish within secs, or the connection is
+ * given up (BROKEN): for the pool's own statements (the liveness check, a
+ * cleaning ROLLBACK), whose server may have gone silent. Cleared at DONE.
+ */
+void pgconn_deadline(struct pgconn *c, double secs);
 
 /* Forget prepared statements (the server lost them). */
 void pgconn_cache_clear(struct pgconn *c);

@@ -282,13 +282,18 @@ static int open_conn(struct pool *p)
 	return 0;
 }
 
-/* Open connections for waiters that no connection in flight will serve, and up to min_idle. */
+/*
+ * Open connections for waiters that no connect in flight will serve, and
+ * up to min_idle. A connection being checked or cleaned is not counted on:
+ * its server may have gone silent, and a waiter must not wait behind it
+ * while a slot is free.
+ */
 static void maybe_grow(struct pool *p)
 {
 	if (p->retired || p->state != POOL_STATE_UP)
 		return;
 	while (pool_total(p) < p->conf.pool &&
-	       (p->nwaiting > p->nconnecting + p->ncleaning ||
+	       (p->nwaiting > p->nconnecting ||
 		p->nidle + p->nconnecting < p->conf.min_idle))
 		if (open_conn(p) < 0)
 			break;
@@ -399,11 +404,24 @@ static void on_wait_timeout(evutil_socket_t fd, short what, void *arg)
 	w->cb(w, NULL, POOL_TIMEOUT);
 }
 
+/* Send one of the pool's own statements (a check, a ROLLBACK) with its deadline; -1 if it cannot. */
+static int send_own(struct pool *p, struct pgconn *c, const char *sql)
+{
+	if (pgconn_send(c, sql, 0, NULL, conn_event, NULL) < 0)
+		return -1;
+	pgconn_deadline(c, p->conf.check_timeout);
+	TAILQ_INSERT_TAIL(&p->busy, c, link);
+	p->ncleaning++;
+	return 0;
+}
+
 /*
  * Take an idle connection that can be lent now. One idle for longer than
  * POOL_CHECK_IDLE is first checked with an empty statement (it may have
- * died unnoticed, e.g. behind a network failure); *checking is set and the
- * connection reaches a waiter through pool_release once the check passes.
+ * died unnoticed, e.g. behind a network failure) and the search goes on:
+ * a checked connection reaches a waiter through pool_release once the
+ * check passes, or is closed at check_timeout. *checking is set when at
+ * least one check started.
  */
 static struct pgconn *take_idle(struct pool *p, bool *checking)
 {
@@ -415,13 +433,10 @@ static struct pgconn *take_idle(struct pool *p, bool *checking)
 		p->nidle--;
 		if (now - c->last_used < POOL_CHECK_IDLE)
 			return c;
-		if (pgconn_send(c, "", 0, NULL, conn_event, NULL) == 0) {
-			TAILQ_INSERT_TAIL(&p->busy, c, link);
-			p->ncleaning++;
+		if (send_own(p, c, "") == 0)
 			*checking = true;
-			return NULL;
-		}
-		close_conn(p, c, "failed its check before reuse");
+		else
+			close_conn(p, c, "failed its check before reuse");
 	}
 	return NULL;
 }
@@ -497,11 +512,9 @@ void pool_cancel_wait(struct pool_waiter *w)
 /* Run a cleaning statement; the connection comes back through conn_event DONE. */
 static int clean(struct pool *p, struct pgconn *c, const char *sql)
 {
-	if (pgconn_send(c, sql, 0, NULL, conn_event, NULL) < 0)
+	if (send_own(p, c, sql) < 0)
 		return -1;
 	p->nlent--;
-	TAILQ_INSERT_TAIL(&p->busy, c, link);
-	p->ncleaning++;
 	return 0;
 }
 

@@ -76,6 +76,7 @@ struct request {
 	struct evbuffer *out;
 	struct evbuffer *rows;   /* the running statement's rows as JSON items, read one by one */
 	long nrows;              /* ... how many */
+	long rows_read;          /* rows of every statement so far, against max_rows */
 };
 
 static struct event_base *loop_base;
@@ -333,8 +334,9 @@ static void add_row(struct request *r, const PGresult *res)
 		out_of_memory(r);
 		return;
 	}
-	if (++r->nrows > r->shard->max_rows) {
-		snprintf(msg, sizeof(msg), "the result has more than max_rows (%d) rows; the statement was cancelled",
+	r->nrows++;
+	if (++r->rows_read > r->shard->max_rows) {
+		snprintf(msg, sizeof(msg), "the request read more than max_rows (%d) rows from this shard; the statement was cancelled",
 			 r->shard->max_rows);
 		give_up_result(r, 502, "result_too_large", msg);
 	} else if (evbuffer_get_length(r->rows) + evbuffer_get_length(r->out) >
@@ -435,7 +437,7 @@ static void on_done(struct request *r)
 		pgconn_discard(r->conn);
 	if (r->phase == PH_STMT)
 		pool_observe_query(r->pool, mono_now() - r->sent_at, r->sqlstate[0] ? r->sqlstate : NULL);
-	if (pgconn_reset_failed(r->conn)) {
+	if (pgconn_reset_failed(r->conn) && !r->cancelled) {
 		retry_after_reset(r);
 		return;
 	}
@@ -507,6 +509,7 @@ static void start_statements(struct request *r)
 {
 	r->nresults = 0;
 	r->nrows = 0;
+	r->rows_read = 0;
 	if (r->rows)
 		evbuffer_drain(r->rows, evbuffer_get_length(r->rows));
 	evbuffer_drain(r->out, evbuffer_get_length(r->out));

@@ -91,6 +91,20 @@ bool sql_changes_session(const char *sql)
 	}
 }
 
+bool sql_touches_statements(const char *sql)
+{
+	const char *s = sql_skip_noise(sql);
+	switch (*s | 0x20) {
+	case 'p':
+		return starts_with_word(s, "prepare");
+	case 'd':
+		return starts_with_word(s, "deallocate") || starts_with_word(s, "discard") ||
+		       starts_with_word(s, "do");
+	default:
+		return false;
+	}
+}
+
 bool sql_controls_transaction(const char *sql)
 {
 	const char *s = sql_skip_noise(sql), *rest;

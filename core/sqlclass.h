@@ -23,6 +23,12 @@ const char *sql_skip_noise(const char *sql);
 bool sql_changes_session(const char *sql);
 
 /*
+ * Can sql drop or replace prepared statements (PREPARE, DEALLOCATE,
+ * DISCARD, DO)? Then the next reset is the slow one (DISCARD ALL).
+ */
+bool sql_touches_statements(const char *sql);
+
+/*
  * Does sql start or end a transaction (BEGIN, START TRANSACTION, COMMIT,
  * END, ROLLBACK, ABORT, PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED)?
  * Savepoint statements (SAVEPOINT, RELEASE, ROLLBACK TO) are not: they

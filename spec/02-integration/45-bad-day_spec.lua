@@ -30,6 +30,133 @@ describe("bad day", function()
     helpers.stop_all()
   end)
 
+  describe("silent backends", function()
+    local stopped = {}
+
+    local function signal_backends(sig, pids)
+      for _, pid in ipairs(pids) do
+        local code = helpers.run("kill -" .. sig .. " " .. pid)
+        assert.equal(0, code, "kill -" .. sig .. " " .. pid)
+      end
+    end
+
+    after_each(function()
+      signal_backends("CONT", stopped)
+      stopped = {}
+    end)
+
+    it("are given up at check_timeout; the shard serves again without SIGCONT", function()
+      local gw = helpers.start_gateway({
+        shards = helpers.shards_config({ db }, { pool = 2, checkout_timeout = 4, check_timeout = 0.5 }),
+        script = "return { shard = function(t, s) return s[1] end }\n",
+      })
+      -- Two pooled connections, held at once so both open.
+      local held = {}
+      for i = 1, 2 do
+        held[i] = gw:connect()
+        assert(held[i]:send("POST", "/query", { ["X-Tenant-Id"] = "t" }, { sql = "SELECT pg_sleep(0.3)" }))
+      end
+      for i = 1, 2 do
+        local res = held[i]:receive(10)
+        assert.equal(200, res.status, res.body)
+        held[i]:close()
+      end
+      for pid in helpers.psql(db, "SELECT pid FROM pg_stat_activity WHERE application_name = 'shardgate' "
+          .. "AND datname = current_database()"):gmatch("%d+") do
+        stopped[#stopped + 1] = pid
+      end
+      assert.equal(2, #stopped)
+      -- The pool checks a connection before lending it only once it has been
+      -- idle for 2 s: that much time has to pass, there is no event for it.
+      socket.sleep(2.1)
+      signal_backends("STOP", stopped)
+      -- Served within check_timeout plus one connect; a check without a
+      -- deadline would hold the pool until checkout_timeout (503).
+      local res = gw:post("/query", { sql = "SELECT pg_backend_pid() AS pid" }, { ["X-Tenant-Id"] = "t" },
+        { timeout = 20 })
+      assert.equal(200, res.status, res.body)
+      for _, pid in ipairs(stopped) do
+        assert.is_not.equal(tonumber(pid), res.json.rows[1][1], "served by a stopped backend")
+      end
+      assert.matches("did not answer within 0.5s", gw:log(), 1, true)
+    end)
+  end)
+
+  describe("client connections", function()
+    it("closes a connection that sends no request head within client_timeout", function()
+      local gw = helpers.start_gateway({
+        shards = helpers.shards_config({ db }),
+        config = { client_timeout = 0.5, keepalive_timeout = 60 },
+      })
+      local sock = assert(socket.tcp())
+      sock:settimeout(10)
+      assert(sock:connect("127.0.0.1", gw.port))
+      -- The gateway closes it (EOF), long before keepalive_timeout.
+      local data, err = sock:receive(1)
+      assert.is_nil(data)
+      assert.equal("closed", err)
+      sock:close()
+    end)
+
+    it("at the descriptor limit sheds instead of spinning, and serves again once descriptors free up", function()
+      if helpers.bin:find("asan", 1, true) or helpers.bin:find("valgrind", 1, true) then
+        pending("the limit is measured for the plain binary")
+        return
+      end
+      local real_bin = helpers.bin
+      local dir = helpers.scratch_writer("nofile")
+      local wrapper = dir("shardgate-nofile", "#!/bin/sh\nulimit -n 64\nexec " .. real_bin .. ' "$@"\n')
+      os.execute("chmod +x " .. wrapper)
+      helpers.bin = wrapper
+      local ok, gw = pcall(helpers.start_gateway, {
+        shards = helpers.shards_config({ db }),
+        config = { client_timeout = 30, keepalive_timeout = 60 },
+      })
+      helpers.bin = real_bin
+      assert(ok, gw)
+      -- More connections than the gateway has descriptors for.
+      local socks = {}
+      for i = 1, 120 do
+        local sk = assert(socket.tcp())
+        sk:settimeout(5)
+        assert(sk:connect("127.0.0.1", gw.port))
+        socks[i] = sk
+      end
+      helpers.wait_until(function() return gw:log():find("cannot accept connections", 1, true) end, 10,
+        "the gateway to notice it is out of descriptors")
+      -- CPU while at the limit: under 20% of a core over one second.
+      local function cpu_seconds()
+        local stat = helpers.read_file("/proc/" .. gw.pid .. "/stat")
+        local fields = {}
+        for f in stat:gsub("^.*%) ", ""):gmatch("%S+") do fields[#fields + 1] = f end
+        return (tonumber(fields[12]) + tonumber(fields[13])) / 100   -- utime + stime, in ticks
+      end
+      local c0, t0 = cpu_seconds(), socket.gettime()
+      socket.sleep(1)   -- a stretch of time to measure CPU over
+      local used = (cpu_seconds() - c0) / (socket.gettime() - t0)
+      assert.is_true(used < 0.2, ("%.0f%% of a core while out of descriptors"):format(used * 100))
+      -- Free descriptors: close the connections the gateway accepted (and
+      -- all others); a new client is served.
+      for _, sk in ipairs(socks) do sk:close() end
+      local res
+      helpers.wait_until(function()
+        local okr, r = pcall(gw.get, gw, "/healthz", nil, { timeout = 1 })
+        res = okr and r or nil
+        return res and res.status == 200
+      end, 5, "a new client to be served")
+      assert.equal(200, res.status)
+      helpers.wait_until(function() return gw:log():find("accepting connections again", 1, true) end, 5,
+        "the gateway to log the end of the shortage")
+      -- One line at the start and one at the end of each shortage, not one
+      -- per attempt (ten a second): draining the backlog may hit the limit
+      -- again, briefly.
+      local _, starts = gw:log():gsub("cannot accept connections", "")
+      local _, ends = gw:log():gsub("accepting connections again", "")
+      assert.is_true(starts >= 1 and starts <= 3, starts .. " shortages logged")
+      assert.is_true(ends == starts or ends == starts - 1, starts .. " starts, " .. ends .. " ends")
+    end)
+  end)
+
   describe("a second stop signal", function()
     it("exits at once while a hook is stuck in a C call, naming what was in flight", function()
       local gw = helpers.start_gateway({

@@ -682,6 +682,9 @@ return route
       settings_dsn = "dsnpw-Rb27",
       settings_redis = "redispw-Ux15",
       settings_upper = "upperpw-Kf90",
+      settings_odbc = "odbcpw-Qa11",
+      settings_extra = "extrapw-Zz72",
+      settings_camel = "camel-Sx48",
     }
     local gw, cfg
 
@@ -706,6 +709,9 @@ return route
             cache = "redis://:" .. S.settings_redis .. "@cache:6379/0",
             shouting = "POSTGRESQL://u:" .. S.settings_upper .. "@h/db",
             author = "Ada",
+            odbc = "Driver={PostgreSQL};Server=h;Uid=u;Pwd=" .. S.settings_odbc .. ";",
+            dsn = "host=db password=" .. S.settings_extra .. " sslmode=require extra=1",
+            stripeKey = S.settings_camel,
             roles = { "reader", "writer" },
             plain = "visible",
           },
@@ -762,6 +768,10 @@ return route
       assert.are.equal("POSTGRESQL://u:***@h/db", s.shouting)
       -- Whole words only: "author" is not "auth"; lists stay lists.
       assert.are.equal("Ada", s.author)
+      -- Strings libpq refuses still lose their password; camelCase names split into words.
+      assert.are.equal("Driver={PostgreSQL};Server=h;Uid=u;Pwd=***;", s.odbc)
+      assert.are.equal("host=db password=*** sslmode=require extra=1", s.dsn)
+      assert.are.equal("***", s.stripeKey)
       assert.are.same({ "reader", "writer" }, s.roles)
     end)
 

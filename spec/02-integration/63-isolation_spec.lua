@@ -61,6 +61,8 @@ BEGIN
   FOR i IN 1..n LOOP EXECUTE format('CREATE TEMP TABLE iso_many%s (a int, b text)', i); END LOOP;
   RETURN 'ok';
 END $f$;
+CREATE TABLE iso_parent (id int PRIMARY KEY);
+CREATE TABLE iso_child (parent int REFERENCES iso_parent DEFERRABLE INITIALLY DEFERRED);
 -- Drops prepared statement `name` (one of the gateway's).
 CREATE FUNCTION iso_drop(name text) RETURNS text LANGUAGE plpgsql AS $f$
 BEGIN EXECUTE format('DEALLOCATE %I', name); RETURN 'ok'; END $f$;
@@ -570,6 +572,81 @@ describe("isolation between borrowers of one pooled connection", function()
           "SELECT current_setting('transaction_isolation') AS iso, pg_backend_pid() AS pid" }))
         local r = row(res.json.results[2])
         assert.same({ iso = "repeatable read", pid = pid1 }, r)
+      end)
+
+      -- The quick reset shares the first statement's transaction: whatever
+      -- undoes that transaction must leave the reset to be done again.
+      describe("when the statement behind the reset undoes it", function()
+        local WM = "SELECT pg_backend_pid() AS pid, current_setting('work_mem') AS wm"
+
+        local function leave_work_mem()
+          local pid1 = pid_of(T1)
+          ok(query(T1, "SET work_mem = '77MB'"))
+          return pid1
+        end
+
+        local function assert_clean(tenant, pid1)
+          local r = row(ok(query(tenant, WM)).json)
+          assert.same({ pid = pid1, wm = base[G "work_mem"] }, r)
+        end
+
+        it("a statement that fails to prepare", function()
+          local pid1 = leave_work_mem()
+          assert.equal(400, query(T2, "SELECT * FROM iso_no_such_table").status)
+          assert_clean(T2, pid1)
+        end)
+
+        it("a statement that fails when it runs", function()
+          local pid1 = leave_work_mem()
+          assert.equal(400, query(T2, "SELECT 1 / 0 AS x").status)
+          assert_clean(T2, pid1)
+        end)
+
+        it("a ROLLBACK (or COMMIT) sent through /query", function()
+          if mode.key == "ts" then return end   -- refused there (400)
+          for _, sql in ipairs({ "ROLLBACK", "COMMIT", "ABORT" }) do
+            local pid1 = leave_work_mem()
+            ok(query(T2, sql), sql)
+            assert_clean(T2, pid1)
+          end
+        end)
+
+        it("a constraint checked at commit (deferred) fails with its own error", function()
+          local pid1 = leave_work_mem()
+          local res = query(T2, "INSERT INTO iso_child VALUES (42)")
+          assert.equal(409, res.status, res.body)
+          assert.equal("23503", res.json.code)
+          assert_clean(T2, pid1)
+        end)
+
+        it("a statement the gateway sends again after its cached statement was dropped", function()
+          local X = "SELECT pg_backend_pid() AS pid, current_setting('work_mem') AS wm, $1::text AS echo"
+          local pid1 = row(ok(query(T1, X, { T1 })).json).pid
+          local name = row(ok(query(T1, "SELECT name FROM pg_prepared_statements WHERE statement = $1",
+            { X })).json).name
+          assert.is_string(name)
+          -- Through a function (no DEALLOCATE for the classifier to see), with a setting left.
+          ok(query(T1, ("SELECT iso_drop('%s') AS ok, set_config('work_mem', '77MB', false) AS wm"):format(name)))
+          local r = row(ok(query(T2, X, { T2 })).json)
+          assert.same({ pid = pid1, wm = base[G "work_mem"], echo = T2 }, r)
+        end)
+
+        it("a SET as the borrower's first statement still resets its own next request", function()
+          local pid1 = leave_work_mem()
+          ok(query(T2, "SET work_mem = '55MB'"))
+          assert_clean(T2, pid1)
+        end)
+      end)
+
+      it("replacing the reset's own statements with plain SQL gains nothing", function()
+        local pid1 = pid_of(T1)
+        local stmts = { "DEALLOCATE ALL" }
+        for i = 1, 8 do stmts[#stmts + 1] = ("PREPARE sgr%d AS SELECT 1"):format(i) end
+        stmts[#stmts + 1] = "SELECT set_config('work_mem', '77MB', false)"
+        ok(transaction(T1, stmts))
+        local r = row(ok(query(T2, "SELECT pg_backend_pid() AS pid, current_setting('work_mem') AS wm")).json)
+        assert.same({ pid = pid1, wm = base[G "work_mem"] }, r)
+        assert.equal(0, row(ok(query(T2, FROM_SQL_PROBE)).json).n)
       end)
 
       it("a fan-out (no tenant) does not see tenant 1's state", function()

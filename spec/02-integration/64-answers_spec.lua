@@ -81,6 +81,14 @@ describe("answers", function()
       assert.same({ { name = "g", type = "int4" } }, none.json.fields)
     end)
 
+    it("counts a transaction's statements together against max_rows", function()
+      local three = "SELECT g FROM generate_series(1, 3) g"
+      local res = gw:post("/transaction", { statements = { { sql = three }, { sql = three } } }, H)
+      assert.equal(502, res.status, res.body)
+      assert.equal("result_too_large", res.json.code)
+      assert.equal(200, gw:post("/transaction", { statements = { { sql = three } } }, H).status)
+    end)
+
     it("counts a transaction's statements together against max_result_bytes and rolls it back", function()
       helpers.psql(db, "CREATE TABLE ans_log (n int)")
       local big = "SELECT repeat('z', 1000) AS pad FROM generate_series(1, 4)"
