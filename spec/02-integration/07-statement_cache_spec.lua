@@ -103,6 +103,28 @@ describe("statement cache", function()
     assert.equal(n0 + 1, tonumber(helpers.psql(db, "SELECT count(*) FROM organizations")))
   end)
 
+  it("under tenant_setting, survives DDL that changes a cached statement's columns (redone from BEGIN)", function()
+    helpers.stop_all()
+    gw = helpers.start_gateway({
+      shards = helpers.shards_config({ db }, { pool = 1 }),
+      script = SCRIPT,
+      config = { tenant_setting = "app.tenant_id" },
+    })
+    helpers.psql(db, "INSERT INTO organizations VALUES (1, 'one')")
+    local sql = "SELECT * FROM organizations ORDER BY id"
+    local first = query(sql)
+    assert.equal(200, first.status, first.body)
+    assert.equal(2, #first.json.fields)
+    helpers.psql(db, "ALTER TABLE organizations ADD COLUMN plan text DEFAULT 'free'")
+    -- Without the redo: 0A000 "cached plan must not change result type",
+    -- once per pooled connection.
+    local after = query(sql)
+    assert.equal(200, after.status, after.body)
+    assert.equal(3, #after.json.fields)
+    assert.same({ 1, "one", "free" }, after.json.rows[1])
+    assert.matches("running the transaction again", gw:log(), 1, true)
+  end)
+
   it("answers COPY with 400 and closes that connection, and the next request is served", function()
     for _, sql in ipairs({ "COPY organizations TO STDOUT", "COPY organizations FROM STDIN" }) do
       local res = query(sql)
