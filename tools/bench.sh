@@ -675,6 +675,42 @@ fan_rows=$(printf '%s' "$fan_answer" | sed -n 's/.*"row_count":\([0-9]*\).*/\1/p
 [ "$fan_rows" = "$fanout_shards" ] || die "the fan-out answered $fan_rows rows, not $fanout_shards: ${fan_answer:0:300}"
 stop_gateway
 
+# --- overload: goodput against a retry storm -------------------------------------------------
+# One shard, pool 5, a 5 ms statement: capacity is about 5 / 5 ms. wrk at
+# BENCH_CLIENTS, then at 1024 connections that send again the moment they
+# have an answer (503 queue_full or not). Goodput = 200s per second.
+run_goodput() {   # run_goodput KEY CLIENTS
+    local key=$1 out=$tmp/out/$1 line requests ok duration_us p50_us p99_us status_errors socket_errors
+    say "row ${R_label[$key]}: wrk -t $threads -c $2 -d ${secs}s, goodput.lua"
+    snap_begin "$gw_pid"
+    ( wrk -t "$threads" -c "$2" -d "${secs}s" --timeout 10s -s "$root/tools/bench/goodput.lua" \
+        "http://127.0.0.1:$gw_port" >"$out.out" 2>"$out.err"
+      echo $? >"$out.rc"; times >"$out.times" ) &
+    load_pid=$!
+    wait "$load_pid"
+    load_pid=
+    line=$(grep '^BENCH ' "$out.out")
+    [ "$(cat "$out.rc")" = 0 ] && [ -n "$line" ] || { cat "$out.err" "$out.out" >&2; die "wrk failed in row $key"; }
+    eval "$(echo "${line#BENCH }" | tr ' ' '\n' | grep -E '^[a-z_0-9]+=[0-9]+$')"
+    snap_end "$key" "$gw_pid" "$requests" "$(times_us "$out.times")"
+    R_rps[$key]=$(awk -v n="$requests" -v d="$duration_us" 'BEGIN { printf "%.0f", n / (d / 1e6) }')
+    R_good[$key]=$(awk -v n="$ok" -v d="$duration_us" 'BEGIN { printf "%.0f", n / (d / 1e6) }')
+    R_p50[$key]=$(awk -v v="$p50_us" 'BEGIN { printf "%.2f", v / 1000 }')
+    R_p99[$key]=$(awk -v v="$p99_us" 'BEGIN { printf "%.2f", v / 1000 }')
+    R_note[$key]="goodput ${R_good[$key]} req/s (200s), ${status_errors} non-2xx"
+}
+declare -A R_good
+say "starting the overload gateway: 1 shard, pool 5"
+start_gateway gw-overload "  script = \"$root/tools/bench/fanout_routing.lua\", access_log = \"off\",
+  defaults = { pool = 5, min_idle = 5 },
+$(shards_lua shard_ fan_ 1)"
+wait_pooled 5 'fan_%'
+add_row ov_32 "goodput pool 5, 5 ms statements" "$clients"
+add_row ov_1024 "goodput pool 5, retry storm" 1024
+run_goodput ov_32 "$clients"
+run_goodput ov_1024 1024
+stop_gateway
+
 # --- tenant directory --------------------------------------------------------------------
 # bench_dir holds tenant_directory (tenant text primary key, shard text) with
 # only the wrk tenants, which the gateway loads at start, and beside it
@@ -871,6 +907,7 @@ awk -v r="$idle_rss" -v h="$idle_hwm" -v r0="$idle_rss0" -v n="$idle_clients" -v
     printf "  gateway fds %d, established client sockets %d, pooled connections %d (fresh gateway, no load before)\n",
         fds, so, p }'
 awk -v s="$main_rss_start" 'BEGIN { printf "  the load gateway: VmRSS %.1f MiB with its pools open, before any request\n", s / 1024 }'
+ratio "goodput 1024 retrying clients / goodput @$clients (pool 5)" "${R_good[ov_1024]}" "${R_good[ov_32]}" ">=" 0.8
 ratio "p99 during $dir_h-row directory load / baseline p99" "${R_p99[dir_load]}" "${R_p99[dir_base]}"
 awk -v n="$dir_rows" -v ls="$d_secs" -v at="$dir_sent_s" -v ans="$dir_answer_s" -v r0="$dir_rss0" -v r1="$dir_rss1" \
     -v h="$dir_hwm" -v lk="$dir_lookups" -v ms="$dir_misses" -v rq="$dir_requests" 'BEGIN {
