@@ -34,11 +34,12 @@ static void reply(struct http_request *req, int status, struct evbuffer *b)
 	evbuffer_free(b);
 }
 
-static void handle_reload(struct http_request *req)
+/* The reload this request asked for is done: 200 with the new generation, or 422 with why. */
+static void on_reloaded(bool ok, const char *err, void *arg)
 {
+	struct http_request *req = arg;
 	struct evbuffer *b = new_buffer();
-	char err[1024];
-	if (reload_run("admin", err, sizeof(err)) == 0) {
+	if (ok) {
 		evbuffer_add_printf(b, "{\"ok\":true,\"generation\":%u}", generation_current()->id);
 		reply(req, 200, b);
 		return;
@@ -47,6 +48,12 @@ static void handle_reload(struct http_request *req)
 	jsonw_cstring(b, err);
 	evbuffer_add_printf(b, ",\"generation\":%u}", generation_current()->id);
 	reply(req, 422, b);
+}
+
+/* The answer waits for the build, which runs off the loop (reload.c). */
+static void handle_reload(struct http_request *req)
+{
+	reload_request("admin", on_reloaded, req);
 }
 
 static void handle_config(struct http_request *req)

@@ -43,25 +43,46 @@ static void attach_pools(struct generation *g, struct event_base *base,
 	}
 }
 
-struct generation *generation_build(struct event_base *base, const char *path,
-				    const struct generation *prev, char *err, size_t errlen)
+struct generation *generation_prepare(const char *path, char *err, size_t errlen)
 {
 	struct generation *g = xcalloc(1, sizeof(*g));
 	g->refs = 1;
-	g->base = base;
 	g->cfg = config_load(path, err, errlen);
 	if (!g->cfg)
 		goto fail;
 	g->script = script_new(g->cfg, err, errlen);
 	if (!g->script)
 		goto fail;
-	g->id = next_id++;
-	attach_pools(g, base, prev);
 	return g;
 fail:
 	config_free(g->cfg);
 	free(g);
 	return NULL;
+}
+
+void generation_attach(struct generation *g, struct event_base *base, const struct generation *prev)
+{
+	g->base = base;
+	g->id = next_id++;
+	attach_pools(g, base, prev);
+}
+
+void generation_discard(struct generation *g)
+{
+	if (!g)
+		return;
+	script_free(g->script);
+	config_free(g->cfg);
+	free(g);
+}
+
+struct generation *generation_build(struct event_base *base, const char *path,
+				    const struct generation *prev, char *err, size_t errlen)
+{
+	struct generation *g = generation_prepare(path, err, errlen);
+	if (g)
+		generation_attach(g, base, prev);
+	return g;
 }
 
 int generation_check(const char *path, char *err, size_t errlen)

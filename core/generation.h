@@ -31,6 +31,16 @@ struct generation {
  */
 struct generation *generation_build(struct event_base *base, const char *path,
 				    const struct generation *prev, char *err, size_t errlen);
+/*
+ * The two halves of generation_build. prepare does everything that can
+ * fail or take long (the config and the script, each in Lua states of its
+ * own) and touches nothing shared, so a reload runs it on a thread of its
+ * own; attach, on the loop, gives it its id and takes over or opens pools.
+ * discard frees a prepared generation that was never attached.
+ */
+struct generation *generation_prepare(const char *path, char *err, size_t errlen);
+void generation_attach(struct generation *g, struct event_base *base, const struct generation *prev);
+void generation_discard(struct generation *g);
 /* Validate only (for --check): no pools, no connections. */
 int generation_check(const char *path, char *err, size_t errlen);
 

@@ -221,11 +221,10 @@ static void install_second_signal(const struct app *app)
 
 static void on_hup(evutil_socket_t sig, short what, void *arg)
 {
-	char err[1024];
 	(void)sig;
 	(void)what;
 	(void)arg;
-	reload_run("SIGHUP", err, sizeof(err));
+	reload_request("SIGHUP", NULL, NULL);
 }
 
 static void on_swap(struct generation *g, void *arg)

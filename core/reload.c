@@ -3,13 +3,27 @@
  * the config file and the script (inode, size, mtime), which also catches
  * editors that replace files by rename and symlink swaps of mounted config
  * volumes, where an inotify watch on the old inode would go quiet.
+ *
+ * A reload's slow part — running the config file and loading the script,
+ * each in Lua states of their own, up to their time limits — runs on a
+ * thread of its own (generation_prepare), so the loop keeps serving; only
+ * the swap (generation_attach, generation_set_current) runs on the loop,
+ * woken through a pipe. One build runs at a time: a trigger that arrives
+ * during one is served by a build that starts after it (the files may have
+ * changed since the running one read them), and triggers that wait
+ * together share it.
  */
 #include "reload.h"
 
+#include <errno.h>
 #include <event2/event.h>
+#include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "config.h"
 #include "generation.h"
@@ -25,6 +39,21 @@ struct file_sig {
 	bool exists;
 };
 
+/* Who waits for a build: an admin request, or nobody (SIGHUP, watch). */
+struct waiter {
+	reload_done_cb cb;
+	void *arg;
+	struct waiter *next;
+};
+
+/* One build on its thread. Written by the thread until it signals the pipe. */
+struct build {
+	pthread_t thread;
+	const char *path;
+	struct generation *g;
+	char err[1024];
+};
+
 static struct {
 	struct event_base *base;
 	const char *config_path;
@@ -34,6 +63,15 @@ static struct {
 	struct event *watch_timer;
 	struct file_sig config_sig;
 	struct file_sig script_sig;
+	int pipe[2];                 /* the builder thread's "done" */
+	struct event *done_ev;
+	struct build *running;
+	char running_trigger[16];
+	struct waiter *riding;       /* answered by the running build */
+	struct waiter *next_waiters; /* answered by the next build */
+	bool again;                  /* a trigger came during the running build */
+	char again_trigger[16];
+	bool stopped;
 } R;
 
 static struct file_sig sig_of(const char *path)
@@ -88,40 +126,125 @@ static void warn_restart_keys(const struct config *old, const struct config *cur
 			 cur->admin_listen);
 }
 
-int reload_run(const char *trigger, char *err, size_t errlen)
+static void *build_main(void *arg)
 {
-	struct generation *old = generation_current();
-	struct generation *g = generation_build(R.base, R.config_path, old, err, errlen);
+	struct build *b = arg;
+	char byte = 1;
+	b->g = generation_prepare(b->path, b->err, sizeof(b->err));
+	while (write(R.pipe[1], &byte, 1) < 0 && errno == EINTR)
+		;
+	return NULL;
+}
 
-	if (!g) {
-		log_error("reload (%s) failed, generation %u keeps serving: %s", trigger, old->id, err);
-		record(trigger, false, err);
-		remember_files();
-		return -1;
+static void answer(struct waiter *w, bool ok, const char *err)
+{
+	while (w) {
+		struct waiter *next = w->next;
+		if (w->cb)
+			w->cb(ok, err, w->arg);
+		free(w);
+		w = next;
 	}
-	warn_restart_keys(old->cfg, g->cfg);
-	generation_set_current(g);
-	record(trigger, true, NULL);
+}
+
+static void start_build(const char *trigger)
+{
+	struct build *b = xcalloc(1, sizeof(*b));
+	b->path = R.config_path;
+	/* What this build reads: a change from here on is the next build's. */
 	remember_files();
-	log_info("reload (%s): generation %u serving (%d shards, script %s)", trigger, g->id,
-		 g->cfg->nshards, g->cfg->script);
+	snprintf(R.running_trigger, sizeof(R.running_trigger), "%s", trigger);
+	R.riding = R.next_waiters;
+	R.next_waiters = NULL;
+	R.again = false;
+	if (pthread_create(&b->thread, NULL, build_main, b) != 0) {
+		/* No thread: build here, as before, rather than not at all. */
+		log_warn("reload (%s): cannot start a thread; building on the loop", trigger);
+		b->g = generation_prepare(b->path, b->err, sizeof(b->err));
+		b->thread = pthread_self();
+		R.running = b;
+		char byte = 1;
+		if (write(R.pipe[1], &byte, 1) < 0)
+			log_error("reload: cannot signal the loop: %s", strerror(errno));
+		return;
+	}
+	R.running = b;
+}
+
+/* On the loop: the build is done; swap it in, or keep the running generation. */
+static void finish_build(struct build *b)
+{
+	const char *trigger = R.running_trigger;
+	struct generation *old = generation_current();
+	struct waiter *riding = R.riding;
+	R.riding = NULL;
+	if (!b->g) {
+		log_error("reload (%s) failed, generation %u keeps serving: %s", trigger, old->id, b->err);
+		record(trigger, false, b->err);
+		answer(riding, false, b->err);
+		return;
+	}
+	generation_attach(b->g, R.base, old);
+	warn_restart_keys(old->cfg, b->g->cfg);
+	if (strcmp(old->cfg->script, b->g->cfg->script) != 0)
+		R.script_sig = sig_of(b->g->cfg->script);   /* the script the new config names */
+	generation_set_current(b->g);
+	record(trigger, true, NULL);
+	log_info("reload (%s): generation %u serving (%d shards, script %s)", trigger, b->g->id,
+		 b->g->cfg->nshards, b->g->cfg->script);
 	if (R.on_swap)
-		R.on_swap(g, R.arg);
+		R.on_swap(b->g, R.arg);
 	reload_watch_apply();
-	return 0;
+	answer(riding, true, NULL);
+}
+
+static void on_build_done(evutil_socket_t fd, short what, void *arg)
+{
+	char buf[16];
+	struct build *b = R.running;
+	(void)what;
+	(void)arg;
+	while (read(fd, buf, sizeof(buf)) > 0)
+		;
+	if (!b)
+		return;
+	if (!pthread_equal(b->thread, pthread_self()))
+		pthread_join(b->thread, NULL);
+	R.running = NULL;
+	finish_build(b);
+	free(b);
+	if (R.again && !R.stopped)
+		start_build(R.again_trigger);
+}
+
+void reload_request(const char *trigger, reload_done_cb cb, void *arg)
+{
+	struct waiter *w = xcalloc(1, sizeof(*w));
+	w->cb = cb;
+	w->arg = arg;
+	w->next = R.next_waiters;
+	R.next_waiters = w;
+	if (R.running) {
+		R.again = true;
+		snprintf(R.again_trigger, sizeof(R.again_trigger), "%s", trigger);
+		return;
+	}
+	start_build(trigger);
 }
 
 static void on_watch(evutil_socket_t fd, short what, void *arg)
 {
 	struct file_sig c = sig_of(R.config_path);
 	struct file_sig s = sig_of(generation_current()->cfg->script);
-	char err[1024];
 	(void)fd;
 	(void)what;
 	(void)arg;
-	if (sig_eq(&c, &R.config_sig) && sig_eq(&s, &R.script_sig))
+	if (R.running || (sig_eq(&c, &R.config_sig) && sig_eq(&s, &R.script_sig)))
 		return;
-	reload_run("watch", err, sizeof(err));
+	/* Seen: a failed build must not be retried every 250 ms until the files change again. */
+	R.config_sig = c;
+	R.script_sig = s;
+	reload_request("watch", NULL, NULL);
 }
 
 void reload_watch_apply(void)
@@ -147,6 +270,13 @@ void reload_init(struct event_base *base, const char *config_path, reload_swap_c
 	R.on_swap = on_swap;
 	R.arg = arg;
 	remember_files();
+	if (pipe2(R.pipe, O_CLOEXEC | O_NONBLOCK) < 0) {
+		log_error("reload: cannot make a pipe: %s", strerror(errno));
+		abort();
+	}
+	R.done_ev = event_new(base, R.pipe[0], EV_READ | EV_PERSIST, on_build_done, NULL);
+	if (!R.done_ev || event_add(R.done_ev, NULL) < 0)
+		abort();
 }
 
 const struct reload_status *reload_status(void)
@@ -156,7 +286,13 @@ const struct reload_status *reload_status(void)
 
 void reload_shutdown(void)
 {
+	R.stopped = true;
 	if (R.watch_timer)
 		event_free(R.watch_timer);
 	R.watch_timer = NULL;
+}
+
+bool reload_busy(void)
+{
+	return R.running != NULL;
 }

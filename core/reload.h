@@ -29,8 +29,15 @@ typedef void (*reload_swap_cb)(struct generation *g, void *arg);
 
 /* Remember where the config is; on_swap runs after each successful swap. */
 void reload_init(struct event_base *base, const char *config_path, reload_swap_cb on_swap, void *arg);
-/* Build and swap; 0, or -1 with err (file:line) and the running generation untouched. */
-int reload_run(const char *trigger, char *err, size_t errlen);
+/* A build's outcome: err (file:line) when it failed and the running generation stays. */
+typedef void (*reload_done_cb)(bool ok, const char *err, void *arg);
+/*
+ * Build a new generation off the loop and swap it in; cb (may be NULL) runs
+ * on the loop when a build that started after this call is done.
+ */
+void reload_request(const char *trigger, reload_done_cb cb, void *arg);
+/* A build is running (shutdown waits for it). */
+bool reload_busy(void);
 const struct reload_status *reload_status(void);
 /* Start or stop watching files to match the current config's `watch`. */
 void reload_watch_apply(void);

@@ -25,7 +25,7 @@ void *counted_malloc(size_t size)
 {
 	void *p = malloc(size);
 	if (!p && size)
-		failures++;
+		__atomic_add_fetch(&failures, 1, __ATOMIC_RELAXED);   /* reload builds run on a thread */
 	return p;
 }
 
@@ -33,13 +33,13 @@ void *counted_realloc(void *p, size_t size)
 {
 	void *q = realloc(p, size);
 	if (!q && size)
-		failures++;
+		__atomic_add_fetch(&failures, 1, __ATOMIC_RELAXED);
 	return q;
 }
 
 unsigned long alloc_failures(void)
 {
-	return failures;
+	return __atomic_load_n(&failures, __ATOMIC_RELAXED);
 }
 
 void *xmalloc(size_t size)

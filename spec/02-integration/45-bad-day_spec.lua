@@ -157,6 +157,59 @@ describe("bad day", function()
     end)
   end)
 
+  describe("reloads", function()
+    -- Requests during a reload that takes seconds: the build runs off the
+    -- loop, so each answer comes at its usual pace (under 100 ms here; on
+    -- the loop, every one would wait for the whole build).
+    local function max_wait_during_reload(gw)
+      local admin = gw:connect({ admin = true })
+      assert(admin:send("POST", "/admin/reload"))
+      local client = gw:connect()
+      local worst, n = 0, 0
+      local t_end = socket.gettime() + 1.5
+      while socket.gettime() < t_end do
+        local t0 = socket.gettime()
+        assert(client:send("POST", "/query", { ["X-Tenant-Id"] = "t" }, { sql = "SELECT 1 AS one" }))
+        local res = client:receive(10)
+        assert.equal(200, res.status, res.body)
+        worst = math.max(worst, socket.gettime() - t0)
+        n = n + 1
+      end
+      local answer = admin:receive(30)
+      admin:close()
+      client:close()
+      return worst, n, answer
+    end
+
+    it("evaluate a config that loops off the loop: requests go on, the reload fails with file:line", function()
+      local gw = helpers.start_gateway({
+        shards = helpers.shards_config({ db }),
+        script = "return { shard = function(t, s) return s[1] end }\n",
+      })
+      local good = helpers.read_file(gw.config_path)
+      helpers.write_file(gw.config_path, "while true do end\n" .. good)
+      local worst, n, answer = max_wait_during_reload(gw)
+      assert.equal(422, answer.status, answer.body)
+      assert.matches("config.lua:1:", answer.json.error, 1, true)
+      assert.is_true(n > 10, n .. " requests")
+      assert.is_true(worst < 0.1, ("a request waited %.0f ms during the reload"):format(worst * 1000))
+    end)
+
+    it("load a script that loops off the loop: requests go on, the reload fails with file:line", function()
+      local gw = helpers.start_gateway({
+        shards = helpers.shards_config({ db }),
+        script = "return { shard = function(t, s) return s[1] end }\n",
+        config = { script_timeout = 0.05 },
+      })
+      gw:write_script("local n = 0\nwhile true do n = n + 1 end\nreturn {}\n")
+      local worst, n, answer = max_wait_during_reload(gw)
+      assert.equal(422, answer.status, answer.body)
+      assert.matches("script.lua:2", answer.json.error, 1, true)
+      assert.is_true(n > 10, n .. " requests")
+      assert.is_true(worst < 0.1, ("a request waited %.0f ms during the reload"):format(worst * 1000))
+    end)
+  end)
+
   describe("a second stop signal", function()
     it("exits at once while a hook is stuck in a C call, naming what was in flight", function()
       local gw = helpers.start_gateway({
