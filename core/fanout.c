@@ -717,6 +717,8 @@ void fanout_start(struct http_request *http, struct generation *gen, struct body
 	if (!fo->deadline)
 		abort();
 	tv = tv_of(fo->plan.timeout);
+	/* From now, not from the loop turn's cached time: the deadline must not come early. */
+	event_base_update_cache_time(fo->base);
 	evtimer_add(fo->deadline, &tv);
 	http->data = fo;
 	http->on_abort = on_abort;

@@ -57,6 +57,8 @@ struct http_conn {
 	enum conn_state state;
 	bool dead;               /* the client is gone; free after the handler replies */
 	bool reading;            /* bytes of a request arrived: the request deadline runs */
+	bool peer_eof;           /* the client shut down its sending side: answer, then close */
+	bool probing;            /* ... and whether it left entirely is being watched (timer) */
 	size_t scan_from;        /* where the search for the end of the head resumes */
 	char *headbuf;
 	size_t headcap;
@@ -429,6 +431,67 @@ static void flush(struct http_conn *c)
 		conn_free(c);
 }
 
+/*
+ * Half-close: a client may shut down its sending side after a complete
+ * request (nc -N, some proxies) and still wait for the answer, which looks
+ * exactly like a client that left, until something is sent to it. So an
+ * HTTP/1.1 client's end of input while its request runs gets an interim
+ * "100 Continue" (which HTTP/1.1 clients must accept unasked): a client
+ * that closed its socket answers that with a reset, which a check every
+ * PROBE_EVERY seconds finds (its statement is then cancelled as before); a
+ * half-closed one takes it and gets its answer, then the connection closes.
+ * 0 when the probe went out.
+ */
+#define PROBE_EVERY 0.05
+
+/*
+ * Did the client answer with a reset? Not recv(): after the end of input
+ * it reports that end, not the error. The connection's TCP state is CLOSE
+ * once a reset came (and SO_ERROR holds it until read).
+ */
+static bool was_reset(struct http_conn *c)
+{
+	struct tcp_info ti;
+	socklen_t len = sizeof(ti);
+	int err = 0;
+	socklen_t elen = sizeof(err);
+	if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &elen) == 0 && err != 0)
+		return true;
+	return getsockopt(c->fd, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0 && ti.tcpi_state == TCP_CLOSE;
+}
+
+static int probe(struct http_conn *c)
+{
+	static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+	struct timeval tv = tv_of(PROBE_EVERY);
+	if (c->ssl || c->req.head.minor < 1 || c->probing || evbuffer_get_length(c->out) > 0)
+		return -1;
+	if (send(c->fd, cont, sizeof(cont) - 1, MSG_NOSIGNAL | MSG_DONTWAIT) != (ssize_t)(sizeof(cont) - 1))
+		return -1;
+	/* On loopback the reset of a client that left is often back already. */
+	if (was_reset(c))
+		return -1;
+	c->peer_eof = true;
+	c->probing = true;
+	event_del(c->rev);
+	evtimer_add(c->timer, &tv);
+	return 0;
+}
+
+static void client_gone(struct http_conn *c);
+
+/* The probe's check: a reset means the client left; else look again later. */
+static void check_probe(struct http_conn *c)
+{
+	struct timeval tv = tv_of(PROBE_EVERY);
+	if (was_reset(c)) {
+		c->probing = false;
+		client_gone(c);
+		return;
+	}
+	evtimer_add(c->timer, &tv);
+}
+
 /* The client closed or broke the connection. */
 static void client_gone(struct http_conn *c)
 {
@@ -519,6 +582,8 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
 	if (!c->ssl && c->state == CS_HEAD && evbuffer_get_length(c->in) == 0) {
 		n = read_some(c, read_buf, limit < sizeof(read_buf) ? limit : sizeof(read_buf));
 		if (n == 0 || n == -2) {
+			if (n == 0 && c->state == CS_BUSY && probe(c) == 0)
+				return;
 			client_gone(c);
 			return;
 		}
@@ -535,6 +600,8 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
 		v.iov_len = n > 0 ? (size_t)n : 0;
 		evbuffer_commit_space(c->in, &v, 1);
 		if (n == 0 || n == -2) {
+			if (n == 0 && c->state == CS_BUSY && probe(c) == 0)
+				return;
 			client_gone(c);
 			return;
 		}
@@ -565,6 +632,10 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	c->armed_at = 0;
+	if (c->probing) {
+		check_probe(c);
+		return;
+	}
 	if (c->deadline == 0)
 		return;
 	if (mono_now() < c->deadline) {
@@ -609,7 +680,7 @@ static void reply(struct http_request *req, int status, struct evbuffer *body, c
 {
 	struct http_conn *c = req->conn;
 	struct http_server *s = c->srv;
-	bool keep = req->head.keepalive && !s->shutting_down;
+	bool keep = req->head.keepalive && !s->shutting_down && !c->peer_eof;
 
 	s->inflight--;
 	if (s->reply_hook)
@@ -617,6 +688,11 @@ static void reply(struct http_request *req, int status, struct evbuffer *body, c
 	if (c->dead) {
 		conn_free(c);
 		return;
+	}
+	if (c->probing) {
+		c->probing = false;
+		evtimer_del(c->timer);
+		c->armed_at = 0;
 	}
 	unsigned long failed = alloc_failures();
 	write_reply(c, status, body, extra, keep, type);

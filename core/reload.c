@@ -22,7 +22,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "config.h"
@@ -130,6 +132,13 @@ static void *build_main(void *arg)
 {
 	struct build *b = arg;
 	char byte = 1;
+	/*
+	 * Below the loop's priority (Linux: nice is per thread): a build that
+	 * spins in Lua until its limit must not take the CPU from the loop on
+	 * a machine with few cores.
+	 */
+	if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10) < 0)
+		log_debug("reload: cannot lower the build thread's priority: %s", strerror(errno));
 	b->g = generation_prepare(b->path, b->err, sizeof(b->err));
 	while (write(R.pipe[1], &byte, 1) < 0 && errno == EINTR)
 		;

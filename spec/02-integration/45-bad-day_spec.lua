@@ -98,6 +98,30 @@ describe("bad day", function()
       sock:close()
     end)
 
+    it("answers a complete request whose client then shut down its sending side, then closes", function()
+      local gw = helpers.start_gateway({
+        shards = helpers.shards_config({ db }),
+        script = "return { shard = function(t, s) return s[1] end }\n",
+      })
+      for _, sql in ipairs({ "SELECT 1 AS one", "SELECT pg_sleep(0.3), 1 AS one" }) do
+        local body = helpers.json.encode({ sql = sql })
+        local sock = assert(socket.tcp())
+        sock:settimeout(10)
+        assert(sock:connect("127.0.0.1", gw.port))
+        assert(sock:send("POST /query HTTP/1.1\r\nHost: x\r\nX-Tenant-Id: t\r\nContent-Type: application/json\r\n"
+          .. "Content-Length: " .. #body .. "\r\n\r\n" .. body))
+        assert(sock:shutdown("send"))
+        local data, err, partial = sock:receive("*a")
+        data = data or partial
+        sock:close()
+        -- A 100 Continue may come first; the final answer is the query's, and the gateway closed.
+        local final = data:match("(HTTP/1%.1 [2-5]%d%d .*)$")
+        assert.truthy(final and final:find("^HTTP/1%.1 200"), sql .. ": " .. tostring(data) .. " " .. tostring(err))
+        assert.matches('"rows":[[', final, 1, true)
+        assert.matches("Connection: close", final, 1, true)
+      end
+    end)
+
     it("at the descriptor limit sheds instead of spinning, and serves again once descriptors free up", function()
       if helpers.bin:find("asan", 1, true) or helpers.bin:find("valgrind", 1, true) then
         pending("the limit is measured for the plain binary")
