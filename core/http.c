@@ -60,11 +60,65 @@ struct http_conn {
 	bool peer_eof;           /* the client shut down its sending side: answer, then close */
 	bool probing;            /* ... and whether it left entirely is being watched (timer) */
 	size_t scan_from;        /* where the search for the end of the head resumes */
-	char *headbuf;
-	size_t headcap;
-	struct http_request req;
+	struct req_slot *slot;   /* the request being read or served; NULL while idle */
 	LIST_ENTRY(http_conn) link;
 };
+
+/*
+ * A request and the copy of its head it points into. Taken when a head is
+ * complete and given back after the reply, so an idle keep-alive
+ * connection holds neither (1.3 KiB of parsed head and a buffer): finished
+ * ones wait on a free list for the next request.
+ */
+struct req_slot {
+	struct http_request req;
+	char *headbuf;
+	size_t headcap;
+	struct req_slot *next_free;
+};
+
+#define SLOTS_FREE_MAX 256
+static struct req_slot *free_slots;
+static int nfree_slots;
+
+static struct req_slot *slot_take(struct http_conn *c)
+{
+	struct req_slot *r = free_slots;
+	if (r) {
+		free_slots = r->next_free;
+		nfree_slots--;
+		r->next_free = NULL;
+	} else {
+		r = xcalloc(1, sizeof(*r));
+	}
+	r->req.conn = c;
+	return r;
+}
+
+/* Give c's request back (its body freed; the head buffer is kept for reuse). */
+static void slot_give(struct http_conn *c)
+{
+	struct req_slot *r = c->slot;
+	char *buf;
+	size_t cap;
+	if (!r)
+		return;
+	c->slot = NULL;
+	free(r->req.body);
+	buf = r->headbuf;
+	cap = r->headcap;
+	if (nfree_slots >= SLOTS_FREE_MAX || cap > 4096) {
+		free(buf);
+		free(r);
+		return;
+	}
+	memset(r, 0, sizeof(*r));
+	r->headbuf = buf;
+	r->headcap = cap;
+	r->next_free = free_slots;
+	free_slots = r;
+	nfree_slots++;
+}
 
 struct http_server {
 	struct event_base *base;
@@ -249,21 +303,21 @@ static void start_request(struct http_conn *c)
 	struct http_server *s = c->srv;
 	c->state = CS_BUSY;
 	c->deadline = 0;        /* the timer, if it fires meanwhile, does nothing */
-	c->req.start = mono_now();
+	c->slot->req.start = mono_now();
 	s->inflight++;
-	s->handler(&c->req, s->arg);
+	s->handler(&c->slot->req, s->arg);
 }
 
 static void read_body(struct http_conn *c)
 {
 	struct evbuffer *in = c->in;
-	size_t need = c->req.head.content_length > 0 ? (size_t)c->req.head.content_length : 0;
+	size_t need = c->slot->req.head.content_length > 0 ? (size_t)c->slot->req.head.content_length : 0;
 	if (evbuffer_get_length(in) < need)
 		return;
-	c->req.body = xmalloc(need + 1);
-	evbuffer_remove(in, c->req.body, need);
-	c->req.body[need] = '\0';
-	c->req.body_len = need;
+	c->slot->req.body = xmalloc(need + 1);
+	evbuffer_remove(in, c->slot->req.body, need);
+	c->slot->req.body[need] = '\0';
+	c->slot->req.body_len = need;
 	start_request(c);
 }
 
@@ -274,21 +328,24 @@ static void read_body(struct http_conn *c)
  */
 static bool take_head(struct http_conn *c, const char *src, size_t len)
 {
-	struct http_head *h = &c->req.head;
+	struct http_head *h;
 	const char *err;
 	int status;
 
-	if (len + 1 > c->headcap) {
-		c->headcap = len + 1;
-		c->headbuf = xrealloc(c->headbuf, c->headcap);
+	if (!c->slot)
+		c->slot = slot_take(c);
+	h = &c->slot->req.head;
+	if (len + 1 > c->slot->headcap) {
+		c->slot->headcap = len + 1;
+		c->slot->headbuf = xrealloc(c->slot->headbuf, c->slot->headcap);
 	}
 	if (src)
-		memcpy(c->headbuf, src, len);
+		memcpy(c->slot->headbuf, src, len);
 	else
-		evbuffer_remove(c->in, c->headbuf, len);
-	c->headbuf[len] = '\0';
+		evbuffer_remove(c->in, c->slot->headbuf, len);
+	c->slot->headbuf[len] = '\0';
 	c->scan_from = 0;
-	status = http_parse_head(c->headbuf, len, h, &err);
+	status = http_parse_head(c->slot->headbuf, len, h, &err);
 	if (status) {
 		reject(c, status, status == 414 || status == 431 ? "too_large" : "bad_request", err);
 		return false;
@@ -311,7 +368,7 @@ static bool take_head(struct http_conn *c, const char *src, size_t len)
 /* After the head: the body is in c->in, or on its way. */
 static void begin_body(struct http_conn *c)
 {
-	const struct http_head *h = &c->req.head;
+	const struct http_head *h = &c->slot->req.head;
 	if (h->content_length > 0 && h->expect_continue &&
 	    evbuffer_get_length(c->in) < (size_t)h->content_length) {
 		evbuffer_add(c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
@@ -464,7 +521,7 @@ static int probe(struct http_conn *c)
 {
 	static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
 	struct timeval tv = tv_of(PROBE_EVERY);
-	if (c->ssl || c->req.head.minor < 1 || c->probing || evbuffer_get_length(c->out) > 0)
+	if (c->ssl || c->slot->req.head.minor < 1 || c->probing || evbuffer_get_length(c->out) > 0)
 		return -1;
 	if (send(c->fd, cont, sizeof(cont) - 1, MSG_NOSIGNAL | MSG_DONTWAIT) != (ssize_t)(sizeof(cont) - 1))
 		return -1;
@@ -499,8 +556,8 @@ static void client_gone(struct http_conn *c)
 		c->dead = true;
 		event_del(c->rev);
 		event_del(c->wev);
-		if (c->req.on_abort)
-			c->req.on_abort(&c->req);
+		if (c->slot && c->slot->req.on_abort)
+			c->slot->req.on_abort(&c->slot->req);
 		return;
 	}
 	conn_free(c);
@@ -554,7 +611,7 @@ static bool take_whole(struct http_conn *c, const char *buf, size_t n)
 	request_begins(c);
 	if (!take_head(c, buf, head))
 		return true;
-	need = c->req.head.content_length > 0 ? (size_t)c->req.head.content_length : 0;
+	need = c->slot->req.head.content_length > 0 ? (size_t)c->slot->req.head.content_length : 0;
 	if (n - head < need) {
 		evbuffer_add(c->in, buf + head, n - head);
 		begin_body(c);
@@ -562,10 +619,10 @@ static bool take_whole(struct http_conn *c, const char *buf, size_t n)
 	}
 	if (n > head + need)
 		evbuffer_add(c->in, buf + head + need, n - head - need);   /* pipelined */
-	c->req.body = xmalloc(need + 1);
-	memcpy(c->req.body, buf + head, need);
-	c->req.body[need] = '\0';
-	c->req.body_len = need;
+	c->slot->req.body = xmalloc(need + 1);
+	memcpy(c->slot->req.body, buf + head, need);
+	c->slot->req.body[need] = '\0';
+	c->slot->req.body_len = need;
 	start_request(c);
 	return true;
 }
@@ -670,9 +727,7 @@ static void on_resume(evutil_socket_t fd, short what, void *arg)
 
 static void reset_request(struct http_conn *c)
 {
-	free(c->req.body);
-	memset(&c->req, 0, sizeof(c->req));
-	c->req.conn = c;
+	slot_give(c);
 }
 
 static void reply(struct http_request *req, int status, struct evbuffer *body, const char *extra,
@@ -714,8 +769,12 @@ static void reply(struct http_request *req, int status, struct evbuffer *body, c
 	set_deadline(c, mono_now() + s->lim.keepalive_timeout);
 	flush(c);
 	event_add(c->rev, NULL);
-	if (evbuffer_get_length(c->in) > 0)
+	if (evbuffer_get_length(c->in) > 0) {
+		/* Made the first time a connection pipelines: most never do. */
+		if (!c->resume && !(c->resume = event_new(s->base, -1, 0, on_resume, c)))
+			abort();
 		event_active(c->resume, EV_TIMEOUT, 0);
+	}
 }
 
 void http_reply(struct http_request *req, int status, struct evbuffer *body, const char *extra)
@@ -750,7 +809,8 @@ static void conn_free(struct http_conn *c)
 	LIST_REMOVE(c, link);
 	c->srv->nconns--;
 	event_free(c->timer);
-	event_free(c->resume);
+	if (c->resume)
+		event_free(c->resume);
 	event_free(c->rev);
 	event_free(c->wev);
 	evbuffer_free(c->in);
@@ -758,8 +818,7 @@ static void conn_free(struct http_conn *c)
 	if (c->ssl)
 		SSL_free(c->ssl);
 	evutil_closesocket(c->fd);
-	free(c->req.body);
-	free(c->headbuf);
+	slot_give(c);
 	free(c);
 }
 
@@ -780,7 +839,6 @@ static void on_accept(struct evconnlistener *l, evutil_socket_t fd, struct socka
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	c = xcalloc(1, sizeof(*c));
 	c->srv = s;
-	c->req.conn = c;
 	c->fd = fd;
 	evutil_make_socket_nonblocking(fd);
 	c->rev = event_new(s->base, fd, EV_READ | EV_PERSIST, on_read, c);
@@ -788,14 +846,13 @@ static void on_accept(struct evconnlistener *l, evutil_socket_t fd, struct socka
 	c->in = evbuffer_new();
 	c->out = evbuffer_new();
 	c->timer = evtimer_new(s->base, on_timer, c);
-	c->resume = event_new(s->base, -1, 0, on_resume, c);
 	if (s->ssl_ctx) {
 		c->ssl = SSL_new(s->ssl_ctx);
 		if (!c->ssl || SSL_set_fd(c->ssl, fd) != 1)
 			abort();
 		SSL_set_accept_state(c->ssl);
 	}
-	if (!c->rev || !c->wev || !c->in || !c->out || !c->timer || !c->resume) {
+	if (!c->rev || !c->wev || !c->in || !c->out || !c->timer) {
 		log_error("http: cannot set up a connection");
 		abort();
 	}
