@@ -16,6 +16,7 @@ return {
   admin_listen = "127.0.0.1:8081",       -- admin HTTP listener, keep it on loopback (restart)
   script       = "../scripts/routing.lua", -- routing script, relative to this file's folder (reload)
   watch        = false,                  -- reload when this file or the script changes (reload)
+  shard_histograms = true,               -- per-shard histograms in /metrics; false for thousands of shards (reload)
 
   max_body          = 1048576,  -- largest request body in bytes; larger gets 413 too_large (reload)
   client_timeout    = 10,       -- a request's head and body must arrive within this, else 408 (reload)

@@ -82,6 +82,7 @@ static const struct conf_key top_keys[] = {
 	{ "admin_listen", CT_STRING, TOP(admin_listen), "\"127.0.0.1:8081\"", false, false },
 	{ "script", CT_STRING, TOP(script), NULL, true, false },
 	{ "watch", CT_BOOL, TOP(watch), "false", true, false },
+	{ "shard_histograms", CT_BOOL, TOP(shard_histograms), "true", true, false },
 	{ "max_body", CT_POSITIVE, TOP(max_body), "1048576", true, false },
 	{ "script_timeout", CT_DURATION, TOP(script_timeout), "0.05", true, false },
 	{ "script_memory", CT_POSITIVE, TOP(script_memory), "67108864", true, false },

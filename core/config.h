@@ -58,6 +58,7 @@ struct config {
 	char *admin_listen;
 	char *script;             /* resolved against dir */
 	bool watch;
+	bool shard_histograms;    /* /metrics has the two histograms per shard */
 	int max_body;
 	double script_timeout;
 	int script_memory;

@@ -7,6 +7,7 @@
 #include "health.h"
 
 #include <event2/buffer.h>
+#include <event2/event.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -178,35 +179,60 @@ static const struct {
 	  "Shards that failed their part of a fan-out.", v_fanout_failures },
 };
 
-static void write_pool_metrics(struct evbuffer *b, const struct generation *g)
+/*
+ * The per-shard families are written a slice at a time: with thousands of
+ * shards the text is megabytes, and writing it in one go would hold every
+ * other client for tens of milliseconds. A scrape writes METRICS_SLICE
+ * samples per loop turn and continues on the next, then answers; it holds
+ * a reference to the generation it started on. Families: each pool
+ * metric, then SQLSTATE classes, then the two histograms.
+ */
+#define METRICS_SLICE 512
+
+struct scrape {
+	struct http_request *req;
+	struct generation *g;
+	struct evbuffer *b;
+	struct event *next;
+	size_t family;     /* index into the families below */
+	int shard;         /* next shard of that family */
+};
+
+enum { FAM_ERRORS = ARRAY_LEN(pool_metrics), FAM_WAIT, FAM_DURATION, FAM_END };
+
+static void family_head(struct evbuffer *b, size_t f)
+{
+	if (f < ARRAY_LEN(pool_metrics))
+		family(b, pool_metrics[f].name, pool_metrics[f].type, pool_metrics[f].help);
+	else if (f == FAM_ERRORS)
+		family(b, "shardgate_query_errors_total", "counter", "Statements that failed, by SQLSTATE class.");
+	else if (f == FAM_WAIT)
+		family(b, "shardgate_checkout_wait_seconds", "histogram", "Time requests waited for a connection.");
+	else
+		family(b, "shardgate_query_duration_seconds", "histogram", "Time statements took on the shard.");
+}
+
+/* One shard's samples of family f; returns how many lines that was, roughly. */
+static int family_shard(struct evbuffer *b, size_t f, const struct pool *p)
 {
 	char labels[96];
-	for (size_t m = 0; m < ARRAY_LEN(pool_metrics); m++) {
-		family(b, pool_metrics[m].name, pool_metrics[m].type, pool_metrics[m].help);
-		for (int i = 0; i < g->cfg->nshards; i++)
-			evbuffer_add_printf(b, "%s{shard=\"%s\"} %.17g\n", pool_metrics[m].name,
-					    g->pools[i]->name, pool_metrics[m].value(g->pools[i]));
+	if (f < ARRAY_LEN(pool_metrics)) {
+		evbuffer_add_printf(b, "%s{shard=\"%s\"} %.17g\n", pool_metrics[f].name, p->name,
+				    pool_metrics[f].value(p));
+		return 1;
 	}
-	family(b, "shardgate_query_errors_total", "counter",
-	       "Statements that failed, by SQLSTATE class.");
-	for (int i = 0; i < g->cfg->nshards; i++) {
-		const struct pool_stats *s = &g->pools[i]->stats;
-		for (int e = 0; e < s->nerrors; e++)
+	if (f == FAM_ERRORS) {
+		for (int e = 0; e < p->stats.nerrors; e++)
 			evbuffer_add_printf(b, "shardgate_query_errors_total{shard=\"%s\",class=\"%s\"} %llu\n",
-					    g->pools[i]->name, s->errors[e].cls,
-					    (unsigned long long)s->errors[e].n);
+					    p->name, p->stats.errors[e].cls, (unsigned long long)p->stats.errors[e].n);
+		return p->stats.nerrors;
 	}
-	family(b, "shardgate_checkout_wait_seconds", "histogram",
-	       "Time requests waited for a connection.");
-	for (int i = 0; i < g->cfg->nshards; i++) {
-		snprintf(labels, sizeof(labels), "shard=\"%s\"", g->pools[i]->name);
-		histogram_write(b, "shardgate_checkout_wait_seconds", labels, &g->pools[i]->stats.wait);
-	}
-	family(b, "shardgate_query_duration_seconds", "histogram", "Time statements took on the shard.");
-	for (int i = 0; i < g->cfg->nshards; i++) {
-		snprintf(labels, sizeof(labels), "shard=\"%s\"", g->pools[i]->name);
-		histogram_write(b, "shardgate_query_duration_seconds", labels, &g->pools[i]->stats.query);
-	}
+	snprintf(labels, sizeof(labels), "shard=\"%s\"", p->name);
+	if (f == FAM_WAIT)
+		histogram_write(b, "shardgate_checkout_wait_seconds", labels, &p->stats.wait);
+	else
+		histogram_write(b, "shardgate_query_duration_seconds", labels, &p->stats.query);
+	return 16;
 }
 
 static void write_process_metrics(struct evbuffer *b, const struct generation *g)
@@ -232,13 +258,48 @@ static void write_process_metrics(struct evbuffer *b, const struct generation *g
 	evbuffer_add_printf(b, "shardgate_generation %u\n", g->id);
 }
 
+static void scrape_step(evutil_socket_t fd, short what, void *arg)
+{
+	struct scrape *sc = arg;
+	int budget = METRICS_SLICE;
+	(void)fd;
+	(void)what;
+	while (sc->family < FAM_END && budget > 0) {
+		if (sc->family == FAM_WAIT && !sc->g->cfg->shard_histograms) {
+			sc->family = FAM_END;   /* the histograms are the last families */
+			break;
+		}
+		if (sc->shard == 0)
+			family_head(sc->b, sc->family);
+		if (sc->shard < sc->g->cfg->nshards)
+			budget -= family_shard(sc->b, sc->family, sc->g->pools[sc->shard++]) + 1;
+		if (sc->shard >= sc->g->cfg->nshards) {
+			sc->family++;
+			sc->shard = 0;
+		}
+	}
+	if (sc->family < FAM_END) {
+		event_active(sc->next, EV_TIMEOUT, 0);
+		return;
+	}
+	write_process_metrics(sc->b, sc->g);
+	directory_metrics(sc->b);
+	http_reply_typed(sc->req, 200, sc->b, "text/plain; version=0.0.4; charset=utf-8");
+	evbuffer_free(sc->b);
+	event_free(sc->next);
+	generation_unref(sc->g);
+	free(sc);
+}
+
 void health_metrics(struct http_request *req)
 {
-	struct generation *g = generation_current();
-	struct evbuffer *b = new_buffer();
-	write_pool_metrics(b, g);
-	write_process_metrics(b, g);
-	directory_metrics(b);
-	http_reply_typed(req, 200, b, "text/plain; version=0.0.4; charset=utf-8");
-	evbuffer_free(b);
+	struct scrape *sc = xcalloc(1, sizeof(*sc));
+	sc->req = req;
+	sc->g = generation_current();
+	generation_ref(sc->g);
+	sc->b = new_buffer();
+	sc->next = event_new(sc->g->base, -1, 0, scrape_step, sc);
+	if (!sc->next)
+		abort();
+	scrape_step(-1, 0, sc);
 }

@@ -234,6 +234,56 @@ describe("bad day", function()
     end)
   end)
 
+  describe("thousands of shards", function()
+    local function many_shards(n)
+      local shards = {}
+      for i = 0, n - 1 do shards["s" .. i] = { url = helpers.pg_url(db) } end
+      return shards
+    end
+
+    it("a /metrics scrape of 5,000 shards does not hold other clients (written a slice per loop turn)", function()
+      local gw = helpers.start_gateway({
+        shards = many_shards(5000),
+        script = "return { shard = function(t, s) return s[1] end }\n",
+      })
+      local scraper = gw:connect()
+      assert(scraper:send("GET", "/metrics"))
+      local client = gw:connect()
+      local worst, n = 0, 0
+      -- /healthz answers while the scrape is being written (it is megabytes).
+      for _ = 1, 50 do
+        local t0 = socket.gettime()
+        assert(client:send("GET", "/healthz"))
+        local res = client:receive(10)
+        assert.equal(200, res.status)
+        worst = math.max(worst, socket.gettime() - t0)
+        n = n + 1
+      end
+      local m = scraper:receive(30)
+      assert.equal(200, m.status)
+      assert.matches('shardgate_pool_size{shard="s4999"} 5', m.body, 1, true)
+      assert.matches('shardgate_query_duration_seconds_bucket{shard="s4999"', m.body, 1, true)
+      assert.matches("shardgate_generation 1", m.body, 1, true)
+      assert.is_true(worst < 0.05, ("a /healthz waited %.0f ms during the scrape"):format(worst * 1000))
+      scraper:close()
+      client:close()
+    end)
+
+    it("leaves the per-shard histograms out with shard_histograms = false", function()
+      local gw = helpers.start_gateway({
+        shards = many_shards(3),
+        script = "return { shard = function(t, s) return s[1] end }\n",
+        config = { shard_histograms = false },
+      })
+      local m = gw:get("/metrics")
+      assert.equal(200, m.status)
+      assert.matches('shardgate_pool_size{shard="s2"}', m.body, 1, true)
+      assert.is_nil(m.body:find("shardgate_query_duration_seconds", 1, true))
+      assert.is_nil(m.body:find("shardgate_checkout_wait_seconds", 1, true))
+      assert.matches("shardgate_generation", m.body, 1, true)
+    end)
+  end)
+
   describe("a second stop signal", function()
     it("exits at once while a hook is stuck in a C call, naming what was in flight", function()
       local gw = helpers.start_gateway({
