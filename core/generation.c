@@ -27,13 +27,25 @@ static struct pool *find_pool(const struct generation *g, const char *name)
 	return NULL;
 }
 
+/*
+ * Both configs list their shards in natural order (config.c), so the
+ * previous generation's pools are found in one merge walk, not a search
+ * per shard: a reload's swap stays O(shards) at thousands of them.
+ */
 static void attach_pools(struct generation *g, struct event_base *base,
 			 const struct generation *prev)
 {
+	int j = 0, nprev = prev ? prev->cfg->nshards : 0;
 	g->pools = xcalloc((size_t)g->cfg->nshards, sizeof(struct pool *));
 	for (int i = 0; i < g->cfg->nshards; i++) {
 		const struct shard_conf *sc = &g->cfg->shards[i];
-		struct pool *p = find_pool(prev, sc->name);
+		struct pool *p = NULL;
+		while (j < nprev && natural_cmp(prev->pools[j]->name, sc->name) < 0)
+			j++;
+		if (j < nprev && strcmp(prev->pools[j]->name, sc->name) == 0)
+			p = prev->pools[j];
+		else if (j < nprev && natural_cmp(prev->pools[j]->name, sc->name) == 0)
+			p = find_pool(prev, sc->name);   /* names equal to the order ("s01", "s1"): search */
 		if (p)
 			pool_reconfigure(p, sc);
 		else

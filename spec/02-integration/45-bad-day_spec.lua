@@ -269,6 +269,32 @@ describe("bad day", function()
       client:close()
     end)
 
+    it("a reload of 5,000 shards does not hold other clients (the swap is one merge of the pools)", function()
+      local gw = helpers.start_gateway({
+        shards = many_shards(5000),
+        script = "return { shard = function(t, s) return s[1] end }\n",
+      })
+      local client = gw:connect()
+      local function healthz()
+        local t0 = socket.gettime()
+        assert(client:send("GET", "/healthz"))
+        assert.equal(200, client:receive(10).status)
+        return socket.gettime() - t0
+      end
+      local worst = 0
+      assert.is_true(gw:signal("HUP"))
+      local gen
+      helpers.wait_until(function()
+        worst = math.max(worst, healthz())
+        local h = gw:get("/health/shards", nil, { timeout = 10 })
+        gen = h.json and h.json.generation
+        return gen == 2
+      end, 20, "generation 2")
+      for _ = 1, 20 do worst = math.max(worst, healthz()) end
+      assert.is_true(worst < 0.05, ("a /healthz waited %.0f ms around the reload"):format(worst * 1000))
+      client:close()
+    end)
+
     it("leaves the per-shard histograms out with shard_histograms = false", function()
       local gw = helpers.start_gateway({
         shards = many_shards(3),
