@@ -537,6 +537,31 @@ static int probe(struct http_conn *c)
 
 static void client_gone(struct http_conn *c);
 
+/*
+ * The client's end of input. True when the connection goes on: an answer
+ * still being written is finished first (then the connection closes), a
+ * running HTTP/1.1 request gets the probe, and requests already read are
+ * answered (pipelining) before the close. False: the client left.
+ */
+static bool end_of_input(struct http_conn *c)
+{
+	if (c->state == CS_BUSY && probe(c) == 0)
+		return true;
+	if (evbuffer_get_length(c->out) == 0)
+		return false;
+	/* Answers on their way, or behind them a request: finish, read nothing more, then close. */
+	c->peer_eof = true;
+	event_del(c->rev);
+	if (c->state != CS_BUSY) {
+		if (evbuffer_get_length(c->in) > 0)
+			try_parse(c);
+		else
+			c->state = CS_CLOSE;
+		flush(c);
+	}
+	return true;
+}
+
 /* The probe's check: a reset means the client left; else look again later. */
 static void check_probe(struct http_conn *c)
 {
@@ -639,7 +664,7 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
 	if (!c->ssl && c->state == CS_HEAD && evbuffer_get_length(c->in) == 0) {
 		n = read_some(c, read_buf, limit < sizeof(read_buf) ? limit : sizeof(read_buf));
 		if (n == 0 || n == -2) {
-			if (n == 0 && c->state == CS_BUSY && probe(c) == 0)
+			if (n == 0 && end_of_input(c))
 				return;
 			client_gone(c);
 			return;
@@ -657,7 +682,7 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
 		v.iov_len = n > 0 ? (size_t)n : 0;
 		evbuffer_commit_space(c->in, &v, 1);
 		if (n == 0 || n == -2) {
-			if (n == 0 && c->state == CS_BUSY && probe(c) == 0)
+			if (n == 0 && end_of_input(c))
 				return;
 			client_gone(c);
 			return;
@@ -735,7 +760,9 @@ static void reply(struct http_request *req, int status, struct evbuffer *body, c
 {
 	struct http_conn *c = req->conn;
 	struct http_server *s = c->srv;
-	bool keep = req->head.keepalive && !s->shutting_down && !c->peer_eof;
+	/* After the client's end of input: on only for requests it sent before. */
+	bool keep = req->head.keepalive && !s->shutting_down &&
+		    (!c->peer_eof || evbuffer_get_length(c->in) > 0);
 
 	s->inflight--;
 	if (s->reply_hook)
@@ -768,7 +795,8 @@ static void reply(struct http_request *req, int status, struct evbuffer *body, c
 	c->reading = false;
 	set_deadline(c, mono_now() + s->lim.keepalive_timeout);
 	flush(c);
-	event_add(c->rev, NULL);
+	if (!c->peer_eof)
+		event_add(c->rev, NULL);   /* at end of input the socket would read as ready for ever */
 	if (evbuffer_get_length(c->in) > 0) {
 		/* Made the first time a connection pipelines: most never do. */
 		if (!c->resume && !(c->resume = event_new(s->base, -1, 0, on_resume, c)))
@@ -965,6 +993,8 @@ void http_server_set_reply_hook(struct http_server *s, http_reply_hook hook, voi
 void http_server_shutdown(struct http_server *s)
 {
 	struct http_conn *c, *next;
+	if (!s)
+		return;   /* a stop signal before the listeners exist */
 	s->shutting_down = true;
 	/* Close the listening socket, so new connections are refused rather than left waiting. */
 	if (s->listener)
@@ -986,13 +1016,15 @@ void http_server_shutdown(struct http_server *s)
 
 int http_server_inflight(const struct http_server *s)
 {
-	return s->inflight;
+	return s ? s->inflight : 0;
 }
 
 int http_server_unflushed(const struct http_server *s)
 {
 	int n = 0;
 	const struct http_conn *c;
+	if (!s)
+		return 0;
 	LIST_FOREACH(c, &s->conns, link)
 		n += evbuffer_get_length(c->out) > 0;
 	return n;

@@ -113,6 +113,9 @@ static int l_core_directory(lua_State *L)
 {
 	char num[32];
 	const char *key, *shard;
+	/* A script's top level runs on the reload thread; the directory belongs to the loop. */
+	if (!on_loop_thread())
+		return luaL_error(L, "sg.directory() is for hooks: a script's top level cannot look tenants up");
 	if (lua_type(L, 1) == LUA_TNUMBER) {
 		fmt_number(num, lua_tonumber(L, 1));
 		key = num;

@@ -164,6 +164,11 @@ static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
 	(void)what;
 	if (app->drain)
 		return;
+	if (!app->client) {
+		/* Still starting (waiting for the tenant directory): nothing is in flight. */
+		log_info("received %s while starting; exiting", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+		_exit(0);
+	}
 	log_info("received %s: no new connections, finishing %d requests",
 		 sig == SIGTERM ? "SIGTERM" : "SIGINT", inflight(app));
 	http_server_shutdown(app->client);
@@ -322,6 +327,7 @@ static void stop(struct app *app)
 	tenants_shutdown();
 	http_server_free(app->client);
 	http_server_free(app->admin);
+	app->client = app->admin = NULL;   /* a late second signal reads them */
 	SSL_CTX_free(app->tls);
 	reload_shutdown();
 	if (generation_current())
@@ -442,6 +448,7 @@ int main(int argc, char **argv)
 		goto done;
 	}
 	install_second_signal(&app);
+	loop_thread_mark();
 	if (start(&app) < 0)
 		goto done;
 	event_base_dispatch(app.base);

@@ -220,15 +220,30 @@ static void on_build_done(evutil_socket_t fd, short what, void *arg)
 	if (!pthread_equal(b->thread, pthread_self()))
 		pthread_join(b->thread, NULL);
 	R.running = NULL;
+	if (R.stopped) {
+		/* Shutting down: nothing new is swapped in; whoever waits hears why. */
+		generation_discard(b->g);
+		free(b);
+		answer(R.riding, false, "the gateway is shutting down");
+		answer(R.next_waiters, false, "the gateway is shutting down");
+		R.riding = R.next_waiters = NULL;
+		return;
+	}
 	finish_build(b);
 	free(b);
-	if (R.again && !R.stopped)
+	if (R.again)
 		start_build(R.again_trigger);
 }
 
 void reload_request(const char *trigger, reload_done_cb cb, void *arg)
 {
-	struct waiter *w = xcalloc(1, sizeof(*w));
+	struct waiter *w;
+	if (R.stopped) {
+		if (cb)
+			cb(false, "the gateway is shutting down", arg);
+		return;
+	}
+	w = xcalloc(1, sizeof(*w));
 	w->cb = cb;
 	w->arg = arg;
 	w->next = R.next_waiters;
@@ -258,7 +273,7 @@ static void on_watch(evutil_socket_t fd, short what, void *arg)
 
 void reload_watch_apply(void)
 {
-	bool want = generation_current()->cfg->watch;
+	bool want = generation_current()->cfg->watch && !R.stopped;
 	struct timeval tv = { 0, WATCH_INTERVAL_MS * 1000 };
 
 	if (want && !R.watch_timer) {

@@ -21,6 +21,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "auth.h"
@@ -33,6 +34,78 @@
 #include "util.h"
 
 #define HOOK_COUNT 1000
+
+/*
+ * Noticing that a hook changed the shards list it was given, without
+ * walking the list after every hook call (at thousands of shards the walk
+ * cost more than the rest of the request). The list is a plain table with
+ * only an array part; LuaJIT keeps it as a GCtab whose array of 8-byte
+ * values can be compared with a copy in one memcmp, and whose header says
+ * whether it grew, got a hash part or a metatable. That layout is LuaJIT
+ * 2.1's with 64-bit GC references (lj_obj.h, GCtab); it is checked
+ * against the table's contents through the public API when the copy is
+ * taken, and where it does not hold, the walk is used instead.
+ */
+struct list_snapshot {
+	bool ok;                  /* the layout checked out: compare, do not walk */
+	const void *tab;
+	uint64_t array;           /* the header fields that change when the table is reshaped */
+	uint64_t metatable;
+	uint64_t node;
+	uint32_t asize;
+	uint32_t hmask;
+	uint64_t *values;         /* array[0 .. asize) as it was */
+};
+
+/* LuaJIT 2.1 GC64 GCtab: nextgc, marked, gct, nomm, colo, array, gclist, metatable, node, asize, hmask. */
+enum { TAB_ARRAY = 16, TAB_METATABLE = 32, TAB_NODE = 40, TAB_ASIZE = 48, TAB_HMASK = 52 };
+#define GCV_MASK ((1ULL << 47) - 1)
+
+static void snap_read(const void *tab, uint64_t *array, uint64_t *mt, uint64_t *node, uint32_t *asize,
+		      uint32_t *hmask)
+{
+	const unsigned char *t = tab;
+	memcpy(array, t + TAB_ARRAY, 8);
+	memcpy(mt, t + TAB_METATABLE, 8);
+	memcpy(node, t + TAB_NODE, 8);
+	memcpy(asize, t + TAB_ASIZE, 4);
+	memcpy(hmask, t + TAB_HMASK, 4);
+}
+
+/* Take the copy of the list at the top of the stack (n names); snap->ok says whether it can be used. */
+static void snap_take(lua_State *L, struct list_snapshot *snap, int n)
+{
+	free(snap->values);
+	memset(snap, 0, sizeof(*snap));
+	if (n <= 0 || sizeof(void *) != 8 || !lua_istable(L, -1))
+		return;
+	snap->tab = lua_topointer(L, -1);
+	snap_read(snap->tab, &snap->array, &snap->metatable, &snap->node, &snap->asize, &snap->hmask);
+	if (snap->asize != (uint32_t)n + 1 || snap->hmask != 0 || snap->metatable != 0 || !snap->array)
+		return;
+	const uint64_t *values = (const uint64_t *)(uintptr_t)snap->array;
+	for (int i = 1; i <= n; i++) {
+		lua_rawgeti(L, -1, i);
+		bool same = lua_isstring(L, -1) && (values[i] & GCV_MASK) == (uint64_t)(uintptr_t)lua_topointer(L, -1);
+		lua_pop(L, 1);
+		if (!same)
+			return;
+	}
+	snap->values = xmalloc(sizeof(uint64_t) * snap->asize);
+	memcpy(snap->values, values, sizeof(uint64_t) * snap->asize);
+	snap->ok = true;
+}
+
+/* Is the list as the copy has it? Only meaningful when snap->ok. */
+static bool snap_same(const struct list_snapshot *snap)
+{
+	uint64_t array, mt, node;
+	uint32_t asize, hmask;
+	snap_read(snap->tab, &array, &mt, &node, &asize, &hmask);
+	return array == snap->array && mt == snap->metatable && node == snap->node && asize == snap->asize &&
+	       hmask == snap->hmask &&
+	       memcmp((const void *)(uintptr_t)array, snap->values, sizeof(uint64_t) * asize) == 0;
+}
 
 struct script {
 	struct luaenv_alloc alloc;  /* first: the allocator's ud doubles as the script */
@@ -55,6 +128,7 @@ struct script {
 	unsigned serial;
 	int nshards;
 	char **names;             /* the shard names, for restore_shards */
+	struct list_snapshot snap;  /* the shards list as hooks get it (restore_shards) */
 	struct fanout_conf fanout;  /* plan defaults */
 };
 
@@ -383,9 +457,12 @@ static void restore_shards(struct script *s)
 {
 	lua_State *L = s->L;
 	bool changed;
+	if (s->snap.ok && snap_same(&s->snap))
+		return;
 	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_shards);
 	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_names);
-	changed = lua_objlen(L, -2) != lua_objlen(L, -1);
+	/* With a usable copy, a difference from it is a change; else walk the list. */
+	changed = s->snap.ok || lua_objlen(L, -2) != lua_objlen(L, -1);
 	/* Interned strings: comparing references is enough, and cheap. */
 	for (int i = 1; !changed && i <= s->nshards; i++) {
 		lua_rawgeti(L, -2, i);
@@ -402,6 +479,7 @@ static void restore_shards(struct script *s)
 			lua_pushstring(L, s->names[i]);
 			lua_rawseti(L, -2, i + 1);
 		}
+		snap_take(L, &s->snap, s->nshards);
 		lua_rawseti(L, LUA_REGISTRYINDEX, s->ref_shards);
 		return;
 	}
@@ -693,6 +771,7 @@ static void build_shard_tables(struct script *s, const struct config *cfg)
 		lua_rawseti(L, -2, i + 1);
 	}
 	s->ref_names = luaL_ref(L, LUA_REGISTRYINDEX);
+	snap_take(L, &s->snap, cfg->nshards);
 	s->ref_shards = luaL_ref(L, LUA_REGISTRYINDEX);
 	lua_createtable(L, 0, 1);
 	lua_pushlightuserdata(L, s);
@@ -811,6 +890,7 @@ void script_free(struct script *s)
 	for (int i = 0; s->names && i < s->nshards; i++)
 		free(s->names[i]);
 	free(s->names);
+	free(s->snap.values);
 	free(s->path);
 	free(s);
 }

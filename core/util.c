@@ -5,7 +5,9 @@
  */
 #include "util.h"
 
+
 #include <ctype.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +22,19 @@ static void oom(size_t size)
 }
 
 static unsigned long failures;
+static pthread_t loop_thread;
+static bool loop_marked;
+
+void loop_thread_mark(void)
+{
+	loop_thread = pthread_self();
+	loop_marked = true;
+}
+
+bool on_loop_thread(void)
+{
+	return !loop_marked || pthread_equal(pthread_self(), loop_thread);
+}
 
 void *counted_malloc(size_t size)
 {

@@ -30,6 +30,10 @@ struct timeval;
 /* A duration in seconds as a struct timeval, for libevent timers. */
 struct timeval tv_of(double secs);
 
+/* Mark the calling thread as the event loop's; on_loop_thread() tells (true before any mark). */
+void loop_thread_mark(void);
+bool on_loop_thread(void);
+
 /* Seconds on the monotonic clock. */
 double mono_now(void);
 /* Seconds since the epoch, with fractions. */

@@ -711,6 +711,43 @@ run_goodput ov_32 "$clients"
 run_goodput ov_1024 1024
 stop_gateway
 
+# --- what the number of configured shards costs ---------------------------------------------
+# The one-shard load against gateways configured with 10, 1,000 and 5,000
+# shards (all on bench_0; tools/bench/first_shard.lua routes every tenant to
+# the first one, so one pool serves). Beside each: the largest /healthz
+# pause during a SIGHUP reload, and at 5,000 a /metrics scrape's time and
+# the largest pause during it (tools/bench/stall.lua).
+declare -A N_stall N_scrape_ms N_scrape_stall
+stall_during() {   # stall_during SECONDS ACTION...: the largest /healthz pause while ACTION runs
+    local out=$tmp/out/stall.$$
+    luajit "$root/tools/bench/stall.lua" 127.0.0.1 "$gw_port" "$1" >"$out" 2>&1 &
+    local spid=$!
+    shift
+    sleep 0.3
+    "$@"
+    wait "$spid"
+    sed -n 's/^STALL max_ms=\([0-9.]*\).*/\1/p' "$out"
+}
+for n_sh in 10 1000 5000; do
+    say "starting a gateway with $n_sh configured shards"
+    shard_lines=$(for ((i = 0; i < n_sh; i++)); do
+        echo "    s$i = { url = \"postgresql://postgres@127.0.0.1:$pg_port/bench_0\" },"; done)
+    start_gateway "gw-n$n_sh" "  script = \"$root/tools/bench/first_shard.lua\", access_log = \"off\",
+  defaults = { pool = $pool, min_idle = 0 },
+  shards = {
+$shard_lines
+  },"
+    add_row "n$n_sh" "shardgate one-shard, $n_sh shards conf." "$clients"
+    run_wrk "n$n_sh" "$one_tenant"
+    N_stall[$n_sh]=$(stall_during 1.5 kill -HUP "$gw_pid")
+    if [ "$n_sh" = 5000 ]; then
+        t0=$(date +%s%N)
+        N_scrape_stall[$n_sh]=$(stall_during 1 curl -s -o /dev/null "http://127.0.0.1:$gw_port/metrics")
+        N_scrape_ms[$n_sh]=$(( ($(date +%s%N) - t0) / 1000000 ))
+    fi
+    stop_gateway
+done
+
 # --- tenant directory --------------------------------------------------------------------
 # bench_dir holds tenant_directory (tenant text primary key, shard text) with
 # only the wrk tenants, which the gateway loads at start, and beside it
@@ -910,6 +947,12 @@ awk -v r="$idle_rss" -v h="$idle_hwm" -v r0="$idle_rss0" -v n="$idle_clients" -v
     printf "  gateway fds %d, established client sockets %d, pooled connections %d (fresh gateway, no load before)\n",
         fds, so, p }'
 awk -v s="$main_rss_start" 'BEGIN { printf "  the load gateway: VmRSS %.1f MiB with its pools open, before any request\n", s / 1024 }'
+ratio "gateway CPU/req with 5,000 shards / with 10" "${R_pcpu[n5000]}" "${R_pcpu[n10]}" "<=" 1.1
+ratio "gateway CPU/req with 1,000 shards / with 10" "${R_pcpu[n1000]}" "${R_pcpu[n10]}"
+printf "  largest /healthz pause during a SIGHUP reload: %s ms at 10 shards (target < 2), %s ms at 1,000, %s ms at 5,000 (target < 20)\n" \
+    "${N_stall[10]}" "${N_stall[1000]}" "${N_stall[5000]}"
+printf "  /metrics at 5,000 shards: about %s ms for the scrape (client side, curl included); largest /healthz pause during it %s ms\n" \
+    "${N_scrape_ms[5000]}" "${N_scrape_stall[5000]}"
 ratio "goodput 1024 retrying clients / goodput @$clients (pool 5)" "${R_good[ov_1024]}" "${R_good[ov_32]}" ">=" 0.8
 ratio "p99 during $dir_h-row directory load / baseline p99" "${R_p99[dir_load]}" "${R_p99[dir_base]}"
 awk -v n="$dir_rows" -v ls="$d_secs" -v at="$dir_sent_s" -v ans="$dir_answer_s" -v r0="$dir_rss0" -v r1="$dir_rss1" \

@@ -122,6 +122,28 @@ describe("bad day", function()
       end
     end)
 
+    it("finishes an answer that is still being written when its client shuts down its sending side", function()
+      local gw = helpers.start_gateway({
+        shards = helpers.shards_config({ db }),
+        script = "return { shard = function(t, s) return s[1] end }\n",
+      })
+      local body = helpers.json.encode({ sql = "SELECT repeat('x', 8000000) AS big" })
+      local sock = assert(socket.tcp())
+      sock:settimeout(10)
+      assert(sock:connect("127.0.0.1", gw.port))
+      assert(sock:send("POST /query HTTP/1.1\r\nHost: x\r\nX-Tenant-Id: t\r\nContent-Type: application/json\r\n"
+        .. "Content-Length: " .. #body .. "\r\n\r\n" .. body))
+      -- Part of the answer has arrived (so it is being written), then the client's FIN.
+      assert(sock:receive(100))
+      assert(sock:shutdown("send"))
+      local rest, _, partial = sock:receive("*a")
+      rest = rest or partial
+      sock:close()
+      assert.is_true(#rest > 8000000, "got " .. (#rest + 100) .. " bytes of an 8 MB answer")
+      assert.matches('"rows":[["xxxx', rest, 1, true)
+      assert.matches("}\n$", rest)
+    end)
+
     it("at the descriptor limit sheds instead of spinning, and serves again once descriptors free up", function()
       if helpers.bin:find("asan", 1, true) or helpers.bin:find("valgrind", 1, true) then
         pending("the limit is measured for the plain binary")
@@ -333,6 +355,22 @@ describe("bad day", function()
       assert.is_true(socket.gettime() - t0 < 1, "took " .. (socket.gettime() - t0) .. " s")
       assert.matches("second stop signal with 1 requests in flight; exiting now", gw:log(), 1, true)
       conn:close()
+    end)
+
+    it("exits cleanly when two come while the gateway is still starting", function()
+      local gw = helpers.start_gateway({
+        shards = helpers.shards_config({ db }),
+        -- A top level that takes a while: the gateway is still loading it.
+        script = "local n = 0\nfor i = 1, 3e8 do n = n + i end\nreturn { shard = function(t, s) return s[1] end }\n",
+        config = { script_timeout = 1 },
+        wait = false,
+      })
+      helpers.wait_until(function() return gw:alive() end, 5, "the process")
+      socket.sleep(0.3)   -- inside the script's top level by now (it runs for seconds)
+      gw:signal("TERM")
+      gw:signal("TERM")
+      local code = gw:wait(5)
+      assert.equal(1, code, "exit status (139 would be a crash)")
     end)
 
     it("leaves the first one to the graceful shutdown when the loop runs", function()
