@@ -728,6 +728,9 @@ stall_during() {   # stall_during SECONDS ACTION...: the largest /healthz pause 
     wait "$spid"
     sed -n 's/^STALL max_ms=\([0-9.]*\).*/\1/p' "$out"
 }
+scrape_metrics() {   # one GET /metrics; curl's total time into $tmp/out/scrape.time
+    curl -s -o /dev/null -w '%{time_total}' "http://127.0.0.1:$gw_port/metrics" >"$tmp/out/scrape.time"
+}
 for n_sh in 10 1000 5000; do
     say "starting a gateway with $n_sh configured shards"
     shard_lines=$(for ((i = 0; i < n_sh; i++)); do
@@ -741,9 +744,8 @@ $shard_lines
     run_wrk "n$n_sh" "$one_tenant"
     N_stall[$n_sh]=$(stall_during 1.5 kill -HUP "$gw_pid")
     if [ "$n_sh" = 5000 ]; then
-        t0=$(date +%s%N)
-        N_scrape_stall[$n_sh]=$(stall_during 1 curl -s -o /dev/null "http://127.0.0.1:$gw_port/metrics")
-        N_scrape_ms[$n_sh]=$(( ($(date +%s%N) - t0) / 1000000 ))
+        N_scrape_stall[$n_sh]=$(stall_during 1 scrape_metrics)
+        N_scrape_ms[$n_sh]=$(awk '{ printf "%.0f", $1 * 1000 }' "$tmp/out/scrape.time")
     fi
     stop_gateway
 done
@@ -951,7 +953,7 @@ ratio "gateway CPU/req with 5,000 shards / with 10" "${R_pcpu[n5000]}" "${R_pcpu
 ratio "gateway CPU/req with 1,000 shards / with 10" "${R_pcpu[n1000]}" "${R_pcpu[n10]}"
 printf "  largest /healthz pause during a SIGHUP reload: %s ms at 10 shards (target < 2), %s ms at 1,000, %s ms at 5,000 (target < 20)\n" \
     "${N_stall[10]}" "${N_stall[1000]}" "${N_stall[5000]}"
-printf "  /metrics at 5,000 shards: about %s ms for the scrape (client side, curl included); largest /healthz pause during it %s ms\n" \
+printf "  /metrics at 5,000 shards: %s ms for the scrape (time to the whole answer); largest /healthz pause during it %s ms\n" \
     "${N_scrape_ms[5000]}" "${N_scrape_stall[5000]}"
 ratio "goodput 1024 retrying clients / goodput @$clients (pool 5)" "${R_good[ov_1024]}" "${R_good[ov_32]}" ">=" 0.8
 ratio "p99 during $dir_h-row directory load / baseline p99" "${R_p99[dir_load]}" "${R_p99[dir_base]}"
