@@ -125,6 +125,53 @@ local function shell_quote(s)
 end
 helpers.shell_quote = shell_quote
 
+-- JWTs for the auth specs: base64url (no padding), hex, HMAC-SHA256 by the
+-- openssl program, and a token header.claims.signature whose signature
+-- sign(input) makes (no sign: an empty signature).
+local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+function helpers.b64url(s)
+  local out = {}
+  for i = 1, #s, 3 do
+    local a, b, c = s:byte(i, i + 2)
+    local n = a * 65536 + (b or 0) * 256 + (c or 0)
+    local chars = 2 + (b and 1 or 0) + (c and 1 or 0)
+    for k = 0, chars - 1 do
+      local v = math.floor(n / 2 ^ (18 - 6 * k)) % 64
+      out[#out + 1] = B64:sub(v + 1, v + 1)
+    end
+  end
+  return table.concat(out)
+end
+
+function helpers.hex(s)
+  return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
+end
+
+function helpers.hmac_sha256(secret, input)
+  local inf, sig = os.tmpname(), os.tmpname()
+  helpers.write_file(inf, input)
+  local code, out, err = helpers.run("openssl dgst -sha256 -mac HMAC -macopt hexkey:" .. helpers.hex(secret)
+    .. " -binary -out " .. shell_quote(sig) .. " " .. shell_quote(inf))
+  local mac = helpers.read_file(sig)
+  os.remove(inf); os.remove(sig)
+  assert(code == 0, "openssl failed: " .. out .. err)
+  return mac
+end
+
+function helpers.jwt(header, claims, sign)
+  local input = helpers.b64url(helpers.json.encode(header)) .. "." .. helpers.b64url(helpers.json.encode(claims))
+  return input .. "." .. (sign and helpers.b64url(sign(input)) or "")
+end
+
+-- Claims of a token for tenant, valid for an hour; extra adds or replaces claims.
+function helpers.jwt_claims(tenant, extra)
+  local now = os.time()
+  local c = { sub = "alice", tenant = tenant, iat = now, nbf = now - 60, exp = now + 3600 }
+  for k, v in pairs(extra or {}) do c[k] = v end
+  return c
+end
+
 local function mkdtemp(prefix)
   local dir, err = stdlib.mkdtemp(scratch() .. "/" .. prefix .. "-XXXXXX")
   if not dir then error("cannot make a temp dir in " .. scratch() .. ": " .. tostring(err), 3) end

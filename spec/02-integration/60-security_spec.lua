@@ -158,27 +158,11 @@ end
 -- JWTs: JSON by dkjson, base64url here, signatures by openssl
 ---------------------------------------------------------------------------
 
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-
-local function b64url(s)
-  local out = {}
-  for i = 1, #s, 3 do
-    local a, b, c = s:byte(i, i + 2)
-    local n = a * 65536 + (b or 0) * 256 + (c or 0)
-    local chars = 2 + (b and 1 or 0) + (c and 1 or 0)
-    for k = 0, chars - 1 do
-      local v = math.floor(n / 2 ^ (18 - 6 * k)) % 64
-      out[#out + 1] = B64:sub(v + 1, v + 1)
-    end
-  end
-  return table.concat(out)
-end
+local b64url = helpers.b64url
 
 local fixtures          -- this file's temp dir (set up below)
 
-local function hex(s)
-  return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
-end
+local hex = helpers.hex
 
 -- Signers: input string -> raw signature bytes.
 local function hmac_signer(secret)
@@ -201,17 +185,8 @@ local function rsa_signer(keyfile)
 end
 
 -- header.claims.signature; without sign (nil or false) the signature is empty.
-local function make_jwt(header, claims, sign)
-  local input = b64url(json.encode(header)) .. "." .. b64url(json.encode(claims))
-  return input .. "." .. (sign and b64url(sign(input)) or "")
-end
-
-local function claims_for(tenant, extra)
-  local now = os.time()
-  local c = { sub = "alice", tenant = tenant, iat = now, nbf = now - 60, exp = now + 3600 }
-  for k, v in pairs(extra or {}) do c[k] = v end
-  return c
-end
+local make_jwt = helpers.jwt
+local claims_for = helpers.jwt_claims
 
 local function bearer(token)
   return { Authorization = "Bearer " .. token }

@@ -126,48 +126,12 @@ end
 -- JWTs: JSON by dkjson, base64url here, HMAC by openssl (as 60-security)
 ---------------------------------------------------------------------------
 
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-
-local function b64url(s)
-  local out = {}
-  for i = 1, #s, 3 do
-    local a, b, c = s:byte(i, i + 2)
-    local n = a * 65536 + (b or 0) * 256 + (c or 0)
-    local chars = 2 + (b and 1 or 0) + (c and 1 or 0)
-    for k = 0, chars - 1 do
-      local v = math.floor(n / 2 ^ (18 - 6 * k)) % 64
-      out[#out + 1] = B64:sub(v + 1, v + 1)
-    end
-  end
-  return table.concat(out)
-end
-
-local function hex(s)
-  return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
-end
-
-local function hs256(secret, input)
-  local inf, sig = os.tmpname(), os.tmpname()
-  helpers.write_file(inf, input)
-  local code, out, err = helpers.run("openssl dgst -sha256 -mac HMAC -macopt hexkey:" .. hex(secret)
-    .. " -binary -out " .. helpers.shell_quote(sig) .. " " .. helpers.shell_quote(inf))
-  local mac = helpers.read_file(sig)
-  os.remove(inf); os.remove(sig)
-  assert(code == 0, "openssl failed: " .. out .. err)
-  return mac
-end
-
 local function make_jwt(secret, claims)
-  local input = b64url(json.encode({ alg = "HS256", typ = "JWT" })) .. "." .. b64url(json.encode(claims))
-  return input .. "." .. b64url(hs256(secret, input))
+  return helpers.jwt({ alg = "HS256", typ = "JWT" }, claims,
+    function(input) return helpers.hmac_sha256(secret, input) end)
 end
 
-local function claims_for(tenant, extra)
-  local now = os.time()
-  local c = { sub = "alice", tenant = tenant, iat = now, nbf = now - 60, exp = now + 3600 }
-  for k, v in pairs(extra or {}) do c[k] = v end
-  return c
-end
+local claims_for = helpers.jwt_claims
 
 ---------------------------------------------------------------------------
 -- libpq key=value connection strings, read back
