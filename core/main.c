@@ -198,6 +198,9 @@ static void on_raw_stop_signal(int sig)
 	const char *head = "shardgate: second stop signal with ", *tail = " requests in flight; exiting now\n";
 	if (++stop_signals < 2) {
 		const struct sigaction *next = sig == SIGTERM ? &loop_sigterm : &loop_sigint;
+		static const char first[] = "shardgate: stop signal received; a second one exits at once\n";
+		if (write(STDERR_FILENO, first, sizeof(first) - 1) < 0)
+			stop_signals = 1;
 		if (next->sa_handler != SIG_DFL && next->sa_handler != SIG_IGN)
 			next->sa_handler(sig);
 		return;

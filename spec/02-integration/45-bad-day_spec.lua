@@ -362,6 +362,8 @@ describe("bad day", function()
         return not ok or res.status ~= 200
       end, 10, "the loop to be stuck in the hook")
       gw:signal("TERM")
+      helpers.wait_until(function() return gw:log():find("stop signal received", 1, true) end, 10,
+        "the first signal to be seen")
       -- The first one is for libevent, which the stuck loop never runs.
       assert.is_nil((gw:wait(0.3)))
       local t0 = socket.gettime()
@@ -377,13 +379,17 @@ describe("bad day", function()
       local gw = helpers.start_gateway({
         shards = helpers.shards_config({ db }),
         -- A top level that takes a while: the gateway is still loading it.
-        script = "local n = 0\nfor i = 1, 3e8 do n = n + i end\nreturn { shard = function(t, s) return s[1] end }\n",
+        script = 'require("shardgate").log.info("top level running")\n'
+          .. "local n = 0\nfor i = 1, 3e8 do n = n + i end\nreturn { shard = function(t, s) return s[1] end }\n",
         config = { script_timeout = 1 },
         wait = false,
       })
-      helpers.wait_until(function() return gw:alive() end, 5, "the process")
-      socket.sleep(0.3)   -- inside the script's top level by now (it runs for seconds)
+      helpers.wait_until(function() return gw:log():find("top level running", 1, true) end, 10,
+        "the script's top level to run")
       gw:signal("TERM")
+      -- Two signals sent at once may arrive as one: the second after the first is seen.
+      helpers.wait_until(function() return gw:log():find("stop signal received", 1, true) end, 10,
+        "the first signal to be seen")
       gw:signal("TERM")
       local code = gw:wait(5)
       assert.equal(1, code, "exit status (139 would be a crash)")
