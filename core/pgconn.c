@@ -1007,13 +1007,15 @@ int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const 
 
 void pgconn_lend(struct pgconn *c, const char *tenant)
 {
-	bool same = tenant && c->has_owner && strcmp(c->owner, tenant) == 0;
+	/* Fan-outs count as one borrower: they read every tenant's rows anyway. */
+	bool same = tenant ? c->has_owner && strcmp(c->owner, tenant) == 0 : c->owner_fanout;
 	if (c->used && (c->session_dirty || !same)) {
 		c->reset_next = true;
 		c->session_dirty = false;   /* the reset clears it: the statement may use the cache */
 	}
 	c->used = true;
 	c->has_owner = tenant != NULL;
+	c->owner_fanout = tenant == NULL;
 	if (tenant && !same)
 		str_copy(c->owner, sizeof(c->owner), tenant);
 	else if (!tenant)

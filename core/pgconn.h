@@ -69,6 +69,7 @@ struct pgconn {
 	/* Isolation between borrowers (pgconn_lend). */
 	char owner[128];         /* tenant of the last borrower; "" with !has_owner: none */
 	bool has_owner;          /* the last borrower was a tenant (not a fan-out or nobody) */
+	bool owner_fanout;       /* the last borrower was a fan-out */
 	bool used;               /* lent since its last reset: may carry its borrower's state */
 	bool reset_next;         /* the next send starts with the reset */
 	bool reset_failed;       /* the slow reset failed: nothing of the statement ran */
@@ -116,10 +117,10 @@ struct pgconn *pgconn_connect(struct event_base *base, const char *url, double t
 			      pgconn_cb cb, void *arg);
 
 /*
- * The pool lends c to a borrower: tenant, or NULL for a fan-out or no
- * tenant. When c may carry another borrower's session state (it was lent
- * since its last reset, to someone else, to no tenant, or a statement that
- * visibly changes the session ran), the next statement sent goes out
+ * The pool lends c to a borrower: tenant, or NULL for a fan-out. When c
+ * may carry another borrower's session state (it was lent since its last
+ * reset to another tenant, or between a tenant and a fan-out, or a
+ * statement that visibly changes the session ran), the next statement sent goes out
  * behind the reset, in the same round trip (see the comment above
  * queue_reset in pgconn.c).
  */

@@ -659,6 +659,18 @@ describe("isolation between borrowers of one pooled connection", function()
         assert.same({ pid = pid1, sp = base[G "search_path"], n = 0, s = "" }, r)
       end)
 
+      -- Documented: fan-outs count as one borrower (they read every tenant's
+      -- rows anyway), so between two fan-outs the reset is skipped, as
+      -- between two requests of one tenant.
+      it("keeps state a fan-out set invisibly for the next fan-out, not for a tenant", function()
+        local res = ok(fanout("SELECT pg_backend_pid() AS pid, sneaky() AS s"))
+        local pid1 = row(res.json).pid
+        local r = row(ok(fanout("SELECT pg_backend_pid() AS pid, " .. C "app.sneaky" .. " AS v")).json)
+        assert.same({ pid = pid1, v = "leaked" }, r)
+        r = row(ok(query(T2, "SELECT pg_backend_pid() AS pid, " .. C "app.sneaky" .. " AS v")).json)
+        assert.same({ pid = pid1, v = "" }, r)
+      end)
+
       it("tenant 2 does not see a fan-out's state", function()
         local res = ok(fanout("SELECT pg_backend_pid() AS pid, set_config('app.secret', 'fan-out', false) AS s,"
           .. " set_config('search_path', 'iso_evil, public', false) AS sp"))
