@@ -99,36 +99,78 @@ static void write_last_reload(struct evbuffer *b)
 	evbuffer_add(b, "}", 1);
 }
 
+/*
+ * /health/shards at thousands of shards: the statuses, their JSON and the
+ * warnings hook's table are made HEALTH_SLICE shards per loop turn, and the
+ * hook and the rest run in the last; the answer holds a reference to the
+ * generation it started on.
+ */
+#define HEALTH_SLICE 500
+
+struct health_job {
+	struct http_request *req;
+	struct generation *g;
+	struct pool_status *st;
+	struct evbuffer *b;
+	struct event *next;
+	int done;          /* shards written so far */
+	int status_ref;    /* the warnings hook's table */
+};
+
+static void health_step(evutil_socket_t fd, short what, void *arg)
+{
+	struct health_job *h = arg;
+	int n = h->g->cfg->nshards, count = 0;
+	int to = h->done + HEALTH_SLICE < n ? h->done + HEALTH_SLICE : n;
+	(void)fd;
+	(void)what;
+	for (int i = h->done; i < to; i++) {
+		pool_status(h->g->pools[i], &h->st[i]);
+		if (i)
+			evbuffer_add(h->b, ",", 1);
+		write_pool(h->b, &h->st[i]);
+	}
+	script_status_add(h->g->script, h->status_ref, h->st, h->done, to);
+	h->done = to;
+	if (h->done < n) {
+		event_active(h->next, EV_TIMEOUT, 0);
+		return;
+	}
+	evbuffer_add(h->b, "},\"last_reload\":", 16);
+	write_last_reload(h->b);
+	evbuffer_add(h->b, ",\"directory\":", 13);
+	directory_health(h->b);
+	evbuffer_add(h->b, ",\"warnings\":[", 13);
+	builtin_warnings(h->b, &count, h->st, n, h->g->cfg->warn_utilization);
+	directory_warnings(h->b, &count);
+	tenants_warnings(h->b, &count, h->g->cfg->dir_pause_warning);
+	script_warnings(h->g->script, h->status_ref, h->b, &count);
+	evbuffer_add(h->b, "]}\n", 3);
+	http_reply(h->req, 200, h->b, NULL);
+	evbuffer_free(h->b);
+	event_free(h->next);
+	generation_unref(h->g);
+	free(h->st);
+	free(h);
+}
+
 void health_shards(struct http_request *req)
 {
-	struct generation *g = generation_current();
-	int n = g->cfg->nshards, count = 0;
-	struct pool_status *st = xcalloc((size_t)n, sizeof(*st));
-	struct evbuffer *b = new_buffer();
+	struct health_job *h = xcalloc(1, sizeof(*h));
 	char now[32];
-
-	for (int i = 0; i < n; i++)
-		pool_status(g->pools[i], &st[i]);
+	h->req = req;
+	h->g = generation_current();
+	generation_ref(h->g);
+	h->st = xcalloc((size_t)h->g->cfg->nshards + 1, sizeof(*h->st));
+	h->b = new_buffer();
+	h->status_ref = script_status_new(h->g->script, h->g->cfg->nshards);
+	h->next = event_new(h->g->base, -1, 0, health_step, h);
+	if (!h->next)
+		abort();
 	iso_time(wall_now(), now, sizeof(now));
-	evbuffer_add_printf(b, "{\"timestamp\":\"%s\",\"generation\":%u,\"connection_pools\":{", now, g->id);
-	for (int i = 0; i < n; i++) {
-		if (i)
-			evbuffer_add(b, ",", 1);
-		write_pool(b, &st[i]);
-	}
-	evbuffer_add(b, "},\"last_reload\":", 16);
-	write_last_reload(b);
-	evbuffer_add(b, ",\"directory\":", 13);
-	directory_health(b);
-	evbuffer_add(b, ",\"warnings\":[", 13);
-	builtin_warnings(b, &count, st, n, g->cfg->warn_utilization);
-	directory_warnings(b, &count);
-	tenants_warnings(b, &count, g->cfg->dir_pause_warning);
-	script_warnings(g->script, st, n, b, &count);
-	evbuffer_add(b, "]}\n", 3);
-	http_reply(req, 200, b, NULL);
-	evbuffer_free(b);
-	free(st);
+	evbuffer_add_printf(h->b, "{\"timestamp\":\"%s\",\"generation\":%u,\"connection_pools\":{", now,
+			    h->g->id);
+	health_step(-1, 0, h);
 }
 
 /* ---- Prometheus ---- */

@@ -897,10 +897,10 @@ void script_free(struct script *s)
 
 /* ---- warnings ---- */
 
-static void push_status(lua_State *L, const struct pool_status *st, int n)
+/* Add shards [from, to) of st to the status table at the top of the stack. */
+static void add_status(lua_State *L, const struct pool_status *st, int from, int to)
 {
-	lua_createtable(L, 0, n);
-	for (int i = 0; i < n; i++) {
+	for (int i = from; i < to; i++) {
 		lua_createtable(L, 0, 8);
 		lua_pushinteger(L, st[i].size);
 		lua_setfield(L, -2, "size");
@@ -922,6 +922,23 @@ static void push_status(lua_State *L, const struct pool_status *st, int n)
 	}
 }
 
+int script_status_new(struct script *s, int n)
+{
+	if (s->ref_warnings == LUA_NOREF)
+		return LUA_NOREF;
+	lua_createtable(s->L, 0, n);
+	return luaL_ref(s->L, LUA_REGISTRYINDEX);
+}
+
+void script_status_add(struct script *s, int ref, const struct pool_status *st, int from, int to)
+{
+	if (ref == LUA_NOREF)
+		return;
+	lua_rawgeti(s->L, LUA_REGISTRYINDEX, ref);
+	add_status(s->L, st, from, to);
+	lua_pop(s->L, 1);
+}
+
 static void add_warning(struct evbuffer *b, int *count, const char *text)
 {
 	if ((*count)++)
@@ -929,17 +946,17 @@ static void add_warning(struct evbuffer *b, int *count, const char *text)
 	jsonw_cstring(b, text);
 }
 
-void script_warnings(struct script *s, const struct pool_status *st, int n, struct evbuffer *b,
-		     int *count)
+void script_warnings(struct script *s, int status_ref, struct evbuffer *b, int *count)
 {
 	lua_State *L = s->L;
 	int top = lua_gettop(L);
 	char where[256], msg[768];
 
-	if (s->ref_warnings == LUA_NOREF)
+	if (s->ref_warnings == LUA_NOREF || status_ref == LUA_NOREF)
 		return;
 	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_warnings);
-	push_status(L, st, n);
+	lua_rawgeti(L, LUA_REGISTRYINDEX, status_ref);
+	luaL_unref(L, LUA_REGISTRYINDEX, status_ref);
 	if (guarded_call(s, "warnings", 1, 1) != 0) {
 		hook_failure(s, s->ref_warnings, "warnings", msg, sizeof(msg));
 		add_warning(b, count, msg);

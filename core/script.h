@@ -54,11 +54,15 @@ void script_route(struct script *s, struct http_request *req, bool allow_fanout,
 void route_clear(struct route *r);
 
 /*
- * Call warnings(status) and append the strings it returns to b as JSON
- * array elements (*count counts elements written so far). A failing hook
- * adds one warning naming its file:line instead.
+ * The status table warnings(status) gets, built a slice at a time (see
+ * health.c): new (a registry reference; LUA_NOREF without a warnings hook),
+ * add shards [from, to), then script_warnings calls the hook with it, frees
+ * it, and appends the strings it returns to b as JSON array elements
+ * (*count counts elements written so far). A failing hook adds one warning
+ * naming its file:line instead.
  */
-void script_warnings(struct script *s, const struct pool_status *st, int n, struct evbuffer *b,
-		     int *count);
+int script_status_new(struct script *s, int n);
+void script_status_add(struct script *s, int ref, const struct pool_status *st, int from, int to);
+void script_warnings(struct script *s, int status_ref, struct evbuffer *b, int *count);
 
 #endif

@@ -333,6 +333,24 @@ describe("bad day", function()
       client:close()
     end)
 
+    it("/health/shards of 5,000 shards, made a slice per loop turn, is whole: every pool, every status for the hook", function()
+      local gw = helpers.start_gateway({
+        shards = many_shards(5000),
+        script = "local route = {}\n"
+          .. "function route.shard(t, s) return s[1] end\n"
+          .. "function route.warnings(status)\n"
+          .. "  local n = 0\n  for name, st in pairs(status) do if st.size == 5 then n = n + 1 end end\n"
+          .. "  return { 'statuses: ' .. n }\nend\nreturn route\n",
+      })
+      local h = gw:get("/health/shards", nil, { timeout = 30 })
+      assert.equal(200, h.status)
+      local pools = 0
+      for _ in pairs(h.json.connection_pools) do pools = pools + 1 end
+      assert.equal(5000, pools)
+      assert.is_table(h.json.connection_pools.s4999)
+      assert.same({ "statuses: 5000" }, h.json.warnings)
+    end)
+
     it("leaves the per-shard histograms out with shard_histograms = false", function()
       local gw = helpers.start_gateway({
         shards = many_shards(3),
