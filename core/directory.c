@@ -74,10 +74,7 @@ static struct {
 
 static uint64_t hash_of(const char *s)
 {
-	uint64_t h = 1469598103934665603ULL;
-	for (; *s; s++)
-		h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-	return h;
+	return fnv1a64(s, strlen(s));
 }
 
 static struct dir_table *table_new(void)
@@ -593,13 +590,6 @@ void directory_refresh_request(struct http_request *req)
 
 /* ---- health and metrics ---- */
 
-static void iso(double t, char *buf, size_t len)
-{
-	time_t s = (time_t)t;
-	struct tm tm;
-	gmtime_r(&s, &tm);
-	strftime(buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm);
-}
 
 void directory_health(struct evbuffer *b)
 {
@@ -619,7 +609,7 @@ void directory_health(struct evbuffer *b)
 		evbuffer_add(b, "null}", 5);
 		return;
 	}
-	iso(D.last_at, at, sizeof(at));
+	iso_time(D.last_at, at, sizeof(at));
 	evbuffer_add_printf(b, "{\"ok\":%s,\"at\":\"%s\",\"rows\":%ld,\"seconds\":%.3f", D.last_ok ? "true" : "false",
 			    at, D.last_ok ? D.last_rows : 0, D.last_ok ? D.load_secs : 0.0);
 	if (!D.last_ok) {

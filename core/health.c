@@ -34,13 +34,6 @@ static struct evbuffer *new_buffer(void)
 	return b;
 }
 
-static void iso_time(double t, char *buf, size_t len)
-{
-	time_t secs = (time_t)t;
-	struct tm tm;
-	gmtime_r(&secs, &tm);
-	strftime(buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm);
-}
 
 static void write_pool(struct evbuffer *b, const struct pool_status *st)
 {

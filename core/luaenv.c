@@ -140,10 +140,8 @@ static int l_core_jump(lua_State *L)
 	size_t len;
 	const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &len);
 	long long buckets = (long long)luaL_checknumber(L, 2);
-	uint64_t key = 14695981039346656037ULL;
+	uint64_t key = fnv1a64(s, len);
 	long long b = -1, j = 0;
-	for (size_t i = 0; i < len; i++)
-		key = (key ^ s[i]) * 1099511628211ULL;
 	while (j < buckets) {
 		b = j;
 		key = key * 2862933555777941757ULL + 1;

@@ -914,10 +914,7 @@ int pgconn_send_rows(struct pgconn *c, const char *sql, pgconn_cb cb, void *arg)
 
 static uint64_t sql_hash(const char *s)
 {
-	uint64_t h = 1469598103934665603ULL;
-	for (; *s; s++)
-		h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-	return h;
+	return fnv1a64(s, strlen(s));
 }
 
 /* The slot for sql: its entry, or the empty slot where it would go. */

@@ -57,6 +57,23 @@ unsigned long alloc_failures(void)
 	return __atomic_load_n(&failures, __ATOMIC_RELAXED);
 }
 
+uint64_t fnv1a64(const void *data, size_t len)
+{
+	const unsigned char *s = data;
+	uint64_t h = 14695981039346656037ULL;
+	for (size_t i = 0; i < len; i++)
+		h = (h ^ s[i]) * 1099511628211ULL;
+	return h;
+}
+
+void iso_time(double t, char *buf, size_t len)
+{
+	time_t secs = (time_t)t;
+	struct tm tm;
+	gmtime_r(&secs, &tm);
+	strftime(buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
 void *xmalloc(size_t size)
 {
 	void *p = malloc(size ? size : 1);

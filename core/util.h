@@ -8,6 +8,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
@@ -33,6 +34,12 @@ struct timeval tv_of(double secs);
 /* Mark the calling thread as the event loop's; on_loop_thread() tells (true before any mark). */
 void loop_thread_mark(void);
 bool on_loop_thread(void);
+
+/* FNV-1a 64 of len bytes (the published offset basis and prime; hash.jump's key). */
+uint64_t fnv1a64(const void *data, size_t len);
+
+/* Wall-clock seconds t as "2026-11-27T10:00:00Z" into buf (at least 21 bytes). */
+void iso_time(double t, char *buf, size_t len);
 
 /* Seconds on the monotonic clock. */
 double mono_now(void);
