@@ -157,7 +157,7 @@ enum pipe_item {
 static void pipe_push(struct pgconn *c, enum pipe_item it)
 {
 	if (c->npipe == (int)sizeof(c->pipe))
-		abort();   /* never: a send queues at most 21 */
+		abort();   /* never: a send queues at most 16 */
 	c->pipe[(c->pipe_head + c->npipe) % sizeof(c->pipe)] = (unsigned char)it;
 	c->npipe++;
 }
@@ -994,10 +994,11 @@ int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const cha
 int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const char *const *values,
 			   pgconn_cb cb, void *arg)
 {
-	if (!c->session_dirty && sql_changes_session(sql))
+	/* Every statement that touches prepared statements also changes the session: one scan mostly. */
+	if (!c->reset_discard && sql_changes_session(sql)) {
 		c->session_dirty = true;
-	if (!c->reset_discard && sql_touches_statements(sql))
-		c->reset_discard = true;
+		c->reset_discard = sql_touches_statements(sql);
+	}
 	/* A session-changing statement is a one-off: not worth a cache slot. */
 	return (c->session_dirty ? pgconn_send : pgconn_send_cached)(c, sql, nparams, values, cb, arg);
 }
