@@ -164,6 +164,30 @@ function helpers.jwt(header, claims, sign)
   return input .. "." .. (sign and helpers.b64url(sign(input)) or "")
 end
 
+-- Rows tagged in spec/fixtures/shard.sql's items table, to tell whether a
+-- request ran: a unique tag, a /query body that inserts it, and how many
+-- rows of a shard database carry it.
+local tag_n = 0
+function helpers.new_tag(prefix)
+  tag_n = tag_n + 1
+  return prefix .. "-" .. tag_n
+end
+
+function helpers.insert_tag(tag)
+  return { sql = "INSERT INTO items (name) VALUES ($1)", params = { tag } }
+end
+
+function helpers.count_tag(db, tag)
+  return tonumber(helpers.psql(db, "SELECT count(*) FROM items WHERE name = '" .. tag .. "'"))
+end
+
+-- The tables merged into one (later ones win), e.g. request headers.
+function helpers.merge(...)
+  local h = {}
+  for _, t in ipairs({ ... }) do for k, v in pairs(t) do h[k] = v end end
+  return h
+end
+
 -- Claims of a token for tenant, valid for an hour; extra adds or replaces claims.
 function helpers.jwt_claims(tenant, extra)
   local now = os.time()

@@ -713,8 +713,8 @@ stop_gateway
 
 # --- what the number of configured shards costs ---------------------------------------------
 # The one-shard load against gateways configured with 10, 1,000 and 5,000
-# shards (all on bench_0; tools/bench/first_shard.lua routes every tenant to
-# the first one, so one pool serves). Beside each: the largest /healthz
+# shards (all on bench_0; tools/bench/fanout_serial.lua routes every tenant
+# to the first one, so one pool serves). Beside each: the largest /healthz
 # pause during a SIGHUP reload, and at 5,000 a /metrics scrape's time and
 # the largest pause during it (tools/bench/stall.lua).
 declare -A N_stall N_quiet N_swap N_scrape_ms N_scrape_stall
@@ -735,7 +735,7 @@ for n_sh in 10 1000 5000; do
     say "starting a gateway with $n_sh configured shards"
     shard_lines=$(for ((i = 0; i < n_sh; i++)); do
         echo "    s$i = { url = \"postgresql://postgres@127.0.0.1:$pg_port/bench_0\" },"; done)
-    start_gateway "gw-n$n_sh" "  script = \"$root/tools/bench/first_shard.lua\", access_log = \"off\",
+    start_gateway "gw-n$n_sh" "  script = \"$root/tools/bench/fanout_serial.lua\", access_log = \"off\",
   defaults = { pool = $pool, min_idle = 0 },
   shards = {
 $shard_lines
@@ -889,16 +889,22 @@ wait_pooled $((idle_shards * idle_pool)) 'bench_%'
 idle_pooled=$(psql_do postgres "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shardgate'")
 sleep 0.5
 idle_rss0=$(mem_kib "$gw_pid" VmRSS)
-luajit "$root/tools/bench/idle.lua" 127.0.0.1 "$gw_port" "$idle_clients" 120 \
-    >"$tmp/out/idle.out" 2>"$tmp/out/idle.err" &
-helper_pid=$!
-for _ in $(seq 600); do
-    grep -q '^IDLE ready' "$tmp/out/idle.out" 2>/dev/null && break
-    kill -0 "$helper_pid" 2>/dev/null || { cat "$tmp/out/idle.err" >&2; helper_pid=; die "idle.lua failed"; }
-    sleep 0.1
-done
-grep -q '^IDLE ready' "$tmp/out/idle.out" || die "idle.lua did not open $idle_clients connections in 60 s"
-sleep 1
+# hold_idle NAME ARGS...: run tools/bench/NAME.lua ARGS in the background
+# (helper_pid) until it prints "IDLE ready", then let the server settle.
+hold_idle() {
+    local name=$1 out=$tmp/out/$1
+    shift
+    luajit "$root/tools/bench/$name.lua" "$@" >"$out.out" 2>"$out.err" &
+    helper_pid=$!
+    for _ in $(seq 600); do
+        grep -q '^IDLE ready' "$out.out" 2>/dev/null && break
+        kill -0 "$helper_pid" 2>/dev/null || { cat "$out.err" >&2; helper_pid=; die "$name.lua failed"; }
+        sleep 0.1
+    done
+    grep -q '^IDLE ready' "$out.out" || die "$name.lua did not open its connections in 60 s"
+    sleep 1
+}
+hold_idle idle 127.0.0.1 "$gw_port" "$idle_clients" 120
 idle_rss=$(mem_kib "$gw_pid" VmRSS)
 idle_hwm=$(mem_kib "$gw_pid" VmHWM)
 idle_fds=$(ls "/proc/$gw_pid/fd" | wc -l)
@@ -913,16 +919,7 @@ pgb_max_clients=$((idle_clients + 100))
 start_pgbouncer
 sleep 0.5
 pgb_idle_rss0=$(mem_kib "$pgb_pid" VmRSS)
-luajit "$root/tools/bench/idle_pg.lua" 127.0.0.1 "$pgb_port" "$idle_clients" 120 postgres bench_0 \
-    >"$tmp/out/idle_pg.out" 2>"$tmp/out/idle_pg.err" &
-helper_pid=$!
-for _ in $(seq 600); do
-    grep -q '^IDLE ready' "$tmp/out/idle_pg.out" 2>/dev/null && break
-    kill -0 "$helper_pid" 2>/dev/null || { cat "$tmp/out/idle_pg.err" >&2; helper_pid=; die "idle_pg.lua failed"; }
-    sleep 0.1
-done
-grep -q '^IDLE ready' "$tmp/out/idle_pg.out" || die "idle_pg.lua did not open $idle_clients connections in 60 s"
-sleep 1
+hold_idle idle_pg 127.0.0.1 "$pgb_port" "$idle_clients" 120 postgres bench_0
 pgb_idle_rss=$(mem_kib "$pgb_pid" VmRSS)
 stop_proc "$helper_pid"
 helper_pid=

@@ -101,11 +101,7 @@ local function on(tenant, extra)
   return h
 end
 
-local function with(...)
-  local h = {}
-  for _, t in ipairs({ ... }) do for k, v in pairs(t) do h[k] = v end end
-  return h
-end
+local with = helpers.merge
 
 local WHO = { sql = "SELECT name FROM shard_info" }
 
@@ -115,19 +111,9 @@ local function who(res)
   return res.json.rows[1][1]
 end
 
-local tag_n = 0
-local function new_tag(what)
-  tag_n = tag_n + 1
-  return "sec-" .. what .. "-" .. tag_n
-end
-
-local function insert_body(tag)
-  return { sql = "INSERT INTO items (name) VALUES ($1)", params = { tag } }
-end
-
-local function tagged(db, tag)
-  return tonumber(helpers.psql(db, "SELECT count(*) FROM items WHERE name = '" .. tag .. "'"))
-end
+local function new_tag(what) return helpers.new_tag("sec-" .. what) end
+local insert_body = helpers.insert_tag
+local tagged = helpers.count_tag
 
 local function assert_401(res)
   assert.are.equal(401, res.status, res.body)

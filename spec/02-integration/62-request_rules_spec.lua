@@ -43,25 +43,11 @@ local json = helpers.json
 
 local WHO = { sql = "SELECT name FROM shard_info" }
 
-local tag_n = 0
-local function new_tag(what)
-  tag_n = tag_n + 1
-  return "rr-" .. what .. "-" .. tag_n
-end
+local function new_tag(what) return helpers.new_tag("rr-" .. what) end
+local insert = helpers.insert_tag
+local tagged = helpers.count_tag
 
-local function insert(tag)
-  return { sql = "INSERT INTO items (name) VALUES ($1)", params = { tag } }
-end
-
-local function tagged(db, tag)
-  return tonumber(helpers.psql(db, "SELECT count(*) FROM items WHERE name = '" .. tag .. "'"))
-end
-
-local function with(...)
-  local h = {}
-  for _, t in ipairs({ ... }) do for k, v in pairs(t) do h[k] = v end end
-  return h
-end
+local with = helpers.merge
 
 local function assert_error(res, status, code, what)
   assert.are.equal(status, res.status, (what and (what .. ": ") or "") .. res.body)
