@@ -117,6 +117,12 @@ static struct event_base *new_loop(void)
 		return NULL;
 	if (event_config_set_max_dispatch_interval(cfg, &interval, LOOP_BATCH, 1) < 0)
 		log_warn("cannot bound the loop's dispatch batch; goodput may fall under floods of clients");
+	/*
+	 * libevent reads the coarse monotonic clock by default (a few ms per
+	 * tick), so a timeout could fire a tick early: a fan-out answered
+	 * "timed out" before its timeout had passed.
+	 */
+	event_config_set_flag(cfg, EVENT_BASE_FLAG_PRECISE_TIMER);
 	base = event_base_new_with_config(cfg);
 	event_config_free(cfg);
 	return base;
