@@ -692,10 +692,11 @@ describe("fan-out", function()
       local warm = fan(gw, { sql = "SELECT 1 AS warm" }, { shards = ALL, concurrency = NSHARDS })
       assert.equal(200, warm.status, warm.body)
       reset_starts(dbs)
-      -- 4 rows from each shard; shard_7's come only after 30 s.
+      -- 4 rows from each shard; shard_7's come only after 30 s, the others'
+      -- after 0.3 s, so shard_7's statement has started when they overflow.
       local body = {
         sql = "SELECT s.*, g FROM sg_probe(CASE WHEN (SELECT name FROM shard_info LIMIT 1) = $1 "
-          .. "THEN 30::float8 ELSE 0::float8 END) AS s, generate_series(1, 4) AS g /* fo_big */",
+          .. "THEN 30::float8 ELSE 0.3::float8 END) AS s, generate_series(1, 4) AS g /* fo_big */",
         params = { dbs[8] },
       }
       local res, elapsed = fan(gw, body,
