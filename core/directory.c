@@ -619,26 +619,19 @@ void directory_health(struct evbuffer *b)
 	evbuffer_add(b, "}}", 2);
 }
 
-static void warn(struct evbuffer *b, int *count, const char *msg)
-{
-	if ((*count)++)
-		evbuffer_add(b, ",", 1);
-	jsonw_cstring(b, msg);
-}
-
-void directory_warnings(struct evbuffer *b, int *count)
+void directory_warnings(warn_fn add, void *arg)
 {
 	char msg[400];
 	if (!D.url)
 		return;
 	if (D.attempted && !D.last_ok) {
 		snprintf(msg, sizeof(msg), "directory: last refresh failed: %s", D.last_error);
-		warn(b, count, msg);
+		add(arg, msg);
 	}
 	if (D.live && D.live->ignored) {
 		snprintf(msg, sizeof(msg), "directory: %ld rows name unknown shards (e.g. %s)", D.live->ignored,
 			 D.live->ignored_example);
-		warn(b, count, msg);
+		add(arg, msg);
 	}
 }
 

@@ -15,6 +15,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "util.h"
+
 struct config;
 struct event_base;
 struct evbuffer;
@@ -38,7 +40,7 @@ void directory_refresh_request(struct http_request *req);
 
 /* For /health/shards: the "directory" member's value (JSON object or null), and warnings. */
 void directory_health(struct evbuffer *b);
-void directory_warnings(struct evbuffer *b, int *count);
+void directory_warnings(warn_fn add, void *arg);
 void directory_metrics(struct evbuffer *b);
 
 #endif

@@ -45,8 +45,21 @@ static void write_pool(struct evbuffer *b, const struct pool_status *st)
 			    st->utilization, st->state, floor(st->max_wait_ms));
 }
 
-static void builtin_warnings(struct evbuffer *b, int *count, const struct pool_status *st, int n,
-			     double threshold)
+/* The warnings list being written: every source adds its lines through this. */
+struct warn_list {
+	struct evbuffer *b;
+	int count;
+};
+
+static void add_warning(void *arg, const char *text)
+{
+	struct warn_list *w = arg;
+	if (w->count++)
+		evbuffer_add(w->b, ",", 1);
+	jsonw_cstring(w->b, text);
+}
+
+static void builtin_warnings(struct warn_list *w, const struct pool_status *st, int n, double threshold)
 {
 	char msg[1200];
 	const struct reload_status *rs = reload_status();
@@ -59,19 +72,15 @@ static void builtin_warnings(struct evbuffer *b, int *count, const struct pool_s
 		else if (st[i].utilization > threshold)
 			snprintf(msg, sizeof(msg), "%s: High connection utilization (%.1f%%)", st[i].name,
 				 st[i].utilization);
-		if (!msg[0])
-			continue;
-		if ((*count)++)
-			evbuffer_add(b, ",", 1);
-		jsonw_cstring(b, msg);
+		if (msg[0])
+			add_warning(w, msg);
 	}
 	if (rs->attempted && !rs->ok) {
 		snprintf(msg, sizeof(msg), "Last reload failed: %s", rs->error);
-		if ((*count)++)
-			evbuffer_add(b, ",", 1);
-		jsonw_cstring(b, msg);
+		add_warning(w, msg);
 	}
 }
+
 
 static void write_last_reload(struct evbuffer *b)
 {
@@ -113,7 +122,8 @@ struct health_job {
 static void health_step(evutil_socket_t fd, short what, void *arg)
 {
 	struct health_job *h = arg;
-	int n = h->g->cfg->nshards, count = 0;
+	int n = h->g->cfg->nshards;
+	struct warn_list w = { h->b, 0 };
 	int to = h->done + HEALTH_SLICE < n ? h->done + HEALTH_SLICE : n;
 	(void)fd;
 	(void)what;
@@ -134,10 +144,10 @@ static void health_step(evutil_socket_t fd, short what, void *arg)
 	evbuffer_add(h->b, ",\"directory\":", 13);
 	directory_health(h->b);
 	evbuffer_add(h->b, ",\"warnings\":[", 13);
-	builtin_warnings(h->b, &count, h->st, n, h->g->cfg->warn_utilization);
-	directory_warnings(h->b, &count);
-	tenants_warnings(h->b, &count, h->g->cfg->dir_pause_warning);
-	script_warnings(h->g->script, h->status_ref, h->b, &count);
+	builtin_warnings(&w, h->st, n, h->g->cfg->warn_utilization);
+	directory_warnings(add_warning, &w);
+	tenants_warnings(add_warning, &w, h->g->cfg->dir_pause_warning);
+	script_warnings(h->g->script, h->status_ref, add_warning, &w);
 	evbuffer_add(h->b, "]}\n", 3);
 	http_reply(h->req, 200, h->b, NULL);
 	evbuffer_free(h->b);

@@ -939,14 +939,7 @@ void script_status_add(struct script *s, int ref, const struct pool_status *st, 
 	lua_pop(s->L, 1);
 }
 
-static void add_warning(struct evbuffer *b, int *count, const char *text)
-{
-	if ((*count)++)
-		evbuffer_add(b, ",", 1);
-	jsonw_cstring(b, text);
-}
-
-void script_warnings(struct script *s, int status_ref, struct evbuffer *b, int *count)
+void script_warnings(struct script *s, int status_ref, warn_fn add, void *arg)
 {
 	lua_State *L = s->L;
 	int top = lua_gettop(L);
@@ -959,7 +952,7 @@ void script_warnings(struct script *s, int status_ref, struct evbuffer *b, int *
 	luaL_unref(L, LUA_REGISTRYINDEX, status_ref);
 	if (guarded_call(s, "warnings", 1, 1) != 0) {
 		hook_failure(s, s->ref_warnings, "warnings", msg, sizeof(msg));
-		add_warning(b, count, msg);
+		add(arg, msg);
 		log_warn("%s", msg);
 		goto done;
 	}
@@ -969,17 +962,17 @@ void script_warnings(struct script *s, int status_ref, struct evbuffer *b, int *
 	if (!lua_istable(L, -1)) {
 		snprintf(msg, sizeof(msg), "%s: hook 'warnings' returned a %s; expected a list of strings",
 			 where, luaL_typename(L, -1));
-		add_warning(b, count, msg);
+		add(arg, msg);
 		goto done;
 	}
 	for (int i = 1; i <= (int)lua_objlen(L, -1) && i <= 1000; i++) {
 		lua_rawgeti(L, -1, i);
 		if (lua_type(L, -1) == LUA_TSTRING) {
-			add_warning(b, count, lua_tostring(L, -1));
+			add(arg, lua_tostring(L, -1));
 		} else {
 			snprintf(msg, sizeof(msg), "%s: hook 'warnings' returned a %s at [%d]; expected strings",
 				 where, luaL_typename(L, -1), i);
-			add_warning(b, count, msg);
+			add(arg, msg);
 		}
 		lua_pop(L, 1);
 	}

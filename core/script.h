@@ -11,6 +11,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "util.h"
+
 struct config;
 struct evbuffer;
 struct pool_status;
@@ -57,12 +59,11 @@ void route_clear(struct route *r);
  * The status table warnings(status) gets, built a slice at a time (see
  * health.c): new (a registry reference; LUA_NOREF without a warnings hook),
  * add shards [from, to), then script_warnings calls the hook with it, frees
- * it, and appends the strings it returns to b as JSON array elements
- * (*count counts elements written so far). A failing hook adds one warning
- * naming its file:line instead.
+ * it, and hands each string it returns to add. A failing hook adds one
+ * warning naming its file:line instead.
  */
 int script_status_new(struct script *s, int n);
 void script_status_add(struct script *s, int ref, const struct pool_status *st, int from, int to);
-void script_warnings(struct script *s, int status_ref, struct evbuffer *b, int *count);
+void script_warnings(struct script *s, int status_ref, warn_fn add, void *arg);
 
 #endif

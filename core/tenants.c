@@ -341,7 +341,7 @@ void tenants_list(struct http_request *req)
 	reply_json(req, 200, b);
 }
 
-void tenants_warnings(struct evbuffer *b, int *count, double warn_after)
+void tenants_warnings(warn_fn add, void *arg, double warn_after)
 {
 	char msg[256];
 	for (int i = 0; i < BUCKETS; i++) {
@@ -350,9 +350,7 @@ void tenants_warnings(struct evbuffer *b, int *count, double warn_after)
 			if (!t->pause || secs < warn_after)
 				continue;
 			snprintf(msg, sizeof(msg), "tenant %s: paused for %.0fs", t->name, secs);
-			if ((*count)++)
-				evbuffer_add(b, ",", 1);
-			jsonw_cstring(b, msg);
+			add(arg, msg);
 		}
 	}
 }

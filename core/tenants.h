@@ -12,6 +12,8 @@
 #include <stdbool.h>
 #include <sys/queue.h>
 
+#include "util.h"
+
 struct event_base;
 struct evbuffer;
 struct http_request;
@@ -49,6 +51,6 @@ void tenants_list(struct http_request *req);
 void tenants_fail_waiters(void);
 
 /* For /health/shards: pauses longer than warn_after seconds. */
-void tenants_warnings(struct evbuffer *b, int *count, double warn_after);
+void tenants_warnings(warn_fn add, void *arg, double warn_after);
 
 #endif

@@ -69,6 +69,9 @@ size_t fmt_int(char *buf, long long v);
  */
 size_t fmt_number(char *buf, double d);
 
+/* Receives one line for /health/shards' "warnings" (from pools, directory, pauses, the script). */
+typedef void (*warn_fn)(void *arg, const char *text);
+
 /* Copy into a fixed buffer with printf formatting; always terminated. */
 void fmt_err(char *buf, size_t len, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
