@@ -18,7 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "http.h"
+#include "req.h"
 #include "util.h"
 
 enum mode { AL_OFF, AL_ON, AL_ERRORS };
@@ -118,7 +118,7 @@ static void kv(char *line, size_t cap, size_t *n, const char *key, const char *v
 	append(line, cap, n, "\"", 1);
 }
 
-void accesslog_write(const struct http_request *req, int status, double secs)
+void accesslog_write(const struct req *req, int status, double secs)
 {
 	char line[2048], num[32];
 	size_t n;
@@ -131,8 +131,8 @@ void accesslog_write(const struct http_request *req, int status, double secs)
 	gmtime_r(&ts.tv_sec, &tm);
 	n = strftime(line, sizeof(line), "%Y-%m-%dT%H:%M:%S", &tm);
 	n += (size_t)snprintf(line + n, sizeof(line) - n, ".%03ldZ access", ts.tv_nsec / 1000000);
-	kv(line, sizeof(line), &n, "method", req->head.method);
-	kv(line, sizeof(line), &n, "path", req->head.path);
+	kv(line, sizeof(line), &n, "method", req->method);
+	kv(line, sizeof(line), &n, "path", req->path);
 	kv(line, sizeof(line), &n, "tenant", req->info.tenant);
 	kv(line, sizeof(line), &n, "shard", req->info.shard);
 	snprintf(num, sizeof(num), "%d", status);

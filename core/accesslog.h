@@ -9,11 +9,11 @@
 
 #include <stddef.h>
 
-struct http_request;
+struct req;
 
 /* Apply config (mode "on", "off" or "errors"; file path or "stderr"). 0, or -1 with err. */
 int accesslog_configure(const char *mode, const char *file, char *err, size_t errlen);
-void accesslog_write(const struct http_request *req, int status, double secs);
+void accesslog_write(const struct req *req, int status, double secs);
 void accesslog_close(void);
 
 #endif

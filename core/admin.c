@@ -4,6 +4,7 @@
  * untouched by a failed reload (reload.c).
  */
 #include "admin.h"
+#include "answer.h"
 
 #include <event2/buffer.h>
 #include <stdlib.h>
@@ -17,6 +18,7 @@
 #include "http.h"
 #include "jsonw.h"
 #include "reload.h"
+#include "script.h"
 #include "tenants.h"
 
 static struct evbuffer *new_buffer(void)
@@ -78,7 +80,7 @@ static const char *arg(const char *q, const char *name, int nth, char *buf, size
 		if (l > nl && strncmp(q, name, nl) == 0 && q[nl] == '=' && nth-- == 0) {
 			size_t vl = l - nl - 1 < len - 1 ? l - nl - 1 : len - 1;
 			memcpy(buf, q + nl + 1, vl);
-			buf[http_url_decode(buf, vl)] = '\0';
+			buf[url_decode(buf, vl)] = '\0';
 			return buf;
 		}
 		q += l + (amp ? 1 : 0);
@@ -101,7 +103,10 @@ static void handle_route(struct http_request *req)
 	dr.body = arg(q, "body", 0, body, sizeof(body));
 	while (dr.nheaders < 64 && arg(q, "header", dr.nheaders, hbuf[dr.nheaders], sizeof(hbuf[0])))
 		dr.headers[dr.nheaders] = hbuf[dr.nheaders], dr.nheaders++;
-	dryrun_route(g->cfg, g->script, &dr, b);
+	struct route rt;
+	dryrun_route(g->script, &dr, &rt);
+	answer_write_route(b, g->cfg, &rt);
+	route_clear(&rt);
 	reply(req, 200, b);
 }
 
@@ -116,7 +121,7 @@ static void handle_tenant(struct http_request *req, const char *rest)
 		return;
 	}
 	memcpy(id, rest, n);
-	id[http_url_decode(id, n)] = '\0';
+	id[url_decode(id, n)] = '\0';
 	if (strcmp(slash, "/pause") == 0)
 		tenants_pause(id, req);
 	else if (strcmp(slash, "/resume") == 0)
@@ -130,7 +135,7 @@ void admin_handle(struct http_request *req, void *arg)
 	const char *m = req->head.method, *p = req->head.path;
 	const struct config *cfg = generation_current()->cfg;
 	(void)arg;
-	if (cfg->admin_token && !auth_bearer_matches(req, cfg->admin_digest)) {
+	if (cfg->admin_token && !auth_token_matches(req->rq.bearer, cfg->admin_digest)) {
 		struct evbuffer *b = new_buffer();
 		jsonw_error(b, "unauthorized", "the admin API needs Authorization: Bearer <admin_token>", NULL);
 		evbuffer_add(b, "\n", 1);

@@ -19,7 +19,7 @@
 #include <string.h>
 #include <strings.h>
 
-#include "http.h"
+#include "req.h"
 #include "util.h"
 
 void auth_digest(const char *secret, unsigned char out[32])
@@ -75,24 +75,12 @@ void auth_conf_free(struct auth_conf *a)
 	memset(a, 0, sizeof(*a));
 }
 
-static const char *bearer(const struct http_request *req)
-{
-	const char *h = http_get_header(req, "authorization");
-	if (!h || strncasecmp(h, "Bearer ", 7) != 0)
-		return NULL;
-	h += 7;
-	while (*h == ' ')
-		h++;
-	return *h ? h : NULL;
-}
-
-bool auth_bearer_matches(const struct http_request *req, const unsigned char digest[32])
+bool auth_token_matches(const char *token, const unsigned char digest[32])
 {
 	unsigned char got[32];
-	const char *t = bearer(req);
-	if (!t)
+	if (!token)
 		return false;
-	auth_digest(t, got);
+	auth_digest(token, got);
 	return CRYPTO_memcmp(got, digest, 32) == 0;
 }
 
@@ -229,7 +217,7 @@ fail:
 	return -1;
 }
 
-int auth_check(const struct auth_conf *a, const struct http_request *req, struct auth_identity *id,
+int auth_check(const struct auth_conf *a, const struct req *req, struct auth_identity *id,
 	       char *msg, size_t msglen)
 {
 	const char *presented;
@@ -240,16 +228,16 @@ int auth_check(const struct auth_conf *a, const struct http_request *req, struct
 		return 0;
 	}
 	if (a->mode == AUTH_JWT) {
-		presented = bearer(req);
+		presented = req->bearer;
 		if (!presented) {
 			fmt_err(msg, msglen, "a bearer token is required (Authorization: Bearer <jwt>)");
 			return 401;
 		}
 		return verify_jwt(a, presented, id, msg, msglen) == 0 ? 0 : 401;
 	}
-	presented = http_get_header(req, "x-api-key");
+	presented = req->api_key;
 	if (!presented)
-		presented = bearer(req);
+		presented = req->bearer;
 	if (!presented) {
 		fmt_err(msg, msglen, "an API key is required (X-Api-Key or Authorization: Bearer)");
 		return 401;

@@ -11,7 +11,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-struct http_request;
+struct req;
 struct lua_State;
 
 enum auth_mode { AUTH_OFF, AUTH_API_KEY, AUTH_JWT };
@@ -51,16 +51,17 @@ void auth_conf_free(struct auth_conf *a);
 void auth_digest(const char *secret, unsigned char out[32]);
 
 /*
- * Authenticate req: 0 with *id filled, or the HTTP status (401) with a
- * message in msg. With auth off, every request is allowed everything.
+ * Authenticate req by the credentials its face found: 0 with *id filled,
+ * or 401 with a message in msg. With auth off, every request is allowed
+ * everything.
  */
-int auth_check(const struct auth_conf *a, const struct http_request *req, struct auth_identity *id,
+int auth_check(const struct auth_conf *a, const struct req *req, struct auth_identity *id,
 	       char *msg, size_t msglen);
 bool auth_allows(const struct auth_identity *id, const char *tenant);
 void auth_identity_clear(struct auth_identity *id);
 
-/* True when req carries "Authorization: Bearer <token>" matching digest. */
-bool auth_bearer_matches(const struct http_request *req, const unsigned char digest[32]);
+/* True when token (NULL: none) has this SHA-256 digest, compared in constant time. */
+bool auth_token_matches(const char *token, const unsigned char digest[32]);
 
 /* Push req.auth for hooks: nil (auth off) or a table describing the identity. */
 void auth_push(struct lua_State *L, const struct auth_identity *id);

@@ -10,19 +10,10 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "req.h"   /* struct stmt, struct order_key */
+
 enum body_kind { BODY_QUERY, BODY_TRANSACTION };
 
-struct stmt {
-	const char *sql;         /* NULL for a named query until request.c resolves name */
-	const char *name;        /* "query": a named query from the config */
-	int nparams;
-	const char **values;     /* NULL entries are SQL NULL */
-};
-
-struct order_key {
-	const char *column;
-	bool desc;
-};
 
 struct body {
 	void *root;              /* cJSON, owns the strings stmts point into */

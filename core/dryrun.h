@@ -7,8 +7,7 @@
 #ifndef SG_DRYRUN_H
 #define SG_DRYRUN_H
 
-struct config;
-struct evbuffer;
+struct route;
 struct script;
 
 struct dryrun_request {
@@ -19,8 +18,7 @@ struct dryrun_request {
 	const char *body;
 };
 
-/* Write the decision as JSON into out; returns the HTTP status the real request would get for it. */
-int dryrun_route(const struct config *cfg, struct script *s, const struct dryrun_request *dr,
-		 struct evbuffer *out);
+/* The routing decision for dr into *out (route_clear it after). */
+void dryrun_route(struct script *s, const struct dryrun_request *dr, struct route *out);
 
 #endif

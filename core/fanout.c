@@ -9,7 +9,10 @@
  * the fan-out: waiting parts leave their queue, running statements are
  * cancelled on the server, unstarted parts are reported as not run; the
  * answer goes out only once every part is DONE, so no statement outlives
- * it and every connection is back in its pool.
+ * it and every connection is back in its pool. The answer goes to the
+ * face's sink (sink.h): merged rows one by one, then a summary, or one
+ * error (struct fault) listing each failed shard's. Nothing here knows the
+ * face's format.
  */
 #include "fanout.h"
 
@@ -20,16 +23,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "body.h"
 #include "config.h"
+#include "fault.h"
 #include "generation.h"
-#include "http.h"
-#include "jsonw.h"
 #include "log.h"
 #include "metrics.h"
-#include "pgerror.h"
 #include "pool.h"
+#include "req.h"
 #include "script.h"
+#include "sink.h"
 #include "util.h"
 
 #define CANCEL_GRACE 2.0
@@ -53,14 +55,17 @@ struct part {
 	double sent_at;
 	char sqlstate[6];
 	PGresult *res;             /* the shard's result, kept until the answer */
-	struct evbuffer *error;    /* the shard's error object, when it failed */
+	struct fault fault;        /* the shard's error, when it failed */
 };
 
 struct fanout {
-	struct http_request *http;
+	struct req *rq;
+	struct sink *sink;
+	void (*on_done)(void *arg);
+	void *done_arg;
+	struct fanout **handle;    /* the caller's pointer to this fan-out, cleared at the end */
 	struct generation *gen;
 	struct event_base *base;
-	struct body body;
 	struct fanout_plan plan;
 	struct part *parts;
 	char *sql;                 /* the statement each shard runs */
@@ -84,14 +89,22 @@ static void enter(struct fanout *fo)
 	fo->depth++;
 }
 
+static bool part_failed(const struct part *p)
+{
+	return fault_is_set(&p->fault);
+}
+
 static void part_error(struct part *p, const char *code, const char *msg)
 {
-	if (p->error)
-		return;
-	p->error = evbuffer_new();
-	if (!p->error)
-		abort();
-	jsonw_error(p->error, code, msg, p->shard->name);
+	if (!part_failed(p))
+		fault_set(&p->fault, code, p->shard->name, msg);
+}
+
+/* The statement timeout in force: the shard's, or the request's when shorter. */
+static double part_timeout(const struct part *p)
+{
+	double t = p->shard->statement_timeout, asked = p->fo->rq->timeout;
+	return asked > 0 && asked < t ? asked : t;
 }
 
 /* ---- one shard ---- */
@@ -102,8 +115,7 @@ static void part_free(struct part *p)
 		event_free(p->timer);
 	if (p->res)
 		PQclear(p->res);
-	if (p->error)
-		evbuffer_free(p->error);
+	fault_clear(&p->fault);
 }
 
 static void part_cancel(struct part *p)
@@ -139,12 +151,12 @@ static void on_result(struct part *p, PGresult *res)
 {
 	struct fanout *fo = p->fo;
 	char msg[160];
-	if (p->cancelled && pgerror_is_cancel(res))
+	if (p->cancelled && fault_is_cancel(res))
 		p->cancel_seen = true;
 	switch (PQresultStatus(res)) {
 	case PGRES_TUPLES_OK:
 	case PGRES_COMMAND_OK:
-		if (p->res || p->error)
+		if (p->res || part_failed(p))
 			return;
 		fo->rows += PQntuples(res);
 		p->res = res;
@@ -153,9 +165,9 @@ static void on_result(struct part *p, PGresult *res)
 			stop(fo, "result_too_large");
 		return;
 	case PGRES_FATAL_ERROR:
-		if (p->error)
+		if (part_failed(p))
 			return;
-		if (pgerror_is_cancel(res) && !p->timed_out && fo->stopping &&
+		if (fault_is_cancel(res) && !p->timed_out && fo->stopping &&
 		    strcmp(fo->stop_code, "timeout") == 0) {
 			snprintf(msg, sizeof(msg), "cancelled at the fan-out timeout of %gs", fo->plan.timeout);
 			part_error(p, "fanout_timeout", msg);
@@ -164,12 +176,7 @@ static void on_result(struct part *p, PGresult *res)
 		if (PQresultErrorField(res, PG_DIAG_SQLSTATE))
 			snprintf(p->sqlstate, sizeof(p->sqlstate), "%s",
 				 PQresultErrorField(res, PG_DIAG_SQLSTATE));
-		p->error = evbuffer_new();
-		if (!p->error)
-			abort();
-		pgerror_write(p->error, res, p->shard->name, p->timed_out,
-			      fo->body.timeout > 0 && fo->body.timeout < p->shard->statement_timeout
-				      ? fo->body.timeout : p->shard->statement_timeout, 0);
+		fault_from_result(&p->fault, res, p->shard->name, p->timed_out, part_timeout(p), 0);
 		return;
 	default:
 		snprintf(msg, sizeof(msg), "unsupported result (%s)", PQresStatus(PQresultStatus(res)));
@@ -192,9 +199,9 @@ static void on_part_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 	if (p->cancelled && !p->cancel_seen)
 		pgconn_discard(p->conn);
 	pool_observe_query(p->pool, mono_now() - p->sent_at, p->sqlstate[0] ? p->sqlstate : NULL);
-	if (pgconn_reset_failed(p->conn) && !p->error) {
+	if (pgconn_reset_failed(p->conn) && !part_failed(p)) {
 		part_error(p, "shard_error", "the connection could not be reset before the statement; nothing ran");
-	} else if (!pgconn_usable(p->conn) && !p->error) {
+	} else if (!pgconn_usable(p->conn) && !part_failed(p)) {
 		char msg[320];
 		snprintf(msg, sizeof(msg), "shard %s closed the connection: %s", p->shard->name,
 			 p->conn->error);
@@ -208,12 +215,10 @@ static void on_part_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 static void part_run(struct part *p)
 {
 	struct fanout *fo = p->fo;
-	const struct stmt *st = &fo->body.stmts[0];
-	double t = p->shard->statement_timeout;
+	const struct stmt *st = &fo->rq->stmts[0];
+	double t = part_timeout(p);
 	struct timeval tv;
 
-	if (fo->body.timeout > 0 && fo->body.timeout < t)
-		t = fo->body.timeout;
 	p->sent_at = mono_now();
 	if (pgconn_send_statement(p->conn, fo->sql, st->nparams, st->values, on_part_event, p) < 0) {
 		char msg[320];
@@ -391,78 +396,60 @@ static int compare_rows(const void *x, const void *y, void *arg)
 	return a->row < b->row ? -1 : a->row > b->row;
 }
 
-/* Rows of every answered part, in plan order or merged; cut at limit. Returns rows written. */
-static long write_rows(struct fanout *fo, struct evbuffer *b, const PGresult *first)
+/* Rows of every answered part, in plan order or merged, to the sink; cut at limit. Returns rows given, -1 out of memory. */
+static long give_rows(struct fanout *fo, const PGresult *first)
 {
-	long limit = fo->body.limit > 0 ? fo->body.limit : fo->rows;
-	long n = 0, written = 0;
+	const struct req *rq = fo->rq;
+	long limit = rq->limit > 0 ? rq->limit : fo->rows;
+	long n = 0, given = 0;
 	struct row_ref *refs = xmalloc(sizeof(*refs) * (size_t)(fo->rows ? fo->rows : 1));
 	int cols[16];
 	bool desc[16];
 	enum key_kind kinds[16];
-	struct merge_ctx m = { cols, desc, kinds, fo->body.norder };
+	struct merge_ctx m = { cols, desc, kinds, rq->norder };
 
 	for (int i = 0; i < fo->plan.nshards; i++) {
 		const PGresult *res = fo->parts[i].res;
-		for (int r = 0; res && !fo->parts[i].error && r < PQntuples(res); r++)
+		for (int r = 0; res && !part_failed(&fo->parts[i]) && r < PQntuples(res); r++)
 			refs[n++] = (struct row_ref){ res, r, i };
 	}
-	for (int i = 0; i < fo->body.norder; i++) {
-		cols[i] = field_index(first, fo->body.order[i].column);
-		desc[i] = fo->body.order[i].desc;
+	for (int i = 0; i < rq->norder; i++) {
+		cols[i] = field_index(first, rq->order[i].column);
+		desc[i] = rq->order[i].desc;
 		kinds[i] = key_kind_of(PQftype(first, cols[i]));
 	}
-	if (fo->body.norder > 0)
+	if (rq->norder > 0)
 		qsort_r(refs, (size_t)n, sizeof(*refs), compare_rows, &m);
-	evbuffer_add(b, "\"rows\":[", 8);
-	for (long i = 0; i < n && written < limit; i++, written++)
-		jsonw_row_items(b, refs[i].res, refs[i].row, 1, written > 0);
-	evbuffer_add(b, "]", 1);
+	for (long i = 0; i < n && given < limit; i++, given++) {
+		if (fo->sink->ops->row(fo->sink, refs[i].res, refs[i].row) < 0) {
+			given = -1;
+			break;
+		}
+	}
 	free(refs);
-	return written;
+	return given;
 }
 
-static void write_errors(struct fanout *fo, struct evbuffer *b)
+/* Move every failed part's fault into one array (plan order); returns how many. */
+static int take_faults(struct fanout *fo, struct fault **out)
 {
 	int n = 0;
-	evbuffer_add(b, "\"errors\":[", 10);
-	for (int i = 0; i < fo->plan.nshards; i++) {
-		if (!fo->parts[i].error)
-			continue;
-		if (n++)
-			evbuffer_add(b, ",", 1);
-		evbuffer_add_buffer(b, fo->parts[i].error);
-	}
-	evbuffer_add(b, "]", 1);
+	*out = xcalloc((size_t)fo->plan.nshards, sizeof(struct fault));
+	for (int i = 0; i < fo->plan.nshards; i++)
+		if (part_failed(&fo->parts[i]))
+			fault_move(&(*out)[n++], &fo->parts[i].fault);
+	return n;
 }
 
-static void write_shards(struct fanout *fo, struct evbuffer *b)
+/* A failure answer: code and message, with every failed shard's error. */
+static void fail(struct fanout *fo, const char *code, const char *msg)
 {
-	int n = 0;
-	evbuffer_add(b, "\"shards\":[", 10);
-	for (int i = 0; i < fo->plan.nshards; i++) {
-		if (!fo->parts[i].res || fo->parts[i].error)
-			continue;
-		if (n++)
-			evbuffer_add(b, ",", 1);
-		jsonw_cstring(b, fo->parts[i].shard->name);
-	}
-	evbuffer_add(b, "]", 1);
-}
-
-/* A failure answer: {"error":..., "code":..., "errors": [...]} */
-static int fail(struct fanout *fo, struct evbuffer *b, int status, const char *code, const char *msg)
-{
-	snprintf(fo->http->info.code, sizeof(fo->http->info.code), "%s", code);
-	evbuffer_drain(b, evbuffer_get_length(b));
-	evbuffer_add(b, "{\"error\":", 9);
-	jsonw_cstring(b, msg);
-	evbuffer_add(b, ",\"code\":", 8);
-	jsonw_cstring(b, code);
-	evbuffer_add(b, ",", 1);
-	write_errors(fo, b);
-	evbuffer_add(b, "}", 1);
-	return status;
+	struct fault f = { 0 };
+	fault_set(&f, code, NULL, msg);
+	f.has_parts = true;
+	f.nparts = take_faults(fo, &f.parts);
+	fo->sink->ops->error(fo->sink, &f);
+	fault_clear(&f);
 }
 
 /* Check the answered parts agree on columns; names the first that differs. */
@@ -473,7 +460,7 @@ static const PGresult *check_columns(struct fanout *fo, char *msg, size_t len, i
 	*answered = 0;
 	for (int i = 0; i < fo->plan.nshards; i++) {
 		struct part *p = &fo->parts[i];
-		if (!p->res || p->error)
+		if (!p->res || part_failed(p))
 			continue;
 		(*answered)++;
 		if (!first) {
@@ -488,52 +475,73 @@ static const PGresult *check_columns(struct fanout *fo, char *msg, size_t len, i
 	return first;
 }
 
-static int build_answer(struct fanout *fo, struct evbuffer *b)
+/* The merged answer: rows, then the summary. -1 when memory ran out on the way. */
+static int give_answer(struct fanout *fo, const PGresult *first, int failed)
 {
+	struct fanout_summary sum = { 0 };
+	const char **names = xcalloc((size_t)fo->plan.nshards, sizeof(*names));
+	struct fault *faults;
+	int rc = 0;
+
+	sum.first = first;
+	sum.rows = give_rows(fo, first);
+	for (int i = 0; i < fo->plan.nshards; i++)
+		if (fo->parts[i].res && !part_failed(&fo->parts[i]))
+			names[sum.nshards++] = fo->parts[i].shard->name;
+	sum.shards = names;
+	sum.nfaults = take_faults(fo, &faults);
+	sum.faults = faults;
+	sum.partial = failed > 0;
+	if (sum.rows < 0 || fo->sink->ops->fanout_end(fo->sink, &sum) < 0)
+		rc = -1;
+	for (int i = 0; i < sum.nfaults; i++)
+		fault_clear(&faults[i]);
+	free(faults);
+	free(names);
+	return rc;
+}
+
+static void deliver(struct fanout *fo)
+{
+	const struct req *rq = fo->rq;
 	char msg[256];
 	int answered, failed = 0;
 	const PGresult *first;
 
 	for (int i = 0; i < fo->plan.nshards; i++)
-		failed += fo->parts[i].error != NULL;
+		failed += part_failed(&fo->parts[i]);
 	if (fo->stop_code && strcmp(fo->stop_code, "result_too_large") == 0) {
 		snprintf(msg, sizeof(msg), "fan-out result has more than max_rows (%d) rows", fo->plan.max_rows);
-		return fail(fo, b, 502, "result_too_large", msg);
+		fail(fo, "result_too_large", msg);
+		return;
 	}
 	msg[0] = '\0';
 	first = check_columns(fo, msg, sizeof(msg), &answered);
-	if (msg[0])
-		return fail(fo, b, 502, "column_mismatch", msg);
+	if (msg[0]) {
+		fail(fo, "column_mismatch", msg);
+		return;
+	}
 	if (answered == 0 || (failed > 0 && !fo->plan.partial)) {
 		snprintf(msg, sizeof(msg), "fan-out failed on %d of %d shards", failed, fo->plan.nshards);
-		return fail(fo, b, 502, "fanout_failed", msg);
+		fail(fo, "fanout_failed", msg);
+		return;
 	}
-	for (int i = 0; i < fo->body.norder; i++) {
-		if (field_index(first, fo->body.order[i].column) < 0) {
-			snprintf(msg, sizeof(msg), "order_by column '%s' is not in the result",
-				 fo->body.order[i].column);
-			return fail(fo, b, 400, "bad_request", msg);
+	for (int i = 0; i < rq->norder; i++) {
+		if (field_index(first, rq->order[i].column) < 0) {
+			snprintf(msg, sizeof(msg), "order_by column '%s' is not in the result", rq->order[i].column);
+			fail(fo, "bad_request", msg);
+			return;
 		}
 	}
-	evbuffer_add(b, "{", 1);
-	write_shards(fo, b);
-	evbuffer_add(b, ",\"command\":", 11);
-	const char *status = PQcmdStatus((PGresult *)first);
-	const char *sp = strchr(status, ' ');
-	jsonw_string(b, status, sp ? (size_t)(sp - status) : strlen(status));
-	evbuffer_add(b, ",", 1);
-	jsonw_fields(b, first);
-	struct evbuffer *rows = evbuffer_new();
-	if (!rows)
-		abort();
-	long n = write_rows(fo, rows, first);
-	evbuffer_add_printf(b, ",\"row_count\":%ld,", n);
-	evbuffer_add_buffer(b, rows);
-	evbuffer_free(rows);
-	evbuffer_add(b, ",", 1);
-	write_errors(fo, b);
-	evbuffer_add_printf(b, ",\"partial\":%s}", failed > 0 ? "true" : "false");
-	return 200;
+	if (give_answer(fo, first, failed) < 0) {
+		/* Never an answer with rows missing: the error replaces it. */
+		struct fault f = { 0 };
+		log_error("fan-out over %d shards: out of memory writing the answer", fo->plan.nshards);
+		fault_set(&f, "out_of_memory", NULL,
+			  "the gateway ran out of memory writing the answer; nothing of it was sent");
+		fo->sink->ops->error(fo->sink, &f);
+		fault_clear(&f);
+	}
 }
 
 static void fanout_free(struct fanout *fo)
@@ -545,40 +553,24 @@ static void fanout_free(struct fanout *fo)
 	free(fo->sql);
 	if (fo->deadline)
 		event_free(fo->deadline);
-	body_free(&fo->body);
 	generation_unref(fo->gen);
 	free(fo);
 }
 
 static void complete(struct fanout *fo)
 {
-	struct evbuffer *b = evbuffer_new();
-	unsigned long failed = alloc_failures();
-	int status;
-	if (!b)
-		abort();
-	status = build_answer(fo, b);
-	evbuffer_add(b, "\n", 1);
-	if (alloc_failures() != failed) {
-		/* Never a 200 with rows missing: the error replaces the answer. */
-		log_error("fan-out over %d shards: out of memory writing the answer", fo->plan.nshards);
-		evbuffer_drain(b, evbuffer_get_length(b));
-		jsonw_error(b, "out_of_memory", "the gateway ran out of memory writing the answer; nothing of it "
-			    "was sent", NULL);
-		evbuffer_add(b, "\n", 1);
-		snprintf(fo->http->info.code, sizeof(fo->http->info.code), "out_of_memory");
-		status = 500;
-	}
+	void (*done)(void *) = fo->on_done;
+	void *arg = fo->done_arg;
+
 	for (int i = 0; i < fo->plan.nshards; i++)
-		if (fo->parts[i].error)
+		if (part_failed(&fo->parts[i]))
 			fo->parts[i].pool->stats.fanout_failures++;
+	deliver(fo);
 	metrics_fanout();
-	fo->http->data = NULL;
-	fo->http->on_abort = NULL;
-	log_debug("fan-out over %d shards: %d", fo->plan.nshards, status);
-	http_reply(fo->http, status, b, NULL);
-	evbuffer_free(b);
+	log_debug("fan-out over %d shards: done", fo->plan.nshards);
+	*fo->handle = NULL;
 	fanout_free(fo);
+	done(arg);
 }
 
 /* ---- control ---- */
@@ -651,9 +643,8 @@ static void on_deadline(evutil_socket_t fd, short what, void *arg)
 	settle(fo);
 }
 
-static void on_abort(struct http_request *http)
+void fanout_abort(struct fanout *fo)
 {
-	struct fanout *fo = http->data;
 	log_info("fan-out: client went away; cancelling");
 	enter(fo);
 	stop(fo, "aborted");
@@ -661,7 +652,7 @@ static void on_abort(struct http_request *http)
 }
 
 /* The statement each shard runs: wrapped to sort and cut there when a limit is given. */
-static char *shard_sql(const struct body *b)
+static char *shard_sql(const struct req *b)
 {
 	const char *sql = b->stmts[0].sql;
 	size_t len = strlen(sql);
@@ -690,21 +681,24 @@ static char *shard_sql(const struct body *b)
 	return out;
 }
 
-void fanout_start(struct http_request *http, struct generation *gen, struct body *body,
-		  struct route *route)
+void fanout_start(struct fanout **handle, struct req *rq, struct generation *gen, struct route *route,
+		  struct sink *k, void (*done)(void *arg), void *arg)
 {
 	struct fanout *fo = xcalloc(1, sizeof(*fo));
 	struct timeval tv;
 
-	fo->http = http;
+	fo->rq = rq;
+	fo->sink = k;
+	fo->on_done = done;
+	fo->done_arg = arg;
+	fo->handle = handle;
+	*handle = fo;
 	fo->gen = gen;
 	generation_ref(gen);
 	fo->base = gen->base;
-	fo->body = *body;
-	memset(body, 0, sizeof(*body));
 	fo->plan = route->plan;
 	memset(&route->plan, 0, sizeof(route->plan));
-	fo->sql = shard_sql(&fo->body);
+	fo->sql = shard_sql(rq);
 	fo->parts = xcalloc((size_t)fo->plan.nshards, sizeof(struct part));
 	for (int i = 0; i < fo->plan.nshards; i++) {
 		struct part *p = &fo->parts[i];
@@ -720,9 +714,7 @@ void fanout_start(struct http_request *http, struct generation *gen, struct body
 	/* From now, not from the loop turn's cached time: the deadline must not come early. */
 	event_base_update_cache_time(fo->base);
 	evtimer_add(fo->deadline, &tv);
-	http->data = fo;
-	http->on_abort = on_abort;
-	snprintf(http->info.shard, sizeof(http->info.shard), "fanout:%d", fo->plan.nshards);
+	snprintf(rq->info.shard, sizeof(rq->info.shard), "fanout:%d", fo->plan.nshards);
 	enter(fo);
 	settle(fo);
 }

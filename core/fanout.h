@@ -8,16 +8,23 @@
 #ifndef SG_FANOUT_H
 #define SG_FANOUT_H
 
-struct body;
+struct fanout;
 struct generation;
-struct http_request;
+struct req;
 struct route;
+struct sink;
 
 /*
- * Run the plan in route for http. Takes over body and route->plan (both
- * left empty) and a reference on gen; answers the request itself.
+ * Run the plan in route for rq's one statement (its timeout, order and
+ * limit), into k. Takes over route->plan (left empty) and a reference on
+ * gen. *handle holds the fan-out for fanout_abort and is set to NULL
+ * before done(arg) runs, once, when every shard is finished and the
+ * answer is in k (possibly before this returns).
  */
-void fanout_start(struct http_request *http, struct generation *gen, struct body *body,
-		  struct route *route);
+void fanout_start(struct fanout **handle, struct req *rq, struct generation *gen, struct route *route,
+		  struct sink *k, void (*done)(void *arg), void *arg);
+
+/* The client went away: stop everything (waiting shards leave, running ones are cancelled). */
+void fanout_abort(struct fanout *fo);
 
 #endif

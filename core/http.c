@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/queue.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -298,12 +299,49 @@ static void reject(struct http_conn *c, int status, const char *code, const char
 	flush(c);
 }
 
+/* The token of "Authorization: Bearer <token>", or NULL. */
+static const char *bearer_of(const char *h)
+{
+	if (strncasecmp(h, "Bearer ", 7) != 0)
+		return NULL;
+	h += 7;
+	while (*h == ' ')
+		h++;
+	return *h ? h : NULL;
+}
+
+/* The neutral request (req.h) the handlers and the router read. */
+static void build_req(struct http_request *req)
+{
+	struct req *rq = &req->rq;
+	const struct http_head *h = &req->head;
+	rq->protocol = REQ_HTTP;
+	rq->method = h->method;
+	rq->path = h->path;
+	rq->query = h->query;
+	rq->headers = h->headers;
+	rq->nheaders = h->nheaders;
+	rq->body = req->body ? req->body : "";
+	rq->body_len = req->body_len;
+	bool seen_auth = false;
+	for (int i = 0; i < h->nheaders; i++) {
+		const char *n = h->headers[i].name;
+		if (!seen_auth && n[0] == 'a' && strcmp(n, "authorization") == 0) {
+			seen_auth = true;
+			rq->bearer = bearer_of(h->headers[i].value);
+		}
+		else if (!rq->api_key && n[0] == 'x' && strcmp(n, "x-api-key") == 0)
+			rq->api_key = h->headers[i].value;
+	}
+	rq->start = mono_now();
+}
+
 static void start_request(struct http_conn *c)
 {
 	struct http_server *s = c->srv;
 	c->state = CS_BUSY;
 	c->deadline = 0;        /* the timer, if it fires meanwhile, does nothing */
-	c->slot->req.start = mono_now();
+	build_req(&c->slot->req);
 	s->inflight++;
 	s->handler(&c->slot->req, s->arg);
 }
@@ -766,7 +804,7 @@ static void reply(struct http_request *req, int status, struct evbuffer *body, c
 
 	s->inflight--;
 	if (s->reply_hook)
-		s->reply_hook(req, c->dead ? 499 : status, mono_now() - req->start, s->reply_arg);
+		s->reply_hook(req, c->dead ? 499 : status, mono_now() - req->rq.start, s->reply_arg);
 	if (c->dead) {
 		conn_free(c);
 		return;
@@ -817,7 +855,7 @@ void http_reply_typed(struct http_request *req, int status, struct evbuffer *bod
 
 void http_reply_error(struct http_request *req, int status, const char *code, const char *msg)
 {
-	snprintf(req->info.code, sizeof(req->info.code), "%s", code);
+	snprintf(req->rq.info.code, sizeof(req->rq.info.code), "%s", code);
 	struct evbuffer *b = evbuffer_new();
 	if (!b)
 		abort();

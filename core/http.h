@@ -16,7 +16,6 @@
 
 #include "httpparse.h"
 
-struct auth_identity;
 struct event_base;
 struct evbuffer;
 struct http_conn;
@@ -31,17 +30,15 @@ struct http_request {
 	struct http_head head;
 	char *body;              /* NUL-terminated; body_len bytes */
 	size_t body_len;
-	double start;            /* monotonic seconds when the head was complete */
 	void *data;              /* the handler's state */
-	const struct auth_identity *auth; /* who sent it, while its hooks run (req.auth) */
 	http_abort_cb on_abort;  /* set by the handler to hear about a vanished client */
-	/* Filled by the handler for the access log and metrics. */
-	struct {
-		char tenant[64];
-		char shard[64];      /* a shard name, or "fanout:<n>" */
-		char code[32];       /* error code of the answer, "" on success */
-		double wait;         /* seconds spent waiting for a connection */
-	} info;
+	/*
+	 * The request as the router sees it (req.h), filled when the request is
+	 * whole: method, path, query, headers, body, the credentials found in
+	 * Authorization and X-Api-Key; rq.start and rq.info serve the access
+	 * log and metrics.
+	 */
+	struct req rq;
 };
 
 /* Called once per reply, before the request is reset (access log, metrics). */

@@ -234,30 +234,3 @@ const char *http_head_get(const struct http_head *h, const char *lname)
 	return NULL;
 }
 
-static int hexval(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
-size_t http_url_decode(char *s, size_t len)
-{
-	size_t i = 0, o = 0;
-	while (i < len) {
-		if (s[i] == '%' && i + 2 < len && hexval(s[i + 1]) >= 0 && hexval(s[i + 2]) >= 0) {
-			s[o++] = (char)(hexval(s[i + 1]) * 16 + hexval(s[i + 2]));
-			i += 3;
-		} else if (s[i] == '+') {
-			s[o++] = ' ';
-			i++;
-		} else {
-			s[o++] = s[i++];
-		}
-	}
-	return o;
-}

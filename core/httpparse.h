@@ -10,20 +10,18 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "req.h"
+
 #define HTTP_MAX_HEADERS 64
 #define HTTP_MAX_TARGET 8192
 
-struct http_header {
-	const char *name;    /* lower case */
-	const char *value;   /* surrounding white space removed */
-};
 
 struct http_head {
 	const char *method;
 	const char *path;        /* target up to '?', not decoded */
 	const char *query;       /* after '?', not decoded; "" when absent */
 	int minor;               /* HTTP/1.<minor> */
-	struct http_header headers[HTTP_MAX_HEADERS];
+	struct req_pair headers[HTTP_MAX_HEADERS]; /* names lower case, values trimmed */
 	int nheaders;
 	long long content_length; /* -1 when absent */
 	bool keepalive;
@@ -40,8 +38,5 @@ int http_parse_head(char *buf, size_t len, struct http_head *h, const char **err
 
 /* The value of header `lname` (lower case), or NULL. */
 const char *http_head_get(const struct http_head *h, const char *lname);
-
-/* Decode %XX and '+' in place; returns the new length. */
-size_t http_url_decode(char *s, size_t len);
 
 #endif

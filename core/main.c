@@ -16,9 +16,11 @@
 
 #include "accesslog.h"
 #include "admin.h"
+#include "answer.h"
 #include "config.h"
 #include "directory.h"
 #include "dryrun.h"
+#include "exec.h"
 #include "generation.h"
 #include "http.h"
 #include "log.h"
@@ -133,7 +135,7 @@ static void on_client_reply(const struct http_request *req, int status, double s
 {
 	(void)arg;
 	metrics_request(route_label(req->head.path), status);
-	accesslog_write(req, status, secs);
+	accesslog_write(&req->rq, status, secs);
 }
 
 static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
@@ -363,6 +365,7 @@ static int route_cli(const char *path, const char *route, struct dryrun_request 
 	struct config *cfg = config_load(path, err, sizeof(err));
 	struct script *s = NULL;
 	struct evbuffer *b = evbuffer_new();
+	struct route rt;
 	int status = 1;
 
 	if (!cfg || !b)
@@ -377,7 +380,9 @@ static int route_cli(const char *path, const char *route, struct dryrun_request 
 	snprintf(method, sizeof(method), "%.*s", (int)(sp - route), route);
 	dr->method = method;
 	dr->target = sp + 1;
-	status = dryrun_route(cfg, s, dr, b);
+	dryrun_route(s, dr, &rt);
+	status = answer_write_route(b, cfg, &rt);
+	route_clear(&rt);
 	evbuffer_add(b, "\n", 1);
 	evbuffer_write(b, 1);
 	script_free(s);
@@ -447,7 +452,7 @@ int main(int argc, char **argv)
 		log_error("cannot create the event loop");
 		return 1;
 	}
-	request_set_base(app.base);
+	exec_set_base(app.base);
 	app.sig_term = evsignal_new(app.base, SIGTERM, on_stop_signal, &app);
 	app.sig_int = evsignal_new(app.base, SIGINT, on_stop_signal, &app);
 	app.sig_hup = evsignal_new(app.base, SIGHUP, on_hup, &app);

@@ -26,11 +26,10 @@
 
 #include "auth.h"
 #include "config.h"
-#include "http.h"
-#include "jsonw.h"
 #include "log.h"
 #include "luaenv.h"
 #include "pool.h"
+#include "req.h"
 #include "util.h"
 
 #define HOOK_COUNT 1000
@@ -124,7 +123,7 @@ struct script {
 	int ref_index;            /* name -> 0-based index */
 	int ref_req_mt;
 	int ref_header_mt;
-	struct http_request *cur; /* the request whose hooks are running */
+	struct req *cur;          /* the request whose hooks are running */
 	unsigned serial;
 	int nshards;
 	char **names;             /* the shard names, for restore_shards */
@@ -251,11 +250,11 @@ static void hook_failure(struct script *s, int ref, const char *name, char *buf,
 
 /* ---- the request table ---- */
 
-static void push_headers(lua_State *L, const struct http_request *req)
+static void push_headers(lua_State *L, const struct req *req)
 {
-	lua_createtable(L, 0, req->head.nheaders);
-	for (int i = 0; i < req->head.nheaders; i++) {
-		const struct http_header *h = &req->head.headers[i];
+	lua_createtable(L, 0, req->nheaders);
+	for (int i = 0; i < req->nheaders; i++) {
+		const struct req_pair *h = &req->headers[i];
 		lua_getfield(L, -1, h->name);
 		if (lua_isnil(L, -1)) {
 			lua_pop(L, 1);
@@ -272,34 +271,24 @@ static void push_headers(lua_State *L, const struct http_request *req)
 /* Query arguments, %-decoded; the first of repeated names wins. */
 static void push_query(lua_State *L, const char *q)
 {
+	char buf[4096];
+	const char *name, *value;
+	size_t nl, vl;
 	lua_newtable(L);
-	while (*q) {
-		const char *amp = strchr(q, '&');
-		size_t len = amp ? (size_t)(amp - q) : strlen(q);
-		const char *eq = memchr(q, '=', len);
-		size_t klen = eq ? (size_t)(eq - q) : len;
-		if (klen > 0 && len < 4096) {
-			char buf[4096];
-			memcpy(buf, q, len);
-			size_t kl = http_url_decode(buf, klen);
-			lua_pushlstring(L, buf, kl);
-			lua_rawget(L, -2);
-			if (lua_isnil(L, -1)) {
-				lua_pop(L, 1);
-				lua_pushlstring(L, buf, kl);
-				size_t vl = eq ? http_url_decode(buf + klen + 1, len - klen - 1) : 0;
-				lua_pushlstring(L, buf + klen + 1, vl);
-				lua_rawset(L, -3);
-			} else {
-				lua_pop(L, 1);
-			}
+	while (query_next(&q, buf, sizeof(buf), &name, &nl, &value, &vl)) {
+		lua_pushlstring(L, name, nl);
+		lua_rawget(L, -2);
+		if (lua_isnil(L, -1)) {
+			lua_pushlstring(L, name, nl);
+			lua_pushlstring(L, value, vl);
+			lua_rawset(L, -4);
 		}
-		q += len + (amp ? 1 : 0);
+		lua_pop(L, 1);
 	}
 }
 
 /* The request a proxy table (req, req.header) belongs to, or an error if it is gone. */
-static struct http_request *current(lua_State *L, struct script *s, int idx)
+static struct req *current(lua_State *L, struct script *s, int idx)
 {
 	lua_pushlightuserdata(L, &serial_key);
 	lua_rawget(L, idx);
@@ -317,7 +306,7 @@ static struct http_request *current(lua_State *L, struct script *s, int idx)
 static int l_header_index(lua_State *L)
 {
 	struct script *s = lua_touserdata(L, lua_upvalueindex(1));
-	struct http_request *req = current(L, s, 1);
+	struct req *req = current(L, s, 1);
 	size_t len;
 	const char *key = lua_tolstring(L, 2, &len);
 	char name[128];
@@ -327,12 +316,12 @@ static int l_header_index(lua_State *L)
 		return 0;
 	for (size_t i = 0; i <= len; i++)
 		name[i] = (char)tolower((unsigned char)key[i]);
-	for (int i = 0; i < req->head.nheaders; i++) {
-		if (strcmp(req->head.headers[i].name, name) != 0)
+	for (int i = 0; i < req->nheaders; i++) {
+		if (strcmp(req->headers[i].name, name) != 0)
 			continue;
 		if (found++)
 			lua_pushliteral(L, ", ");
-		lua_pushstring(L, req->head.headers[i].value);
+		lua_pushstring(L, req->headers[i].value);
 	}
 	if (!found)
 		return 0;
@@ -364,22 +353,22 @@ static void push_header_proxy(lua_State *L, struct script *s)
 static int l_req_index(lua_State *L)
 {
 	struct script *s = lua_touserdata(L, lua_upvalueindex(1));
-	struct http_request *req = current(L, s, 1);
+	struct req *req = current(L, s, 1);
 	const char *key = lua_tostring(L, 2);
 	if (!key)
 		return 0;
 	if (strcmp(key, "header") == 0)
 		push_header_proxy(L, s);
 	else if (strcmp(key, "query") == 0)
-		push_query(L, req->head.query);
+		push_query(L, req->query ? req->query : "");
 	else if (strcmp(key, "body") == 0)
 		lua_pushlstring(L, req->body, req->body_len);
 	else if (strcmp(key, "auth") == 0)
 		auth_push(L, req->auth);
 	else if (strcmp(key, "method") == 0)
-		lua_pushstring(L, req->head.method);
+		lua_pushstring(L, req->method);
 	else if (strcmp(key, "path") == 0)
-		lua_pushstring(L, req->head.path);
+		lua_pushstring(L, req->path);
 	else
 		return 0;
 	lua_pushvalue(L, 2);
@@ -388,7 +377,7 @@ static int l_req_index(lua_State *L)
 	return 1;
 }
 
-static void push_request(struct script *s, struct http_request *req)
+static void push_request(struct script *s, struct req *req)
 {
 	lua_State *L = s->L;
 	lua_createtable(L, 0, 4);
@@ -415,13 +404,13 @@ static void route_error(struct route *out, const char *code, const char *fmt, ..
 }
 
 /* tenant(req), req at the top of the stack: pushes the tenant (string or number) or nil. */
-static int call_tenant(struct script *s, struct http_request *req, struct route *out)
+static int call_tenant(struct script *s, struct req *req, struct route *out)
 {
 	lua_State *L = s->L;
 	char where[256];
 
 	if (s->ref_tenant == LUA_NOREF) {
-		const char *v = http_get_header(req, "x-tenant-id");
+		const char *v = req_header(req, "x-tenant-id");
 		if (v)
 			lua_pushstring(L, v);
 		else
@@ -714,7 +703,7 @@ static int check_tenant(lua_State *L, struct route *out)
 	return 0;
 }
 
-void script_route(struct script *s, struct http_request *req, bool allow_fanout, struct route *out)
+void script_route(struct script *s, struct req *req, bool allow_fanout, struct route *out)
 {
 	lua_State *L = s->L;
 	int top = lua_gettop(L);

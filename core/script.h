@@ -16,7 +16,7 @@
 struct config;
 struct evbuffer;
 struct pool_status;
-struct http_request;
+struct req;
 struct script;
 
 enum route_kind {
@@ -51,7 +51,7 @@ void script_free(struct script *s);
  * Run tenant() and shard() for req; when tenant() gives nil and fanout is
  * allowed, run fanout() for a plan (missing fields from the config).
  */
-void script_route(struct script *s, struct http_request *req, bool allow_fanout,
+void script_route(struct script *s, struct req *req, bool allow_fanout,
 		  struct route *out);
 void route_clear(struct route *r);
 

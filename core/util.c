@@ -251,3 +251,52 @@ const char *endpoint_of(const char *path)
 		return "/transaction";
 	return path;
 }
+
+static int hexval(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+size_t url_decode(char *s, size_t len)
+{
+	size_t i = 0, o = 0;
+	while (i < len) {
+		if (s[i] == '%' && i + 2 < len && hexval(s[i + 1]) >= 0 && hexval(s[i + 2]) >= 0) {
+			s[o++] = (char)(hexval(s[i + 1]) * 16 + hexval(s[i + 2]));
+			i += 3;
+		} else if (s[i] == '+') {
+			s[o++] = ' ';
+			i++;
+		} else {
+			s[o++] = s[i++];
+		}
+	}
+	return o;
+}
+
+bool query_next(const char **q, char *buf, size_t len, const char **name, size_t *nlen,
+		const char **value, size_t *vlen)
+{
+	while (**q) {
+		const char *p = *q, *amp = strchr(p, '&');
+		size_t l = amp ? (size_t)(amp - p) : strlen(p);
+		const char *eq = memchr(p, '=', l);
+		size_t kl = eq ? (size_t)(eq - p) : l;
+		*q = p + l + (amp ? 1 : 0);
+		if (kl == 0 || l >= len)
+			continue;
+		memcpy(buf, p, l);
+		*name = buf;
+		*nlen = url_decode(buf, kl);
+		*value = buf + kl + 1;
+		*vlen = eq ? url_decode(buf + kl + 1, l - kl - 1) : 0;
+		return true;
+	}
+	return false;
+}

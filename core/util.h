@@ -69,6 +69,17 @@ size_t fmt_int(char *buf, long long v);
  */
 size_t fmt_number(char *buf, double d);
 
+/* Decode %XX and '+' in place (URL and form encoding); returns the new length. */
+size_t url_decode(char *s, size_t len);
+
+/*
+ * Walk a query string ("a=1&b=x%20y"): each call takes the next pair from
+ * *q, decoded into buf (name, then value after a NUL) and returns true;
+ * false at the end. Pairs longer than buf are skipped.
+ */
+bool query_next(const char **q, char *buf, size_t len, const char **name, size_t *nlen,
+		const char **value, size_t *vlen);
+
 /* Receives one line for /health/shards' "warnings" (from pools, directory, pauses, the script). */
 typedef void (*warn_fn)(void *arg, const char *text);
 

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "../httpparse.h"
+#include "../util.h"
 
 static void check_inside(const char *p, const char *buf, size_t len)
 {
@@ -34,7 +35,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		http_head_get(&h, "content-length");
 		if (h.query[0]) {
 			char *q = strdup(h.query);
-			size_t n = http_url_decode(q, strlen(q));
+			size_t n = url_decode(q, strlen(q));
 			if (n > strlen(h.query))
 				abort();
 			free(q);

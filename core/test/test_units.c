@@ -82,7 +82,7 @@ static void test_parser(void)
 static void test_util(void)
 {
 	char s[] = "a%20b+c%2";
-	size_t n = http_url_decode(s, strlen(s));
+	size_t n = url_decode(s, strlen(s));
 	s[n] = '\0';
 	check(strcmp(s, "a b c%2") == 0, "decodes %XX and +, keeps a cut escape", s);
 	check(natural_cmp("shard_2", "shard_10") < 0 && natural_cmp("shard_10", "shard_2") > 0 &&

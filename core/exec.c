@@ -1,0 +1,740 @@
+/*
+ * Life of a request, from any face:
+ *
+ *   authenticate -> route (tenant, shard hooks) -> authorize
+ *     -> [wait while the tenant is paused] -> checkout (maybe wait)
+ *     -> [BEGIN] -> statement 1..n -> [COMMIT | ROLLBACK] -> done
+ *
+ * or, when the script gives a fan-out plan, fanout.c from "route" on.
+ * Each statement has a timer: past its timeout the statement is cancelled
+ * on the server (the answer is statement_timeout); if the server does not
+ * give the connection back within a grace period, the connection is closed
+ * instead. A client that goes away (exec_abort) gets its statement
+ * cancelled the same way. The connection is returned by finish(), the
+ * only exit, which pool_release cleans (ROLLBACK) or closes as its state
+ * requires. Results and errors go to the face's sink; nothing here knows
+ * the face's format.
+ */
+#include "exec.h"
+
+#include <ctype.h>
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "auth.h"
+#include "config.h"
+#include "fanout.h"
+#include "fault.h"
+#include "generation.h"
+#include "log.h"
+#include "pool.h"
+#include "req.h"
+#include "script.h"
+#include "sink.h"
+#include "sqlclass.h"
+#include "tenants.h"
+#include "util.h"
+
+#define CANCEL_GRACE 2.0
+
+enum phase { PH_BEGIN, PH_SETTING, PH_STMT, PH_COMMIT, PH_ROLLBACK };
+
+struct exec {
+	struct req *rq;
+	struct sink *sink;
+	exec_done_cb done;
+	void *done_arg;
+	struct exec **handle;    /* the face's pointer to this executor, cleared at the end */
+	struct fanout *fo;       /* the fan-out running the request, if it fans out */
+	struct generation *gen;
+	struct route route;
+	struct auth_identity auth;
+	const struct shard_conf *shard;
+	struct pool *pool;
+	struct pool_waiter waiter;
+	struct pgconn *conn;
+	enum phase phase;
+	int cur;                 /* statement index in PH_STMT */
+	bool wrapped;            /* runs in BEGIN ... COMMIT (a transaction, or tenant_setting) */
+	const char *setting[2];  /* tenant_setting name and the tenant, for set_config() */
+	double timeout;          /* per statement */
+	struct event *timer;     /* the statement timer, stored behind the struct (no malloc) */
+	bool cancelled;          /* a cancel was sent for the running statement */
+	bool cancel_seen;        /* ... and the statement ended by it */
+	bool aborted;            /* the client went away */
+	bool timed_out;
+	bool retried;            /* the first statement was re-tried on a fresh connection */
+	bool redo;               /* rolling back to run the transaction again from BEGIN */
+	bool redone;             /* ... which happens once */
+	bool waiting_tenant;     /* queued behind a paused tenant */
+	bool entered;            /* counted in its tenant's in-flight requests */
+	struct tenant_waiter twait;
+	bool failed;             /* the sink has the error answer */
+	int nres;                /* results the running statement gave */
+	double sent_at;          /* when the running statement was sent */
+	char sqlstate[6];        /* of the running statement's error */
+	long rows_read;          /* rows of every statement so far, against max_rows */
+};
+
+static struct event_base *loop_base;
+
+/*
+ * Finished executors are kept for the next ones: one is over 1 KiB (its
+ * routing error text, its waiter), an allocation glibc serves from its
+ * slow large-chunk path, and one happens for every request. FREE_MAX caps
+ * what an idle gateway keeps after a burst.
+ */
+#define FREE_MAX 64
+
+struct free_exec {
+	struct free_exec *next;
+};
+
+static struct free_exec *free_list;
+static int nfree;
+
+/* A zeroed executor with room for its statement timer's struct event behind it. */
+static struct exec *exec_alloc(void)
+{
+	size_t size = sizeof(struct exec) + event_get_struct_event_size();
+	struct free_exec *f = free_list;
+	if (!f)
+		return xcalloc(1, size);
+	free_list = f->next;
+	nfree--;
+	memset(f, 0, size);
+	return (struct exec *)f;
+}
+
+/* ---- errors ---- */
+
+/* The answer is this error (the shard named when there is one). */
+static void fail(struct exec *r, const char *code, const char *msg)
+{
+	struct fault f = { 0 };
+	fault_set(&f, code, r->shard ? r->shard->name : NULL, msg);
+	r->sink->ops->error(r->sink, &f);
+	fault_clear(&f);
+	r->failed = true;
+}
+
+/* A statement failed: the error with SQLSTATE, message and PostgreSQL's fields. */
+static void sql_error(struct exec *r, const PGresult *res)
+{
+	struct fault f = { 0 };
+	const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+	if (st)
+		snprintf(r->sqlstate, sizeof(r->sqlstate), "%s", st);
+	fault_from_result(&f, res, r->shard->name, r->timed_out && !r->aborted, r->timeout,
+			  r->rq->transaction && r->phase == PH_STMT ? r->cur + 1 : 0);
+	r->sink->ops->error(r->sink, &f);
+	fault_clear(&f);
+	r->failed = true;
+}
+
+/* ---- finishing ---- */
+
+static void exec_free(struct exec *r)
+{
+	if (r->timer)
+		event_del(r->timer);
+	if (r->entered)
+		tenants_leave(r->route.tenant);
+	route_clear(&r->route);
+	auth_identity_clear(&r->auth);
+	generation_unref(r->gen);
+	if (nfree < FREE_MAX) {
+		struct free_exec *f = (struct free_exec *)r;
+		f->next = free_list;
+		free_list = f;
+		nfree++;
+		return;
+	}
+	free(r);
+}
+
+/* The only exit: return the connection, free, tell the face its answer is complete. */
+static void finish(struct exec *r)
+{
+	exec_done_cb done = r->done;
+	void *arg = r->done_arg;
+
+	if (r->timer)
+		evtimer_del(r->timer);
+	if (r->conn) {
+		pool_release(r->conn);
+		r->conn = NULL;
+	}
+	*r->handle = NULL;
+	exec_free(r);
+	done(arg);
+}
+
+/* ---- statements ---- */
+
+static void run_next(struct exec *r);
+static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg);
+
+static void cancel_running(struct exec *r)
+{
+	struct timeval tv = tv_of(CANCEL_GRACE);
+	if (!r->conn || r->cancelled)
+		return;
+	r->cancelled = true;
+	pgconn_cancel(r->conn);
+	evtimer_add(r->timer, &tv);
+}
+
+static void on_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct exec *r = arg;
+	char msg[160];
+	(void)fd;
+	(void)what;
+	if (!r->cancelled) {
+		r->timed_out = true;
+		log_info("shard %s: statement timeout (%gs), cancelling", r->shard->name, r->timeout);
+		cancel_running(r);
+		return;
+	}
+	/* The server did not answer the cancel: give up on this connection. */
+	log_warn("shard %s: statement did not stop %gs after cancel; closing its connection",
+		 r->shard->name, CANCEL_GRACE);
+	snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
+	fail(r, "statement_timeout", msg);
+	finish(r);
+}
+
+static void checkout(struct exec *r);
+
+static bool first_statement(const struct exec *r)
+{
+	return r->phase == PH_BEGIN || (r->phase == PH_STMT && r->cur == 0 && !r->wrapped);
+}
+
+/* 0 sent, 1 re-queued for another connection, -1 failed (error set). */
+typedef int (*sender)(struct pgconn *c, const char *sql, int n, const char *const *vals,
+		      pgconn_cb cb, void *arg);
+
+static int send_sql(struct exec *r, const char *sql, int n, const char *const *vals, sender send)
+{
+	struct timeval tv = tv_of(r->timeout);
+	r->cancelled = false;
+	r->cancel_seen = false;
+	r->sent_at = mono_now();
+	r->sqlstate[0] = '\0';
+	r->nres = 0;
+	if (send(r->conn, sql, n, vals, on_conn_event, r) < 0) {
+		char msg[320];
+		if (!r->conn->sent && !r->retried && first_statement(r)) {
+			/* Nothing reached the server: try once more on a fresh connection. */
+			log_info("shard %s: connection unusable before the first statement (%s); retrying",
+				 r->shard->name, r->conn->error);
+			r->retried = true;
+			pool_release(r->conn);
+			r->conn = NULL;
+			checkout(r);
+			return 1;
+		}
+		snprintf(msg, sizeof(msg), "cannot send statement to shard %s: %s", r->shard->name,
+			 r->conn->error);
+		log_warn("%s", msg);
+		fail(r, "shard_error", msg);
+		return -1;
+	}
+	evtimer_add(r->timer, &tv);
+	return 0;
+}
+
+static void run_next(struct exec *r)
+{
+	int rc;
+	if (r->aborted) {
+		finish(r);
+		return;
+	}
+	switch (r->phase) {
+	case PH_BEGIN:
+		rc = send_sql(r, "BEGIN", 0, NULL, pgconn_send);
+		break;
+	case PH_SETTING:
+		/* Transaction-local, so it ends with this request (RLS policies read it). */
+		rc = send_sql(r, "SELECT pg_catalog.set_config($1, $2, true)", 2, r->setting, pgconn_send_cached);
+		break;
+	case PH_STMT: {
+		const struct stmt *st = &r->rq->stmts[r->cur];
+		pgconn_want_rows(r->conn);
+		rc = send_sql(r, st->sql, st->nparams, st->values, pgconn_send_statement);
+		break;
+	}
+	case PH_COMMIT:
+		rc = send_sql(r, "COMMIT", 0, NULL, pgconn_send);
+		break;
+	case PH_ROLLBACK:
+	default:
+		rc = send_sql(r, "ROLLBACK", 0, NULL, pgconn_send);
+		break;
+	}
+	if (rc < 0)
+		finish(r);
+}
+
+/*
+ * The answer cannot be what it should (over a cap, or memory ran out while
+ * writing it): the error replaces it, and the statement, whose remaining
+ * rows nobody will read, is cancelled.
+ */
+static void give_up_result(struct exec *r, const char *code, const char *msg)
+{
+	log_warn("shard %s: %s (tenant '%s')", r->shard->name, msg, r->route.tenant);
+	fail(r, code, msg);
+	cancel_running(r);
+}
+
+static void out_of_memory(struct exec *r)
+{
+	give_up_result(r, "out_of_memory",
+		       "the gateway ran out of memory writing the answer; nothing of it was sent");
+}
+
+/* One row of the running statement (single-row mode), to the sink, within the shard's caps. */
+static void add_row(struct exec *r, const PGresult *res)
+{
+	char msg[200];
+	long bytes = r->sink->ops->row(r->sink, res, 0);
+	if (bytes < 0) {
+		out_of_memory(r);
+		return;
+	}
+	if (++r->rows_read > r->shard->max_rows) {
+		snprintf(msg, sizeof(msg), "the request read more than max_rows (%d) rows from this shard; the statement was cancelled",
+			 r->shard->max_rows);
+		give_up_result(r, "result_too_large", msg);
+	} else if (bytes > (long)r->shard->max_result_bytes) {
+		snprintf(msg, sizeof(msg), "the answer grew past max_result_bytes (%d bytes); the statement was "
+			 "cancelled", r->shard->max_result_bytes);
+		give_up_result(r, "result_too_large", msg);
+	}
+}
+
+/* A statement's closing result: its answer, with the rows given before it. */
+static void write_result(struct exec *r, const PGresult *res)
+{
+	if (r->sink->ops->result(r->sink, res) < 0)
+		out_of_memory(r);
+}
+
+static void on_result(struct exec *r, PGresult *res)
+{
+	r->nres++;
+	if (r->cancelled && fault_is_cancel(res))
+		r->cancel_seen = true;
+	switch (PQresultStatus(res)) {
+	case PGRES_SINGLE_TUPLE:
+		if (r->phase == PH_STMT && !r->failed)
+			add_row(r, res);
+		return;
+	case PGRES_TUPLES_OK:
+	case PGRES_COMMAND_OK:
+		if (r->phase == PH_STMT && !r->failed)
+			write_result(r, res);
+		return;
+	case PGRES_FATAL_ERROR:
+		if (!r->failed)
+			sql_error(r, res);
+		return;
+	default: {
+		char msg[96];
+		snprintf(msg, sizeof(msg), "unsupported result (%s); COPY is not available",
+			 PQresStatus(PQresultStatus(res)));
+		fail(r, "bad_request", msg);
+		return;
+	}
+	}
+}
+
+static void start_statements(struct exec *r);
+
+/*
+ * The reset sent with the first statement failed (the connection is closed
+ * when it comes back), so nothing ran: once more on another connection.
+ */
+static void retry_after_reset(struct exec *r)
+{
+	if (!r->retried && !r->failed) {
+		r->retried = true;
+		pool_release(r->conn);
+		r->conn = NULL;
+		checkout(r);
+		return;
+	}
+	if (!r->failed) {
+		char msg[320];
+		snprintf(msg, sizeof(msg), "shard %s: a connection could not be reset for this request twice; "
+			 "nothing ran", r->shard->name);
+		log_warn("%s", msg);
+		fail(r, "shard_error", msg);
+	}
+	finish(r);
+}
+
+/* The statement in flight finished: decide what runs next. */
+static void on_done(struct exec *r)
+{
+	evtimer_del(r->timer);
+	/*
+	 * The statement ended before the cancel reached it: the cancel may still
+	 * arrive and hit whatever the connection runs next, another client's
+	 * statement perhaps. This request finishes as it would; the connection
+	 * is closed when it comes back.
+	 */
+	if (r->cancelled && !r->cancel_seen)
+		pgconn_discard(r->conn);
+	if (r->phase == PH_STMT)
+		pool_observe_query(r->pool, mono_now() - r->sent_at, r->sqlstate[0] ? r->sqlstate : NULL);
+	if (pgconn_reset_failed(r->conn) && !r->cancelled) {
+		retry_after_reset(r);
+		return;
+	}
+	if (!r->failed && r->cancelled && r->nres == 0) {
+		/* Cancelled before it gave anything (while its reset ran, say): no answer to build on. */
+		char msg[160];
+		snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
+		fail(r, r->timed_out ? "statement_timeout" : "shard_error",
+			  r->timed_out ? msg : "the statement was cancelled before it answered");
+	}
+	if (!pgconn_usable(r->conn)) {
+		if (!r->failed) {
+			char msg[320];
+			snprintf(msg, sizeof(msg), "shard %s closed the connection: %s",
+				 r->shard->name, r->conn->error);
+			fail(r, "shard_error", msg);
+		}
+		finish(r);
+		return;
+	}
+	if (r->phase == PH_ROLLBACK && r->redo) {
+		r->redo = false;
+		start_statements(r);
+		return;
+	}
+	if (!r->wrapped || r->phase == PH_ROLLBACK || r->phase == PH_COMMIT) {
+		finish(r);
+		return;
+	}
+	if (r->failed && !r->redone && pgconn_retry_transaction(r->conn)) {
+		/* The gateway's statement cache failed, not the statement: all over again, once. */
+		log_info("shard %s: statement %d failed on the gateway's statement cache (%s); "
+			 "running the transaction again", r->shard->name, r->cur + 1, r->sqlstate);
+		r->redo = r->redone = true;
+		r->failed = false;
+		r->phase = PH_ROLLBACK;
+	} else if (r->failed) {
+		r->phase = PH_ROLLBACK;   /* the error answer is already in out */
+	} else if (r->phase == PH_BEGIN && r->setting[0]) {
+		r->phase = PH_SETTING;
+	} else if (r->phase == PH_BEGIN || r->phase == PH_SETTING) {
+		r->phase = PH_STMT;
+		r->cur = 0;
+	} else if (++r->cur == r->rq->nstmts) {
+		r->phase = PH_COMMIT;
+	}
+	run_next(r);
+}
+
+static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg)
+{
+	struct exec *r = arg;
+	(void)c;
+	switch (ev) {
+	case PGCONN_EV_RESULT:
+		on_result(r, res);
+		return;
+	case PGCONN_EV_DONE:
+	case PGCONN_EV_BROKEN:
+		on_done(r);
+		return;
+	default:
+		return;
+	}
+}
+
+static void start_statements(struct exec *r)
+{
+	r->rows_read = 0;
+	r->sink->ops->begin(r->sink, r->shard->name);
+	r->phase = r->wrapped ? PH_BEGIN : PH_STMT;
+	r->cur = 0;
+	run_next(r);
+}
+
+/* ---- checkout ---- */
+
+/* No connection: Service temporarily unavailable, naming the code and the shard (detail: why it is down). */
+static void checkout_failed(struct exec *r, enum pool_err err)
+{
+	const char *code = pool_err_code(err);
+	struct fault f = { 0 };
+	fault_set(&f, code, r->shard->name, "Service temporarily unavailable");
+	if (err == POOL_UNAVAILABLE)
+		f.field[FAULT_DETAIL] = xstrdup(r->waiter.error);
+	f.retry_after = 1;
+	r->sink->ops->error(r->sink, &f);
+	fault_clear(&f);
+	r->failed = true;
+	r->rq->info.wait = mono_now() - r->waiter.since;
+	log_info("shard %s: %s for tenant '%s'", r->shard->name, code, r->route.tenant);
+	finish(r);
+}
+
+static void on_checkout(struct pool_waiter *w, struct pgconn *c, enum pool_err err)
+{
+	struct exec *r = w->arg;
+	if (!c) {
+		checkout_failed(r, err);
+		return;
+	}
+	r->conn = c;
+	r->rq->info.wait = mono_now() - w->since;
+	start_statements(r);
+}
+
+static void checkout(struct exec *r)
+{
+	enum pool_err err;
+	struct pgconn *c = pool_checkout(r->pool, &r->waiter, r->route.tenant, on_checkout, r, &err);
+	if (c) {
+		r->conn = c;
+		start_statements(r);
+	} else if (err != POOL_QUEUED) {
+		checkout_failed(r, err);
+	}
+}
+
+/* ---- entry ---- */
+
+/* Authenticate the client (config `auth`); on failure answer unauthorized and return -1. */
+static int authorize(struct exec *r)
+{
+	char msg[256];
+	if (auth_check(&r->gen->cfg->auth, r->rq, &r->auth, msg, sizeof(msg)) == 0)
+		return 0;
+	log_info("auth: refused a request: %s", msg);
+	fail(r, "unauthorized", msg);
+	finish(r);
+	return -1;
+}
+
+/* After routing: may this client use the tenant (or fan out)? Answers forbidden when not. */
+static bool forbidden(struct exec *r)
+{
+	char msg[256];
+	if (r->route.kind == ROUTE_SHARD && !auth_allows(&r->auth, r->route.tenant))
+		snprintf(msg, sizeof(msg), "these credentials may not use tenant '%.100s'", r->route.tenant);
+	else if (r->route.kind == ROUTE_FANOUT && !r->auth.all)
+		snprintf(msg, sizeof(msg), "a fan-out needs credentials for every tenant");
+	else
+		return false;
+	fail(r, "forbidden", msg);
+	finish(r);
+	return true;
+}
+
+/*
+ * Named queries: replace each statement's name by the configured SQL and
+ * check its parameter count; with sql = "named", raw SQL is refused (forbidden).
+ * Answers and returns -1 on a refusal.
+ */
+static int resolve_queries(struct exec *r)
+{
+	const struct config *cfg = r->gen->cfg;
+	char msg[256];
+	for (int i = 0; i < r->rq->nstmts; i++) {
+		struct stmt *st = &r->rq->stmts[i];
+		const struct named_query *q;
+		if (!st->name) {
+			if (strcmp(cfg->sql_mode, "named") == 0) {
+				fail(r, "forbidden",
+					  "raw SQL is disabled here (sql = \"named\"): call a named query with \"query\"");
+				finish(r);
+				return -1;
+			}
+			continue;
+		}
+		q = config_find_query(cfg, st->name);
+		if (!q)
+			snprintf(msg, sizeof(msg), "no query named '%.100s' is configured", st->name);
+		else if (q->params != st->nparams)
+			snprintf(msg, sizeof(msg), "query '%.100s' takes %d parameters, got %d", st->name,
+				 q->params, st->nparams);
+		else {
+			st->sql = q->sql;
+			continue;
+		}
+		fail(r, "bad_request", msg);
+		finish(r);
+		return -1;
+	}
+	return 0;
+}
+
+/*
+ * Inside the gateway's own BEGIN ... COMMIT (every /transaction, and /query
+ * under tenant_setting) a statement that ends or starts a transaction would
+ * commit part of the request, or run the rest outside it (and outside the
+ * tenant setting): refused before anything runs. Savepoints stay allowed.
+ */
+static int refuse_transaction_control(struct exec *r)
+{
+	char msg[256];
+	if (!r->rq->transaction && !r->gen->cfg->tenant_setting)
+		return 0;
+	for (int i = 0; i < r->rq->nstmts; i++) {
+		const char *sql = r->rq->stmts[i].sql;
+		if (!sql_controls_transaction(sql))
+			continue;
+		const char *word = sql_skip_noise(sql);
+		int len = 0;
+		while (len < 20 && isalpha((unsigned char)word[len]))
+			len++;
+		snprintf(msg, sizeof(msg),
+			 "statement %d ends or starts a transaction (%.*s); the gateway runs the request in one "
+			 "transaction of its own: leave BEGIN, COMMIT and ROLLBACK out (savepoints are allowed)",
+			 i + 1, len, word);
+		fail(r, "bad_request", msg);
+		finish(r);
+		return -1;
+	}
+	return 0;
+}
+
+static void route_request(struct exec *r);
+
+/* A paused tenant's request: released by resume (route again), or its wait ended. */
+static void on_tenant_released(struct tenant_waiter *w, bool released)
+{
+	struct exec *r = w->arg;
+	r->waiting_tenant = false;
+	if (!released) {
+		struct fault f = { 0 };
+		fault_set(&f, "tenant_paused", NULL, "Service temporarily unavailable");
+		f.tenant = xstrdup(r->route.tenant);
+		f.retry_after = 1;
+		r->sink->ops->error(r->sink, &f);
+		fault_clear(&f);
+		r->failed = true;
+		finish(r);
+		return;
+	}
+	/* The move may have changed the mapping: route again, on the generation serving now. */
+	if (r->gen != generation_current()) {
+		generation_unref(r->gen);
+		r->gen = generation_current();
+		generation_ref(r->gen);
+	}
+	route_request(r);
+}
+
+static void on_fanout_done(void *arg)
+{
+	finish(arg);
+}
+
+/* Route (script hooks), authorize, then wait for a paused tenant or go to the pool. */
+static void route_request(struct exec *r)
+{
+	struct req *rq = r->rq;
+	bool transaction = rq->transaction;
+
+	route_clear(&r->route);
+	rq->auth = &r->auth;
+	script_route(r->gen->script, rq, !transaction, &r->route);
+	rq->auth = NULL;
+	str_copy(rq->info.tenant, sizeof(rq->info.tenant), r->route.tenant);
+	if (forbidden(r))
+		return;
+	if (r->route.kind == ROUTE_FANOUT) {
+		fanout_start(&r->fo, rq, r->gen, &r->route, r->sink, on_fanout_done, r);
+		return;
+	}
+	if (r->route.kind != ROUTE_SHARD) {
+		fail(r, r->route.kind == ROUTE_NO_TENANT ? "no_tenant" : r->route.code,
+		     r->route.kind == ROUTE_ERROR ? r->route.error
+		     : transaction
+			     ? "the request names no tenant; a transaction runs on one tenant's shard and never fans out"
+			     : "the request names no tenant and the script gives no fan-out plan");
+		finish(r);
+		return;
+	}
+	if (tenants_paused(r->route.tenant)) {
+		r->waiting_tenant = true;
+		tenants_wait(r->route.tenant, &r->twait,
+			     r->gen->cfg->shards[r->route.shard].checkout_timeout, on_tenant_released, r);
+		return;
+	}
+	tenants_enter(r->route.tenant);
+	r->entered = true;
+	r->shard = &r->gen->cfg->shards[r->route.shard];
+	r->wrapped = transaction || r->gen->cfg->tenant_setting;
+	if (r->gen->cfg->tenant_setting) {
+		r->setting[0] = r->gen->cfg->tenant_setting;
+		r->setting[1] = r->route.tenant;
+	}
+	str_copy(rq->info.shard, sizeof(rq->info.shard), r->shard->name);
+	r->pool = r->gen->pools[r->route.shard];
+	r->timeout = r->shard->statement_timeout;
+	if (rq->timeout > 0 && rq->timeout < r->timeout)
+		r->timeout = rq->timeout;
+	r->timer = (struct event *)(r + 1);
+	if (evtimer_assign(r->timer, loop_base, on_timer, r) < 0)
+		abort();
+	checkout(r);
+}
+
+void exec_set_base(struct event_base *base)
+{
+	loop_base = base;
+}
+
+void exec_start(struct exec **handle, struct req *rq, struct sink *k, exec_done_cb done, void *arg)
+{
+	struct exec *r = exec_alloc();
+
+	r->rq = rq;
+	r->sink = k;
+	r->done = done;
+	r->done_arg = arg;
+	r->handle = handle;
+	*handle = r;
+	r->gen = generation_current();
+	generation_ref(r->gen);
+	/* Authenticate first: an anonymous client learns nothing, not even query names. */
+	if (authorize(r) < 0 || resolve_queries(r) < 0 || refuse_transaction_control(r) < 0)
+		return;
+	route_request(r);
+}
+
+void exec_abort(struct exec *r)
+{
+	r->aborted = true;
+	if (r->fo) {
+		fanout_abort(r->fo);
+		return;
+	}
+	if (r->waiting_tenant) {
+		tenants_cancel_wait(&r->twait);
+		r->waiting_tenant = false;
+		finish(r);
+		return;
+	}
+	log_info("shard %s: client went away; %s", r->shard ? r->shard->name : "-",
+		 r->conn ? "cancelling its statement" : "dropping its wait");
+	if (r->conn) {
+		cancel_running(r);
+		return;
+	}
+	pool_cancel_wait(&r->waiter);
+	finish(r);
+}
