@@ -83,11 +83,13 @@ demo: deps
 	@tools/demo.sh
 
 check: deps
+	@command -v cppcheck >/dev/null || apt-get install -y -qq cppcheck >/dev/null
 	@$(MAKE) --no-print-directory clean
 	@$(MAKE) --no-print-directory build CFLAGS="-O2 -g -Werror"
 	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \
 		--inline-suppr --suppress=missingIncludeSystem --suppress=toomanyconfigs \
 		--suppress=unknownMacro:core/body.c core/
+	@tools/layers.sh
 
 asan: deps
 	@$(MAKE) --no-print-directory bin/shardgate-asan

@@ -358,6 +358,7 @@ static void on_load_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 		finish_load();
 		return;
 	case PGCONN_EV_NOTIFY:
+	case PGCONN_EV_NOTICE:
 		return;
 	}
 }
@@ -444,6 +445,7 @@ static void on_listen_event(struct pgconn *c, enum pgconn_event ev, PGresult *re
 		start_load();
 		return;
 	case PGCONN_EV_RESULT:
+	case PGCONN_EV_NOTICE:
 		return;
 	}
 }

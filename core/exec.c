@@ -456,6 +456,10 @@ static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 	case PGCONN_EV_BROKEN:
 		on_done(r);
 		return;
+	case PGCONN_EV_NOTICE:
+		if (r->sink->ops->notice && !r->failed)
+			r->sink->ops->notice(r->sink, res);
+		return;
 	default:
 		return;
 	}

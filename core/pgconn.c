@@ -471,10 +471,12 @@ static void on_io(evutil_socket_t fd, short what, void *arg)
 	}
 }
 
-static void noop_notice(void *arg, const PGresult *res)
+/* A NoticeResponse (or WARNING) from the server: to whoever holds the connection, as data. */
+static void on_notice(void *arg, const PGresult *res)
 {
-	(void)arg;
-	(void)res;
+	struct pgconn *c = arg;
+	if (c->cb)
+		c->cb(c, PGCONN_EV_NOTICE, (PGresult *)res, c->arg);
 }
 
 /*
@@ -543,7 +545,7 @@ static int start_libpq(struct pgconn *c, const char *url)
 		set_error(c, "");
 		return -1;
 	}
-	PQsetNoticeReceiver(c->pg, noop_notice, NULL);
+	PQsetNoticeReceiver(c->pg, on_notice, c);
 	if (watch(c, EV_WRITE) < 0) {
 		set_error(c, "");
 		return -1;

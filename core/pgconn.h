@@ -41,6 +41,7 @@ enum pgconn_event {
 	PGCONN_EV_DONE,        /* the statement finished; the connection is idle (or broken) */
 	PGCONN_EV_BROKEN,      /* the connection died; free it */
 	PGCONN_EV_NOTIFY,      /* an idle connection got a NOTIFY; res is NULL, see pgconn.notify */
+	PGCONN_EV_NOTICE,      /* the server sent a notice or warning; res (valid during the call) holds its fields */
 };
 
 typedef void (*pgconn_cb)(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg);

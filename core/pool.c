@@ -234,6 +234,7 @@ static void conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, vo
 			pgconn_discard(c);
 		break;
 	case PGCONN_EV_NOTIFY:
+	case PGCONN_EV_NOTICE:
 		break;
 	case PGCONN_EV_DONE:
 		/* A cleaning statement finished: try again to give it back. */
