@@ -1,7 +1,7 @@
 /*
  * libFuzzer target: the routing-request builder. Input lines are a request
  * target and "Name: value" headers; they go through the same path as a
- * real request (struct http_request -> script_route), with a script that
+ * real request (the neutral struct req -> script_route), with a script that
  * reads req.path, req.query, every header and the body. Routing must end in
  * a decision or a script error, never a crash.
  */
@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "../config.h"
+#include "../answer.h"
 #include "../dryrun.h"
 #include "../luaenv.h"
 #include "../script.h"
@@ -66,6 +67,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	struct dryrun_request dr = { .method = "POST" };
 	struct evbuffer *out;
+	struct route rt;
 	char *buf, *line, *save = NULL;
 
 	if (!cfg)
@@ -79,7 +81,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		dr.headers[dr.nheaders++] = line;
 	dr.body = "{}";
 	out = evbuffer_new();
-	dryrun_route(cfg, script, &dr, out);
+	dryrun_route(script, &dr, &rt);
+	answer_write_route(out, cfg, &rt);
+	route_clear(&rt);
 	evbuffer_free(out);
 	free(buf);
 	return 0;
