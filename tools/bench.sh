@@ -48,6 +48,9 @@
 #   BENCH_PERF=1            also profile the gateway with perf during the one-shard
 #                           row and print where its CPU goes (needs linux-perf)
 #   BENCH_NO_INSTALL=1      never apt-get missing packages, just fail
+#   BENCH_BASELINE_BIN=PATH also run the one-shard row, in every round right after
+#                           bin/shardgate's, through this binary (an older build,
+#                           same config, its own warm pools), and print new/baseline
 #   SHARDGATE_BIN           the gateway binary (default bin/shardgate)
 set -u
 
@@ -583,6 +586,29 @@ run_wrk() {
 }
 
 add_row sg_one "shardgate one-shard" "$clients"
+# The baseline binary, for an A/B of a change: same config, started beside.
+base_bin=${BENCH_BASELINE_BIN:-}
+if [ -n "$base_bin" ]; then
+    [ -x "$base_bin" ] || die "BENCH_BASELINE_BIN=$base_bin is not an executable"
+    main_gw=("$gw_pid" "$gw_port" "$admin_port")
+    new_bin=$bin
+    bin=$base_bin
+    say "starting the baseline gateway ($base_bin) beside it"
+    start_gateway gw-base "  script = \"$root/scripts/routing.lua\",
+  defaults = { pool = $pool, min_idle = $pool },
+$(shards_lua shard_ bench_ "$nshards")"
+    wait_pooled $((2 * nshards * pool)) 'bench_%'
+    base_gw=("$gw_pid" "$gw_port" "$admin_port")
+    bin=$new_bin
+    gw_pid=${main_gw[0]} gw_port=${main_gw[1]} admin_port=${main_gw[2]}
+    add_row sg_base "shardgate one-shard, baseline binary" "$clients"
+fi
+# run_base: the one-shard row through the baseline gateway.
+run_base() {
+    gw_pid=${base_gw[0]} gw_port=${base_gw[1]} admin_port=${base_gw[2]}
+    run_wrk sg_base "$one_tenant"
+    gw_pid=${main_gw[0]} gw_port=${main_gw[1]} admin_port=${main_gw[2]}
+}
 add_row sg_spread "shardgate spread ($nshards shards)" "$clients"
 add_row sg_healthz "shardgate GET /healthz (no DB)" "$clients"
 sg_requests_note="pool $pool/shard: one-shard uses 1 pool ($pool conns), spread $nshards pools ($((nshards * pool)) conns)"
@@ -614,6 +640,7 @@ for ((round = 1; round <= rounds; round++)); do
     run_pgbench pgb_s32 "$pgb_port" "$clients" simple "$pgb_pid"; keep pgb_s32
     run_pgbench pgb_e32 "$pgb_port" "$clients" extended "$pgb_pid"; keep pgb_e32
     run_wrk sg_one "$one_tenant"; keep sg_one
+    [ -n "$base_bin" ] && { run_base; keep sg_base; }
     run_wrk sg_spread "$spread_csv"; keep sg_spread
 done
 for k in "${rows[@]}"; do
@@ -631,6 +658,7 @@ for k in "${rows[@]}"; do
 done
 stop_proc "$pgb_pid"
 pgb_pid=
+[ -n "$base_bin" ] && stop_proc "${base_gw[0]}"
 # Once, outside the rounds: the gateway's HTTP path alone, for reference.
 run_wrk sg_healthz -
 stop_gateway
@@ -965,6 +993,8 @@ one=${R_rps[sg_one]} sp=${R_rps[sg_spread]}
 ratio "shardgate one-shard / pgbouncer simple @$clients" "$one" "${R_rps[pgb_s32]}" ">=" 1.0
 ratio "shardgate one-shard / direct simple @$pool" "$one" "${R_rps[direct_sp]}" ">=" 0.8
 ratio "shardgate one-shard / pgbouncer extended @$clients" "$one" "${R_rps[pgb_e32]}"
+[ -n "$base_bin" ] && ratio "shardgate one-shard / the baseline binary's" "$one" "${R_rps[sg_base]}"
+[ -n "$base_bin" ] && ratio "gateway CPU/req / the baseline binary's" "${R_pcpu[sg_one]}" "${R_pcpu[sg_base]}"
 ratio "shardgate one-shard / direct simple @$clients" "$one" "${R_rps[direct_s32]}"
 ratio "shardgate one-shard / direct prepared @$clients" "$one" "${R_rps[direct_p32]}"
 ratio "shardgate one-shard / direct prepared @$pool" "$one" "${R_rps[direct_pp]}"
