@@ -2,6 +2,11 @@
  * Admin endpoints. Reload answers 200 {"ok": true, "generation": N} or 422
  * {"ok": false, "error": "file:line: ..."}; the running generation is
  * untouched by a failed reload (reload.c).
+ *
+ * This is the admin face: tenants.c, directory.c and config.c report
+ * pauses, refreshes and the configuration as data, and every status code,
+ * header and JSON byte of their answers is made here, so a second face
+ * could show the same things in its own protocol.
  */
 #include "admin.h"
 
@@ -54,6 +59,84 @@ static void on_reloaded(bool ok, const char *err, void *arg)
 static void handle_reload(struct http_request *req)
 {
 	reload_request("admin", on_reloaded, req);
+}
+
+/* The client of a waiting pause request went away: the pause stays, the request ends. */
+static void on_pause_abort(struct http_request *req)
+{
+	tenants_pause_cancel(req);
+	http_reply_error(req, 499, "aborted", "client went away");
+}
+
+/* 200 once the tenant is idle, 504 if requests outlived the wait, 409 if another pause request waits. */
+static void on_paused(const struct tenants_pause_result *r, void *arg)
+{
+	struct http_request *req = arg;
+	struct evbuffer *b;
+	req->on_abort = NULL;
+	if (r->end == TENANTS_PAUSE_BUSY) {
+		http_reply_error(req, 409, "busy", "another pause request for this tenant is waiting");
+		return;
+	}
+	b = new_buffer();
+	evbuffer_add(b, "{\"tenant\":", 10);
+	jsonw_cstring(b, r->tenant);
+	evbuffer_add_printf(b, ",\"paused\":%s,\"in_flight\":%d", r->paused ? "true" : "false", r->in_flight);
+	if (r->end == TENANTS_PAUSE_IDLE) {
+		evbuffer_add(b, "}", 1);
+		reply(req, 200, b);
+		return;
+	}
+	evbuffer_add_printf(b, ",\"code\":\"timeout\",\"error\":\"requests still in flight after %gs; the pause stays\"}",
+			    r->limit);
+	reply(req, 504, b);
+}
+
+static void on_resumed(const struct tenants_resume_result *r, void *arg)
+{
+	struct http_request *req = arg;
+	struct evbuffer *b = new_buffer();
+	evbuffer_add(b, "{\"tenant\":", 10);
+	jsonw_cstring(b, r->tenant);
+	evbuffer_add_printf(b, ",\"paused\":false,\"released\":%d", r->released);
+	if (r->after_directory_load)
+		evbuffer_add(b, ",\"after_directory_load\":true", 28);
+	evbuffer_add(b, "}", 1);
+	req->on_abort = NULL;
+	reply(req, 200, b);
+}
+
+/* The answer may wait for the tenant's requests in flight to end (tenants.c). */
+static void handle_pause(struct http_request *req, const char *id)
+{
+	req->on_abort = on_pause_abort;
+	tenants_pause(id, on_paused, req);
+}
+
+/* GET /admin/tenants: {"paused": [{"tenant", "seconds", "waiting", "in_flight"}, ...]} */
+struct tenant_list {
+	struct evbuffer *b;
+	int n;
+};
+
+static void list_tenant(const struct tenants_paused_info *t, void *arg)
+{
+	struct tenant_list *l = arg;
+	if (l->n++)
+		evbuffer_add(l->b, ",", 1);
+	evbuffer_add(l->b, "{\"tenant\":", 10);
+	jsonw_cstring(l->b, t->tenant);
+	evbuffer_add_printf(l->b, ",\"seconds\":%.1f,\"waiting\":%d,\"in_flight\":%d}", t->seconds, t->waiting,
+			    t->in_flight);
+}
+
+static void handle_tenant_list(struct http_request *req)
+{
+	struct tenant_list l = { new_buffer(), 0 };
+	evbuffer_add(l.b, "{\"paused\":[", 11);
+	tenants_list(list_tenant, &l);
+	evbuffer_add(l.b, "]}", 2);
+	reply(req, 200, l.b);
 }
 
 static void handle_config(struct http_request *req)
@@ -118,9 +201,9 @@ static void handle_tenant(struct http_request *req, const char *rest)
 	memcpy(id, rest, n);
 	id[http_url_decode(id, n)] = '\0';
 	if (strcmp(slash, "/pause") == 0)
-		tenants_pause(id, req);
+		handle_pause(req, id);
 	else if (strcmp(slash, "/resume") == 0)
-		tenants_resume(id, req);
+		tenants_resume(id, on_resumed, req);
 	else
 		http_reply_error(req, 404, "not_found", "use POST /admin/tenants/<id>/pause or /resume");
 }
@@ -146,7 +229,7 @@ void admin_handle(struct http_request *req, void *arg)
 	} else if (strncmp(p, "/admin/tenants/", 15) == 0 && strcmp(m, "POST") == 0) {
 		handle_tenant(req, p + 15);
 	} else if (strcmp(p, "/admin/tenants") == 0 && strcmp(m, "GET") == 0) {
-		tenants_list(req);
+		handle_tenant_list(req);
 	} else if (strcmp(p, "/admin/directory/refresh") == 0 && strcmp(m, "POST") == 0) {
 		directory_refresh_request(req);
 	} else if (strcmp(p, "/admin/route") == 0 && strcmp(m, "GET") == 0) {
