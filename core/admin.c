@@ -139,6 +139,48 @@ static void handle_tenant_list(struct http_request *req)
 	reply(req, 200, l.b);
 }
 
+/* The client of a waiting refresh request went away. */
+static void on_refresh_abort(struct http_request *req)
+{
+	directory_refresh_cancel(req);
+	http_reply_error(req, 499, "aborted", "client went away");
+}
+
+/* 200 with the new size, 502 with why the load failed, 404 without a directory, 503 when too many wait. */
+static void on_refreshed(const struct directory_refresh_result *r, void *arg)
+{
+	struct http_request *req = arg;
+	struct evbuffer *b;
+	req->on_abort = NULL;
+	switch (r->end) {
+	case DIRECTORY_REFRESH_NONE:
+		http_reply_error(req, 404, "not_found", "no directory is configured");
+		return;
+	case DIRECTORY_REFRESH_BUSY:
+		http_reply_error(req, 503, "busy", "too many refresh requests waiting");
+		return;
+	case DIRECTORY_REFRESH_OK:
+		b = new_buffer();
+		evbuffer_add_printf(b, "{\"ok\":true,\"size\":%u}", r->size);
+		reply(req, 200, b);
+		return;
+	case DIRECTORY_REFRESH_FAILED:
+		b = new_buffer();
+		evbuffer_add(b, "{\"ok\":false,\"error\":", 20);
+		jsonw_cstring(b, r->error);
+		evbuffer_add(b, "}", 1);
+		reply(req, 502, b);
+		return;
+	}
+}
+
+/* POST /admin/directory/refresh: the answer waits for a load that began after the request. */
+static void handle_directory_refresh(struct http_request *req)
+{
+	req->on_abort = on_refresh_abort;
+	directory_refresh(on_refreshed, req);
+}
+
 static void handle_config(struct http_request *req)
 {
 	struct evbuffer *b = new_buffer();
@@ -231,7 +273,7 @@ void admin_handle(struct http_request *req, void *arg)
 	} else if (strcmp(p, "/admin/tenants") == 0 && strcmp(m, "GET") == 0) {
 		handle_tenant_list(req);
 	} else if (strcmp(p, "/admin/directory/refresh") == 0 && strcmp(m, "POST") == 0) {
-		directory_refresh_request(req);
+		handle_directory_refresh(req);
 	} else if (strcmp(p, "/admin/route") == 0 && strcmp(m, "GET") == 0) {
 		handle_route(req);
 	} else if (strcmp(p, "/admin/config") == 0 && strcmp(m, "GET") == 0) {
