@@ -181,14 +181,59 @@ static void handle_directory_refresh(struct http_request *req)
 	directory_refresh(on_refreshed, req);
 }
 
+/* config_describe's walk written as JSON: commas by how many members each open container has. */
+struct config_json {
+	struct evbuffer *b;
+	int depth;
+	bool array[CONFIG_DESCRIBE_DEPTH];
+	int members[CONFIG_DESCRIBE_DEPTH];
+};
+
+static void config_json_item(void *arg, const char *key, enum config_item_kind kind, const char *text)
+{
+	struct config_json *j = arg;
+	if (kind == CONFIG_CLOSE) {
+		j->depth--;
+		evbuffer_add(j->b, j->array[j->depth] ? "]" : "}", 1);
+		return;
+	}
+	if (j->depth > 0 && j->members[j->depth - 1]++)
+		evbuffer_add(j->b, ",", 1);
+	if (key) {
+		jsonw_cstring(j->b, key);
+		evbuffer_add(j->b, ":", 1);
+	}
+	switch (kind) {
+	case CONFIG_OPEN_OBJECT:
+	case CONFIG_OPEN_ARRAY:
+		if (j->depth == CONFIG_DESCRIBE_DEPTH)
+			abort();     /* config.c promises never to nest this deep */
+		j->array[j->depth] = kind == CONFIG_OPEN_ARRAY;
+		j->members[j->depth++] = 0;
+		evbuffer_add(j->b, kind == CONFIG_OPEN_ARRAY ? "[" : "{", 1);
+		return;
+	case CONFIG_STRING:
+		jsonw_cstring(j->b, text);
+		return;
+	case CONFIG_LITERAL:
+		evbuffer_add(j->b, text, strlen(text));
+		return;
+	case CONFIG_CLOSE:
+		return;
+	}
+}
+
 static void handle_config(struct http_request *req)
 {
+	static const struct config_visitor to_json = { config_json_item };
+	struct config_json j = { 0 };
 	struct evbuffer *b = new_buffer();
 	struct generation *g = generation_current();
 	evbuffer_add_printf(b, "{\"generation\":%u,\"path\":", g->id);
 	jsonw_cstring(b, g->cfg->path);
 	evbuffer_add(b, ",\"config\":", 10);
-	config_write_json(g->cfg, b);
+	j.b = b;
+	config_describe(g->cfg, &to_json, &j);
 	evbuffer_add(b, "}", 1);
 	reply(req, 200, b);
 }
