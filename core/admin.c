@@ -2,6 +2,11 @@
  * Admin endpoints. Reload answers 200 {"ok": true, "generation": N} or 422
  * {"ok": false, "error": "file:line: ..."}; the running generation is
  * untouched by a failed reload (reload.c).
+ *
+ * This is the admin face: tenants.c, directory.c and config.c report
+ * pauses, refreshes and the configuration as data, and every status code,
+ * header and JSON byte of their answers is made here, so a second face
+ * could show the same things in its own protocol.
  */
 #include "admin.h"
 #include "answer.h"
@@ -58,14 +63,179 @@ static void handle_reload(struct http_request *req)
 	reload_request("admin", on_reloaded, req);
 }
 
+/* The client of a waiting pause request went away: the pause stays, the request ends. */
+static void on_pause_abort(struct http_request *req)
+{
+	tenants_pause_cancel(req);
+	http_reply_error(req, 499, "aborted", "client went away");
+}
+
+/* 200 once the tenant is idle, 504 if requests outlived the wait, 409 if another pause request waits. */
+static void on_paused(const struct tenants_pause_result *r, void *arg)
+{
+	struct http_request *req = arg;
+	struct evbuffer *b;
+	req->on_abort = NULL;
+	if (r->end == TENANTS_PAUSE_BUSY) {
+		http_reply_error(req, 409, "busy", "another pause request for this tenant is waiting");
+		return;
+	}
+	b = new_buffer();
+	evbuffer_add(b, "{\"tenant\":", 10);
+	jsonw_cstring(b, r->tenant);
+	evbuffer_add_printf(b, ",\"paused\":%s,\"in_flight\":%d", r->paused ? "true" : "false", r->in_flight);
+	if (r->end == TENANTS_PAUSE_IDLE) {
+		evbuffer_add(b, "}", 1);
+		reply(req, 200, b);
+		return;
+	}
+	evbuffer_add_printf(b, ",\"code\":\"timeout\",\"error\":\"requests still in flight after %gs; the pause stays\"}",
+			    r->limit);
+	reply(req, 504, b);
+}
+
+static void on_resumed(const struct tenants_resume_result *r, void *arg)
+{
+	struct http_request *req = arg;
+	struct evbuffer *b = new_buffer();
+	evbuffer_add(b, "{\"tenant\":", 10);
+	jsonw_cstring(b, r->tenant);
+	evbuffer_add_printf(b, ",\"paused\":false,\"released\":%d", r->released);
+	if (r->after_directory_load)
+		evbuffer_add(b, ",\"after_directory_load\":true", 28);
+	evbuffer_add(b, "}", 1);
+	req->on_abort = NULL;
+	reply(req, 200, b);
+}
+
+/* The answer may wait for the tenant's requests in flight to end (tenants.c). */
+static void handle_pause(struct http_request *req, const char *id)
+{
+	req->on_abort = on_pause_abort;
+	tenants_pause(id, on_paused, req);
+}
+
+/* GET /admin/tenants: {"paused": [{"tenant", "seconds", "waiting", "in_flight"}, ...]} */
+struct tenant_list {
+	struct evbuffer *b;
+	int n;
+};
+
+static void list_tenant(const struct tenants_paused_info *t, void *arg)
+{
+	struct tenant_list *l = arg;
+	if (l->n++)
+		evbuffer_add(l->b, ",", 1);
+	evbuffer_add(l->b, "{\"tenant\":", 10);
+	jsonw_cstring(l->b, t->tenant);
+	evbuffer_add_printf(l->b, ",\"seconds\":%.1f,\"waiting\":%d,\"in_flight\":%d}", t->seconds, t->waiting,
+			    t->in_flight);
+}
+
+static void handle_tenant_list(struct http_request *req)
+{
+	struct tenant_list l = { new_buffer(), 0 };
+	evbuffer_add(l.b, "{\"paused\":[", 11);
+	tenants_list(list_tenant, &l);
+	evbuffer_add(l.b, "]}", 2);
+	reply(req, 200, l.b);
+}
+
+/* The client of a waiting refresh request went away. */
+static void on_refresh_abort(struct http_request *req)
+{
+	directory_refresh_cancel(req);
+	http_reply_error(req, 499, "aborted", "client went away");
+}
+
+/* 200 with the new size, 502 with why the load failed, 404 without a directory, 503 when too many wait. */
+static void on_refreshed(const struct directory_refresh_result *r, void *arg)
+{
+	struct http_request *req = arg;
+	struct evbuffer *b;
+	req->on_abort = NULL;
+	switch (r->end) {
+	case DIRECTORY_REFRESH_NONE:
+		http_reply_error(req, 404, "not_found", "no directory is configured");
+		return;
+	case DIRECTORY_REFRESH_BUSY:
+		http_reply_error(req, 503, "busy", "too many refresh requests waiting");
+		return;
+	case DIRECTORY_REFRESH_OK:
+		b = new_buffer();
+		evbuffer_add_printf(b, "{\"ok\":true,\"size\":%u}", r->size);
+		reply(req, 200, b);
+		return;
+	case DIRECTORY_REFRESH_FAILED:
+		b = new_buffer();
+		evbuffer_add(b, "{\"ok\":false,\"error\":", 20);
+		jsonw_cstring(b, r->error);
+		evbuffer_add(b, "}", 1);
+		reply(req, 502, b);
+		return;
+	}
+}
+
+/* POST /admin/directory/refresh: the answer waits for a load that began after the request. */
+static void handle_directory_refresh(struct http_request *req)
+{
+	req->on_abort = on_refresh_abort;
+	directory_refresh(on_refreshed, req);
+}
+
+/* config_describe's walk written as JSON: commas by how many members each open container has. */
+struct config_json {
+	struct evbuffer *b;
+	int depth;
+	bool array[CONFIG_DESCRIBE_DEPTH];
+	int members[CONFIG_DESCRIBE_DEPTH];
+};
+
+static void config_json_item(void *arg, const char *key, enum config_item_kind kind, const char *text)
+{
+	struct config_json *j = arg;
+	if (kind == CONFIG_CLOSE) {
+		j->depth--;
+		evbuffer_add(j->b, j->array[j->depth] ? "]" : "}", 1);
+		return;
+	}
+	if (j->depth > 0 && j->members[j->depth - 1]++)
+		evbuffer_add(j->b, ",", 1);
+	if (key) {
+		jsonw_cstring(j->b, key);
+		evbuffer_add(j->b, ":", 1);
+	}
+	switch (kind) {
+	case CONFIG_OPEN_OBJECT:
+	case CONFIG_OPEN_ARRAY:
+		if (j->depth == CONFIG_DESCRIBE_DEPTH)
+			abort();     /* config.c promises never to nest this deep */
+		j->array[j->depth] = kind == CONFIG_OPEN_ARRAY;
+		j->members[j->depth++] = 0;
+		evbuffer_add(j->b, kind == CONFIG_OPEN_ARRAY ? "[" : "{", 1);
+		return;
+	case CONFIG_STRING:
+		jsonw_cstring(j->b, text);
+		return;
+	case CONFIG_LITERAL:
+		evbuffer_add(j->b, text, strlen(text));
+		return;
+	case CONFIG_CLOSE:
+		return;
+	}
+}
+
 static void handle_config(struct http_request *req)
 {
+	static const struct config_visitor to_json = { config_json_item };
+	struct config_json j = { 0 };
 	struct evbuffer *b = new_buffer();
 	struct generation *g = generation_current();
 	evbuffer_add_printf(b, "{\"generation\":%u,\"path\":", g->id);
 	jsonw_cstring(b, g->cfg->path);
 	evbuffer_add(b, ",\"config\":", 10);
-	config_write_json(g->cfg, b);
+	j.b = b;
+	config_describe(g->cfg, &to_json, &j);
 	evbuffer_add(b, "}", 1);
 	reply(req, 200, b);
 }
@@ -123,9 +293,9 @@ static void handle_tenant(struct http_request *req, const char *rest)
 	memcpy(id, rest, n);
 	id[url_decode(id, n)] = '\0';
 	if (strcmp(slash, "/pause") == 0)
-		tenants_pause(id, req);
+		handle_pause(req, id);
 	else if (strcmp(slash, "/resume") == 0)
-		tenants_resume(id, req);
+		tenants_resume(id, on_resumed, req);
 	else
 		http_reply_error(req, 404, "not_found", "use POST /admin/tenants/<id>/pause or /resume");
 }
@@ -151,9 +321,9 @@ void admin_handle(struct http_request *req, void *arg)
 	} else if (strncmp(p, "/admin/tenants/", 15) == 0 && strcmp(m, "POST") == 0) {
 		handle_tenant(req, p + 15);
 	} else if (strcmp(p, "/admin/tenants") == 0 && strcmp(m, "GET") == 0) {
-		tenants_list(req);
+		handle_tenant_list(req);
 	} else if (strcmp(p, "/admin/directory/refresh") == 0 && strcmp(m, "POST") == 0) {
-		directory_refresh_request(req);
+		handle_directory_refresh(req);
 	} else if (strcmp(p, "/admin/route") == 0 && strcmp(m, "GET") == 0) {
 		handle_route(req);
 	} else if (strcmp(p, "/admin/config") == 0 && strcmp(m, "GET") == 0) {

@@ -11,7 +11,6 @@
 #include "config.h"
 
 #include <ctype.h>
-#include <event2/buffer.h>
 #include <lauxlib.h>
 #include <libpq-fe.h>
 #include <limits.h>
@@ -22,7 +21,6 @@
 #include <string.h>
 #include <strings.h>
 
-#include "jsonw.h"
 #include "luaenv.h"
 #include "util.h"
 
@@ -584,15 +582,21 @@ static int read_defaults(struct reader *r, struct config *cfg)
 
 /*
  * `settings`: free-form values for the routing script (require("shardgate").settings).
- * Keys are names; values strings, numbers, booleans or tables of the same.
+ * Keys are names; values strings, numbers, booleans or tables of the same,
+ * nested at most SETTINGS_DEPTH tables below `settings` itself.
  */
+#define SETTINGS_DEPTH 8
+
+/* A walk of the configuration holds the root object and SETTINGS_DEPTH + 1 levels of settings tables. */
+_Static_assert(SETTINGS_DEPTH + 2 <= CONFIG_DESCRIBE_DEPTH, "config_describe nests deeper than it promises");
+
 static int check_settings(struct reader *r, int idx, const char *where, int depth)
 {
 	lua_State *L = r->L;
 	char sub[256];
 	int rc = 0;
 	idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
-	if (depth > 8) {
+	if (depth > SETTINGS_DEPTH) {
 		fmt_err(r->err, r->errlen, "%s: %s is nested too deeply", r->file, where);
 		return -1;
 	}
@@ -739,47 +743,58 @@ static bool is_sequence(lua_State *L, int idx)
 	return count == n;
 }
 
-/*
- * The settings table (checked by check_settings) as JSON for /admin/config:
- * values under a secret-looking key, and connection strings with a
- * password, masked.
- */
-static void settings_json(lua_State *L, int idx, struct evbuffer *b, bool secret)
+/* Append one step to cfg->settings; key and text are copied. */
+static void add_item(struct config *cfg, int *cap, enum config_item_kind kind, const char *key, const char *text)
 {
-	int n = 0;
-	bool array;
-	idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
-	array = is_sequence(L, idx);
-	evbuffer_add(b, array ? "[" : "{", 1);
+	struct config_item *it;
+	if (cfg->nsettings == *cap) {
+		*cap = *cap ? *cap * 2 : 16;
+		cfg->settings = xrealloc(cfg->settings, (size_t)*cap * sizeof(*cfg->settings));
+	}
+	it = &cfg->settings[cfg->nsettings++];
+	it->kind = kind;
+	it->key = key ? xstrdup(key) : NULL;
+	it->text = text ? xstrdup(text) : NULL;
+}
+
+/*
+ * The settings table (checked by check_settings) at idx, under key, as the
+ * steps config_describe replays for /admin/config: values under a
+ * secret-looking key, and connection strings with a password, masked here,
+ * so no secret is kept.
+ */
+static void settings_items(lua_State *L, int idx, const char *key, struct config *cfg, int *cap, bool secret)
+{
+	bool array = is_sequence(L, idx);
+	luaL_checkstack(L, 4, "settings nested too deeply");
+	add_item(cfg, cap, array ? CONFIG_OPEN_ARRAY : CONFIG_OPEN_OBJECT, key, NULL);
 	lua_pushnil(L);
 	while (lua_next(L, idx) != 0) {
-		const char *k;
+		int v = lua_gettop(L);
+		const char *k = NULL;
 		bool hide = secret;
-		if (n++)
-			evbuffer_add(b, ",", 1);
+		char text[1024];
 		if (!array) {
+			/* A copy, so lua_tostring does not turn the key lua_next needs into a string. */
 			lua_pushvalue(L, -2);
 			k = lua_tostring(L, -1);
 			hide = hide || secret_name(k);
-			jsonw_cstring(b, k);
-			evbuffer_add(b, ":", 1);
-			lua_pop(L, 1);
 		}
-		if (lua_istable(L, -1)) {
-			settings_json(L, -1, b, hide);
+		if (lua_istable(L, v)) {
+			settings_items(L, v, k, cfg, cap, hide);
 		} else if (hide) {
-			jsonw_cstring(b, "***");
-		} else if (lua_type(L, -1) == LUA_TBOOLEAN) {
-			evbuffer_add_printf(b, "%s", lua_toboolean(L, -1) ? "true" : "false");
-		} else if (lua_type(L, -1) == LUA_TNUMBER) {
-			evbuffer_add_printf(b, "%.17g", lua_tonumber(L, -1));
+			add_item(cfg, cap, CONFIG_STRING, k, "***");
+		} else if (lua_type(L, v) == LUA_TBOOLEAN) {
+			add_item(cfg, cap, CONFIG_LITERAL, k, lua_toboolean(L, v) ? "true" : "false");
+		} else if (lua_type(L, v) == LUA_TNUMBER) {
+			snprintf(text, sizeof(text), "%.17g", lua_tonumber(L, v));
+			add_item(cfg, cap, CONFIG_LITERAL, k, text);
 		} else {
-			char masked[1024];
-			jsonw_cstring(b, mask_setting(lua_tostring(L, -1), masked, sizeof(masked)));
+			add_item(cfg, cap, CONFIG_STRING, k, mask_setting(lua_tostring(L, v), text, sizeof(text)));
 		}
-		lua_pop(L, 1);
+		lua_settop(L, v - 1);
 	}
-	evbuffer_add(b, array ? "]" : "}", 1);
+	add_item(cfg, cap, CONFIG_CLOSE, NULL, NULL);
 }
 
 static int read_settings(struct reader *r, struct config *cfg)
@@ -790,12 +805,8 @@ static int read_settings(struct reader *r, struct config *cfg)
 	if (!lua_isnil(r->L, -1))
 		rc = check_settings(r, -1, "settings", 0);
 	if (rc == 0 && !lua_isnil(r->L, -1)) {
-		struct evbuffer *b = evbuffer_new();
-		if (!b)
-			abort();
-		settings_json(r->L, -1, b, false);
-		cfg->settings_json = xstrndup((const char *)evbuffer_pullup(b, -1), evbuffer_get_length(b));
-		evbuffer_free(b);
+		int cap = 0;
+		settings_items(r->L, lua_gettop(r->L), "settings", cfg, &cap, false);
 	}
 	lua_pop(r->L, 1);
 	return rc;
@@ -1162,7 +1173,11 @@ void config_free(struct config *cfg)
 	free(cfg->dir_url);
 	free(cfg->dir_query);
 	free(cfg->dir_listen);
-	free(cfg->settings_json);
+	for (int i = 0; i < cfg->nsettings; i++) {
+		free(cfg->settings[i].key);
+		free(cfg->settings[i].text);
+	}
+	free(cfg->settings);
 	for (int i = 0; i < cfg->nqueries; i++) {
 		free(cfg->queries[i].name);
 		free(cfg->queries[i].sql);
@@ -1241,98 +1256,107 @@ void config_mask_url(const char *url, char *out, size_t len)
 	PQconninfoFree(opts);
 }
 
-static void json_value(struct evbuffer *b, const struct conf_key *k, const void *base)
+/* The walk in progress: where its steps go. */
+struct describe {
+	const struct config_visitor *v;
+	void *arg;
+};
+
+static void step(const struct describe *d, const char *key, enum config_item_kind kind, const char *text)
+{
+	d->v->item(d->arg, key, kind, text);
+}
+
+/* One key's value: secrets as ***, URLs masked, numbers and booleans as their text. */
+static void describe_value(const struct describe *d, const struct conf_key *k, const void *base)
 {
 	const void *field = (const char *)base + k->offset;
+	char text[1024];
 	if (k->secret) {
-		jsonw_cstring(b, "***");
+		step(d, k->name, CONFIG_STRING, "***");
 		return;
 	}
 	switch (k->type) {
 	case CT_STRING: {
 		const char *s = *(char *const *)field;
 		if (s && strcmp(k->name, "url") == 0) {
-			char masked[1024];
-			config_mask_url(s, masked, sizeof(masked));
-			jsonw_cstring(b, masked);
-		} else {
-			jsonw_cstring(b, s);
+			config_mask_url(s, text, sizeof(text));
+			s = text;
 		}
+		step(d, k->name, CONFIG_STRING, s);
 		return;
 	}
 	case CT_BOOL:
-		evbuffer_add_printf(b, "%s", *(const bool *)field ? "true" : "false");
+		step(d, k->name, CONFIG_LITERAL, *(const bool *)field ? "true" : "false");
 		return;
 	case CT_COUNT:
 	case CT_POSITIVE:
-		evbuffer_add_printf(b, "%d", *(const int *)field);
+		snprintf(text, sizeof(text), "%d", *(const int *)field);
+		step(d, k->name, CONFIG_LITERAL, text);
 		return;
 	case CT_DURATION:
 	case CT_PERCENT:
-		evbuffer_add_printf(b, "%.15g", *(const double *)field);
+		snprintf(text, sizeof(text), "%.15g", *(const double *)field);
+		step(d, k->name, CONFIG_LITERAL, text);
 		return;
 	}
 }
 
-/* Write keys as "name":value members, comma-separated, without braces. */
-static void json_members(struct evbuffer *b, const struct conf_key *keys, size_t n,
-			 const void *base, int *count)
+/* The keys of one table as members; a string key that is not set is left out. */
+static void describe_members(const struct describe *d, const struct conf_key *keys, size_t n, const void *base)
 {
 	for (size_t i = 0; i < n; i++) {
 		const void *field = (const char *)base + keys[i].offset;
 		if (keys[i].type == CT_STRING && !*(char *const *)field)
 			continue;
-		evbuffer_add_printf(b, "%s\"%s\":", (*count)++ ? "," : "", keys[i].name);
-		json_value(b, &keys[i], base);
+		describe_value(d, &keys[i], base);
 	}
 }
 
-static void json_object(struct evbuffer *b, const char *name, const struct conf_key *keys,
-			size_t n, const void *base)
+static void describe_object(const struct describe *d, const char *name, const struct conf_key *keys, size_t n,
+			    const void *base)
 {
-	int count = 0;
-	evbuffer_add_printf(b, ",\"%s\":{", name);
-	json_members(b, keys, n, base, &count);
-	evbuffer_add(b, "}", 1);
+	step(d, name, CONFIG_OPEN_OBJECT, NULL);
+	describe_members(d, keys, n, base);
+	step(d, NULL, CONFIG_CLOSE, NULL);
 }
 
-void config_write_json(const struct config *cfg, struct evbuffer *b)
+/* auth: the mode, API key names (never the keys), the JWT algorithm, whether a secret is set. */
+static void describe_auth(const struct describe *d, const struct auth_conf *a)
 {
-	int count = 0;
-	evbuffer_add(b, "{", 1);
-	json_members(b, top_keys, ARRAY_LEN(top_keys), cfg, &count);
-	json_object(b, "defaults", shard_keys, ARRAY_LEN(shard_keys), &cfg->defaults);
-	evbuffer_add(b, ",\"shards\":{", 11);
-	for (int i = 0; i < cfg->nshards; i++) {
-		int n = 0;
-		evbuffer_add(b, i ? "," : "", i ? 1 : 0);
-		jsonw_cstring(b, cfg->shards[i].name);
-		evbuffer_add(b, ":{", 2);
-		json_members(b, shard_keys, ARRAY_LEN(shard_keys), &cfg->shards[i], &n);
-		evbuffer_add(b, "}", 1);
+	static const char *const modes[] = { "off", "api_key", "jwt" };
+	step(d, "auth", CONFIG_OPEN_OBJECT, NULL);
+	step(d, "mode", CONFIG_STRING, modes[a->mode]);
+	step(d, "keys", CONFIG_OPEN_ARRAY, NULL);
+	for (int i = 0; i < a->nkeys; i++) {
+		step(d, NULL, CONFIG_OPEN_OBJECT, NULL);
+		step(d, "name", CONFIG_STRING, a->keys[i].name);
+		step(d, "key", CONFIG_STRING, "***");
+		step(d, NULL, CONFIG_CLOSE, NULL);
 	}
-	evbuffer_add(b, "}", 1);
-	json_object(b, "fanout", fanout_keys, ARRAY_LEN(fanout_keys), &cfg->fanout);
-	json_object(b, "warnings", warning_keys, ARRAY_LEN(warning_keys), &cfg->warn_utilization);
-	json_object(b, "breaker", breaker_keys, ARRAY_LEN(breaker_keys), &cfg->breaker);
+	step(d, NULL, CONFIG_CLOSE, NULL);
+	step(d, "alg", CONFIG_STRING, a->mode == AUTH_JWT ? a->jwt_alg : NULL);
+	step(d, "secret", CONFIG_STRING, a->jwt_secret ? "***" : NULL);
+	step(d, NULL, CONFIG_CLOSE, NULL);
+}
+
+void config_describe(const struct config *cfg, const struct config_visitor *v, void *arg)
+{
+	struct describe d = { v, arg };
+	step(&d, NULL, CONFIG_OPEN_OBJECT, NULL);
+	describe_members(&d, top_keys, ARRAY_LEN(top_keys), cfg);
+	describe_object(&d, "defaults", shard_keys, ARRAY_LEN(shard_keys), &cfg->defaults);
+	step(&d, "shards", CONFIG_OPEN_OBJECT, NULL);
+	for (int i = 0; i < cfg->nshards; i++)
+		describe_object(&d, cfg->shards[i].name, shard_keys, ARRAY_LEN(shard_keys), &cfg->shards[i]);
+	step(&d, NULL, CONFIG_CLOSE, NULL);
+	describe_object(&d, "fanout", fanout_keys, ARRAY_LEN(fanout_keys), &cfg->fanout);
+	describe_object(&d, "warnings", warning_keys, ARRAY_LEN(warning_keys), &cfg->warn_utilization);
+	describe_object(&d, "breaker", breaker_keys, ARRAY_LEN(breaker_keys), &cfg->breaker);
 	if (cfg->dir_url)
-		json_object(b, "directory", directory_keys, ARRAY_LEN(directory_keys), cfg);
-	if (cfg->settings_json) {
-		evbuffer_add(b, ",\"settings\":", 12);
-		evbuffer_add(b, cfg->settings_json, strlen(cfg->settings_json));
-	}
-	{
-		static const char *const modes[] = { "off", "api_key", "jwt" };
-		evbuffer_add_printf(b, ",\"auth\":{\"mode\":\"%s\",\"keys\":[", modes[cfg->auth.mode]);
-		for (int i = 0; i < cfg->auth.nkeys; i++) {
-			const char *open = i ? ",{\"name\":" : "{\"name\":";
-			evbuffer_add(b, open, strlen(open));
-			jsonw_cstring(b, cfg->auth.keys[i].name);
-			evbuffer_add(b, ",\"key\":\"***\"}", strlen(",\"key\":\"***\"}"));
-		}
-		evbuffer_add_printf(b, "],\"alg\":");
-		jsonw_cstring(b, cfg->auth.mode == AUTH_JWT ? cfg->auth.jwt_alg : NULL);
-		evbuffer_add_printf(b, ",\"secret\":%s}", cfg->auth.jwt_secret ? "\"***\"" : "null");
-	}
-	evbuffer_add(b, "}", 1);
+		describe_object(&d, "directory", directory_keys, ARRAY_LEN(directory_keys), cfg);
+	for (int i = 0; i < cfg->nsettings; i++)
+		step(&d, cfg->settings[i].key, cfg->settings[i].kind, cfg->settings[i].text);
+	describe_auth(&d, &cfg->auth);
+	step(&d, NULL, CONFIG_CLOSE, NULL);
 }

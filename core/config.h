@@ -2,6 +2,10 @@
  * Configuration: loading a conf/ file (a Lua chunk) (run by shardgate.loader in its
  * sandbox) and validating it against the one table of known keys in
  * config.c. The result is a plain struct; generations own it.
+ *
+ * config_describe walks the configuration as a face shows it, secrets
+ * masked, in no protocol: admin.c writes the walk as the JSON of
+ * GET /admin/config.
  */
 #ifndef SG_CONFIG_H
 #define SG_CONFIG_H
@@ -51,6 +55,22 @@ struct fanout_conf {
 	int max_rows;
 };
 
+/* What one step of config_describe is. */
+enum config_item_kind {
+	CONFIG_OPEN_OBJECT,       /* named members follow, up to the matching CONFIG_CLOSE */
+	CONFIG_OPEN_ARRAY,        /* elements follow (key NULL), up to the matching CONFIG_CLOSE */
+	CONFIG_CLOSE,
+	CONFIG_STRING,            /* text is the value; NULL: the key has no value (null) */
+	CONFIG_LITERAL,           /* a number or boolean, text ready to show: "5", "0.05", "true" */
+};
+
+/* One step of the `settings` table's walk, kept from load time (Lua is gone by then). */
+struct config_item {
+	enum config_item_kind kind;
+	char *key;                /* NULL in arrays and for CONFIG_CLOSE */
+	char *text;               /* masked already */
+};
+
 struct config {
 	char *path;
 	char *dir;
@@ -76,7 +96,8 @@ struct config {
 	int nqueries;
 	char *tenant_setting;     /* e.g. "app.tenant_id"; NULL: none */
 	char *dir_url;            /* the tenant directory's database; NULL: none */
-	char *settings_json;      /* `settings` as /admin/config shows it (secrets masked); NULL: none */
+	struct config_item *settings; /* `settings` as config_describe shows it (secrets masked) */
+	int nsettings;            /* 0: no settings table */
 	char *dir_query;
 	char *dir_listen;
 	double dir_refresh;
@@ -95,10 +116,24 @@ struct config {
 struct config *config_load(const char *path, char *err, size_t errlen);
 void config_free(struct config *cfg);
 
-struct evbuffer;
+/* Objects and arrays never nest deeper than this in a walk (root included). */
+#define CONFIG_DESCRIBE_DEPTH 16
 
-/* The whole configuration as JSON, passwords in shard URLs masked. */
-void config_write_json(const struct config *cfg, struct evbuffer *b);
+struct config_visitor {
+	/* key: the member's name; NULL for the root, an array element and CONFIG_CLOSE. */
+	void (*item)(void *arg, const char *key, enum config_item_kind kind, const char *text);
+};
+
+/*
+ * Walk the whole configuration as /admin/config shows it, in a fixed
+ * order: a root object holding the top-level keys (strings only when set),
+ * then the objects defaults, shards (one object per shard), fanout,
+ * warnings, breaker, directory (when set), settings (when set) and auth. Every secret arrives as "***" (config keys marked secret, API keys,
+ * the JWT secret, settings under a secret-looking name) and every
+ * connection string with its password masked: no byte of a secret reaches
+ * the visitor.
+ */
+void config_describe(const struct config *cfg, const struct config_visitor *v, void *arg);
 /* A libpq connection string (URL or key=value) as key=value pairs, every secret as "***". */
 void config_mask_url(const char *url, char *out, size_t len);
 

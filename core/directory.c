@@ -16,13 +16,18 @@
 #include <time.h>
 
 #include "config.h"
-#include "http.h"
-#include "jsonw.h"
 #include "log.h"
 #include "pgconn.h"
 #include "util.h"
 
 #define MAX_WAITERS 32
+
+/* A refresh request waiting for a load to end. */
+struct dir_waiter {
+	directory_refresh_cb cb;
+	void *arg;
+	bool next;               /* arrived during a load: answered by the next one */
+};
 
 struct dir_slot {
 	uint32_t hash;
@@ -63,8 +68,7 @@ static struct {
 	long last_rows;
 	char last_error[256];
 	uint64_t lookups, misses, ok_total, failed_total;
-	struct http_request *waiters[MAX_WAITERS];
-	bool waiter_next[MAX_WAITERS];  /* arrived during a load: answered by the next one */
+	struct dir_waiter waiters[MAX_WAITERS];
 	int nwaiters;
 	void (*idle_fn)(void *);        /* run once no load is running or pending */
 	void *idle_arg;
@@ -213,31 +217,31 @@ const char *directory_lookup(const char *tenant)
 
 static void start_load(void);
 
-/* Answer the waiters whose load just finished (all of them with all = true). */
+/*
+ * Report to the waiters whose load just finished (all of them with all =
+ * true). They leave the list before any callback runs, so a callback may
+ * ask for another refresh.
+ */
 static void answer_waiters(bool all)
 {
-	int kept = 0;
+	struct dir_waiter done[MAX_WAITERS];
+	struct directory_refresh_result r = { DIRECTORY_REFRESH_OK, D.live ? D.live->n : 0, "" };
+	int kept = 0, ndone = 0;
 	for (int i = 0; i < D.nwaiters; i++) {
-		if (D.waiter_next[i] && !all) {
+		if (D.waiters[i].next && !all) {
 			D.waiters[kept] = D.waiters[i];
-			D.waiter_next[kept++] = false;   /* the next load is theirs */
+			D.waiters[kept++].next = false;  /* the next load is theirs */
 			continue;
 		}
-		struct evbuffer *b = evbuffer_new();
-		if (!b)
-			abort();
-		if (D.last_ok && D.url) {
-			evbuffer_add_printf(b, "{\"ok\":true,\"size\":%u}\n", D.live ? D.live->n : 0);
-		} else {
-			evbuffer_add(b, "{\"ok\":false,\"error\":", 20);
-			jsonw_cstring(b, D.url ? D.last_error : "the directory was removed from the configuration");
-			evbuffer_add(b, "}\n", 2);
-		}
-		D.waiters[i]->on_abort = NULL;
-		http_reply(D.waiters[i], D.last_ok && D.url ? 200 : 502, b, NULL);
-		evbuffer_free(b);
+		done[ndone++] = D.waiters[i];
 	}
 	D.nwaiters = kept;
+	if (!D.last_ok || !D.url) {
+		r.end = DIRECTORY_REFRESH_FAILED;
+		r.error = D.url ? D.last_error : "the directory was removed from the configuration";
+	}
+	for (int i = 0; i < ndone; i++)
+		done[i].cb(&r, done[i].arg);
 }
 
 static void run_idle_fn(void)
@@ -557,33 +561,32 @@ void directory_shutdown(void)
 	D.url = D.query = D.listen = NULL;
 }
 
-static void on_waiter_abort(struct http_request *req)
+void directory_refresh_cancel(const void *arg)
 {
 	for (int i = 0; i < D.nwaiters; i++) {
-		if (D.waiters[i] == req) {
-			D.nwaiters--;
-			D.waiters[i] = D.waiters[D.nwaiters];
-			D.waiter_next[i] = D.waiter_next[D.nwaiters];
+		if (D.waiters[i].arg == arg) {
+			D.waiters[i] = D.waiters[--D.nwaiters];
 			break;
 		}
 	}
-	http_reply_error(req, 499, "aborted", "client went away");
 }
 
-void directory_refresh_request(struct http_request *req)
+void directory_refresh(directory_refresh_cb cb, void *arg)
 {
+	struct directory_refresh_result r = { DIRECTORY_REFRESH_NONE, 0, NULL };
 	if (!D.url) {
-		http_reply_error(req, 404, "not_found", "no directory is configured");
+		cb(&r, arg);
 		return;
 	}
 	if (D.nwaiters == MAX_WAITERS) {
-		http_reply_error(req, 503, "busy", "too many refresh requests waiting");
+		r.end = DIRECTORY_REFRESH_BUSY;
+		cb(&r, arg);
 		return;
 	}
 	/* A load already running may predate the caller's change: it waits for the next one. */
-	D.waiter_next[D.nwaiters] = D.loading;
-	D.waiters[D.nwaiters++] = req;
-	req->on_abort = on_waiter_abort;
+	D.waiters[D.nwaiters].cb = cb;
+	D.waiters[D.nwaiters].arg = arg;
+	D.waiters[D.nwaiters++].next = D.loading;
 	if (D.loading)
 		D.again = true;
 	else
@@ -592,33 +595,27 @@ void directory_refresh_request(struct http_request *req)
 
 /* ---- health and metrics ---- */
 
-
-void directory_health(struct evbuffer *b)
+void directory_status(struct directory_status *st)
 {
-	char at[32];
-	if (!D.url) {
-		evbuffer_add(b, "null", 4);
+	memset(st, 0, sizeof(*st));
+	if (!D.url)
 		return;
+	st->configured = true;
+	if (D.live) {
+		st->size = D.live->n;
+		st->loaded = true;
+		st->age_seconds = wall_now() - D.loaded_at;
+		st->ignored_rows = D.live->ignored;
 	}
-	evbuffer_add_printf(b, "{\"size\":%u,\"age_seconds\":", D.live ? D.live->n : 0);
-	if (D.live)
-		evbuffer_add_printf(b, "%.1f", wall_now() - D.loaded_at);
-	else
-		evbuffer_add(b, "null", 4);
-	evbuffer_add_printf(b, ",\"ignored_rows\":%ld,\"loading\":%s,\"last_refresh\":",
-			    D.live ? D.live->ignored : 0, D.loading ? "true" : "false");
-	if (!D.attempted) {
-		evbuffer_add(b, "null}", 5);
+	st->loading = D.loading;
+	if (!D.attempted)
 		return;
-	}
-	iso_time(D.last_at, at, sizeof(at));
-	evbuffer_add_printf(b, "{\"ok\":%s,\"at\":\"%s\",\"rows\":%ld,\"seconds\":%.3f", D.last_ok ? "true" : "false",
-			    at, D.last_ok ? D.last_rows : 0, D.last_ok ? D.load_secs : 0.0);
-	if (!D.last_ok) {
-		evbuffer_add(b, ",\"error\":", 9);
-		jsonw_cstring(b, D.last_error);
-	}
-	evbuffer_add(b, "}}", 2);
+	st->last_refresh.attempted = true;
+	st->last_refresh.ok = D.last_ok;
+	st->last_refresh.at = D.last_at;
+	st->last_refresh.rows = D.last_ok ? D.last_rows : 0;
+	st->last_refresh.seconds = D.last_ok ? D.load_secs : 0.0;
+	st->last_refresh.error = D.last_error;
 }
 
 void directory_warnings(warn_fn add, void *arg)

@@ -6,8 +6,14 @@
  * into a new table beside the live one, which is swapped in only when the
  * load completes: requests never wait for a load and never see half of one.
  * Refreshes come on an interval, on a NOTIFY (LISTEN on a dedicated
- * connection), on reload and on POST /admin/directory/refresh. A failed
- * refresh keeps the last good table.
+ * connection), on reload and on request (directory_refresh, which admin.c
+ * serves as POST /admin/directory/refresh). A failed refresh keeps the
+ * last good table.
+ *
+ * This module speaks no protocol: a refresh request and the status for
+ * /health/shards are reported as data, which admin.c and health.c write
+ * as HTTP and JSON. Only the Prometheus text of directory_metrics is
+ * written here.
  */
 #ifndef SG_DIRECTORY_H
 #define SG_DIRECTORY_H
@@ -20,7 +26,6 @@
 struct config;
 struct event_base;
 struct evbuffer;
-struct http_request;
 
 /* Apply the config's `directory` (start, and after each reload): (re)connect and load when it changed. */
 void directory_configure(struct event_base *base, const struct config *cfg);
@@ -35,11 +40,51 @@ bool directory_settled(void);
 /* The shard for tenant, or NULL (not listed, or no directory). Counts lookups and misses. */
 const char *directory_lookup(const char *tenant);
 
-/* POST /admin/directory/refresh: load now and answer req when done. */
-void directory_refresh_request(struct http_request *req);
+/* How a refresh request ended. */
+enum directory_refresh_end {
+	DIRECTORY_REFRESH_OK,        /* a load that began after the request is live */
+	DIRECTORY_REFRESH_FAILED,    /* it failed (the last good table stays), or the directory was removed */
+	DIRECTORY_REFRESH_NONE,      /* no directory is configured */
+	DIRECTORY_REFRESH_BUSY,      /* too many refresh requests are waiting already */
+};
 
-/* For /health/shards: the "directory" member's value (JSON object or null), and warnings. */
-void directory_health(struct evbuffer *b);
+struct directory_refresh_result {
+	enum directory_refresh_end end;
+	unsigned size;               /* OK: entries in the table now live */
+	const char *error;           /* FAILED: why */
+};
+
+typedef void (*directory_refresh_cb)(const struct directory_refresh_result *r, void *arg);
+
+/*
+ * Load now and report through cb when a load that began after this call is
+ * done; NONE and BUSY are reported before this returns. arg names the
+ * request for directory_refresh_cancel.
+ */
+void directory_refresh(directory_refresh_cb cb, void *arg);
+/* The refresh request with this arg is gone (its client went away): forget it, without calling cb. */
+void directory_refresh_cancel(const void *arg);
+
+/* The directory's state, as /health/shards shows it. */
+struct directory_status {
+	bool configured;             /* false: no directory; nothing below is set */
+	unsigned size;               /* entries in the live table (0 before the first load) */
+	bool loaded;                 /* a table is live: age_seconds is set */
+	double age_seconds;          /* since the live table was loaded */
+	long ignored_rows;           /* rows of the live table naming shards the config does not have */
+	bool loading;                /* a load is running */
+	struct {
+		bool attempted;      /* false: no load has finished yet; nothing below is set */
+		bool ok;
+		double at;           /* wall clock when it finished */
+		long rows;           /* rows read (0 when it failed) */
+		double seconds;      /* how long it took (0 when it failed) */
+		const char *error;   /* why it failed ("" when ok); valid until the next load ends */
+	} last_refresh;
+};
+
+void directory_status(struct directory_status *st);
+/* For /health/shards: warnings. */
 void directory_warnings(warn_fn add, void *arg);
 void directory_metrics(struct evbuffer *b);
 

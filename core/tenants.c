@@ -5,7 +5,6 @@
  */
 #include "tenants.h"
 
-#include <event2/buffer.h>
 #include <event2/event.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -14,8 +13,6 @@
 #include <time.h>
 
 #include "directory.h"
-#include "http.h"
-#include "jsonw.h"
 #include "log.h"
 #include "util.h"
 
@@ -28,7 +25,8 @@ struct paused {
 	double since;            /* wall clock */
 	struct twaiters waiters;
 	int nwaiting;
-	struct http_request *admin;   /* a pause request waiting for in-flight to end */
+	tenants_pause_cb admin_cb;    /* a pause request waiting for in-flight to end; NULL: none */
+	void *admin_arg;
 	struct event *admin_timer;
 };
 
@@ -82,39 +80,20 @@ void tenants_init(struct event_base *b)
 	base = b;
 }
 
-static void reply_json(struct http_request *req, int status, struct evbuffer *b)
-{
-	evbuffer_add(b, "\n", 1);
-	http_reply(req, status, b, NULL);
-	evbuffer_free(b);
-}
-
-static struct evbuffer *buf(void)
-{
-	struct evbuffer *b = evbuffer_new();
-	if (!b)
-		abort();
-	return b;
-}
-
-/* The pause is in effect and nothing is in flight: answer the admin request. */
-static void answer_pause(struct tenant *t, int status)
+/*
+ * Report to the waiting pause request how it ended. It is detached first,
+ * so its callback may start another pause of the tenant.
+ */
+static void answer_pause(struct tenant *t, enum tenants_pause_end end)
 {
 	struct paused *p = t->pause;
-	struct http_request *req = p->admin;
-	struct evbuffer *b = buf();
-	p->admin = NULL;
+	tenants_pause_cb cb = p->admin_cb;
+	void *arg = p->admin_arg;
+	struct tenants_pause_result r = { t->name, true, end, t->inflight, PAUSE_ANSWER_LIMIT };
+	p->admin_cb = NULL;
+	p->admin_arg = NULL;
 	evtimer_del(p->admin_timer);
-	evbuffer_add(b, "{\"tenant\":", 10);
-	jsonw_cstring(b, t->name);
-	if (status == 200)
-		evbuffer_add_printf(b, ",\"paused\":true,\"in_flight\":0}");
-	else
-		evbuffer_add_printf(b, ",\"paused\":true,\"in_flight\":%d,\"code\":\"timeout\","
-				       "\"error\":\"requests still in flight after %gs; the pause stays\"}",
-				    t->inflight, PAUSE_ANSWER_LIMIT);
-	req->on_abort = NULL;
-	reply_json(req, status, b);
+	cb(&r, arg);
 }
 
 void tenants_enter(const char *tenant)
@@ -128,8 +107,8 @@ void tenants_leave(const char *tenant)
 	struct tenant *t = tenant && *tenant ? find(tenant, false) : NULL;
 	if (!t)
 		return;
-	if (--t->inflight == 0 && t->pause && t->pause->admin)
-		answer_pause(t, 200);
+	if (--t->inflight == 0 && t->pause && t->pause->admin_cb)
+		answer_pause(t, TENANTS_PAUSE_IDLE);
 	forget_if_unused(t);
 }
 
@@ -181,24 +160,24 @@ static void on_admin_timeout(evutil_socket_t fd, short what, void *arg)
 	struct tenant *t = arg;
 	(void)fd;
 	(void)what;
-	if (t->pause && t->pause->admin)
-		answer_pause(t, 504);
+	if (t->pause && t->pause->admin_cb)
+		answer_pause(t, TENANTS_PAUSE_TIMED_OUT);
 }
 
-static void on_admin_abort(struct http_request *req)
+void tenants_pause_cancel(const void *arg)
 {
 	for (int b = 0; b < BUCKETS; b++) {
 		for (struct tenant *t = buckets[b]; t; t = t->next) {
-			if (t->pause && t->pause->admin == req) {
-				t->pause->admin = NULL;
+			if (t->pause && t->pause->admin_cb && t->pause->admin_arg == arg) {
+				t->pause->admin_cb = NULL;
+				t->pause->admin_arg = NULL;
 				evtimer_del(t->pause->admin_timer);
 			}
 		}
 	}
-	http_reply_error(req, 499, "aborted", "client went away");
 }
 
-void tenants_pause(const char *tenant, struct http_request *req)
+void tenants_pause(const char *tenant, tenants_pause_cb cb, void *arg)
 {
 	struct tenant *t = find(tenant, true);
 	struct timeval tv = { (long)PAUSE_ANSWER_LIMIT, 0 };
@@ -211,30 +190,32 @@ void tenants_pause(const char *tenant, struct http_request *req)
 			abort();
 		log_info("tenant %s: paused (%d requests in flight)", tenant, t->inflight);
 	}
-	if (t->pause->admin) {
-		http_reply_error(req, 409, "busy", "another pause request for this tenant is waiting");
+	if (t->pause->admin_cb) {
+		struct tenants_pause_result r = { tenant, true, TENANTS_PAUSE_BUSY, t->inflight, PAUSE_ANSWER_LIMIT };
+		cb(&r, arg);
 		return;
 	}
-	t->pause->admin = req;
+	t->pause->admin_cb = cb;
+	t->pause->admin_arg = arg;
 	if (t->inflight == 0) {
-		answer_pause(t, 200);
+		answer_pause(t, TENANTS_PAUSE_IDLE);
 		return;
 	}
-	req->on_abort = on_admin_abort;
 	evtimer_add(t->pause->admin_timer, &tv);
 }
 
-static void do_resume(const char *tenant, struct http_request *req)
+/* Lift the pause of tenant and route its waiting requests again; returns how many. */
+static int do_resume(const char *tenant)
 {
 	struct tenant *t = find(tenant, false);
 	struct paused *p = t ? t->pause : NULL;
 	struct tenant_waiter *w;
-	struct evbuffer *b = buf();
 	int released = 0;
 
 	if (p) {
-		if (p->admin)
-			answer_pause(t, 504);
+		/* A pause request still waiting never saw the tenant idle: it ends as timed out. */
+		if (p->admin_cb)
+			answer_pause(t, TENANTS_PAUSE_TIMED_OUT);
 		t->pause = NULL;
 		/* Detach every waiter first: each callback routes its request again. */
 		while ((w = TAILQ_FIRST(&p->waiters)) != NULL) {
@@ -250,20 +231,12 @@ static void do_resume(const char *tenant, struct http_request *req)
 		if (t)
 			forget_if_unused(t);
 	}
-	if (!req) {
-		evbuffer_free(b);
-		return;
-	}
-	evbuffer_add(b, "{\"tenant\":", 10);
-	jsonw_cstring(b, tenant);
-	evbuffer_add_printf(b, ",\"paused\":false,\"released\":%d}", released);
-	req->on_abort = NULL;
-	reply_json(req, 200, b);
+	return released;
 }
 
 /*
  * A resume while a directory load runs (a NOTIFY just arrived, say) is
- * answered at once, but the tenant stays paused until the load is live:
+ * reported at once, but the tenant stays paused until the load is live:
  * then its requests, queued and new, are routed with the new directory.
  */
 struct pending_resume {
@@ -279,18 +252,19 @@ static void run_pending(void *arg)
 	pending = NULL;
 	for (; list; list = next) {
 		next = list->next;
-		do_resume(list->tenant, NULL);
+		do_resume(list->tenant);
 		free(list->tenant);
 		free(list);
 	}
 }
 
-void tenants_resume(const char *tenant, struct http_request *req)
+void tenants_resume(const char *tenant, tenants_resume_cb cb, void *arg)
 {
 	struct tenant *t = find(tenant, false);
-	struct evbuffer *b;
+	struct tenants_resume_result r = { tenant, 0, false };
 	if (!directory_busy() || !t || !t->pause) {
-		do_resume(tenant, req);
+		r.released = do_resume(tenant);
+		cb(&r, arg);
 		return;
 	}
 	struct pending_resume *p = xcalloc(1, sizeof(*p));
@@ -298,12 +272,9 @@ void tenants_resume(const char *tenant, struct http_request *req)
 	p->next = pending;
 	pending = p;
 	log_info("tenant %s: resumes when the directory load in progress is live", tenant);
-	b = buf();
-	evbuffer_add(b, "{\"tenant\":", 10);
-	jsonw_cstring(b, tenant);
-	evbuffer_add_printf(b, ",\"paused\":false,\"released\":%d,\"after_directory_load\":true}",
-			    t->pause->nwaiting);
-	reply_json(req, 200, b);
+	r.released = t->pause->nwaiting;
+	r.after_directory_load = true;
+	cb(&r, arg);
 	directory_when_idle(run_pending, NULL);
 }
 
@@ -320,25 +291,20 @@ void tenants_fail_waiters(void)
 	}
 }
 
-void tenants_list(struct http_request *req)
+void tenants_list(tenants_list_cb cb, void *arg)
 {
-	struct evbuffer *b = buf();
-	int n = 0;
-	evbuffer_add(b, "{\"paused\":[", 11);
 	for (int i = 0; i < BUCKETS; i++) {
 		for (struct tenant *t = buckets[i]; t; t = t->next) {
+			struct tenants_paused_info info;
 			if (!t->pause)
 				continue;
-			if (n++)
-				evbuffer_add(b, ",", 1);
-			evbuffer_add(b, "{\"tenant\":", 10);
-			jsonw_cstring(b, t->name);
-			evbuffer_add_printf(b, ",\"seconds\":%.1f,\"waiting\":%d,\"in_flight\":%d}",
-					    wall_now() - t->pause->since, t->pause->nwaiting, t->inflight);
+			info.tenant = t->name;
+			info.seconds = wall_now() - t->pause->since;
+			info.waiting = t->pause->nwaiting;
+			info.in_flight = t->inflight;
+			cb(&info, arg);
 		}
 	}
-	evbuffer_add(b, "]}", 2);
-	reply_json(req, 200, b);
 }
 
 void tenants_warnings(warn_fn add, void *arg, double warn_after)
