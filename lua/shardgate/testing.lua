@@ -649,7 +649,7 @@ function testing.error_of(fn, ...)
 end
 
 -- The HTTP status the real request would get for a decision from route()
--- (core/request.c route_status): 200 when it runs, 400 no_tenant, 500.
+-- (core/answer.c answer_write_route): 200 when it runs, 400 no_tenant, 500.
 function testing.status(decision)
   if decision.shard or decision.fanout then return 200 end
   if decision.code == "no_tenant" or decision.code == "bad_request" then return 400 end

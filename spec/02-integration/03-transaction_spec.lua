@@ -220,7 +220,7 @@ describe("POST /transaction", function()
     end)
 
     -- Each kind of statement the gateway treats as changing the session
-    -- (request.c, changes_session): what it leaves must be gone for the next
+    -- (pgconn.c, sql_changes_session): what it leaves must be gone for the next
     -- request on the same pooled connection (pool = 1 here).
     local function count(sql)
       local res = query(sql)
