@@ -240,20 +240,19 @@ static void handle_config(struct http_request *req)
 	reply(req, 200, b);
 }
 
-/* One query argument's decoded value, into buf; NULL when absent. Repeats: the nth. */
+/* One query argument's decoded value, cut to fit buf; NULL when absent. Repeats: the nth. */
 static const char *arg(const char *q, const char *name, int nth, char *buf, size_t len)
 {
-	size_t nl = strlen(name);
-	while (*q) {
-		const char *amp = strchr(q, '&');
-		size_t l = amp ? (size_t)(amp - q) : strlen(q);
-		if (l > nl && strncmp(q, name, nl) == 0 && q[nl] == '=' && nth-- == 0) {
-			size_t vl = l - nl - 1 < len - 1 ? l - nl - 1 : len - 1;
-			memcpy(buf, q + nl + 1, vl);
-			buf[url_decode(buf, vl)] = '\0';
-			return buf;
-		}
-		q += l + (amp ? 1 : 0);
+	char pair[HTTP_MAX_TARGET];
+	const char *n, *v;
+	size_t nl, vl;
+	while (query_next(&q, pair, sizeof(pair), &n, &nl, &v, &vl)) {
+		if (nl != strlen(name) || memcmp(n, name, nl) != 0 || nth-- > 0)
+			continue;
+		vl = vl < len - 1 ? vl : len - 1;
+		memcpy(buf, v, vl);
+		buf[vl] = '\0';
+		return buf;
 	}
 	return NULL;
 }

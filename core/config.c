@@ -1194,6 +1194,11 @@ int config_shard_index(const struct config *cfg, const char *name)
 	return -1;
 }
 
+double shard_statement_timeout(const struct shard_conf *s, double asked)
+{
+	return asked > 0 && asked < s->statement_timeout ? asked : s->statement_timeout;
+}
+
 bool shard_conf_same_target(const struct shard_conf *a, const struct shard_conf *b)
 {
 	return strcmp(a->url, b->url) == 0;

@@ -143,6 +143,9 @@ const struct named_query *config_find_query(const struct config *cfg, const char
 /* Index of the shard called name, or -1. */
 int config_shard_index(const struct config *cfg, const char *name);
 
+/* The statement timeout in force on s: its statement_timeout, or asked when shorter (0: none asked). */
+double shard_statement_timeout(const struct shard_conf *s, double asked);
+
 /* True when a pool built from a can serve b unchanged (same url). */
 bool shard_conf_same_target(const struct shard_conf *a, const struct shard_conf *b);
 

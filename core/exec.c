@@ -37,8 +37,6 @@
 #include "tenants.h"
 #include "util.h"
 
-#define CANCEL_GRACE 2.0
-
 enum phase { PH_BEGIN, PH_SETTING, PH_STMT, PH_COMMIT, PH_ROLLBACK };
 
 struct exec {
@@ -60,11 +58,8 @@ struct exec {
 	bool wrapped;            /* runs in BEGIN ... COMMIT (a transaction, or tenant_setting) */
 	const char *setting[2];  /* tenant_setting name and the tenant, for set_config() */
 	double timeout;          /* per statement */
-	struct event *timer;     /* the statement timer, stored behind the struct (no malloc) */
-	bool cancelled;          /* a cancel was sent for the running statement */
-	bool cancel_seen;        /* ... and the statement ended by it */
+	struct pgconn_guard guard; /* the statement's timeout; its timer is stored behind the struct */
 	bool aborted;            /* the client went away */
-	bool timed_out;
 	bool retried;            /* the first statement was re-tried on a fresh connection */
 	bool redo;               /* rolling back to run the transaction again from BEGIN */
 	bool redone;             /* ... which happens once */
@@ -110,36 +105,37 @@ static struct exec *exec_alloc(void)
 
 /* ---- errors ---- */
 
+/* The answer is f (cleared here). */
+static void fail_with(struct exec *r, struct fault *f)
+{
+	r->sink->ops->error(r->sink, f);
+	fault_clear(f);
+	r->failed = true;
+}
+
 /* The answer is this error (the shard named when there is one). */
 static void fail(struct exec *r, const char *code, const char *msg)
 {
 	struct fault f = { 0 };
 	fault_set(&f, code, r->shard ? r->shard->name : NULL, msg);
-	r->sink->ops->error(r->sink, &f);
-	fault_clear(&f);
-	r->failed = true;
+	fail_with(r, &f);
 }
 
 /* A statement failed: the error with SQLSTATE, message and PostgreSQL's fields. */
 static void sql_error(struct exec *r, const PGresult *res)
 {
 	struct fault f = { 0 };
-	const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-	if (st)
-		snprintf(r->sqlstate, sizeof(r->sqlstate), "%s", st);
-	fault_from_result(&f, res, r->shard->name, r->timed_out && !r->aborted, r->timeout,
+	fault_from_result(&f, res, r->shard->name, r->guard.timed_out && !r->aborted, r->timeout,
 			  r->rq->transaction && r->phase == PH_STMT ? r->cur + 1 : 0);
-	r->sink->ops->error(r->sink, &f);
-	fault_clear(&f);
-	r->failed = true;
+	memcpy(r->sqlstate, f.sqlstate, sizeof(r->sqlstate));
+	fail_with(r, &f);
 }
 
 /* ---- finishing ---- */
 
 static void exec_free(struct exec *r)
 {
-	if (r->timer)
-		event_del(r->timer);
+	pgconn_guard_stop(&r->guard);
 	if (r->entered)
 		tenants_leave(r->route.tenant);
 	route_clear(&r->route);
@@ -161,8 +157,7 @@ static void finish(struct exec *r)
 	exec_done_cb done = r->done;
 	void *arg = r->done_arg;
 
-	if (r->timer)
-		evtimer_del(r->timer);
+	pgconn_guard_stop(&r->guard);
 	if (r->conn) {
 		pool_release(r->conn);
 		r->conn = NULL;
@@ -179,12 +174,8 @@ static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 
 static void cancel_running(struct exec *r)
 {
-	struct timeval tv = tv_of(CANCEL_GRACE);
-	if (!r->conn || r->cancelled)
-		return;
-	r->cancelled = true;
-	pgconn_cancel(r->conn);
-	evtimer_add(r->timer, &tv);
+	if (r->conn)
+		pgconn_guard_cancel(&r->guard, r->conn);
 }
 
 static void on_timer(evutil_socket_t fd, short what, void *arg)
@@ -193,15 +184,13 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 	char msg[160];
 	(void)fd;
 	(void)what;
-	if (!r->cancelled) {
-		r->timed_out = true;
+	if (!pgconn_guard_expired(&r->guard, r->conn)) {
 		log_info("shard %s: statement timeout (%gs), cancelling", r->shard->name, r->timeout);
-		cancel_running(r);
 		return;
 	}
 	/* The server did not answer the cancel: give up on this connection. */
 	log_warn("shard %s: statement did not stop %gs after cancel; closing its connection",
-		 r->shard->name, CANCEL_GRACE);
+		 r->shard->name, PGCONN_CANCEL_GRACE);
 	snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
 	fail(r, "statement_timeout", msg);
 	finish(r);
@@ -220,14 +209,13 @@ typedef int (*sender)(struct pgconn *c, const char *sql, int n, const char *cons
 
 static int send_sql(struct exec *r, const char *sql, int n, const char *const *vals, sender send)
 {
-	struct timeval tv = tv_of(r->timeout);
-	r->cancelled = false;
-	r->cancel_seen = false;
+	pgconn_guard_arm(&r->guard, r->timeout);
 	r->sent_at = mono_now();
 	r->sqlstate[0] = '\0';
 	r->nres = 0;
 	if (send(r->conn, sql, n, vals, on_conn_event, r) < 0) {
 		char msg[320];
+		pgconn_guard_stop(&r->guard);
 		if (!r->conn->sent && !r->retried && first_statement(r)) {
 			/* Nothing reached the server: try once more on a fresh connection. */
 			log_info("shard %s: connection unusable before the first statement (%s); retrying",
@@ -244,7 +232,6 @@ static int send_sql(struct exec *r, const char *sql, int n, const char *const *v
 		fail(r, "shard_error", msg);
 		return -1;
 	}
-	evtimer_add(r->timer, &tv);
 	return 0;
 }
 
@@ -329,8 +316,6 @@ static void write_result(struct exec *r, const PGresult *res)
 static void on_result(struct exec *r, PGresult *res)
 {
 	r->nres++;
-	if (r->cancelled && fault_is_cancel(res))
-		r->cancel_seen = true;
 	switch (PQresultStatus(res)) {
 	case PGRES_SINGLE_TUPLE:
 		if (r->phase == PH_STMT && !r->failed)
@@ -383,27 +368,19 @@ static void retry_after_reset(struct exec *r)
 /* The statement in flight finished: decide what runs next. */
 static void on_done(struct exec *r)
 {
-	evtimer_del(r->timer);
-	/*
-	 * The statement ended before the cancel reached it: the cancel may still
-	 * arrive and hit whatever the connection runs next, another client's
-	 * statement perhaps. This request finishes as it would; the connection
-	 * is closed when it comes back.
-	 */
-	if (r->cancelled && !r->cancel_seen)
-		pgconn_discard(r->conn);
+	pgconn_guard_stop(&r->guard);
 	if (r->phase == PH_STMT)
 		pool_observe_query(r->pool, mono_now() - r->sent_at, r->sqlstate[0] ? r->sqlstate : NULL);
-	if (pgconn_reset_failed(r->conn) && !r->cancelled) {
+	if (pgconn_reset_failed(r->conn) && !r->guard.cancelled) {
 		retry_after_reset(r);
 		return;
 	}
-	if (!r->failed && r->cancelled && r->nres == 0) {
+	if (!r->failed && r->guard.cancelled && r->nres == 0) {
 		/* Cancelled before it gave anything (while its reset ran, say): no answer to build on. */
 		char msg[160];
 		snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
-		fail(r, r->timed_out ? "statement_timeout" : "shard_error",
-			  r->timed_out ? msg : "the statement was cancelled before it answered");
+		fail(r, r->guard.timed_out ? "statement_timeout" : "shard_error",
+		     r->guard.timed_out ? msg : "the statement was cancelled before it answered");
 	}
 	if (!pgconn_usable(r->conn)) {
 		if (!r->failed) {
@@ -485,9 +462,7 @@ static void checkout_failed(struct exec *r, enum pool_err err)
 	if (err == POOL_UNAVAILABLE)
 		f.field[FAULT_DETAIL] = xstrdup(r->waiter.error);
 	f.retry_after = 1;
-	r->sink->ops->error(r->sink, &f);
-	fault_clear(&f);
-	r->failed = true;
+	fail_with(r, &f);
 	r->rq->info.wait = mono_now() - r->waiter.since;
 	log_info("shard %s: %s for tenant '%s'", r->shard->name, code, r->route.tenant);
 	finish(r);
@@ -626,9 +601,7 @@ static void on_tenant_released(struct tenant_waiter *w, bool released)
 		fault_set(&f, "tenant_paused", NULL, "Service temporarily unavailable");
 		f.tenant = xstrdup(r->route.tenant);
 		f.retry_after = 1;
-		r->sink->ops->error(r->sink, &f);
-		fault_clear(&f);
-		r->failed = true;
+		fail_with(r, &f);
 		finish(r);
 		return;
 	}
@@ -688,11 +661,9 @@ static void route_request(struct exec *r)
 	}
 	str_copy(rq->info.shard, sizeof(rq->info.shard), r->shard->name);
 	r->pool = r->gen->pools[r->route.shard];
-	r->timeout = r->shard->statement_timeout;
-	if (rq->timeout > 0 && rq->timeout < r->timeout)
-		r->timeout = rq->timeout;
-	r->timer = (struct event *)(r + 1);
-	if (evtimer_assign(r->timer, loop_base, on_timer, r) < 0)
+	r->timeout = shard_statement_timeout(r->shard, rq->timeout);
+	r->guard.timer = (struct event *)(r + 1);
+	if (evtimer_assign(r->guard.timer, loop_base, on_timer, r) < 0)
 		abort();
 	checkout(r);
 }

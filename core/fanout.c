@@ -34,8 +34,6 @@
 #include "sink.h"
 #include "util.h"
 
-#define CANCEL_GRACE 2.0
-
 enum part_state { P_PENDING, P_WAITING, P_RUNNING, P_DONE };
 
 struct fanout;
@@ -48,12 +46,8 @@ struct part {
 	struct pool_waiter waiter;
 	struct pgconn *conn;
 	enum part_state state;
-	struct event *timer;       /* statement timeout, then cancel grace */
-	bool cancelled;
-	bool cancel_seen;        /* the statement ended by the cancel sent for it */
-	bool timed_out;
+	struct pgconn_guard guard; /* statement timeout, then cancel grace */
 	double sent_at;
-	char sqlstate[6];
 	PGresult *res;             /* the shard's result, kept until the answer */
 	struct fault fault;        /* the shard's error, when it failed */
 };
@@ -100,19 +94,17 @@ static void part_error(struct part *p, const char *code, const char *msg)
 		fault_set(&p->fault, code, p->shard->name, msg);
 }
 
-/* The statement timeout in force: the shard's, or the request's when shorter. */
 static double part_timeout(const struct part *p)
 {
-	double t = p->shard->statement_timeout, asked = p->fo->rq->timeout;
-	return asked > 0 && asked < t ? asked : t;
+	return shard_statement_timeout(p->shard, p->fo->rq->timeout);
 }
 
 /* ---- one shard ---- */
 
 static void part_free(struct part *p)
 {
-	if (p->timer)
-		event_free(p->timer);
+	if (p->guard.timer)
+		event_free(p->guard.timer);
 	if (p->res)
 		PQclear(p->res);
 	fault_clear(&p->fault);
@@ -120,12 +112,8 @@ static void part_free(struct part *p)
 
 static void part_cancel(struct part *p)
 {
-	struct timeval tv = tv_of(CANCEL_GRACE);
-	if (p->state != P_RUNNING || p->cancelled)
-		return;
-	p->cancelled = true;
-	pgconn_cancel(p->conn);
-	evtimer_add(p->timer, &tv);
+	if (p->state == P_RUNNING)
+		pgconn_guard_cancel(&p->guard, p->conn);
 }
 
 static void on_part_timer(evutil_socket_t fd, short what, void *arg)
@@ -134,13 +122,10 @@ static void on_part_timer(evutil_socket_t fd, short what, void *arg)
 	struct fanout *fo = p->fo;
 	(void)fd;
 	(void)what;
-	if (!p->cancelled) {
-		p->timed_out = true;
-		part_cancel(p);
+	if (!pgconn_guard_expired(&p->guard, p->conn))
 		return;
-	}
 	log_warn("shard %s: fan-out statement did not stop %gs after cancel; closing its connection",
-		 p->shard->name, CANCEL_GRACE);
+		 p->shard->name, PGCONN_CANCEL_GRACE);
 	enter(fo);
 	part_error(p, "statement_timeout", "statement did not stop after cancel; connection closed");
 	part_done(p);
@@ -151,8 +136,6 @@ static void on_result(struct part *p, PGresult *res)
 {
 	struct fanout *fo = p->fo;
 	char msg[160];
-	if (p->cancelled && fault_is_cancel(res))
-		p->cancel_seen = true;
 	switch (PQresultStatus(res)) {
 	case PGRES_TUPLES_OK:
 	case PGRES_COMMAND_OK:
@@ -167,16 +150,13 @@ static void on_result(struct part *p, PGresult *res)
 	case PGRES_FATAL_ERROR:
 		if (part_failed(p))
 			return;
-		if (fault_is_cancel(res) && !p->timed_out && fo->stopping &&
+		if (fault_is_cancel(res) && !p->guard.timed_out && fo->stopping &&
 		    strcmp(fo->stop_code, "timeout") == 0) {
 			snprintf(msg, sizeof(msg), "cancelled at the fan-out timeout of %gs", fo->plan.timeout);
 			part_error(p, "fanout_timeout", msg);
 			return;
 		}
-		if (PQresultErrorField(res, PG_DIAG_SQLSTATE))
-			snprintf(p->sqlstate, sizeof(p->sqlstate), "%s",
-				 PQresultErrorField(res, PG_DIAG_SQLSTATE));
-		fault_from_result(&p->fault, res, p->shard->name, p->timed_out, part_timeout(p), 0);
+		fault_from_result(&p->fault, res, p->shard->name, p->guard.timed_out, part_timeout(p), 0);
 		return;
 	default:
 		snprintf(msg, sizeof(msg), "unsupported result (%s)", PQresStatus(PQresultStatus(res)));
@@ -195,10 +175,7 @@ static void on_part_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 	}
 	if (ev != PGCONN_EV_DONE && ev != PGCONN_EV_BROKEN)
 		return;
-	/* Ended before its cancel arrived: that cancel must not reach the next borrower (request.c). */
-	if (p->cancelled && !p->cancel_seen)
-		pgconn_discard(p->conn);
-	pool_observe_query(p->pool, mono_now() - p->sent_at, p->sqlstate[0] ? p->sqlstate : NULL);
+	pool_observe_query(p->pool, mono_now() - p->sent_at, p->fault.sqlstate[0] ? p->fault.sqlstate : NULL);
 	if (pgconn_reset_failed(p->conn) && !part_failed(p)) {
 		part_error(p, "shard_error", "the connection could not be reset before the statement; nothing ran");
 	} else if (!pgconn_usable(p->conn) && !part_failed(p)) {
@@ -216,10 +193,9 @@ static void part_run(struct part *p)
 {
 	struct fanout *fo = p->fo;
 	const struct stmt *st = &fo->rq->stmts[0];
-	double t = part_timeout(p);
-	struct timeval tv;
 
 	p->sent_at = mono_now();
+	pgconn_guard_arm(&p->guard, part_timeout(p));
 	if (pgconn_send_statement(p->conn, fo->sql, st->nparams, st->values, on_part_event, p) < 0) {
 		char msg[320];
 		snprintf(msg, sizeof(msg), "cannot send statement: %s", p->conn->error);
@@ -228,8 +204,6 @@ static void part_run(struct part *p)
 		return;
 	}
 	p->state = P_RUNNING;
-	tv = tv_of(t);
-	evtimer_add(p->timer, &tv);
 }
 
 static void on_checkout(struct pool_waiter *w, struct pgconn *c, enum pool_err err)
@@ -256,8 +230,8 @@ static void part_start(struct part *p)
 
 	p->fo->active++;
 	p->state = P_WAITING;
-	p->timer = evtimer_new(p->fo->base, on_part_timer, p);
-	if (!p->timer)
+	p->guard.timer = evtimer_new(p->fo->base, on_part_timer, p);
+	if (!p->guard.timer)
 		abort();
 	c = pool_checkout(p->pool, &p->waiter, NULL, on_checkout, p, &err);
 	if (c) {
@@ -597,8 +571,7 @@ static void stop(struct fanout *fo, const char *code)
 static void part_done(struct part *p)
 {
 	struct fanout *fo = p->fo;
-	if (p->timer)
-		evtimer_del(p->timer);
+	pgconn_guard_stop(&p->guard);
 	if (p->conn) {
 		pool_release(p->conn);
 		p->conn = NULL;

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fault.h"
 #include "log.h"
 #include "sqlclass.h"
 #include "util.h"
@@ -254,6 +255,13 @@ static void statement_over(struct pgconn *c)
 		c->deadline = 0;
 		event_del(c->timer);
 	}
+	/*
+	 * The statement ended before its cancel reached it: the cancel may still
+	 * arrive and hit whatever the connection runs next, another client's
+	 * statement perhaps. The connection is closed when it comes back.
+	 */
+	if (c->cancelled && !c->cancel_seen)
+		c->discard = true;
 	c->state = PQstatus(c->pg) == CONNECTION_OK ? PGCONN_IDLE : PGCONN_BROKEN;
 	if (c->state == PGCONN_BROKEN)
 		set_error(c, "");
@@ -355,6 +363,8 @@ static void read_results(struct pgconn *c)
 			return;
 		}
 		res = PQgetResult(c->pg);
+		if (c->cancelled && res && fault_is_cancel(res))
+			c->cancel_seen = true;
 		if (it == PI_SYNC && res && PQresultStatus(res) != PGRES_PIPELINE_SYNC) {
 			/*
 			 * An error at commit (a deferred constraint): the statement's.
@@ -699,6 +709,7 @@ static bool ready(struct pgconn *c)
 	c->handed = false;
 	c->sync_error = false;
 	c->cancelled = false;
+	c->cancel_seen = false;
 	c->retry_txn = false;
 	c->cur_rows = false;
 	c->npipe = 0;
@@ -1088,6 +1099,38 @@ void pgconn_cancel(struct pgconn *c)
 		PQfreeCancel(cn);
 	}
 	pthread_attr_destroy(&attr);
+}
+
+void pgconn_guard_arm(struct pgconn_guard *g, double secs)
+{
+	struct timeval tv = tv_of(secs);
+	g->cancelled = false;
+	evtimer_add(g->timer, &tv);
+}
+
+void pgconn_guard_cancel(struct pgconn_guard *g, struct pgconn *c)
+{
+	struct timeval tv = tv_of(PGCONN_CANCEL_GRACE);
+	if (g->cancelled)
+		return;
+	g->cancelled = true;
+	pgconn_cancel(c);
+	evtimer_add(g->timer, &tv);
+}
+
+bool pgconn_guard_expired(struct pgconn_guard *g, struct pgconn *c)
+{
+	if (g->cancelled)
+		return true;
+	g->timed_out = true;
+	pgconn_guard_cancel(g, c);
+	return false;
+}
+
+void pgconn_guard_stop(struct pgconn_guard *g)
+{
+	if (g->timer)
+		evtimer_del(g->timer);
 }
 
 /*

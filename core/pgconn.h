@@ -78,6 +78,7 @@ struct pgconn {
 	bool in_reset;           /* the statement in flight went out behind the quick reset */
 	bool reset_apart;        /* ... in a pipeline segment of its own (before a BEGIN) */
 	bool cancelled;          /* its borrower cancelled the statement in flight */
+	bool cancel_seen;        /* ... and a result said so (57014): no cancel is left to arrive */
 	bool handed;             /* the statement in flight handed out a result */
 	bool sync_error;         /* a commit-time error came in place of a sync (read_results) */
 	bool reset_discard;      /* the next reset is DISCARD ALL (statements may have been replaced) */
@@ -197,6 +198,30 @@ void pgconn_cache_clear(struct pgconn *c);
 
 /* Ask the server to cancel the running statement, without blocking the loop. */
 void pgconn_cancel(struct pgconn *c);
+
+/*
+ * A borrower's statement deadline (the executor's and each fan-out part's):
+ * past its timeout the statement is cancelled on the server; if the
+ * statement has not ended PGCONN_CANCEL_GRACE seconds after a cancel, the
+ * borrower gives up on the connection. The timer is the borrower's, so its
+ * callback decides what giving up means; the guard keeps the rule. (A
+ * cancel that may still arrive closes the connection: pgconn's own job.)
+ */
+#define PGCONN_CANCEL_GRACE 2.0
+
+struct pgconn_guard {
+	struct event *timer;     /* the borrower's; fires its callback */
+	bool cancelled;          /* a cancel was sent for the statement */
+	bool timed_out;          /* ... because the timeout passed (stays set) */
+};
+
+/* A statement goes out: no cancel yet, the timer set to secs. */
+void pgconn_guard_arm(struct pgconn_guard *g, double secs);
+/* Cancel the statement on c (once) and give it the grace period to end. */
+void pgconn_guard_cancel(struct pgconn_guard *g, struct pgconn *c);
+/* The timer fired: false when that was the timeout (cancel sent now), true when the grace ran out. */
+bool pgconn_guard_expired(struct pgconn_guard *g, struct pgconn *c);
+void pgconn_guard_stop(struct pgconn_guard *g);
 
 /* Called by a RESULT receiver to keep res (it must PQclear it later). */
 void pgconn_keep_result(struct pgconn *c);
