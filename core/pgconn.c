@@ -886,10 +886,10 @@ static int send_one(struct pgconn *c, const char *sql, int n, const char *const 
 static int slow_first(struct pgconn *c, const char *sql, int n, const char *const *vals, bool cached,
 		      pgconn_cb cb, void *arg)
 {
-	if (!c->reset_next || !c->reset_discard)
+	if (!c->reset_next || !c->slow_next)
 		return 0;
 	c->reset_next = false;
-	c->reset_discard = false;
+	c->slow_next = false;
 	c->pend_sql = sql;
 	c->pend_n = n;
 	c->pend_vals = vals;
@@ -1007,10 +1007,13 @@ int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const cha
 int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const char *const *values,
 			   pgconn_cb cb, void *arg)
 {
-	/* Every statement that touches prepared statements also changes the session: one scan mostly. */
-	if (!c->reset_discard && sql_changes_session(sql)) {
+	/*
+	 * Every statement that touches prepared statements also changes the
+	 * session: one scan mostly, none once both are known for this borrower.
+	 */
+	if (!(c->session_dirty && c->reset_discard) && sql_changes_session(sql)) {
 		c->session_dirty = true;
-		c->reset_discard = sql_touches_statements(sql);
+		c->reset_discard = c->reset_discard || sql_touches_statements(sql);
 	}
 	/* A session-changing statement is a one-off: not worth a cache slot. */
 	return (c->session_dirty ? pgconn_send : pgconn_send_cached)(c, sql, nparams, values, cb, arg);
@@ -1022,7 +1025,10 @@ void pgconn_lend(struct pgconn *c, const char *tenant)
 	bool same = tenant ? c->has_owner && strcmp(c->owner, tenant) == 0 : c->owner_fanout;
 	if (c->used && (c->session_dirty || !same)) {
 		c->reset_next = true;
-		c->session_dirty = false;   /* the reset clears it: the statement may use the cache */
+		/* The reset clears both: what this borrower does is judged afresh. */
+		c->slow_next = c->reset_discard;
+		c->session_dirty = false;
+		c->reset_discard = false;
 	}
 	c->used = true;
 	c->has_owner = tenant != NULL;

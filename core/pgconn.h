@@ -81,7 +81,8 @@ struct pgconn {
 	bool cancel_seen;        /* ... and a result said so (57014): no cancel is left to arrive */
 	bool handed;             /* the statement in flight handed out a result */
 	bool sync_error;         /* a commit-time error came in place of a sync (read_results) */
-	bool reset_discard;      /* the next reset is DISCARD ALL (statements may have been replaced) */
+	bool reset_discard;      /* this borrower ran SQL that may drop or replace prepared statements */
+	bool slow_next;          /* ... so the reset about to be sent is DISCARD ALL (slow_first) */
 	double deadline;         /* seconds the statement in flight may take (pgconn_deadline); 0: none */
 	bool reset_prepared;     /* the reset's statements are prepared on this connection */
 	bool retry_txn;          /* the statement failed on the gateway's own cache inside a transaction */

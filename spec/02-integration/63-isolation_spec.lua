@@ -636,6 +636,13 @@ describe("isolation between borrowers of one pooled connection", function()
           ok(query(T2, "SET work_mem = '55MB'"))
           assert_clean(T2, pid1)
         end)
+
+        it("... also when the borrower before touched prepared statements (the reset is DISCARD ALL)", function()
+          local pid1 = pid_of(T1)
+          ok(query(T1, "DO $$ BEGIN PERFORM set_config('work_mem', '77MB', false); END $$"))
+          ok(query(T2, "SET work_mem = '55MB'"))
+          assert_clean(T2, pid1)
+        end)
       end)
 
       it("replacing the reset's own statements with plain SQL gains nothing", function()
