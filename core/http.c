@@ -575,6 +575,21 @@ static int probe(struct http_conn *c)
 
 static void client_gone(struct http_conn *c);
 
+static void on_resume(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	try_parse(arg);
+}
+
+/* Parse what c->in holds on the next loop turn, not under the caller (whose reply may free c). */
+static void resume_soon(struct http_conn *c)
+{
+	if (!c->resume && !(c->resume = event_new(c->srv->base, -1, 0, on_resume, c)))
+		abort();
+	event_active(c->resume, EV_TIMEOUT, 0);
+}
+
 /*
  * The client's end of input. True when the connection goes on: an answer
  * still being written is finished first (then the connection closes), a
@@ -583,18 +598,20 @@ static void client_gone(struct http_conn *c);
  */
 static bool end_of_input(struct http_conn *c)
 {
+	bool pipelined;
 	if (c->state == CS_BUSY && probe(c) == 0)
 		return true;
-	if (evbuffer_get_length(c->out) == 0)
+	/* A whole request head read but not yet taken (behind an answer just sent). */
+	pipelined = c->state == CS_HEAD && evbuffer_search(c->in, "\r\n\r\n", 4, NULL).pos >= 0;
+	if (evbuffer_get_length(c->out) == 0 && !pipelined)
 		return false;
 	/* Answers on their way, or behind them a request: finish, read nothing more, then close. */
 	c->peer_eof = true;
 	event_del(c->rev);
-	if (c->state != CS_BUSY) {
-		if (evbuffer_get_length(c->in) > 0)
-			try_parse(c);
-		else
-			c->state = CS_CLOSE;
+	if (pipelined) {
+		resume_soon(c);          /* parsed on the next turn: its answer may free c */
+	} else if (c->state != CS_BUSY) {
+		c->state = CS_CLOSE;
 		flush(c);
 	}
 	return true;
@@ -781,12 +798,6 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 		reject(c, 408, "bad_request", "request did not arrive within client_timeout");
 }
 
-static void on_resume(evutil_socket_t fd, short what, void *arg)
-{
-	(void)fd;
-	(void)what;
-	try_parse(arg);
-}
 
 static void reset_request(struct http_conn *c)
 {
@@ -837,9 +848,7 @@ static void reply(struct http_request *req, int status, struct evbuffer *body, c
 		event_add(c->rev, NULL);   /* at end of input the socket would read as ready for ever */
 	if (evbuffer_get_length(c->in) > 0) {
 		/* Made the first time a connection pipelines: most never do. */
-		if (!c->resume && !(c->resume = event_new(s->base, -1, 0, on_resume, c)))
-			abort();
-		event_active(c->resume, EV_TIMEOUT, 0);
+		resume_soon(c);
 	}
 }
 
@@ -865,10 +874,6 @@ void http_reply_error(struct http_request *req, int status, const char *code, co
 	evbuffer_free(b);
 }
 
-const char *http_get_header(const struct http_request *req, const char *lname)
-{
-	return http_head_get(&req->head, lname);
-}
 
 static void conn_free(struct http_conn *c)
 {
