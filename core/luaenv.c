@@ -108,13 +108,36 @@ static int l_core_expired(lua_State *L)
 	return 1;
 }
 
+static char ready_key;
+
+void luaenv_hooks_ready(lua_State *L)
+{
+	lua_pushlightuserdata(L, &ready_key);
+	lua_pushboolean(L, 1);
+	lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+static bool luaenv_hooks_ready_in(lua_State *L)
+{
+	bool ready;
+	lua_pushlightuserdata(L, &ready_key);
+	lua_rawget(L, LUA_REGISTRYINDEX);
+	ready = lua_toboolean(L, -1);
+	lua_pop(L, 1);
+	return ready;
+}
+
 /* shardgate.core.directory(tenant): the directory's shard for tenant, or nil. */
 static int l_core_directory(lua_State *L)
 {
 	char num[32];
 	const char *key, *shard;
-	/* A script's top level runs on the reload thread; the directory belongs to the loop. */
-	if (!on_loop_thread())
+	/*
+	 * A script's top level runs where the generation is built (the reload
+	 * thread, or main at start); the directory belongs to the loop, where
+	 * hooks run. Refused the same way at start and on reload.
+	 */
+	if (!luaenv_hooks_ready_in(L))
 		return luaL_error(L, "sg.directory() is for hooks: a script's top level cannot look tenants up");
 	if (lua_type(L, 1) == LUA_TNUMBER) {
 		fmt_number(num, lua_tonumber(L, 1));

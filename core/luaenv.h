@@ -30,6 +30,8 @@ bool luaenv_is_capped(lua_State *L);
 /* How shardgate.core.expired() learns whether the running hook is past its limit. */
 typedef bool (*luaenv_expired_fn)(lua_State *L, void *arg);
 void luaenv_set_expired(luaenv_expired_fn fn, void *arg);
+/* The script in L is loaded: from now on only its hooks run (sg.directory() is allowed). */
+void luaenv_hooks_ready(lua_State *L);
 
 /* require(name) and leave the module on the stack; 0 or -1 with message in err. */
 int luaenv_require(lua_State *L, const char *name, char *err, size_t errlen);

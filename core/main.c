@@ -143,8 +143,8 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 	struct app *app = arg;
 	(void)fd;
 	(void)what;
-	/* Done when every answer is not only made but written out. */
-	if (inflight(app) == 0 && http_server_unflushed(app->client) == 0 &&
+	/* Done when every answer is not only made but written out, and no reload is being built. */
+	if (inflight(app) == 0 && !reload_busy() && http_server_unflushed(app->client) == 0 &&
 	    http_server_unflushed(app->admin) == 0) {
 		event_base_loopexit(app->base, NULL);
 		return;
@@ -336,9 +336,10 @@ static void stop(struct app *app)
 	/* These may still answer admin requests, so they go before the servers. */
 	directory_shutdown();
 	tenants_shutdown();
-	http_server_free(app->client);
-	http_server_free(app->admin);
-	app->client = app->admin = NULL;   /* a late second signal reads them */
+	struct http_server *client = app->client, *admin = app->admin;
+	app->client = app->admin = NULL;   /* first: a late second signal reads them */
+	http_server_free(client);
+	http_server_free(admin);
 	SSL_CTX_free(app->tls);
 	reload_shutdown();
 	if (generation_current())
@@ -462,7 +463,6 @@ int main(int argc, char **argv)
 		goto done;
 	}
 	install_second_signal(&app);
-	loop_thread_mark();
 	if (start(&app) < 0)
 		goto done;
 	event_base_dispatch(app.base);

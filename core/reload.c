@@ -316,6 +316,13 @@ void reload_shutdown(void)
 	if (R.watch_timer)
 		event_free(R.watch_timer);
 	R.watch_timer = NULL;
+	/* A build still running reports through the pipe; the drain waits for it (reload_busy). */
+	if (R.running || !R.done_ev)
+		return;
+	event_free(R.done_ev);
+	R.done_ev = NULL;
+	close(R.pipe[0]);
+	close(R.pipe[1]);
 }
 
 bool reload_busy(void)

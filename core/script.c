@@ -16,6 +16,7 @@
 
 #include <event2/buffer.h>
 #include <ctype.h>
+#include <pthread.h>
 #include <lauxlib.h>
 #include <math.h>
 #include <stdarg.h>
@@ -842,6 +843,13 @@ static int load_hooks(struct script *s, const char *config_path, char *err, size
 	return 0;
 }
 
+static pthread_once_t expired_once = PTHREAD_ONCE_INIT;
+
+static void set_expired(void)
+{
+	luaenv_set_expired(hook_expired, NULL);
+}
+
 struct script *script_new(const struct config *cfg, char *err, size_t errlen)
 {
 	struct script *s = xcalloc(1, sizeof(*s));
@@ -860,9 +868,11 @@ struct script *script_new(const struct config *cfg, char *err, size_t errlen)
 		goto fail;
 	}
 	lua_sethook(s->L, count_hook, LUA_MASKCOUNT, HOOK_COUNT);
-	luaenv_set_expired(hook_expired, NULL);
+	/* Once, whichever thread builds the first generation: the loop reads it. */
+	pthread_once(&expired_once, set_expired);
 	if (bridge_log(s, cfg->log_level, err, errlen) < 0 || load_hooks(s, cfg->path, err, errlen) < 0)
 		goto fail;
+	luaenv_hooks_ready(s->L);
 	build_shard_tables(s, cfg);
 	return s;
 fail:

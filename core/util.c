@@ -7,7 +7,6 @@
 
 
 #include <ctype.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,19 +21,6 @@ static void oom(size_t size)
 }
 
 static unsigned long failures;
-static pthread_t loop_thread;
-static bool loop_marked;
-
-void loop_thread_mark(void)
-{
-	loop_thread = pthread_self();
-	loop_marked = true;
-}
-
-bool on_loop_thread(void)
-{
-	return !loop_marked || pthread_equal(pthread_self(), loop_thread);
-}
 
 void *counted_malloc(size_t size)
 {

@@ -31,10 +31,6 @@ struct timeval;
 /* A duration in seconds as a struct timeval, for libevent timers. */
 struct timeval tv_of(double secs);
 
-/* Mark the calling thread as the event loop's; on_loop_thread() tells (true before any mark). */
-void loop_thread_mark(void);
-bool on_loop_thread(void);
-
 /* FNV-1a 64 of len bytes (the published offset basis and prime; hash.jump's key). */
 uint64_t fnv1a64(const void *data, size_t len);
 

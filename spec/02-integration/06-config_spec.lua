@@ -89,6 +89,13 @@ describe("configuration", function()
       assert.equal(0, code, output)
     end)
 
+    it("refuses a script whose top level looks tenants up (sg.directory is for hooks), as a reload does", function()
+      helpers.write_file(dir .. "/toplevel_dir.lua",
+        "local sg = require 'shardgate'\nlocal home = sg.directory('42')\nreturn { shard = function() return 'shard_0' end }\n")
+      assert_refused(config_file(config_src("toplevel_dir.lua", "")), "toplevel_dir.lua:2:",
+        "sg.directory() is for hooks")
+    end)
+
     it("stops a config that loops, naming its file and line", function()
       local path = dir .. "/loops.lua"
       helpers.write_file(path, "local n = 0\nwhile true do n = n + 1 end\nreturn {}\n")
