@@ -60,9 +60,9 @@ build/asan/%.o: core/%.c $(wildcard core/*.h)
 	$(CC) -std=gnu11 -D_GNU_SOURCE $(WARN) $(ASAN_FLAGS) $(PKG_CFLAGS) -c -o $@ $<
 
 # C unit tests (core/test/test_units.c), run by spec/01-unit/c_units_spec.lua.
-bin/test_units: core/test/test_units.c build/httpparse.o build/util.o build/sqlclass.o
+bin/test_units: core/test/test_units.c build/httpparse.o build/req.o build/util.o build/sqlclass.o
 	@mkdir -p bin
-	$(CC) $(ALL_CFLAGS) -o $@ $< build/httpparse.o build/util.o build/sqlclass.o
+	$(CC) $(ALL_CFLAGS) -o $@ $< build/httpparse.o build/req.o build/util.o build/sqlclass.o
 
 test: deps
 	@$(MAKE) --no-print-directory build bin/test_units

@@ -67,8 +67,7 @@ struct generation *generation_prepare(const char *path, char *err, size_t errlen
 		goto fail;
 	return g;
 fail:
-	config_free(g->cfg);
-	free(g);
+	generation_discard(g);
 	return NULL;
 }
 

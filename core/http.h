@@ -72,7 +72,6 @@ void http_reply_typed(struct http_request *req, int status, struct evbuffer *bod
 /* Reply {"error": msg, "code": code} with status. */
 void http_reply_error(struct http_request *req, int status, const char *code, const char *msg);
 
-const char *http_get_header(const struct http_request *req, const char *lname);
 const char *http_status_text(int status);
 
 #endif

@@ -226,11 +226,4 @@ int http_parse_head(char *buf, size_t len, struct http_head *h, const char **err
 	return 400;
 }
 
-const char *http_head_get(const struct http_head *h, const char *lname)
-{
-	for (int i = 0; i < h->nheaders; i++)
-		if (strcmp(h->headers[i].name, lname) == 0)
-			return h->headers[i].value;
-	return NULL;
-}
 

@@ -36,7 +36,4 @@ struct http_head {
  */
 int http_parse_head(char *buf, size_t len, struct http_head *h, const char **err);
 
-/* The value of header `lname` (lower case), or NULL. */
-const char *http_head_get(const struct http_head *h, const char *lname);
-
 #endif

@@ -130,9 +130,10 @@ struct pgconn *pgconn_connect(struct event_base *base, const char *url, double t
 void pgconn_lend(struct pgconn *c, const char *tenant);
 
 /*
- * After DONE: the reset sent with the statement failed, or its guard found
- * the session not clean, so nothing of the statement ran. The connection is
- * marked for closing; the borrower may try again on another one.
+ * After DONE: the reset sent with the statement failed (the slow one too,
+ * when the quick reset's guard found the session not clean and DISCARD ALL
+ * went first), so nothing of the statement ran. The connection is marked
+ * for closing; the borrower may try again on another one.
  */
 bool pgconn_reset_failed(const struct pgconn *c);
 

@@ -50,7 +50,9 @@
 #   BENCH_NO_INSTALL=1      never apt-get missing packages, just fail
 #   BENCH_BASELINE_BIN=PATH also run the one-shard row, in every round right after
 #                           bin/shardgate's, through this binary (an older build,
-#                           same config, its own warm pools), and print new/baseline
+#                           same config, its own warm pools), and print new/baseline;
+#                           it loads the Lua library beside it (PATH/../../lua), or
+#                           BENCH_BASELINE_LUA_DIR
 #   SHARDGATE_BIN           the gateway binary (default bin/shardgate)
 set -u
 
@@ -207,6 +209,8 @@ cleanup() {
     stop_subshell "$load_pid"
     stop_subshell "$helper_pid"
     stop_proc "$gw_pid"
+    stop_proc "${main_gw[0]:-}"
+    stop_proc "${base_gw[0]:-}"
     stop_proc "$pgb_pid"
     pg_cluster_destroy "$tmp/pg"
     rm -rf "$tmp"
@@ -590,11 +594,13 @@ add_row sg_one "shardgate one-shard" "$clients"
 base_bin=${BENCH_BASELINE_BIN:-}
 if [ -n "$base_bin" ]; then
     [ -x "$base_bin" ] || die "BENCH_BASELINE_BIN=$base_bin is not an executable"
+    base_lua=${BENCH_BASELINE_LUA_DIR:-$(cd "$(dirname "$base_bin")/../lua" 2>/dev/null && pwd)}
+    [ -n "$base_lua" ] || die "no Lua library beside $base_bin (set BENCH_BASELINE_LUA_DIR)"
     main_gw=("$gw_pid" "$gw_port" "$admin_port")
     new_bin=$bin
     bin=$base_bin
-    say "starting the baseline gateway ($base_bin) beside it"
-    start_gateway gw-base "  script = \"$root/scripts/routing.lua\",
+    say "starting the baseline gateway ($base_bin, Lua from $base_lua) beside it"
+    SHARDGATE_LUA_DIR=$base_lua start_gateway gw-base "  script = \"$root/scripts/routing.lua\",
   defaults = { pool = $pool, min_idle = $pool },
 $(shards_lua shard_ bench_ "$nshards")"
     wait_pooled $((2 * nshards * pool)) 'bench_%'
@@ -658,7 +664,10 @@ for k in "${rows[@]}"; do
 done
 stop_proc "$pgb_pid"
 pgb_pid=
-[ -n "$base_bin" ] && stop_proc "${base_gw[0]}"
+if [ -n "$base_bin" ]; then
+    stop_proc "${base_gw[0]}"
+    base_gw=() main_gw=()
+fi
 # Once, outside the rounds: the gateway's HTTP path alone, for reference.
 run_wrk sg_healthz -
 stop_gateway

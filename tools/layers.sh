@@ -42,5 +42,5 @@ for m in $neutral; do
 		done
 	done
 done
-[ $bad = 0 ] && echo "layers: faces -> router -> pools -> support, no face header below the faces"
+[ $bad = 0 ] && echo "layers: every core file in a layer, no face header below the faces"
 exit $bad

@@ -32,7 +32,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			check_inside(h.headers[i].name, buf, size + 4);
 			check_inside(h.headers[i].value, buf, size + 4);
 		}
-		http_head_get(&h, "content-length");
+		struct req rq = { .headers = h.headers, .nheaders = h.nheaders };
+		req_header(&rq, "content-length");
 		if (h.query[0]) {
 			char *q = strdup(h.query);
 			size_t n = url_decode(q, strlen(q));

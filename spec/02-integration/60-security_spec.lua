@@ -148,16 +148,11 @@ local b64url = helpers.b64url
 
 local fixtures          -- this file's temp dir (set up below)
 
-local hex = helpers.hex
 
 -- Signers: input string -> raw signature bytes.
 local function hmac_signer(secret)
   return function(input)
-    local inf, sig = fixtures .. "/jwt.in", fixtures .. "/jwt.sig"
-    helpers.write_file(inf, input)
-    sh("openssl dgst -sha256 -mac HMAC -macopt hexkey:" .. hex(secret) .. " -binary -out "
-      .. q(sig) .. " " .. q(inf))
-    return assert(helpers.read_file(sig))
+    return helpers.hmac_sha256(secret, input)
   end
 end
 
