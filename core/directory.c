@@ -341,7 +341,8 @@ static void on_load_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 	switch (ev) {
 	case PGCONN_EV_CONNECTED:
 		c->batch = 2000;
-		if (pgconn_send_rows(c, D.query, on_load_event, NULL) < 0) {
+		pgconn_want_rows(c);
+		if (pgconn_send(c, D.query, 0, NULL, on_load_event, NULL) < 0) {
 			fail_load(c->error);
 			finish_load();
 		}

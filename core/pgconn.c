@@ -687,13 +687,19 @@ static int sent(struct pgconn *c, pgconn_cb cb, void *arg)
 	return 0;
 }
 
+/* Nothing is in flight any more (or what is, is given up). */
+static void pipe_clear(struct pgconn *c)
+{
+	c->npipe = 0;
+	c->pipe_head = 0;
+}
+
 /* A send that failed half way leaves libpq's queue in doubt: never reuse the connection. */
 static int send_failed(struct pgconn *c)
 {
 	set_error(c, "");
 	c->discard = true;
-	c->npipe = 0;
-	c->pipe_head = 0;
+	pipe_clear(c);
 	return -1;
 }
 
@@ -712,8 +718,7 @@ static bool ready(struct pgconn *c)
 	c->cancel_seen = false;
 	c->retry_txn = false;
 	c->cur_rows = false;
-	c->npipe = 0;
-	c->pipe_head = 0;
+	pipe_clear(c);
 	if (c->state != PGCONN_IDLE || PQstatus(c->pg) != CONNECTION_OK) {
 		set_error(c, "");
 		return false;
@@ -803,8 +808,7 @@ static int send_slow_reset(struct pgconn *c)
 {
 	log_debug("connection (pid %d) holds session state the quick reset does not clear: DISCARD ALL",
 		  c->backend_pid);
-	c->npipe = 0;
-	c->pipe_head = 0;
+	pipe_clear(c);
 	if (!PQenterPipelineMode(c->pg))
 		return -1;
 	if (PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
@@ -912,19 +916,6 @@ int pgconn_send(struct pgconn *c, const char *sql, int nparams, const char *cons
 	return send_one(c, sql, nparams, values, NULL, false, cb, arg);
 }
 
-int pgconn_send_rows(struct pgconn *c, const char *sql, pgconn_cb cb, void *arg)
-{
-	if (!ready(c))
-		return -1;
-	if (!PQsendQueryParams(c->pg, sql, 0, NULL, NULL, NULL, NULL, 0)) {
-		set_error(c, "");
-		return -1;
-	}
-	PQsetSingleRowMode(c->pg);
-	pipe_push(c, PI_CLIENT);
-	return sent(c, cb, arg);
-}
-
 static uint64_t sql_hash(const char *s)
 {
 	return fnv1a64(s, strlen(s));
@@ -981,8 +972,7 @@ static int resend(struct pgconn *c)
 {
 	int how = c->pending;
 	c->pending = PEND_NONE;
-	c->npipe = 0;
-	c->pipe_head = 0;
+	pipe_clear(c);
 	c->want_rows = c->cur_rows;
 	if (how == PEND_RETRY || (how == PEND_AFTER_RESET && !c->pend_cached))
 		return send_one(c, c->pend_sql, c->pend_n, c->pend_vals, NULL, false, c->cb, c->arg);
@@ -1022,7 +1012,7 @@ int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const 
 void pgconn_lend(struct pgconn *c, const char *tenant)
 {
 	/* Fan-outs count as one borrower: they read every tenant's rows anyway. */
-	bool same = tenant ? c->has_owner && strcmp(c->owner, tenant) == 0 : c->owner_fanout;
+	bool same = tenant ? c->has_owner && strcmp(c->owner, tenant) == 0 : !c->has_owner;
 	if (c->used && (c->session_dirty || !same)) {
 		c->reset_next = true;
 		/* The reset clears both: what this borrower does is judged afresh. */
@@ -1032,7 +1022,6 @@ void pgconn_lend(struct pgconn *c, const char *tenant)
 	}
 	c->used = true;
 	c->has_owner = tenant != NULL;
-	c->owner_fanout = tenant == NULL;
 	if (tenant && !same)
 		str_copy(c->owner, sizeof(c->owner), tenant);
 	else if (!tenant)

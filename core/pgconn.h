@@ -70,7 +70,6 @@ struct pgconn {
 	/* Isolation between borrowers (pgconn_lend). */
 	char owner[128];         /* tenant of the last borrower; "" with !has_owner: none */
 	bool has_owner;          /* the last borrower was a tenant (not a fan-out or nobody) */
-	bool owner_fanout;       /* the last borrower was a fan-out */
 	bool used;               /* lent since its last reset: may carry its borrower's state */
 	bool reset_next;         /* the next send starts with the reset */
 	bool reset_failed;       /* the slow reset failed: nothing of the statement ran */
@@ -177,8 +176,6 @@ int pgconn_send(struct pgconn *c, const char *sql, int nparams, const char *cons
  */
 int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const char *const *values,
 		       pgconn_cb cb, void *arg);
-/* Send sql and deliver its rows one result per row (single-row mode), for large loads. */
-int pgconn_send_rows(struct pgconn *c, const char *sql, pgconn_cb cb, void *arg);
 
 /*
  * The next statement sent hands out its rows one result each

@@ -265,11 +265,9 @@ static void on_watch(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	(void)arg;
+	/* The build remembers what it reads: a failed one is not retried until the files change again. */
 	if (R.running || (sig_eq(&c, &R.config_sig) && sig_eq(&s, &R.script_sig)))
 		return;
-	/* Seen: a failed build must not be retried every 250 ms until the files change again. */
-	R.config_sig = c;
-	R.script_sig = s;
 	reload_request("watch", NULL, NULL);
 }
 
