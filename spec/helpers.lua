@@ -144,6 +144,38 @@ function helpers.b64url(s)
   return table.concat(out)
 end
 
+-- Percent-encoding for query strings (every byte but unreserved ones).
+function helpers.urlencode(s)
+  return (s:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end))
+end
+
+-- GET /admin/route for a request made by shardgate.testing's request{} (its
+-- method, path, query, headers and body); the decision as a Lua table, JSON
+-- nulls dropped (as the kit leaves them out).
+function helpers.admin_route(gw, req)
+  local enc = helpers.urlencode
+  local function sorted_keys(t)
+    local names = {}
+    for k in pairs(t or {}) do names[#names + 1] = k end
+    table.sort(names)
+    return names
+  end
+  local qs = {}
+  for i, k in ipairs(sorted_keys(req.query)) do qs[i] = enc(k) .. "=" .. enc(req.query[k]) end
+  local path = req.path .. (#qs > 0 and "?" .. table.concat(qs, "&") or "")
+  local q = { "method=" .. enc(req.method), "path=" .. enc(path) }
+  for _, name in ipairs(sorted_keys(req.header)) do q[#q + 1] = "header=" .. enc(name .. ": " .. req.header[name]) end
+  if req.body and req.body ~= "" then q[#q + 1] = "body=" .. enc(req.body) end
+  local res = gw:get("/admin/route?" .. table.concat(q, "&"), nil, { admin = true })
+  assert(res.status == 200, res.body)
+  assert(type(res.json) == "table", "not JSON: " .. res.body)
+  local out = {}
+  for k, v in pairs(res.json) do
+    if v ~= helpers.json.null then out[k] = v end
+  end
+  return out
+end
+
 function helpers.hex(s)
   return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
 end

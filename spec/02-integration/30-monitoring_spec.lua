@@ -254,9 +254,7 @@ end
 -- URL encoding for /admin/route
 ---------------------------------------------------------------------------
 
-local function urlencode(s)
-  return (s:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end))
-end
+local urlencode = helpers.urlencode
 
 -- GET /admin/route for method, target and a list of "Name: value" headers.
 local function dry_route(gw, method, target, headers, body)

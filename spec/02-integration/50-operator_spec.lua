@@ -17,39 +17,7 @@ local testing = require "shardgate.testing"
 
 local REPO_LUA = helpers.root .. "/lua"
 
-local function urlencode(s)
-  return (s:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end))
-end
-
--- The query string (with "?") for a request's query table, sorted by name.
-local function query_string(q)
-  local names = {}
-  for k in pairs(q) do names[#names + 1] = k end
-  if #names == 0 then return "" end
-  table.sort(names)
-  local parts = {}
-  for i, k in ipairs(names) do parts[i] = urlencode(k) .. "=" .. urlencode(q[k]) end
-  return "?" .. table.concat(parts, "&")
-end
-
--- GET /admin/route for a request made by testing.request; the decision as
--- a Lua table, JSON nulls dropped (as the kit leaves them out).
-local function gateway_route(gw, req)
-  local q = { "method=" .. urlencode(req.method), "path=" .. urlencode(req.path .. query_string(req.query)) }
-  local names = {}
-  for name in pairs(req.header) do names[#names + 1] = name end
-  table.sort(names)
-  for _, name in ipairs(names) do q[#q + 1] = "header=" .. urlencode(name .. ": " .. req.header[name]) end
-  if req.body ~= "" then q[#q + 1] = "body=" .. urlencode(req.body) end
-  local res = gw:get("/admin/route?" .. table.concat(q, "&"), nil, { admin = true })
-  assert.equal(200, res.status, res.body)
-  assert.is_table(res.json, "not JSON: " .. res.body)
-  local out = {}
-  for k, v in pairs(res.json) do
-    if v ~= helpers.json.null then out[k] = v end
-  end
-  return out
-end
+local gateway_route = helpers.admin_route
 
 -- Start a gateway for script (a path in the repo or Lua source) and load
 -- the kit from the very config file the gateway runs.

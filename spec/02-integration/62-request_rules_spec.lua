@@ -59,27 +59,7 @@ local function shown(sql)
   return (sql:gsub("\n", "\\n"):gsub("\t", "\\t"))
 end
 
-local function urlencode(s)
-  return (s:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end))
-end
-
--- GET /admin/route for a request made by testing.request (as in
--- 50-operator_spec.lua); the decision as a Lua table, JSON nulls dropped.
-local function gateway_route(gw, req)
-  local q = { "method=" .. urlencode(req.method), "path=" .. urlencode(req.path) }
-  local names = {}
-  for name in pairs(req.header) do names[#names + 1] = name end
-  table.sort(names)
-  for _, name in ipairs(names) do q[#q + 1] = "header=" .. urlencode(name .. ": " .. req.header[name]) end
-  local res = gw:get("/admin/route?" .. table.concat(q, "&"), nil, { admin = true })
-  assert.are.equal(200, res.status, res.body)
-  assert.is_table(res.json, "not JSON: " .. res.body)
-  local out = {}
-  for k, v in pairs(res.json) do
-    if v ~= json.null then out[k] = v end
-  end
-  return out
-end
+local gateway_route = helpers.admin_route
 
 -- For each { expected, request }: the real request gets the expected
 -- answer (200, or 400 with that code), the kit's decision is what GET
