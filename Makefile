@@ -11,12 +11,12 @@
 
 PKGS := gcc make pkg-config libluajit2-5.1-dev luajit2 libevent-dev libpq-dev \
         libcjson-dev libssl-dev lua-busted lua-socket lua-posix postgresql postgresql-contrib curl \
-        prometheus
+        prometheus python3-psycopg python3-asyncpg
 
 CC      ?= cc
-PKG_CFLAGS := $(shell pkg-config --cflags luajit libevent libcjson openssl 2>/dev/null) \
+PKG_CFLAGS := $(shell pkg-config --cflags luajit libevent libevent_openssl libcjson openssl 2>/dev/null) \
               -I$(shell pg_config --includedir 2>/dev/null || echo /usr/include/postgresql)
-PKG_LIBS   := $(shell pkg-config --libs luajit libevent libcjson openssl 2>/dev/null) -lpq -pthread -lm
+PKG_LIBS   := $(shell pkg-config --libs luajit libevent libevent_openssl libcjson openssl 2>/dev/null) -lpq -pthread -lm
 WARN    := -Wall -Wextra -Wshadow -Wno-unused-parameter -Wstrict-prototypes
 CFLAGS  ?= -O2 -g
 ALL_CFLAGS = -std=gnu11 -D_GNU_SOURCE $(WARN) $(CFLAGS) $(PKG_CFLAGS)
@@ -64,8 +64,19 @@ bin/test_units: core/test/test_units.c build/httpparse.o build/req.o build/util.
 	@mkdir -p bin
 	$(CC) $(ALL_CFLAGS) -o $@ $< build/httpparse.o build/req.o build/util.o build/sqlclass.o
 
+# The PostgreSQL face's SCRAM and statement-text modules have C tests of their own.
+bin/test_scram: core/test/test_scram.c build/scram.o
+	@mkdir -p bin
+	$(CC) $(ALL_CFLAGS) -o $@ $< build/scram.o $(PKG_LIBS)
+
+bin/test_pgsql: core/test/test_pgsql.c build/pgsql.o
+	@mkdir -p bin
+	$(CC) $(ALL_CFLAGS) -o $@ $< build/pgsql.o
+
+C_TESTS := bin/test_units bin/test_scram bin/test_pgsql
+
 test: deps
-	@$(MAKE) --no-print-directory build bin/test_units
+	@$(MAKE) --no-print-directory build $(C_TESTS)
 	@spec/run
 
 bench: deps
@@ -114,7 +125,7 @@ valgrind: deps
 # libFuzzer targets for everything that parses client bytes (core/test/fuzz_*.c),
 # each run for FUZZ_SECONDS on a copy of its seed corpus; crashes land in build/fuzz/.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := http body route sqlclass
+FUZZ_TARGETS := http body route sqlclass pgwire pgsql scram
 FUZZ_FLAGS := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined
 FUZZ_OBJS := $(filter-out build/fuzz/main.o,$(SRCS:core/%.c=build/fuzz/%.o))
 # LuaJIT (GC64) keeps tagged pointers LeakSanitizer cannot follow, so memory the

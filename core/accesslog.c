@@ -131,8 +131,15 @@ void accesslog_write(const struct req *req, int status, double secs)
 	gmtime_r(&ts.tv_sec, &tm);
 	n = strftime(line, sizeof(line), "%Y-%m-%dT%H:%M:%S", &tm);
 	n += (size_t)snprintf(line + n, sizeof(line) - n, ".%03ldZ access", ts.tv_nsec / 1000000);
-	kv(line, sizeof(line), &n, "method", req->method);
-	kv(line, sizeof(line), &n, "path", req->path);
+	if (req->user) {
+		/* A PostgreSQL client's transaction: who, never what it ran. */
+		kv(line, sizeof(line), &n, "protocol", "pg");
+		kv(line, sizeof(line), &n, "user", req->user);
+		kv(line, sizeof(line), &n, "database", req->database);
+	} else {
+		kv(line, sizeof(line), &n, "method", req->method);
+		kv(line, sizeof(line), &n, "path", req->path);
+	}
 	kv(line, sizeof(line), &n, "tenant", req->info.tenant);
 	kv(line, sizeof(line), &n, "shard", req->info.shard);
 	snprintf(num, sizeof(num), "%d", status);

@@ -67,6 +67,16 @@ void auth_conf_free(struct auth_conf *a)
 		free(a->keys[i].tenants);
 	}
 	free(a->keys);
+	for (int i = 0; i < a->npg_users; i++) {
+		struct pg_user *u = &a->pg_users[i];
+		free(u->key.name);
+		for (int t = 0; t < u->key.ntenants; t++)
+			free(u->key.tenants[t]);
+		free(u->key.tenants);
+		free(u->password);
+		free(u->scram);
+	}
+	free(a->pg_users);
 	free(a->jwt_alg);
 	free(a->jwt_secret);
 	free(a->jwt_public_key);
@@ -222,6 +232,17 @@ int auth_check(const struct auth_conf *a, const struct req *req, struct auth_ide
 {
 	const char *presented;
 	memset(id, 0, sizeof(*id));
+	if (req->pg_user) {
+		const struct pg_user *u = auth_find_pg_user(a, req->pg_user);
+		if (!u) {
+			fmt_err(msg, msglen, "user \"%.100s\" is no longer configured (pg_users)", req->pg_user);
+			return 401;
+		}
+		id->mode = AUTH_PG_USER;
+		id->key = &u->key;
+		id->all = u->key.all;
+		return 0;
+	}
 	id->mode = a->mode;
 	if (a->mode == AUTH_OFF) {
 		id->all = true;
@@ -249,6 +270,14 @@ int auth_check(const struct auth_conf *a, const struct req *req, struct auth_ide
 	}
 	id->all = id->key->all;
 	return 0;
+}
+
+const struct pg_user *auth_find_pg_user(const struct auth_conf *a, const char *name)
+{
+	for (int i = 0; i < a->npg_users; i++)
+		if (strcmp(a->pg_users[i].key.name, name) == 0)
+			return &a->pg_users[i];
+	return NULL;
 }
 
 bool auth_allows(const struct auth_identity *id, const char *tenant)
@@ -300,7 +329,7 @@ void auth_push(lua_State *L, const struct auth_identity *id)
 		return;
 	}
 	lua_createtable(L, 0, 4);
-	lua_pushstring(L, id->mode == AUTH_JWT ? "jwt" : "api_key");
+	lua_pushstring(L, id->mode == AUTH_JWT ? "jwt" : id->mode == AUTH_PG_USER ? "pg_user" : "api_key");
 	lua_setfield(L, -2, "mode");
 	lua_pushboolean(L, id->all);
 	lua_setfield(L, -2, "all_tenants");
@@ -311,7 +340,7 @@ void auth_push(lua_State *L, const struct auth_identity *id)
 		lua_setfield(L, -2, "claims");
 	} else if (id->key) {
 		lua_pushstring(L, id->key->name);
-		lua_setfield(L, -2, "key");
+		lua_setfield(L, -2, id->mode == AUTH_PG_USER ? "user" : "key");
 		lua_createtable(L, id->key->ntenants, 0);
 		for (int i = 0; i < id->key->ntenants; i++) {
 			lua_pushstring(L, id->key->tenants[i]);

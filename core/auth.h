@@ -13,8 +13,9 @@
 
 struct req;
 struct lua_State;
+struct scram_secret;
 
-enum auth_mode { AUTH_OFF, AUTH_API_KEY, AUTH_JWT };
+enum auth_mode { AUTH_OFF, AUTH_API_KEY, AUTH_JWT, AUTH_PG_USER };
 
 struct api_key {
 	char *name;
@@ -22,6 +23,17 @@ struct api_key {
 	char **tenants;
 	int ntenants;
 	bool all;                 /* tenants = "*" */
+};
+
+/* A PostgreSQL client's user (config `pg_users`): its password and, like an API key, its tenants. */
+enum pg_auth_method { PG_AUTH_SCRAM, PG_AUTH_MD5, PG_AUTH_TRUST };
+
+struct pg_user {
+	struct api_key key;       /* name, tenants, all (the digest is unused) */
+	char *password;           /* plain, or a SCRAM-SHA-256 verifier / md5 hash; NULL with trust */
+	enum pg_auth_method method;
+	struct scram_secret *scram; /* for SCRAM: derived once at load (or parsed from a verifier) */
+	bool session;             /* pool_mode = "session": one server connection for the whole session */
 };
 
 struct auth_conf {
@@ -34,6 +46,8 @@ struct auth_conf {
 	void *jwt_pkey;           /* EVP_PKEY, parsed at load */
 	char *tenant_claim;
 	double leeway;
+	struct pg_user *pg_users; /* config `pg_users`, in no particular order */
+	int npg_users;
 };
 
 /* Who a request is, once authenticated. */
@@ -53,11 +67,16 @@ void auth_digest(const char *secret, unsigned char out[32]);
 /*
  * Authenticate req by the credentials its face found: 0 with *id filled,
  * or 401 with a message in msg. With auth off, every request is allowed
- * everything.
+ * everything. A request whose face verified a PostgreSQL user
+ * (req->pg_user) is that user, whatever `auth` says: the user's tenants
+ * are looked up afresh, so a reload that changes them applies to the
+ * client's next transaction.
  */
 int auth_check(const struct auth_conf *a, const struct req *req, struct auth_identity *id,
 	       char *msg, size_t msglen);
 bool auth_allows(const struct auth_identity *id, const char *tenant);
+/* The PostgreSQL user called name, or NULL. */
+const struct pg_user *auth_find_pg_user(const struct auth_conf *a, const char *name);
 void auth_identity_clear(struct auth_identity *id);
 
 /* True when token (NULL: none) has this SHA-256 digest, compared in constant time. */

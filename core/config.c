@@ -22,6 +22,7 @@
 #include <strings.h>
 
 #include "luaenv.h"
+#include "scram.h"
 #include "util.h"
 
 enum conf_type {
@@ -78,6 +79,7 @@ static void eval_hook(lua_State *L, lua_Debug *ar)
 static const struct conf_key top_keys[] = {
 	{ "listen", CT_STRING, TOP(listen), "\"127.0.0.1:8080\"", false, false },
 	{ "admin_listen", CT_STRING, TOP(admin_listen), "\"127.0.0.1:8081\"", false, false },
+	{ "pg_listen", CT_STRING, TOP(pg_listen), NULL, false, false },
 	{ "script", CT_STRING, TOP(script), NULL, true, false },
 	{ "watch", CT_BOOL, TOP(watch), "false", true, false },
 	{ "shard_histograms", CT_BOOL, TOP(shard_histograms), "true", true, false },
@@ -132,7 +134,8 @@ static const struct conf_key warning_keys[] = {
 
 /* Table-valued top-level keys, handled by their own readers. */
 static const char *const section_names[] = { "defaults", "shards", "fanout", "warnings", "breaker",
-					     "settings", "auth", "queries", "tls", "directory" };
+					     "settings", "auth", "queries", "tls", "directory",
+					     "pg_users" };
 
 #define TLS(f) offsetof(struct config, f)
 
@@ -812,27 +815,10 @@ static int read_settings(struct reader *r, struct config *cfg)
 	return rc;
 }
 
-/* keys = { { name = ..., key = ..., tenants = "*" | { ... } }, ... } */
-static int read_api_key(struct reader *r, int i, struct api_key *k)
+/* The tenants field of the table on top of the stack: "*" or a list of tenant ids. */
+static int read_tenants(struct reader *r, const char *where, struct api_key *k)
 {
 	lua_State *L = r->L;
-	char where[64];
-	snprintf(where, sizeof(where), "auth.keys[%d]", i);
-	if (!lua_istable(L, -1)) {
-		fmt_err(r->err, r->errlen, "%s: %s must be a table {name = ..., key = ..., tenants = ...}", r->file, where);
-		return -1;
-	}
-	lua_getfield(L, -1, "key");
-	if (lua_type(L, -1) != LUA_TSTRING || lua_objlen(L, -1) < 8) {
-		fmt_err(r->err, r->errlen, "%s: %s.key must be a string of at least 8 characters", r->file, where);
-		lua_pop(L, 1);
-		return -1;
-	}
-	auth_digest(lua_tostring(L, -1), k->digest);
-	lua_pop(L, 1);
-	lua_getfield(L, -1, "name");
-	k->name = xstrdup(lua_isstring(L, -1) ? lua_tostring(L, -1) : where);
-	lua_pop(L, 1);
 	lua_getfield(L, -1, "tenants");
 	if (lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), "*") == 0) {
 		k->all = true;
@@ -856,6 +842,30 @@ static int read_api_key(struct reader *r, int i, struct api_key *k)
 	}
 	lua_pop(L, 1);
 	return 0;
+}
+
+/* keys = { { name = ..., key = ..., tenants = "*" | { ... } }, ... } */
+static int read_api_key(struct reader *r, int i, struct api_key *k)
+{
+	lua_State *L = r->L;
+	char where[64];
+	snprintf(where, sizeof(where), "auth.keys[%d]", i);
+	if (!lua_istable(L, -1)) {
+		fmt_err(r->err, r->errlen, "%s: %s must be a table {name = ..., key = ..., tenants = ...}", r->file, where);
+		return -1;
+	}
+	lua_getfield(L, -1, "key");
+	if (lua_type(L, -1) != LUA_TSTRING || lua_objlen(L, -1) < 8) {
+		fmt_err(r->err, r->errlen, "%s: %s.key must be a string of at least 8 characters", r->file, where);
+		lua_pop(L, 1);
+		return -1;
+	}
+	auth_digest(lua_tostring(L, -1), k->digest);
+	lua_pop(L, 1);
+	lua_getfield(L, -1, "name");
+	k->name = xstrdup(lua_isstring(L, -1) ? lua_tostring(L, -1) : where);
+	lua_pop(L, 1);
+	return read_tenants(r, where, k);
 }
 
 static int read_auth_mode(struct reader *r, struct auth_conf *a)
@@ -934,6 +944,140 @@ static int read_auth(struct reader *r, struct config *cfg, const char *dir)
 	if (rc == 0)
 		rc = auth_prepare(a, r->file, r->err, r->errlen);
 	return rc;
+}
+
+/*
+ * One of pg_users = { name = { password = ..., tenants = ..., auth = ..., pool_mode = ... } }:
+ * the user's table on top of the stack.
+ */
+static int read_pg_user(struct reader *r, const char *name, struct pg_user *u)
+{
+	lua_State *L = r->L;
+	char where[160];
+	const char *m;
+	snprintf(where, sizeof(where), "pg_users.%.100s", name);
+	u->key.name = xstrdup(name);
+	if (!lua_istable(L, -1)) {
+		fmt_err(r->err, r->errlen, "%s: %s must be a table { password = ..., tenants = ... }",
+			key_at(r, "pg_users.", name), where);
+		return -1;
+	}
+	lua_getfield(L, -1, "auth");
+	m = lua_isnil(L, -1) ? "scram-sha-256" : lua_tostring(L, -1);
+	if (m && strcmp(m, "scram-sha-256") == 0)
+		u->method = PG_AUTH_SCRAM;
+	else if (m && strcmp(m, "md5") == 0)
+		u->method = PG_AUTH_MD5;
+	else if (m && strcmp(m, "trust") == 0)
+		u->method = PG_AUTH_TRUST;
+	else {
+		fmt_err(r->err, r->errlen, "%s: %s.auth must be \"scram-sha-256\", \"md5\" or \"trust\"",
+			key_at(r, "pg_users.", name), where);
+		lua_pop(L, 1);
+		return -1;
+	}
+	lua_pop(L, 1);
+	lua_getfield(L, -1, "password");
+	if (lua_type(L, -1) == LUA_TSTRING && lua_objlen(L, -1) > 0)
+		u->password = xstrdup(lua_tostring(L, -1));
+	lua_pop(L, 1);
+	if (!u->password && u->method != PG_AUTH_TRUST) {
+		fmt_err(r->err, r->errlen, "%s: %s.password is required (or auth = \"trust\", on a loopback pg_listen)",
+			key_at(r, "pg_users.", name), where);
+		return -1;
+	}
+	if (u->password && u->method == PG_AUTH_SCRAM && strncmp(u->password, "md5", 3) == 0 &&
+	    strlen(u->password) == 35) {
+		fmt_err(r->err, r->errlen, "%s: %s.password is an md5 hash, which SCRAM cannot use: give the "
+			"password, a SCRAM-SHA-256 verifier, or auth = \"md5\"", key_at(r, "pg_users.", name), where);
+		return -1;
+	}
+	if (u->password && u->method == PG_AUTH_SCRAM) {
+		char perr[200];
+		u->scram = xcalloc(1, sizeof(*u->scram));
+		if (scram_is_verifier(u->password) ? scram_secret_parse(u->password, u->scram, perr, sizeof(perr)) < 0
+						   : (str_copy(perr, sizeof(perr), "cannot derive a SCRAM secret"),
+						      scram_secret_from_password(u->password, u->scram) < 0)) {
+			fmt_err(r->err, r->errlen, "%s: %s.password: %s", key_at(r, "pg_users.", name), where, perr);
+			return -1;
+		}
+	}
+	lua_getfield(L, -1, "pool_mode");
+	m = lua_isnil(L, -1) ? "transaction" : lua_tostring(L, -1);
+	if (!m || (strcmp(m, "transaction") != 0 && strcmp(m, "session") != 0)) {
+		fmt_err(r->err, r->errlen, "%s: %s.pool_mode must be \"transaction\" or \"session\"",
+			key_at(r, "pg_users.", name), where);
+		lua_pop(L, 1);
+		return -1;
+	}
+	u->session = strcmp(m, "session") == 0;
+	lua_pop(L, 1);
+	lua_getfield(L, -1, "tenants");
+	if (lua_isnil(L, -1)) {
+		fmt_err(r->err, r->errlen, "%s: %s.tenants must be \"*\" or a list of tenant ids",
+			key_at(r, "pg_users.", name), where);
+		lua_pop(L, 1);
+		return -1;
+	}
+	lua_pop(L, 1);
+	return read_tenants(r, where, &u->key);
+}
+
+/* pg_users = { name = { ... }, ... } */
+static int read_pg_users(struct reader *r, struct config *cfg)
+{
+	lua_State *L = r->L;
+	struct auth_conf *a = &cfg->auth;
+	int n = 0, rc = 0;
+	if (get_section(r, -1, "pg_users") < 0)
+		return -1;
+	if (lua_isnil(L, -1)) {
+		lua_pop(L, 1);
+		return 0;
+	}
+	lua_pushnil(L);
+	while (lua_next(L, -2) != 0) {
+		n++;
+		lua_pop(L, 1);
+	}
+	a->pg_users = xcalloc((size_t)(n ? n : 1), sizeof(struct pg_user));
+	lua_pushnil(L);
+	while (rc == 0 && lua_next(L, -2) != 0) {
+		if (lua_type(L, -2) != LUA_TSTRING) {
+			fmt_err(r->err, r->errlen, "%s: pg_users is keyed by user name", key_at(r, "", "pg_users"));
+			rc = -1;
+		} else {
+			rc = read_pg_user(r, lua_tostring(L, -2), &a->pg_users[a->npg_users++]);
+		}
+		lua_pop(L, 1);
+	}
+	if (rc < 0)
+		lua_pop(L, 1);
+	lua_pop(L, 1);
+	return rc;
+}
+
+/* pg_listen with trust users must be loopback: anyone who reaches the port would be in. */
+static int check_trust(struct reader *r, const struct config *cfg)
+{
+	if (!cfg->pg_listen)
+		return 0;
+	if (cfg->auth.npg_users == 0) {
+		fmt_err(r->err, r->errlen, "%s: pg_listen needs pg_users: the PostgreSQL clients that may log in",
+			key_at(r, "", "pg_listen"));
+		return -1;
+	}
+	bool loopback = strncmp(cfg->pg_listen, "127.", 4) == 0 || strncmp(cfg->pg_listen, "localhost:", 10) == 0 ||
+			strncmp(cfg->pg_listen, "[::1]:", 6) == 0;
+	for (int i = 0; i < cfg->auth.npg_users; i++) {
+		if (cfg->auth.pg_users[i].method == PG_AUTH_TRUST && !loopback) {
+			fmt_err(r->err, r->errlen, "%s: pg_users.%s uses auth = \"trust\", allowed only when pg_listen "
+				"is on loopback (it is %s)", key_at(r, "pg_users.", cfg->auth.pg_users[i].key.name),
+				cfg->auth.pg_users[i].key.name, cfg->pg_listen);
+			return -1;
+		}
+	}
+	return 0;
 }
 
 /* queries = { name = { sql = "...", params = n }, ... } */
@@ -1065,6 +1209,8 @@ static int read_config(struct reader *r, struct config *cfg)
 		if (read_auth(r, cfg, dir) < 0)
 			return -1;
 	}
+	if (read_pg_users(r, cfg) < 0 || check_trust(r, cfg) < 0)
+		return -1;
 	if (cfg->admin_token) {
 		if (strlen(cfg->admin_token) < 16) {
 			fmt_err(r->err, r->errlen, "%s: admin_token must be at least 16 characters", key_at(r, "", "admin_token"));
@@ -1160,6 +1306,7 @@ void config_free(struct config *cfg)
 	free(cfg->dir);
 	free(cfg->listen);
 	free(cfg->admin_listen);
+	free(cfg->pg_listen);
 	free(cfg->script);
 	free(cfg->log_level);
 	free(cfg->access_log);
@@ -1345,6 +1492,30 @@ static void describe_auth(const struct describe *d, const struct auth_conf *a)
 	step(d, NULL, CONFIG_CLOSE, NULL);
 }
 
+/* pg_users: each user's method, pool mode and tenants; the password only as "***". */
+static void describe_pg_users(const struct describe *d, const struct auth_conf *a)
+{
+	static const char *const methods[] = { "scram-sha-256", "md5", "trust" };
+	step(d, "pg_users", CONFIG_OPEN_OBJECT, NULL);
+	for (int i = 0; i < a->npg_users; i++) {
+		const struct pg_user *u = &a->pg_users[i];
+		step(d, u->key.name, CONFIG_OPEN_OBJECT, NULL);
+		step(d, "auth", CONFIG_STRING, methods[u->method]);
+		step(d, "password", CONFIG_STRING, u->password ? "***" : NULL);
+		step(d, "pool_mode", CONFIG_STRING, u->session ? "session" : "transaction");
+		if (u->key.all) {
+			step(d, "tenants", CONFIG_STRING, "*");
+		} else {
+			step(d, "tenants", CONFIG_OPEN_ARRAY, NULL);
+			for (int t = 0; t < u->key.ntenants; t++)
+				step(d, NULL, CONFIG_STRING, u->key.tenants[t]);
+			step(d, NULL, CONFIG_CLOSE, NULL);
+		}
+		step(d, NULL, CONFIG_CLOSE, NULL);
+	}
+	step(d, NULL, CONFIG_CLOSE, NULL);
+}
+
 void config_describe(const struct config *cfg, const struct config_visitor *v, void *arg)
 {
 	struct describe d = { v, arg };
@@ -1363,5 +1534,7 @@ void config_describe(const struct config *cfg, const struct config_visitor *v, v
 	for (int i = 0; i < cfg->nsettings; i++)
 		step(&d, cfg->settings[i].key, cfg->settings[i].kind, cfg->settings[i].text);
 	describe_auth(&d, &cfg->auth);
+	if (cfg->auth.npg_users)
+		describe_pg_users(&d, &cfg->auth);
 	step(&d, NULL, CONFIG_CLOSE, NULL);
 }

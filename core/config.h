@@ -76,6 +76,7 @@ struct config {
 	char *dir;
 	char *listen;
 	char *admin_listen;
+	char *pg_listen;          /* the PostgreSQL face's listener; NULL: off */
 	char *script;             /* resolved against dir */
 	bool watch;
 	bool shard_histograms;    /* /metrics has the two histograms per shard */

@@ -67,6 +67,7 @@ struct exec {
 	bool entered;            /* counted in its tenant's in-flight requests */
 	struct tenant_waiter twait;
 	bool failed;             /* the sink has the error answer */
+	bool leased;             /* the face holds the connection (rq->lease) */
 	int nres;                /* results the running statement gave */
 	double sent_at;          /* when the running statement was sent */
 	char sqlstate[6];        /* of the running statement's error */
@@ -444,6 +445,12 @@ static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 
 static void start_statements(struct exec *r)
 {
+	if (r->rq->lease) {
+		/* The face runs its statements itself, until exec_release. */
+		r->leased = true;
+		r->sink->ops->lease(r->sink, r->conn, r->shard->name);
+		return;
+	}
 	r->rows_read = 0;
 	r->sink->ops->begin(r->sink, r->shard->name);
 	r->phase = r->wrapped ? PH_BEGIN : PH_STMT;
@@ -530,6 +537,11 @@ static int resolve_queries(struct exec *r)
 {
 	const struct config *cfg = r->gen->cfg;
 	char msg[256];
+	if (r->rq->lease && strcmp(cfg->sql_mode, "named") == 0) {
+		fail(r, "forbidden", "raw SQL is disabled here (sql = \"named\"), and this face sends only SQL");
+		finish(r);
+		return -1;
+	}
 	for (int i = 0; i < r->rq->nstmts; i++) {
 		struct stmt *st = &r->rq->stmts[i];
 		const struct named_query *q;
@@ -632,6 +644,12 @@ static void route_request(struct exec *r)
 	str_copy(rq->info.tenant, sizeof(rq->info.tenant), r->route.tenant);
 	if (forbidden(r))
 		return;
+	if (r->route.kind == ROUTE_FANOUT && rq->lease) {
+		fail(r, "bad_request", "the script gave a fan-out plan, which this face cannot run yet; "
+		     "name a tenant for the statement");
+		finish(r);
+		return;
+	}
 	if (r->route.kind == ROUTE_FANOUT) {
 		fanout_start(&r->fo, rq, r->gen, &r->route, r->sink, on_fanout_done, r);
 		return;
@@ -689,6 +707,28 @@ void exec_start(struct exec **handle, struct req *rq, struct sink *k, exec_done_
 	if (authorize(r) < 0 || resolve_queries(r) < 0 || refuse_transaction_control(r) < 0)
 		return;
 	route_request(r);
+}
+
+void exec_release(struct exec *r, bool discard)
+{
+	if (discard && r->conn)
+		pgconn_discard(r->conn);
+	finish(r);
+}
+
+const char *exec_tenant(const struct exec *r)
+{
+	return r->route.tenant;
+}
+
+int exec_shard(const struct exec *r)
+{
+	return r->route.kind == ROUTE_SHARD ? r->route.shard : -1;
+}
+
+struct pool *exec_pool(const struct exec *r)
+{
+	return r->pool;
 }
 
 void exec_abort(struct exec *r)

@@ -9,8 +9,11 @@
 #ifndef SG_EXEC_H
 #define SG_EXEC_H
 
+#include <stdbool.h>
+
 struct event_base;
 struct exec;
+struct pool;
 struct req;
 struct sink;
 
@@ -29,5 +32,22 @@ void exec_start(struct exec **handle, struct req *rq, struct sink *k, exec_done_
 
 /* The client went away: stop waiting, cancel what runs; done still runs, its answer unwanted. */
 void exec_abort(struct exec *e);
+
+/*
+ * Leases. A request with rq->lease set runs no statements here: once
+ * authenticated, routed, authorized, past a paused tenant's wait and
+ * checked out, its connection goes to the sink's lease op, and the face
+ * runs what it likes on it (the PostgreSQL face forwards a transaction's
+ * messages). The tenant counts as in flight (pause waits for it) until the
+ * face calls exec_release, which returns the connection to its pool
+ * (closed instead with discard) and runs done. Failures before the lease
+ * reach the sink's error op, then done, as for any request. exec_abort
+ * while leased is not allowed: the face stops what it runs, then releases.
+ */
+void exec_release(struct exec *e, bool discard);
+/* While leased: the routed tenant, the shard's index in the generation's config, its pool. */
+const char *exec_tenant(const struct exec *e);
+int exec_shard(const struct exec *e);
+struct pool *exec_pool(const struct exec *e);
 
 #endif

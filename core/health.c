@@ -20,6 +20,7 @@
 #include "http.h"
 #include "jsonw.h"
 #include "metrics.h"
+#include "pgface.h"
 #include "pool.h"
 #include "reload.h"
 #include "script.h"
@@ -311,6 +312,28 @@ static int family_shard(struct evbuffer *b, size_t f, const struct pool *p)
 	return 16;
 }
 
+/* The PostgreSQL face's clients and transactions (all zero without pg_listen). */
+static void write_pg_metrics(struct evbuffer *b)
+{
+	struct pgface_stats st;
+	pgface_stats(&st);
+	family(b, "shardgate_pg_clients", "gauge",
+	       "PostgreSQL clients connected, by state (active: holding a server connection; waiting: for one).");
+	evbuffer_add_printf(b, "shardgate_pg_clients{state=\"idle\"} %d\n", st.clients - st.active - st.waiting);
+	evbuffer_add_printf(b, "shardgate_pg_clients{state=\"active\"} %d\n", st.active);
+	evbuffer_add_printf(b, "shardgate_pg_clients{state=\"waiting\"} %d\n", st.waiting);
+	family(b, "shardgate_pg_transactions_total", "counter",
+	       "PostgreSQL client transactions, by result (refused: the gateway answered an error, nothing ran).");
+	evbuffer_add_printf(b, "shardgate_pg_transactions_total{result=\"ran\"} %llu\n",
+			    (unsigned long long)(st.transactions - st.errors));
+	evbuffer_add_printf(b, "shardgate_pg_transactions_total{result=\"refused\"} %llu\n",
+			    (unsigned long long)st.errors);
+	family(b, "shardgate_pg_logins_total", "counter", "PostgreSQL client logins, by result.");
+	evbuffer_add_printf(b, "shardgate_pg_logins_total{result=\"ok\"} %llu\n", (unsigned long long)st.logins);
+	evbuffer_add_printf(b, "shardgate_pg_logins_total{result=\"failed\"} %llu\n",
+			    (unsigned long long)st.login_failures);
+}
+
 static void write_process_metrics(struct evbuffer *b, const struct generation *g)
 {
 	const struct reload_status *rs = reload_status();
@@ -330,6 +353,7 @@ static void write_process_metrics(struct evbuffer *b, const struct generation *g
 			    (unsigned long long)rs->ok_total);
 	evbuffer_add_printf(b, "shardgate_reloads_total{result=\"failed\"} %llu\n",
 			    (unsigned long long)rs->failed_total);
+	write_pg_metrics(b);
 	family(b, "shardgate_generation", "gauge", "The configuration generation serving new requests.");
 	evbuffer_add_printf(b, "shardgate_generation %u\n", g->id);
 }

@@ -25,6 +25,7 @@
 #include "http.h"
 #include "log.h"
 #include "metrics.h"
+#include "pgface.h"
 #include "pgconn.h"
 #include "pool.h"
 #include "reload.h"
@@ -39,6 +40,7 @@ struct app {
 	struct event_base *base;
 	struct http_server *client;
 	struct http_server *admin;
+	struct pgface *pg;
 	struct event *sig_term;
 	struct event *sig_hup;
 	struct event *sig_int;
@@ -46,6 +48,7 @@ struct app {
 	SSL_CTX *tls;
 	double shutdown_deadline;
 	bool waiters_failed;
+	bool pg_terminated;
 	bool forced;              /* requests were still running at shutdown_timeout */
 	const char *config_path;
 };
@@ -84,7 +87,7 @@ static void apply_limits(struct app *app, const struct config *cfg)
 
 static int inflight(const struct app *app)
 {
-	return http_server_inflight(app->client) + http_server_inflight(app->admin);
+	return http_server_inflight(app->client) + http_server_inflight(app->admin) + pgface_busy(app->pg);
 }
 
 static const char *route_label(const char *path)
@@ -160,6 +163,12 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 		tenants_fail_waiters();
 		return;
 	}
+	if (pgface_busy(app->pg) && !app->pg_terminated) {
+		/* PostgreSQL clients still in a transaction: 57P01, rolled back; the next tick sees them go. */
+		app->pg_terminated = true;
+		pgface_terminate(app->pg);
+		return;
+	}
 	log_warn("shutdown: %d requests still running after shutdown_timeout; exiting", inflight(app));
 	app->forced = true;
 	event_base_loopexit(app->base, NULL);
@@ -181,6 +190,7 @@ static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
 		 sig == SIGTERM ? "SIGTERM" : "SIGINT", inflight(app));
 	http_server_shutdown(app->client);
 	http_server_shutdown(app->admin);
+	pgface_shutdown(app->pg);
 	reload_shutdown();
 	app->shutdown_deadline = mono_now() + generation_current()->cfg->shutdown_timeout;
 	app->drain = event_new(app->base, -1, EV_PERSIST, on_drain_tick, app);
@@ -322,6 +332,14 @@ static int start(struct app *app)
 		}
 		http_server_set_tls(app->client, app->tls);
 	}
+	if (g->cfg->pg_listen) {
+		app->pg = pgface_new(app->base, g->cfg->pg_listen, app->tls, err, sizeof(err));
+		if (!app->pg) {
+			log_error("%s", err);
+			return -1;
+		}
+		log_info("PostgreSQL clients on %s%s", g->cfg->pg_listen, app->tls ? " (TLS when asked)" : "");
+	}
 	apply_limits(app, g->cfg);
 	reload_watch_apply();
 	log_info("shardgate %s listening on %s%s (admin %s) with %d shards, script %s, generation %u",
@@ -340,6 +358,8 @@ static void stop(struct app *app)
 	app->client = app->admin = NULL;   /* first: a late second signal reads them */
 	http_server_free(client);
 	http_server_free(admin);
+	pgface_free(app->pg);
+	app->pg = NULL;
 	SSL_CTX_free(app->tls);
 	reload_shutdown();
 	if (generation_current())

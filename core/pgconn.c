@@ -94,6 +94,32 @@ static void connect_failed(struct pgconn *c)
 	emit(c, PGCONN_EV_FAILED, NULL);
 }
 
+/* What the first server reported, which the PostgreSQL face reports to its clients as its own. */
+static const char *const server_params[] = { "server_version", "TimeZone", "DateStyle", "IntervalStyle",
+					     "integer_datetimes", "standard_conforming_strings" };
+static char server_values[ARRAY_LEN(server_params)][64];
+static bool server_noted;
+
+static void note_server_version(struct pgconn *c)
+{
+	if (server_noted)
+		return;
+	server_noted = true;
+	for (size_t i = 0; i < ARRAY_LEN(server_params); i++) {
+		const char *v = PQparameterStatus(c->pg, server_params[i]);
+		if (v)
+			str_copy(server_values[i], sizeof(server_values[i]), v);
+	}
+}
+
+const char *pgconn_server_param(const char *name)
+{
+	for (size_t i = 0; i < ARRAY_LEN(server_params); i++)
+		if (strcmp(server_params[i], name) == 0)
+			return server_values[i][0] ? server_values[i] : NULL;
+	return NULL;
+}
+
 static void connect_step(struct pgconn *c)
 {
 	switch (PQconnectPoll(c->pg)) {
@@ -113,6 +139,7 @@ static void connect_step(struct pgconn *c)
 		}
 		c->state = PGCONN_IDLE;
 		c->backend_pid = PQbackendPID(c->pg);
+		note_server_version(c);
 		emit(c, PGCONN_EV_CONNECTED, NULL);
 		return;
 	default:
@@ -475,6 +502,7 @@ static void on_io(evutil_socket_t fd, short what, void *arg)
 		idle_input(c);
 		return;
 	case PGCONN_BROKEN:
+	case PGCONN_RAW:
 		if (c->ev)
 			event_del(c->ev);
 		return;
@@ -719,6 +747,9 @@ static bool ready(struct pgconn *c)
 	c->retry_txn = false;
 	c->cur_rows = false;
 	pipe_clear(c);
+	/* Session settings a PostgreSQL client left are nobody else's: the reset goes first. */
+	if (c->wire_sig)
+		c->reset_next = true;
 	if (c->state != PGCONN_IDLE || PQstatus(c->pg) != CONNECTION_OK) {
 		set_error(c, "");
 		return false;
@@ -796,6 +827,7 @@ static int queue_reset(struct pgconn *c)
 	c->reset_prepared = true;
 	c->reset_next = false;
 	c->in_reset = true;
+	c->wire_sig = 0;
 	return 0;
 }
 
@@ -823,6 +855,7 @@ static int send_slow_reset(struct pgconn *c)
 	pipe_push(c, PI_SYNC);
 	pgconn_cache_clear(c);      /* DISCARD ALL dropped them */
 	c->reset_prepared = false;
+	c->wire_sig = 0;
 	c->pending = PEND_AFTER_RESET;
 	c->last_used = mono_now();
 	return 0;
@@ -994,8 +1027,7 @@ int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const cha
 	return send_via_cache(c, cb, arg);
 }
 
-int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const char *const *values,
-			   pgconn_cb cb, void *arg)
+void pgconn_note_statement(struct pgconn *c, const char *sql)
 {
 	/*
 	 * Every statement that touches prepared statements also changes the
@@ -1005,6 +1037,12 @@ int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const 
 		c->session_dirty = true;
 		c->reset_discard = c->reset_discard || sql_touches_statements(sql);
 	}
+}
+
+int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const char *const *values,
+			   pgconn_cb cb, void *arg)
+{
+	pgconn_note_statement(c, sql);
 	/* A session-changing statement is a one-off: not worth a cache slot. */
 	return (c->session_dirty ? pgconn_send : pgconn_send_cached)(c, sql, nparams, values, cb, arg);
 }
@@ -1026,6 +1064,78 @@ void pgconn_lend(struct pgconn *c, const char *tenant)
 		str_copy(c->owner, sizeof(c->owner), tenant);
 	else if (!tenant)
 		c->owner[0] = '\0';
+}
+
+/* ---- a face speaking the protocol itself ---- */
+
+int pgconn_raw_begin(struct pgconn *c, char *err, size_t errlen)
+{
+	if (c->state != PGCONN_IDLE || PQstatus(c->pg) != CONNECTION_OK || PQisBusy(c->pg)) {
+		fmt_err(err, errlen, "the connection is not idle");
+		return -1;
+	}
+	if (PQsslInUse(c->pg)) {
+		fmt_err(err, errlen, "the connection uses TLS, which the PostgreSQL face cannot forward over "
+			"(use sslmode=disable or a Unix socket in the shard's url)");
+		return -1;
+	}
+	if (c->ev)
+		event_del(c->ev);
+	c->state = PGCONN_RAW;
+	return PQsocket(c->pg);
+}
+
+void pgconn_mark_session(struct pgconn *c)
+{
+	c->session_dirty = true;
+	c->reset_discard = true;
+}
+
+void pgconn_raw_end(struct pgconn *c, bool clean)
+{
+	c->state = PGCONN_IDLE;
+	c->last_used = mono_now();
+	if (!clean)
+		c->discard = true;
+	if (c->ev)
+		event_add(c->ev, NULL);
+}
+
+bool pgconn_needs_reset(const struct pgconn *c)
+{
+	return c->reset_next;
+}
+
+const char *pgconn_wire_name(struct pgconn *c, const char *key, bool *fresh)
+{
+	uint64_t h = sql_hash(key);
+	struct stmt_entry *e;
+	if (!c->cache)
+		c->cache = xcalloc(CACHE_SLOTS, sizeof(*c->cache));
+	e = cache_slot(c, key, h);
+	*fresh = false;
+	if (e->sql && e->name[0])
+		return e->name;
+	if (!e->sql && c->ncache >= CACHE_SLOTS / 2)
+		return NULL;
+	if (!e->sql) {
+		e->hash = h;
+		e->sql = xstrdup(key);
+		c->ncache++;
+	}
+	snprintf(e->name, sizeof(e->name), "sgw%u", ++c->next_stmt);
+	*fresh = true;
+	return e->name;
+}
+
+void pgconn_wire_forget(struct pgconn *c, const char *key)
+{
+	struct stmt_entry *e;
+	if (!c->cache)
+		return;
+	e = cache_slot(c, key, sql_hash(key));
+	if (e->sql)
+		e->name[0] = '\0';
 }
 
 void pgconn_deadline(struct pgconn *c, double secs)

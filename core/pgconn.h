@@ -32,6 +32,7 @@ enum pgconn_state {
 	PGCONN_IDLE,
 	PGCONN_BUSY,
 	PGCONN_BROKEN,
+	PGCONN_RAW,          /* a face speaks the protocol on the socket itself (pgconn_raw_begin) */
 };
 
 enum pgconn_event {
@@ -71,6 +72,7 @@ struct pgconn {
 	char owner[128];         /* tenant of the last borrower; "" with !has_owner: none */
 	bool has_owner;          /* the last borrower was a tenant (not a fan-out or nobody) */
 	bool used;               /* lent since its last reset: may carry its borrower's state */
+	uint64_t wire_sig;       /* the PostgreSQL face replayed these session settings here; 0: none */
 	bool reset_next;         /* the next send starts with the reset */
 	bool reset_failed;       /* the slow reset failed: nothing of the statement ran */
 	bool reset_slow;         /* the quick reset found state it does not clear: DISCARD ALL */
@@ -232,6 +234,35 @@ void pgconn_keep_result(struct pgconn *c);
  * would keep everything else waiting.
  */
 void pgconn_run_first(struct pgconn *c);
+
+/*
+ * A face that speaks PostgreSQL's protocol itself on a lent, idle
+ * connection (the PostgreSQL face forwards its clients' messages): libpq
+ * stops watching the socket, which the face reads and writes until
+ * pgconn_raw_end. The face must leave the server as libpq last saw it:
+ * every query answered up to ReadyForQuery, no transaction open
+ * (clean false: not so, or in doubt; the connection is then closed when it
+ * comes back). Returns the socket, or -1 with err (not idle, or TLS).
+ */
+int pgconn_raw_begin(struct pgconn *c, char *err, size_t errlen);
+void pgconn_raw_end(struct pgconn *c, bool clean);
+/* A whole client session ran on c (anything may be left): the next borrower gets DISCARD ALL first. */
+void pgconn_mark_session(struct pgconn *c);
+/* The next statement sent would carry the reset (another borrower's state may be on c). */
+bool pgconn_needs_reset(const struct pgconn *c);
+/* A statement a face runs over the raw socket: note what it may leave on the session (as pgconn_send_statement does). */
+void pgconn_note_statement(struct pgconn *c, const char *sql);
+/*
+ * The server-side name of the face's prepared statement key (SQL text
+ * with the face's parameter types) on c, from the statement cache:
+ * *fresh false when it is prepared on c already, true when the caller
+ * must prepare it now under that name (pgconn_wire_forget if that fails).
+ * NULL when the cache is full.
+ */
+const char *pgconn_wire_name(struct pgconn *c, const char *key, bool *fresh);
+void pgconn_wire_forget(struct pgconn *c, const char *key);
+/* A ParameterStatus value (server_version, TimeZone, ...) the first connected shard reported; NULL before. */
+const char *pgconn_server_param(const char *name);
 
 bool pgconn_usable(const struct pgconn *c);
 /* At exit: free the shared DNS resolver. */

@@ -121,6 +121,10 @@ static void record(const char *trigger, bool ok, const char *err)
 /* Settings that only a restart can change: warn, keep the running ones. */
 static void warn_restart_keys(const struct config *old, const struct config *cur)
 {
+	if ((old->pg_listen == NULL) != (cur->pg_listen == NULL) ||
+	    (old->pg_listen && strcmp(old->pg_listen, cur->pg_listen) != 0))
+		log_warn("reload: pg_listen changed to %s; it takes effect after a restart",
+			 cur->pg_listen ? cur->pg_listen : "(off)");
 	if (strcmp(old->listen, cur->listen) != 0)
 		log_warn("reload: listen changed to %s; it takes effect after a restart", cur->listen);
 	if (strcmp(old->admin_listen, cur->admin_listen) != 0)

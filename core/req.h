@@ -67,6 +67,15 @@ struct req {
 	/* The credentials the face found (HTTP: Authorization: Bearer, X-Api-Key). */
 	const char *bearer;
 	const char *api_key;
+	/* The tenant where the face's clients name it by convention, for a script without a tenant hook (else X-Tenant-Id). */
+	const char *tenant_hint;
+	/* A PostgreSQL user the face authenticated itself (pg_users); NULL: none. */
+	const char *pg_user;
+	/* The face runs the statements itself on the connection (exec_lease): sql and params are for the hooks. */
+	bool lease;
+	const char *sql;         /* with lease: req.sql */
+	int nparams;             /* with lease: req.params (NULL entries: nil) */
+	const char *const *params;
 	/* What runs: one statement, or a transaction of several. */
 	struct stmt *stmts;
 	int nstmts;

@@ -351,6 +351,30 @@ static void push_header_proxy(lua_State *L, struct script *s)
 	lua_setmetatable(L, -2);
 }
 
+/* Name/value pairs as a table (the first of repeated names wins). */
+static void push_pairs(lua_State *L, const struct req_pair *p, int n)
+{
+	lua_createtable(L, 0, n);
+	for (int i = n - 1; i >= 0; i--) {
+		lua_pushstring(L, p[i].value);
+		lua_setfield(L, -2, p[i].name);
+	}
+}
+
+/* req.params: a list with n set, so NULL parameters (nil) keep their places. */
+static void push_params(lua_State *L, const struct req *req)
+{
+	lua_createtable(L, req->nparams, 1);
+	for (int i = 0; i < req->nparams; i++) {
+		if (!req->params[i])
+			continue;
+		lua_pushstring(L, req->params[i]);
+		lua_rawseti(L, -2, i + 1);
+	}
+	lua_pushinteger(L, req->nparams);
+	lua_setfield(L, -2, "n");
+}
+
 static int l_req_index(lua_State *L)
 {
 	struct script *s = lua_touserdata(L, lua_upvalueindex(1));
@@ -370,6 +394,22 @@ static int l_req_index(lua_State *L)
 		lua_pushstring(L, req->method);
 	else if (strcmp(key, "path") == 0)
 		lua_pushstring(L, req->path);
+	else if (strcmp(key, "protocol") == 0)
+		lua_pushstring(L, req->protocol == REQ_PG ? "pg" : "http");
+	else if (strcmp(key, "user") == 0)
+		lua_pushstring(L, req->user);
+	else if (strcmp(key, "database") == 0)
+		lua_pushstring(L, req->database);
+	else if (strcmp(key, "startup") == 0)
+		push_pairs(L, req->startup, req->nstartup);
+	else if (strcmp(key, "comment") == 0)
+		push_pairs(L, req->comment, req->ncomment);
+	else if (strcmp(key, "session") == 0)
+		push_pairs(L, req->session, req->nsession);
+	else if (strcmp(key, "sql") == 0)
+		lua_pushstring(L, req->sql);
+	else if (strcmp(key, "params") == 0)
+		push_params(L, req);
 	else
 		return 0;
 	lua_pushvalue(L, 2);
@@ -411,7 +451,7 @@ static int call_tenant(struct script *s, struct req *req, struct route *out)
 	char where[256];
 
 	if (s->ref_tenant == LUA_NOREF) {
-		const char *v = req_header(req, "x-tenant-id");
+		const char *v = req->tenant_hint ? req->tenant_hint : req_header(req, "x-tenant-id");
 		if (v)
 			lua_pushstring(L, v);
 		else

@@ -19,6 +19,7 @@
 #include <libpq-fe.h>
 
 struct fault;
+struct pgconn;
 struct sink;
 
 /* A fan-out's summary after its rows. */
@@ -49,6 +50,8 @@ struct sink_ops {
 	void (*error)(struct sink *k, const struct fault *f);
 	/* A NoticeResponse from the shard (may be NULL: the face drops notices). */
 	void (*notice)(struct sink *k, const PGresult *res);
+	/* A leased request (req.lease) got its connection on shard: the face runs it until exec_release. */
+	void (*lease)(struct sink *k, struct pgconn *c, const char *shard);
 };
 
 struct sink {

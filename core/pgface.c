@@ -1,0 +1,2471 @@
+/*
+ * The PostgreSQL face. A client connects, authenticates against
+ * `pg_users` (SCRAM-SHA-256, md5, or trust on loopback) and gets the
+ * ParameterStatus a server would send and a BackendKeyData of ours. Then,
+ * per transaction:
+ *
+ *   client idle: the first message of a batch (a Query, or the extended
+ *     messages up to a Sync or Flush) builds a req from the statement
+ *     (sql, params, comment), the client's startup parameters, user and
+ *     `SET shardgate.*` values, and goes to the executor as a lease
+ *     (exec.h): authentication, the hooks, authorization, a paused
+ *     tenant's wait and the checkout are the same as HTTP's.
+ *   leased: the connection's socket is ours (pgconn_raw_begin); client
+ *     messages go to it as they are, except statement names (each client's
+ *     named statements live on servers under the gateway's names, prepared
+ *     where missing, see below); every later statement of the transaction
+ *     is routed again and refused (0A000) when its tenant maps elsewhere.
+ *     Server messages go back as they are. Batches go one at a time: the
+ *     next waits for the server's ReadyForQuery, whose status says whether
+ *     the transaction goes on ('T', 'E') or ended ('I': the connection
+ *     goes back to its pool, and the next batch is routed afresh).
+ *
+ * What a server answers is matched to what was sent by a queue of
+ * expected answers (struct expect), in order: it lets the face answer
+ * some messages itself (a Parse of a statement the server has already,
+ * the Close of a named statement) in their place, swallow what answers the
+ * face's own messages (a Parse it added, the replay of remembered SETs),
+ * and skip, after an error, what the server skips until Sync.
+ *
+ * Session state: SET and RESET outside a transaction are answered here
+ * and remembered; they are replayed on whichever server connection the
+ * client's next transaction gets (one Query in front of the client's
+ * first message, in the same round trip) unless that connection has them
+ * already. `SET shardgate.<name>` is never sent anywhere: it is
+ * req.session. What transaction pooling cannot carry (LISTEN, session
+ * advisory locks, WITH HOLD cursors, temporary tables, SQL PREPARE) is
+ * refused with 0A000 unless the user's pool_mode is "session".
+ */
+#include "pgface.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/event.h>
+#include <event2/listener.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/rand.h>
+#include <openssl/ssl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "accesslog.h"
+#include "auth.h"
+#include "config.h"
+#include "exec.h"
+#include "fault.h"
+#include "generation.h"
+#include "log.h"
+#include "pgconn.h"
+#include "pgsql.h"
+#include "pgwire.h"
+#include "pool.h"
+#include "req.h"
+#include "scram.h"
+#include "script.h"
+#include "sink.h"
+#include "sqlclass.h"
+#include "util.h"
+
+enum client_state {
+	CL_STARTUP,         /* waiting for the startup packet (or an SSLRequest first) */
+	CL_AUTH,            /* waiting for a password message */
+	CL_IDLE,            /* between transactions */
+	CL_ROUTING,         /* the executor routes and checks out (may wait) */
+	CL_RESETTING,       /* the connection's reset runs before the client's messages */
+	CL_LEASED,          /* a server connection is the client's */
+	CL_CLOSING,         /* writing a last message, then closing */
+};
+
+enum auth_step { AS_NONE, AS_MD5, AS_SASL_FIRST, AS_SASL_FINAL };
+
+/* What the server will answer, in order. */
+enum expect_kind {
+	EX_PARSE,           /* a client's Parse: '1' (its statement key forgotten on error) */
+	EX_BIND,
+	EX_DESCRIBE,        /* ['t'] then 'T' or 'n' */
+	EX_EXECUTE,         /* rows, then 'C', 'I' or 's' */
+	EX_CLOSE,
+	EX_SYNC,            /* 'Z' */
+	EX_QUERY,           /* anything, up to 'Z' */
+	EX_OWN_PARSE,       /* our Parse: '1' swallowed */
+	EX_OWN_QUERY,       /* our Query (replayed SETs): swallowed to its 'Z'; an error becomes a warning */
+	EX_OWN_FAIL,        /* our failing statement in place of a refused one: its error replaced by ours */
+	EX_OWN_QFAIL,       /* ... as a Query, its 'Z' forwarded */
+	EX_LOCAL,           /* no server answer: our bytes go to the client when this reaches the head */
+};
+
+struct expect {
+	enum expect_kind kind;
+	char *key;          /* EX_PARSE, EX_OWN_PARSE: the statement key to forget on error */
+	char *data;         /* EX_LOCAL, EX_OWN_FAIL(Q): the bytes to send */
+	size_t len;
+};
+
+/* A client's prepared statement. */
+struct cstmt {
+	char *name;         /* the client's name; "" for the unnamed statement */
+	char *key;          /* parameter types and SQL: the statement cache's key */
+	const char *sql;    /* inside key */
+	uint32_t *types;
+	int ntypes;
+	bool here;          /* the unnamed one: parsed on the leased connection in this lease */
+	struct cstmt *next;
+};
+
+#define CSTMT_BUCKETS 64
+
+/* A remembered SET. */
+struct setting {
+	char *name;
+	char *value;        /* as written */
+};
+
+struct pgclient {
+	struct pgface *face;
+	LIST_ENTRY(pgclient) link;
+	struct bufferevent *bev;
+	enum client_state state;
+	enum auth_step auth;
+	struct event *timer;        /* startup and authentication deadline */
+	uint32_t pid, key;
+	bool tls;
+	bool loopback;
+	/* Startup */
+	char *startup_buf;
+	struct req_pair *startup;
+	int nstartup;
+	const char *user;
+	const char *database;
+	bool session_mode;          /* pool_mode = "session" */
+	struct scram *scram;
+	unsigned char md5_salt[4];
+	/* Session */
+	struct setting *settings;
+	int nsettings;
+	uint64_t settings_sig;      /* 0: none */
+	struct req_pair *sess;      /* SET shardgate.<name> values */
+	int nsess;
+	struct cstmt *stmts[CSTMT_BUCKETS];
+	struct cstmt unnamed;
+	bool skip_to_sync;          /* after a local error outside a lease: drop messages up to Sync */
+	char tx;                    /* the last ReadyForQuery status: 'I', 'T', 'E' */
+	/* The transaction */
+	struct exec *exec;
+	struct sink sink;
+	struct req rq;
+	struct fault fault;         /* routing failed: why */
+	bool fault_set;
+	char *rq_buf;               /* sql, param texts, comment pairs of the request */
+	size_t rq_cap;
+	struct req_pair comment[16];
+	const char *param_vals[64];
+	double tx_start;
+	int shard;                  /* the leased connection's shard (config index) */
+	char shard_name[64];
+	char tenant[128];
+	struct pgconn *conn;
+	int sfd;
+	struct event *sread;
+	struct event *swrite;
+	struct evbuffer *sin;       /* from the server */
+	struct evbuffer *sout;      /* to the server */
+	struct expect *ex;
+	int ex_head, ex_n, ex_cap;
+	bool awaiting;              /* a Sync or Query went out: wait for its 'Z' */
+	bool copy_in;               /* the server waits for CopyData */
+	bool routed_first;          /* the lease's first statement has been routed */
+	bool tx_failed;             /* the transaction had a gateway refusal (for the access log) */
+	bool closing_after;         /* close the client when the lease ends (shutdown, a FATAL sent) */
+	bool terminated;            /* Terminate or a protocol violation: roll back what is open, then close */
+	struct event *later;        /* continues after the executor is done, from the loop */
+	bool draining;              /* the client is gone: finish the server's work, then release */
+	bool cancel_sent;
+	struct pgconn_guard guard;  /* the statement timeout of the batch in flight */
+	double timeout;
+};
+
+struct pgface {
+	struct event_base *base;
+	struct evconnlistener *listener;
+	SSL_CTX *tls;
+	LIST_HEAD(, pgclient) clients;
+	uint32_t next_pid;
+	bool shutting_down;
+};
+
+static struct pgface_stats stats;
+
+static void client_free(struct pgclient *c);
+static void process_input(struct pgclient *c);
+static void lease_end(struct pgclient *c, bool clean);
+static void server_flush(struct pgclient *c);
+
+/* ---- small helpers ---- */
+
+static struct evbuffer *cout(struct pgclient *c)
+{
+	return bufferevent_get_output(c->bev);
+}
+
+static const struct config *cfg_now(void)
+{
+	return generation_current()->cfg;
+}
+
+/* A FATAL error to the client, then close once it is written. */
+static void fatal(struct pgclient *c, const char *sqlstate, const char *msg)
+{
+	log_info("pg: client %u (%s): %s", c->pid, c->user ? c->user : "-", msg);
+	pgwire_put_error(cout(c), 'E', "FATAL", sqlstate, msg, NULL, NULL);
+	if (c->state == CL_LEASED || c->state == CL_ROUTING || c->state == CL_RESETTING) {
+		c->closing_after = true;
+		c->terminated = true;
+		bufferevent_disable(c->bev, EV_READ);
+		return;
+	}
+	c->state = CL_CLOSING;
+	bufferevent_disable(c->bev, EV_READ);
+	if (evbuffer_get_length(cout(c)) == 0)
+		client_free(c);
+}
+
+/* Bytes of one message (type, length, body) into a malloc'd block, for EX_LOCAL. */
+static char *render(struct evbuffer *tmp, size_t *len)
+{
+	*len = evbuffer_get_length(tmp);
+	char *d = xmalloc(*len ? *len : 1);
+	evbuffer_remove(tmp, d, *len);
+	return d;
+}
+
+/* ---- expected answers ---- */
+
+static struct expect *ex_push(struct pgclient *c, enum expect_kind kind)
+{
+	if (c->ex_n == c->ex_cap) {
+		int cap = c->ex_cap ? c->ex_cap * 2 : 16;
+		struct expect *n = xcalloc((size_t)cap, sizeof(*n));
+		for (int i = 0; i < c->ex_n; i++)
+			n[i] = c->ex[(c->ex_head + i) % c->ex_cap];
+		free(c->ex);
+		c->ex = n;
+		c->ex_cap = cap;
+		c->ex_head = 0;
+	}
+	struct expect *e = &c->ex[(c->ex_head + c->ex_n++) % c->ex_cap];
+	memset(e, 0, sizeof(*e));
+	e->kind = kind;
+	return e;
+}
+
+static struct expect *ex_front(struct pgclient *c)
+{
+	return c->ex_n ? &c->ex[c->ex_head] : NULL;
+}
+
+static void ex_pop(struct pgclient *c)
+{
+	struct expect *e = &c->ex[c->ex_head];
+	free(e->key);
+	free(e->data);
+	c->ex_head = (c->ex_head + 1) % c->ex_cap;
+	c->ex_n--;
+}
+
+/* Our own answers at the head go out now: nothing the server sends comes before them. */
+static void ex_drain_local(struct pgclient *c)
+{
+	struct expect *e;
+	while ((e = ex_front(c)) && e->kind == EX_LOCAL) {
+		evbuffer_add(cout(c), e->data, e->len);
+		ex_pop(c);
+	}
+}
+
+static void push_local(struct pgclient *c, struct evbuffer *tmp)
+{
+	struct expect *e = ex_push(c, EX_LOCAL);
+	e->data = render(tmp, &e->len);
+}
+
+/* ---- the client's prepared statements ---- */
+
+static unsigned cstmt_bucket(const char *name)
+{
+	return (unsigned)fnv1a64(name, strlen(name)) & (CSTMT_BUCKETS - 1);
+}
+
+static struct cstmt *cstmt_find(struct pgclient *c, const char *name)
+{
+	if (!*name)
+		return c->unnamed.key ? &c->unnamed : NULL;
+	for (struct cstmt *s = c->stmts[cstmt_bucket(name)]; s; s = s->next)
+		if (strcmp(s->name, name) == 0)
+			return s;
+	return NULL;
+}
+
+static void cstmt_clear(struct cstmt *s)
+{
+	free(s->name);
+	free(s->key);
+	free(s->types);
+	s->name = s->key = NULL;
+	s->types = NULL;
+	s->ntypes = 0;
+	s->sql = NULL;
+	s->here = false;
+}
+
+static void cstmt_drop(struct pgclient *c, const char *name)
+{
+	struct cstmt **pp = &c->stmts[cstmt_bucket(name)];
+	for (; *pp; pp = &(*pp)->next) {
+		if (strcmp((*pp)->name, name) == 0) {
+			struct cstmt *s = *pp;
+			*pp = s->next;
+			cstmt_clear(s);
+			free(s);
+			return;
+		}
+	}
+}
+
+/* The cache key: parameter types, then the SQL (a prefix no SQL text starts with). */
+static char *stmt_key(const char *sql, const uint32_t *types, int ntypes)
+{
+	size_t len = strlen(sql) + 2 + (size_t)ntypes * 11;
+	char *k = xmalloc(len + 1), *p = k;
+	*p++ = '\x01';
+	for (int i = 0; i < ntypes; i++)
+		p += sprintf(p, "%u,", types[i]);
+	*p++ = '\x01';
+	strcpy(p, sql);
+	return k;
+}
+
+static void cstmt_set(struct cstmt *s, const char *name, const char *sql, const uint32_t *types, int ntypes)
+{
+	s->name = xstrdup(name);
+	s->key = stmt_key(sql, types, ntypes);
+	s->sql = strrchr(s->key, '\x01') + 1;
+	s->ntypes = ntypes;
+	s->types = xmalloc(sizeof(uint32_t) * (size_t)(ntypes ? ntypes : 1));
+	memcpy(s->types, types, sizeof(uint32_t) * (size_t)ntypes);
+}
+
+static void cstmt_free_all(struct pgclient *c)
+{
+	for (int i = 0; i < CSTMT_BUCKETS; i++) {
+		while (c->stmts[i]) {
+			struct cstmt *s = c->stmts[i];
+			c->stmts[i] = s->next;
+			cstmt_clear(s);
+			free(s);
+		}
+	}
+	cstmt_clear(&c->unnamed);
+}
+
+/* ---- messages from the client ---- */
+
+struct msg {
+	char type;
+	size_t len;          /* body length */
+	const char *body;    /* pulled up, valid until the message is drained */
+};
+
+/* The next whole message in the client's input; 0 when it has not all arrived, -1 when malformed. */
+static int next_msg(struct pgclient *c, struct msg *m)
+{
+	struct evbuffer *in = bufferevent_get_input(c->bev);
+	unsigned char h[5];
+	uint32_t n;
+	if (evbuffer_copyout(in, h, 5) < 5)
+		return 0;
+	memcpy(&n, h + 1, 4);
+	n = ntohl(n);
+	if (n < 4 || n > PGWIRE_MAX_MESSAGE)
+		return -1;
+	if (evbuffer_get_length(in) < (size_t)n + 1)
+		return 0;
+	m->type = (char)h[0];
+	m->len = n - 4;
+	unsigned char *p = evbuffer_pullup(in, (ssize_t)n + 1);
+	m->body = (const char *)p + 5;
+	return 1;
+}
+
+static void drop_msg(struct pgclient *c, const struct msg *m)
+{
+	evbuffer_drain(bufferevent_get_input(c->bev), m->len + 5);
+}
+
+/* Move the message as it is to the server. */
+static void forward_msg(struct pgclient *c, const struct msg *m)
+{
+	evbuffer_remove_buffer(bufferevent_get_input(c->bev), c->sout, m->len + 5);
+}
+
+static void put_msg(struct evbuffer *out, char type, const void *body, size_t len)
+{
+	uint32_t n = htonl((uint32_t)(len + 4));
+	evbuffer_add(out, &type, 1);
+	evbuffer_add(out, &n, 4);
+	if (len)
+		evbuffer_add(out, body, len);
+}
+
+/* ---- errors ---- */
+
+static const char tenant_hint[] =
+	"Name the tenant in a comment (/*tenant='42'*/), with SET shardgate.tenant = '42', or as a startup "
+	"parameter (options=-c shardgate.tenant=42), as the routing script expects.";
+
+/* An ErrorResponse for a gateway refusal into tmp. */
+static void put_refusal(struct evbuffer *tmp, const char *sqlstate, const char *msg, const char *hint)
+{
+	pgwire_put_error(tmp, 'E', "ERROR", sqlstate, msg, NULL, hint);
+}
+
+/*
+ * Outside a lease: answer an error and drop the rest of the batch up to
+ * its Sync, whose ReadyForQuery we send (at once for a Query).
+ */
+static void idle_error(struct pgclient *c, bool query, const char *sqlstate, const char *msg, const char *hint)
+{
+	put_refusal(cout(c), sqlstate, msg, hint);
+	if (query)
+		pgwire_put_ready(cout(c), c->tx);
+	else
+		c->skip_to_sync = true;
+}
+
+/* ---- session: SET, RESET, shardgate.* ---- */
+
+static void recompute_sig(struct pgclient *c)
+{
+	uint64_t h = 1469598103934665603ULL;
+	for (int i = 0; i < c->nsettings; i++) {
+		h ^= fnv1a64(c->settings[i].name, strlen(c->settings[i].name));
+		h *= 1099511628211ULL;
+		h ^= fnv1a64(c->settings[i].value, strlen(c->settings[i].value));
+		h *= 1099511628211ULL;
+	}
+	c->settings_sig = c->nsettings ? (h ? h : 1) : 0;
+}
+
+static void setting_remove(struct pgclient *c, const char *name)
+{
+	for (int i = 0; i < c->nsettings; i++) {
+		if (strcmp(c->settings[i].name, name) == 0) {
+			free(c->settings[i].name);
+			free(c->settings[i].value);
+			c->settings[i] = c->settings[--c->nsettings];
+			return;
+		}
+	}
+}
+
+static void setting_put(struct pgclient *c, const char *name, const char *value, size_t len)
+{
+	setting_remove(c, name);
+	c->settings = xrealloc(c->settings, sizeof(*c->settings) * (size_t)(c->nsettings + 1));
+	c->settings[c->nsettings].name = xstrdup(name);
+	c->settings[c->nsettings].value = xstrndup(value, len);
+	c->nsettings++;
+}
+
+static void sess_put(struct pgclient *c, const char *name, const char *value)
+{
+	for (int i = 0; i < c->nsess; i++) {
+		if (strcmp(c->sess[i].name, name) == 0) {
+			free((char *)c->sess[i].value);
+			c->sess[i].value = xstrdup(value);
+			return;
+		}
+	}
+	c->sess = xrealloc(c->sess, sizeof(*c->sess) * (size_t)(c->nsess + 1));
+	c->sess[c->nsess].name = xstrdup(name);
+	c->sess[c->nsess].value = xstrdup(value);
+	c->nsess++;
+}
+
+static void sess_remove(struct pgclient *c, const char *name)
+{
+	for (int i = 0; i < c->nsess; i++) {
+		if (strcmp(c->sess[i].name, name) == 0) {
+			free((char *)c->sess[i].name);
+			free((char *)c->sess[i].value);
+			c->sess[i] = c->sess[--c->nsess];
+			return;
+		}
+	}
+}
+
+static void sess_clear(struct pgclient *c)
+{
+	while (c->nsess)
+		sess_remove(c, c->sess[0].name);
+}
+
+/* The settings a server reports with ParameterStatus: the client hears of a change as it would from a server. */
+static const char *reported_name(const char *name)
+{
+	static const char *const names[][2] = {
+		{ "application_name", "application_name" }, { "timezone", "TimeZone" },
+		{ "datestyle", "DateStyle" },               { "intervalstyle", "IntervalStyle" },
+		{ "client_encoding", "client_encoding" },   { "standard_conforming_strings", "standard_conforming_strings" },
+		{ "search_path", "search_path" },
+	};
+	for (size_t i = 0; i < ARRAY_LEN(names); i++)
+		if (strcmp(names[i][0], name) == 0)
+			return names[i][1];
+	return NULL;
+}
+
+/*
+ * A SET/RESET the face answers itself: shardgate.* always (inside a
+ * transaction too: it is never a server's), ordinary settings outside a
+ * transaction. Writes the answer into out; false when it is not one.
+ */
+static bool local_set(struct pgclient *c, const char *sql, bool in_tx, struct evbuffer *out)
+{
+	struct pgsql_set st;
+	enum pgsql_set_kind k = pgsql_classify_set(sql, &st);
+	bool ours = strncmp(st.name, "shardgate.", 10) == 0;
+	if (k == PGSQL_NOT_SET || k == PGSQL_SET_LOCAL)
+		return false;
+	if (k == PGSQL_RESET_ALL) {
+		if (in_tx)
+			return false;
+		for (int i = 0; i < c->nsettings; i++) {
+			free(c->settings[i].name);
+			free(c->settings[i].value);
+		}
+		c->nsettings = 0;
+		sess_clear(c);
+		recompute_sig(c);
+		pgwire_put_complete(out, "RESET");
+		return true;
+	}
+	if (!ours && (in_tx || strcmp(st.name, "role") == 0 || strcmp(st.name, "session_authorization") == 0))
+		return false;
+	if (ours) {
+		if (k == PGSQL_RESET || st.value_default)
+			sess_remove(c, st.name + 10);
+		else
+			sess_put(c, st.name + 10, st.value_list ? "" : st.value);
+	} else if (k == PGSQL_RESET || st.value_default) {
+		setting_remove(c, st.name);
+	} else {
+		setting_put(c, st.name, st.value_sql, st.value_sql_len);
+	}
+	if (!ours) {
+		recompute_sig(c);
+		const char *rep = reported_name(st.name);
+		if (rep && k == PGSQL_SET && !st.value_default && !st.value_list)
+			pgwire_put_param(out, rep, st.value);
+	}
+	pgwire_put_complete(out, k == PGSQL_SET ? "SET" : "RESET");
+	return true;
+}
+
+/*
+ * What transaction pooling cannot carry, unless the user's pool_mode is
+ * "session": a name for the refusal, or NULL when sql is fine.
+ */
+static const char *unpoolable(const char *sql)
+{
+	const char *p = sql_skip_noise(sql);
+	static const char *const words[] = { "LISTEN", "PREPARE", "DEALLOCATE" };
+	for (size_t i = 0; i < ARRAY_LEN(words); i++) {
+		size_t n = strlen(words[i]);
+		if (strncasecmp(p, words[i], n) == 0 && !isalnum((unsigned char)p[n]) && p[n] != '_') {
+			if (i == 1 && strncasecmp(p + n, " TRANSACTION", 12) == 0)
+				return NULL;
+			return words[i];
+		}
+	}
+	if (strncasecmp(p, "CREATE", 6) == 0) {
+		const char *q = p + 6;
+		while (isspace((unsigned char)*q))
+			q++;
+		if (strncasecmp(q, "TEMP", 4) == 0 || strncasecmp(q, "LOCAL TEMP", 10) == 0 ||
+		    strncasecmp(q, "GLOBAL TEMP", 11) == 0)
+			return "CREATE TEMPORARY";
+	}
+	if (strncasecmp(p, "DECLARE", 7) == 0 && strcasestr(p, "WITH HOLD"))
+		return "DECLARE ... WITH HOLD";
+	if (strcasestr(sql, "pg_advisory_lock") || strcasestr(sql, "pg_try_advisory_lock") ||
+	    strcasestr(sql, "pg_advisory_lock_shared"))
+		return "a session advisory lock (pg_advisory_lock)";
+	return NULL;
+}
+
+static void refusal_text(char *buf, size_t len, const char *what)
+{
+	snprintf(buf, len, "%s is not supported in transaction pooling: the next transaction may run on another "
+		 "server connection", what);
+}
+
+static const char unpoolable_hint[] =
+	"Use the transaction-scoped form (pg_advisory_xact_lock, ON COMMIT DROP, a cursor without HOLD), or "
+	"pool_mode = \"session\" for this user.";
+
+/* ---- the request for the hooks ---- */
+
+static char *rq_alloc(struct pgclient *c, size_t *used, size_t n)
+{
+	if (*used + n > c->rq_cap)
+		return NULL;
+	char *p = c->rq_buf + *used;
+	*used += n;
+	return p;
+}
+
+/*
+ * Fill c->rq for a statement: sql, its Bind (NULL: none) with the
+ * statement's parameter types, comment pairs; the client's user,
+ * database, startup parameters and session values.
+ */
+static void build_req(struct pgclient *c, const char *sql, const struct pgwire_bind *b, const struct cstmt *st)
+{
+	struct req *rq = &c->rq;
+	size_t used = 0, need = strlen(sql) + 1 + 8192;
+	char *p;
+	memset(rq, 0, sizeof(*rq));
+	if (need > c->rq_cap) {
+		c->rq_cap = need + 4096;
+		c->rq_buf = xrealloc(c->rq_buf, c->rq_cap);
+	}
+	rq->protocol = REQ_PG;
+	rq->lease = true;
+	rq->pg_user = c->user;
+	rq->user = c->user;
+	rq->database = c->database;
+	rq->startup = c->startup;
+	rq->nstartup = c->nstartup;
+	rq->session = c->sess;
+	rq->nsession = c->nsess;
+	p = rq_alloc(c, &used, strlen(sql) + 1);
+	strcpy(p, sql);
+	rq->sql = p;
+	rq->ncomment = pgsql_comments(sql, c->comment, (int)ARRAY_LEN(c->comment), rq_alloc(c, &used, 4096), 4096);
+	rq->comment = c->comment;
+	if (b) {
+		char *buf = rq_alloc(c, &used, 4096);
+		rq->nparams = pgwire_bind_text(b, st ? st->types : NULL, st ? st->ntypes : 0, c->param_vals,
+					       (int)ARRAY_LEN(c->param_vals), buf, 4096);
+		rq->params = c->param_vals;
+	}
+	/*
+	 * Without a tenant hook: the statement's comment (tenant=...), else
+	 * shardgate.tenant from SET or the startup options (-c shardgate.tenant=...).
+	 */
+	for (int i = 0; i < rq->ncomment && !rq->tenant_hint; i++)
+		if (strcmp(c->comment[i].name, "tenant") == 0)
+			rq->tenant_hint = c->comment[i].value;
+	for (int i = 0; i < c->nsess && !rq->tenant_hint; i++)
+		if (strcmp(c->sess[i].name, "tenant") == 0)
+			rq->tenant_hint = c->sess[i].value;
+	rq->start = mono_now();
+}
+
+/* The statement a batch's first message runs, for routing: its SQL, and its Bind when it has one. */
+struct first_stmt {
+	const char *sql;
+	struct pgwire_bind bind;
+	bool has_bind;
+	const struct cstmt *st;
+};
+
+/* ---- leases ---- */
+
+static void sink_error(struct sink *k, const struct fault *f);
+static void sink_lease(struct sink *k, struct pgconn *conn, const char *shard);
+static void on_exec_done(void *arg);
+
+static const struct sink_ops pg_sink_ops = {
+	.error = sink_error,
+	.lease = sink_lease,
+};
+
+static struct pgclient *of_sink(struct sink *k)
+{
+	return (struct pgclient *)((char *)k - offsetof(struct pgclient, sink));
+}
+
+static void sink_error(struct sink *k, const struct fault *f)
+{
+	struct pgclient *c = of_sink(k);
+	fault_move(&c->fault, (struct fault *)f);
+	c->fault_set = true;
+}
+
+/* Start routing a transaction whose first statement is fs. */
+static void start_transaction(struct pgclient *c, const struct first_stmt *fs)
+{
+	build_req(c, fs->sql, fs->has_bind ? &fs->bind : NULL, fs->st);
+	c->state = CL_ROUTING;
+	c->tx_start = mono_now();
+	c->fault_set = false;
+	c->tx_failed = false;
+	c->routed_first = false;
+	c->sink.ops = &pg_sink_ops;
+	stats.waiting++;
+	exec_start(&c->exec, &c->rq, &c->sink, on_exec_done, c);
+}
+
+static void on_server_io(evutil_socket_t fd, short what, void *arg);
+
+static void begin_forwarding(struct pgclient *c)
+{
+	char err[256];
+	c->sfd = pgconn_raw_begin(c->conn, err, sizeof(err));
+	if (c->sfd < 0) {
+		struct fault f = { 0 };
+		log_warn("pg: shard %s: %s", c->shard_name, err);
+		fault_set(&f, "shard_error", c->shard_name, err);
+		put_refusal(cout(c), pgwire_fault_sqlstate(&f), err, NULL);
+		fault_clear(&f);
+		c->skip_to_sync = true;
+		c->tx_failed = true;
+		lease_end(c, false);
+		return;
+	}
+	if (!c->sread) {
+		c->sread = event_new(c->face->base, -1, 0, on_server_io, c);
+		c->swrite = event_new(c->face->base, -1, 0, on_server_io, c);
+	}
+	event_assign(c->sread, c->face->base, c->sfd, EV_READ | EV_PERSIST, on_server_io, c);
+	event_assign(c->swrite, c->face->base, c->sfd, EV_WRITE | EV_PERSIST, on_server_io, c);
+	event_priority_set(c->sread, 0);
+	event_add(c->sread, NULL);
+	c->state = CL_LEASED;
+	stats.waiting--;
+	stats.active++;
+	c->unnamed.here = false;
+	c->tx = 'I';
+	/* The client's remembered SETs, unless this connection has them already. */
+	if (c->settings_sig && c->conn->wire_sig != c->settings_sig) {
+		char line[1200];
+		struct evbuffer *q = evbuffer_new();
+		for (int i = 0; i < c->nsettings; i++) {
+			if (pgsql_format_set(c->settings[i].name, c->settings[i].value, strlen(c->settings[i].value),
+					     false, line, sizeof(line)) < 0)
+				continue;
+			evbuffer_add_printf(q, "%s%s", i ? ";" : "", line);
+		}
+		evbuffer_add(q, "", 1);
+		pgwire_put_query(c->sout, (const char *)evbuffer_pullup(q, -1));
+		evbuffer_free(q);
+		ex_push(c, EX_OWN_QUERY);
+		c->conn->wire_sig = c->settings_sig;
+	}
+	process_input(c);
+}
+
+/* The reset ran alone, before the client's first message (another borrower's state was on the connection). */
+static void on_reset_done(struct pgconn *conn, enum pgconn_event ev, PGresult *res, void *arg)
+{
+	struct pgclient *c = arg;
+	(void)res;
+	if (ev != PGCONN_EV_DONE && ev != PGCONN_EV_BROKEN)
+		return;
+	if (ev == PGCONN_EV_BROKEN || pgconn_reset_failed(conn) || !pgconn_usable(conn)) {
+		char msg[300];
+		snprintf(msg, sizeof(msg), "a connection to shard %s could not be reset for this client; nothing ran",
+			 c->shard_name);
+		log_warn("pg: %s", msg);
+		put_refusal(cout(c), "08006", msg, NULL);
+		c->skip_to_sync = true;
+		c->tx_failed = true;
+		c->state = CL_LEASED;
+		stats.waiting--;
+		stats.active++;
+		lease_end(c, false);
+		return;
+	}
+	begin_forwarding(c);
+}
+
+static void sink_lease(struct sink *k, struct pgconn *conn, const char *shard)
+{
+	struct pgclient *c = of_sink(k);
+	c->conn = conn;
+	c->shard = exec_shard(c->exec);
+	str_copy(c->shard_name, sizeof(c->shard_name), shard);
+	str_copy(c->tenant, sizeof(c->tenant), exec_tenant(c->exec));
+	c->timeout = shard_statement_timeout(&cfg_now()->shards[c->shard < cfg_now()->nshards ? c->shard : 0], 0);
+	if (pgconn_needs_reset(conn) || (conn->wire_sig && conn->wire_sig != c->settings_sig)) {
+		c->state = CL_RESETTING;
+		if (pgconn_send(conn, "SELECT 1", 0, NULL, on_reset_done, c) < 0)
+			on_reset_done(conn, PGCONN_EV_BROKEN, NULL, c);
+		return;
+	}
+	begin_forwarding(c);
+}
+
+/* After the executor is done, from the loop (never inside the executor's own call chain). */
+static void on_later(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgclient *c = arg;
+	(void)fd;
+	(void)what;
+	if (c->draining || (c->closing_after && c->state != CL_CLOSING)) {
+		if (c->draining) {
+			client_free(c);
+			return;
+		}
+		if (c->face->shutting_down && !c->terminated)
+			pgwire_put_error(cout(c), 'E', "FATAL", "57P01",
+					 "terminating connection due to administrator command", NULL, NULL);
+		c->state = CL_CLOSING;
+		bufferevent_disable(c->bev, EV_READ);
+		if (evbuffer_get_length(cout(c)) == 0)
+			client_free(c);
+		return;
+	}
+	process_input(c);
+}
+
+/* The executor is done: either routing failed (the fault is set) or the lease was released. */
+static void on_exec_done(void *arg)
+{
+	struct pgclient *c = arg;
+	bool failed = c->fault_set;
+	int status = 200;
+	if (failed) {
+		/* Routing, authorization, a paused tenant or the checkout refused it: nothing ran. */
+		const char *code = fault_code(&c->fault);
+		pgwire_put_fault(cout(c), &c->fault, c->fault.code && strcmp(c->fault.code, "no_tenant") == 0
+						       ? tenant_hint : NULL);
+		str_copy(c->rq.info.code, sizeof(c->rq.info.code), code);
+		fault_clear(&c->fault);
+		c->fault_set = false;
+		stats.waiting--;
+		stats.errors++;
+		c->skip_to_sync = true;
+		c->tx = 'I';
+		status = 503;
+	} else if (c->tx_failed) {
+		status = 500;
+	}
+	stats.transactions++;
+	accesslog_write(&c->rq, status, mono_now() - c->tx_start);
+	c->state = CL_IDLE;
+	if (failed) {
+		/* The batch's first message is still in the input: a Query is answered, the rest skipped to Sync. */
+		struct msg m;
+		if (next_msg(c, &m) == 1 && m.type == 'Q') {
+			drop_msg(c, &m);
+			pgwire_put_ready(cout(c), 'I');
+			c->skip_to_sync = false;
+		}
+	}
+	event_active(c->later, EV_TIMEOUT, 1);
+}
+
+/* The transaction ended (clean: the server is idle and as libpq left it): the connection goes back. */
+static void lease_end(struct pgclient *c, bool clean)
+{
+	pgconn_guard_stop(&c->guard);
+	if (c->sread)
+		event_del(c->sread);
+	if (c->swrite)
+		event_del(c->swrite);
+	while (c->ex_n)
+		ex_pop(c);
+	evbuffer_drain(c->sin, evbuffer_get_length(c->sin));
+	evbuffer_drain(c->sout, evbuffer_get_length(c->sout));
+	if (c->session_mode && c->conn)
+		pgconn_mark_session(c->conn);
+	if (c->sfd >= 0 && c->conn->state == PGCONN_RAW)
+		pgconn_raw_end(c->conn, clean);
+	c->sfd = -1;
+	c->awaiting = false;
+	c->copy_in = false;
+	c->cancel_sent = false;
+	c->conn = NULL;
+	stats.active--;
+	str_copy(c->rq.info.tenant, sizeof(c->rq.info.tenant), c->tenant);
+	exec_release(c->exec, !clean);
+}
+
+/* ---- server I/O ---- */
+
+static void server_failed(struct pgclient *c, const char *why)
+{
+	char msg[400];
+	snprintf(msg, sizeof(msg), "the connection to shard %s was lost: %s", c->shard_name, why);
+	log_warn("pg: client %u: %s", c->pid, msg);
+	if (!c->draining) {
+		ex_drain_local(c);
+		pgwire_put_error(cout(c), 'E', "ERROR", "08006", msg, NULL, NULL);
+		pgwire_put_ready(cout(c), 'I');
+	}
+	c->tx_failed = true;
+	lease_end(c, false);
+}
+
+static void server_flush(struct pgclient *c)
+{
+	while (evbuffer_get_length(c->sout) > 0) {
+		int n = evbuffer_write(c->sout, c->sfd);
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EWOULDBLOCK) {
+				event_add(c->swrite, NULL);
+				return;
+			}
+			server_failed(c, strerror(errno));
+			return;
+		}
+	}
+	event_del(c->swrite);
+}
+
+/* Rewrite a server FATAL (its connection ends, not the client's session) as ERROR. */
+static void forward_error(struct pgclient *c, size_t len)
+{
+	char *body = xmalloc(len);
+	struct pgwire_reader r;
+	struct evbuffer *out = cout(c);
+	evbuffer_drain(c->sin, 5);
+	evbuffer_remove(c->sin, body, len);
+	pgwire_reader_init(&r, body, len);
+	/* Severity fields S and V: FATAL and PANIC become ERROR; the rest as it is. */
+	struct evbuffer *tmp = evbuffer_new();
+	for (;;) {
+		uint8_t code = pgwire_get8(&r);
+		if (r.bad || code == 0)
+			break;
+		const char *v = pgwire_getstr(&r);
+		if (r.bad)
+			break;
+		if ((code == 'S' || code == 'V') && (strcmp(v, "FATAL") == 0 || strcmp(v, "PANIC") == 0))
+			v = "ERROR";
+		evbuffer_add(tmp, &code, 1);
+		evbuffer_add(tmp, v, strlen(v) + 1);
+	}
+	evbuffer_add(tmp, "", 1);
+	uint32_t n = htonl((uint32_t)evbuffer_get_length(tmp) + 4);
+	evbuffer_add(out, "E", 1);
+	evbuffer_add(out, &n, 4);
+	evbuffer_add_buffer(out, tmp);
+	evbuffer_free(tmp);
+	free(body);
+}
+
+static bool is_fatal(const char *body, size_t len)
+{
+	struct pgwire_reader r;
+	pgwire_reader_init(&r, body, len);
+	for (;;) {
+		uint8_t code = pgwire_get8(&r);
+		if (r.bad || code == 0)
+			return false;
+		const char *v = pgwire_getstr(&r);
+		if (code == 'V' || code == 'S')
+			return strcmp(v, "FATAL") == 0 || strcmp(v, "PANIC") == 0;
+	}
+}
+
+/* The server's error message as a WARNING notice (a remembered SET it refused). */
+static void error_to_warning(struct pgclient *c, const char *body, size_t len)
+{
+	struct pgwire_reader r;
+	const char *msg = "";
+	char text[600];
+	pgwire_reader_init(&r, body, len);
+	for (;;) {
+		uint8_t code = pgwire_get8(&r);
+		if (r.bad || code == 0)
+			break;
+		const char *v = pgwire_getstr(&r);
+		if (code == 'M')
+			msg = v;
+	}
+	snprintf(text, sizeof(text), "settings from earlier SET statements could not be applied and were "
+		 "forgotten: %s", msg);
+	log_info("pg: client %u: %s", c->pid, text);
+	pgwire_put_error(cout(c), 'N', "WARNING", "01000", text, NULL, NULL);
+	for (int i = 0; i < c->nsettings; i++) {
+		free(c->settings[i].name);
+		free(c->settings[i].value);
+	}
+	c->nsettings = 0;
+	recompute_sig(c);
+	c->conn->wire_sig = 0;
+}
+
+/* After an error in the extended protocol the server skips to Sync: so do our expectations. */
+static void skip_to_sync(struct pgclient *c)
+{
+	struct expect *e;
+	while ((e = ex_front(c)) && e->kind != EX_SYNC) {
+		if ((e->kind == EX_PARSE || e->kind == EX_OWN_PARSE) && e->key)
+			pgconn_wire_forget(c->conn, e->key);
+		ex_pop(c);
+	}
+}
+
+static void ready_for_query(struct pgclient *c, char status);
+
+/* One whole message from the server: pass it on, swallow it, or replace it, as the expectations say. */
+static void server_msg(struct pgclient *c, char type, size_t len)
+{
+	struct evbuffer *out = cout(c);
+	struct expect *e = ex_front(c);
+	enum expect_kind k = e ? e->kind : EX_QUERY;
+	bool forward = true, pop = false;
+	const char *body = NULL;
+
+	if (type == 'E' || (type == 'Z' && len == 1))
+		body = (const char *)evbuffer_pullup(c->sin, (ssize_t)len + 5) + 5;
+	switch (type) {
+	case '1':
+		pop = true;
+		forward = k != EX_OWN_PARSE && k != EX_OWN_FAIL;
+		if (k == EX_OWN_FAIL)
+			pop = false;
+		break;
+	case '2':
+		forward = k != EX_OWN_FAIL;
+		pop = k == EX_BIND;
+		break;
+	case '3':
+		pop = k == EX_CLOSE;
+		break;
+	case 'T':
+	case 'n':
+		pop = k == EX_DESCRIBE;
+		forward = k != EX_OWN_QUERY;
+		break;
+	case 'C':
+	case 'I':
+	case 's':
+		pop = k == EX_EXECUTE;
+		forward = k != EX_OWN_QUERY;
+		break;
+	case 'G':
+		c->copy_in = true;
+		break;
+	case 'S':
+	case 'N':
+		forward = k != EX_OWN_QUERY && k != EX_OWN_FAIL && k != EX_OWN_QFAIL;
+		break;
+	case 'E':
+		if (!e) {
+			/* Nothing was asked: the server is going away (FATAL). */
+			if (is_fatal(body, len)) {
+				evbuffer_drain(c->sin, len + 5);
+				server_failed(c, "the server ended the connection");
+				return;
+			}
+			break;
+		}
+		c->copy_in = false;
+		if (k == EX_OWN_QUERY) {
+			error_to_warning(c, body, len);
+			evbuffer_drain(c->sin, len + 5);
+			return;
+		}
+		if (k == EX_OWN_FAIL || k == EX_OWN_QFAIL) {
+			evbuffer_add(out, e->data, e->len);
+			evbuffer_drain(c->sin, len + 5);
+			if (k == EX_OWN_FAIL)
+				skip_to_sync(c);
+			return;
+		}
+		if (k == EX_QUERY) {
+			if (is_fatal(body, len)) {
+				forward_error(c, len);
+				return;
+			}
+			break;
+		}
+		if (is_fatal(body, len))
+			forward_error(c, len);
+		else
+			evbuffer_remove_buffer(c->sin, out, len + 5);
+		skip_to_sync(c);
+		return;
+	case 'Z': {
+		char status = body[0];
+		evbuffer_drain(c->sin, len + 5);
+		if (k == EX_OWN_QUERY) {
+			ex_pop(c);
+			return;
+		}
+		if (e)
+			ex_pop(c);
+		ex_drain_local(c);
+		pgwire_put_ready(out, status);
+		ready_for_query(c, status);
+		return;
+	}
+	default:
+		break;
+	}
+	if (forward)
+		evbuffer_remove_buffer(c->sin, out, len + 5);
+	else
+		evbuffer_drain(c->sin, len + 5);
+	if (pop && e)
+		ex_pop(c);
+	ex_drain_local(c);
+}
+
+#define CLIENT_OUT_HIGH (1 << 20)
+
+static void read_server(struct pgclient *c)
+{
+	for (;;) {
+		int n = evbuffer_read(c->sin, c->sfd, 65536);
+		if (n == 0) {
+			server_failed(c, "the server closed the connection");
+			return;
+		}
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+				break;
+			server_failed(c, strerror(errno));
+			return;
+		}
+		if (n < 65536)
+			break;
+	}
+	while (c->sfd >= 0) {
+		unsigned char h[5];
+		uint32_t len;
+		if (evbuffer_copyout(c->sin, h, 5) < 5)
+			break;
+		memcpy(&len, h + 1, 4);
+		len = ntohl(len);
+		if (len < 4) {
+			server_failed(c, "a malformed message from the server");
+			return;
+		}
+		if (evbuffer_get_length(c->sin) < (size_t)len + 1)
+			break;
+		server_msg(c, (char)h[0], len - 4);
+		if (c->state != CL_LEASED)
+			return;
+	}
+	/* A client that reads slowly slows the server down; its buffer stays bounded. */
+	if (c->sfd >= 0 && evbuffer_get_length(cout(c)) > CLIENT_OUT_HIGH)
+		event_del(c->sread);
+}
+
+static void on_server_io(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgclient *c = arg;
+	(void)fd;
+	if (c->state != CL_LEASED)
+		return;
+	if (what & EV_WRITE) {
+		server_flush(c);
+		if (c->state != CL_LEASED)
+			return;
+	}
+	if (what & EV_READ)
+		read_server(c);
+}
+
+/* ---- the statement timeout ---- */
+
+static void on_guard(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgclient *c = arg;
+	(void)fd;
+	(void)what;
+	if (!c->conn)
+		return;
+	if (!pgconn_guard_expired(&c->guard, c->conn)) {
+		log_info("pg: shard %s: statement timeout (%gs) for client %u, cancelling", c->shard_name,
+			 c->timeout, c->pid);
+		return;
+	}
+	log_warn("pg: shard %s: statement did not stop %gs after cancel; closing its connection", c->shard_name,
+		 PGCONN_CANCEL_GRACE);
+	server_failed(c, "the statement did not stop after its cancel");
+}
+
+/* ---- ReadyForQuery: the batch is over ---- */
+
+static void ready_for_query(struct pgclient *c, char status)
+{
+	c->tx = status;
+	if (c->ex_n > 0)
+		return;                 /* more batches of a pipeline are on their way (should not happen) */
+	c->awaiting = false;
+	pgconn_guard_stop(&c->guard);
+	if (c->draining) {
+		if (status == 'I') {
+			lease_end(c, true);
+			return;
+		}
+		pgwire_put_query(c->sout, "ROLLBACK");
+		ex_push(c, EX_OWN_QUERY);
+		c->awaiting = true;
+		server_flush(c);
+		return;
+	}
+	if (status == 'I' && !c->session_mode) {
+		lease_end(c, true);
+		return;
+	}
+	if (evbuffer_get_length(cout(c)) <= CLIENT_OUT_HIGH)
+		event_add(c->sread, NULL);
+	process_input(c);
+}
+
+/* ---- forwarding a client's messages while leased ---- */
+
+/* Route a later statement of the transaction: 0 when it may run here, else the refusal in msg. */
+static int route_again(struct pgclient *c, const char *sql, const struct pgwire_bind *b, const struct cstmt *st,
+		       char *msg, size_t len, const char **sqlstate)
+{
+	struct generation *g = generation_current();
+	struct route r;
+	struct auth_identity id;
+	char amsg[256];
+	int rc = 0;
+	struct req_info info = c->rq.info;
+	memset(&r, 0, sizeof(r));
+	build_req(c, sql, b, st);
+	c->rq.info = info;
+	if (auth_check(&g->cfg->auth, &c->rq, &id, amsg, sizeof(amsg)) != 0) {
+		snprintf(msg, len, "%s", amsg);
+		*sqlstate = "28000";
+		return -1;
+	}
+	c->rq.auth = &id;
+	script_route(g->script, &c->rq, false, &r);
+	c->rq.auth = NULL;
+	if (r.kind == ROUTE_ERROR) {
+		snprintf(msg, len, "%s: %s", r.code, r.error);
+		*sqlstate = "XX000";
+		rc = -1;
+	} else if (r.kind == ROUTE_SHARD && !auth_allows(&id, r.tenant)) {
+		snprintf(msg, len, "forbidden: user \"%s\" may not use tenant '%.100s'", c->user, r.tenant);
+		*sqlstate = "42501";
+		rc = -1;
+	} else if (r.kind == ROUTE_SHARD && strcmp(g->cfg->shards[r.shard].name, c->shard_name) != 0) {
+		snprintf(msg, len, "tenant '%.100s' is on shard %s, but this transaction runs on shard %s (tenant "
+			 "'%.100s'); a transaction cannot span shards", r.tenant, g->cfg->shards[r.shard].name,
+			 c->shard_name, c->tenant);
+		*sqlstate = "0A000";
+		rc = -1;
+	}
+	auth_identity_clear(&id);
+	route_clear(&r);
+	return rc;
+}
+
+/*
+ * Refuse the rest of the batch from here: drop client messages up to the
+ * Sync (or this Query), and send a statement that fails in their place,
+ * whose error the client sees as ours, so the server's transaction (an
+ * explicit one, or the batch's implicit one) is aborted as the client is told.
+ */
+static void refuse_rest(struct pgclient *c, bool query, const char *sqlstate, const char *msg, const char *hint)
+{
+	struct evbuffer *tmp = evbuffer_new();
+	struct expect *e;
+	struct msg m;
+	put_refusal(tmp, sqlstate, msg, hint);
+	c->tx_failed = true;
+	if (query) {
+		e = ex_push(c, EX_OWN_QFAIL);
+		e->data = render(tmp, &e->len);
+		pgwire_put_query(c->sout, "SELECT 1 OPERATOR(pg_catalog./) 0");
+		c->awaiting = true;
+		evbuffer_free(tmp);
+		return;
+	}
+	/* Parse, Bind and Execute of the failing statement, then the client's Sync when it comes. */
+	e = ex_push(c, EX_OWN_FAIL);
+	e->data = render(tmp, &e->len);
+	evbuffer_free(tmp);
+	{
+		static const char sql[] = "SELECT 1 OPERATOR(pg_catalog./) 0";
+		struct evbuffer *o = c->sout;
+		char body[64];
+		size_t n = 0;
+		body[n++] = '\0';
+		memcpy(body + n, sql, sizeof(sql));
+		n += sizeof(sql);
+		body[n++] = 0, body[n++] = 0;
+		put_msg(o, 'P', body, n);
+		static const char bind[] = { 0, 0, 0, 0, 0, 0, 0, 0 };
+		put_msg(o, 'B', bind, sizeof(bind));
+		static const char exec[] = { 0, 0, 0, 0, 0 };
+		put_msg(o, 'E', exec, sizeof(exec));
+	}
+	(void)m;
+	c->skip_to_sync = true;     /* the loop drops messages up to the Sync, which it forwards */
+}
+
+/* ---- forwarding while leased ---- */
+
+/*
+ * The statement st exists on the leased connection: its server-side name,
+ * after queueing a Parse when the connection lacks it. The unnamed
+ * statement is parsed again when this lease has not seen it (it may be
+ * another transaction's, on another connection).
+ */
+static const char *ensure_prepared(struct pgclient *c, struct cstmt *st)
+{
+	bool fresh = false;
+	const char *name = *st->name ? pgconn_wire_name(c->conn, st->key, &fresh) : "";
+	struct evbuffer *o = c->sout;
+	if (!name || (!*name && !st->here) || fresh) {
+		/* Parse: name, SQL, parameter types. A full cache falls back to the unnamed statement. */
+		const char *n = name ? name : "";
+		size_t len = strlen(n) + 1 + strlen(st->sql) + 1 + 2 + 4 * (size_t)st->ntypes;
+		uint32_t total = htonl((uint32_t)len + 4);
+		uint16_t nt = htons((uint16_t)st->ntypes);
+		evbuffer_add(o, "P", 1);
+		evbuffer_add(o, &total, 4);
+		evbuffer_add(o, n, strlen(n) + 1);
+		evbuffer_add(o, st->sql, strlen(st->sql) + 1);
+		evbuffer_add(o, &nt, 2);
+		for (int i = 0; i < st->ntypes; i++) {
+			uint32_t t = htonl(st->types[i]);
+			evbuffer_add(o, &t, 4);
+		}
+		struct expect *e = ex_push(c, EX_OWN_PARSE);
+		if (fresh)
+			e->key = xstrdup(st->key);
+		if (!name || !*name)
+			c->unnamed.here = st == &c->unnamed;
+	}
+	return name ? name : "";
+}
+
+/* A Bind or Describe with the statement name replaced by the server's. */
+static void put_renamed(struct pgclient *c, char type, const char *before, size_t blen, const char *name,
+			const char *after, size_t alen)
+{
+	uint32_t n = htonl((uint32_t)(blen + strlen(name) + 1 + alen + 4));
+	evbuffer_add(c->sout, &type, 1);
+	evbuffer_add(c->sout, &n, 4);
+	if (blen)
+		evbuffer_add(c->sout, before, blen);
+	evbuffer_add(c->sout, name, strlen(name) + 1);
+	if (alen)
+		evbuffer_add(c->sout, after, alen);
+}
+
+static void arm_guard(struct pgclient *c)
+{
+	c->awaiting = true;
+	pgconn_guard_arm(&c->guard, c->timeout);
+}
+
+/* Check a later statement of the transaction; false when it was refused (the rest of the batch with it). */
+static bool statement_allowed(struct pgclient *c, bool query, const char *sql, const struct pgwire_bind *b,
+			      const struct cstmt *st)
+{
+	char msg[600];
+	const char *sqlstate;
+	const char *what = c->session_mode ? NULL : unpoolable(sql);
+	if (what) {
+		refusal_text(msg, sizeof(msg), what);
+		refuse_rest(c, query, "0A000", msg, unpoolable_hint);
+		return false;
+	}
+	if (!c->routed_first) {
+		c->routed_first = true;
+		return true;
+	}
+	if (route_again(c, sql, b, st, msg, sizeof(msg), &sqlstate) < 0) {
+		log_info("pg: client %u: %s", c->pid, msg);
+		refuse_rest(c, query, sqlstate, msg, NULL);
+		return false;
+	}
+	return true;
+}
+
+static void missing_statement(struct pgclient *c, const char *name)
+{
+	char msg[300];
+	snprintf(msg, sizeof(msg), "prepared statement \"%.200s\" does not exist", name);
+	refuse_rest(c, false, "26000", msg, NULL);
+}
+
+/* One client message while leased; false when the loop must stop (waiting for the server). */
+static bool leased_msg(struct pgclient *c, struct msg *m)
+{
+	struct pgwire_reader r;
+	struct evbuffer *tmp;
+	pgwire_reader_init(&r, m->body, m->len);
+	if (c->skip_to_sync && m->type != 'S') {
+		drop_msg(c, m);
+		return true;
+	}
+	switch (m->type) {
+	case 'Q': {
+		const char *sql = pgwire_getstr(&r);
+		if (r.bad)
+			goto bad;
+		tmp = evbuffer_new();
+		if (local_set(c, sql, c->tx != 'I', tmp)) {
+			pgwire_put_ready(tmp, c->tx);
+			push_local(c, tmp);
+			evbuffer_free(tmp);
+			drop_msg(c, m);
+			ex_drain_local(c);
+			return true;
+		}
+		evbuffer_free(tmp);
+		if (!statement_allowed(c, true, sql, NULL, NULL)) {
+			drop_msg(c, m);
+			arm_guard(c);
+			return false;
+		}
+		pgconn_note_statement(c->conn, sql);
+		if (sql_touches_statements(sql))
+			pgconn_cache_clear(c->conn);    /* DISCARD ALL drops the gateway's names with the client's */
+		forward_msg(c, m);
+		ex_push(c, EX_QUERY);
+		arm_guard(c);
+		return false;
+	}
+	case 'P': {
+		const char *name = pgwire_getstr(&r);
+		const char *sql = pgwire_getstr(&r);
+		int nt = pgwire_get16(&r);
+		uint32_t types[256];
+		if (r.bad || nt > (int)ARRAY_LEN(types))
+			goto bad;
+		for (int i = 0; i < nt; i++)
+			types[i] = pgwire_get32(&r);
+		if (r.bad)
+			goto bad;
+		const char *what = c->session_mode ? NULL : unpoolable(sql);
+		if (what) {
+			char msg[300];
+			refusal_text(msg, sizeof(msg), what);
+			refuse_rest(c, false, "0A000", msg, unpoolable_hint);
+			drop_msg(c, m);
+			return true;
+		}
+		pgconn_note_statement(c->conn, sql);
+		if (!*name) {
+			cstmt_clear(&c->unnamed);
+			cstmt_set(&c->unnamed, "", sql, types, nt);
+			c->unnamed.here = true;
+			forward_msg(c, m);
+			ex_push(c, EX_PARSE);
+			return true;
+		}
+		if (cstmt_find(c, name)) {
+			char msg[300];
+			snprintf(msg, sizeof(msg), "prepared statement \"%.200s\" already exists", name);
+			refuse_rest(c, false, "42P05", msg, NULL);
+			drop_msg(c, m);
+			return true;
+		}
+		struct cstmt *st = xcalloc(1, sizeof(*st));
+		unsigned b = cstmt_bucket(name);
+		cstmt_set(st, name, sql, types, nt);
+		st->next = c->stmts[b];
+		c->stmts[b] = st;
+		drop_msg(c, m);
+		int before = c->ex_n;
+		ensure_prepared(c, st);
+		if (c->ex_n > before) {
+			/* Our Parse answers for the client's: the client sees its ParseComplete. */
+			c->ex[(c->ex_head + c->ex_n - 1) % c->ex_cap].kind = EX_PARSE;
+		} else {
+			tmp = evbuffer_new();
+			pgwire_put_empty(tmp, '1');
+			push_local(c, tmp);
+			evbuffer_free(tmp);
+			ex_drain_local(c);
+		}
+		return true;
+	}
+	case 'B': {
+		struct pgwire_bind b;
+		struct cstmt *st;
+		if (pgwire_parse_bind(m->body, m->len, &b) < 0)
+			goto bad;
+		st = cstmt_find(c, b.stmt);
+		if (!st) {
+			if (!*b.stmt) {
+				forward_msg(c, m);      /* the server's unnamed statement of this lease, or its error */
+				ex_push(c, EX_BIND);
+				return true;
+			}
+			missing_statement(c, b.stmt);
+			drop_msg(c, m);
+			return true;
+		}
+		if (!statement_allowed(c, false, st->sql, &b, st)) {
+			drop_msg(c, m);
+			return true;
+		}
+		const char *sname = ensure_prepared(c, st);
+		const char *after = b.stmt + strlen(b.stmt) + 1;
+		put_renamed(c, 'B', m->body, (size_t)(b.stmt - m->body), sname, after,
+			    (size_t)(m->body + m->len - after));
+		drop_msg(c, m);
+		ex_push(c, EX_BIND);
+		return true;
+	}
+	case 'D': {
+		char kind = (char)pgwire_get8(&r);
+		const char *name = pgwire_getstr(&r);
+		if (r.bad)
+			goto bad;
+		if (kind == 'S') {
+			struct cstmt *st = cstmt_find(c, name);
+			if (!st && *name) {
+				missing_statement(c, name);
+				drop_msg(c, m);
+				return true;
+			}
+			if (st) {
+				const char *sname = ensure_prepared(c, st);
+				put_renamed(c, 'D', "S", 1, sname, NULL, 0);
+				drop_msg(c, m);
+				ex_push(c, EX_DESCRIBE);
+				return true;
+			}
+		}
+		forward_msg(c, m);
+		ex_push(c, EX_DESCRIBE);
+		return true;
+	}
+	case 'E':
+		forward_msg(c, m);
+		ex_push(c, EX_EXECUTE);
+		return true;
+	case 'C': {
+		char kind = (char)pgwire_get8(&r);
+		const char *name = pgwire_getstr(&r);
+		if (r.bad)
+			goto bad;
+		if (kind == 'S' && *name) {
+			cstmt_drop(c, name);
+			drop_msg(c, m);
+			tmp = evbuffer_new();
+			pgwire_put_empty(tmp, '3');
+			push_local(c, tmp);
+			evbuffer_free(tmp);
+			ex_drain_local(c);
+			return true;
+		}
+		if (kind == 'S')
+			cstmt_clear(&c->unnamed);
+		forward_msg(c, m);
+		ex_push(c, EX_CLOSE);
+		return true;
+	}
+	case 'S':
+		c->skip_to_sync = false;
+		forward_msg(c, m);
+		ex_push(c, EX_SYNC);
+		arm_guard(c);
+		return false;
+	case 'H':
+		forward_msg(c, m);
+		return true;
+	case 'd':
+	case 'c':
+	case 'f':
+		if (!c->copy_in) {
+			drop_msg(c, m);
+			return true;
+		}
+		if (m->type != 'd')
+			c->copy_in = false;
+		forward_msg(c, m);
+		return true;
+	case 'F':
+		refuse_rest(c, false, "0A000", "the function call protocol message is not supported", NULL);
+		drop_msg(c, m);
+		return true;
+	case 'X':
+		drop_msg(c, m);
+		c->closing_after = true;
+		c->terminated = true;
+		return false;
+	default:
+		goto bad;
+	}
+bad:
+	drop_msg(c, m);
+	fatal(c, "08P01", "invalid message from the client (protocol violation)");
+	return false;
+}
+
+static void process_leased(struct pgclient *c)
+{
+	struct msg m;
+	int rc;
+	while ((!c->awaiting || c->copy_in) && !c->terminated && (rc = next_msg(c, &m)) != 0) {
+		if (rc < 0) {
+			fatal(c, "08P01", "invalid message length from the client");
+			break;
+		}
+		if (c->awaiting && !(m.type == 'd' || m.type == 'c' || m.type == 'f'))
+			break;
+		if (!leased_msg(c, &m))
+			break;
+	}
+	if (c->state != CL_LEASED)
+		return;
+	server_flush(c);
+	if (c->terminated && !c->awaiting && c->state == CL_LEASED && !c->draining) {
+		/* Terminate or a protocol violation between batches: roll back what is open, then close. */
+		c->draining = true;
+		ready_for_query(c, c->tx);
+	}
+}
+
+/* ---- between transactions ---- */
+
+/* A Bind that follows a Parse of the same statement in the input: its parameters route the first statement. */
+static void peek_bind(struct pgclient *c, const struct msg *parse, const char *name, struct first_stmt *fs)
+{
+	struct evbuffer *in = bufferevent_get_input(c->bev);
+	unsigned char h[5];
+	struct evbuffer_ptr pos;
+	uint32_t n;
+	if (evbuffer_ptr_set(in, &pos, parse->len + 5, EVBUFFER_PTR_SET) < 0 ||
+	    evbuffer_copyout_from(in, &pos, h, 5) < 5 || h[0] != 'B')
+		return;
+	memcpy(&n, h + 1, 4);
+	n = ntohl(n);
+	if (n < 4 || n > PGWIRE_MAX_MESSAGE || evbuffer_get_length(in) < parse->len + 5 + n + 1)
+		return;
+	const char *body = (const char *)evbuffer_pullup(in, (ssize_t)(parse->len + 5 + n + 1)) + parse->len + 10;
+	if (pgwire_parse_bind(body, n - 4, &fs->bind) == 0 && strcmp(fs->bind.stmt, name) == 0)
+		fs->has_bind = true;
+}
+
+static void idle_msg_done(struct pgclient *c, struct msg *m)
+{
+	drop_msg(c, m);
+}
+
+/* One client message between transactions; false when a transaction started (or the client is closing). */
+static bool idle_msg(struct pgclient *c, struct msg *m)
+{
+	struct pgwire_reader r;
+	struct first_stmt fs;
+	struct evbuffer *out = cout(c);
+	memset(&fs, 0, sizeof(fs));
+	pgwire_reader_init(&r, m->body, m->len);
+	if (c->skip_to_sync) {
+		if (m->type == 'S') {
+			c->skip_to_sync = false;
+			pgwire_put_ready(out, 'I');
+		}
+		idle_msg_done(c, m);
+		return true;
+	}
+	switch (m->type) {
+	case 'Q': {
+		const char *sql = pgwire_getstr(&r), *what;
+		const char *p;
+		if (r.bad)
+			goto bad;
+		if (local_set(c, sql, false, out)) {
+			pgwire_put_ready(out, 'I');
+			idle_msg_done(c, m);
+			return true;
+		}
+		p = sql_skip_noise(sql);
+		while (*p == ';' || isspace((unsigned char)*p))
+			p = sql_skip_noise(p + 1);
+		if (!*p) {
+			pgwire_put_empty(out, 'I');
+			pgwire_put_ready(out, 'I');
+			idle_msg_done(c, m);
+			return true;
+		}
+		what = c->session_mode ? NULL : unpoolable(sql);
+		if (what) {
+			char msg[300];
+			refusal_text(msg, sizeof(msg), what);
+			idle_error(c, true, "0A000", msg, unpoolable_hint);
+			idle_msg_done(c, m);
+			return true;
+		}
+		fs.sql = sql;
+		start_transaction(c, &fs);
+		return false;
+	}
+	case 'P': {
+		const char *name = pgwire_getstr(&r);
+		fs.sql = pgwire_getstr(&r);
+		if (r.bad)
+			goto bad;
+		if (*name && cstmt_find(c, name)) {
+			char msg[300];
+			snprintf(msg, sizeof(msg), "prepared statement \"%.200s\" already exists", name);
+			idle_error(c, false, "42P05", msg, NULL);
+			idle_msg_done(c, m);
+			return true;
+		}
+		peek_bind(c, m, name, &fs);
+		start_transaction(c, &fs);
+		return false;
+	}
+	case 'B': {
+		struct pgwire_bind b;
+		const struct cstmt *st;
+		if (pgwire_parse_bind(m->body, m->len, &b) < 0)
+			goto bad;
+		st = cstmt_find(c, b.stmt);
+		if (!st) {
+			char msg[300];
+			snprintf(msg, sizeof(msg), "prepared statement \"%.200s\" does not exist", b.stmt);
+			idle_error(c, false, "26000", msg, NULL);
+			idle_msg_done(c, m);
+			return true;
+		}
+		fs.sql = st->sql;
+		fs.bind = b;
+		fs.has_bind = true;
+		fs.st = st;
+		start_transaction(c, &fs);
+		return false;
+	}
+	case 'D': {
+		char kind = (char)pgwire_get8(&r);
+		const char *name = pgwire_getstr(&r);
+		const struct cstmt *st = kind == 'S' ? cstmt_find(c, name) : NULL;
+		char msg[300];
+		if (r.bad)
+			goto bad;
+		if (st) {
+			fs.sql = st->sql;
+			fs.st = st;
+			start_transaction(c, &fs);
+			return false;
+		}
+		if (kind == 'S')
+			snprintf(msg, sizeof(msg), "prepared statement \"%.200s\" does not exist", name);
+		else
+			snprintf(msg, sizeof(msg), "portal \"%.200s\" does not exist", name);
+		idle_error(c, false, kind == 'S' ? "26000" : "34000", msg, NULL);
+		idle_msg_done(c, m);
+		return true;
+	}
+	case 'E': {
+		char msg[300];
+		const char *name = pgwire_getstr(&r);
+		snprintf(msg, sizeof(msg), "portal \"%.200s\" does not exist", name);
+		idle_error(c, false, "34000", msg, NULL);
+		idle_msg_done(c, m);
+		return true;
+	}
+	case 'C': {
+		char kind = (char)pgwire_get8(&r);
+		const char *name = pgwire_getstr(&r);
+		if (r.bad)
+			goto bad;
+		if (kind == 'S' && *name)
+			cstmt_drop(c, name);
+		else if (kind == 'S')
+			cstmt_clear(&c->unnamed);
+		pgwire_put_empty(out, '3');
+		idle_msg_done(c, m);
+		return true;
+	}
+	case 'S':
+		pgwire_put_ready(out, 'I');
+		idle_msg_done(c, m);
+		return true;
+	case 'H':
+	case 'd':
+	case 'c':
+	case 'f':
+		idle_msg_done(c, m);
+		return true;
+	case 'F':
+		idle_error(c, false, "0A000", "the function call protocol message is not supported", NULL);
+		idle_msg_done(c, m);
+		return true;
+	case 'X':
+		idle_msg_done(c, m);
+		c->state = CL_CLOSING;
+		return false;
+	default:
+		goto bad;
+	}
+bad:
+	idle_msg_done(c, m);
+	fatal(c, "08P01", "invalid message from the client (protocol violation)");
+	return false;
+}
+
+static void process_idle(struct pgclient *c)
+{
+	struct msg m;
+	int rc;
+	while (c->state == CL_IDLE && (rc = next_msg(c, &m)) != 0) {
+		if (rc < 0) {
+			fatal(c, "08P01", "invalid message length from the client");
+			return;
+		}
+		if (!idle_msg(c, &m))
+			break;
+	}
+	if (c->state == CL_CLOSING && evbuffer_get_length(cout(c)) == 0)
+		client_free(c);
+}
+
+static void process_input(struct pgclient *c)
+{
+	switch (c->state) {
+	case CL_IDLE:
+		process_idle(c);
+		return;
+	case CL_LEASED:
+		process_leased(c);
+		return;
+	default:
+		return;
+	}
+}
+
+/* ---- startup and authentication ---- */
+
+/* A remembered value as the client would read it back: a quoted literal unquoted, into buf. */
+static const char *unquoted(const char *v, char *buf, size_t len)
+{
+	size_t n = 0;
+	if (*v != '\'')
+		return v;
+	for (v++; *v && n + 1 < len; v++) {
+		if (*v == '\'' && v[1] == '\'')
+			v++;
+		else if (*v == '\'')
+			break;
+		buf[n++] = *v;
+	}
+	buf[n] = '\0';
+	return buf;
+}
+
+/* The remembered value of setting name (lower case), unquoted into buf; NULL when none. */
+static const char *setting_value(const struct pgclient *c, const char *name, char *buf, size_t len)
+{
+	for (int k = 0; k < c->nsettings; k++)
+		if (strcmp(c->settings[k].name, name) == 0)
+			return unquoted(c->settings[k].value, buf, len);
+	return NULL;
+}
+
+static void send_parameters(struct pgclient *c)
+{
+	struct evbuffer *out = cout(c);
+	const char *v;
+	char version[96];
+	static const char *const from_server[][2] = {
+		{ "DateStyle", "ISO, MDY" }, { "IntervalStyle", "postgres" }, { "TimeZone", "UTC" },
+		{ "integer_datetimes", "on" }, { "standard_conforming_strings", "on" },
+	};
+	v = pgconn_server_param("server_version");
+	if (!v) {
+		/* No shard answered yet: libpq's own major.minor, the best guess there is. */
+		snprintf(version, sizeof(version), "%d.%d", PQlibVersion() / 10000, PQlibVersion() % 10000);
+		v = version;
+	}
+	pgwire_put_param(out, "server_version", v);
+	pgwire_put_param(out, "server_encoding", "UTF8");
+	char buf[256], lname[64];
+	for (size_t i = 0; i < ARRAY_LEN(from_server); i++) {
+		size_t k;
+		for (k = 0; from_server[i][0][k] && k < sizeof(lname) - 1; k++)
+			lname[k] = (char)tolower((unsigned char)from_server[i][0][k]);
+		lname[k] = '\0';
+		v = setting_value(c, lname, buf, sizeof(buf));
+		if (!v)
+			v = pgconn_server_param(from_server[i][0]);
+		pgwire_put_param(out, from_server[i][0], v ? v : from_server[i][1]);
+	}
+	v = setting_value(c, "client_encoding", buf, sizeof(buf));
+	pgwire_put_param(out, "client_encoding", v ? v : "UTF8");
+	v = setting_value(c, "application_name", buf, sizeof(buf));
+	pgwire_put_param(out, "application_name", v ? v : "");
+	pgwire_put_param(out, "is_superuser", "off");
+	pgwire_put_param(out, "session_authorization", c->user);
+	pgwire_put_param(out, "default_transaction_read_only", "off");
+	pgwire_put_param(out, "in_hot_standby", "off");
+	pgwire_put_key(out, c->pid, c->key);
+	pgwire_put_ready(out, 'I');
+}
+
+static void auth_ok(struct pgclient *c)
+{
+	pgwire_put_auth(cout(c), 0, NULL, 0);
+	scram_free(c->scram);
+	c->scram = NULL;
+	c->auth = AS_NONE;
+	c->state = CL_IDLE;
+	event_del(c->timer);
+	stats.logins++;
+	send_parameters(c);
+	log_debug("pg: client %u logged in as %s (database %s)", c->pid, c->user, c->database);
+}
+
+static void auth_failed(struct pgclient *c, const char *why)
+{
+	char msg[300];
+	stats.login_failures++;
+	snprintf(msg, sizeof(msg), "password authentication failed for user \"%.100s\"", c->user);
+	log_info("pg: client %u: %s: %s", c->pid, msg, why);
+	fatal(c, "28P01", msg);
+}
+
+/* A startup value of a setting: quoted as a literal for the replay. */
+static void startup_setting(struct pgclient *c, const char *name, const char *value)
+{
+	char lname[64], quoted[600];
+	size_t n = 0, q = 0;
+	for (; name[n] && n < sizeof(lname) - 1; n++)
+		lname[n] = (char)tolower((unsigned char)name[n]);
+	lname[n] = '\0';
+	if (strncmp(lname, "shardgate.", 10) == 0) {
+		sess_put(c, lname + 10, value);
+		return;
+	}
+	if (strcmp(lname, "client_encoding") == 0 &&
+	    (strcasecmp(value, "utf8") == 0 || strcasecmp(value, "utf-8") == 0 || strcasecmp(value, "unicode") == 0))
+		value = "UTF8";
+	quoted[q++] = '\'';
+	for (const char *p = value; *p && q < sizeof(quoted) - 3; p++) {
+		if (*p == '\'')
+			quoted[q++] = '\'';
+		quoted[q++] = *p;
+	}
+	quoted[q++] = '\'';
+	quoted[q] = '\0';
+	setting_put(c, lname, quoted, q);
+}
+
+/* options = "-c name=value -c ..." (backslash escapes a space), as a server reads it. */
+static void startup_options(struct pgclient *c, const char *opts)
+{
+	char word[512];
+	bool want_c = false;
+	while (*opts) {
+		size_t n = 0;
+		while (isspace((unsigned char)*opts))
+			opts++;
+		if (!*opts)
+			break;
+		while (*opts && !isspace((unsigned char)*opts) && n < sizeof(word) - 1) {
+			if (*opts == '\\' && opts[1])
+				opts++;
+			word[n++] = *opts++;
+		}
+		word[n] = '\0';
+		const char *w = word;
+		if (strcmp(w, "-c") == 0) {
+			want_c = true;
+			continue;
+		}
+		if (!want_c && strncmp(w, "-c", 2) == 0)
+			w += 2;
+		else if (strncmp(w, "--", 2) == 0)
+			w += 2;
+		else if (!want_c)
+			continue;
+		want_c = false;
+		char *eq = strchr(w, '=');
+		if (!eq)
+			continue;
+		*eq = '\0';
+		for (char *p = (char *)w; *p; p++)
+			if (*p == '-')
+				*p = '_';
+		startup_setting(c, w, eq + 1);
+	}
+}
+
+/* The values a client may not set at startup: they are the gateway's, or meaningless through it. */
+static bool startup_reserved(const char *name)
+{
+	return strcmp(name, "user") == 0 || strcmp(name, "database") == 0 || strcmp(name, "options") == 0 ||
+	       strcmp(name, "replication") == 0 || strncmp(name, "_pq_.", 5) == 0;
+}
+
+static void start_auth(struct pgclient *c)
+{
+	const struct config *cfg = cfg_now();
+	const struct pg_user *u = auth_find_pg_user(&cfg->auth, c->user);
+	c->state = CL_AUTH;
+	c->session_mode = u && u->session;
+	if (u && u->method == PG_AUTH_TRUST) {
+		auth_ok(c);
+		return;
+	}
+	if ((u && u->method == PG_AUTH_MD5) || (!u && cfg->auth.npg_users && cfg->auth.pg_users[0].method == PG_AUTH_MD5)) {
+		if (RAND_bytes(c->md5_salt, 4) != 1)
+			abort();
+		pgwire_put_auth(cout(c), 5, c->md5_salt, 4);
+		c->auth = AS_MD5;
+		return;
+	}
+	c->scram = scram_new(u ? u->scram : NULL, c->user);
+	if (!c->scram) {
+		fatal(c, "XX000", "cannot start SCRAM authentication");
+		return;
+	}
+	pgwire_put_auth(cout(c), 10, "SCRAM-SHA-256\0", 15);
+	c->auth = AS_SASL_FIRST;
+}
+
+static void on_password(struct pgclient *c, const struct msg *m)
+{
+	const struct pg_user *u = auth_find_pg_user(&cfg_now()->auth, c->user);
+	struct pgwire_reader r;
+	char out[512], err[256];
+	pgwire_reader_init(&r, m->body, m->len);
+	switch (c->auth) {
+	case AS_MD5: {
+		const char *resp = pgwire_getstr(&r);
+		if (r.bad || !u || u->method != PG_AUTH_MD5 || !scram_md5_check(u->password, c->user, c->md5_salt, resp)) {
+			auth_failed(c, u ? "wrong password (md5)" : "no such user in pg_users");
+			return;
+		}
+		auth_ok(c);
+		return;
+	}
+	case AS_SASL_FIRST: {
+		const char *mech = pgwire_getstr(&r);
+		int32_t n = (int32_t)pgwire_get32(&r);
+		const char *data = n >= 0 ? pgwire_getbytes(&r, (size_t)n) : NULL;
+		if (r.bad || strcmp(mech, "SCRAM-SHA-256") != 0 || !data) {
+			fatal(c, "08P01", "expected a SASLInitialResponse for SCRAM-SHA-256");
+			return;
+		}
+		if (scram_client_first(c->scram, data, (size_t)n, out, sizeof(out), err, sizeof(err)) < 0) {
+			auth_failed(c, err);
+			return;
+		}
+		pgwire_put_auth(cout(c), 11, out, strlen(out));
+		c->auth = AS_SASL_FINAL;
+		return;
+	}
+	case AS_SASL_FINAL:
+		if (scram_client_final(c->scram, m->body, m->len, out, sizeof(out), err, sizeof(err)) < 0 || !u) {
+			auth_failed(c, u ? err : "no such user in pg_users");
+			return;
+		}
+		pgwire_put_auth(cout(c), 12, out, strlen(out));
+		auth_ok(c);
+		return;
+	default:
+		fatal(c, "08P01", "unexpected password message");
+	}
+}
+
+static void on_cancel_request(struct pgclient *c, uint32_t pid, uint32_t key)
+{
+	struct pgclient *t;
+	LIST_FOREACH(t, &c->face->clients, link) {
+		if (t->pid != pid || t == c)
+			continue;
+		if (t->key != key) {
+			log_info("pg: a cancel request for client %u had the wrong key", pid);
+			break;
+		}
+		if (t->state == CL_LEASED && t->awaiting && t->conn) {
+			log_info("pg: client %u: cancel request, cancelling its statement on shard %s", pid, t->shard_name);
+			pgconn_cancel(t->conn);
+		}
+		break;
+	}
+}
+
+static void use_tls(struct pgclient *c)
+{
+	SSL *ssl = SSL_new(c->face->tls);
+	struct bufferevent *b;
+	if (!ssl) {
+		fatal(c, "XX000", "cannot start TLS");
+		return;
+	}
+	b = bufferevent_openssl_filter_new(c->face->base, c->bev, ssl, BUFFEREVENT_SSL_ACCEPTING,
+					   BEV_OPT_CLOSE_ON_FREE);
+	if (!b) {
+		SSL_free(ssl);
+		fatal(c, "XX000", "cannot start TLS");
+		return;
+	}
+	c->bev = b;
+	c->tls = true;
+}
+
+static void on_client_read(struct bufferevent *bev, void *arg);
+static void on_client_write(struct bufferevent *bev, void *arg);
+static void on_client_event(struct bufferevent *bev, short what, void *arg);
+
+/* The startup packet (or an encryption or cancel request before it). */
+static void read_startup(struct pgclient *c)
+{
+	struct evbuffer *in = bufferevent_get_input(c->bev);
+	struct pgwire_startup su;
+	uint32_t n;
+	char err[200];
+	if (evbuffer_copyout(in, &n, 4) < 4)
+		return;
+	n = ntohl(n);
+	if (n < 8 || n > PGWIRE_MAX_STARTUP) {
+		fatal(c, "08P01", "invalid length of startup packet");
+		return;
+	}
+	if (evbuffer_get_length(in) < n)
+		return;
+	char *body = xmalloc(n);
+	evbuffer_remove(in, body, n);
+	if (pgwire_parse_startup(body + 4, n - 4, &su, err, sizeof(err)) < 0) {
+		free(body);
+		fatal(c, "08P01", err);
+		return;
+	}
+	if (su.code == PGWIRE_SSL_REQUEST || su.code == PGWIRE_GSS_REQUEST) {
+		bool yes = su.code == PGWIRE_SSL_REQUEST && c->face->tls && !c->tls;
+		free(body);
+		bufferevent_write(c->bev, yes ? "S" : "N", 1);
+		if (yes) {
+			use_tls(c);
+			bufferevent_setcb(c->bev, on_client_read, on_client_write, on_client_event, c);
+			bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+		}
+		return;
+	}
+	if (su.code == PGWIRE_CANCEL) {
+		free(body);
+		on_cancel_request(c, su.cancel_pid, su.cancel_key);
+		c->state = CL_CLOSING;
+		client_free(c);
+		return;
+	}
+	if (su.code >> 16 != 3) {
+		snprintf(err, sizeof(err), "unsupported frontend protocol %u.%u: the gateway supports 3.0",
+			 su.code >> 16, su.code & 0xffff);
+		free(body);
+		fatal(c, "0A000", err);
+		return;
+	}
+	if (!su.user || !*su.user) {
+		free(body);
+		fatal(c, "28000", "no PostgreSQL user name specified in startup packet");
+		return;
+	}
+	/* Keep the packet: names and values point into it. */
+	c->startup_buf = body;
+	c->user = su.user;
+	c->database = su.database && *su.database ? su.database : su.user;
+	c->startup = xcalloc((size_t)(su.n ? su.n : 1), sizeof(*c->startup));
+	const char *unknown[PGWIRE_MAX_PARAMS];
+	int nunknown = 0;
+	for (int i = 0; i < su.n; i++) {
+		c->startup[c->nstartup].name = su.names[i];
+		c->startup[c->nstartup++].value = su.values[i];
+		if (strncmp(su.names[i], "_pq_.", 5) == 0)
+			unknown[nunknown++] = su.names[i];
+		else if (strcmp(su.names[i], "options") == 0)
+			startup_options(c, su.values[i]);
+		else if (!startup_reserved(su.names[i]))
+			startup_setting(c, su.names[i], su.values[i]);
+	}
+	recompute_sig(c);
+	if ((su.code & 0xffff) > 0 || nunknown)
+		pgwire_put_negotiate(cout(c), 0, unknown, nunknown);
+	start_auth(c);
+}
+
+static void on_client_read(struct bufferevent *bev, void *arg)
+{
+	struct pgclient *c = arg;
+	struct msg m;
+	int rc;
+	(void)bev;
+	switch (c->state) {
+	case CL_STARTUP:
+		read_startup(c);
+		return;
+	case CL_AUTH:
+		rc = next_msg(c, &m);
+		if (rc < 0 || (rc == 1 && m.type != 'p')) {
+			fatal(c, "08P01", "expected a password message");
+			return;
+		}
+		if (rc == 1) {
+			on_password(c, &m);
+			if (c->state != CL_CLOSING)
+				drop_msg(c, &m);
+			if (c->state == CL_IDLE)
+				process_idle(c);
+		}
+		return;
+	case CL_CLOSING:
+		evbuffer_drain(bufferevent_get_input(c->bev), evbuffer_get_length(bufferevent_get_input(c->bev)));
+		return;
+	default:
+		process_input(c);
+		return;
+	}
+}
+
+static void on_client_write(struct bufferevent *bev, void *arg)
+{
+	struct pgclient *c = arg;
+	(void)bev;
+	if (c->state == CL_CLOSING) {
+		client_free(c);
+		return;
+	}
+	/* The client caught up: read the server again. */
+	if (c->state == CL_LEASED && c->sread && c->sfd >= 0 && !event_pending(c->sread, EV_READ, NULL))
+		event_add(c->sread, NULL);
+}
+
+/* The client went away (or its connection broke). */
+static void client_gone(struct pgclient *c)
+{
+	bufferevent_disable(c->bev, EV_READ | EV_WRITE);
+	switch (c->state) {
+	case CL_ROUTING:
+		c->draining = true;
+		exec_abort(c->exec);
+		return;
+	case CL_RESETTING:
+		c->draining = true;
+		return;
+	case CL_LEASED:
+		if (c->draining)
+			return;
+		c->draining = true;
+		c->closing_after = false;
+		log_info("pg: client %u went away inside a transaction on shard %s; rolling back", c->pid,
+			 c->shard_name);
+		if (c->copy_in) {
+			static const char why[] = "the client went away";
+			put_msg(c->sout, 'f', why, sizeof(why));
+			c->copy_in = false;
+		}
+		if (c->awaiting) {
+			pgconn_guard_cancel(&c->guard, c->conn);
+			server_flush(c);
+			return;
+		}
+		ready_for_query(c, c->tx);
+		return;
+	default:
+		client_free(c);
+		return;
+	}
+}
+
+static void on_client_event(struct bufferevent *bev, short what, void *arg)
+{
+	struct pgclient *c = arg;
+	(void)bev;
+	if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR))
+		client_gone(c);
+}
+
+static void on_client_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgclient *c = arg;
+	(void)fd;
+	(void)what;
+	if (c->state == CL_STARTUP || c->state == CL_AUTH)
+		fatal(c, "08006", "the client did not log in within client_timeout");
+}
+
+static void client_free(struct pgclient *c)
+{
+	LIST_REMOVE(c, link);
+	stats.clients--;
+	if (c->bev)
+		bufferevent_free(c->bev);
+	if (c->timer)
+		event_free(c->timer);
+	if (c->guard.timer)
+		event_free(c->guard.timer);
+	if (c->later)
+		event_free(c->later);
+	if (c->sread)
+		event_free(c->sread);
+	if (c->swrite)
+		event_free(c->swrite);
+	evbuffer_free(c->sin);
+	evbuffer_free(c->sout);
+	while (c->ex_n)
+		ex_pop(c);
+	free(c->ex);
+	cstmt_free_all(c);
+	for (int i = 0; i < c->nsettings; i++) {
+		free(c->settings[i].name);
+		free(c->settings[i].value);
+	}
+	free(c->settings);
+	sess_clear(c);
+	free(c->sess);
+	scram_free(c->scram);
+	free(c->startup);
+	free(c->startup_buf);
+	free(c->rq_buf);
+	fault_clear(&c->fault);
+	free(c);
+}
+
+static void on_accept(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa, int salen, void *arg)
+{
+	struct pgface *f = arg;
+	struct pgclient *c = xcalloc(1, sizeof(*c));
+	int one = 1;
+	(void)l;
+	(void)salen;
+	if (sa->sa_family == AF_INET || sa->sa_family == AF_INET6)
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	evutil_make_socket_nonblocking(fd);
+	c->face = f;
+	c->sfd = -1;
+	c->tx = 'I';
+	f->next_pid = (f->next_pid + 1) & 0x7fffffff;
+	c->pid = f->next_pid ? f->next_pid : (f->next_pid = 1);
+	if (RAND_bytes((unsigned char *)&c->key, sizeof(c->key)) != 1)
+		abort();
+	c->bev = bufferevent_socket_new(f->base, fd, BEV_OPT_CLOSE_ON_FREE);
+	c->timer = evtimer_new(f->base, on_client_timer, c);
+	c->guard.timer = evtimer_new(f->base, on_guard, c);
+	c->later = event_new(f->base, -1, 0, on_later, c);
+	c->sin = evbuffer_new();
+	c->sout = evbuffer_new();
+	if (!c->bev || !c->timer || !c->guard.timer || !c->later || !c->sin || !c->sout)
+		abort();
+	LIST_INSERT_HEAD(&f->clients, c, link);
+	stats.clients++;
+	bufferevent_setcb(c->bev, on_client_read, on_client_write, on_client_event, c);
+	bufferevent_setwatermark(c->bev, EV_WRITE, CLIENT_OUT_HIGH / 4, 0);
+	bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+	struct timeval tv = tv_of(cfg_now()->client_timeout);
+	evtimer_add(c->timer, &tv);
+	if (f->shutting_down)
+		fatal(c, "57P01", "the gateway is shutting down");
+}
+
+static void on_accept_error(struct evconnlistener *l, void *arg)
+{
+	(void)l;
+	(void)arg;
+	log_warn("pg: accept failed: %s", strerror(errno));
+}
+
+struct pgface *pgface_new(struct event_base *base, const char *addr, struct ssl_ctx_st *tls, char *err,
+			  size_t errlen)
+{
+	struct pgface *f = xcalloc(1, sizeof(*f));
+	struct sockaddr_storage ss;
+	int len = (int)sizeof(ss);
+	f->base = base;
+	f->tls = tls;
+	LIST_INIT(&f->clients);
+	if (evutil_parse_sockaddr_port(addr, (struct sockaddr *)&ss, &len) < 0) {
+		fmt_err(err, errlen, "invalid pg_listen address '%s' (expected host:port)", addr);
+		free(f);
+		return NULL;
+	}
+	f->listener = evconnlistener_new_bind(base, on_accept, f,
+					      LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_EXEC, 1024,
+					      (struct sockaddr *)&ss, len);
+	if (!f->listener) {
+		fmt_err(err, errlen, "cannot listen on %s (pg_listen): %s", addr, strerror(errno));
+		free(f);
+		return NULL;
+	}
+	evconnlistener_set_error_cb(f->listener, on_accept_error);
+	return f;
+}
+
+static bool busy(const struct pgclient *c)
+{
+	return c->state == CL_ROUTING || c->state == CL_RESETTING || c->state == CL_LEASED;
+}
+
+void pgface_shutdown(struct pgface *f)
+{
+	struct pgclient *c, *next;
+	if (!f)
+		return;
+	f->shutting_down = true;
+	evconnlistener_disable(f->listener);
+	for (c = LIST_FIRST(&f->clients); c; c = next) {
+		next = LIST_NEXT(c, link);
+		if (busy(c))
+			c->closing_after = true;
+		else if (c->state != CL_CLOSING)
+			fatal(c, "57P01", "terminating connection due to administrator command");
+	}
+}
+
+void pgface_terminate(struct pgface *f)
+{
+	struct pgclient *c, *next;
+	if (!f)
+		return;
+	for (c = LIST_FIRST(&f->clients); c; c = next) {
+		next = LIST_NEXT(c, link);
+		if (!busy(c) || c->draining)
+			continue;
+		pgwire_put_error(cout(c), 'E', "FATAL", "57P01", "terminating connection due to administrator command",
+				 NULL, NULL);
+		bufferevent_flush(c->bev, EV_WRITE, BEV_FLUSH);
+		client_gone(c);
+	}
+}
+
+int pgface_busy(const struct pgface *f)
+{
+	int n = 0;
+	const struct pgclient *c;
+	if (!f)
+		return 0;
+	LIST_FOREACH(c, &f->clients, link)
+		n += busy(c);
+	return n;
+}
+
+void pgface_free(struct pgface *f)
+{
+	if (!f)
+		return;
+	while (!LIST_EMPTY(&f->clients)) {
+		struct pgclient *c = LIST_FIRST(&f->clients);
+		if (c->state == CL_LEASED && c->conn)
+			lease_end(c, false);
+		client_free(c);
+	}
+	evconnlistener_free(f->listener);
+	free(f);
+}
+
+void pgface_stats(struct pgface_stats *out)
+{
+	*out = stats;
+}
