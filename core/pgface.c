@@ -193,11 +193,13 @@ struct pgclient {
 	double timeout;
 };
 
+LIST_HEAD(pgclient_list, pgclient);
+
 struct pgface {
 	struct event_base *base;
 	struct evconnlistener *listener;
 	SSL_CTX *tls;
-	LIST_HEAD(, pgclient) clients;
+	struct pgclient_list clients;
 	uint32_t next_pid;
 	bool shutting_down;
 };
@@ -1894,7 +1896,7 @@ static void send_parameters(struct pgclient *c)
 	char buf[256], lname[64];
 	for (size_t i = 0; i < ARRAY_LEN(from_server); i++) {
 		size_t k;
-		for (k = 0; from_server[i][0][k] && k < sizeof(lname) - 1; k++)
+		for (k = 0; k < sizeof(lname) - 1 && from_server[i][0][k]; k++)
 			lname[k] = (char)tolower((unsigned char)from_server[i][0][k]);
 		lname[k] = '\0';
 		v = setting_value(c, lname, buf, sizeof(buf));
@@ -1941,7 +1943,7 @@ static void startup_setting(struct pgclient *c, const char *name, const char *va
 {
 	char lname[64], quoted[600];
 	size_t n = 0, q = 0;
-	for (; name[n] && n < sizeof(lname) - 1; n++)
+	for (; n < sizeof(lname) - 1 && name[n]; n++)
 		lname[n] = (char)tolower((unsigned char)name[n]);
 	lname[n] = '\0';
 	if (strncmp(lname, "shardgate.", 10) == 0) {
@@ -2083,7 +2085,7 @@ static void on_password(struct pgclient *c, const struct msg *m)
 static void on_cancel_request(struct pgclient *c, uint32_t pid, uint32_t key)
 {
 	struct pgclient *t;
-	LIST_FOREACH(t, &c->face->clients, link) {
+	for (t = LIST_FIRST(&c->face->clients); t; t = LIST_NEXT(t, link)) {
 		if (t->pid != pid || t == c)
 			continue;
 		if (t->key != key) {
