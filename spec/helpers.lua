@@ -326,6 +326,59 @@ function helpers.psql_rows(db, sql)
   return parse_rows(psql_raw(pg_host(), pg_port(), db, sql, 2))
 end
 
+---------------------------------------------------------------------------
+-- PostgreSQL clients of the gateway's pg_listen
+---------------------------------------------------------------------------
+
+helpers.pg_bin = pg_bin
+-- Debian's interpreter, whose python3-psycopg and python3-asyncpg `make deps` installs.
+helpers.python3 = "/usr/bin/python3"
+
+-- helpers.pg_gateway(opts): helpers.start_gateway with pg_listen on a free
+-- loopback port. opts as start_gateway's, plus pg_users (default: user "app",
+-- trust, every tenant). gw.pg_port is the port.
+function helpers.pg_gateway(opts)
+  opts = opts or {}
+  local port = helpers.free_port()
+  local config = { pg_listen = "127.0.0.1:" .. port,
+                   pg_users = opts.pg_users or { app = { auth = "trust", tenants = "*" } } }
+  for k, v in pairs(opts.config or {}) do config[k] = v end
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  o.config = config
+  local gw = helpers.start_gateway(o)
+  gw.pg_port = port
+  return gw
+end
+
+-- psql through the gateway: returns code, stdout, stderr. opts: user
+-- (default "app"), db ("app"), password, options (PGOPTIONS, e.g.
+-- "-c shardgate.tenant=4"), args (extra psql arguments, default -X -At).
+function helpers.gw_psql(gw, sql, opts)
+  opts = opts or {}
+  local file = os.tmpname()
+  helpers.write_file(file, sql)
+  local env = string.format("PGCONNECT_TIMEOUT=10 PGPASSWORD=%s PGOPTIONS=%s ",
+    shell_quote(opts.password or ""), shell_quote(opts.options or ""))
+  local code, out, err = run(env .. string.format("%s %s -h 127.0.0.1 -p %d -U %s -d %s -f %s",
+    shell_quote(pg_bin() .. "/psql"), opts.args or "-X -At", gw.pg_port, shell_quote(opts.user or "app"),
+    shell_quote(opts.db or "app"), shell_quote(file)))
+  os.remove(file)
+  return code, out, err
+end
+
+-- Runs a Python program (source text) with Debian's python3; argv after it.
+-- Returns code, stdout, stderr.
+function helpers.python(src, args)
+  local file = os.tmpname() .. ".py"
+  helpers.write_file(file, src)
+  local parts = { shell_quote(helpers.python3), shell_quote(file) }
+  for _, a in ipairs(args or {}) do parts[#parts + 1] = shell_quote(tostring(a)) end
+  local code, out, err = run(table.concat(parts, " "))
+  os.remove(file)
+  return code, out, err
+end
+
 local function ident(name)
   return '"' .. name:gsub('"', '""') .. '"'
 end
