@@ -19,6 +19,7 @@
 #include "config.h"
 #include "directory.h"
 #include "dryrun.h"
+#include "pgsql.h"
 #include "generation.h"
 #include "http.h"
 #include "jsonw.h"
@@ -257,6 +258,35 @@ static const char *arg(const char *q, const char *name, int nth, char *buf, size
 	return NULL;
 }
 
+/*
+ * GET /admin/route?protocol=pg&sql=...&user=app&database=db&session=tenant%3D42&startup=application_name%3Dx:
+ * a PostgreSQL client's statement outside a transaction, comments read from sql as the face reads them.
+ */
+static void handle_pg_route(struct http_request *req, struct generation *g)
+{
+	static char sql[16384], user[128], database[128], cbuf[4096];
+	static char sbuf[DRYRUN_MAX_PAIRS][512], tbuf[DRYRUN_MAX_PAIRS][512];
+	struct dryrun_request dr = { 0 };
+	struct evbuffer *b = new_buffer();
+	const char *q = req->head.query;
+	struct route rt;
+
+	dr.pg = true;
+	dr.sql = arg(q, "sql", 0, sql, sizeof(sql)) ? sql : "";
+	dr.user = arg(q, "user", 0, user, sizeof(user)) ? user : "";
+	dr.database = arg(q, "database", 0, database, sizeof(database)) ? database : dr.user;
+	for (int i = 0; dr.nsession < DRYRUN_MAX_PAIRS && arg(q, "session", i, sbuf[dr.nsession], sizeof(sbuf[0])); i++)
+		dr.nsession += pgsql_pair(sbuf[dr.nsession], &dr.session[dr.nsession]);
+	for (int i = 0; dr.nstartup < DRYRUN_MAX_PAIRS && arg(q, "startup", i, tbuf[dr.nstartup], sizeof(tbuf[0])); i++)
+		dr.nstartup += pgsql_pair(tbuf[dr.nstartup], &dr.startup[dr.nstartup]);
+	dr.ncomment = pgsql_comments(dr.sql, dr.comment, DRYRUN_MAX_PAIRS, cbuf, sizeof(cbuf));
+	dr.tenant_hint = pgsql_tenant_hint(dr.comment, dr.ncomment, dr.session, dr.nsession);
+	dryrun_route(g->script, &dr, &rt);
+	answer_write_route(b, g->cfg, &rt);
+	route_clear(&rt);
+	reply(req, 200, b);
+}
+
 /* GET /admin/route?method=POST&path=/query&header=X-Org:%201&body=... */
 static void handle_route(struct http_request *req)
 {
@@ -267,6 +297,10 @@ static void handle_route(struct http_request *req)
 	struct evbuffer *b = new_buffer();
 	const char *q = req->head.query;
 
+	if (arg(q, "protocol", 0, method, sizeof(method)) && strcmp(method, "pg") == 0) {
+		handle_pg_route(req, g);
+		return;
+	}
 	dr.method = arg(q, "method", 0, method, sizeof(method)) ? method : "POST";
 	dr.target = arg(q, "path", 0, path, sizeof(path)) ? path : "/query";
 	dr.body = arg(q, "body", 0, body, sizeof(body));

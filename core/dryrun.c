@@ -58,9 +58,34 @@ static char *build(const struct dryrun_request *dr, struct req *req, struct req_
 	return buf;
 }
 
+/* A PostgreSQL client's statement, as the PostgreSQL face builds it outside a transaction. */
+static void route_pg(struct script *s, const struct dryrun_request *dr, struct route *out)
+{
+	struct req req;
+	memset(&req, 0, sizeof(req));
+	req.protocol = REQ_PG;
+	req.lease = true;
+	req.user = dr->user ? dr->user : "";
+	req.database = dr->database ? dr->database : req.user;
+	req.sql = dr->sql ? dr->sql : "";
+	req.comment = dr->comment;
+	req.ncomment = dr->ncomment;
+	req.session = dr->session;
+	req.nsession = dr->nsession;
+	req.startup = dr->startup;
+	req.nstartup = dr->nstartup;
+	req.tenant_hint = dr->tenant_hint;
+	req.body = "";
+	script_route(s, &req, false, out);
+}
+
 void dryrun_route(struct script *s, const struct dryrun_request *dr, struct route *out)
 {
 	struct req req;
+	if (dr->pg) {
+		route_pg(s, dr, out);
+		return;
+	}
 	struct req_pair headers[DRYRUN_MAX_HEADERS];
 	char *buf = build(dr, &req, headers);
 	bool fanout_ok = strcmp(endpoint_of(req.path), "/transaction") != 0;

@@ -26,6 +26,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "pgface.h"
+#include "pgsql.h"
 #include "pgconn.h"
 #include "pool.h"
 #include "reload.h"
@@ -56,12 +57,17 @@ struct app {
 static void usage(FILE *f)
 {
 	fprintf(f,
-		"usage: shardgate [-c FILE] [--check | --route 'METHOD PATH' [-H 'Name: value']... [--body S]]\n"
+		"usage: shardgate [-c FILE] [--check | --route 'METHOD PATH' [-H 'Name: value']... [--body S]\n"
+		"                              | --route pg --sql SQL [--user U] [--database D] [--set N=V]... [--startup N=V]...]\n"
 		"  -c, --config FILE  configuration (default conf/shardgate.lua)\n"
 		"      --check        validate the configuration and its script, then exit\n"
 		"      --route REQ    print the routing decision for a request, then exit\n"
 		"  -H, --header H     a request header for --route (repeatable)\n"
 		"      --body S       the request body for --route\n"
+		"      --sql SQL      --route pg: a PostgreSQL client's statement (its comments are read)\n"
+		"      --user U, --database D   --route pg: the client's user and database\n"
+		"      --set N=V      --route pg: a SET shardgate.N value of the session (repeatable)\n"
+		"      --startup N=V  --route pg: a startup parameter (repeatable)\n"
 		"  -V, --version      print the version\n"
 		"  -h, --help         this text\n");
 }
@@ -394,14 +400,23 @@ static int route_cli(const char *path, const char *route, struct dryrun_request 
 	s = script_new(cfg, err, sizeof(err));
 	if (!s)
 		goto fail;
+	dr->pg = strcmp(route, "pg") == 0;
+	if (dr->pg) {
+		char cbuf[4096];
+		dr->ncomment = pgsql_comments(dr->sql ? dr->sql : "", dr->comment, DRYRUN_MAX_PAIRS, cbuf, sizeof(cbuf));
+		dr->tenant_hint = pgsql_tenant_hint(dr->comment, dr->ncomment, dr->session, dr->nsession);
+		dryrun_route(s, dr, &rt);
+		goto routed;
+	}
 	if (!sp || sp - route >= (long)sizeof(method)) {
-		snprintf(err, sizeof(err), "--route takes 'METHOD PATH', e.g. 'POST /query'");
+		snprintf(err, sizeof(err), "--route takes 'METHOD PATH', e.g. 'POST /query', or pg with --sql");
 		goto fail;
 	}
 	snprintf(method, sizeof(method), "%.*s", (int)(sp - route), route);
 	dr->method = method;
 	dr->target = sp + 1;
 	dryrun_route(s, dr, &rt);
+routed:
 	status = answer_write_route(b, cfg, &rt);
 	route_clear(&rt);
 	evbuffer_add(b, "\n", 1);
@@ -427,6 +442,11 @@ int main(int argc, char **argv)
 		{ "route", required_argument, NULL, 'r' },
 		{ "header", required_argument, NULL, 'H' },
 		{ "body", required_argument, NULL, 'b' },
+		{ "sql", required_argument, NULL, 's' },
+		{ "user", required_argument, NULL, 'u' },
+		{ "database", required_argument, NULL, 'd' },
+		{ "set", required_argument, NULL, 'e' },
+		{ "startup", required_argument, NULL, 't' },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -445,6 +465,21 @@ int main(int argc, char **argv)
 		case 'k': check = true; break;
 		case 'r': route = optarg; break;
 		case 'b': dr.body = optarg; break;
+		case 's': dr.sql = optarg; break;
+		case 'u': dr.user = optarg; break;
+		case 'd': dr.database = optarg; break;
+		case 'e':
+			if (dr.nsession < DRYRUN_MAX_PAIRS && !pgsql_pair(optarg, &dr.session[dr.nsession++])) {
+				fprintf(stderr, "shardgate: --set takes NAME=VALUE, got '%s'\n", optarg);
+				return 2;
+			}
+			break;
+		case 't':
+			if (dr.nstartup < DRYRUN_MAX_PAIRS && !pgsql_pair(optarg, &dr.startup[dr.nstartup++])) {
+				fprintf(stderr, "shardgate: --startup takes NAME=VALUE, got '%s'\n", optarg);
+				return 2;
+			}
+			break;
 		case 'H':
 			if (dr.nheaders < (int)ARRAY_LEN(dr.headers))
 				dr.headers[dr.nheaders++] = optarg;

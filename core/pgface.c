@@ -670,16 +670,7 @@ static void build_req(struct pgclient *c, const char *sql, const struct pgwire_b
 					       (int)ARRAY_LEN(c->param_vals), buf, 4096);
 		rq->params = c->param_vals;
 	}
-	/*
-	 * Without a tenant hook: the statement's comment (tenant=...), else
-	 * shardgate.tenant from SET or the startup options (-c shardgate.tenant=...).
-	 */
-	for (int i = 0; i < rq->ncomment && !rq->tenant_hint; i++)
-		if (strcmp(c->comment[i].name, "tenant") == 0)
-			rq->tenant_hint = c->comment[i].value;
-	for (int i = 0; i < c->nsess && !rq->tenant_hint; i++)
-		if (strcmp(c->sess[i].name, "tenant") == 0)
-			rq->tenant_hint = c->sess[i].value;
+	rq->tenant_hint = pgsql_tenant_hint(rq->comment, rq->ncomment, c->sess, c->nsess);
 	rq->start = mono_now();
 }
 

@@ -1054,3 +1054,26 @@ int pgsql_format_set(const char *name, const char *value_sql, size_t value_sql_l
 	}
 	return (int)s.len;
 }
+
+const char *pgsql_tenant_hint(const struct req_pair *comment, int ncomment, const struct req_pair *session,
+			      int nsession)
+{
+	for (int i = 0; i < ncomment; i++)
+		if (strcmp(comment[i].name, "tenant") == 0)
+			return comment[i].value;
+	for (int i = 0; i < nsession; i++)
+		if (strcmp(session[i].name, "tenant") == 0)
+			return session[i].value;
+	return NULL;
+}
+
+bool pgsql_pair(char *text, struct req_pair *out)
+{
+	char *eq = strchr(text, '=');
+	if (!eq)
+		return false;
+	*eq = '\0';
+	out->name = text;
+	out->value = eq + 1;
+	return true;
+}

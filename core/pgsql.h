@@ -126,4 +126,19 @@ enum pgsql_set_kind pgsql_classify_set(const char *sql, struct pgsql_set *out);
 int pgsql_format_set(const char *name, const char *value_sql, size_t value_sql_len, bool reset,
 		     char *buf, size_t buflen);
 
+/*
+ * The tenant the PostgreSQL face routes by when the script has no tenant
+ * hook: the statement comment's "tenant", else the session's "tenant"
+ * (SET shardgate.tenant, or -c shardgate.tenant=... in the startup
+ * options). NULL when neither is there.
+ */
+const char *pgsql_tenant_hint(const struct req_pair *comment, int ncomment, const struct req_pair *session,
+			      int nsession);
+
+/*
+ * "name=value" into a pair (the string is cut at '=' in place); false
+ * when there is no '='. For the dry-run's --set and --startup.
+ */
+bool pgsql_pair(char *text, struct req_pair *out);
+
 #endif

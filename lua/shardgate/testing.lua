@@ -221,6 +221,104 @@ function testing.request(spec)
   return req
 end
 
+---------------------------------------------------------------------------
+-- PostgreSQL clients' requests
+---------------------------------------------------------------------------
+
+-- The comment pairs core/pgsql.c reads from a statement: block comments
+-- outside string literals, quoted identifiers, dollar quotes and line
+-- comments; sqlcommenter pairs (key='value', URL-decoded, \' a quote) and
+-- key:value pairs; the first of a repeated key wins. (Nested comments
+-- and the rarer literal forms are left to the gateway: check those with
+-- `shardgate --route pg --sql ...`.)
+local function pct_decode(s)
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+local function comment_pairs(text, out)
+  for item in (text .. ","):gmatch("([^,]*),") do
+    local k, v = item:match("^%s*([^%s'=:,]+)%s*=%s*'(.*)'%s*$")
+    if k then
+      v = v:gsub("\\(.)", "%1")
+      k, v = pct_decode(k), pct_decode(v)
+    else
+      k, v = item:match("^%s*([^%s'=:,]+)%s*:%s*(.-)%s*$")
+    end
+    if k and v and out[k] == nil then out[k] = v end
+  end
+end
+
+local function sql_comments(sql)
+  local out, i, n = {}, 1, #sql
+  while i <= n do
+    local c = sub(sql, i, i)
+    if c == "'" or c == '"' then
+      local j = i + 1
+      while j <= n do
+        if sub(sql, j, j) == c then
+          if sub(sql, j + 1, j + 1) == c then j = j + 1 else break end
+        end
+        j = j + 1
+      end
+      i = j + 1
+    elseif c == "-" and sub(sql, i + 1, i + 1) == "-" then
+      i = (find(sql, "\n", i, true) or n) + 1
+    elseif c == "$" and sub(sql, i):match("^%$[%a_]*%$") then
+      local tag = sub(sql, i):match("^(%$[%a_]*%$)")
+      local close = find(sql, tag, i + #tag, true)
+      i = close and close + #tag or n + 1
+    elseif c == "/" and sub(sql, i + 1, i + 1) == "*" then
+      local close = find(sql, "*/", i + 2, true)
+      if not close then break end
+      comment_pairs(sub(sql, i + 2, close - 1), out)
+      i = close + 2
+    else
+      i = i + 1
+    end
+  end
+  return out
+end
+
+local PG_KEYS = { "sql", "user", "database", "session", "startup", "params", "comment" }
+
+local function string_table(t, fname, field)
+  local out = {}
+  for k, v in pairs(t or {}) do
+    if type(k) ~= "string" then error(format("%s: %s keys must be strings", fname, field), 3) end
+    out[k] = tostring(v)
+  end
+  return out
+end
+
+-- testing.pg_request{sql=, user=, database=, session=, startup=, params=, comment=} -> req
+--
+-- A PostgreSQL client's statement as hooks see it (req.protocol "pg"):
+-- req.comment read from sql as the gateway reads it (or given), req.session
+-- the client's SET shardgate.<name> values, req.startup its startup
+-- parameters, req.params a list of strings (nil for NULL; n = count),
+-- req.header an empty table, req.query {}, req.body "". Defaults: user and
+-- database "app", sql "SELECT 1".
+function testing.pg_request(spec)
+  spec = spec or {}
+  if type(spec) ~= "table" then error("testing.pg_request: expected a table, got " .. type(spec), 2) end
+  check_keys(spec, PG_KEYS, "testing.pg_request", "field")
+  local sql = spec.sql or "SELECT 1"
+  if type(sql) ~= "string" then error("testing.pg_request: sql must be a string, got " .. type(sql), 2) end
+  local params = { n = spec.params and (spec.params.n or #spec.params) or 0 }
+  for i = 1, params.n do
+    if spec.params[i] ~= nil then params[i] = tostring(spec.params[i]) end
+  end
+  local req = {
+    protocol = "pg", user = spec.user or "app", database = spec.database or spec.user or "app", sql = sql,
+    session = string_table(spec.session, "testing.pg_request", "session"),
+    startup = string_table(spec.startup, "testing.pg_request", "startup"),
+    comment = spec.comment and string_table(spec.comment, "testing.pg_request", "comment") or sql_comments(sql),
+    params = params, header = {}, query = {}, body = "",
+  }
+  first_values[req] = {}
+  return req
+end
+
 -- A plain request table for req: testing.request's result as it is, or a
 -- description (a table with some of the request fields) run through it.
 local function normalize(req)
@@ -264,7 +362,10 @@ end
 
 local function request_view(req)
   local state = { valid = true }
-  local view = { method = req.method, path = req.path }
+  local view = { method = req.method, path = req.path, protocol = req.protocol or "http" }
+  if req.protocol == "pg" then
+    view.user, view.database, view.sql = req.user, req.database, req.sql
+  end
   setmetatable(view, {
     __index = function(t, key)
       if not state.valid then error("req is only valid while its hooks run", 0) end
@@ -276,6 +377,12 @@ local function request_view(req)
         for k, x in pairs(req.query) do v[k] = x end
       elseif key == "body" then
         v = req.body
+      elseif req.protocol == "pg" and (key == "session" or key == "startup" or key == "comment") then
+        v = {}
+        for k, x in pairs(req[key]) do v[k] = x end
+      elseif req.protocol == "pg" and key == "params" then
+        v = { n = req.params.n }
+        for i = 1, req.params.n do v[i] = req.params[i] end
       else
         return nil
       end
@@ -414,7 +521,9 @@ local function step_tenant(kit, view, req)
   local hook = kit.hooks.tenant
   if not hook then
     -- No tenant hook: the first X-Tenant-Id header (unless a spec changed
-    -- req.header since testing.request built it).
+    -- req.header since testing.request built it); for a PostgreSQL client's
+    -- statement, the comment's tenant, else the session's (core/pgsql.c).
+    if req.protocol == "pg" then return check_tenant(req.comment.tenant or req.session.tenant) end
     local v = req.header["x-tenant-id"]
     local f = first_values[req]["x-tenant-id"]
     if f and f[1] == v then v = f[2] end
@@ -623,7 +732,7 @@ function Kit:route(req)
     local tenant = tenant_field(a)
     ok, a, b = step_shard(self, a)
     out = ok and { tenant = tenant, shard = a } or failed(tenant, a, b)
-  elseif req.path:sub(-12) ~= "/transaction" and self.hooks.fanout then
+  elseif req.protocol ~= "pg" and req.path:sub(-12) ~= "/transaction" and self.hooks.fanout then
     ok, a, b = step_fanout(self, view)
     if not ok then
       out = failed(nil, a, b)

@@ -743,3 +743,76 @@ return route
     end)
   end)
 end)
+
+describe("shardgate.testing pg_request", function()
+  local pgwrite = helpers.scratch_writer("sgkitpg")
+  local PG = [[
+local route = {}
+function route.tenant(req)
+  if req.protocol == "pg" then
+    return req.comment.tenant or req.session.tenant or req.startup.application_name
+  end
+  return req.header["x-organization-id"]
+end
+function route.shard(tenant, shards) return shards[#tostring(tenant) % #shards + 1] end
+function route.fanout(req, shards) return { shards = shards } end
+return route
+]]
+
+  it("builds a PostgreSQL client's request: protocol, user, database, sql, session, startup, params", function()
+    local r = testing.pg_request{ sql = "select $1", user = "u", database = "d", session = { tenant = 7 },
+                                  startup = { application_name = "x" }, params = { 1, nil, "c", n = 3 } }
+    assert.equals("pg", r.protocol)
+    assert.same({ "u", "d", "select $1" }, { r.user, r.database, r.sql })
+    assert.same({ tenant = "7" }, r.session)
+    assert.same({ application_name = "x" }, r.startup)
+    assert.same({ "1", nil, "c", n = 3 }, r.params)
+    assert.same({}, r.header)
+  end)
+
+  it("reads comment pairs from the SQL as the gateway does: sqlcommenter, key:value, not inside literals", function()
+    assert.same({ tenant = "a/b", controller = "x" },
+      testing.pg_request{ sql = "select 1 /*tenant='a%2Fb',controller='x'*/" }.comment)
+    assert.same({ application = "Blog", tenant = "42" },
+      testing.pg_request{ sql = "/*application:Blog,tenant:42*/ select 1" }.comment)
+    assert.same({}, testing.pg_request{ sql = "select '/*tenant:1*/', \"/*tenant:2*/\" -- /*tenant:3*/" }.comment)
+    assert.same({ tenant = "1" }, testing.pg_request{ sql = "/* tenant:1 */ select 1 /* tenant:2 */" }.comment)
+  end)
+
+  it("routes it through the hooks like the gateway, never as a fan-out, with the default tenant rules", function()
+    local path = pgwrite("pg_script.lua", PG)
+    local kit = testing.load(path, { shards = { "a", "b", "c" } })
+    assert.same({ tenant = "42", shard = "c" }, kit:route(testing.pg_request{ sql = "/*tenant:42*/ select 1" }))
+    assert.same({ tenant = "7", shard = "b" }, kit:route(testing.pg_request{ session = { tenant = "7" } }))
+    assert.same({ tenant = "psql", shard = "b" }, kit:route(testing.pg_request{ startup = { application_name = "psql" } }))
+    local none = kit:route(testing.pg_request{})
+    assert.equals("no_tenant", none.code)
+    -- Without a tenant hook: the comment's tenant, else the session's.
+    local plain = testing.load(pgwrite("pg_plain.lua", "return { shard = function(t, s) return s[1] end }"),
+      { shards = { "a" } })
+    assert.equals("9", plain:tenant(testing.pg_request{ sql = "/*tenant='9'*/ select 1", session = { tenant = "5" } }))
+    assert.equals("5", plain:tenant(testing.pg_request{ session = { tenant = "5" } }))
+  end)
+
+  it("agrees with the gateway's own dry-run (shardgate --route pg)", function()
+    local path = pgwrite("pg_agree.lua", PG)
+    local conf = pgwrite("pg_agree_conf.lua", ([[return { script = %q, shards = {
+      a = { url = "postgresql://x@127.0.0.1:1/a" }, b = { url = "postgresql://x@127.0.0.1:1/b" },
+      c = { url = "postgresql://x@127.0.0.1:1/c" } } }]]):format(path))
+    local kit = testing.load(path, { shards = { "a", "b", "c" } })
+    for _, case in ipairs({
+      { sql = "/*tenant='12345'*/ select 1" },
+      { sql = "select 1 /* tenant:9 */" },
+      { sql = "select 1", session = { tenant = "77" } },
+    }) do
+      local args = { helpers.bin, "-c", conf, "--route", "pg", "--sql", case.sql }
+      for k, v in pairs(case.session or {}) do args[#args + 1] = "--set"; args[#args + 1] = k .. "=" .. v end
+      local quoted = {}
+      for i, a in ipairs(args) do quoted[i] = helpers.shell_quote(a) end
+      local code, out, err = helpers.run(table.concat(quoted, " "))
+      assert.equals(0, code, err)
+      local want = kit:route(testing.pg_request(case))
+      assert.same(want, helpers.json.decode(out))
+    end
+  end)
+end)
