@@ -726,6 +726,11 @@ int exec_shard(const struct exec *r)
 	return r->route.kind == ROUTE_SHARD ? r->route.shard : -1;
 }
 
+struct generation *exec_generation(const struct exec *r)
+{
+	return r->gen;
+}
+
 struct pool *exec_pool(const struct exec *r)
 {
 	return r->pool;

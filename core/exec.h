@@ -13,6 +13,7 @@
 
 struct event_base;
 struct exec;
+struct generation;
 struct pool;
 struct req;
 struct sink;
@@ -49,5 +50,7 @@ void exec_release(struct exec *e, bool discard);
 const char *exec_tenant(const struct exec *e);
 int exec_shard(const struct exec *e);
 struct pool *exec_pool(const struct exec *e);
+/* The generation the request was routed on (held until done). */
+struct generation *exec_generation(const struct exec *e);
 
 #endif

@@ -1191,9 +1191,9 @@ void pgconn_cancel(struct pgconn *c)
 	pthread_t t;
 	PGcancel *cn;
 
-	if (c->state != PGCONN_BUSY)
+	if (c->state != PGCONN_BUSY && c->state != PGCONN_RAW)
 		return;
-	c->cancelled = true;
+	c->cancelled = c->state == PGCONN_BUSY;
 	cn = PQgetCancel(c->pg);
 	if (!cn)
 		return;

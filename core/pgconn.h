@@ -197,7 +197,11 @@ void pgconn_deadline(struct pgconn *c, double secs);
 /* Forget prepared statements (the server lost them). */
 void pgconn_cache_clear(struct pgconn *c);
 
-/* Ask the server to cancel the running statement, without blocking the loop. */
+/*
+ * Ask the server to cancel the running statement, without blocking the
+ * loop. On a raw connection (pgconn_raw_begin) the face decides what a
+ * cancel that may still arrive means for the connection.
+ */
 void pgconn_cancel(struct pgconn *c);
 
 /*

@@ -799,7 +799,7 @@ static void sink_lease(struct sink *k, struct pgconn *conn, const char *shard)
 	c->shard = exec_shard(c->exec);
 	str_copy(c->shard_name, sizeof(c->shard_name), shard);
 	str_copy(c->tenant, sizeof(c->tenant), exec_tenant(c->exec));
-	c->timeout = shard_statement_timeout(&cfg_now()->shards[c->shard < cfg_now()->nshards ? c->shard : 0], 0);
+	c->timeout = shard_statement_timeout(&exec_generation(c->exec)->cfg->shards[c->shard], 0);
 	if (pgconn_needs_reset(conn) || (conn->wire_sig && conn->wire_sig != c->settings_sig)) {
 		c->state = CL_RESETTING;
 		if (pgconn_send(conn, "SELECT 1", 0, NULL, on_reset_done, c) < 0)
@@ -869,9 +869,16 @@ static void on_exec_done(void *arg)
 	event_active(c->later, EV_TIMEOUT, 1);
 }
 
-/* The transaction ended (clean: the server is idle and as libpq left it): the connection goes back. */
+/*
+ * The transaction ended (clean: the server is idle and as libpq left it):
+ * the connection goes back. One that had a cancel sent during the lease is
+ * closed instead: the cancel may still arrive and hit another client's
+ * statement.
+ */
 static void lease_end(struct pgclient *c, bool clean)
 {
+	if (c->cancel_sent || c->guard.cancelled)
+		clean = false;
 	pgconn_guard_stop(&c->guard);
 	if (c->sread)
 		event_del(c->sread);
@@ -1097,7 +1104,11 @@ static void server_msg(struct pgclient *c, char type, size_t len)
 		char status = body[0];
 		evbuffer_drain(c->sin, len + 5);
 		if (k == EX_OWN_QUERY) {
+			/* The replayed SETs (the client's own messages follow), or the ROLLBACK of a client gone. */
 			ex_pop(c);
+			c->tx = status;
+			if (c->draining && c->ex_n == 0)
+				ready_for_query(c, status);
 			return;
 		}
 		if (e)
@@ -1229,7 +1240,8 @@ static void ready_for_query(struct pgclient *c, char status)
 static int route_again(struct pgclient *c, const char *sql, const struct pgwire_bind *b, const struct cstmt *st,
 		       char *msg, size_t len, const char **sqlstate)
 {
-	struct generation *g = generation_current();
+	/* The lease's generation: a reload applies to the next transaction, not to this one. */
+	struct generation *g = exec_generation(c->exec);
 	struct route r;
 	struct auth_identity id;
 	char amsg[256];
@@ -1364,6 +1376,8 @@ static void put_renamed(struct pgclient *c, char type, const char *before, size_
 static void arm_guard(struct pgclient *c)
 {
 	c->awaiting = true;
+	if (c->guard.cancelled)
+		c->cancel_sent = true;      /* an earlier batch's cancel may still reach the server */
 	pgconn_guard_arm(&c->guard, c->timeout);
 }
 
@@ -2085,6 +2099,7 @@ static void on_cancel_request(struct pgclient *c, uint32_t pid, uint32_t key)
 		}
 		if (t->state == CL_LEASED && t->awaiting && t->conn) {
 			log_info("pg: client %u: cancel request, cancelling its statement on shard %s", pid, t->shard_name);
+			t->cancel_sent = true;
 			pgconn_cancel(t->conn);
 		}
 		break;

@@ -1,0 +1,224 @@
+-- The PostgreSQL face as an operator and a driver see it on a bad day:
+-- pool faults as ErrorResponses that leave the connection usable, statement
+-- timeouts, a shard that dies mid-statement, tenant pause, reload and
+-- SIGTERM, and the pg clients in /health/shards, /metrics and the access log.
+-- Each case drives psycopg (Debian's python3) step by step in one program,
+-- which calls the admin API itself at the moments that matter and prints
+-- what it saw; the spec asserts on that.
+
+local helpers = require "spec.helpers"
+
+local SCRIPT = [[
+local route = {}
+function route.tenant(req)
+  if req.protocol == "pg" then return req.comment.tenant or req.session.tenant end
+  return req.header["x-organization-id"]
+end
+function route.shard(tenant, shards) return shards[tonumber(tenant) % #shards + 1] end
+return route
+]]
+
+-- Python prelude: connect(tenant) and http(method, url) for the admin API.
+local PRELUDE = [[
+import sys, time, json, threading, urllib.request, psycopg
+PORT = int(sys.argv[1]); ADMIN = sys.argv[2]
+def connect(tenant, **kw):
+    return psycopg.connect(host="127.0.0.1", port=PORT, user="app", dbname="app",
+                           options="-c shardgate.tenant=%s" % tenant, **kw)
+def http(method, path):
+    req = urllib.request.Request(ADMIN + path, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+def err(e):
+    return "%s|%s" % (getattr(e, "sqlstate", None), str(e).splitlines()[0])
+]]
+
+local function py(gw, body)
+  local code, out, err = helpers.python(PRELUDE .. body, { gw.pg_port, gw.admin_url })
+  assert(code == 0, "python failed (" .. code .. "):\n" .. err .. "\n" .. out .. "\ngateway log:\n" .. gw:log():sub(-3000))
+  local lines = {}
+  for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+  return lines
+end
+
+describe("PostgreSQL face, operations", function()
+  local dbs
+
+  setup(function()
+    dbs = helpers.make_shards(2, "pgops")
+    for _, db in ipairs(dbs) do
+      helpers.psql(db, "CREATE TABLE IF NOT EXISTS ops (tenant text, v int)")
+    end
+  end)
+
+  after_each(function() helpers.stop_all() end)
+
+  it("answers a checkout timeout with 53300 naming the code and the shard, and the connection stays usable", function()
+    local gw = helpers.pg_gateway({ shards = helpers.shards_config(dbs, { pool = 1, checkout_timeout = 0.3 }),
+                                    script = SCRIPT })
+    local out = py(gw, [[
+a = connect(2); b = connect(4, autocommit=True)
+a.execute("select 1")                 # a's transaction holds shard_0's only connection
+try:
+    b.execute("select 1")
+    print("b ran")
+except Exception as e:
+    print("b:" + err(e))
+a.commit()
+print("after:%s" % b.execute("select current_database()").fetchone()[0])
+]])
+    assert.matches("^b:53300|checkout_timeout: Service temporarily unavailable %(shard shard_0%)", out[1])
+    assert.equals("after:" .. dbs[1], out[2])
+  end)
+
+  it("cancels a statement past statement_timeout on the server (57014), and the session goes on", function()
+    local gw = helpers.pg_gateway({ shards = helpers.shards_config(dbs, { statement_timeout = 0.3 }),
+                                    script = SCRIPT })
+    local out = py(gw, [[
+c = connect(3, autocommit=True)
+t = time.time()
+try:
+    c.execute("select pg_sleep(20)")
+except Exception as e:
+    print(err(e).split("|")[0]); print("quick" if time.time() - t < 5 else "slow")
+print(c.execute("select 42").fetchone()[0])
+]])
+    assert.same({ "57014", "quick", "42" }, out)
+  end)
+
+  it("ends the transaction with an error when the shard's backend dies mid-statement, then serves the client again", function()
+    local gw = helpers.pg_gateway({ shards = helpers.shards_config(dbs), script = SCRIPT })
+    local out = py(gw, ([[
+c = connect(5, autocommit=True)
+pid = c.execute("select pg_backend_pid()").fetchone()[0]
+killer = psycopg.connect(host="127.0.0.1", port=int(sys.argv[3]), user="postgres", dbname=sys.argv[4], autocommit=True)
+def kill():
+    while killer.execute("select count(*) from pg_stat_activity where pid = %s and query like 'select pg_sleep%%'", (pid,)).fetchone()[0] == 0:
+        time.sleep(0.01)
+    killer.execute("select pg_terminate_backend(%s)", (pid,))
+th = threading.Thread(target=kill); th.start()
+try:
+    c.execute("select pg_sleep(30)")
+except Exception as e:
+    print(err(e).split("|")[0][:2])
+th.join()
+print(c.execute("select current_database()").fetchone()[0])
+]]):gsub("sys.argv%[3%]", "'" .. os.getenv("SG_TEST_PGPORT") .. "'"):gsub("sys.argv%[4%]", "'" .. dbs[2] .. "'"))
+    -- 57P01 (admin_shutdown) relayed as an ERROR, or 08006 when the socket went first.
+    assert.is_truthy(out[1] == "57" or out[1] == "08", "class " .. tostring(out[1]))
+    assert.equals(dbs[2], out[2])
+  end)
+
+  it("holds a paused tenant's transactions: pause waits for the one in flight, new ones wait for resume", function()
+    local gw = helpers.pg_gateway({ shards = helpers.shards_config(dbs), script = SCRIPT })
+    local out = py(gw, [[
+a = connect(6)
+a.execute("insert into ops values ('6', 1)")      # a transaction of tenant 6 is in flight
+res = {}
+def pause():
+    res["pause"] = http("POST", "/admin/tenants/6/pause")
+th = threading.Thread(target=pause); th.start()
+th.join(0.5)
+print("pause answered early" if "pause" in res else "pause waits")
+a.commit()
+th.join(10)
+print("pause:%d" % res["pause"][0])
+b = connect(6, autocommit=True)
+got = {}
+def query():
+    got["v"] = b.execute("select count(*) from ops where tenant = '6'").fetchone()[0]
+tq = threading.Thread(target=query); tq.start()
+tq.join(0.5)
+print("query ran while paused" if "v" in got else "query waits")
+print("resume:%d" % http("POST", "/admin/tenants/6/resume")[0])
+tq.join(10)
+print("count:%s" % got.get("v"))
+]])
+    assert.same({ "pause waits", "pause:200", "query waits", "resume:200", "count:1" }, out)
+  end)
+
+  it("applies a reload to the next transaction while the open one finishes on its shard", function()
+    local gw = helpers.pg_gateway({ shards = helpers.shards_config(dbs), script = SCRIPT })
+    local flipped = SCRIPT:gsub("tonumber%(tenant%) %% #shards %+ 1", "(tonumber(tenant) + 1) %% #shards + 1")
+    local script_path = gw.script_path
+    local side = gw.dir .. "/flipped.lua"
+    helpers.write_file(side, flipped)
+    local out = py(gw, ([[
+c = connect(8)
+print(c.execute("select current_database()").fetchone()[0])
+import os, signal
+os.replace(%q, %q)
+os.kill(int(open(%q).read()), signal.SIGHUP)
+t = time.time()
+while "shardgate_generation 2" not in urllib.request.urlopen(METRICS).read().decode() and time.time() - t < 5:
+    time.sleep(0.02)
+print(c.execute("select current_database()").fetchone()[0])
+c.commit()
+deadline = time.time() + 10
+while time.time() < deadline:
+    db = c.execute("select current_database()").fetchone()[0]; c.commit()
+    if db != %q: break
+    time.sleep(0.05)
+print(db)
+]]):format(side, script_path, gw.dir .. "/gateway.pid", dbs[1]):gsub("METRICS", "'" .. gw.url .. "/metrics'"))
+    assert.same({ dbs[1], dbs[1], dbs[2] }, out, gw:log())
+  end)
+
+  it("on SIGTERM lets an open transaction commit, then ends the session with 57P01 and exits 0", function()
+    local gw = helpers.pg_gateway({ shards = helpers.shards_config(dbs), script = SCRIPT,
+                                    config = { shutdown_timeout = 10 } })
+    local out = py(gw, ([[
+import os, signal
+c = connect(10)
+c.execute("insert into ops values ('10-term', 1)")
+os.kill(int(open(%q).read()), signal.SIGTERM)
+while True:       # the gateway has taken the signal once its HTTP listener is closed
+    try:
+        urllib.request.urlopen(HEALTHZ, timeout=1)
+        time.sleep(0.02)
+    except Exception:
+        break
+c.execute("insert into ops values ('10-term', 2)")
+c.commit()
+print("committed")
+try:
+    c.execute("select 1")
+    print("still served")
+except Exception as e:
+    print("closed")
+]]):format(gw.dir .. "/gateway.pid"):gsub("HEALTHZ", "'" .. gw.url .. "/healthz'"))
+    assert.same({ "committed", "closed" }, out)
+    local code = gw:wait(15)
+    assert.equals(0, code)
+    assert.equals("2", helpers.psql(dbs[1], "SELECT count(*) FROM ops WHERE tenant = '10-term'"))
+  end)
+
+  it("shows pg clients in /health/shards, /metrics and one access-log line per transaction without SQL", function()
+    local gw = helpers.pg_gateway({ shards = helpers.shards_config(dbs), script = SCRIPT,
+                                    config = { access_log = "on" } })
+    local out = py(gw, ([[
+c = connect(12)
+c.execute("select 'secret-literal'")
+h = json.loads(urllib.request.urlopen("http://127.0.0.1:%s/health/shards" % sys.argv[3]).read())
+print("checked_out:%d" % h["connection_pools"]["shard_0"]["checked_out"])
+m = urllib.request.urlopen("http://127.0.0.1:%s/metrics" % sys.argv[3]).read().decode()
+print([l for l in m.splitlines() if l.startswith('shardgate_pg_clients{state="active"}')][0])
+c.commit()
+m = urllib.request.urlopen("http://127.0.0.1:%s/metrics" % sys.argv[3]).read().decode()
+print([l for l in m.splitlines() if l.startswith('shardgate_pg_transactions_total{result="ran"}')][0])
+]]):gsub("sys.argv%[3%]", tostring(gw.port)))
+    assert.equals("checked_out:1", out[1])
+    assert.equals('shardgate_pg_clients{state="active"} 1', out[2])
+    assert.matches('^shardgate_pg_transactions_total{result="ran"} [1-9]', out[3])
+    local log = gw:log()
+    local line = log:match("[^\n]*access protocol=pg[^\n]*tenant=12[^\n]*")
+    assert.is_truthy(line, log)
+    assert.matches("user=app", line)
+    assert.matches("shard=shard_0", line)
+    assert.matches("duration_ms=", line)
+    assert.is_nil(log:find("secret-literal", 1, true))
+  end)
+end)
