@@ -37,6 +37,15 @@ return {
   -- queries = { org_by_id = { sql = "SELECT * FROM organizations WHERE id = $1", params = 1 } },
   -- tls = { cert = "server.crt", key = "server.key" },  -- HTTPS on the client listener (restart)
 
+  -- PostgreSQL clients (see README "PostgreSQL clients"): psql, pgbench, drivers and ORMs.
+  -- pg_listen = "127.0.0.1:6432",      -- the PostgreSQL protocol listener; off when absent (restart)
+  -- pg_users = {                       -- who may log in there, and which tenants each may use (reload)
+  --   app = { password = env("APP_DB_PASSWORD"), tenants = "*" },  -- SCRAM-SHA-256 (the default auth)
+  --   old = { password = env("OLD_DB_PASSWORD"), auth = "md5", tenants = { "42", "43" } },
+  --   dev = { auth = "trust", tenants = "*" },                     -- trust: only on a loopback pg_listen
+  --   reports = { password = env("REPORTS_DB_PASSWORD"), tenants = "*", pool_mode = "session" },
+  -- },
+
   -- Tenant directory (see README "Tenant directory"): tenant -> shard rows
   -- read from a table, for sg.directory(tenant) in the script.
   -- directory = {
