@@ -19,6 +19,15 @@ describe("scripts/routing.lua", function()
     assert.equal("42", kit:tenant(org("42")))
   end)
 
+  it("takes a PostgreSQL client's tenant from the statement comment, else SET shardgate.tenant", function()
+    assert.equal("42", kit:tenant(testing.pg_request{ sql = "SELECT 1 /*tenant='42'*/", session = { tenant = "7" } }))
+    assert.equal("42", kit:tenant(testing.pg_request{ sql = "/*application:Blog,tenant:42*/ SELECT 1" }))
+    assert.equal("7", kit:tenant(testing.pg_request{ sql = "SELECT 1", session = { tenant = "7" } }))
+    assert.is_nil(kit:tenant(testing.pg_request{ sql = "SELECT 1" }))
+    -- the same tenant lands on the same shard whichever face it came through
+    assert.equal(kit:route(org("42")).shard, kit:route(testing.pg_request{ sql = "/*tenant:42*/ SELECT 1" }).shard)
+  end)
+
   it("places tenants with jump consistent hashing (pinned)", function()
     -- hash.jump("42", 3) == 1 is pinned in spec/01-unit/hash_spec.lua.
     assert.same({ tenant = "42", shard = "shard_1" }, kit:route(org("42")))
