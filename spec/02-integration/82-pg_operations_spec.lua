@@ -221,4 +221,62 @@ print([l for l in m.splitlines() if l.startswith('shardgate_pg_transactions_tota
     assert.matches("duration_ms=", line)
     assert.is_nil(log:find("secret-literal", 1, true))
   end)
+
+  it("refuses configs that would open the door: no pg_users, trust off loopback, bad auth, an md5 hash for SCRAM", function()
+    local function check(extra)
+      local write = helpers.scratch_writer("pgconf")
+      local conf = { script = write("s.lua", SCRIPT), shards = helpers.shards_config(dbs) }
+      for k, v in pairs(extra) do conf[k] = v end
+      local path = write("c.lua", "return " .. helpers.to_lua(conf))
+      local code, out, err = helpers.run(helpers.shell_quote(helpers.bin) .. " -c " .. helpers.shell_quote(path) .. " --check")
+      return code, out .. err
+    end
+    local code, msg = check({ pg_listen = "127.0.0.1:1" })
+    assert.are_not.equal(0, code); assert.matches("pg_listen needs pg_users", msg)
+    code, msg = check({ pg_listen = "0.0.0.0:1", pg_users = { a = { auth = "trust", tenants = "*" } } })
+    assert.are_not.equal(0, code); assert.matches("pg_users.a uses auth = \"trust\", allowed only when pg_listen is on loopback", msg)
+    code, msg = check({ pg_listen = "127.0.0.1:1", pg_users = { a = { auth = "plain", password = "x", tenants = "*" } } })
+    assert.are_not.equal(0, code); assert.matches("pg_users.a.auth must be", msg)
+    code, msg = check({ pg_listen = "127.0.0.1:1", pg_users = { a = { password = "md5" .. ("0"):rep(32), tenants = "*" } } })
+    assert.are_not.equal(0, code); assert.matches("md5 hash, which SCRAM cannot use", msg)
+    code, msg = check({ pg_listen = "127.0.0.1:1", pg_users = { a = { tenants = "*" } } })
+    assert.are_not.equal(0, code); assert.matches("pg_users.a.password is required", msg)
+    code, msg = check({ pg_listen = "127.0.0.1:1", pg_users = { a = { password = "pw", tenants = "*" } } })
+    assert.equals(0, code, msg)
+  end)
+
+  it("answers SSLRequest with TLS when tls is configured, and N without", function()
+    local write, dir = helpers.scratch_writer("pgtls")
+    local crt, key = dir .. "/gw.crt", dir .. "/gw.key"
+    local code, _, err = helpers.run("openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 -keyout "
+      .. helpers.shell_quote(key) .. " -out " .. helpers.shell_quote(crt))
+    assert.equals(0, code, err)
+    -- The HTTP listener speaks HTTPS now: wait for the pg port instead of /healthz.
+    local gw = helpers.pg_gateway({ shards = helpers.shards_config(dbs), script = SCRIPT, wait = false,
+                                    config = { tls = { cert = crt, key = key } } })
+    local socket = require "socket"
+    helpers.wait_until(function()
+      local sock = socket.connect("127.0.0.1", gw.pg_port)
+      if sock then sock:close() end
+      return sock ~= nil
+    end, 10, "the pg listener to accept")
+    local out = py(gw, [[
+c = psycopg.connect(host="127.0.0.1", port=PORT, user="app", dbname="app", sslmode="require",
+                    options="-c shardgate.tenant=1", autocommit=True)
+print(c.pgconn.ssl_in_use, c.execute("select 7").fetchone()[0])
+]])
+    assert.same({ "True 7" }, out)
+    local plain = helpers.pg_gateway({ shards = helpers.shards_config(dbs), script = SCRIPT })
+    out = py(plain, [[
+try:
+    psycopg.connect(host="127.0.0.1", port=PORT, user="app", dbname="app", sslmode="require")
+    print("connected")
+except Exception as e:
+    print("refused" if "SSL" in str(e) or "ssl" in str(e) else str(e))
+c = psycopg.connect(host="127.0.0.1", port=PORT, user="app", dbname="app", sslmode="prefer",
+                    options="-c shardgate.tenant=1", autocommit=True)
+print(c.pgconn.ssl_in_use, c.execute("select 8").fetchone()[0])
+]])
+    assert.same({ "refused", "False 8" }, out)
+  end)
 end)
