@@ -582,11 +582,34 @@ static bool local_set(struct pgclient *c, const char *sql, bool in_tx, struct ev
 	return true;
 }
 
+static const char *unpoolable_one(const char *sql);
+
 /*
  * What transaction pooling cannot carry, unless the user's pool_mode is
- * "session": a name for the refusal, or NULL when sql is fine.
+ * "session": a name for the refusal, or NULL when every statement of sql
+ * (a Query may hold several) is fine.
  */
 static const char *unpoolable(const char *sql)
+{
+	for (const char *p = sql; p; p = pgsql_next_statement(p)) {
+		const char *what = unpoolable_one(p);
+		if (what)
+			return what;
+	}
+	return NULL;
+}
+
+/* Every statement of a Query noted for the connection's reset (a SET after a SELECT too). */
+static void note_statements(struct pgconn *conn, const char *sql)
+{
+	for (const char *p = sql; p; p = pgsql_next_statement(p)) {
+		pgconn_note_statement(conn, p);
+		if (sql_touches_statements(p))
+			pgconn_cache_clear(conn);    /* DISCARD ALL drops the gateway's names with the client's */
+	}
+}
+
+static const char *unpoolable_one(const char *sql)
 {
 	const char *p = sql_skip_noise(sql);
 	static const char *const words[] = { "LISTEN", "PREPARE", "DEALLOCATE" };
@@ -1017,6 +1040,13 @@ static void skip_to_sync(struct pgclient *c)
 			pgconn_wire_forget(c->conn, e->key);
 		ex_pop(c);
 	}
+	/*
+	 * The client's Sync has not come yet (it flushed, and reads before
+	 * sending more): the server will ignore what it sends until then, so
+	 * the loop drops those messages instead of expecting answers to them.
+	 */
+	if (!e)
+		c->skip_to_sync = true;
 }
 
 static void ready_for_query(struct pgclient *c, char status);
@@ -1442,9 +1472,7 @@ static bool leased_msg(struct pgclient *c, struct msg *m)
 			arm_guard(c);
 			return false;
 		}
-		pgconn_note_statement(c->conn, sql);
-		if (sql_touches_statements(sql))
-			pgconn_cache_clear(c->conn);    /* DISCARD ALL drops the gateway's names with the client's */
+		note_statements(c->conn, sql);
 		forward_msg(c, m);
 		ex_push(c, EX_QUERY);
 		arm_guard(c);

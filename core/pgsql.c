@@ -1077,3 +1077,12 @@ bool pgsql_pair(char *text, struct req_pair *out)
 	out->value = eq + 1;
 	return true;
 }
+
+const char *pgsql_next_statement(const char *sql)
+{
+	struct tok t;
+	for (lex(sql, &t); t.kind != TOK_END && t.kind != TOK_ERROR; lex(t.end, &t))
+		if (is_op(&t, ';'))
+			return t.end;
+	return NULL;
+}

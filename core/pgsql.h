@@ -136,6 +136,14 @@ const char *pgsql_tenant_hint(const struct req_pair *comment, int ncomment, cons
 			      int nsession);
 
 /*
+ * The text after the first ';' that ends a statement in sql (outside
+ * literals, quoted identifiers and comments), or NULL when sql holds one
+ * statement (or cannot be read further). For the statements of a simple
+ * Query after its first.
+ */
+const char *pgsql_next_statement(const char *sql);
+
+/*
  * "name=value" into a pair (the string is cut at '=' in place); false
  * when there is no '='. For the dry-run's --set and --startup.
  */

@@ -535,13 +535,8 @@ print(json.dumps(out))
       assert.same({ { "FATAL_ERROR", "22012" } }, r.error)
       assert.same({ { "PIPELINE_ABORTED", "" } }, r.skipped)
       assert.same({ { "PIPELINE_SYNC", "" } }, r.sync)
-      if r.after_wait == "no answer" then
-        pending("BUG: after an extended-protocol error, messages the client sends before its Sync "
-          .. "(Parse/Bind/Describe/Execute of `select 3`) stay in the gateway's expected-answer queue "
-          .. "(skip_to_sync had already emptied it); the server skips them, its ReadyForQuery 'I' is "
-          .. "forwarded but the lease never ends, and the next Query (`select 4`) gets no answer")
-      end
-      assert.is_nil(r.after_wait)
+      -- Python's None arrives as JSON null: anything but the "no answer" the loop gives up with.
+      assert.are_not.equal("no answer", r.after_wait)
       assert.same({ { "TUPLES_OK", "" } }, r.after)
     end)
 
@@ -579,13 +574,6 @@ with psycopg.connect(host="127.0.0.1", port=port, user="app", dbname="app",
 print(json.dumps(out))
 ]=], { os.getenv("SG_TEST_PGPORT") })
       assert.is_true(r.seen_running)
-      if r.outcome ~= "57014" then
-        pending(string.format("BUG: a client's CancelRequest is logged (\"client N: cancel request, cancelling "
-          .. "its statement on shard shard_1\") but does nothing: pgconn_cancel() returns at once unless the "
-          .. "connection is PGCONN_BUSY, and a leased connection is PGCONN_RAW; pg_sleep(2) %s after %.2fs%s",
-          r.outcome == "completed" and "completed" or ("failed with " .. tostring(r.outcome)), r.seconds,
-          r.message and (": " .. r.message) or ""))
-      end
       assert.equal("57014", r.outcome)
       assert.is_true(r.seconds < 1.5)
       assert.equal(4, r.after)
@@ -619,13 +607,9 @@ print(json.dumps(out))
         .. "(select count(*) from pg_class where relname = 'leak_tt' and relpersistence = 't'), "
         .. "(select count(*) from pg_listening_channels());")
       local want = default_work_mem .. "|postgres|0|0"
-      if b ~= want then
-        pending(string.format("BUG: only the first statement of a Query is classified (sql_changes_session, "
-          .. "unpoolable): a later SET / SET ROLE / CREATE TEMP / LISTEN runs on the server connection, is "
-          .. "neither refused (0A000) nor reset, and the next client of that connection sees it; client A got "
-          .. "%q, %q, %q, %q; client B's work_mem|current_user|temp tables|channels: %q, expected %q",
-          a1, a2, a3, a4, b, want))
-      end
+      -- the statements transaction pooling cannot carry were refused, wherever they were in the Query
+      assert.matches("CREATE TEMPORARY is not supported in transaction pooling", a3, 1, true)
+      assert.matches("LISTEN is not supported in transaction pooling", a4, 1, true)
       assert.equal(want, b)
     end)
   end)
