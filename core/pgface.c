@@ -183,6 +183,9 @@ struct pgclient {
 	bool awaiting;              /* a Sync or Query went out: wait for its 'Z' */
 	bool copy_in;               /* the server waits for CopyData */
 	bool routed_first;          /* the lease's first statement has been routed */
+	char *pending_begin;        /* a BEGIN answered here, sent in front of the transaction's first statement */
+	const char *batch_tag;      /* a BEGIN, COMMIT or ROLLBACK of a deferred transaction as an unnamed Parse:
+				     * its Bind, Describe, Execute (this tag) and Sync are answered here too */
 	bool tx_failed;             /* the transaction had a gateway refusal (for the access log) */
 	bool closing_after;         /* close the client when the lease ends (shutdown, a FATAL sent) */
 	bool terminated;            /* Terminate or a protocol violation: roll back what is open, then close */
@@ -788,6 +791,13 @@ static void begin_forwarding(struct pgclient *c)
 		ex_push(c, EX_OWN_QUERY);
 		c->conn->wire_sig = c->settings_sig;
 	}
+	if (c->pending_begin) {
+		/* The client's BEGIN, answered when it came: now, in front of its first statement. */
+		pgwire_put_query(c->sout, c->pending_begin);
+		ex_push(c, EX_OWN_QUERY);
+		free(c->pending_begin);
+		c->pending_begin = NULL;
+	}
 	process_input(c);
 }
 
@@ -872,7 +882,7 @@ static void on_exec_done(void *arg)
 		stats.waiting--;
 		stats.errors++;
 		c->skip_to_sync = true;
-		c->tx = 'I';
+		c->tx = c->pending_begin ? 'E' : 'I';    /* a BEGIN answered here: the transaction is aborted */
 		status = 503;
 	} else if (c->tx_failed) {
 		status = 500;
@@ -885,7 +895,7 @@ static void on_exec_done(void *arg)
 		struct msg m;
 		if (next_msg(c, &m) == 1 && m.type == 'Q') {
 			drop_msg(c, &m);
-			pgwire_put_ready(cout(c), 'I');
+			pgwire_put_ready(cout(c), c->tx);
 			c->skip_to_sync = false;
 		}
 	}
@@ -1698,6 +1708,108 @@ static void idle_msg_done(struct pgclient *c, struct msg *m)
 	drop_msg(c, m);
 }
 
+/* The first word of sql's only statement (upper-cased into w), or "" when sql holds several. */
+static const char *lone_word(const char *sql, char *w, size_t len)
+{
+	const char *p = sql_skip_noise(sql), *next = pgsql_next_statement(sql);
+	size_t n = 0;
+	w[0] = '\0';
+	if (next) {
+		next = sql_skip_noise(next);
+		while (*next == ';' || isspace((unsigned char)*next))
+			next = sql_skip_noise(next + 1);
+		if (*next)
+			return w;
+	}
+	while (n + 1 < len && isalpha((unsigned char)p[n])) {
+		w[n] = (char)toupper((unsigned char)p[n]);
+		n++;
+	}
+	w[n] = '\0';
+	return w;
+}
+
+/*
+ * A BEGIN alone names no tenant (ORMs and drivers send it as a Query of
+ * its own), so it cannot be routed: it is answered here and sent in front
+ * of the transaction's first statement, which routes it (PgDog and
+ * PgBouncer's users know the pattern). A COMMIT or ROLLBACK before any
+ * statement ends that empty transaction here too. True when sql was one
+ * of those and is answered.
+ */
+static bool deferred_transaction(struct pgclient *c, const char *sql, struct evbuffer *out)
+{
+	char w[16];
+	const char *tag = NULL;
+	char status;
+	lone_word(sql, w, sizeof(w));
+	if (!c->pending_begin) {
+		if (!((strcmp(w, "BEGIN") == 0 || strcmp(w, "START") == 0) && sql_controls_transaction(sql)))
+			return false;
+		c->pending_begin = xstrdup(sql);
+		tag = strcmp(w, "BEGIN") == 0 ? "BEGIN" : "START TRANSACTION";
+		status = 'T';
+	} else if ((strcmp(w, "COMMIT") == 0 || strcmp(w, "END") == 0 || strcmp(w, "ROLLBACK") == 0 ||
+		    strcmp(w, "ABORT") == 0) && sql_controls_transaction(sql)) {
+		/* (ROLLBACK TO SAVEPOINT and the like go to the server: no savepoint exists, it says so) */
+		tag = (w[0] == 'C' || w[0] == 'E') && c->tx != 'E' ? "COMMIT" : "ROLLBACK";
+		free(c->pending_begin);
+		c->pending_begin = NULL;
+		status = 'I';
+	} else if (c->tx == 'E') {
+		static const char msg[] = "current transaction is aborted, commands ignored until end of transaction block";
+		if (out) {
+			pgwire_put_error(out, 'E', "ERROR", "25P02", msg, NULL, NULL);
+			pgwire_put_ready(out, 'E');
+		} else {
+			idle_error(c, false, "25P02", msg, NULL);
+		}
+		return true;
+	} else if (strcmp(w, "BEGIN") == 0 || strcmp(w, "START") == 0) {
+		pgwire_put_error(cout(c), 'N', "WARNING", "25001", "there is already a transaction in progress", NULL, NULL);
+		tag = strcmp(w, "BEGIN") == 0 ? "BEGIN" : "START TRANSACTION";
+		status = 'T';
+	} else {
+		return false;
+	}
+	c->tx = status;
+	if (!out) {
+		c->batch_tag = tag;     /* an extended-protocol one: its Execute and Sync answer */
+		return true;
+	}
+	pgwire_put_complete(out, tag);
+	pgwire_put_ready(out, status);
+	return true;
+}
+
+/* The rest of an extended-protocol BEGIN, COMMIT or ROLLBACK: true when m was part of it and is answered. */
+static bool deferred_begin_msg(struct pgclient *c, struct msg *m)
+{
+	struct evbuffer *out = cout(c);
+	switch (m->type) {
+	case 'B':
+		pgwire_put_empty(out, '2');
+		break;
+	case 'D':
+		pgwire_put_empty(out, 'n');
+		break;
+	case 'E':
+		pgwire_put_complete(out, c->batch_tag);
+		break;
+	case 'H':
+		break;
+	case 'S':
+		c->batch_tag = NULL;
+		pgwire_put_ready(out, c->tx);
+		break;
+	default:
+		c->batch_tag = NULL;
+		return false;
+	}
+	drop_msg(c, m);
+	return true;
+}
+
 /* One client message between transactions; false when a transaction started (or the client is closing). */
 static bool idle_msg(struct pgclient *c, struct msg *m)
 {
@@ -1709,19 +1821,21 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 	if (c->skip_to_sync) {
 		if (m->type == 'S') {
 			c->skip_to_sync = false;
-			pgwire_put_ready(out, 'I');
+			pgwire_put_ready(out, c->tx);
 		}
 		idle_msg_done(c, m);
 		return true;
 	}
+	if (c->batch_tag && deferred_begin_msg(c, m))
+		return true;
 	switch (m->type) {
 	case 'Q': {
 		const char *sql = pgwire_getstr(&r), *what;
 		const char *p;
 		if (r.bad)
 			goto bad;
-		if (local_set(c, sql, false, out)) {
-			pgwire_put_ready(out, 'I');
+		if (local_set(c, sql, c->pending_begin != NULL, out)) {
+			pgwire_put_ready(out, c->tx);
 			idle_msg_done(c, m);
 			return true;
 		}
@@ -1730,7 +1844,11 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 			p = sql_skip_noise(p + 1);
 		if (!*p) {
 			pgwire_put_empty(out, 'I');
-			pgwire_put_ready(out, 'I');
+			pgwire_put_ready(out, c->tx);
+			idle_msg_done(c, m);
+			return true;
+		}
+		if (deferred_transaction(c, sql, out)) {
 			idle_msg_done(c, m);
 			return true;
 		}
@@ -1751,6 +1869,13 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 		fs.sql = pgwire_getstr(&r);
 		if (r.bad)
 			goto bad;
+		if (!*name && deferred_transaction(c, fs.sql, NULL)) {
+			/* BEGIN, COMMIT, ROLLBACK through the extended protocol (psycopg): answered step by step. */
+			if (c->batch_tag)
+				pgwire_put_empty(out, '1');
+			idle_msg_done(c, m);
+			return true;
+		}
 		if (*name && cstmt_find(c, name)) {
 			char msg[300];
 			snprintf(msg, sizeof(msg), "prepared statement \"%.200s\" already exists", name);
@@ -1825,7 +1950,7 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 		return true;
 	}
 	case 'S':
-		pgwire_put_ready(out, 'I');
+		pgwire_put_ready(out, c->tx);
 		idle_msg_done(c, m);
 		return true;
 	case 'H':
@@ -2366,6 +2491,7 @@ static void client_free(struct pgclient *c)
 	free(c->startup);
 	free(c->startup_buf);
 	free(c->rq_buf);
+	free(c->pending_begin);
 	fault_clear(&c->fault);
 	free(c);
 }

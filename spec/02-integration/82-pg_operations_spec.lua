@@ -279,4 +279,44 @@ print(c.pgconn.ssl_in_use, c.execute("select 8").fetchone()[0])
 ]])
     assert.same({ "refused", "False 8" }, out)
   end)
+
+  it("answers a BEGIN that names no tenant itself and opens it on the shard of the transaction's first statement", function()
+    local gw = helpers.pg_gateway({ shards = helpers.shards_config(dbs), script = SCRIPT })
+    -- simple protocol (psql, Rails): BEGIN alone, the tenant in the statement's comment
+    local code, out, err = helpers.gw_psql(gw, [[
+BEGIN;
+/*tenant='3'*/ insert into ops values ('deferred-rb', 1);
+ROLLBACK;
+BEGIN;
+/*tenant='3'*/ insert into ops values ('deferred-c', 1);
+/*tenant='3'*/ select current_database();
+COMMIT;
+BEGIN;
+COMMIT;
+]])
+    assert.equals(0, code, err)
+    assert.matches(dbs[2], out, 1, true)
+    assert.equals("0", helpers.psql(dbs[2], "SELECT count(*) FROM ops WHERE tenant = 'deferred-rb'"))
+    assert.equals("1", helpers.psql(dbs[2], "SELECT count(*) FROM ops WHERE tenant = 'deferred-c'"))
+    -- extended protocol (psycopg outside autocommit): the same, and an aborted one stays aborted
+    local lines = py(gw, [[
+c = psycopg.connect(host="127.0.0.1", port=PORT, user="app", dbname="app")
+c.execute("/*tenant='3'*/ insert into ops values ('deferred-psy', 1)")
+print(c.execute("/*tenant='3'*/ select count(*) from ops where tenant = 'deferred-psy'").fetchone()[0])
+c.rollback()
+try:
+    c.execute("select 1")
+except Exception as e:
+    print(err(e).split("|")[0])
+try:
+    c.execute("/*tenant='3'*/ select 1")
+except Exception as e:
+    print(err(e).split("|")[0])
+c.rollback()
+with c.transaction():
+    c.execute("/*tenant='3'*/ insert into ops values ('deferred-psy', 2)")
+print(c.execute("/*tenant='3'*/ select count(*) from ops where tenant = 'deferred-psy'").fetchone()[0])
+]])
+    assert.same({ "1", "08P01", "25P02", "1" }, lines)
+  end)
 end)
