@@ -7,8 +7,14 @@
 #
 #   direct     pgbench -S point selects straight to one shard database, simple
 #              and prepared protocol, at BENCH_CLIENTS clients and at clients =
-#              pool size (the database's own best)
-#   pgbouncer  the same through PgBouncer (transaction pooling, pool = BENCH_POOL)
+#              pool size (the database's own best); extended at BENCH_CLIENTS
+#   pgbouncer  the same through PgBouncer (transaction pooling, pool = BENCH_POOL),
+#              simple and extended (PgBouncer 1.18 cannot do -M prepared)
+#   pg         the same pgbench through the gateway's PostgreSQL listener
+#              (pg_listen, user bench with trust, transaction pooling on the
+#              gateway's pool of shard_0, the HTTP rows' pool), -M simple,
+#              extended and prepared, the tenant in the startup options
+#              (PGOPTIONS='-c shardgate.tenant=N'; tools/bench/routing.lua)
 #   shardgate  the same statement as HTTP POST /query through bin/shardgate,
 #              driven by wrk (tools/bench/query.lua): every request on the shard
 #              pgbench hits (the like-for-like row), then tenants spread over
@@ -23,6 +29,9 @@
 #              load time, the gateway's VmRSS before/after, bytes per entry
 #   idle       a fresh gateway with 3 x 15 pooled connections and
 #              BENCH_IDLE_CLIENTS idle keep-alive clients (tools/bench/idle.lua)
+#   idle pg    a fresh gateway with pg_listen and a fresh PgBouncer, each holding
+#              BENCH_PG_IDLE_CLIENTS idle logged-in PostgreSQL-protocol clients
+#              (tools/bench/idle_pg.lua): KiB of VmRSS per idle client of each
 #
 # and prints one table with the ratios against the targets of issue 6. The
 # gateway's and PgBouncer's CPU come from /proc/PID/stat (utime+stime), their
@@ -38,11 +47,13 @@
 #   BENCH_THREADS=2         pgbench -j / wrk -t
 #   BENCH_SCALE=10          pgbench scale of each big shard
 #   BENCH_SHARDS=3          big shard databases (copies of one pgbench -i)
-#   BENCH_ROUNDS=1          rounds of the 8 throughput rows; with more, each column is
+#   BENCH_ROUNDS=1          rounds of the 12 throughput rows; with more, each column is
 #                           the median over the rounds (rows interleaved, so drifting
 #                           load on the machine hits all of them alike)
 #   BENCH_FANOUT_N=25       timed sequential requests per fan-out measurement
 #   BENCH_IDLE_CLIENTS=10000 idle keep-alive clients for the memory line
+#   BENCH_PG_IDLE_CLIENTS=1000 idle PostgreSQL-protocol clients for the pg memory
+#                           line (the gateway's pg_listen and PgBouncer each)
 #   BENCH_DIR_SECONDS=6     duration of each directory row
 #   BENCH_DIR_ROWS=1000000  rows of the directory table the refresh loads
 #   BENCH_PERF=1            also profile the gateway with perf during the one-shard
@@ -69,6 +80,7 @@ nshards=${BENCH_SHARDS:-3}
 fanout_n=${BENCH_FANOUT_N:-25}
 rounds=${BENCH_ROUNDS:-1}
 idle_clients=${BENCH_IDLE_CLIENTS:-10000}
+pg_idle_clients=${BENCH_PG_IDLE_CLIENTS:-1000}
 dir_secs=${BENCH_DIR_SECONDS:-6}
 dir_rows=${BENCH_DIR_ROWS:-1000000}
 bin=${SHARDGATE_BIN:-$root/bin/shardgate}
@@ -79,6 +91,7 @@ fanout_sql='SELECT pg_sleep(0.02), count(*) FROM pgbench_branches'
 idle_pool=15             # idle line: 3 shards x 15 = 45 pooled connections
 dir_tenants=100          # directory rows: wrk's tenants, all on shard_0 in the directory
 dir_refresh_at=1         # ... and the refresh starts this many seconds into the row
+pg_user=bench            # the gateway's pg_users entry (trust, every tenant) of the pg rows
 
 t_start=$(date +%s)
 load_start=$(cut -d" " -f1-3 /proc/loadavg)
@@ -86,7 +99,8 @@ say() { printf 'bench: %s\n' "$*" >&2; }
 die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
 
 for v in secs:SECONDS clients:CLIENTS pool:POOL threads:THREADS scale:SCALE nshards:SHARDS \
-         fanout_n:FANOUT_N idle_clients:IDLE_CLIENTS rounds:ROUNDS dir_secs:DIR_SECONDS dir_rows:DIR_ROWS; do
+         fanout_n:FANOUT_N idle_clients:IDLE_CLIENTS pg_idle_clients:PG_IDLE_CLIENTS rounds:ROUNDS \
+         dir_secs:DIR_SECONDS dir_rows:DIR_ROWS; do
     var=${v%%:*}
     [[ ${!var} =~ ^[1-9][0-9]*$ ]] || die "BENCH_${v#*:} must be a positive integer, got '${!var}'"
 done
@@ -125,7 +139,7 @@ for c in "$bindir/pgbench" "$bindir/psql" pgbouncer wrk luajit curl setpriv; do
 done
 pgbouncer_bin=$(command -v pgbouncer)
 
-need_fds=$((idle_clients + 1024))
+need_fds=$(( (idle_clients > pg_idle_clients ? idle_clients : pg_idle_clients) + 1024 ))
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$need_fds" ]; then
     ulimit -n "$need_fds" 2>/dev/null ||
         die "cannot raise the open-file limit to $need_fds (hard limit $(ulimit -Hn))"
@@ -355,19 +369,24 @@ wait_pooled() {   # wait_pooled COUNT DBPATTERN: the gateway's connections
 }
 
 # --- the direct rows ------------------------------------------------------------
-# run_pgbench KEY PORT CLIENTS MODE PROXY_PID
+# run_pgbench KEY PORT CLIENTS MODE PROXY_PID [USER PGOPTIONS GATEWAY_LOG]: USER
+# defaults to postgres; GATEWAY_LOG, for the pg rows, is shown when pgbench fails.
 run_pgbench() {
-    local key=$1 port=$2 c=$3 mode=$4 proxy=$5 out=$tmp/out/$1 n lat
+    local key=$1 port=$2 c=$3 mode=$4 proxy=$5 user=${6:-postgres} opts=${7:-} gwlog=${8:-} out=$tmp/out/$1 n lat
     mkdir -p "$tmp/log/$key"
-    say "row ${R_label[$key]}: pgbench -S -M $mode -c $c -j $threads -T $secs (port $port)"
+    say "row ${R_label[$key]}: pgbench -S -M $mode -c $c -j $threads -T $secs (port $port${opts:+, PGOPTIONS='$opts'})"
     snap_begin "$proxy"
-    ( "$bindir/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -S -M "$mode" -c "$c" -j "$threads" \
+    ( PGOPTIONS=$opts "$bindir/pgbench" -h 127.0.0.1 -p "$port" -U "$user" -n -S -M "$mode" -c "$c" -j "$threads" \
         -T "$secs" -l --log-prefix="$tmp/log/$key/tx" bench_0 >"$out.out" 2>"$out.err"
       echo $? >"$out.rc"; times >"$out.times" ) &
     load_pid=$!
     wait "$load_pid"
     load_pid=
-    [ "$(cat "$out.rc")" = 0 ] || { cat "$out.err" "$out.out" >&2; die "pgbench failed in row $key"; }
+    if [ "$(cat "$out.rc")" != 0 ]; then
+        cat "$out.err" "$out.out" >&2
+        [ -n "$gwlog" ] && { say "the gateway's log ($gwlog), last 40 lines:"; tail -n 40 "$gwlog" >&2; }
+        die "pgbench failed in row $key"
+    fi
     n=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out.out")
     snap_end "$key" "$proxy" "$n" "$(times_us "$out.times")"
     R_rps[$key]=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$out.out" | awk '{ printf "%.0f", $1 }')
@@ -389,6 +408,7 @@ add_row direct_s32 "direct simple" "$clients"
 add_row direct_p32 "direct prepared" "$clients"
 add_row direct_sp "direct simple @pool" "$pool"
 add_row direct_pp "direct prepared @pool" "$pool"
+add_row direct_e32 "direct extended" "$clients"
 
 # --- PgBouncer ----------------------------------------------------------------------
 pgb_dir=$tmp/pgbouncer
@@ -454,21 +474,34 @@ start_pgbouncer
 # (max_prepared_statements came in 1.21): its second row uses -M extended.
 add_row pgb_s32 "pgbouncer simple" "$clients"
 add_row pgb_e32 "pgbouncer extended" "$clients"
+# The same pgbench through the gateway's PostgreSQL listener (pg_listen),
+# beside PgBouncer's: the gateway's transaction pooling on the pool of shard_0.
+add_row pg_s32 "shardgate pg simple" "$clients"
+add_row pg_e32 "shardgate pg extended" "$clients"
+add_row pg_p32 "shardgate pg prepared" "$clients"
 
 # --- the gateway ---------------------------------------------------------------------
-# start_gateway NAME CONFIG_BODY: writes $tmp/NAME.lua, starts the gateway on
+# start_gateway NAME CONFIG_BODY [pg]: writes $tmp/NAME.lua, starts the gateway on
 # two free ports (retrying with others if one was taken meanwhile), waits
 # until its log says it listens and /healthz answers; sets gw_pid, gw_port,
-# admin_port.
+# admin_port. With "pg" also pg_listen on a third port (gw_pg_port) with the
+# trust user $pg_user for every tenant.
 start_gateway() {
-    local name=$1 body=$2 conf=$tmp/$1.lua log=$tmp/log/$1.log
+    local name=$1 body=$2 conf=$tmp/$1.lua log=$tmp/log/$1.log pg=${3:-}
     for _ in 1 2 3; do
         gw_port=$(pg_free_port) && admin_port=$(pg_free_port) || die "no free port"
         [ "$admin_port" = "$gw_port" ] && continue
+        gw_pg_port=
+        if [ "$pg" = pg ]; then
+            gw_pg_port=$(pg_free_port) || die "no free port"
+            { [ "$gw_pg_port" = "$gw_port" ] || [ "$gw_pg_port" = "$admin_port" ]; } && continue
+        fi
         {
             echo "-- written by tools/bench.sh"
             echo "return {"
             echo "  listen = \"127.0.0.1:$gw_port\", admin_listen = \"127.0.0.1:$admin_port\","
+            [ -n "$gw_pg_port" ] && echo "  pg_listen = \"127.0.0.1:$gw_pg_port\"," \
+                "pg_users = { $pg_user = { auth = \"trust\", tenants = \"*\" } },"
             echo "  shutdown_timeout = 2,"
             printf '%s\n' "$body"
             echo "}"
@@ -481,6 +514,7 @@ start_gateway() {
             kill -0 "$gw_pid" 2>/dev/null || break
             # The log line first: another program could answer /healthz on a taken port.
             if grep -q "listening on 127.0.0.1:$gw_port " "$log" &&
+                    { [ -z "$gw_pg_port" ] || grep -q "PostgreSQL clients on 127.0.0.1:$gw_pg_port" "$log"; } &&
                     [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$gw_port/healthz")" = 200 ]; then
                 return 0
             fi
@@ -514,12 +548,13 @@ shards_lua() {   # shards_lua PREFIX DBPREFIX COUNT [EXTRA]
     echo "  },"
 }
 
-say "starting the gateway: $nshards shards, pool $pool, min_idle $pool"
-start_gateway gw-main "  script = \"$root/scripts/routing.lua\",
+say "starting the gateway: $nshards shards, pool $pool, min_idle $pool, pg_listen"
+start_gateway gw-main "  script = \"$root/tools/bench/routing.lua\",
   defaults = { pool = $pool, min_idle = $pool },
-$(shards_lua shard_ bench_ "$nshards")"
+$(shards_lua shard_ bench_ "$nshards")" pg
 wait_pooled $((nshards * pool)) 'bench_%'
 main_rss_start=$(mem_kib "$gw_pid" VmRSS)
+main_pg_port=$gw_pg_port
 
 # Tenants: the first one the gateway puts on shard_0 (= bench_0, the database
 # pgbench and PgBouncer hit), and 4 per shard for the spread row.
@@ -548,6 +583,20 @@ case $answer in
 *'"shard":"shard_0"'*'"row_count":1'*) ;;
 *) die "sample request failed: $answer" ;;
 esac
+
+# gw_psql PORT TENANT SQL: one statement through the gateway's pg listener.
+gw_psql() {
+    PGOPTIONS="-c shardgate.tenant=$2" PGCONNECT_TIMEOUT=10 \
+        "$bindir/psql" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$1" -U "$pg_user" -d bench_0 -c "$3"
+}
+# The pg rows: the tenant must reach bench_0 through the listener, and one
+# unreported second of pgbench (as PgBouncer's warm-up) checks it can run.
+pg_opts="-c shardgate.tenant=$one_tenant"
+answer=$(gw_psql "$main_pg_port" "$one_tenant" 'SELECT current_database()' 2>&1)
+[ "$answer" = bench_0 ] || { tail -n 20 "$tmp/log/gw-main.log" >&2; die "pg listener sample failed: $answer"; }
+PGOPTIONS=$pg_opts "$bindir/pgbench" -h 127.0.0.1 -p "$main_pg_port" -U "$pg_user" -n -S -M prepared -c "$clients" \
+    -j "$threads" -T 1 bench_0 >"$tmp/log/pg-warmup.log" 2>&1 || {
+    cat "$tmp/log/pg-warmup.log" >&2; tail -n 40 "$tmp/log/gw-main.log" >&2; die "pgbench through the pg listener failed"; }
 
 # run_wrk KEY TENANTS [SECONDS]: POST /query (tools/bench/query.lua); TENANTS
 # "-": GET /healthz (tools/bench/healthz.lua). SECONDS defaults to
@@ -600,7 +649,7 @@ if [ -n "$base_bin" ]; then
     new_bin=$bin
     bin=$base_bin
     say "starting the baseline gateway ($base_bin, Lua from $base_lua) beside it"
-    SHARDGATE_LUA_DIR=$base_lua start_gateway gw-base "  script = \"$root/scripts/routing.lua\",
+    SHARDGATE_LUA_DIR=$base_lua start_gateway gw-base "  script = \"$root/tools/bench/routing.lua\",
   defaults = { pool = $pool, min_idle = $pool },
 $(shards_lua shard_ bench_ "$nshards")"
     wait_pooled $((2 * nshards * pool)) 'bench_%'
@@ -643,8 +692,13 @@ for ((round = 1; round <= rounds; round++)); do
     run_pgbench direct_p32 "$pg_port" "$clients" prepared ""; keep direct_p32
     run_pgbench direct_sp "$pg_port" "$pool" simple ""; keep direct_sp
     run_pgbench direct_pp "$pg_port" "$pool" prepared ""; keep direct_pp
+    run_pgbench direct_e32 "$pg_port" "$clients" extended ""; keep direct_e32
     run_pgbench pgb_s32 "$pgb_port" "$clients" simple "$pgb_pid"; keep pgb_s32
     run_pgbench pgb_e32 "$pgb_port" "$clients" extended "$pgb_pid"; keep pgb_e32
+    for m in simple:pg_s32 extended:pg_e32 prepared:pg_p32; do
+        run_pgbench "${m#*:}" "$main_pg_port" "$clients" "${m%%:*}" "$gw_pid" "$pg_user" "$pg_opts" "$tmp/log/gw-main.log"
+        keep "${m#*:}"
+    done
     run_wrk sg_one "$one_tenant"; keep sg_one
     [ -n "$base_bin" ] && { run_base; keep sg_base; }
     run_wrk sg_spread "$spread_csv"; keep sg_spread
@@ -664,6 +718,13 @@ for k in "${rows[@]}"; do
 done
 stop_proc "$pgb_pid"
 pgb_pid=
+# What the load gateway logged at warn or error through the rounds (the pg
+# rows' troubles would show here): counted in the report, the first lines shown.
+gw_main_problems=$(grep -cE '\[(warn|error)\]' "$tmp/log/gw-main.log")
+if [ "$gw_main_problems" != 0 ]; then
+    say "the load gateway logged $gw_main_problems warn/error lines; the first 10:"
+    grep -E '\[(warn|error)\]' "$tmp/log/gw-main.log" | head -n 10 >&2
+fi
 if [ -n "$base_bin" ]; then
     stop_proc "${base_gw[0]}"
     base_gw=() main_gw=()
@@ -963,6 +1024,46 @@ helper_pid=
 stop_proc "$pgb_pid"
 pgb_pid=
 
+# --- idle PostgreSQL-protocol clients: the gateway's pg_listen and PgBouncer ----------------
+# BENCH_PG_IDLE_CLIENTS logged-in, idle clients (StartupMessage, trust, up to
+# ReadyForQuery: tools/bench/idle_pg.lua) on a fresh gateway with pg_listen
+# (the load gateway's pools: $idle_shards shards x min_idle BENCH_POOL, no
+# server connection taken by an idle client) and on a fresh PgBouncer
+# (max_client_conn = clients + 100). Each has served one statement before the
+# "before" figure: start_pgbouncer's check, gw_psql for the gateway.
+# established_on PORT: established TCP sockets whose local port is PORT.
+established_on() {
+    awk -v p=":$(printf '%04X' "$1")" '$2 ~ p"$" && $4 == "01"' /proc/net/tcp | wc -l
+}
+say "idle pg line: fresh gateway with pg_listen, $idle_shards shards x min_idle $pool, $pg_idle_clients idle pg clients"
+start_gateway gw-pgidle "  script = \"$root/tools/bench/routing.lua\",
+  defaults = { pool = $pool, min_idle = $pool },
+$(shards_lua shard_ bench_ "$idle_shards")" pg
+wait_pooled $((idle_shards * pool)) 'bench_%'
+answer=$(gw_psql "$gw_pg_port" "$one_tenant" 'SELECT 1' 2>&1)
+[ "$answer" = 1 ] || { tail -n 20 "$tmp/log/gw-pgidle.log" >&2; die "pg listener check failed: $answer"; }
+sleep 0.5
+pgi_rss0=$(mem_kib "$gw_pid" VmRSS)
+hold_idle idle_pg 127.0.0.1 "$gw_pg_port" "$pg_idle_clients" 120 "$pg_user" bench_0
+pgi_rss=$(mem_kib "$gw_pid" VmRSS)
+pgi_sockets=$(established_on "$gw_pg_port")
+pgi_fds=$(ls "/proc/$gw_pid/fd" | wc -l)
+stop_proc "$helper_pid"
+helper_pid=
+stop_gateway
+
+pgb_max_clients=$((pg_idle_clients + 100))
+start_pgbouncer
+sleep 0.5
+pgbi_rss0=$(mem_kib "$pgb_pid" VmRSS)
+hold_idle idle_pg 127.0.0.1 "$pgb_port" "$pg_idle_clients" 120 postgres bench_0
+pgbi_rss=$(mem_kib "$pgb_pid" VmRSS)
+pgbi_sockets=$(established_on "$pgb_port")
+stop_proc "$helper_pid"
+helper_pid=
+stop_proc "$pgb_pid"
+pgb_pid=
+
 # --- the report ----------------------------------------------------------------------
 t_total=$(( $(date +%s) - t_start ))
 cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
@@ -983,6 +1084,9 @@ echo
 echo "proxy = PgBouncer in the pgbouncer rows, the gateway in the shardgate rows; load = pgbench, wrk or seq.lua;"
 echo "pg = the whole PostgreSQL cluster; busy = all CPUs of the machine (other processes included)."
 echo "pgbouncer extended: PgBouncer 1.18 cannot carry named prepared statements in transaction mode."
+echo "shardgate pg rows: the same pgbench through the gateway's pg_listen (user $pg_user, trust), PGOPTIONS='$pg_opts'"
+echo "(-> shard_0 = bench_0), transaction pooling on the same pool of $pool connections the HTTP rows use; proxy = the gateway;"
+echo "the load gateway logged $gw_main_problems warn/error lines through the throughput rows."
 echo "$sg_requests_note; GET /healthz: the HTTP path alone (static wrk request), once."
 echo "directory rows: ${dir_secs}s each, the one-shard load with $dir_tenants tenants that sg.directory puts on shard_0; in the load row"
 echo "POST /admin/directory/refresh loads $dir_rows rows ${dir_refresh_at}s in (beside the live table) and p50/p99 cover the whole row."
@@ -1016,6 +1120,31 @@ awk -v a="${R_pcpu[sg_one]}" -v b="${R_pcpu[sg_spread]}" 'BEGIN {
         "gateway CPU us/request (worse shardgate row)", m, (m <= 20 ? "PASS" : "MISS"), a, b }'
 awk -v a="${R_pcpu[sg_one]}" -v b="${R_pcpu[pgb_s32]}" 'BEGIN {
     if (b + 0 > 0) printf "%-52s %8.2f   (info)\n", "gateway CPU/req one-shard / PgBouncer CPU/req simple", a / b }'
+echo "PostgreSQL protocol (pg_listen) against PgBouncer and direct, pgbench -S @$clients clients, pool $pool:"
+ratio "pg simple / pgbouncer simple @$clients" "${R_rps[pg_s32]}" "${R_rps[pgb_s32]}" ">=" 1.0
+ratio "pg prepared / pgbouncer simple @$clients" "${R_rps[pg_p32]}" "${R_rps[pgb_s32]}" ">=" 1.2
+ratio "pg extended / pgbouncer extended @$clients" "${R_rps[pg_e32]}" "${R_rps[pgb_e32]}"
+ratio "pg simple / direct simple @$clients" "${R_rps[pg_s32]}" "${R_rps[direct_s32]}"
+ratio "pg extended / direct extended @$clients" "${R_rps[pg_e32]}" "${R_rps[direct_e32]}"
+ratio "pg prepared / direct prepared @$clients" "${R_rps[pg_p32]}" "${R_rps[direct_p32]}"
+ratio "pg simple / direct simple @$pool" "${R_rps[pg_s32]}" "${R_rps[direct_sp]}"
+ratio "pg prepared / direct prepared @$pool" "${R_rps[pg_p32]}" "${R_rps[direct_pp]}"
+awk -v s="${R_pcpu[pg_s32]}" -v e="${R_pcpu[pg_e32]}" -v p="${R_pcpu[pg_p32]}" \
+    -v bs="${R_pcpu[pgb_s32]}" -v be="${R_pcpu[pgb_e32]}" 'BEGIN {
+    if (bs + 0 > 0 && be + 0 > 0)
+        printf "%-52s %8.2f   (info)   (extended / PgBouncer extended %.2f, prepared / PgBouncer simple %.2f)\n",
+            "gateway CPU/tx pg simple / PgBouncer CPU/tx simple", s / bs, e / be, p / bs }'
+awk -v n="$pg_idle_clients" -v r0="$pgi_rss0" -v r="$pgi_rss" -v b0="$pgbi_rss0" -v b="$pgbi_rss" \
+    -v so="$pgi_sockets" -v bso="$pgbi_sockets" -v fds="$pgi_fds" 'BEGIN {
+    k = (r - r0) / n; kb = (b - b0) / n
+    printf "%-52s %8.2f   (info)\n", "pg listener KiB per idle client (" n " idle)", k
+    printf "%-52s %8.2f   (info)\n", "PgBouncer KiB per idle client (" n " idle)", kb
+    if (kb > 0) printf "%-52s %8.2f   target <= 1.0 %s\n", "pg listener / PgBouncer KiB per idle client",
+        k / kb, (k / kb <= 1.0 ? "PASS" : "MISS")
+    else printf "%-52s %8s\n", "pg listener / PgBouncer KiB per idle client", "-"
+    printf "  idle pg clients: gateway VmRSS %.1f -> %.1f MiB (fds %d, established pg sockets %d);\n",
+        r0 / 1024, r / 1024, fds, so
+    printf "    PgBouncer VmRSS %.1f -> %.1f MiB (established sockets %d)\n", b0 / 1024, b / 1024, bso }'
 awk -v f="${R_p50[fo_fan]}" -v s="${R_p50[fo_single]}" -v w="$((fanout_shards / fanout_concurrency))" 'BEGIN {
     r = (s > 0) ? f / (w * s) : 0
     printf "%-52s %8.2f   target <= 1.2 %s   (fan-out p50 %s ms, single p50 %s ms)\n",
