@@ -154,6 +154,10 @@ struct pgclient {
 	uint64_t settings_sig;      /* 0: none */
 	struct req_pair *sess;      /* SET shardgate.<name> values */
 	int nsess;
+	struct setting *base;       /* what RESET returns to: the settings the startup packet gave */
+	int nbase;
+	struct req_pair *base_sess;
+	int nbase_sess;
 	struct cstmt *stmts[CSTMT_BUCKETS];
 	struct cstmt unnamed;
 	bool skip_to_sync;          /* after a local error outside a lease: drop messages up to Sync */
@@ -523,6 +527,39 @@ static void sess_clear(struct pgclient *c)
 		sess_remove(c, c->sess[0].name);
 }
 
+static const struct setting *base_setting(const struct pgclient *c, const char *name)
+{
+	for (int i = 0; i < c->nbase; i++)
+		if (strcmp(c->base[i].name, name) == 0)
+			return &c->base[i];
+	return NULL;
+}
+
+static const char *base_sess_value(const struct pgclient *c, const char *name)
+{
+	for (int i = 0; i < c->nbase_sess; i++)
+		if (strcmp(c->base_sess[i].name, name) == 0)
+			return c->base_sess[i].value;
+	return NULL;
+}
+
+/* Keep what the startup packet set, for RESET. */
+static void snapshot_base(struct pgclient *c)
+{
+	c->nbase = c->nsettings;
+	c->base = xcalloc((size_t)(c->nbase ? c->nbase : 1), sizeof(*c->base));
+	for (int i = 0; i < c->nbase; i++) {
+		c->base[i].name = xstrdup(c->settings[i].name);
+		c->base[i].value = xstrdup(c->settings[i].value);
+	}
+	c->nbase_sess = c->nsess;
+	c->base_sess = xcalloc((size_t)(c->nbase_sess ? c->nbase_sess : 1), sizeof(*c->base_sess));
+	for (int i = 0; i < c->nbase_sess; i++) {
+		c->base_sess[i].name = xstrdup(c->sess[i].name);
+		c->base_sess[i].value = xstrdup(c->sess[i].value);
+	}
+}
+
 /* The settings a server reports with ParameterStatus: the client hears of a change as it would from a server. */
 static const char *reported_name(const char *name)
 {
@@ -553,12 +590,17 @@ static bool local_set(struct pgclient *c, const char *sql, bool in_tx, struct ev
 	if (k == PGSQL_RESET_ALL) {
 		if (in_tx)
 			return false;
+		/* As a server does: back to the session's defaults, which the startup packet set. */
 		for (int i = 0; i < c->nsettings; i++) {
 			free(c->settings[i].name);
 			free(c->settings[i].value);
 		}
 		c->nsettings = 0;
 		sess_clear(c);
+		for (int i = 0; i < c->nbase; i++)
+			setting_put(c, c->base[i].name, c->base[i].value, strlen(c->base[i].value));
+		for (int i = 0; i < c->nbase_sess; i++)
+			sess_put(c, c->base_sess[i].name, c->base_sess[i].value);
 		recompute_sig(c);
 		pgwire_put_complete(out, "RESET");
 		return true;
@@ -566,12 +608,21 @@ static bool local_set(struct pgclient *c, const char *sql, bool in_tx, struct ev
 	if (!ours && (in_tx || strcmp(st.name, "role") == 0 || strcmp(st.name, "session_authorization") == 0))
 		return false;
 	if (ours) {
-		if (k == PGSQL_RESET || st.value_default)
-			sess_remove(c, st.name + 10);
-		else
+		if (k == PGSQL_RESET || st.value_default) {
+			const char *startup = base_sess_value(c, st.name + 10);
+			if (startup)
+				sess_put(c, st.name + 10, startup);
+			else
+				sess_remove(c, st.name + 10);
+		} else {
 			sess_put(c, st.name + 10, st.value_list ? "" : st.value);
+		}
 	} else if (k == PGSQL_RESET || st.value_default) {
-		setting_remove(c, st.name);
+		const struct setting *b = base_setting(c, st.name);
+		if (b)
+			setting_put(c, b->name, b->value, strlen(b->value));
+		else
+			setting_remove(c, st.name);
 	} else {
 		setting_put(c, st.name, st.value_sql, st.value_sql_len);
 	}
@@ -615,7 +666,7 @@ static void note_statements(struct pgconn *conn, const char *sql)
 static const char *unpoolable_one(const char *sql)
 {
 	const char *p = sql_skip_noise(sql);
-	static const char *const words[] = { "LISTEN", "PREPARE", "DEALLOCATE" };
+	static const char *const words[] = { "LISTEN", "PREPARE", "DEALLOCATE", "EXECUTE" };
 	for (size_t i = 0; i < ARRAY_LEN(words); i++) {
 		size_t n = strlen(words[i]);
 		if (strncasecmp(p, words[i], n) == 0 && !isalnum((unsigned char)p[n]) && p[n] != '_') {
@@ -1147,6 +1198,7 @@ static void server_msg(struct pgclient *c, char type, size_t len)
 			/* The replayed SETs (the client's own messages follow), or the ROLLBACK of a client gone. */
 			ex_pop(c);
 			c->tx = status;
+			ex_drain_local(c);      /* answers of ours queued behind it (a ParseComplete) */
 			if (c->draining && c->ex_n == 0)
 				ready_for_query(c, status);
 			return;
@@ -2353,6 +2405,7 @@ static void read_startup(struct pgclient *c)
 			startup_setting(c, su.names[i], su.values[i]);
 	}
 	recompute_sig(c);
+	snapshot_base(c);
 	if ((su.code & 0xffff) > 0 || nunknown)
 		pgwire_put_negotiate(cout(c), 0, unknown, nunknown);
 	start_auth(c);
@@ -2487,6 +2540,16 @@ static void client_free(struct pgclient *c)
 	free(c->settings);
 	sess_clear(c);
 	free(c->sess);
+	for (int i = 0; i < c->nbase; i++) {
+		free(c->base[i].name);
+		free(c->base[i].value);
+	}
+	free(c->base);
+	for (int i = 0; i < c->nbase_sess; i++) {
+		free((char *)c->base_sess[i].name);
+		free((char *)c->base_sess[i].value);
+	}
+	free(c->base_sess);
 	scram_free(c->scram);
 	free(c->startup);
 	free(c->startup_buf);

@@ -329,12 +329,10 @@ out["after"] = [one(a, QA, ["a-last"], prepare=True), one(b, QB, ["b-last"], pre
       for name, res in pairs(r.b_sql_execute) do
         if res == "ran" then ran[#ran + 1] = name end
       end
-      if #leaked > 0 then
-        pending(("FINDING: tenant 4 reads tenant 2's statement text in pg_prepared_statements (as %s)"
-          .. " and %s it with SQL EXECUTE"):format(table.concat(leaked, ", "),
-          #ran > 0 and "runs" or "cannot run"))
-        return
-      end
+      -- The text of statements cached on a server connection is visible in
+      -- pg_prepared_statements to whoever borrows it (README, PostgreSQL
+      -- clients: keep tenant data in parameters, never literals); running
+      -- one is not: SQL EXECUTE is refused like PREPARE.
       assert.same({}, ran, "B ran A's statement with SQL EXECUTE")
     end)
 
