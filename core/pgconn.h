@@ -46,6 +46,8 @@ enum pgconn_event {
 };
 
 typedef void (*pgconn_cb)(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg);
+/* A face speaking the protocol on the socket itself hears it is readable (pgconn_raw_begin). */
+typedef void (*pgconn_raw_cb)(void *arg);
 
 struct pgconn {
 	PGconn *pg;
@@ -114,6 +116,8 @@ struct pgconn {
 	char hostaddr[64];
 	int batch;               /* results handed out per loop turn; 0 = all that arrived */
 	struct event *more;      /* continues a batch on the next loop turn */
+	pgconn_raw_cb raw_cb;    /* PGCONN_RAW: the face hears the socket is readable */
+	void *raw_arg;
 };
 
 /* Start connecting to url; the callback gets CONNECTED or FAILED. NULL if it cannot start. */
@@ -243,12 +247,15 @@ void pgconn_run_first(struct pgconn *c);
  * A face that speaks PostgreSQL's protocol itself on a lent, idle
  * connection (the PostgreSQL face forwards its clients' messages): libpq
  * stops watching the socket, which the face reads and writes until
- * pgconn_raw_end. The face must leave the server as libpq last saw it:
+ * pgconn_raw_end (its on_readable hears each wake-up, through the
+ * connection's own event: no system call to switch). The face must leave the server as libpq last saw it:
  * every query answered up to ReadyForQuery, no transaction open
  * (clean false: not so, or in doubt; the connection is then closed when it
  * comes back). Returns the socket, or -1 with err (not idle, or TLS).
  */
-int pgconn_raw_begin(struct pgconn *c, char *err, size_t errlen);
+int pgconn_raw_begin(struct pgconn *c, pgconn_raw_cb on_readable, void *arg, char *err, size_t errlen);
+/* Stop (and resume) hearing that the raw socket is readable: a slow reader on the face's side. */
+void pgconn_raw_pause(struct pgconn *c, bool paused);
 void pgconn_raw_end(struct pgconn *c, bool clean);
 /* A whole client session ran on c (anything may be left): the next borrower gets DISCARD ALL first. */
 void pgconn_mark_session(struct pgconn *c);

@@ -178,7 +178,6 @@ struct pgclient {
 	char tenant[128];
 	struct pgconn *conn;
 	int sfd;
-	struct event *sread;
 	struct event *swrite;
 	struct evbuffer *sin;       /* from the server */
 	struct evbuffer *sout;      /* to the server */
@@ -797,11 +796,12 @@ static void start_transaction(struct pgclient *c, const struct first_stmt *fs)
 }
 
 static void on_server_io(evutil_socket_t fd, short what, void *arg);
+static void on_server_readable(void *arg);
 
 static void begin_forwarding(struct pgclient *c)
 {
 	char err[256];
-	c->sfd = pgconn_raw_begin(c->conn, err, sizeof(err));
+	c->sfd = pgconn_raw_begin(c->conn, on_server_readable, c, err, sizeof(err));
 	if (c->sfd < 0) {
 		struct fault f = { 0 };
 		log_warn("pg: shard %s: %s", c->shard_name, err);
@@ -813,14 +813,9 @@ static void begin_forwarding(struct pgclient *c)
 		lease_end(c, false);
 		return;
 	}
-	if (!c->sread) {
-		c->sread = event_new(c->face->base, -1, 0, on_server_io, c);
+	if (!c->swrite)
 		c->swrite = event_new(c->face->base, -1, 0, on_server_io, c);
-	}
-	event_assign(c->sread, c->face->base, c->sfd, EV_READ | EV_PERSIST, on_server_io, c);
 	event_assign(c->swrite, c->face->base, c->sfd, EV_WRITE | EV_PERSIST, on_server_io, c);
-	event_priority_set(c->sread, 0);
-	event_add(c->sread, NULL);
 	c->state = CL_LEASED;
 	stats.waiting--;
 	stats.active++;
@@ -964,8 +959,6 @@ static void lease_end(struct pgclient *c, bool clean)
 	if (c->cancel_sent || c->guard.cancelled)
 		clean = false;
 	pgconn_guard_stop(&c->guard);
-	if (c->sread)
-		event_del(c->sread);
 	if (c->swrite)
 		event_del(c->swrite);
 	while (c->ex_n)
@@ -1260,7 +1253,7 @@ static void read_server(struct pgclient *c)
 	}
 	/* A client that reads slowly slows the server down; its buffer stays bounded. */
 	if (c->sfd >= 0 && evbuffer_get_length(cout(c)) > CLIENT_OUT_HIGH)
-		event_del(c->sread);
+		pgconn_raw_pause(c->conn, true);
 }
 
 static void on_server_io(evutil_socket_t fd, short what, void *arg)
@@ -1275,6 +1268,13 @@ static void on_server_io(evutil_socket_t fd, short what, void *arg)
 			return;
 	}
 	if (what & EV_READ)
+		read_server(c);
+}
+
+static void on_server_readable(void *arg)
+{
+	struct pgclient *c = arg;
+	if (c->state == CL_LEASED)
 		read_server(c);
 }
 
@@ -1322,7 +1322,7 @@ static void ready_for_query(struct pgclient *c, char status)
 		return;
 	}
 	if (evbuffer_get_length(cout(c)) <= CLIENT_OUT_HIGH)
-		event_add(c->sread, NULL);
+		pgconn_raw_pause(c->conn, false);
 	process_input(c);
 }
 
@@ -2453,8 +2453,8 @@ static void on_client_write(struct bufferevent *bev, void *arg)
 		return;
 	}
 	/* The client caught up: read the server again. */
-	if (c->state == CL_LEASED && c->sread && c->sfd >= 0 && !event_pending(c->sread, EV_READ, NULL))
-		event_add(c->sread, NULL);
+	if (c->state == CL_LEASED && c->sfd >= 0 && c->conn)
+		pgconn_raw_pause(c->conn, false);
 }
 
 /* The client went away (or its connection broke). */
@@ -2523,8 +2523,6 @@ static void client_free(struct pgclient *c)
 		event_free(c->guard.timer);
 	if (c->later)
 		event_free(c->later);
-	if (c->sread)
-		event_free(c->sread);
 	if (c->swrite)
 		event_free(c->swrite);
 	evbuffer_free(c->sin);
