@@ -158,7 +158,7 @@ struct pgclient {
 	int nbase;
 	struct req_pair *base_sess;
 	int nbase_sess;
-	struct cstmt *stmts[CSTMT_BUCKETS];
+	struct cstmt **stmts;       /* CSTMT_BUCKETS chains, allocated with the first named statement */
 	struct cstmt unnamed;
 	bool skip_to_sync;          /* after a local error outside a lease: drop messages up to Sync */
 	char tx;                    /* the last ReadyForQuery status: 'I', 'T', 'E' */
@@ -170,8 +170,8 @@ struct pgclient {
 	bool fault_set;
 	char *rq_buf;               /* sql, param texts, comment pairs of the request */
 	size_t rq_cap;
-	struct req_pair comment[16];
-	const char *param_vals[64];
+	struct req_pair *comment;   /* in rq_buf */
+	const char **param_vals;    /* in rq_buf */
 	double tx_start;
 	int shard;                  /* the leased connection's shard (config index) */
 	char shard_name[64];
@@ -316,6 +316,8 @@ static struct cstmt *cstmt_find(struct pgclient *c, const char *name)
 {
 	if (!*name)
 		return c->unnamed.key ? &c->unnamed : NULL;
+	if (!c->stmts)
+		return NULL;
 	for (struct cstmt *s = c->stmts[cstmt_bucket(name)]; s; s = s->next)
 		if (strcmp(s->name, name) == 0)
 			return s;
@@ -336,7 +338,10 @@ static void cstmt_clear(struct cstmt *s)
 
 static void cstmt_drop(struct pgclient *c, const char *name)
 {
-	struct cstmt **pp = &c->stmts[cstmt_bucket(name)];
+	struct cstmt **pp;
+	if (!c->stmts)
+		return;
+	pp = &c->stmts[cstmt_bucket(name)];
 	for (; *pp; pp = &(*pp)->next) {
 		if (strcmp((*pp)->name, name) == 0) {
 			struct cstmt *s = *pp;
@@ -373,7 +378,7 @@ static void cstmt_set(struct cstmt *s, const char *name, const char *sql, const 
 
 static void cstmt_free_all(struct pgclient *c)
 {
-	for (int i = 0; i < CSTMT_BUCKETS; i++) {
+	for (int i = 0; c->stmts && i < CSTMT_BUCKETS; i++) {
 		while (c->stmts[i]) {
 			struct cstmt *s = c->stmts[i];
 			c->stmts[i] = s->next;
@@ -382,6 +387,8 @@ static void cstmt_free_all(struct pgclient *c)
 		}
 	}
 	cstmt_clear(&c->unnamed);
+	free(c->stmts);
+	c->stmts = NULL;
 }
 
 /* ---- messages from the client ---- */
@@ -702,6 +709,9 @@ static const char unpoolable_hint[] =
 
 /* ---- the request for the hooks ---- */
 
+#define RQ_COMMENTS 16   /* comment pairs the hooks see */
+#define RQ_PARAMS 64     /* parameters the hooks see */
+
 static char *rq_alloc(struct pgclient *c, size_t *used, size_t n)
 {
 	if (*used + n > c->rq_cap)
@@ -722,10 +732,15 @@ static void build_req(struct pgclient *c, const char *sql, const struct pgwire_b
 	size_t used = 0, need = strlen(sql) + 1 + 8192;
 	char *p;
 	memset(rq, 0, sizeof(*rq));
+	/* Room for the pairs and parameter pointers too; freed when the transaction ends (idle clients hold none). */
+	need += RQ_COMMENTS * sizeof(struct req_pair) + RQ_PARAMS * sizeof(char *) + 16;
 	if (need > c->rq_cap) {
-		c->rq_cap = need + 4096;
+		c->rq_cap = need + 1024;
 		c->rq_buf = xrealloc(c->rq_buf, c->rq_cap);
 	}
+	c->comment = (struct req_pair *)(void *)c->rq_buf;
+	c->param_vals = (const char **)(void *)(c->rq_buf + RQ_COMMENTS * sizeof(struct req_pair));
+	used = RQ_COMMENTS * sizeof(struct req_pair) + RQ_PARAMS * sizeof(char *);
 	rq->protocol = REQ_PG;
 	rq->lease = true;
 	rq->pg_user = c->user;
@@ -738,12 +753,12 @@ static void build_req(struct pgclient *c, const char *sql, const struct pgwire_b
 	p = rq_alloc(c, &used, strlen(sql) + 1);
 	strcpy(p, sql);
 	rq->sql = p;
-	rq->ncomment = pgsql_comments(sql, c->comment, (int)ARRAY_LEN(c->comment), rq_alloc(c, &used, 4096), 4096);
+	rq->ncomment = pgsql_comments(sql, c->comment, RQ_COMMENTS, rq_alloc(c, &used, 4096), 4096);
 	rq->comment = c->comment;
 	if (b) {
 		char *buf = rq_alloc(c, &used, 4096);
 		rq->nparams = pgwire_bind_text(b, st ? st->types : NULL, st ? st->ntypes : 0, c->param_vals,
-					       (int)ARRAY_LEN(c->param_vals), buf, 4096);
+					       RQ_PARAMS, buf, 4096);
 		rq->params = c->param_vals;
 	}
 	rq->tenant_hint = pgsql_tenant_hint(rq->comment, rq->ncomment, c->sess, c->nsess);
@@ -936,6 +951,14 @@ static void on_exec_done(void *arg)
 	stats.transactions++;
 	accesslog_write(&c->rq, status, mono_now() - c->tx_start);
 	c->state = CL_IDLE;
+	free(c->rq_buf);            /* an idle client holds no request */
+	c->rq_buf = NULL;
+	c->rq_cap = 0;
+	c->rq.sql = NULL;
+	c->rq.comment = NULL;
+	c->rq.ncomment = 0;
+	c->rq.params = NULL;
+	c->rq.nparams = 0;
 	if (failed) {
 		/* The batch's first message is still in the input: a Query is answered, the rest skipped to Sync. */
 		struct msg m;
@@ -1578,6 +1601,8 @@ static bool leased_msg(struct pgclient *c, struct msg *m)
 		struct cstmt *st = xcalloc(1, sizeof(*st));
 		unsigned b = cstmt_bucket(name);
 		cstmt_set(st, name, sql, types, nt);
+		if (!c->stmts)
+			c->stmts = xcalloc(CSTMT_BUCKETS, sizeof(*c->stmts));
 		st->next = c->stmts[b];
 		c->stmts[b] = st;
 		drop_msg(c, m);
@@ -2133,7 +2158,8 @@ static void auth_ok(struct pgclient *c)
 	c->scram = NULL;
 	c->auth = AS_NONE;
 	c->state = CL_IDLE;
-	event_del(c->timer);
+	event_free(c->timer);       /* the login deadline: an idle client keeps no timer */
+	c->timer = NULL;
 	stats.logins++;
 	send_parameters(c);
 	log_debug("pg: client %u logged in as %s (database %s)", c->pid, c->user, c->database);
