@@ -319,4 +319,44 @@ print(c.execute("/*tenant='3'*/ select count(*) from ops where tenant = 'deferre
 ]])
     assert.same({ "1", "08P01", "25P02", "1" }, lines)
   end)
+
+  it("gives a pool_mode = \"session\" user one server connection for the whole session, where LISTEN and temp tables work", function()
+    local gw = helpers.pg_gateway({ shards = helpers.shards_config(dbs, { pool = 2 }), script = SCRIPT,
+      pg_users = { app = { auth = "trust", tenants = "*" }, rep = { auth = "trust", tenants = "*", pool_mode = "session" } } })
+    local out = py(gw, [[
+s = psycopg.connect(host="127.0.0.1", port=PORT, user="rep", dbname="app", options="-c shardgate.tenant=2", autocommit=True)
+pid = s.execute("select pg_backend_pid()").fetchone()[0]
+s.execute("create temp table tt (x int)")
+s.execute("insert into tt values (1)")
+s.execute("listen chan")
+print(s.execute("select count(*) from tt").fetchone()[0], s.execute("select pg_backend_pid()").fetchone()[0] == pid)
+t = connect(2, autocommit=True)     # transaction pooling: refused, and never on the session's connection
+try:
+    t.execute("listen chan")
+except Exception as e:
+    print(err(e).split("|")[0])
+print(t.execute("select pg_backend_pid()").fetchone()[0] != pid)
+s.close()
+# the session's connection went back reset: no temp table, no LISTEN left for the next borrower
+u = connect(2, autocommit=True)
+print(u.execute("select count(*) from pg_class where relname = 'tt' and relpersistence = 't'").fetchone()[0],
+      u.execute("select count(*) from pg_listening_channels()").fetchone()[0])
+]])
+    assert.same({ "1 True", "0A000", "True", "0 0" }, out)
+  end)
+
+  it("describes a PostgreSQL client's statement at GET /admin/route?protocol=pg", function()
+    local gw = helpers.pg_gateway({ shards = helpers.shards_config(dbs), script = SCRIPT })
+    local function route(q)
+      local r = gw:request("GET", "/admin/route?protocol=pg&" .. q, { port = gw.admin_port })
+      return r.status, helpers.json.decode(r.body)
+    end
+    local status, body = route("sql=" .. helpers.urlencode("/*tenant='3'*/ SELECT 1") .. "&user=app")
+    assert.equals(200, status)
+    assert.same({ tenant = "3", shard = "shard_1" }, body)
+    status, body = route("sql=SELECT%201&session=" .. helpers.urlencode("tenant=4"))
+    assert.same({ tenant = "4", shard = "shard_0" }, body)
+    status, body = route("sql=SELECT%201")
+    assert.equals("no_tenant", body.code)
+  end)
 end)
