@@ -60,16 +60,16 @@ build/asan/%.o: core/%.c $(wildcard core/*.h)
 	$(CC) -std=gnu11 -D_GNU_SOURCE $(WARN) $(ASAN_FLAGS) $(PKG_CFLAGS) -c -o $@ $<
 
 # C unit tests (core/test/test_units.c), run by spec/01-unit/c_units_spec.lua.
-bin/test_units: core/test/test_units.c build/httpparse.o build/req.o build/util.o build/sqlclass.o
+bin/test_units: core/test/test_units.c core/test/check.h build/httpparse.o build/req.o build/util.o build/sqlclass.o
 	@mkdir -p bin
 	$(CC) $(ALL_CFLAGS) -o $@ $< build/httpparse.o build/req.o build/util.o build/sqlclass.o
 
 # The PostgreSQL face's SCRAM and statement-text modules have C tests of their own.
-bin/test_scram: core/test/test_scram.c build/scram.o
+bin/test_scram: core/test/test_scram.c core/test/check.h build/scram.o
 	@mkdir -p bin
 	$(CC) $(ALL_CFLAGS) -o $@ $< build/scram.o $(PKG_LIBS)
 
-bin/test_pgsql: core/test/test_pgsql.c build/pgsql.o
+bin/test_pgsql: core/test/test_pgsql.c core/test/check.h build/pgsql.o
 	@mkdir -p bin
 	$(CC) $(ALL_CFLAGS) -o $@ $< build/pgsql.o
 

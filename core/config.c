@@ -449,6 +449,18 @@ static void shard_conf_copy(struct shard_conf *dst, const struct shard_conf *src
 	dst->url = src->url ? xstrdup(src->url) : NULL;
 }
 
+/* Entries of the table on top of the stack (lua_objlen counts only its array part). */
+static int table_size(lua_State *L)
+{
+	int n = 0;
+	lua_pushnil(L);
+	while (lua_next(L, -2) != 0) {
+		n++;
+		lua_pop(L, 1);
+	}
+	return n;
+}
+
 /*
  * libpq's parse errors quote the URL: replace it in msg (in place) by its
  * masked form when that is no longer, else cut the message before it.
@@ -513,11 +525,7 @@ static int read_shards(struct reader *r, struct config *cfg)
 		fmt_err(r->err, r->errlen, "%s: shards is required (a table of name = {url = ...})", r->file);
 		return -1;
 	}
-	lua_pushnil(L);
-	while (lua_next(L, -2) != 0) {
-		n++;
-		lua_pop(L, 1);
-	}
+	n = table_size(L);
 	cfg->shards = xcalloc((size_t)(n ? n : 1), sizeof(*cfg->shards));
 	lua_pushnil(L);
 	while (rc == 0 && lua_next(L, -2) != 0) {
@@ -1035,11 +1043,7 @@ static int read_pg_users(struct reader *r, struct config *cfg)
 		lua_pop(L, 1);
 		return 0;
 	}
-	lua_pushnil(L);
-	while (lua_next(L, -2) != 0) {
-		n++;
-		lua_pop(L, 1);
-	}
+	n = table_size(L);
 	a->pg_users = xcalloc((size_t)(n ? n : 1), sizeof(struct pg_user));
 	lua_pushnil(L);
 	while (rc == 0 && lua_next(L, -2) != 0) {
@@ -1091,11 +1095,7 @@ static int read_queries(struct reader *r, struct config *cfg)
 		lua_pop(L, 1);
 		return 0;
 	}
-	lua_pushnil(L);
-	while (lua_next(L, -2) != 0) {
-		n++;
-		lua_pop(L, 1);
-	}
+	n = table_size(L);
 	cfg->queries = xcalloc((size_t)(n ? n : 1), sizeof(struct named_query));
 	lua_pushnil(L);
 	while (rc == 0 && lua_next(L, -2) != 0) {

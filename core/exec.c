@@ -448,7 +448,7 @@ static void start_statements(struct exec *r)
 	if (r->rq->lease) {
 		/* The face runs its statements itself, until exec_release. */
 		r->leased = true;
-		r->sink->ops->lease(r->sink, r->conn, r->shard->name);
+		r->sink->ops->lease(r->sink, r->conn);
 		return;
 	}
 	r->rows_read = 0;
@@ -716,11 +716,6 @@ void exec_release(struct exec *r, bool discard)
 	finish(r);
 }
 
-const char *exec_tenant(const struct exec *r)
-{
-	return r->route.tenant;
-}
-
 int exec_shard(const struct exec *r)
 {
 	return r->route.kind == ROUTE_SHARD ? r->route.shard : -1;
@@ -731,10 +726,6 @@ struct generation *exec_generation(const struct exec *r)
 	return r->gen;
 }
 
-struct pool *exec_pool(const struct exec *r)
-{
-	return r->pool;
-}
 
 void exec_abort(struct exec *r)
 {

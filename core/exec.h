@@ -14,7 +14,6 @@
 struct event_base;
 struct exec;
 struct generation;
-struct pool;
 struct req;
 struct sink;
 
@@ -46,10 +45,8 @@ void exec_abort(struct exec *e);
  * while leased is not allowed: the face stops what it runs, then releases.
  */
 void exec_release(struct exec *e, bool discard);
-/* While leased: the routed tenant, the shard's index in the generation's config, its pool. */
-const char *exec_tenant(const struct exec *e);
+/* While leased: the shard's index in the generation's config (req.info names it and the tenant). */
 int exec_shard(const struct exec *e);
-struct pool *exec_pool(const struct exec *e);
 /* The generation the request was routed on (held until done). */
 struct generation *exec_generation(const struct exec *e);
 

@@ -968,30 +968,47 @@ static struct stmt_entry *cache_slot(struct pgconn *c, const char *sql, uint64_t
 	}
 }
 
-/* Send sql through the cache: execute its prepared statement, or prepare it in the same round trip. */
-static int send_via_cache(struct pgconn *c, pgconn_cb cb, void *arg)
+/*
+ * The cache entry for key (SQL text, or a face's own key): prepared
+ * already (*fresh false), or named now under prefix and a new number for
+ * the caller to prepare (*fresh true; a failed PREPARE clears the name, so
+ * the next use prepares again). NULL when the cache is full.
+ */
+static struct stmt_entry *cache_entry(struct pgconn *c, const char *key, const char *prefix, bool *fresh)
 {
-	const char *sql = c->pend_sql;
-	uint64_t h = sql_hash(sql);
+	uint64_t h = sql_hash(key);
 	struct stmt_entry *e;
 
 	if (!c->cache)
 		c->cache = xcalloc(CACHE_SLOTS, sizeof(*c->cache));
-	e = cache_slot(c, sql, h);
-	if (e->sql && e->name[0]) {
-		c->pend_entry = e;
-		return send_one(c, sql, c->pend_n, c->pend_vals, e, false, cb, arg);
-	}
+	e = cache_slot(c, key, h);
+	*fresh = false;
+	if (e->sql && e->name[0])
+		return e;
 	if (!e->sql && c->ncache >= CACHE_SLOTS / 2)
-		return send_one(c, sql, c->pend_n, c->pend_vals, NULL, false, cb, arg);
-	/* Remember it now; a failed PREPARE leaves the entry unnamed (prepare again next time). */
+		return NULL;
 	if (!e->sql) {
 		e->hash = h;
-		e->sql = xstrdup(sql);
+		e->sql = xstrdup(key);
 		c->ncache++;
 	}
-	snprintf(e->name, sizeof(e->name), "sg%u", ++c->next_stmt);
+	snprintf(e->name, sizeof(e->name), "%s%u", prefix, ++c->next_stmt);
+	*fresh = true;
+	return e;
+}
+
+/* Send sql through the cache: execute its prepared statement, or prepare it in the same round trip. */
+static int send_via_cache(struct pgconn *c, pgconn_cb cb, void *arg)
+{
+	const char *sql = c->pend_sql;
+	bool fresh;
+	struct stmt_entry *e = cache_entry(c, sql, "sg", &fresh);
+
+	if (!e)
+		return send_one(c, sql, c->pend_n, c->pend_vals, NULL, false, cb, arg);
 	c->pend_entry = e;
+	if (!fresh)
+		return send_one(c, sql, c->pend_n, c->pend_vals, e, false, cb, arg);
 	if (send_one(c, sql, c->pend_n, c->pend_vals, e, true, cb, arg) < 0) {
 		e->name[0] = '\0';   /* never prepared: prepare again next time */
 		c->pend_entry = NULL;
@@ -1127,24 +1144,8 @@ bool pgconn_needs_reset(const struct pgconn *c)
 
 const char *pgconn_wire_name(struct pgconn *c, const char *key, bool *fresh)
 {
-	uint64_t h = sql_hash(key);
-	struct stmt_entry *e;
-	if (!c->cache)
-		c->cache = xcalloc(CACHE_SLOTS, sizeof(*c->cache));
-	e = cache_slot(c, key, h);
-	*fresh = false;
-	if (e->sql && e->name[0])
-		return e->name;
-	if (!e->sql && c->ncache >= CACHE_SLOTS / 2)
-		return NULL;
-	if (!e->sql) {
-		e->hash = h;
-		e->sql = xstrdup(key);
-		c->ncache++;
-	}
-	snprintf(e->name, sizeof(e->name), "sgw%u", ++c->next_stmt);
-	*fresh = true;
-	return e->name;
+	struct stmt_entry *e = cache_entry(c, key, "sgw", fresh);
+	return e ? e->name : NULL;
 }
 
 void pgconn_wire_forget(struct pgconn *c, const char *key)

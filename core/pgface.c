@@ -173,9 +173,6 @@ struct pgclient {
 	struct req_pair *comment;   /* in rq_buf */
 	const char **param_vals;    /* in rq_buf */
 	double tx_start;
-	int shard;                  /* the leased connection's shard (config index) */
-	char shard_name[64];
-	char tenant[128];
 	struct pgconn *conn;
 	int sfd;
 	struct event *swrite;
@@ -229,6 +226,32 @@ static const struct config *cfg_now(void)
 	return generation_current()->cfg;
 }
 
+static bool waiting_state(enum client_state st)
+{
+	return st == CL_ROUTING || st == CL_RESETTING;
+}
+
+/* The one place a client's state changes: the waiting and active gauges follow it. */
+static void set_state(struct pgclient *c, enum client_state st)
+{
+	stats.waiting += waiting_state(st) - waiting_state(c->state);
+	stats.active += (st == CL_LEASED) - (c->state == CL_LEASED);
+	c->state = st;
+}
+
+/*
+ * Close once everything written is out: reads stop, and the client is
+ * freed here or by the write callback when its output has drained.
+ */
+static void close_when_flushed(struct pgclient *c)
+{
+	set_state(c, CL_CLOSING);
+	bufferevent_disable(c->bev, EV_READ);
+	bufferevent_setwatermark(c->bev, EV_WRITE, 0, 0);
+	if (evbuffer_get_length(cout(c)) == 0)
+		client_free(c);
+}
+
 /* A FATAL error to the client, then close once it is written. */
 static void fatal(struct pgclient *c, const char *sqlstate, const char *msg)
 {
@@ -240,10 +263,7 @@ static void fatal(struct pgclient *c, const char *sqlstate, const char *msg)
 		bufferevent_disable(c->bev, EV_READ);
 		return;
 	}
-	c->state = CL_CLOSING;
-	bufferevent_disable(c->bev, EV_READ);
-	if (evbuffer_get_length(cout(c)) == 0)
-		client_free(c);
+	close_when_flushed(c);
 }
 
 /* Bytes of one message (type, length, body) into a malloc'd block, for EX_LOCAL. */
@@ -651,6 +671,9 @@ static const char *unpoolable_one(const char *sql);
  */
 static const char *unpoolable(const char *sql)
 {
+	/* A keyword check over the whole text (a literal naming the function is refused too). */
+	if (strcasestr(sql, "pg_advisory_lock") || strcasestr(sql, "pg_try_advisory_lock"))
+		return "a session advisory lock (pg_advisory_lock)";
 	for (const char *p = sql; p; p = pgsql_next_statement(p)) {
 		const char *what = unpoolable_one(p);
 		if (what)
@@ -691,9 +714,6 @@ static const char *unpoolable_one(const char *sql)
 	}
 	if (strncasecmp(p, "DECLARE", 7) == 0 && strcasestr(p, "WITH HOLD"))
 		return "DECLARE ... WITH HOLD";
-	if (strcasestr(sql, "pg_advisory_lock") || strcasestr(sql, "pg_try_advisory_lock") ||
-	    strcasestr(sql, "pg_advisory_lock_shared"))
-		return "a session advisory lock (pg_advisory_lock)";
 	return NULL;
 }
 
@@ -776,7 +796,7 @@ struct first_stmt {
 /* ---- leases ---- */
 
 static void sink_error(struct sink *k, const struct fault *f);
-static void sink_lease(struct sink *k, struct pgconn *conn, const char *shard);
+static void sink_lease(struct sink *k, struct pgconn *conn);
 static void on_exec_done(void *arg);
 
 static const struct sink_ops pg_sink_ops = {
@@ -800,13 +820,12 @@ static void sink_error(struct sink *k, const struct fault *f)
 static void start_transaction(struct pgclient *c, const struct first_stmt *fs)
 {
 	build_req(c, fs->sql, fs->has_bind ? &fs->bind : NULL, fs->st);
-	c->state = CL_ROUTING;
+	set_state(c, CL_ROUTING);
 	c->tx_start = mono_now();
 	c->fault_set = false;
 	c->tx_failed = false;
 	c->routed_first = false;
 	c->sink.ops = &pg_sink_ops;
-	stats.waiting++;
 	exec_start(&c->exec, &c->rq, &c->sink, on_exec_done, c);
 }
 
@@ -819,8 +838,8 @@ static void begin_forwarding(struct pgclient *c)
 	c->sfd = pgconn_raw_begin(c->conn, on_server_readable, c, err, sizeof(err));
 	if (c->sfd < 0) {
 		struct fault f = { 0 };
-		log_warn("pg: shard %s: %s", c->shard_name, err);
-		fault_set(&f, "shard_error", c->shard_name, err);
+		log_warn("pg: shard %s: %s", c->rq.info.shard, err);
+		fault_set(&f, "shard_error", c->rq.info.shard, err);
 		put_refusal(cout(c), pgwire_fault_sqlstate(&f), err, NULL);
 		fault_clear(&f);
 		c->skip_to_sync = true;
@@ -831,9 +850,7 @@ static void begin_forwarding(struct pgclient *c)
 	if (!c->swrite)
 		c->swrite = event_new(c->face->base, -1, 0, on_server_io, c);
 	event_assign(c->swrite, c->face->base, c->sfd, EV_WRITE | EV_PERSIST, on_server_io, c);
-	c->state = CL_LEASED;
-	stats.waiting--;
-	stats.active++;
+	set_state(c, CL_LEASED);
 	c->unnamed.here = false;
 	c->tx = 'I';
 	/* The client's remembered SETs, unless this connection has them already. */
@@ -872,30 +889,30 @@ static void on_reset_done(struct pgconn *conn, enum pgconn_event ev, PGresult *r
 	if (ev == PGCONN_EV_BROKEN || pgconn_reset_failed(conn) || !pgconn_usable(conn)) {
 		char msg[300];
 		snprintf(msg, sizeof(msg), "a connection to shard %s could not be reset for this client; nothing ran",
-			 c->shard_name);
+			 c->rq.info.shard);
 		log_warn("pg: %s", msg);
 		put_refusal(cout(c), "08006", msg, NULL);
 		c->skip_to_sync = true;
 		c->tx_failed = true;
-		c->state = CL_LEASED;
-		stats.waiting--;
-		stats.active++;
 		lease_end(c, false);
+		return;
+	}
+	if (c->draining) {
+		/* The client left while the reset ran: the connection is clean, nothing of the client's ran. */
+		c->conn = NULL;
+		exec_release(c->exec, false);
 		return;
 	}
 	begin_forwarding(c);
 }
 
-static void sink_lease(struct sink *k, struct pgconn *conn, const char *shard)
+static void sink_lease(struct sink *k, struct pgconn *conn)
 {
 	struct pgclient *c = of_sink(k);
 	c->conn = conn;
-	c->shard = exec_shard(c->exec);
-	str_copy(c->shard_name, sizeof(c->shard_name), shard);
-	str_copy(c->tenant, sizeof(c->tenant), exec_tenant(c->exec));
-	c->timeout = shard_statement_timeout(&exec_generation(c->exec)->cfg->shards[c->shard], 0);
+	c->timeout = shard_statement_timeout(&exec_generation(c->exec)->cfg->shards[exec_shard(c->exec)], 0);
 	if (pgconn_needs_reset(conn) || (conn->wire_sig && conn->wire_sig != c->settings_sig)) {
-		c->state = CL_RESETTING;
+		set_state(c, CL_RESETTING);
 		if (pgconn_send(conn, "SELECT 1", 0, NULL, on_reset_done, c) < 0)
 			on_reset_done(conn, PGCONN_EV_BROKEN, NULL, c);
 		return;
@@ -917,10 +934,7 @@ static void on_later(evutil_socket_t fd, short what, void *arg)
 		if (c->face->shutting_down && !c->terminated)
 			pgwire_put_error(cout(c), 'E', "FATAL", "57P01",
 					 "terminating connection due to administrator command", NULL, NULL);
-		c->state = CL_CLOSING;
-		bufferevent_disable(c->bev, EV_READ);
-		if (evbuffer_get_length(cout(c)) == 0)
-			client_free(c);
+		close_when_flushed(c);
 		return;
 	}
 	process_input(c);
@@ -940,7 +954,6 @@ static void on_exec_done(void *arg)
 		str_copy(c->rq.info.code, sizeof(c->rq.info.code), code);
 		fault_clear(&c->fault);
 		c->fault_set = false;
-		stats.waiting--;
 		stats.errors++;
 		c->skip_to_sync = true;
 		c->tx = c->pending_begin ? 'E' : 'I';    /* a BEGIN answered here: the transaction is aborted */
@@ -950,7 +963,7 @@ static void on_exec_done(void *arg)
 	}
 	stats.transactions++;
 	accesslog_write(&c->rq, status, mono_now() - c->tx_start);
-	c->state = CL_IDLE;
+	set_state(c, CL_IDLE);
 	free(c->rq_buf);            /* an idle client holds no request */
 	c->rq_buf = NULL;
 	c->rq_cap = 0;
@@ -997,8 +1010,6 @@ static void lease_end(struct pgclient *c, bool clean)
 	c->copy_in = false;
 	c->cancel_sent = false;
 	c->conn = NULL;
-	stats.active--;
-	str_copy(c->rq.info.tenant, sizeof(c->rq.info.tenant), c->tenant);
 	exec_release(c->exec, !clean);
 }
 
@@ -1007,7 +1018,7 @@ static void lease_end(struct pgclient *c, bool clean)
 static void server_failed(struct pgclient *c, const char *why)
 {
 	char msg[400];
-	snprintf(msg, sizeof(msg), "the connection to shard %s was lost: %s", c->shard_name, why);
+	snprintf(msg, sizeof(msg), "the connection to shard %s was lost: %s", c->rq.info.shard, why);
 	log_warn("pg: client %u: %s", c->pid, msg);
 	if (!c->draining) {
 		ex_drain_local(c);
@@ -1141,10 +1152,8 @@ static void server_msg(struct pgclient *c, char type, size_t len)
 		body = (const char *)evbuffer_pullup(c->sin, (ssize_t)len + 5) + 5;
 	switch (type) {
 	case '1':
-		pop = true;
+		pop = k != EX_OWN_FAIL;     /* our failing statement's Parse: its error pops it */
 		forward = k != EX_OWN_PARSE && k != EX_OWN_FAIL;
-		if (k == EX_OWN_FAIL)
-			pop = false;
 		break;
 	case '2':
 		forward = k != EX_OWN_FAIL;
@@ -1311,11 +1320,11 @@ static void on_guard(evutil_socket_t fd, short what, void *arg)
 	if (!c->conn)
 		return;
 	if (!pgconn_guard_expired(&c->guard, c->conn)) {
-		log_info("pg: shard %s: statement timeout (%gs) for client %u, cancelling", c->shard_name,
+		log_info("pg: shard %s: statement timeout (%gs) for client %u, cancelling", c->rq.info.shard,
 			 c->timeout, c->pid);
 		return;
 	}
-	log_warn("pg: shard %s: statement did not stop %gs after cancel; closing its connection", c->shard_name,
+	log_warn("pg: shard %s: statement did not stop %gs after cancel; closing its connection", c->rq.info.shard,
 		 PGCONN_CANCEL_GRACE);
 	server_failed(c, "the statement did not stop after its cancel");
 }
@@ -1381,10 +1390,10 @@ static int route_again(struct pgclient *c, const char *sql, const struct pgwire_
 		snprintf(msg, len, "forbidden: user \"%s\" may not use tenant '%.100s'", c->user, r.tenant);
 		*sqlstate = "42501";
 		rc = -1;
-	} else if (r.kind == ROUTE_SHARD && strcmp(g->cfg->shards[r.shard].name, c->shard_name) != 0) {
+	} else if (r.kind == ROUTE_SHARD && strcmp(g->cfg->shards[r.shard].name, c->rq.info.shard) != 0) {
 		snprintf(msg, len, "tenant '%.100s' is on shard %s, but this transaction runs on shard %s (tenant "
 			 "'%.100s'); a transaction cannot span shards", r.tenant, g->cfg->shards[r.shard].name,
-			 c->shard_name, c->tenant);
+			 c->rq.info.shard, info.tenant);
 		*sqlstate = "0A000";
 		rc = -1;
 	}
@@ -1403,7 +1412,6 @@ static void refuse_rest(struct pgclient *c, bool query, const char *sqlstate, co
 {
 	struct evbuffer *tmp = evbuffer_new();
 	struct expect *e;
-	struct msg m;
 	put_refusal(tmp, sqlstate, msg, hint);
 	c->tx_failed = true;
 	if (query) {
@@ -1433,7 +1441,6 @@ static void refuse_rest(struct pgclient *c, bool query, const char *sqlstate, co
 		static const char exec[] = { 0, 0, 0, 0, 0 };
 		put_msg(o, 'E', exec, sizeof(exec));
 	}
-	(void)m;
 	c->skip_to_sync = true;     /* the loop drops messages up to the Sync, which it forwards */
 }
 
@@ -1780,11 +1787,6 @@ static void peek_bind(struct pgclient *c, const struct msg *parse, const char *n
 		fs->has_bind = true;
 }
 
-static void idle_msg_done(struct pgclient *c, struct msg *m)
-{
-	drop_msg(c, m);
-}
-
 /* The first word of sql's only statement (upper-cased into w), or "" when sql holds several. */
 static const char *lone_word(const char *sql, char *w, size_t len)
 {
@@ -1900,7 +1902,7 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 			c->skip_to_sync = false;
 			pgwire_put_ready(out, c->tx);
 		}
-		idle_msg_done(c, m);
+		drop_msg(c, m);
 		return true;
 	}
 	if (c->batch_tag && deferred_begin_msg(c, m))
@@ -1913,7 +1915,7 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 			goto bad;
 		if (local_set(c, sql, c->pending_begin != NULL, out)) {
 			pgwire_put_ready(out, c->tx);
-			idle_msg_done(c, m);
+			drop_msg(c, m);
 			return true;
 		}
 		p = sql_skip_noise(sql);
@@ -1922,11 +1924,11 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 		if (!*p) {
 			pgwire_put_empty(out, 'I');
 			pgwire_put_ready(out, c->tx);
-			idle_msg_done(c, m);
+			drop_msg(c, m);
 			return true;
 		}
 		if (deferred_transaction(c, sql, out)) {
-			idle_msg_done(c, m);
+			drop_msg(c, m);
 			return true;
 		}
 		what = c->session_mode ? NULL : unpoolable(sql);
@@ -1934,7 +1936,7 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 			char msg[300];
 			refusal_text(msg, sizeof(msg), what);
 			idle_error(c, true, "0A000", msg, unpoolable_hint);
-			idle_msg_done(c, m);
+			drop_msg(c, m);
 			return true;
 		}
 		fs.sql = sql;
@@ -1950,14 +1952,14 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 			/* BEGIN, COMMIT, ROLLBACK through the extended protocol (psycopg): answered step by step. */
 			if (c->batch_tag)
 				pgwire_put_empty(out, '1');
-			idle_msg_done(c, m);
+			drop_msg(c, m);
 			return true;
 		}
 		if (*name && cstmt_find(c, name)) {
 			char msg[300];
 			snprintf(msg, sizeof(msg), "prepared statement \"%.200s\" already exists", name);
 			idle_error(c, false, "42P05", msg, NULL);
-			idle_msg_done(c, m);
+			drop_msg(c, m);
 			return true;
 		}
 		peek_bind(c, m, name, &fs);
@@ -1974,7 +1976,7 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 			char msg[300];
 			snprintf(msg, sizeof(msg), "prepared statement \"%.200s\" does not exist", b.stmt);
 			idle_error(c, false, "26000", msg, NULL);
-			idle_msg_done(c, m);
+			drop_msg(c, m);
 			return true;
 		}
 		fs.sql = st->sql;
@@ -2002,7 +2004,7 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 		else
 			snprintf(msg, sizeof(msg), "portal \"%.200s\" does not exist", name);
 		idle_error(c, false, kind == 'S' ? "26000" : "34000", msg, NULL);
-		idle_msg_done(c, m);
+		drop_msg(c, m);
 		return true;
 	}
 	case 'E': {
@@ -2010,7 +2012,7 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 		const char *name = pgwire_getstr(&r);
 		snprintf(msg, sizeof(msg), "portal \"%.200s\" does not exist", name);
 		idle_error(c, false, "34000", msg, NULL);
-		idle_msg_done(c, m);
+		drop_msg(c, m);
 		return true;
 	}
 	case 'C': {
@@ -2023,32 +2025,32 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 		else if (kind == 'S')
 			cstmt_clear(&c->unnamed);
 		pgwire_put_empty(out, '3');
-		idle_msg_done(c, m);
+		drop_msg(c, m);
 		return true;
 	}
 	case 'S':
 		pgwire_put_ready(out, c->tx);
-		idle_msg_done(c, m);
+		drop_msg(c, m);
 		return true;
 	case 'H':
 	case 'd':
 	case 'c':
 	case 'f':
-		idle_msg_done(c, m);
+		drop_msg(c, m);
 		return true;
 	case 'F':
 		idle_error(c, false, "0A000", "the function call protocol message is not supported", NULL);
-		idle_msg_done(c, m);
+		drop_msg(c, m);
 		return true;
 	case 'X':
-		idle_msg_done(c, m);
-		c->state = CL_CLOSING;
+		drop_msg(c, m);
+		close_when_flushed(c);
 		return false;
 	default:
 		goto bad;
 	}
 bad:
-	idle_msg_done(c, m);
+	drop_msg(c, m);
 	fatal(c, "08P01", "invalid message from the client (protocol violation)");
 	return false;
 }
@@ -2065,8 +2067,6 @@ static void process_idle(struct pgclient *c)
 		if (!idle_msg(c, &m))
 			break;
 	}
-	if (c->state == CL_CLOSING && evbuffer_get_length(cout(c)) == 0)
-		client_free(c);
 }
 
 static void process_input(struct pgclient *c)
@@ -2157,7 +2157,7 @@ static void auth_ok(struct pgclient *c)
 	scram_free(c->scram);
 	c->scram = NULL;
 	c->auth = AS_NONE;
-	c->state = CL_IDLE;
+	set_state(c, CL_IDLE);
 	event_free(c->timer);       /* the login deadline: an idle client keeps no timer */
 	c->timer = NULL;
 	stats.logins++;
@@ -2251,13 +2251,14 @@ static void start_auth(struct pgclient *c)
 {
 	const struct config *cfg = cfg_now();
 	const struct pg_user *u = auth_find_pg_user(&cfg->auth, c->user);
-	c->state = CL_AUTH;
+	set_state(c, CL_AUTH);
 	c->session_mode = u && u->session;
 	if (u && u->method == PG_AUTH_TRUST) {
 		auth_ok(c);
 		return;
 	}
-	if ((u && u->method == PG_AUTH_MD5) || (!u && cfg->auth.npg_users && cfg->auth.pg_users[0].method == PG_AUTH_MD5)) {
+	/* An unknown user gets SCRAM's mock exchange, which fails like a wrong password. */
+	if (u && u->method == PG_AUTH_MD5) {
 		if (RAND_bytes(c->md5_salt, 4) != 1)
 			abort();
 		pgwire_put_auth(cout(c), 5, c->md5_salt, 4);
@@ -2329,7 +2330,7 @@ static void on_cancel_request(struct pgclient *c, uint32_t pid, uint32_t key)
 			break;
 		}
 		if (t->state == CL_LEASED && t->awaiting && t->conn) {
-			log_info("pg: client %u: cancel request, cancelling its statement on shard %s", pid, t->shard_name);
+			log_info("pg: client %u: cancel request, cancelling its statement on shard %s", pid, t->rq.info.shard);
 			t->cancel_sent = true;
 			pgconn_cancel(t->conn);
 		}
@@ -2397,7 +2398,6 @@ static void read_startup(struct pgclient *c)
 	if (su.code == PGWIRE_CANCEL) {
 		free(body);
 		on_cancel_request(c, su.cancel_pid, su.cancel_key);
-		c->state = CL_CLOSING;
 		client_free(c);
 		return;
 	}
@@ -2475,7 +2475,8 @@ static void on_client_write(struct bufferevent *bev, void *arg)
 	struct pgclient *c = arg;
 	(void)bev;
 	if (c->state == CL_CLOSING) {
-		client_free(c);
+		if (evbuffer_get_length(cout(c)) == 0)
+			client_free(c);
 		return;
 	}
 	/* The client caught up: read the server again. */
@@ -2483,10 +2484,10 @@ static void on_client_write(struct bufferevent *bev, void *arg)
 		pgconn_raw_pause(c->conn, false);
 }
 
-/* The client went away (or its connection broke). */
-static void client_gone(struct pgclient *c)
+/* The client went away, its connection broke, or (can_write) the gateway ends it: stop, roll back, release. */
+static void client_gone(struct pgclient *c, bool can_write)
 {
-	bufferevent_disable(c->bev, EV_READ | EV_WRITE);
+	bufferevent_disable(c->bev, can_write ? EV_READ : EV_READ | EV_WRITE);
 	switch (c->state) {
 	case CL_ROUTING:
 		c->draining = true;
@@ -2501,7 +2502,7 @@ static void client_gone(struct pgclient *c)
 		c->draining = true;
 		c->closing_after = false;
 		log_info("pg: client %u went away inside a transaction on shard %s; rolling back", c->pid,
-			 c->shard_name);
+			 c->rq.info.shard);
 		if (c->copy_in) {
 			static const char why[] = "the client went away";
 			put_msg(c->sout, 'f', why, sizeof(why));
@@ -2525,7 +2526,7 @@ static void on_client_event(struct bufferevent *bev, short what, void *arg)
 	struct pgclient *c = arg;
 	(void)bev;
 	if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR))
-		client_gone(c);
+		client_gone(c, false);
 }
 
 static void on_client_timer(evutil_socket_t fd, short what, void *arg)
@@ -2540,6 +2541,7 @@ static void on_client_timer(evutil_socket_t fd, short what, void *arg)
 static void client_free(struct pgclient *c)
 {
 	LIST_REMOVE(c, link);
+	set_state(c, CL_CLOSING);   /* out of the gauges */
 	stats.clients--;
 	if (c->bev)
 		bufferevent_free(c->bev);
@@ -2682,10 +2684,10 @@ void pgface_terminate(struct pgface *f)
 		next = LIST_NEXT(c, link);
 		if (!busy(c) || c->draining)
 			continue;
+		/* The FATAL goes out while its transaction is rolled back (the drain ends with a round trip). */
 		pgwire_put_error(cout(c), 'E', "FATAL", "57P01", "terminating connection due to administrator command",
 				 NULL, NULL);
-		bufferevent_flush(c->bev, EV_WRITE, BEV_FLUSH);
-		client_gone(c);
+		client_gone(c, true);
 	}
 }
 

@@ -50,8 +50,8 @@ struct sink_ops {
 	void (*error)(struct sink *k, const struct fault *f);
 	/* A NoticeResponse from the shard (may be NULL: the face drops notices). */
 	void (*notice)(struct sink *k, const PGresult *res);
-	/* A leased request (req.lease) got its connection on shard: the face runs it until exec_release. */
-	void (*lease)(struct sink *k, struct pgconn *c, const char *shard);
+	/* A leased request (req.lease) got its connection (req.info names the shard): the face runs it until exec_release. */
+	void (*lease)(struct sink *k, struct pgconn *c);
 };
 
 struct sink {

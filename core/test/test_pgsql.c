@@ -11,17 +11,7 @@
 
 #include "../pgsql.h"
 
-static int failures;
-
-static void check(int cond, const char *name, const char *why)
-{
-	if (cond) {
-		printf("ok %s\n", name);
-	} else {
-		printf("not ok %s: %s\n", name, why);
-		failures++;
-	}
-}
+#include "check.h"
 
 /* The pairs of n as "k=v|k=v", so a case states what it wants in one string. */
 static void join_pairs(const struct req_pair *p, int n, char *out, size_t size)

@@ -18,17 +18,7 @@
 
 #include "../scram.h"
 
-static int failures;
-
-static void check(int cond, const char *name, const char *why)
-{
-	if (cond) {
-		printf("ok %s\n", name);
-	} else {
-		printf("not ok %s: %s\n", name, why);
-		failures++;
-	}
-}
+#include "check.h"
 
 /* Call scram_client_first or scram_client_final on a copy of text that has no NUL after it. */
 static int feed(struct scram *s, bool final, const char *text, size_t len, char *out, size_t outlen, char *err,

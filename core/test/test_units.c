@@ -15,17 +15,7 @@
 #include "../sqlclass.h"
 #include "../util.h"
 
-static int failures;
-
-static void check(int cond, const char *name, const char *why)
-{
-	if (cond) {
-		printf("ok %s\n", name);
-	} else {
-		printf("not ok %s: %s\n", name, why);
-		failures++;
-	}
-}
+#include "check.h"
 
 static int parse(const char *text, struct http_head *h, const char **err)
 {
