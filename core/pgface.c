@@ -42,12 +42,12 @@
 #include <ctype.h>
 #include <errno.h>
 #include <event2/buffer.h>
-#include <event2/bufferevent.h>
-#include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
+#include <event2/event_struct.h>
 #include <event2/listener.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/err.h>
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
 #include <stdio.h>
@@ -55,6 +55,7 @@
 #include <string.h>
 #include <sys/queue.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "accesslog.h"
@@ -129,16 +130,67 @@ struct setting {
 	char *value;        /* as written */
 };
 
+/*
+ * What a client holds only while it is doing something: logging in, a
+ * batch or transaction, output not yet written, input not yet read. An
+ * idle client between transactions has none (client_park returns it to
+ * the face's spares), so a thousand idle clients cost a thousand
+ * struct pgclient and their sockets, no buffers.
+ */
+struct pgwork {
+	struct pgclient *c;
+	struct pgwork *next_spare;
+	struct evbuffer *in;        /* from the client */
+	struct evbuffer *out;       /* to the client */
+	struct event wev;           /* the client's socket is writable again */
+	struct event later;         /* continues after the executor is done, from the loop */
+	bool later_armed;
+	size_t tls_wlen;            /* an SSL_write waits: its length */
+	/* The transaction */
+	struct exec *exec;
+	struct sink sink;
+	struct req rq;
+	struct fault fault;         /* routing failed: why */
+	bool fault_set;
+	char *rq_buf;               /* sql, param texts, comment pairs of the request */
+	size_t rq_cap;
+	struct req_pair *comment;   /* in rq_buf */
+	const char **param_vals;    /* in rq_buf */
+	double tx_start;
+	struct pgconn *conn;
+	int sfd;
+	struct event swrite;        /* the server's socket is writable again */
+	struct evbuffer *sin;       /* from the server */
+	struct evbuffer *sout;      /* to the server */
+	struct expect *ex;
+	int ex_head, ex_n, ex_cap;
+	bool awaiting;              /* a Sync or Query went out: wait for its 'Z' */
+	bool copy_in;               /* the server waits for CopyData */
+	bool routed_first;          /* the lease's first statement has been routed */
+	bool tx_failed;             /* the transaction had a gateway refusal (for the access log) */
+	bool cancel_sent;
+	bool server_paused;         /* the client reads slowly: the server's socket is not read */
+	struct pgconn_guard guard;  /* the statement timeout of the batch in flight */
+	double timeout;
+};
+
 struct pgclient {
 	struct pgface *face;
 	LIST_ENTRY(pgclient) link;
-	struct bufferevent *bev;
+	int fd;
+	struct event rev;           /* the client's socket is readable */
+	struct pgwork *w;           /* NULL: idle, nothing buffered either way */
+	SSL *ssl;                   /* after an SSLRequest */
+	bool tls_read_wants_write;  /* SSL_read needs the socket writable first */
+	bool tls_write_wants_read;  /* SSL_write needs it readable first */
+	unsigned char depth;        /* callbacks of this client on the stack: a free waits for 0 */
+	bool dead;                  /* freed when depth returns to 0 */
+	bool reading;               /* rev is added */
+	bool no_write;              /* the socket failed: output is dropped */
 	enum client_state state;
 	enum auth_step auth;
 	struct event *timer;        /* startup and authentication deadline */
 	uint32_t pid, key;
-	bool tls;
-	bool loopback;
 	/* Startup */
 	char *startup_buf;
 	struct req_pair *startup;
@@ -162,38 +214,12 @@ struct pgclient {
 	struct cstmt unnamed;
 	bool skip_to_sync;          /* after a local error outside a lease: drop messages up to Sync */
 	char tx;                    /* the last ReadyForQuery status: 'I', 'T', 'E' */
-	/* The transaction */
-	struct exec *exec;
-	struct sink sink;
-	struct req rq;
-	struct fault fault;         /* routing failed: why */
-	bool fault_set;
-	char *rq_buf;               /* sql, param texts, comment pairs of the request */
-	size_t rq_cap;
-	struct req_pair *comment;   /* in rq_buf */
-	const char **param_vals;    /* in rq_buf */
-	double tx_start;
-	struct pgconn *conn;
-	int sfd;
-	struct event *swrite;
-	struct evbuffer *sin;       /* from the server */
-	struct evbuffer *sout;      /* to the server */
-	struct expect *ex;
-	int ex_head, ex_n, ex_cap;
-	bool awaiting;              /* a Sync or Query went out: wait for its 'Z' */
-	bool copy_in;               /* the server waits for CopyData */
-	bool routed_first;          /* the lease's first statement has been routed */
 	char *pending_begin;        /* a BEGIN answered here, sent in front of the transaction's first statement */
 	const char *batch_tag;      /* a BEGIN, COMMIT or ROLLBACK of a deferred transaction as an unnamed Parse:
 				     * its Bind, Describe, Execute (this tag) and Sync are answered here too */
-	bool tx_failed;             /* the transaction had a gateway refusal (for the access log) */
 	bool closing_after;         /* close the client when the lease ends (shutdown, a FATAL sent) */
 	bool terminated;            /* Terminate or a protocol violation: roll back what is open, then close */
-	struct event *later;        /* continues after the executor is done, from the loop */
 	bool draining;              /* the client is gone: finish the server's work, then release */
-	bool cancel_sent;
-	struct pgconn_guard guard;  /* the statement timeout of the batch in flight */
-	double timeout;
 };
 
 LIST_HEAD(pgclient_list, pgclient);
@@ -205,7 +231,14 @@ struct pgface {
 	struct pgclient_list clients;
 	uint32_t next_pid;
 	bool shutting_down;
+	struct pgwork *spare;       /* parked clients' work, for the next client that has some */
+	int nspare;
 };
+
+#define SPARE_MAX 64            /* spare works kept; more are freed */
+#define CLIENT_OUT_HIGH (1 << 20) /* a client's unread output that stops reading its server */
+#define CLIENT_READ 16384
+#define SERVER_READ 16384
 
 static struct pgface_stats stats;
 
@@ -214,11 +247,120 @@ static void process_input(struct pgclient *c);
 static void lease_end(struct pgclient *c, bool clean);
 static void server_flush(struct pgclient *c);
 
-/* ---- small helpers ---- */
+/* ---- a client's work and socket ---- */
+
+static void on_client_wio(evutil_socket_t fd, short what, void *arg);
+static void on_later(evutil_socket_t fd, short what, void *arg);
+static void on_guard(evutil_socket_t fd, short what, void *arg);
+static void on_server_io(evutil_socket_t fd, short what, void *arg);
+
+/* The client's work, taken from the spares (or made) when it has none. */
+static struct pgwork *work(struct pgclient *c)
+{
+	struct pgface *f = c->face;
+	struct pgwork *w = c->w;
+	if (w)
+		return w;
+	if (f->spare) {
+		w = f->spare;
+		f->spare = w->next_spare;
+		f->nspare--;
+	} else {
+		w = xcalloc(1, sizeof(*w));
+		w->in = evbuffer_new();
+		w->out = evbuffer_new();
+		w->sin = evbuffer_new();
+		w->sout = evbuffer_new();
+		w->guard.timer = evtimer_new(f->base, on_guard, NULL);
+		if (!w->in || !w->out || !w->sin || !w->sout || !w->guard.timer)
+			abort();
+	}
+	w->c = c;
+	w->sfd = -1;
+	event_assign(&w->wev, f->base, c->fd, EV_WRITE, on_client_wio, c);
+	event_assign(&w->later, f->base, -1, 0, on_later, c);
+	event_assign(&w->swrite, f->base, -1, 0, on_server_io, c);
+	event_assign(w->guard.timer, f->base, -1, 0, on_guard, c);
+	c->w = w;
+	return w;
+}
+
+/* Whether a client's work can go back: idle, nothing buffered, nothing pending. */
+static bool parkable(const struct pgclient *c)
+{
+	const struct pgwork *w = c->w;
+	return w && c->state == CL_IDLE && !w->later_armed && !w->exec && !w->conn && w->ex_n == 0 &&
+	       evbuffer_get_length(w->in) == 0 && evbuffer_get_length(w->out) == 0 && !c->batch_tag;
+}
+
+static void ex_pop_work(struct pgwork *w)
+{
+	struct expect *e = &w->ex[w->ex_head];
+	free(e->key);
+	free(e->data);
+	w->ex_head = (w->ex_head + 1) % w->ex_cap;
+	w->ex_n--;
+}
+
+static void work_free(struct pgwork *w)
+{
+	evbuffer_free(w->in);
+	evbuffer_free(w->out);
+	evbuffer_free(w->sin);
+	evbuffer_free(w->sout);
+	event_free(w->guard.timer);
+	free(w->ex);
+	free(w->rq_buf);
+	free(w);
+}
+
+/* Give the work back (the client must not hold one that is in use: see parkable). */
+static void work_put(struct pgclient *c)
+{
+	struct pgface *f = c->face;
+	struct pgwork *w = c->w;
+	c->w = NULL;
+	event_del(&w->wev);
+	event_del(&w->later);
+	event_del(&w->swrite);
+	pgconn_guard_stop(&w->guard);
+	w->guard.cancelled = w->guard.timed_out = false;
+	w->tls_wlen = 0;
+	while (w->ex_n)
+		ex_pop_work(w);
+	evbuffer_drain(w->in, evbuffer_get_length(w->in));
+	evbuffer_drain(w->out, evbuffer_get_length(w->out));
+	evbuffer_drain(w->sin, evbuffer_get_length(w->sin));
+	evbuffer_drain(w->sout, evbuffer_get_length(w->sout));
+	fault_clear(&w->fault);
+	w->fault_set = w->later_armed = w->awaiting = w->copy_in = w->routed_first = false;
+	w->tx_failed = w->cancel_sent = w->server_paused = false;
+	w->exec = NULL;
+	w->conn = NULL;
+	w->c = NULL;
+	if (f->nspare >= SPARE_MAX) {
+		work_free(w);
+		return;
+	}
+	/* A spare keeps its buffers' structs, not their contents, and a modest request buffer. */
+	if (w->rq_cap > 65536) {
+		free(w->rq_buf);
+		w->rq_buf = NULL;
+		w->rq_cap = 0;
+	}
+	w->next_spare = f->spare;
+	f->spare = w;
+	f->nspare++;
+}
 
 static struct evbuffer *cout(struct pgclient *c)
 {
-	return bufferevent_get_output(c->bev);
+	return work(c)->out;
+}
+
+static struct evbuffer *cin(struct pgclient *c)
+{
+	return work(c)->in;
 }
 
 static const struct config *cfg_now(void)
@@ -239,17 +381,210 @@ static void set_state(struct pgclient *c, enum client_state st)
 	c->state = st;
 }
 
+static void stop_reading(struct pgclient *c)
+{
+	if (c->reading)
+		event_del(&c->rev);
+	c->reading = false;
+}
+
+/* Run `later` from the loop, once. */
+static void arm_later(struct pgclient *c)
+{
+	struct pgwork *w = work(c);
+	if (!w->later_armed) {
+		w->later_armed = true;
+		event_active(&w->later, EV_TIMEOUT, 1);
+	}
+}
+
+/*
+ * Callbacks of a client nest (the executor calls back inside a read), and
+ * any of them may end the client: enter and leave bracket each, the free
+ * waits for the outermost leave, which also writes what the callbacks put
+ * out and parks an idle client's work.
+ */
+static void client_flush(struct pgclient *c);
+
+static void enter(struct pgclient *c)
+{
+	c->depth++;
+}
+
+static void destroy(struct pgclient *c);
+
+static void leave(struct pgclient *c)
+{
+	if (--c->depth > 0)
+		return;
+	if (!c->dead) {
+		c->depth++;
+		client_flush(c);
+		c->depth--;
+		if (!c->dead && parkable(c))
+			work_put(c);
+	}
+	if (c->dead)
+		destroy(c);
+}
+
+/*
+ * One read(2) of up to max bytes into b: -1 with errno, 0 at end of file.
+ * (evbuffer_read asks the kernel how much is waiting first: one system
+ * call more per message.)
+ */
+static ssize_t read_some(struct evbuffer *b, int fd, size_t max)
+{
+	struct evbuffer_iovec v[2];
+	struct iovec io[2];
+	int nv = evbuffer_reserve_space(b, (ev_ssize_t)max, v, 2);
+	if (nv <= 0) {
+		errno = ENOMEM;
+		return -1;
+	}
+	for (int i = 0; i < nv; i++) {
+		io[i].iov_base = v[i].iov_base;
+		io[i].iov_len = v[i].iov_len;
+	}
+	ssize_t n = readv(fd, io, nv);
+	if (n <= 0)
+		return n;
+	size_t left = (size_t)n;
+	int used = 0;
+	for (; used < nv && left > 0; used++) {
+		if (v[used].iov_len > left)
+			v[used].iov_len = left;
+		left -= v[used].iov_len;
+	}
+	evbuffer_commit_space(b, v, used);
+	return n;
+}
+
+/* ---- TLS on a client's socket (after SSLRequest): OpenSSL on the descriptor, no bufferevent ---- */
+
+/* Decrypted input into the client's buffer: bytes read, 0 at the end, -1 with errno (EAGAIN: nothing yet). */
+static ssize_t tls_read(struct pgclient *c)
+{
+	struct evbuffer *in = cin(c);
+	ssize_t total = 0;
+	for (;;) {
+		struct evbuffer_iovec v;
+		if (evbuffer_reserve_space(in, CLIENT_READ, &v, 1) < 1) {
+			errno = ENOMEM;
+			return -1;
+		}
+		ERR_clear_error();
+		int n = SSL_read(c->ssl, v.iov_base, (int)v.iov_len);
+		if (n > 0) {
+			v.iov_len = (size_t)n;
+			evbuffer_commit_space(in, &v, 1);
+			total += n;
+			continue;
+		}
+		int err = SSL_get_error(c->ssl, n);
+		if (err == SSL_ERROR_WANT_READ)
+			break;
+		if (err == SSL_ERROR_WANT_WRITE) {
+			c->tls_read_wants_write = true;
+			event_add(&work(c)->wev, NULL);
+			break;
+		}
+		if (total > 0)
+			return total;       /* the end (or error) shows on the next read */
+		if (err == SSL_ERROR_ZERO_RETURN || (err == SSL_ERROR_SYSCALL && ERR_peek_error() == 0))
+			return 0;
+		log_info("pg: client %u: TLS: %s", c->pid,
+			 ERR_peek_error() ? ERR_reason_error_string(ERR_peek_error()) : strerror(errno));
+		errno = ECONNRESET;
+		return -1;
+	}
+	if (total == 0) {
+		errno = EAGAIN;
+		return -1;
+	}
+	return total;
+}
+
+/* Some of the client's output, encrypted: bytes taken, or -1 with errno (EAGAIN: wait). */
+static ssize_t tls_write(struct pgclient *c)
+{
+	struct pgwork *w = c->w;
+	struct evbuffer_iovec v;
+	if (evbuffer_peek(w->out, -1, NULL, &v, 1) < 1)
+		return 0;
+	/* A retried SSL_write must ask for no fewer bytes than the one that waited. */
+	size_t len = w->tls_wlen ? w->tls_wlen : (v.iov_len > CLIENT_READ ? CLIENT_READ : v.iov_len);
+	ERR_clear_error();
+	int n = SSL_write(c->ssl, v.iov_base, (int)len);
+	if (n > 0) {
+		w->tls_wlen = 0;
+		evbuffer_drain(w->out, (size_t)n);
+		return n;
+	}
+	w->tls_wlen = len;
+	switch (SSL_get_error(c->ssl, n)) {
+	case SSL_ERROR_WANT_WRITE:
+		errno = EAGAIN;
+		return -1;
+	case SSL_ERROR_WANT_READ:
+		c->tls_write_wants_read = true;
+		errno = EWOULDBLOCK;
+		return -1;
+	default:
+		errno = EPIPE;
+		return -1;
+	}
+}
+
+static void client_gone(struct pgclient *c, bool can_write);
+
+/* Write what the client's output holds, as far as its socket takes it; the rest when it is writable. */
+static void client_flush(struct pgclient *c)
+{
+	struct pgwork *w = c->w;
+	if (!w || c->dead)
+		return;
+	if (c->no_write) {
+		evbuffer_drain(w->out, evbuffer_get_length(w->out));
+		return;
+	}
+	while (evbuffer_get_length(w->out) > 0) {
+		ssize_t n = c->ssl ? tls_write(c) : evbuffer_write(w->out, c->fd);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK) {
+				if (!c->tls_write_wants_read)
+					event_add(&w->wev, NULL);
+				return;
+			}
+			client_gone(c, false);
+			return;
+		}
+	}
+	if (c->state == CL_CLOSING) {
+		client_free(c);
+		return;
+	}
+	/* The client caught up: read its server again. */
+	if (w->server_paused && c->state == CL_LEASED && w->sfd >= 0 && w->conn) {
+		w->server_paused = false;
+		pgconn_raw_pause(w->conn, false);
+	}
+}
+
 /*
  * Close once everything written is out: reads stop, and the client is
- * freed here or by the write callback when its output has drained.
+ * freed here or when its output has drained.
  */
 static void close_when_flushed(struct pgclient *c)
 {
 	set_state(c, CL_CLOSING);
-	bufferevent_disable(c->bev, EV_READ);
-	bufferevent_setwatermark(c->bev, EV_WRITE, 0, 0);
-	if (evbuffer_get_length(cout(c)) == 0)
+	stop_reading(c);
+	if (!c->w || evbuffer_get_length(c->w->out) == 0)
 		client_free(c);
+	else
+		client_flush(c);
 }
 
 /* A FATAL error to the client, then close once it is written. */
@@ -260,7 +595,7 @@ static void fatal(struct pgclient *c, const char *sqlstate, const char *msg)
 	if (c->state == CL_LEASED || c->state == CL_ROUTING || c->state == CL_RESETTING) {
 		c->closing_after = true;
 		c->terminated = true;
-		bufferevent_disable(c->bev, EV_READ);
+		stop_reading(c);
 		return;
 	}
 	close_when_flushed(c);
@@ -279,17 +614,17 @@ static char *render(struct evbuffer *tmp, size_t *len)
 
 static struct expect *ex_push(struct pgclient *c, enum expect_kind kind)
 {
-	if (c->ex_n == c->ex_cap) {
-		int cap = c->ex_cap ? c->ex_cap * 2 : 16;
+	if (c->w->ex_n == c->w->ex_cap) {
+		int cap = c->w->ex_cap ? c->w->ex_cap * 2 : 16;
 		struct expect *n = xcalloc((size_t)cap, sizeof(*n));
-		for (int i = 0; i < c->ex_n; i++)
-			n[i] = c->ex[(c->ex_head + i) % c->ex_cap];
-		free(c->ex);
-		c->ex = n;
-		c->ex_cap = cap;
-		c->ex_head = 0;
+		for (int i = 0; i < c->w->ex_n; i++)
+			n[i] = c->w->ex[(c->w->ex_head + i) % c->w->ex_cap];
+		free(c->w->ex);
+		c->w->ex = n;
+		c->w->ex_cap = cap;
+		c->w->ex_head = 0;
 	}
-	struct expect *e = &c->ex[(c->ex_head + c->ex_n++) % c->ex_cap];
+	struct expect *e = &c->w->ex[(c->w->ex_head + c->w->ex_n++) % c->w->ex_cap];
 	memset(e, 0, sizeof(*e));
 	e->kind = kind;
 	return e;
@@ -297,16 +632,12 @@ static struct expect *ex_push(struct pgclient *c, enum expect_kind kind)
 
 static struct expect *ex_front(struct pgclient *c)
 {
-	return c->ex_n ? &c->ex[c->ex_head] : NULL;
+	return c->w->ex_n ? &c->w->ex[c->w->ex_head] : NULL;
 }
 
 static void ex_pop(struct pgclient *c)
 {
-	struct expect *e = &c->ex[c->ex_head];
-	free(e->key);
-	free(e->data);
-	c->ex_head = (c->ex_head + 1) % c->ex_cap;
-	c->ex_n--;
+	ex_pop_work(c->w);
 }
 
 /* Our own answers at the head go out now: nothing the server sends comes before them. */
@@ -422,7 +753,7 @@ struct msg {
 /* The next whole message in the client's input; 0 when it has not all arrived, -1 when malformed. */
 static int next_msg(struct pgclient *c, struct msg *m)
 {
-	struct evbuffer *in = bufferevent_get_input(c->bev);
+	struct evbuffer *in = cin(c);
 	unsigned char h[5];
 	uint32_t n;
 	if (evbuffer_copyout(in, h, 5) < 5)
@@ -442,13 +773,13 @@ static int next_msg(struct pgclient *c, struct msg *m)
 
 static void drop_msg(struct pgclient *c, const struct msg *m)
 {
-	evbuffer_drain(bufferevent_get_input(c->bev), m->len + 5);
+	evbuffer_drain(c->w->in, m->len + 5);
 }
 
 /* Move the message as it is to the server. */
 static void forward_msg(struct pgclient *c, const struct msg *m)
 {
-	evbuffer_remove_buffer(bufferevent_get_input(c->bev), c->sout, m->len + 5);
+	evbuffer_remove_buffer(c->w->in, c->w->sout, m->len + 5);
 }
 
 static void put_msg(struct evbuffer *out, char type, const void *body, size_t len)
@@ -734,32 +1065,32 @@ static const char unpoolable_hint[] =
 
 static char *rq_alloc(struct pgclient *c, size_t *used, size_t n)
 {
-	if (*used + n > c->rq_cap)
+	if (*used + n > c->w->rq_cap)
 		return NULL;
-	char *p = c->rq_buf + *used;
+	char *p = c->w->rq_buf + *used;
 	*used += n;
 	return p;
 }
 
 /*
- * Fill c->rq for a statement: sql, its Bind (NULL: none) with the
+ * Fill c->w->rq for a statement: sql, its Bind (NULL: none) with the
  * statement's parameter types, comment pairs; the client's user,
  * database, startup parameters and session values.
  */
 static void build_req(struct pgclient *c, const char *sql, const struct pgwire_bind *b, const struct cstmt *st)
 {
-	struct req *rq = &c->rq;
+	struct req *rq = &c->w->rq;
 	size_t used = 0, need = strlen(sql) + 1 + 8192;
 	char *p;
 	memset(rq, 0, sizeof(*rq));
 	/* Room for the pairs and parameter pointers too; freed when the transaction ends (idle clients hold none). */
 	need += RQ_COMMENTS * sizeof(struct req_pair) + RQ_PARAMS * sizeof(char *) + 16;
-	if (need > c->rq_cap) {
-		c->rq_cap = need + 1024;
-		c->rq_buf = xrealloc(c->rq_buf, c->rq_cap);
+	if (need > c->w->rq_cap) {
+		c->w->rq_cap = need + 1024;
+		c->w->rq_buf = xrealloc(c->w->rq_buf, c->w->rq_cap);
 	}
-	c->comment = (struct req_pair *)(void *)c->rq_buf;
-	c->param_vals = (const char **)(void *)(c->rq_buf + RQ_COMMENTS * sizeof(struct req_pair));
+	c->w->comment = (struct req_pair *)(void *)c->w->rq_buf;
+	c->w->param_vals = (const char **)(void *)(c->w->rq_buf + RQ_COMMENTS * sizeof(struct req_pair));
 	used = RQ_COMMENTS * sizeof(struct req_pair) + RQ_PARAMS * sizeof(char *);
 	rq->protocol = REQ_PG;
 	rq->lease = true;
@@ -773,13 +1104,13 @@ static void build_req(struct pgclient *c, const char *sql, const struct pgwire_b
 	p = rq_alloc(c, &used, strlen(sql) + 1);
 	strcpy(p, sql);
 	rq->sql = p;
-	rq->ncomment = pgsql_comments(sql, c->comment, RQ_COMMENTS, rq_alloc(c, &used, 4096), 4096);
-	rq->comment = c->comment;
+	rq->ncomment = pgsql_comments(sql, c->w->comment, RQ_COMMENTS, rq_alloc(c, &used, 4096), 4096);
+	rq->comment = c->w->comment;
 	if (b) {
 		char *buf = rq_alloc(c, &used, 4096);
-		rq->nparams = pgwire_bind_text(b, st ? st->types : NULL, st ? st->ntypes : 0, c->param_vals,
+		rq->nparams = pgwire_bind_text(b, st ? st->types : NULL, st ? st->ntypes : 0, c->w->param_vals,
 					       RQ_PARAMS, buf, 4096);
-		rq->params = c->param_vals;
+		rq->params = c->w->param_vals;
 	}
 	rq->tenant_hint = pgsql_tenant_hint(rq->comment, rq->ncomment, c->sess, c->nsess);
 	rq->start = mono_now();
@@ -806,14 +1137,14 @@ static const struct sink_ops pg_sink_ops = {
 
 static struct pgclient *of_sink(struct sink *k)
 {
-	return (struct pgclient *)((char *)k - offsetof(struct pgclient, sink));
+	return ((struct pgwork *)(void *)((char *)k - offsetof(struct pgwork, sink)))->c;
 }
 
 static void sink_error(struct sink *k, const struct fault *f)
 {
 	struct pgclient *c = of_sink(k);
-	fault_move(&c->fault, (struct fault *)f);
-	c->fault_set = true;
+	fault_move(&c->w->fault, (struct fault *)f);
+	c->w->fault_set = true;
 }
 
 /* Start routing a transaction whose first statement is fs. */
@@ -821,12 +1152,12 @@ static void start_transaction(struct pgclient *c, const struct first_stmt *fs)
 {
 	build_req(c, fs->sql, fs->has_bind ? &fs->bind : NULL, fs->st);
 	set_state(c, CL_ROUTING);
-	c->tx_start = mono_now();
-	c->fault_set = false;
-	c->tx_failed = false;
-	c->routed_first = false;
-	c->sink.ops = &pg_sink_ops;
-	exec_start(&c->exec, &c->rq, &c->sink, on_exec_done, c);
+	c->w->tx_start = mono_now();
+	c->w->fault_set = false;
+	c->w->tx_failed = false;
+	c->w->routed_first = false;
+	c->w->sink.ops = &pg_sink_ops;
+	exec_start(&c->w->exec, &c->w->rq, &c->w->sink, on_exec_done, c);
 }
 
 static void on_server_io(evutil_socket_t fd, short what, void *arg);
@@ -835,26 +1166,24 @@ static void on_server_readable(void *arg);
 static void begin_forwarding(struct pgclient *c)
 {
 	char err[256];
-	c->sfd = pgconn_raw_begin(c->conn, on_server_readable, c, err, sizeof(err));
-	if (c->sfd < 0) {
+	c->w->sfd = pgconn_raw_begin(c->w->conn, on_server_readable, c, err, sizeof(err));
+	if (c->w->sfd < 0) {
 		struct fault f = { 0 };
-		log_warn("pg: shard %s: %s", c->rq.info.shard, err);
-		fault_set(&f, "shard_error", c->rq.info.shard, err);
+		log_warn("pg: shard %s: %s", c->w->rq.info.shard, err);
+		fault_set(&f, "shard_error", c->w->rq.info.shard, err);
 		put_refusal(cout(c), pgwire_fault_sqlstate(&f), err, NULL);
 		fault_clear(&f);
 		c->skip_to_sync = true;
-		c->tx_failed = true;
+		c->w->tx_failed = true;
 		lease_end(c, false);
 		return;
 	}
-	if (!c->swrite)
-		c->swrite = event_new(c->face->base, -1, 0, on_server_io, c);
-	event_assign(c->swrite, c->face->base, c->sfd, EV_WRITE | EV_PERSIST, on_server_io, c);
+	event_assign(&c->w->swrite, c->face->base, c->w->sfd, EV_WRITE | EV_PERSIST, on_server_io, c);
 	set_state(c, CL_LEASED);
 	c->unnamed.here = false;
 	c->tx = 'I';
 	/* The client's remembered SETs, unless this connection has them already. */
-	if (c->settings_sig && c->conn->wire_sig != c->settings_sig) {
+	if (c->settings_sig && c->w->conn->wire_sig != c->settings_sig) {
 		char line[1200];
 		struct evbuffer *q = evbuffer_new();
 		for (int i = 0; i < c->nsettings; i++) {
@@ -864,14 +1193,14 @@ static void begin_forwarding(struct pgclient *c)
 			evbuffer_add_printf(q, "%s%s", i ? ";" : "", line);
 		}
 		evbuffer_add(q, "", 1);
-		pgwire_put_query(c->sout, (const char *)evbuffer_pullup(q, -1));
+		pgwire_put_query(c->w->sout, (const char *)evbuffer_pullup(q, -1));
 		evbuffer_free(q);
 		ex_push(c, EX_OWN_QUERY);
-		c->conn->wire_sig = c->settings_sig;
+		c->w->conn->wire_sig = c->settings_sig;
 	}
 	if (c->pending_begin) {
 		/* The client's BEGIN, answered when it came: now, in front of its first statement. */
-		pgwire_put_query(c->sout, c->pending_begin);
+		pgwire_put_query(c->w->sout, c->pending_begin);
 		ex_push(c, EX_OWN_QUERY);
 		free(c->pending_begin);
 		c->pending_begin = NULL;
@@ -880,44 +1209,53 @@ static void begin_forwarding(struct pgclient *c)
 }
 
 /* The reset ran alone, before the client's first message (another borrower's state was on the connection). */
+static void reset_done(struct pgclient *c, struct pgconn *conn, enum pgconn_event ev)
+{
+	if (ev == PGCONN_EV_BROKEN || pgconn_reset_failed(conn) || !pgconn_usable(conn)) {
+		char msg[300];
+		snprintf(msg, sizeof(msg), "a connection to shard %s could not be reset for this client; nothing ran",
+			 c->w->rq.info.shard);
+		log_warn("pg: %s", msg);
+		put_refusal(cout(c), "08006", msg, NULL);
+		c->skip_to_sync = true;
+		c->w->tx_failed = true;
+		lease_end(c, false);
+		return;
+	}
+	if (c->draining) {
+		/* The client left while the reset ran: the connection is clean, nothing of the client's ran. */
+		c->w->conn = NULL;
+		exec_release(c->w->exec, false);
+		return;
+	}
+	begin_forwarding(c);
+}
+
 static void on_reset_done(struct pgconn *conn, enum pgconn_event ev, PGresult *res, void *arg)
 {
 	struct pgclient *c = arg;
 	(void)res;
 	if (ev != PGCONN_EV_DONE && ev != PGCONN_EV_BROKEN)
 		return;
-	if (ev == PGCONN_EV_BROKEN || pgconn_reset_failed(conn) || !pgconn_usable(conn)) {
-		char msg[300];
-		snprintf(msg, sizeof(msg), "a connection to shard %s could not be reset for this client; nothing ran",
-			 c->rq.info.shard);
-		log_warn("pg: %s", msg);
-		put_refusal(cout(c), "08006", msg, NULL);
-		c->skip_to_sync = true;
-		c->tx_failed = true;
-		lease_end(c, false);
-		return;
-	}
-	if (c->draining) {
-		/* The client left while the reset ran: the connection is clean, nothing of the client's ran. */
-		c->conn = NULL;
-		exec_release(c->exec, false);
-		return;
-	}
-	begin_forwarding(c);
+	enter(c);
+	reset_done(c, conn, ev);
+	leave(c);
 }
 
 static void sink_lease(struct sink *k, struct pgconn *conn)
 {
 	struct pgclient *c = of_sink(k);
-	c->conn = conn;
-	c->timeout = shard_statement_timeout(&exec_generation(c->exec)->cfg->shards[exec_shard(c->exec)], 0);
+	c->w->conn = conn;
+	c->w->timeout = shard_statement_timeout(&exec_generation(c->w->exec)->cfg->shards[exec_shard(c->w->exec)], 0);
+	enter(c);
 	if (pgconn_needs_reset(conn) || (conn->wire_sig && conn->wire_sig != c->settings_sig)) {
 		set_state(c, CL_RESETTING);
 		if (pgconn_send(conn, "SELECT 1", 0, NULL, on_reset_done, c) < 0)
 			on_reset_done(conn, PGCONN_EV_BROKEN, NULL, c);
-		return;
+	} else {
+		begin_forwarding(c);
 	}
-	begin_forwarding(c);
+	leave(c);
 }
 
 /* After the executor is done, from the loop (never inside the executor's own call chain). */
@@ -926,52 +1264,50 @@ static void on_later(evutil_socket_t fd, short what, void *arg)
 	struct pgclient *c = arg;
 	(void)fd;
 	(void)what;
-	if (c->draining || (c->closing_after && c->state != CL_CLOSING)) {
-		if (c->draining) {
-			client_free(c);
-			return;
-		}
+	c->w->later_armed = false;
+	enter(c);
+	if (c->draining) {
+		client_free(c);
+	} else if (c->closing_after && c->state != CL_CLOSING) {
 		if (c->face->shutting_down && !c->terminated)
 			pgwire_put_error(cout(c), 'E', "FATAL", "57P01",
 					 "terminating connection due to administrator command", NULL, NULL);
 		close_when_flushed(c);
-		return;
+	} else {
+		process_input(c);
 	}
-	process_input(c);
+	leave(c);
 }
 
 /* The executor is done: either routing failed (the fault is set) or the lease was released. */
 static void on_exec_done(void *arg)
 {
 	struct pgclient *c = arg;
-	bool failed = c->fault_set;
+	bool failed = c->w->fault_set;
 	int status = 200;
 	if (failed) {
 		/* Routing, authorization, a paused tenant or the checkout refused it: nothing ran. */
-		const char *code = fault_code(&c->fault);
-		pgwire_put_fault(cout(c), &c->fault, c->fault.code && strcmp(c->fault.code, "no_tenant") == 0
+		const char *code = fault_code(&c->w->fault);
+		pgwire_put_fault(cout(c), &c->w->fault, c->w->fault.code && strcmp(c->w->fault.code, "no_tenant") == 0
 						       ? tenant_hint : NULL);
-		str_copy(c->rq.info.code, sizeof(c->rq.info.code), code);
-		fault_clear(&c->fault);
-		c->fault_set = false;
+		str_copy(c->w->rq.info.code, sizeof(c->w->rq.info.code), code);
+		fault_clear(&c->w->fault);
+		c->w->fault_set = false;
 		stats.errors++;
 		c->skip_to_sync = true;
 		c->tx = c->pending_begin ? 'E' : 'I';    /* a BEGIN answered here: the transaction is aborted */
 		status = 503;
-	} else if (c->tx_failed) {
+	} else if (c->w->tx_failed) {
 		status = 500;
 	}
 	stats.transactions++;
-	accesslog_write(&c->rq, status, mono_now() - c->tx_start);
+	accesslog_write(&c->w->rq, status, mono_now() - c->w->tx_start);
 	set_state(c, CL_IDLE);
-	free(c->rq_buf);            /* an idle client holds no request */
-	c->rq_buf = NULL;
-	c->rq_cap = 0;
-	c->rq.sql = NULL;
-	c->rq.comment = NULL;
-	c->rq.ncomment = 0;
-	c->rq.params = NULL;
-	c->rq.nparams = 0;
+	c->w->rq.sql = NULL;
+	c->w->rq.comment = NULL;
+	c->w->rq.ncomment = 0;
+	c->w->rq.params = NULL;
+	c->w->rq.nparams = 0;
 	if (failed) {
 		/* The batch's first message is still in the input: a Query is answered, the rest skipped to Sync. */
 		struct msg m;
@@ -981,7 +1317,7 @@ static void on_exec_done(void *arg)
 			c->skip_to_sync = false;
 		}
 	}
-	event_active(c->later, EV_TIMEOUT, 1);
+	arm_later(c);
 }
 
 /*
@@ -992,25 +1328,24 @@ static void on_exec_done(void *arg)
  */
 static void lease_end(struct pgclient *c, bool clean)
 {
-	if (c->cancel_sent || c->guard.cancelled)
+	if (c->w->cancel_sent || c->w->guard.cancelled)
 		clean = false;
-	pgconn_guard_stop(&c->guard);
-	if (c->swrite)
-		event_del(c->swrite);
-	while (c->ex_n)
+	pgconn_guard_stop(&c->w->guard);
+	event_del(&c->w->swrite);
+	while (c->w->ex_n)
 		ex_pop(c);
-	evbuffer_drain(c->sin, evbuffer_get_length(c->sin));
-	evbuffer_drain(c->sout, evbuffer_get_length(c->sout));
-	if (c->session_mode && c->conn)
-		pgconn_mark_session(c->conn);
-	if (c->sfd >= 0 && c->conn->state == PGCONN_RAW)
-		pgconn_raw_end(c->conn, clean);
-	c->sfd = -1;
-	c->awaiting = false;
-	c->copy_in = false;
-	c->cancel_sent = false;
-	c->conn = NULL;
-	exec_release(c->exec, !clean);
+	evbuffer_drain(c->w->sin, evbuffer_get_length(c->w->sin));
+	evbuffer_drain(c->w->sout, evbuffer_get_length(c->w->sout));
+	if (c->session_mode && c->w->conn)
+		pgconn_mark_session(c->w->conn);
+	if (c->w->sfd >= 0 && c->w->conn->state == PGCONN_RAW)
+		pgconn_raw_end(c->w->conn, clean);
+	c->w->sfd = -1;
+	c->w->awaiting = false;
+	c->w->copy_in = false;
+	c->w->cancel_sent = false;
+	c->w->conn = NULL;
+	exec_release(c->w->exec, !clean);
 }
 
 /* ---- server I/O ---- */
@@ -1018,31 +1353,31 @@ static void lease_end(struct pgclient *c, bool clean)
 static void server_failed(struct pgclient *c, const char *why)
 {
 	char msg[400];
-	snprintf(msg, sizeof(msg), "the connection to shard %s was lost: %s", c->rq.info.shard, why);
+	snprintf(msg, sizeof(msg), "the connection to shard %s was lost: %s", c->w->rq.info.shard, why);
 	log_warn("pg: client %u: %s", c->pid, msg);
 	if (!c->draining) {
 		ex_drain_local(c);
 		pgwire_put_error(cout(c), 'E', "ERROR", "08006", msg, NULL, NULL);
 		pgwire_put_ready(cout(c), 'I');
 	}
-	c->tx_failed = true;
+	c->w->tx_failed = true;
 	lease_end(c, false);
 }
 
 static void server_flush(struct pgclient *c)
 {
-	while (evbuffer_get_length(c->sout) > 0) {
-		int n = evbuffer_write(c->sout, c->sfd);
+	while (evbuffer_get_length(c->w->sout) > 0) {
+		int n = evbuffer_write(c->w->sout, c->w->sfd);
 		if (n < 0) {
 			if (errno == EAGAIN || errno == EWOULDBLOCK) {
-				event_add(c->swrite, NULL);
+				event_add(&c->w->swrite, NULL);
 				return;
 			}
 			server_failed(c, strerror(errno));
 			return;
 		}
 	}
-	event_del(c->swrite);
+	event_del(&c->w->swrite);
 }
 
 /* Rewrite a server FATAL (its connection ends, not the client's session) as ERROR. */
@@ -1051,8 +1386,8 @@ static void forward_error(struct pgclient *c, size_t len)
 	char *body = xmalloc(len);
 	struct pgwire_reader r;
 	struct evbuffer *out = cout(c);
-	evbuffer_drain(c->sin, 5);
-	evbuffer_remove(c->sin, body, len);
+	evbuffer_drain(c->w->sin, 5);
+	evbuffer_remove(c->w->sin, body, len);
 	pgwire_reader_init(&r, body, len);
 	/* Severity fields S and V: FATAL and PANIC become ERROR; the rest as it is. */
 	struct evbuffer *tmp = evbuffer_new();
@@ -1116,7 +1451,7 @@ static void error_to_warning(struct pgclient *c, const char *body, size_t len)
 	}
 	c->nsettings = 0;
 	recompute_sig(c);
-	c->conn->wire_sig = 0;
+	c->w->conn->wire_sig = 0;
 }
 
 /* After an error in the extended protocol the server skips to Sync: so do our expectations. */
@@ -1125,7 +1460,7 @@ static void skip_to_sync(struct pgclient *c)
 	struct expect *e;
 	while ((e = ex_front(c)) && e->kind != EX_SYNC) {
 		if ((e->kind == EX_PARSE || e->kind == EX_OWN_PARSE) && e->key)
-			pgconn_wire_forget(c->conn, e->key);
+			pgconn_wire_forget(c->w->conn, e->key);
 		ex_pop(c);
 	}
 	/*
@@ -1149,7 +1484,7 @@ static void server_msg(struct pgclient *c, char type, size_t len)
 	const char *body = NULL;
 
 	if (type == 'E' || (type == 'Z' && len == 1))
-		body = (const char *)evbuffer_pullup(c->sin, (ssize_t)len + 5) + 5;
+		body = (const char *)evbuffer_pullup(c->w->sin, (ssize_t)len + 5) + 5;
 	switch (type) {
 	case '1':
 		pop = k != EX_OWN_FAIL;     /* our failing statement's Parse: its error pops it */
@@ -1174,7 +1509,7 @@ static void server_msg(struct pgclient *c, char type, size_t len)
 		forward = k != EX_OWN_QUERY;
 		break;
 	case 'G':
-		c->copy_in = true;
+		c->w->copy_in = true;
 		break;
 	case 'S':
 	case 'N':
@@ -1184,21 +1519,21 @@ static void server_msg(struct pgclient *c, char type, size_t len)
 		if (!e) {
 			/* Nothing was asked: the server is going away (FATAL). */
 			if (is_fatal(body, len)) {
-				evbuffer_drain(c->sin, len + 5);
+				evbuffer_drain(c->w->sin, len + 5);
 				server_failed(c, "the server ended the connection");
 				return;
 			}
 			break;
 		}
-		c->copy_in = false;
+		c->w->copy_in = false;
 		if (k == EX_OWN_QUERY) {
 			error_to_warning(c, body, len);
-			evbuffer_drain(c->sin, len + 5);
+			evbuffer_drain(c->w->sin, len + 5);
 			return;
 		}
 		if (k == EX_OWN_FAIL || k == EX_OWN_QFAIL) {
 			evbuffer_add(out, e->data, e->len);
-			evbuffer_drain(c->sin, len + 5);
+			evbuffer_drain(c->w->sin, len + 5);
 			if (k == EX_OWN_FAIL)
 				skip_to_sync(c);
 			return;
@@ -1213,18 +1548,18 @@ static void server_msg(struct pgclient *c, char type, size_t len)
 		if (is_fatal(body, len))
 			forward_error(c, len);
 		else
-			evbuffer_remove_buffer(c->sin, out, len + 5);
+			evbuffer_remove_buffer(c->w->sin, out, len + 5);
 		skip_to_sync(c);
 		return;
 	case 'Z': {
 		char status = body[0];
-		evbuffer_drain(c->sin, len + 5);
+		evbuffer_drain(c->w->sin, len + 5);
 		if (k == EX_OWN_QUERY) {
 			/* The replayed SETs (the client's own messages follow), or the ROLLBACK of a client gone. */
 			ex_pop(c);
 			c->tx = status;
 			ex_drain_local(c);      /* answers of ours queued behind it (a ParseComplete) */
-			if (c->draining && c->ex_n == 0)
+			if (c->draining && c->w->ex_n == 0)
 				ready_for_query(c, status);
 			return;
 		}
@@ -1239,20 +1574,19 @@ static void server_msg(struct pgclient *c, char type, size_t len)
 		break;
 	}
 	if (forward)
-		evbuffer_remove_buffer(c->sin, out, len + 5);
+		evbuffer_remove_buffer(c->w->sin, out, len + 5);
 	else
-		evbuffer_drain(c->sin, len + 5);
+		evbuffer_drain(c->w->sin, len + 5);
 	if (pop && e)
 		ex_pop(c);
 	ex_drain_local(c);
 }
 
-#define CLIENT_OUT_HIGH (1 << 20)
 
 static void read_server(struct pgclient *c)
 {
 	for (;;) {
-		int n = evbuffer_read(c->sin, c->sfd, 65536);
+		ssize_t n = read_some(c->w->sin, c->w->sfd, SERVER_READ);
 		if (n == 0) {
 			server_failed(c, "the server closed the connection");
 			return;
@@ -1263,13 +1597,13 @@ static void read_server(struct pgclient *c)
 			server_failed(c, strerror(errno));
 			return;
 		}
-		if (n < 65536)
+		if (n < SERVER_READ)
 			break;
 	}
-	while (c->sfd >= 0) {
+	while (c->w->sfd >= 0) {
 		unsigned char h[5];
 		uint32_t len;
-		if (evbuffer_copyout(c->sin, h, 5) < 5)
+		if (evbuffer_copyout(c->w->sin, h, 5) < 5)
 			break;
 		memcpy(&len, h + 1, 4);
 		len = ntohl(len);
@@ -1277,37 +1611,39 @@ static void read_server(struct pgclient *c)
 			server_failed(c, "a malformed message from the server");
 			return;
 		}
-		if (evbuffer_get_length(c->sin) < (size_t)len + 1)
+		if (evbuffer_get_length(c->w->sin) < (size_t)len + 1)
 			break;
 		server_msg(c, (char)h[0], len - 4);
 		if (c->state != CL_LEASED)
 			return;
 	}
 	/* A client that reads slowly slows the server down; its buffer stays bounded. */
-	if (c->sfd >= 0 && evbuffer_get_length(cout(c)) > CLIENT_OUT_HIGH)
-		pgconn_raw_pause(c->conn, true);
+	if (c->w->sfd >= 0 && evbuffer_get_length(cout(c)) > CLIENT_OUT_HIGH) {
+		c->w->server_paused = true;
+		pgconn_raw_pause(c->w->conn, true);
+	}
 }
 
 static void on_server_io(evutil_socket_t fd, short what, void *arg)
 {
 	struct pgclient *c = arg;
 	(void)fd;
+	(void)what;
 	if (c->state != CL_LEASED)
 		return;
-	if (what & EV_WRITE) {
-		server_flush(c);
-		if (c->state != CL_LEASED)
-			return;
-	}
-	if (what & EV_READ)
-		read_server(c);
+	enter(c);
+	server_flush(c);
+	leave(c);
 }
 
 static void on_server_readable(void *arg)
 {
 	struct pgclient *c = arg;
-	if (c->state == CL_LEASED)
-		read_server(c);
+	if (c->state != CL_LEASED)
+		return;
+	enter(c);
+	read_server(c);
+	leave(c);
 }
 
 /* ---- the statement timeout ---- */
@@ -1317,16 +1653,18 @@ static void on_guard(evutil_socket_t fd, short what, void *arg)
 	struct pgclient *c = arg;
 	(void)fd;
 	(void)what;
-	if (!c->conn)
+	if (!c->w || !c->w->conn)
 		return;
-	if (!pgconn_guard_expired(&c->guard, c->conn)) {
-		log_info("pg: shard %s: statement timeout (%gs) for client %u, cancelling", c->rq.info.shard,
-			 c->timeout, c->pid);
+	if (!pgconn_guard_expired(&c->w->guard, c->w->conn)) {
+		log_info("pg: shard %s: statement timeout (%gs) for client %u, cancelling", c->w->rq.info.shard,
+			 c->w->timeout, c->pid);
 		return;
 	}
-	log_warn("pg: shard %s: statement did not stop %gs after cancel; closing its connection", c->rq.info.shard,
+	log_warn("pg: shard %s: statement did not stop %gs after cancel; closing its connection", c->w->rq.info.shard,
 		 PGCONN_CANCEL_GRACE);
+	enter(c);
 	server_failed(c, "the statement did not stop after its cancel");
+	leave(c);
 }
 
 /* ---- ReadyForQuery: the batch is over ---- */
@@ -1334,18 +1672,18 @@ static void on_guard(evutil_socket_t fd, short what, void *arg)
 static void ready_for_query(struct pgclient *c, char status)
 {
 	c->tx = status;
-	if (c->ex_n > 0)
+	if (c->w->ex_n > 0)
 		return;                 /* more batches of a pipeline are on their way (should not happen) */
-	c->awaiting = false;
-	pgconn_guard_stop(&c->guard);
+	c->w->awaiting = false;
+	pgconn_guard_stop(&c->w->guard);
 	if (c->draining) {
 		if (status == 'I') {
 			lease_end(c, true);
 			return;
 		}
-		pgwire_put_query(c->sout, "ROLLBACK");
+		pgwire_put_query(c->w->sout, "ROLLBACK");
 		ex_push(c, EX_OWN_QUERY);
-		c->awaiting = true;
+		c->w->awaiting = true;
 		server_flush(c);
 		return;
 	}
@@ -1353,8 +1691,10 @@ static void ready_for_query(struct pgclient *c, char status)
 		lease_end(c, true);
 		return;
 	}
-	if (evbuffer_get_length(cout(c)) <= CLIENT_OUT_HIGH)
-		pgconn_raw_pause(c->conn, false);
+	if (c->w->server_paused && evbuffer_get_length(cout(c)) <= CLIENT_OUT_HIGH) {
+		c->w->server_paused = false;
+		pgconn_raw_pause(c->w->conn, false);
+	}
 	process_input(c);
 }
 
@@ -1365,23 +1705,23 @@ static int route_again(struct pgclient *c, const char *sql, const struct pgwire_
 		       char *msg, size_t len, const char **sqlstate)
 {
 	/* The lease's generation: a reload applies to the next transaction, not to this one. */
-	struct generation *g = exec_generation(c->exec);
+	struct generation *g = exec_generation(c->w->exec);
 	struct route r;
 	struct auth_identity id;
 	char amsg[256];
 	int rc = 0;
-	struct req_info info = c->rq.info;
+	struct req_info info = c->w->rq.info;
 	memset(&r, 0, sizeof(r));
 	build_req(c, sql, b, st);
-	c->rq.info = info;
-	if (auth_check(&g->cfg->auth, &c->rq, &id, amsg, sizeof(amsg)) != 0) {
+	c->w->rq.info = info;
+	if (auth_check(&g->cfg->auth, &c->w->rq, &id, amsg, sizeof(amsg)) != 0) {
 		snprintf(msg, len, "%s", amsg);
 		*sqlstate = "28000";
 		return -1;
 	}
-	c->rq.auth = &id;
-	script_route(g->script, &c->rq, false, &r);
-	c->rq.auth = NULL;
+	c->w->rq.auth = &id;
+	script_route(g->script, &c->w->rq, false, &r);
+	c->w->rq.auth = NULL;
 	if (r.kind == ROUTE_ERROR) {
 		snprintf(msg, len, "%s: %s", r.code, r.error);
 		*sqlstate = "XX000";
@@ -1390,10 +1730,10 @@ static int route_again(struct pgclient *c, const char *sql, const struct pgwire_
 		snprintf(msg, len, "forbidden: user \"%s\" may not use tenant '%.100s'", c->user, r.tenant);
 		*sqlstate = "42501";
 		rc = -1;
-	} else if (r.kind == ROUTE_SHARD && strcmp(g->cfg->shards[r.shard].name, c->rq.info.shard) != 0) {
+	} else if (r.kind == ROUTE_SHARD && strcmp(g->cfg->shards[r.shard].name, c->w->rq.info.shard) != 0) {
 		snprintf(msg, len, "tenant '%.100s' is on shard %s, but this transaction runs on shard %s (tenant "
 			 "'%.100s'); a transaction cannot span shards", r.tenant, g->cfg->shards[r.shard].name,
-			 c->rq.info.shard, info.tenant);
+			 c->w->rq.info.shard, info.tenant);
 		*sqlstate = "0A000";
 		rc = -1;
 	}
@@ -1413,12 +1753,12 @@ static void refuse_rest(struct pgclient *c, bool query, const char *sqlstate, co
 	struct evbuffer *tmp = evbuffer_new();
 	struct expect *e;
 	put_refusal(tmp, sqlstate, msg, hint);
-	c->tx_failed = true;
+	c->w->tx_failed = true;
 	if (query) {
 		e = ex_push(c, EX_OWN_QFAIL);
 		e->data = render(tmp, &e->len);
-		pgwire_put_query(c->sout, "SELECT 1 OPERATOR(pg_catalog./) 0");
-		c->awaiting = true;
+		pgwire_put_query(c->w->sout, "SELECT 1 OPERATOR(pg_catalog./) 0");
+		c->w->awaiting = true;
 		evbuffer_free(tmp);
 		return;
 	}
@@ -1428,7 +1768,7 @@ static void refuse_rest(struct pgclient *c, bool query, const char *sqlstate, co
 	evbuffer_free(tmp);
 	{
 		static const char sql[] = "SELECT 1 OPERATOR(pg_catalog./) 0";
-		struct evbuffer *o = c->sout;
+		struct evbuffer *o = c->w->sout;
 		char body[64];
 		size_t n = 0;
 		body[n++] = '\0';
@@ -1455,8 +1795,8 @@ static void refuse_rest(struct pgclient *c, bool query, const char *sqlstate, co
 static const char *ensure_prepared(struct pgclient *c, struct cstmt *st)
 {
 	bool fresh = false;
-	const char *name = *st->name ? pgconn_wire_name(c->conn, st->key, &fresh) : "";
-	struct evbuffer *o = c->sout;
+	const char *name = *st->name ? pgconn_wire_name(c->w->conn, st->key, &fresh) : "";
+	struct evbuffer *o = c->w->sout;
 	if (!name || (!*name && !st->here) || fresh) {
 		/* Parse: name, SQL, parameter types. A full cache falls back to the unnamed statement. */
 		const char *n = name ? name : "";
@@ -1486,21 +1826,21 @@ static void put_renamed(struct pgclient *c, char type, const char *before, size_
 			const char *after, size_t alen)
 {
 	uint32_t n = htonl((uint32_t)(blen + strlen(name) + 1 + alen + 4));
-	evbuffer_add(c->sout, &type, 1);
-	evbuffer_add(c->sout, &n, 4);
+	evbuffer_add(c->w->sout, &type, 1);
+	evbuffer_add(c->w->sout, &n, 4);
 	if (blen)
-		evbuffer_add(c->sout, before, blen);
-	evbuffer_add(c->sout, name, strlen(name) + 1);
+		evbuffer_add(c->w->sout, before, blen);
+	evbuffer_add(c->w->sout, name, strlen(name) + 1);
 	if (alen)
-		evbuffer_add(c->sout, after, alen);
+		evbuffer_add(c->w->sout, after, alen);
 }
 
 static void arm_guard(struct pgclient *c)
 {
-	c->awaiting = true;
-	if (c->guard.cancelled)
-		c->cancel_sent = true;      /* an earlier batch's cancel may still reach the server */
-	pgconn_guard_arm(&c->guard, c->timeout);
+	c->w->awaiting = true;
+	if (c->w->guard.cancelled)
+		c->w->cancel_sent = true;      /* an earlier batch's cancel may still reach the server */
+	pgconn_guard_arm(&c->w->guard, c->w->timeout);
 }
 
 /* Check a later statement of the transaction; false when it was refused (the rest of the batch with it). */
@@ -1515,8 +1855,8 @@ static bool statement_allowed(struct pgclient *c, bool query, const char *sql, c
 		refuse_rest(c, query, "0A000", msg, unpoolable_hint);
 		return false;
 	}
-	if (!c->routed_first) {
-		c->routed_first = true;
+	if (!c->w->routed_first) {
+		c->w->routed_first = true;
 		return true;
 	}
 	if (route_again(c, sql, b, st, msg, sizeof(msg), &sqlstate) < 0) {
@@ -1564,7 +1904,7 @@ static bool leased_msg(struct pgclient *c, struct msg *m)
 			arm_guard(c);
 			return false;
 		}
-		note_statements(c->conn, sql);
+		note_statements(c->w->conn, sql);
 		forward_msg(c, m);
 		ex_push(c, EX_QUERY);
 		arm_guard(c);
@@ -1589,7 +1929,7 @@ static bool leased_msg(struct pgclient *c, struct msg *m)
 			drop_msg(c, m);
 			return true;
 		}
-		pgconn_note_statement(c->conn, sql);
+		pgconn_note_statement(c->w->conn, sql);
 		if (!*name) {
 			cstmt_clear(&c->unnamed);
 			cstmt_set(&c->unnamed, "", sql, types, nt);
@@ -1613,11 +1953,11 @@ static bool leased_msg(struct pgclient *c, struct msg *m)
 		st->next = c->stmts[b];
 		c->stmts[b] = st;
 		drop_msg(c, m);
-		int before = c->ex_n;
+		int before = c->w->ex_n;
 		ensure_prepared(c, st);
-		if (c->ex_n > before) {
+		if (c->w->ex_n > before) {
 			/* Our Parse answers for the client's: the client sees its ParseComplete. */
-			c->ex[(c->ex_head + c->ex_n - 1) % c->ex_cap].kind = EX_PARSE;
+			c->w->ex[(c->w->ex_head + c->w->ex_n - 1) % c->w->ex_cap].kind = EX_PARSE;
 		} else {
 			tmp = evbuffer_new();
 			pgwire_put_empty(tmp, '1');
@@ -1716,12 +2056,12 @@ static bool leased_msg(struct pgclient *c, struct msg *m)
 	case 'd':
 	case 'c':
 	case 'f':
-		if (!c->copy_in) {
+		if (!c->w->copy_in) {
 			drop_msg(c, m);
 			return true;
 		}
 		if (m->type != 'd')
-			c->copy_in = false;
+			c->w->copy_in = false;
 		forward_msg(c, m);
 		return true;
 	case 'F':
@@ -1746,12 +2086,12 @@ static void process_leased(struct pgclient *c)
 {
 	struct msg m;
 	int rc;
-	while ((!c->awaiting || c->copy_in) && !c->terminated && (rc = next_msg(c, &m)) != 0) {
+	while ((!c->w->awaiting || c->w->copy_in) && !c->terminated && (rc = next_msg(c, &m)) != 0) {
 		if (rc < 0) {
 			fatal(c, "08P01", "invalid message length from the client");
 			break;
 		}
-		if (c->awaiting && !(m.type == 'd' || m.type == 'c' || m.type == 'f'))
+		if (c->w->awaiting && !(m.type == 'd' || m.type == 'c' || m.type == 'f'))
 			break;
 		if (!leased_msg(c, &m))
 			break;
@@ -1759,7 +2099,7 @@ static void process_leased(struct pgclient *c)
 	if (c->state != CL_LEASED)
 		return;
 	server_flush(c);
-	if (c->terminated && !c->awaiting && c->state == CL_LEASED && !c->draining) {
+	if (c->terminated && !c->w->awaiting && c->state == CL_LEASED && !c->draining) {
 		/* Terminate or a protocol violation between batches: roll back what is open, then close. */
 		c->draining = true;
 		ready_for_query(c, c->tx);
@@ -1771,7 +2111,7 @@ static void process_leased(struct pgclient *c)
 /* A Bind that follows a Parse of the same statement in the input: its parameters route the first statement. */
 static void peek_bind(struct pgclient *c, const struct msg *parse, const char *name, struct first_stmt *fs)
 {
-	struct evbuffer *in = bufferevent_get_input(c->bev);
+	struct evbuffer *in = c->w->in;
 	unsigned char h[5];
 	struct evbuffer_ptr pos;
 	uint32_t n;
@@ -2329,42 +2669,49 @@ static void on_cancel_request(struct pgclient *c, uint32_t pid, uint32_t key)
 			log_info("pg: a cancel request for client %u had the wrong key", pid);
 			break;
 		}
-		if (t->state == CL_LEASED && t->awaiting && t->conn) {
-			log_info("pg: client %u: cancel request, cancelling its statement on shard %s", pid, t->rq.info.shard);
-			t->cancel_sent = true;
-			pgconn_cancel(t->conn);
+		if (t->state == CL_LEASED && t->w->awaiting && t->w->conn) {
+			log_info("pg: client %u: cancel request, cancelling its statement on shard %s", pid, t->w->rq.info.shard);
+			t->w->cancel_sent = true;
+			pgconn_cancel(t->w->conn);
 		}
 		break;
 	}
 }
 
+/*
+ * SSLRequest accepted: 'S' goes out in the clear, then everything is TLS
+ * (the handshake runs inside the first SSL_read). Bytes the client sent
+ * after its SSLRequest, before the handshake, are refused: they were not
+ * encrypted (CVE-2021-23214).
+ */
 static void use_tls(struct pgclient *c)
 {
+	client_flush(c);
+	if (evbuffer_get_length(cin(c)) > 0) {
+		fatal(c, "08P01", "received unencrypted data after SSL request");
+		return;
+	}
+	if (c->w && evbuffer_get_length(c->w->out) > 0) {
+		fatal(c, "08006", "cannot start TLS: the client does not read");
+		return;
+	}
 	SSL *ssl = SSL_new(c->face->tls);
-	struct bufferevent *b;
-	if (!ssl) {
-		fatal(c, "XX000", "cannot start TLS");
-		return;
-	}
-	b = bufferevent_openssl_filter_new(c->face->base, c->bev, ssl, BUFFEREVENT_SSL_ACCEPTING,
-					   BEV_OPT_CLOSE_ON_FREE);
-	if (!b) {
+	if (!ssl || write(c->fd, "S", 1) != 1) {
 		SSL_free(ssl);
-		fatal(c, "XX000", "cannot start TLS");
+		log_info("pg: client %u: cannot start TLS: %s", c->pid, ssl ? strerror(errno) : "SSL_new failed");
+		client_gone(c, false);
 		return;
 	}
-	c->bev = b;
-	c->tls = true;
+	SSL_set_mode(ssl, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+	SSL_set_fd(ssl, c->fd);
+	SSL_set_accept_state(ssl);
+	c->ssl = ssl;
 }
-
-static void on_client_read(struct bufferevent *bev, void *arg);
-static void on_client_write(struct bufferevent *bev, void *arg);
-static void on_client_event(struct bufferevent *bev, short what, void *arg);
 
 /* The startup packet (or an encryption or cancel request before it). */
 static void read_startup(struct pgclient *c)
 {
-	struct evbuffer *in = bufferevent_get_input(c->bev);
+	struct evbuffer *in = cin(c);
 	struct pgwire_startup su;
 	uint32_t n;
 	char err[200];
@@ -2385,14 +2732,13 @@ static void read_startup(struct pgclient *c)
 		return;
 	}
 	if (su.code == PGWIRE_SSL_REQUEST || su.code == PGWIRE_GSS_REQUEST) {
-		bool yes = su.code == PGWIRE_SSL_REQUEST && c->face->tls && !c->tls;
+		bool yes = su.code == PGWIRE_SSL_REQUEST && c->face->tls && !c->ssl;
 		free(body);
-		bufferevent_write(c->bev, yes ? "S" : "N", 1);
 		if (yes) {
 			use_tls(c);
-			bufferevent_setcb(c->bev, on_client_read, on_client_write, on_client_event, c);
-			bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+			return;
 		}
+		evbuffer_add(cout(c), "N", 1);
 		return;
 	}
 	if (su.code == PGWIRE_CANCEL) {
@@ -2437,12 +2783,11 @@ static void read_startup(struct pgclient *c)
 	start_auth(c);
 }
 
-static void on_client_read(struct bufferevent *bev, void *arg)
+/* What the client sent, by state. */
+static void client_input(struct pgclient *c)
 {
-	struct pgclient *c = arg;
 	struct msg m;
 	int rc;
-	(void)bev;
 	switch (c->state) {
 	case CL_STARTUP:
 		read_startup(c);
@@ -2462,7 +2807,7 @@ static void on_client_read(struct bufferevent *bev, void *arg)
 		}
 		return;
 	case CL_CLOSING:
-		evbuffer_drain(bufferevent_get_input(c->bev), evbuffer_get_length(bufferevent_get_input(c->bev)));
+		evbuffer_drain(c->w->in, evbuffer_get_length(c->w->in));
 		return;
 	default:
 		process_input(c);
@@ -2470,28 +2815,50 @@ static void on_client_read(struct bufferevent *bev, void *arg)
 	}
 }
 
-static void on_client_write(struct bufferevent *bev, void *arg)
+static void on_client_io(evutil_socket_t fd, short what, void *arg)
 {
 	struct pgclient *c = arg;
-	(void)bev;
-	if (c->state == CL_CLOSING) {
-		if (evbuffer_get_length(cout(c)) == 0)
-			client_free(c);
-		return;
+	(void)what;
+	enter(c);
+	if (c->tls_write_wants_read) {
+		c->tls_write_wants_read = false;
+		client_flush(c);
 	}
-	/* The client caught up: read the server again. */
-	if (c->state == CL_LEASED && c->sfd >= 0 && c->conn)
-		pgconn_raw_pause(c->conn, false);
+	if (!c->dead && c->reading) {
+		ssize_t n = c->ssl ? tls_read(c) : read_some(cin(c), fd, CLIENT_READ);
+		if (n > 0)
+			client_input(c);
+		else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+			client_gone(c, false);
+	}
+	leave(c);
+}
+
+/* The client's socket is writable again (or, with TLS, a read waited for it). */
+static void on_client_wio(evutil_socket_t fd, short what, void *arg)
+{
+	struct pgclient *c = arg;
+	(void)fd;
+	(void)what;
+	enter(c);
+	client_flush(c);
+	if (!c->dead && c->tls_read_wants_write) {
+		c->tls_read_wants_write = false;
+		on_client_io(c->fd, EV_READ, c);
+	}
+	leave(c);
 }
 
 /* The client went away, its connection broke, or (can_write) the gateway ends it: stop, roll back, release. */
 static void client_gone(struct pgclient *c, bool can_write)
 {
-	bufferevent_disable(c->bev, can_write ? EV_READ : EV_READ | EV_WRITE);
+	stop_reading(c);
+	if (!can_write)
+		c->no_write = true;
 	switch (c->state) {
 	case CL_ROUTING:
 		c->draining = true;
-		exec_abort(c->exec);
+		exec_abort(c->w->exec);
 		return;
 	case CL_RESETTING:
 		c->draining = true;
@@ -2502,18 +2869,22 @@ static void client_gone(struct pgclient *c, bool can_write)
 		c->draining = true;
 		c->closing_after = false;
 		log_info("pg: client %u went away inside a transaction on shard %s; rolling back", c->pid,
-			 c->rq.info.shard);
-		if (c->copy_in) {
+			 c->w->rq.info.shard);
+		if (c->w->copy_in) {
 			static const char why[] = "the client went away";
-			put_msg(c->sout, 'f', why, sizeof(why));
-			c->copy_in = false;
+			put_msg(c->w->sout, 'f', why, sizeof(why));
+			c->w->copy_in = false;
 		}
-		if (c->awaiting) {
-			pgconn_guard_cancel(&c->guard, c->conn);
+		if (c->w->awaiting) {
+			pgconn_guard_cancel(&c->w->guard, c->w->conn);
 			server_flush(c);
 			return;
 		}
 		ready_for_query(c, c->tx);
+		return;
+	case CL_CLOSING:
+		if (!can_write)
+			client_free(c);
 		return;
 	default:
 		client_free(c);
@@ -2521,43 +2892,47 @@ static void client_gone(struct pgclient *c, bool can_write)
 	}
 }
 
-static void on_client_event(struct bufferevent *bev, short what, void *arg)
-{
-	struct pgclient *c = arg;
-	(void)bev;
-	if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR))
-		client_gone(c, false);
-}
-
 static void on_client_timer(evutil_socket_t fd, short what, void *arg)
 {
 	struct pgclient *c = arg;
 	(void)fd;
 	(void)what;
+	enter(c);
 	if (c->state == CL_STARTUP || c->state == CL_AUTH)
 		fatal(c, "08006", "the client did not log in within client_timeout");
+	leave(c);
 }
 
+/* The client is done: freed now, or when its callbacks on the stack return. */
 static void client_free(struct pgclient *c)
 {
+	if (c->dead)
+		return;
+	c->dead = true;
 	LIST_REMOVE(c, link);
 	set_state(c, CL_CLOSING);   /* out of the gauges */
 	stats.clients--;
-	if (c->bev)
-		bufferevent_free(c->bev);
+	stop_reading(c);
+	if (c->depth == 0)
+		destroy(c);
+}
+
+static void destroy(struct pgclient *c)
+{
+	if (c->w) {
+		/* Nothing of it is in use any more: back to the spares. */
+		c->w->exec = NULL;
+		c->w->conn = NULL;
+		c->w->later_armed = false;
+		work_put(c);
+	}
+	if (c->ssl) {
+		SSL_set_quiet_shutdown(c->ssl, 1);
+		SSL_free(c->ssl);
+	}
+	close(c->fd);
 	if (c->timer)
 		event_free(c->timer);
-	if (c->guard.timer)
-		event_free(c->guard.timer);
-	if (c->later)
-		event_free(c->later);
-	if (c->swrite)
-		event_free(c->swrite);
-	evbuffer_free(c->sin);
-	evbuffer_free(c->sout);
-	while (c->ex_n)
-		ex_pop(c);
-	free(c->ex);
 	cstmt_free_all(c);
 	for (int i = 0; i < c->nsettings; i++) {
 		free(c->settings[i].name);
@@ -2579,9 +2954,7 @@ static void client_free(struct pgclient *c)
 	scram_free(c->scram);
 	free(c->startup);
 	free(c->startup_buf);
-	free(c->rq_buf);
 	free(c->pending_begin);
-	fault_clear(&c->fault);
 	free(c);
 }
 
@@ -2596,29 +2969,27 @@ static void on_accept(struct evconnlistener *l, evutil_socket_t fd, struct socka
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	evutil_make_socket_nonblocking(fd);
 	c->face = f;
-	c->sfd = -1;
+	c->fd = fd;
 	c->tx = 'I';
 	f->next_pid = (f->next_pid + 1) & 0x7fffffff;
 	c->pid = f->next_pid ? f->next_pid : (f->next_pid = 1);
 	if (RAND_bytes((unsigned char *)&c->key, sizeof(c->key)) != 1)
 		abort();
-	c->bev = bufferevent_socket_new(f->base, fd, BEV_OPT_CLOSE_ON_FREE);
 	c->timer = evtimer_new(f->base, on_client_timer, c);
-	c->guard.timer = evtimer_new(f->base, on_guard, c);
-	c->later = event_new(f->base, -1, 0, on_later, c);
-	c->sin = evbuffer_new();
-	c->sout = evbuffer_new();
-	if (!c->bev || !c->timer || !c->guard.timer || !c->later || !c->sin || !c->sout)
+	if (!c->timer)
 		abort();
+	event_assign(&c->rev, f->base, fd, EV_READ | EV_PERSIST, on_client_io, c);
+	event_add(&c->rev, NULL);
+	c->reading = true;
 	LIST_INSERT_HEAD(&f->clients, c, link);
 	stats.clients++;
-	bufferevent_setcb(c->bev, on_client_read, on_client_write, on_client_event, c);
-	bufferevent_setwatermark(c->bev, EV_WRITE, CLIENT_OUT_HIGH / 4, 0);
-	bufferevent_enable(c->bev, EV_READ | EV_WRITE);
 	struct timeval tv = tv_of(cfg_now()->client_timeout);
 	evtimer_add(c->timer, &tv);
-	if (f->shutting_down)
+	if (f->shutting_down) {
+		enter(c);
 		fatal(c, "57P01", "the gateway is shutting down");
+		leave(c);
+	}
 }
 
 static void on_accept_error(struct evconnlistener *l, void *arg)
@@ -2668,10 +3039,13 @@ void pgface_shutdown(struct pgface *f)
 	evconnlistener_disable(f->listener);
 	for (c = LIST_FIRST(&f->clients); c; c = next) {
 		next = LIST_NEXT(c, link);
-		if (busy(c))
+		if (busy(c)) {
 			c->closing_after = true;
-		else if (c->state != CL_CLOSING)
+		} else if (c->state != CL_CLOSING) {
+			enter(c);
 			fatal(c, "57P01", "terminating connection due to administrator command");
+			leave(c);
+		}
 	}
 }
 
@@ -2685,9 +3059,11 @@ void pgface_terminate(struct pgface *f)
 		if (!busy(c) || c->draining)
 			continue;
 		/* The FATAL goes out while its transaction is rolled back (the drain ends with a round trip). */
+		enter(c);
 		pgwire_put_error(cout(c), 'E', "FATAL", "57P01", "terminating connection due to administrator command",
 				 NULL, NULL);
 		client_gone(c, true);
+		leave(c);
 	}
 }
 
@@ -2708,9 +3084,14 @@ void pgface_free(struct pgface *f)
 		return;
 	while (!LIST_EMPTY(&f->clients)) {
 		struct pgclient *c = LIST_FIRST(&f->clients);
-		if (c->state == CL_LEASED && c->conn)
+		if (c->state == CL_LEASED && c->w->conn)
 			lease_end(c, false);
 		client_free(c);
+	}
+	while (f->spare) {
+		struct pgwork *w = f->spare;
+		f->spare = w->next_spare;
+		work_free(w);
 	}
 	evconnlistener_free(f->listener);
 	free(f);
