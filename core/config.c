@@ -1277,12 +1277,12 @@ struct config *config_load(const char *path, char *err, size_t errlen)
 	if (read_config(&r, cfg) < 0)
 		goto fail;
 	resolve_paths(cfg, path);
-	lua_close(L);
+	luaenv_close(L);
 	free(r.src);
 	return cfg;
 fail:
 	if (L)
-		lua_close(L);
+		luaenv_close(L);
 	free(r.src);
 	config_free(cfg);
 	return NULL;

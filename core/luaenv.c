@@ -63,16 +63,28 @@ static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
 	struct luaenv_alloc *a = ud;
 	if (nsize == 0) {
-		free(ptr);
 		a->used -= osize;
-		return NULL;
+		return a->inner(a->inner_ud, ptr, osize, 0);
 	}
 	if (a->enforce && a->limit && nsize > osize && a->used + (nsize - osize) > a->limit)
 		return NULL;
-	void *p = realloc(ptr, nsize);
+	void *p = a->inner(a->inner_ud, ptr, osize, nsize);
 	if (p)
 		a->used = a->used - osize + nsize;
 	return p;
+}
+
+void luaenv_close(lua_State *L)
+{
+	void *ud;
+	if (!L)
+		return;
+	/* LuaJIT frees its arena whole only when its own allocator is the state's. */
+	if (lua_getallocf(L, &ud) == capped_alloc) {
+		struct luaenv_alloc *a = ud;
+		lua_setallocf(L, a->inner, a->inner_ud);
+	}
+	lua_close(L);
 }
 
 bool luaenv_is_capped(lua_State *L)
@@ -205,11 +217,21 @@ static void set_path(lua_State *L)
 	lua_pop(L, 2);
 }
 
+/*
+ * The cap wraps LuaJIT's own allocator (its arena per state is faster than
+ * malloc for the small objects of each request), counting from what the
+ * new state holds already.
+ */
 lua_State *luaenv_new(struct luaenv_alloc *alloc)
 {
-	lua_State *L = alloc ? lua_newstate(capped_alloc, alloc) : luaL_newstate();
+	lua_State *L = luaL_newstate();
 	if (!L)
 		return NULL;
+	if (alloc) {
+		alloc->inner = lua_getallocf(L, &alloc->inner_ud);
+		alloc->used = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 + (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
+		lua_setallocf(L, capped_alloc, alloc);
+	}
 	luaL_openlibs(L);
 	lua_getglobal(L, "string");
 	lua_pushnil(L);

@@ -15,6 +15,8 @@ struct luaenv_alloc {
 	size_t used;
 	size_t limit;   /* 0 = unlimited */
 	bool enforce;   /* the limit holds only while operator code runs */
+	lua_Alloc inner;    /* LuaJIT's allocator, which this one wraps */
+	void *inner_ud;
 };
 
 /* Directory holding shardgate.lua; from SHARDGATE_LUA_DIR or ../lua next to the binary. */
@@ -23,6 +25,9 @@ void luaenv_set_libdir(const char *dir);
 
 /* A new state with libs opened; alloc may be NULL (no cap). NULL on failure. */
 lua_State *luaenv_new(struct luaenv_alloc *alloc);
+
+/* Close a state made by luaenv_new. */
+void luaenv_close(lua_State *L);
 
 /* True for states made with an alloc (whose ud is that struct luaenv_alloc). */
 bool luaenv_is_capped(lua_State *L);

@@ -55,7 +55,6 @@
 #include <string.h>
 #include <sys/queue.h>
 #include <sys/socket.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include "accesslog.h"
@@ -143,6 +142,9 @@ struct pgwork {
 	struct evbuffer *in;        /* from the client */
 	struct evbuffer *out;       /* to the client */
 	struct event wev;           /* the client's socket is writable again */
+	bool wev_on, swrite_on;     /* wev, swrite added */
+	struct pgclient *owner;     /* the client the events were last assigned for, and its socket */
+	int owner_fd;
 	struct event later;         /* continues after the executor is done, from the loop */
 	bool later_armed;
 	size_t tls_wlen;            /* an SSL_write waits: its length */
@@ -170,6 +172,7 @@ struct pgwork {
 	bool tx_failed;             /* the transaction had a gateway refusal (for the access log) */
 	bool cancel_sent;
 	bool server_paused;         /* the client reads slowly: the server's socket is not read */
+	bool first_checked;         /* the lease's first message is a Query idle_msg has checked */
 	struct pgconn_guard guard;  /* the statement timeout of the batch in flight */
 	double timeout;
 };
@@ -277,10 +280,15 @@ static struct pgwork *work(struct pgclient *c)
 	}
 	w->c = c;
 	w->sfd = -1;
-	event_assign(&w->wev, f->base, c->fd, EV_WRITE, on_client_wio, c);
-	event_assign(&w->later, f->base, -1, 0, on_later, c);
-	event_assign(&w->swrite, f->base, -1, 0, on_server_io, c);
-	event_assign(w->guard.timer, f->base, -1, 0, on_guard, c);
+	/* The same client (and socket) as last time: the events are assigned already. */
+	if (w->owner != c || w->owner_fd != c->fd) {
+		event_assign(&w->wev, f->base, c->fd, EV_WRITE, on_client_wio, c);
+		event_assign(&w->later, f->base, -1, 0, on_later, c);
+		event_assign(&w->swrite, f->base, -1, 0, on_server_io, c);
+		event_assign(w->guard.timer, f->base, -1, 0, on_guard, c);
+		w->owner = c;
+		w->owner_fd = c->fd;
+	}
 	c->w = w;
 	return w;
 }
@@ -320,9 +328,13 @@ static void work_put(struct pgclient *c)
 	struct pgface *f = c->face;
 	struct pgwork *w = c->w;
 	c->w = NULL;
-	event_del(&w->wev);
-	event_del(&w->later);
-	event_del(&w->swrite);
+	if (w->wev_on)
+		event_del(&w->wev);
+	if (w->later_armed)
+		event_del(&w->later);
+	if (w->swrite_on)
+		event_del(&w->swrite);
+	w->wev_on = w->swrite_on = false;
 	pgconn_guard_stop(&w->guard);
 	w->guard.cancelled = w->guard.timed_out = false;
 	w->tls_wlen = 0;
@@ -334,7 +346,7 @@ static void work_put(struct pgclient *c)
 	evbuffer_drain(w->sout, evbuffer_get_length(w->sout));
 	fault_clear(&w->fault);
 	w->fault_set = w->later_armed = w->awaiting = w->copy_in = w->routed_first = false;
-	w->tx_failed = w->cancel_sent = w->server_paused = false;
+	w->tx_failed = w->cancel_sent = w->server_paused = w->first_checked = false;
 	w->exec = NULL;
 	w->conn = NULL;
 	w->c = NULL;
@@ -429,34 +441,22 @@ static void leave(struct pgclient *c)
 }
 
 /*
- * One read(2) of up to max bytes into b: -1 with errno, 0 at end of file.
- * (evbuffer_read asks the kernel how much is waiting first: one system
- * call more per message.)
+ * One read(2) of up to max bytes (at most READ_MAX) into b: -1 with errno,
+ * 0 at end of file. Through one static buffer: evbuffer_read asks the
+ * kernel how much is waiting first (a system call more per message), and
+ * reserving room in an empty evbuffer allocates a chain of the full size
+ * each time; the copy of a message or two costs less than either.
  */
+#define READ_MAX 16384
+static char read_buf[READ_MAX];
+
 static ssize_t read_some(struct evbuffer *b, int fd, size_t max)
 {
-	struct evbuffer_iovec v[2];
-	struct iovec io[2];
-	int nv = evbuffer_reserve_space(b, (ev_ssize_t)max, v, 2);
-	if (nv <= 0) {
+	ssize_t n = read(fd, read_buf, max < READ_MAX ? max : READ_MAX);
+	if (n > 0 && evbuffer_add(b, read_buf, (size_t)n) < 0) {
 		errno = ENOMEM;
 		return -1;
 	}
-	for (int i = 0; i < nv; i++) {
-		io[i].iov_base = v[i].iov_base;
-		io[i].iov_len = v[i].iov_len;
-	}
-	ssize_t n = readv(fd, io, nv);
-	if (n <= 0)
-		return n;
-	size_t left = (size_t)n;
-	int used = 0;
-	for (; used < nv && left > 0; used++) {
-		if (v[used].iov_len > left)
-			v[used].iov_len = left;
-		left -= v[used].iov_len;
-	}
-	evbuffer_commit_space(b, v, used);
 	return n;
 }
 
@@ -468,16 +468,13 @@ static ssize_t tls_read(struct pgclient *c)
 	struct evbuffer *in = cin(c);
 	ssize_t total = 0;
 	for (;;) {
-		struct evbuffer_iovec v;
-		if (evbuffer_reserve_space(in, CLIENT_READ, &v, 1) < 1) {
-			errno = ENOMEM;
-			return -1;
-		}
 		ERR_clear_error();
-		int n = SSL_read(c->ssl, v.iov_base, (int)v.iov_len);
+		int n = SSL_read(c->ssl, read_buf, READ_MAX);
 		if (n > 0) {
-			v.iov_len = (size_t)n;
-			evbuffer_commit_space(in, &v, 1);
+			if (evbuffer_add(in, read_buf, (size_t)n) < 0) {
+				errno = ENOMEM;
+				return -1;
+			}
 			total += n;
 			continue;
 		}
@@ -487,6 +484,7 @@ static ssize_t tls_read(struct pgclient *c)
 		if (err == SSL_ERROR_WANT_WRITE) {
 			c->tls_read_wants_write = true;
 			event_add(&work(c)->wev, NULL);
+			c->w->wev_on = true;
 			break;
 		}
 		if (total > 0)
@@ -556,6 +554,7 @@ static void client_flush(struct pgclient *c)
 			if (errno == EAGAIN || errno == EWOULDBLOCK) {
 				if (!c->tls_write_wants_read)
 					event_add(&w->wev, NULL);
+				w->wev_on = true;
 				return;
 			}
 			client_gone(c, false);
@@ -1000,10 +999,22 @@ static const char *unpoolable_one(const char *sql);
  * "session": a name for the refusal, or NULL when every statement of sql
  * (a Query may hold several) is fine.
  */
+/* Whether sql names pg_advisory_lock or pg_try_advisory_lock, in any case: a scan from each '_'. */
+static bool names_advisory_lock(const char *sql)
+{
+	for (const char *u = strchr(sql, '_'); u; u = strchr(u + 1, '_')) {
+		if (u - sql < 11 || strncasecmp(u - 8, "advisory_lock", 13) != 0)
+			continue;
+		if (strncasecmp(u - 11, "pg_", 3) == 0 || (u - sql >= 15 && strncasecmp(u - 15, "pg_try_", 7) == 0))
+			return true;
+	}
+	return false;
+}
+
 static const char *unpoolable(const char *sql)
 {
 	/* A keyword check over the whole text (a literal naming the function is refused too). */
-	if (strcasestr(sql, "pg_advisory_lock") || strcasestr(sql, "pg_try_advisory_lock"))
+	if (names_advisory_lock(sql))
 		return "a session advisory lock (pg_advisory_lock)";
 	for (const char *p = sql; p; p = pgsql_next_statement(p)) {
 		const char *what = unpoolable_one(p);
@@ -1027,6 +1038,8 @@ static const char *unpoolable_one(const char *sql)
 {
 	const char *p = sql_skip_noise(sql);
 	static const char *const words[] = { "LISTEN", "PREPARE", "DEALLOCATE", "EXECUTE" };
+	if (!strchr("LPDEClpdec", *p) || !*p)
+		return NULL;            /* no statement below starts with another letter */
 	for (size_t i = 0; i < ARRAY_LEN(words); i++) {
 		size_t n = strlen(words[i]);
 		if (strncasecmp(p, words[i], n) == 0 && !isalnum((unsigned char)p[n]) && p[n] != '_') {
@@ -1280,9 +1293,19 @@ static void on_later(evutil_socket_t fd, short what, void *arg)
 }
 
 /* The executor is done: either routing failed (the fault is set) or the lease was released. */
+static void exec_done(struct pgclient *c);
+
+/* The executor calls back from anywhere (a timer, another client's release): the client's output goes out here. */
 static void on_exec_done(void *arg)
 {
 	struct pgclient *c = arg;
+	enter(c);
+	exec_done(c);
+	leave(c);
+}
+
+static void exec_done(struct pgclient *c)
+{
 	bool failed = c->w->fault_set;
 	int status = 200;
 	if (failed) {
@@ -1303,6 +1326,7 @@ static void on_exec_done(void *arg)
 	stats.transactions++;
 	accesslog_write(&c->w->rq, status, mono_now() - c->w->tx_start);
 	set_state(c, CL_IDLE);
+	c->w->first_checked = false;
 	c->w->rq.sql = NULL;
 	c->w->rq.comment = NULL;
 	c->w->rq.ncomment = 0;
@@ -1317,7 +1341,9 @@ static void on_exec_done(void *arg)
 			c->skip_to_sync = false;
 		}
 	}
-	arm_later(c);
+	/* The loop continues with what the client sent meanwhile, if anything (never from inside the executor). */
+	if (c->draining || c->closing_after || evbuffer_get_length(c->w->in) > 0)
+		arm_later(c);
 }
 
 /*
@@ -1331,7 +1357,9 @@ static void lease_end(struct pgclient *c, bool clean)
 	if (c->w->cancel_sent || c->w->guard.cancelled)
 		clean = false;
 	pgconn_guard_stop(&c->w->guard);
-	event_del(&c->w->swrite);
+	if (c->w->swrite_on)
+		event_del(&c->w->swrite);
+	c->w->swrite_on = false;
 	while (c->w->ex_n)
 		ex_pop(c);
 	evbuffer_drain(c->w->sin, evbuffer_get_length(c->w->sin));
@@ -1371,13 +1399,16 @@ static void server_flush(struct pgclient *c)
 		if (n < 0) {
 			if (errno == EAGAIN || errno == EWOULDBLOCK) {
 				event_add(&c->w->swrite, NULL);
+				c->w->swrite_on = true;
 				return;
 			}
 			server_failed(c, strerror(errno));
 			return;
 		}
 	}
-	event_del(&c->w->swrite);
+	if (c->w->swrite_on)
+		event_del(&c->w->swrite);
+	c->w->swrite_on = false;
 }
 
 /* Rewrite a server FATAL (its connection ends, not the client's session) as ERROR. */
@@ -1889,6 +1920,16 @@ static bool leased_msg(struct pgclient *c, struct msg *m)
 		const char *sql = pgwire_getstr(&r);
 		if (r.bad)
 			goto bad;
+		if (c->w->first_checked) {
+			/* The Query that started the lease: idle_msg checked it (not a local SET, poolable). */
+			c->w->first_checked = false;
+			c->w->routed_first = true;
+			note_statements(c->w->conn, sql);
+			forward_msg(c, m);
+			ex_push(c, EX_QUERY);
+			arm_guard(c);
+			return false;
+		}
 		tmp = evbuffer_new();
 		if (local_set(c, sql, c->tx != 'I', tmp)) {
 			pgwire_put_ready(tmp, c->tx);
@@ -2130,21 +2171,24 @@ static void peek_bind(struct pgclient *c, const struct msg *parse, const char *n
 /* The first word of sql's only statement (upper-cased into w), or "" when sql holds several. */
 static const char *lone_word(const char *sql, char *w, size_t len)
 {
-	const char *p = sql_skip_noise(sql), *next = pgsql_next_statement(sql);
+	const char *p = sql_skip_noise(sql), *next;
 	size_t n = 0;
-	w[0] = '\0';
-	if (next) {
-		next = sql_skip_noise(next);
-		while (*next == ';' || isspace((unsigned char)*next))
-			next = sql_skip_noise(next + 1);
-		if (*next)
-			return w;
-	}
 	while (n + 1 < len && isalpha((unsigned char)p[n])) {
 		w[n] = (char)toupper((unsigned char)p[n]);
 		n++;
 	}
 	w[n] = '\0';
+	/* Only the words that matter here are worth finding the statement's end for. */
+	if (!strchr("BSCERA", w[0]) || !w[0])
+		return w;
+	next = pgsql_next_statement(sql);
+	if (next) {
+		next = sql_skip_noise(next);
+		while (*next == ';' || isspace((unsigned char)*next))
+			next = sql_skip_noise(next + 1);
+		if (*next)
+			w[0] = '\0';
+	}
 	return w;
 }
 
@@ -2280,6 +2324,7 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 			return true;
 		}
 		fs.sql = sql;
+		c->w->first_checked = true;
 		start_transaction(c, &fs);
 		return false;
 	}
@@ -2840,6 +2885,7 @@ static void on_client_wio(evutil_socket_t fd, short what, void *arg)
 	struct pgclient *c = arg;
 	(void)fd;
 	(void)what;
+	c->w->wev_on = false;
 	enter(c);
 	client_flush(c);
 	if (!c->dead && c->tls_read_wants_write) {

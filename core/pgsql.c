@@ -482,6 +482,15 @@ static void read_comment(struct pairs *ps, const char *start, const char *end)
 		read_pairs(ps, text, stop);
 }
 
+/* Whether sql has "/\*" or "--" anywhere: without, it has no comment (and lexing it is for nothing). */
+static bool may_comment(const char *sql)
+{
+	for (const char *p = strpbrk(sql, "/-"); p; p = strpbrk(p + 1, "/-"))
+		if (p[1] == (p[0] == '/' ? '*' : '-'))
+			return true;
+	return false;
+}
+
 int pgsql_comments(const char *sql, struct req_pair *out, int max, char *buf, size_t buflen)
 {
 	struct pairs ps = { .out = out, .max = max, .buf = buf, .buflen = buflen };
@@ -490,6 +499,8 @@ int pgsql_comments(const char *sql, struct req_pair *out, int max, char *buf, si
 	if (!sql || !out || max <= 0 || !buf || buflen == 0)
 		return 0;
 	buf[0] = '\0';
+	if (!may_comment(sql))
+		return 0;
 	for (lex(sql, &t); t.kind != TOK_END && t.kind != TOK_ERROR && !ps.full; lex(t.end, &t))
 		if (t.kind == TOK_COMMENT)
 			read_comment(&ps, t.start, t.end);
@@ -1081,6 +1092,16 @@ bool pgsql_pair(char *text, struct req_pair *out)
 const char *pgsql_next_statement(const char *sql)
 {
 	struct tok t;
+	/*
+	 * Most statements quote nothing and comment nothing: their first ';'
+	 * (or none) is the answer without lexing. Only a quote, a dollar or a
+	 * comment's first character before it needs the lexer.
+	 */
+	const char *p = strpbrk(sql, "'\"$-/;");
+	if (!p)
+		return NULL;
+	if (*p == ';')
+		return p + 1;
 	for (lex(sql, &t); t.kind != TOK_END && t.kind != TOK_ERROR; lex(t.end, &t))
 		if (is_op(&t, ';'))
 			return t.end;

@@ -124,6 +124,8 @@ struct script {
 	int ref_index;            /* name -> 0-based index */
 	int ref_req_mt;
 	int ref_header_mt;
+	int ref_no_headers;       /* req.header of a request without headers: one shared, read-only */
+	int ref_empty;            /* req.session, .comment, .startup when empty: one shared, read-only */
 	struct req *cur;          /* the request whose hooks are running */
 	unsigned serial;
 	int nshards;
@@ -341,8 +343,25 @@ static int l_header_all(lua_State *L)
 	return 1;
 }
 
-static void push_header_proxy(lua_State *L, struct script *s)
+static int l_read_only(lua_State *L)
 {
+	return luaL_error(L, "the request's tables are read-only");
+}
+
+/* req.header() of a request without headers. */
+static int l_no_headers(lua_State *L)
+{
+	lua_newtable(L);
+	return 1;
+}
+
+static void push_header_proxy(lua_State *L, struct script *s, const struct req *req)
+{
+	if (req->nheaders == 0) {
+		/* Nothing to look up, and nothing that could go stale: no table per request. */
+		lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_no_headers);
+		return;
+	}
 	lua_createtable(L, 0, 2);
 	lua_pushlightuserdata(L, &serial_key);
 	lua_pushnumber(L, (lua_Number)s->serial);
@@ -352,8 +371,12 @@ static void push_header_proxy(lua_State *L, struct script *s)
 }
 
 /* Name/value pairs as a table (the first of repeated names wins). */
-static void push_pairs(lua_State *L, const struct req_pair *p, int n)
+static void push_pairs(lua_State *L, struct script *s, const struct req_pair *p, int n)
 {
+	if (n == 0) {
+		lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_empty);
+		return;
+	}
 	lua_createtable(L, 0, n);
 	for (int i = n - 1; i >= 0; i--) {
 		lua_pushstring(L, p[i].value);
@@ -383,7 +406,7 @@ static int l_req_index(lua_State *L)
 	if (!key)
 		return 0;
 	if (strcmp(key, "header") == 0)
-		push_header_proxy(L, s);
+		push_header_proxy(L, s, req);
 	else if (strcmp(key, "query") == 0)
 		push_query(L, req->query ? req->query : "");
 	else if (strcmp(key, "body") == 0)
@@ -401,11 +424,11 @@ static int l_req_index(lua_State *L)
 	else if (strcmp(key, "database") == 0)
 		lua_pushstring(L, req->database);
 	else if (strcmp(key, "startup") == 0)
-		push_pairs(L, req->startup, req->nstartup);
+		push_pairs(L, s, req->startup, req->nstartup);
 	else if (strcmp(key, "comment") == 0)
-		push_pairs(L, req->comment, req->ncomment);
+		push_pairs(L, s, req->comment, req->ncomment);
 	else if (strcmp(key, "session") == 0)
-		push_pairs(L, req->session, req->nsession);
+		push_pairs(L, s, req->session, req->nsession);
 	else if (strcmp(key, "sql") == 0)
 		lua_pushstring(L, req->sql);
 	else if (strcmp(key, "params") == 0)
@@ -818,6 +841,25 @@ static void build_shard_tables(struct script *s, const struct config *cfg)
 	lua_pushboolean(L, 0);
 	lua_setfield(L, -2, "__metatable");
 	s->ref_header_mt = luaL_ref(L, LUA_REGISTRYINDEX);
+	/* The shared empty ones refuse writes: one request's write would show in the next. */
+	lua_createtable(L, 0, 0);
+	lua_createtable(L, 0, 3);
+	lua_pushcfunction(L, l_read_only);
+	lua_setfield(L, -2, "__newindex");
+	lua_pushcfunction(L, l_no_headers);
+	lua_setfield(L, -2, "__call");
+	lua_pushboolean(L, 0);
+	lua_setfield(L, -2, "__metatable");
+	lua_setmetatable(L, -2);
+	s->ref_no_headers = luaL_ref(L, LUA_REGISTRYINDEX);
+	lua_createtable(L, 0, 0);
+	lua_createtable(L, 0, 2);
+	lua_pushcfunction(L, l_read_only);
+	lua_setfield(L, -2, "__newindex");
+	lua_pushboolean(L, 0);
+	lua_setfield(L, -2, "__metatable");
+	lua_setmetatable(L, -2);
+	s->ref_empty = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
 /* Route shardgate.log through the gateway's logger. */
@@ -925,7 +967,7 @@ void script_free(struct script *s)
 	if (!s)
 		return;
 	if (s->L)
-		lua_close(s->L);
+		luaenv_close(s->L);
 	for (int i = 0; s->names && i < s->nshards; i++)
 		free(s->names[i]);
 	free(s->names);

@@ -5,18 +5,20 @@
 # repeatably (a count of executed instructions does not move with the load
 # on the machine, unlike the CPU times of `make bench`): it starts a
 # throwaway PostgreSQL (tools/pg.sh) with pgbench's tables at scale 1, runs
-# bin/shardgate under `valgrind --tool=callgrind` with scripts/routing.lua
+# bin/shardgate under `valgrind --tool=callgrind` with tools/bench/routing.lua (scripts/routing.lua plus the pg tenant)
 # and one shard, sends PROFILE_WARMUP requests, zeroes the counters, sends
 # PROFILE_REQUESTS sequential requests on one keep-alive connection
 # (tools/bench/seq.lua) with pgbench -S's statement, and prints the
 # instructions per request and the functions that cost most, inclusive.
 # System calls and the kernel's work are not counted; `BENCH_PERF=1 make
-# bench` shows those.
+# bench` shows those. With PROFILE_PG=1 it counts pgbench -S transactions
+# (-M simple, one client) through the PostgreSQL listener instead.
 #
 # Settings (environment):
 #   PROFILE_REQUESTS=3000   counted requests
 #   PROFILE_WARMUP=200      requests before counting (statement cache, Lua)
 #   PROFILE_TOP=40          functions listed
+#   PROFILE_PG=1            pgbench -S -M PROFILE_PG_MODE (default simple) through pg_listen
 #   PROFILE_KEEP=DIR        also copy the callgrind file to DIR (for
 #                           callgrind_annotate or kcachegrind)
 #   SHARDGATE_BIN           the gateway binary (default bin/shardgate)
@@ -72,12 +74,15 @@ pg_port=$(pg_cluster_port "$tmp/pg")
 "$bindir/pgbench" -i -s 1 -q -h 127.0.0.1 -p "$pg_port" -U postgres prof >"$tmp/init.log" 2>&1 ||
     { cat "$tmp/init.log" >&2; die "pgbench -i failed"; }
 
-gw_port=$(pg_free_port) && admin_port=$(pg_free_port) || die "no free port"
+gw_port=$(pg_free_port) && admin_port=$(pg_free_port) && gw_pg_port=$(pg_free_port) || die "no free port"
+pg=${PROFILE_PG:-}
+pg_mode=${PROFILE_PG_MODE:-simple}
 cat >"$tmp/gw.lua" <<EOF
 -- written by tools/profile.sh
 return {
   listen = "127.0.0.1:$gw_port", admin_listen = "127.0.0.1:$admin_port",
-  script = "$root/scripts/routing.lua",
+  pg_listen = "127.0.0.1:$gw_pg_port", pg_users = { bench = { auth = "trust", tenants = "*" } },
+  script = "$root/tools/bench/routing.lua",
   defaults = { pool = 2, min_idle = 1 },
   shards = { shard_0 = { url = "postgresql://postgres@127.0.0.1:$pg_port/prof" } },
 }
@@ -95,6 +100,11 @@ done
 
 body='{"sql":"SELECT abalance FROM pgbench_accounts WHERE aid = $1","params":[42]}'
 seq_run() {   # seq_run COUNT
+    if [ -n "$pg" ]; then
+        PGOPTIONS="-c shardgate.tenant=7" "$bindir/pgbench" -h 127.0.0.1 -p "$gw_pg_port" -U bench -n -S \
+            -M "$pg_mode" -c 1 -t "$1" prof
+        return
+    fi
     luajit "$root/tools/bench/seq.lua" 127.0.0.1 "$gw_port" "$1" 0 '"row_count":1' \
         'X-Organization-Id: 7' "$body"
 }
@@ -109,7 +119,9 @@ out=$(ls -t "$tmp"/cg.out.* 2>/dev/null | head -n 1)
 
 total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
 [ -n "$total" ] || die "callgrind_annotate found no totals"
-echo "shardgate profile: $n sequential POST /query (pgbench -S statement, scripts/routing.lua), git $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')"
+what="POST /query (pgbench -S statement, tools/bench/routing.lua)"
+[ -n "$pg" ] && what="pgbench -S -M $pg_mode transactions through pg_listen"
+echo "shardgate profile: $n sequential $what, git $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')"
 echo "instructions per request (user space): $((total / n))"
 echo
 echo "inclusive instructions per request, by function:"
