@@ -6,6 +6,7 @@
 #include <event2/buffer.h>
 #include <event2/event.h>
 #include <getopt.h>
+#include <limits.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <signal.h>
@@ -24,6 +25,7 @@
 #include "generation.h"
 #include "http.h"
 #include "log.h"
+#include "luaenv.h"
 #include "metrics.h"
 #include "pgface.h"
 #include "pgsql.h"
@@ -54,22 +56,57 @@ struct app {
 	const char *config_path;
 };
 
+/*
+ * The --help text is the one source of the manual page too: `make install`
+ * turns it into shardgate(8) with help2man (and doc/shardgate.h2m, which
+ * adds the sections that are not about the command line).
+ */
 static void usage(FILE *f)
 {
 	fprintf(f,
-		"usage: shardgate [-c FILE] [--check | --route 'METHOD PATH' [-H 'Name: value']... [--body S]\n"
-		"                              | --route pg --sql SQL [--user U] [--database D] [--set N=V]... [--startup N=V]...]\n"
-		"  -c, --config FILE  configuration (default conf/shardgate.lua)\n"
-		"      --check        validate the configuration and its script, then exit\n"
-		"      --route REQ    print the routing decision for a request, then exit\n"
-		"  -H, --header H     a request header for --route (repeatable)\n"
+		"Usage: shardgate [-c FILE]\n"
+		"  or:  shardgate [-c FILE] --check\n"
+		"  or:  shardgate [-c FILE] --route 'METHOD PATH' [-H 'Name: value']... [--body S]\n"
+		"  or:  shardgate [-c FILE] --route pg --sql SQL [--user U] [--database D] [--set N=V]... [--startup N=V]...\n"
+		"A shard gateway for multi-tenant PostgreSQL: applications send SQL over HTTP (or\n"
+		"speak PostgreSQL's protocol), a Lua routing script names each request's shard, and\n"
+		"the gateway runs it on a pooled connection to that shard. Without --check or\n"
+		"--route it runs in the foreground and logs to stderr.\n"
+		"\n"
+		"Options:\n"
+		"  -c, --config FILE  the configuration, a Lua file returning a table\n"
+		"                     (default conf/shardgate.lua, relative to the working directory)\n"
+		"      --check        load the configuration and its routing script as a start\n"
+		"                     would, print FILE: ok and exit 0, or print the error with\n"
+		"                     its file:line and exit 1\n"
+		"      --route REQ    print the routing decision the script makes for a request\n"
+		"                     described as 'METHOD PATH' (the path may carry ?query), as\n"
+		"                     JSON, without opening a database connection; exit 0 when the\n"
+		"                     request would be routed, 1 otherwise\n"
+		"  -H, --header H     a request header 'Name: value' for --route (repeatable)\n"
 		"      --body S       the request body for --route\n"
 		"      --sql SQL      --route pg: a PostgreSQL client's statement (its comments are read)\n"
-		"      --user U, --database D   --route pg: the client's user and database\n"
+		"      --user U       --route pg: the client's user\n"
+		"      --database D   --route pg: the client's database (default: the user)\n"
 		"      --set N=V      --route pg: a SET shardgate.N value of the session (repeatable)\n"
 		"      --startup N=V  --route pg: a startup parameter (repeatable)\n"
-		"  -V, --version      print the version\n"
-		"  -h, --help         this text\n");
+		"  -V, --version      print the version and exit\n"
+		"  -h, --help         print this text and exit\n"
+		"\n"
+		"Signals:\n"
+		"  SIGHUP             reload the configuration and the script; a failed reload\n"
+		"                     keeps the running one and logs why, with file:line\n"
+		"  SIGTERM, SIGINT    stop accepting, let requests in flight finish (up to\n"
+		"                     shutdown_timeout), exit 0; a second one exits at once\n"
+		"\n"
+		"Environment:\n"
+		"  SHARDGATE_LUA_DIR  the folder holding the gateway's Lua library (shardgate.lua);\n"
+		"                     by default ../lua or ../share/shardgate/lua beside the binary\n"
+		"  any variable the configuration reads with env(NAME [, default])\n"
+		"\n"
+		"Exit status:\n"
+		"  0 after a clean stop, a passing --check or a routed --route; 1 on errors;\n"
+		"  2 for a bad command line.\n");
 }
 
 static void apply_limits(struct app *app, const struct config *cfg)
@@ -487,6 +524,13 @@ int main(int argc, char **argv)
 		case 'V': printf("shardgate %s\n", SHARDGATE_VERSION); return 0;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
+		}
+	}
+	{
+		char err[PATH_MAX * 4];
+		if (luaenv_find_libdir(err, sizeof(err)) < 0) {
+			fprintf(stderr, "shardgate: %s\n", err);
+			return 1;
 		}
 	}
 	if (route)
