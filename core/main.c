@@ -27,6 +27,7 @@
 #include "log.h"
 #include "luaenv.h"
 #include "metrics.h"
+#include "notify.h"
 #include "pgface.h"
 #include "pgsql.h"
 #include "pgconn.h"
@@ -102,6 +103,9 @@ static void usage(FILE *f)
 		"Environment:\n"
 		"  SHARDGATE_LUA_DIR  the folder holding the gateway's Lua library (shardgate.lua);\n"
 		"                     by default ../lua or ../share/shardgate/lua beside the binary\n"
+		"  NOTIFY_SOCKET      set by systemd for a Type=notify unit: the gateway sends\n"
+		"                     READY=1 once it listens, RELOADING=1 then READY=1 around\n"
+		"                     each reload, STOPPING=1 when a stop signal arrives\n"
 		"  any variable the configuration reads with env(NAME [, default])\n"
 		"\n"
 		"Exit status:\n"
@@ -231,6 +235,7 @@ static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
 	}
 	log_info("received %s: no new connections, finishing %d requests",
 		 sig == SIGTERM ? "SIGTERM" : "SIGINT", inflight(app));
+	notify_stopping();
 	http_server_shutdown(app->client);
 	http_server_shutdown(app->admin);
 	pgface_shutdown(app->pg);
@@ -564,6 +569,7 @@ int main(int argc, char **argv)
 	install_second_signal(&app);
 	if (start(&app) < 0)
 		goto done;
+	notify_ready();
 	event_base_dispatch(app.base);
 	log_info("stopped");
 	if (app.forced) {

@@ -1006,8 +1006,9 @@ local function shell_quote(s)
 end
 
 -- The shardgate binary to validate configs with: opts.bin (false: none),
--- $SHARDGATE_BIN, bin/shardgate beside the lua/ folder this file is in (a
--- checkout or install tree), or shardgate on PATH; nil when there is none.
+-- $SHARDGATE_BIN, the binary of the tree this file is in (bin/shardgate
+-- beside lua/ in a checkout; PREFIX/bin/shardgate for PREFIX/share/shardgate/lua,
+-- where make install puts it), or shardgate on PATH; nil when there is none.
 local function find_binary(bin)
   if bin ~= nil then return bin or nil end
   local env = os.getenv("SHARDGATE_BIN")
@@ -1016,6 +1017,8 @@ local function find_binary(bin)
   local root = here:match("^(.*)/lua/shardgate/testing%.lua$")
   if root == nil and here == "lua/shardgate/testing.lua" then root = "." end
   if root and file_exists(root .. "/bin/shardgate") then return root .. "/bin/shardgate" end
+  local prefix = root and root:match("^(.*)/share/shardgate$")
+  if prefix and file_exists(prefix .. "/bin/shardgate") then return prefix .. "/bin/shardgate" end
   local p = io.popen("command -v shardgate 2>/dev/null")
   local found = p and p:read("*l")
   if p then p:close() end
