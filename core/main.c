@@ -47,6 +47,7 @@ struct app {
 	struct pgface *pg;
 	struct event *sig_term;
 	struct event *sig_hup;
+	struct event *sig_usr1;
 	struct event *sig_int;
 	struct event *drain;
 	SSL_CTX *tls;
@@ -97,6 +98,7 @@ static void usage(FILE *f)
 		"Signals:\n"
 		"  SIGHUP             reload the configuration and the script; a failed reload\n"
 		"                     keeps the running one and logs why, with file:line\n"
+		"  SIGUSR1            reopen access_log_file (after logrotate moved it away)\n"
 		"  SIGTERM, SIGINT    stop accepting, let requests in flight finish (up to\n"
 		"                     shutdown_timeout), exit 0; a second one exits at once\n"
 		"\n"
@@ -301,6 +303,19 @@ static void on_hup(evutil_socket_t sig, short what, void *arg)
 	reload_request("SIGHUP", NULL, NULL);
 }
 
+/* SIGUSR1: logrotate moved access_log_file away; write to a new one at its path. */
+static void on_usr1(evutil_socket_t sig, short what, void *arg)
+{
+	char err[1200];
+	(void)sig;
+	(void)what;
+	(void)arg;
+	if (accesslog_reopen(err, sizeof(err)) < 0)
+		log_error("SIGUSR1: %s", err);
+	else
+		log_info("SIGUSR1: access log reopened");
+}
+
 static void on_swap(struct generation *g, void *arg)
 {
 	struct app *app = arg;
@@ -422,6 +437,8 @@ static void stop(struct app *app)
 		event_free(app->sig_int);
 	if (app->sig_hup)
 		event_free(app->sig_hup);
+	if (app->sig_usr1)
+		event_free(app->sig_usr1);
 	event_base_free(app->base);
 	accesslog_close();
 }
@@ -561,8 +578,10 @@ int main(int argc, char **argv)
 	app.sig_term = evsignal_new(app.base, SIGTERM, on_stop_signal, &app);
 	app.sig_int = evsignal_new(app.base, SIGINT, on_stop_signal, &app);
 	app.sig_hup = evsignal_new(app.base, SIGHUP, on_hup, &app);
-	if (!app.sig_term || !app.sig_int || !app.sig_hup || event_add(app.sig_term, NULL) < 0 ||
-	    event_add(app.sig_int, NULL) < 0 || event_add(app.sig_hup, NULL) < 0) {
+	app.sig_usr1 = evsignal_new(app.base, SIGUSR1, on_usr1, &app);
+	if (!app.sig_term || !app.sig_int || !app.sig_hup || !app.sig_usr1 || event_add(app.sig_term, NULL) < 0 ||
+	    event_add(app.sig_int, NULL) < 0 || event_add(app.sig_hup, NULL) < 0 ||
+	    event_add(app.sig_usr1, NULL) < 0) {
 		log_error("cannot install signal handlers");
 		goto done;
 	}
