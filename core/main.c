@@ -67,7 +67,7 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 		"Usage: shardgate [-c FILE]\n"
-		"  or:  shardgate [-c FILE] --check\n"
+		"  or:  shardgate [-c FILE] --check [--sample 'METHOD PATH' [-H 'Name: value']... [--body S]]\n"
 		"  or:  shardgate [-c FILE] --route 'METHOD PATH' [-H 'Name: value']... [--body S]\n"
 		"  or:  shardgate [-c FILE] --route pg --sql SQL [--user U] [--database D] [--set N=V]... [--startup N=V]...\n"
 		"A shard gateway for multi-tenant PostgreSQL: applications send SQL over HTTP (or\n"
@@ -79,14 +79,19 @@ static void usage(FILE *f)
 		"  -c, --config FILE  the configuration, a Lua file returning a table\n"
 		"                     (default conf/shardgate.lua, relative to the working directory)\n"
 		"      --check        load the configuration and its routing script as a start\n"
-		"                     would, print FILE: ok and exit 0, or print the error with\n"
-		"                     its file:line and exit 1\n"
+		"                     would, then read the script for reads of undefined globals\n"
+		"                     and global assignments (each raises when a request reaches\n"
+		"                     it); print FILE: ok and exit 0, or every finding with its\n"
+		"                     file:line and exit 1\n"
+		"      --sample REQ   with --check: also run the hooks on a request described as\n"
+		"                     for --route (with -H, --body, or pg and --sql ...), print\n"
+		"                     the decision, and fail unless the request would be routed\n"
 		"      --route REQ    print the routing decision the script makes for a request\n"
 		"                     described as 'METHOD PATH' (the path may carry ?query), as\n"
 		"                     JSON, without opening a database connection; exit 0 when the\n"
 		"                     request would be routed, 1 otherwise\n"
-		"  -H, --header H     a request header 'Name: value' for --route (repeatable)\n"
-		"      --body S       the request body for --route\n"
+		"  -H, --header H     a request header 'Name: value' for --route or --sample (repeatable)\n"
+		"      --body S       the request body for --route or --sample\n"
 		"      --sql SQL      --route pg: a PostgreSQL client's statement (its comments are read)\n"
 		"      --user U       --route pg: the client's user\n"
 		"      --database D   --route pg: the client's database (default: the user)\n"
@@ -493,11 +498,59 @@ fail:
 	return 1;
 }
 
+static void print_finding(void *arg, const char *text)
+{
+	int *n = arg;
+	(*n)++;
+	fprintf(stderr, "shardgate: %s\n", text);
+}
+
+/*
+ * --check: load the config and the script as a start would, list what the
+ * script shows statically (reads of undefined globals, global assignments),
+ * and with --sample also route one described request through the hooks.
+ * Exit 0 only when all of it passes.
+ */
+static int check_cli(const char *path, const char *sample, struct dryrun_request *dr)
+{
+	char err[1024];
+	int findings = 0, rc = 1;
+	struct config *cfg = config_load(path, err, sizeof(err));
+	struct script *s = cfg ? script_new(cfg, err, sizeof(err)) : NULL;
+
+	if (!s) {
+		fprintf(stderr, "shardgate: %s\n", err);
+		goto done;
+	}
+	if (script_lint(s, print_finding, &findings, err, sizeof(err)) < 0) {
+		fprintf(stderr, "shardgate: %s\n", err);
+		goto done;
+	}
+	if (findings) {
+		fprintf(stderr, "shardgate: %s: %d finding%s in %s\n", path, findings, findings == 1 ? "" : "s",
+			cfg->script);
+		goto done;
+	}
+	script_free(s);
+	s = NULL;
+	if (sample && route_cli(path, sample, dr) != 0) {
+		fprintf(stderr, "shardgate: %s: the sample '%s' is not routed (the decision above)\n", path, sample);
+		goto done;
+	}
+	printf("%s: ok\n", path);
+	rc = 0;
+done:
+	script_free(s);
+	config_free(cfg);
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
 		{ "config", required_argument, NULL, 'c' },
 		{ "check", no_argument, NULL, 'k' },
+		{ "sample", required_argument, NULL, 'S' },
 		{ "route", required_argument, NULL, 'r' },
 		{ "header", required_argument, NULL, 'H' },
 		{ "body", required_argument, NULL, 'b' },
@@ -512,7 +565,7 @@ int main(int argc, char **argv)
 	};
 	struct app app = { .config_path = "conf/shardgate.lua" };
 	struct dryrun_request dr = { 0 };
-	const char *route = NULL;
+	const char *route = NULL, *sample = NULL;
 	bool check = false;
 	int c, rc = 1;
 
@@ -523,6 +576,7 @@ int main(int argc, char **argv)
 		case 'c': app.config_path = optarg; break;
 		case 'k': check = true; break;
 		case 'r': route = optarg; break;
+		case 'S': sample = optarg; break;
 		case 'b': dr.body = optarg; break;
 		case 's': dr.sql = optarg; break;
 		case 'u': dr.user = optarg; break;
@@ -557,15 +611,12 @@ int main(int argc, char **argv)
 	}
 	if (route)
 		return route_cli(app.config_path, route, &dr);
-	if (check) {
-		char err[1024];
-		if (generation_check(app.config_path, err, sizeof(err)) < 0) {
-			fprintf(stderr, "shardgate: %s\n", err);
-			return 1;
-		}
-		printf("%s: ok\n", app.config_path);
-		return 0;
+	if (sample && !check) {
+		fprintf(stderr, "shardgate: --sample goes with --check (or use --route)\n");
+		return 2;
 	}
+	if (check)
+		return check_cli(app.config_path, sample, &dr);
 	signal(SIGPIPE, SIG_IGN);
 	srand((unsigned)(mono_now() * 1e6));
 	app.base = new_loop();

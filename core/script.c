@@ -883,6 +883,39 @@ static int load_hooks(struct script *s, const char *config_path, char *err, size
 	return 0;
 }
 
+int script_lint(struct script *s, warn_fn add, void *arg, char *err, size_t errlen)
+{
+	static const char *const hooks[] = { "tenant", "shard", "fanout", "warnings" };
+	const int refs[] = { s->ref_tenant, s->ref_shard, s->ref_fanout, s->ref_warnings };
+	lua_State *L = s->L;
+	int top = lua_gettop(L), n = -1;
+
+	if (luaenv_require(L, "shardgate.loader", err, errlen) < 0)
+		goto done;
+	lua_getfield(L, -1, "lint_script");
+	lua_pushstring(L, s->path);
+	lua_createtable(L, 0, 4);
+	for (size_t i = 0; i < ARRAY_LEN(hooks); i++) {
+		if (refs[i] == LUA_NOREF)
+			continue;
+		lua_rawgeti(L, LUA_REGISTRYINDEX, refs[i]);
+		lua_setfield(L, -2, hooks[i]);
+	}
+	if (lua_pcall(L, 2, 2, 0) != 0 || !lua_istable(L, -2)) {
+		fmt_err(err, errlen, "%s", error_text(L));
+		goto done;
+	}
+	n = (int)lua_objlen(L, -2);
+	for (int i = 1; i <= n; i++) {
+		lua_rawgeti(L, -2, i);
+		add(arg, lua_tostring(L, -1));
+		lua_pop(L, 1);
+	}
+done:
+	lua_settop(L, top);
+	return n;
+}
+
 static pthread_once_t expired_once = PTHREAD_ONCE_INIT;
 
 static void set_expired(void)

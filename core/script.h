@@ -48,6 +48,14 @@ struct script *script_new(const struct config *cfg, char *err, size_t errlen);
 void script_free(struct script *s);
 
 /*
+ * What the loaded script shows without running (shardgate.loader's
+ * lint_script): reads of globals the sandbox lacks, assignments to
+ * globals, each "file:line: ..." handed to add. Returns how many, or -1
+ * with the reason in err when the file could not be read again.
+ */
+int script_lint(struct script *s, warn_fn add, void *arg, char *err, size_t errlen);
+
+/*
  * Run tenant() and shard() for req; when tenant() gives nil and fanout is
  * allowed, run fanout() for a plan (missing fields from the config).
  */
