@@ -973,7 +973,7 @@ void script_free(struct script *s)
 static void add_status(lua_State *L, const struct pool_status *st, int from, int to)
 {
 	for (int i = from; i < to; i++) {
-		lua_createtable(L, 0, 8);
+		lua_createtable(L, 0, 10);
 		lua_pushinteger(L, st[i].size);
 		lua_setfield(L, -2, "size");
 		lua_pushinteger(L, st[i].checked_out);
@@ -982,6 +982,10 @@ static void add_status(lua_State *L, const struct pool_status *st, int from, int
 		lua_setfield(L, -2, "available");
 		lua_pushinteger(L, st[i].idle);
 		lua_setfield(L, -2, "idle");
+		lua_pushinteger(L, st[i].opening);
+		lua_setfield(L, -2, "opening");
+		lua_pushinteger(L, st[i].free);
+		lua_setfield(L, -2, "free");
 		lua_pushinteger(L, st[i].waiting);
 		lua_setfield(L, -2, "waiting");
 		lua_pushnumber(L, st[i].utilization);

@@ -765,8 +765,8 @@ function testing.status(decision)
   return 500
 end
 
-local STATUS_FIELDS = { "size", "checked_out", "available", "idle", "waiting", "utilization",
-                        "state", "max_wait_ms" }
+local STATUS_FIELDS = { "size", "checked_out", "available", "idle", "opening", "free", "waiting",
+                        "utilization", "state", "max_wait_ms" }
 
 -- A full status table (push_status) for every configured shard: fields
 -- not given default to an idle pool of 5 ("up", nothing checked out or
@@ -787,11 +787,14 @@ local function full_status(kit, status)
     local f = status[name] or {}
     local size = f.size or 5
     local checked_out = f.checked_out or 0
+    local idle, opening = f.idle or 0, f.opening or 0
     out[name] = {
       size = size,
       checked_out = checked_out,
       available = f.available or (size > checked_out and size - checked_out or 0),
-      idle = f.idle or 0,
+      idle = idle,
+      opening = opening,
+      free = f.free or math.max(0, size - checked_out - idle - opening),
       waiting = f.waiting or 0,
       utilization = f.utilization or (size > 0 and 100 * checked_out / size or 0),
       state = f.state or "up",
@@ -806,7 +809,7 @@ end
 -- script_warnings writes them: a failing hook or a wrong return becomes
 -- one line naming its file:line; it never raises for what the hook did.
 -- status: shard name -> some of { size, checked_out, available, idle,
--- waiting, utilization, state, max_wait_ms } (see full_status).
+-- opening, free, waiting, utilization, state, max_wait_ms } (see full_status).
 function Kit:warnings(status)
   status = status or {}
   if type(status) ~= "table" then
