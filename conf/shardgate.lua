@@ -33,6 +33,7 @@ return {
   -- auth = { mode = "api_key", keys = { { name = "app", key = env("APP_API_KEY"), tenants = "*" } } },
   -- auth = { mode = "jwt", alg = "HS256", secret = env("JWT_SECRET"), tenant_claim = "tenant", leeway = 30 },
   -- tenant_setting = "app.tenant_id",   -- set_config() in each request's transaction, for row-level security
+  expose_script_errors = false, -- true: a client whose hook failed gets the script's message (file:line); else a request id (reload)
   -- sql = "named",                      -- clients may only call the queries below ("raw" is the default)
   -- queries = { org_by_id = { sql = "SELECT * FROM organizations WHERE id = $1", params = 1 } },
   -- tls = { cert = "server.crt", key = "server.key" },  -- HTTPS on the client listener (restart)

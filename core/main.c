@@ -81,11 +81,12 @@ static void usage(FILE *f)
 		"      --check        load the configuration and its routing script as a start\n"
 		"                     would, then read the script for reads of undefined globals\n"
 		"                     and global assignments (each raises when a request reaches\n"
-		"                     it); print FILE: ok and exit 0, or every finding with its\n"
-		"                     file:line and exit 1\n"
+		"                     it); print FILE: ok and exit 0; print the error and exit 1\n"
+		"                     when it would not start; print every finding with its\n"
+		"                     file:line and exit 3 when it would start with them\n"
 		"      --sample REQ   with --check: also run the hooks on a request described as\n"
 		"                     for --route (with -H, --body, or pg and --sql ...), print\n"
-		"                     the decision, and fail unless the request would be routed\n"
+		"                     the decision, and exit 3 unless the request would be routed\n"
 		"      --route REQ    print the routing decision the script makes for a request\n"
 		"                     described as 'METHOD PATH' (the path may carry ?query), as\n"
 		"                     JSON, without opening a database connection; exit 0 when the\n"
@@ -117,7 +118,8 @@ static void usage(FILE *f)
 		"\n"
 		"Exit status:\n"
 		"  0 after a clean stop, a passing --check or a routed --route; 1 on errors;\n"
-		"  2 for a bad command line.\n");
+		"  2 for a bad command line; 3 from --check for a configuration that would\n"
+		"  start but whose script has findings, or whose --sample is not routed.\n");
 }
 
 static void apply_limits(struct app *app, const struct config *cfg)
@@ -526,6 +528,8 @@ static int check_cli(const char *path, const char *sample, struct dryrun_request
 		fprintf(stderr, "shardgate: %s\n", err);
 		goto done;
 	}
+	/* From here on it would start: 3 says "loads, but" (a finding, a sample not routed). */
+	rc = 3;
 	if (findings) {
 		fprintf(stderr, "shardgate: %s: %d finding%s in %s\n", path, findings, findings == 1 ? "" : "s",
 			cfg->script);

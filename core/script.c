@@ -559,10 +559,12 @@ static void call_shard(struct script *s, struct route *out)
 
 /* Read plan.<key> (top of stack is the plan table) as a number; default when nil. */
 static int plan_number(struct script *s, const char *key, double def, bool integer, double *out,
-		       struct route *rt, const char *where)
+		       struct route *rt, const char *where, unsigned flag)
 {
 	lua_State *L = s->L;
 	lua_getfield(L, -1, key);
+	if (!lua_isnil(L, -1))
+		rt->plan.set |= flag;
 	if (lua_isnil(L, -1)) {
 		*out = def;
 	} else if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0) ||
@@ -619,6 +621,8 @@ static int plan_shards(struct script *s, struct fanout_plan *p, struct route *rt
 	lua_getfield(L, -1, "shards");
 	if (lua_isnil(L, -1))
 		lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_shards), lua_remove(L, -2);
+	else
+		p->set |= PLAN_SET_SHARDS;
 	if (!lua_istable(L, -1)) {
 		route_error(rt, "script_error", "%s: fan-out plan field 'shards' must be a list of shard names, got %s",
 			    where, luaL_typename(L, -1));
@@ -686,12 +690,12 @@ static void call_fanout(struct script *s, struct route *out)
 	}
 	if (plan_check_keys(s, out, where) < 0 || plan_shards(s, p, out, where) < 0)
 		return;
-	if (plan_number(s, "concurrency", s->fanout.concurrency, true, &v, out, where) < 0)
+	if (plan_number(s, "concurrency", s->fanout.concurrency, true, &v, out, where, PLAN_SET_CONCURRENCY) < 0)
 		return;
 	p->concurrency = v > 100000 ? 100000 : (int)v;
-	if (plan_number(s, "timeout", s->fanout.timeout, false, &p->timeout, out, where) < 0)
+	if (plan_number(s, "timeout", s->fanout.timeout, false, &p->timeout, out, where, PLAN_SET_TIMEOUT) < 0)
 		return;
-	if (plan_number(s, "max_rows", s->fanout.max_rows, true, &v, out, where) < 0)
+	if (plan_number(s, "max_rows", s->fanout.max_rows, true, &v, out, where, PLAN_SET_MAX_ROWS) < 0)
 		return;
 	p->max_rows = v > 1e9 ? 1000000000 : (int)v;
 	lua_getfield(L, -1, "partial");
@@ -701,6 +705,8 @@ static void call_fanout(struct script *s, struct route *out)
 		return;
 	}
 	p->partial = lua_toboolean(L, -1);
+	if (!lua_isnil(L, -1))
+		p->set |= PLAN_SET_PARTIAL;
 	out->kind = ROUTE_FANOUT;
 }
 
@@ -750,6 +756,7 @@ void script_route(struct script *s, struct req *req, bool allow_fanout, struct r
 	int top = lua_gettop(L);
 
 	memset(out, 0, sizeof(*out));
+	out->transaction = req->transaction;
 	s->cur = req;
 	s->serial++;
 	push_request(s, req);
@@ -764,11 +771,20 @@ void script_route(struct script *s, struct req *req, bool allow_fanout, struct r
 		}
 	}
 	s->cur = NULL;
-	if (out->kind == ROUTE_ERROR) {
-		log_warn("route: %s (tenant '%s')", out->error, out->tenant);
+	if (out->kind == ROUTE_ERROR)
 		route_clear(out);
-	}
 	lua_settop(L, top);
+}
+
+const char *route_lease_fanout_message(void)
+{
+	return "the script gave a fan-out plan, which this face cannot run yet; name a tenant for the statement";
+}
+
+const char *route_no_tenant_message(bool transaction)
+{
+	return transaction ? "the request names no tenant; a transaction runs on one tenant's shard and never fans out"
+			   : "the request names no tenant and the script gives no fan-out plan";
 }
 
 /* ---- loading ---- */

@@ -12,6 +12,10 @@ describe("the example config and scripts/routing.lua", function()
     return testing.request{ method = "POST", path = "/query", header = { ["X-Organization-Id"] = id } }
   end
 
+  it("has nothing `shardgate --check` would find (reads of undefined globals, global assignments)", function()
+    assert.same({}, kit.findings)
+  end)
+
   it("routes tenant 42 to shard_1 (jump consistent hash over three shards)", function()
     assert.same({ tenant = "42", shard = "shard_1" }, kit:route(org("42")))
   end)

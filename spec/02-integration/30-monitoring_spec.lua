@@ -1019,6 +1019,7 @@ return route
       assert.same({ "shard_0", "shard_2" }, dry.fanout.shards)
       assert.equal(2, dry.fanout.concurrency)
       assert.is_false(dry.fanout.partial)
+      assert.same({ timeout = 30, max_rows = 100000 }, dry.defaults)
       assert.is_nil(dry.shard)
       local cli, code = cli_route(gw.config_path, "POST", "/query", headers)
       assert.equal(0, code)
@@ -1069,7 +1070,12 @@ return route
         local res = real("/query", headers, '{"sql": "SELECT 1"}')
         assert.equal(c.status, res.status, res.body)
         assert.equal(c.code, res.json.code)
-        assert.equal(res.json.error, dry.error)
+        -- the client sees a request id; the log has, under it, the dry-run's words
+        assert.matches("^%x+$", res.json.request_id)
+        helpers.wait_until(function()
+          return gw:log():find("route: " .. dry.error .. " (tenant '" .. c.tenant .. "', request_id "
+            .. res.json.request_id .. ")", 1, true)
+        end, 5, "the log line with the request id")
         assert.matches("script%.lua:%d+", dry.error)
         assert.matches(c.says, dry.error, 1, true)
       end

@@ -37,7 +37,7 @@ describe("shardgate --check", function()
     local conf = config("typo", HEAD .. TENANT .. 'function route.shard(t, shards)\n'
       .. '  if t == "1001" then retrun "vip" end\n  return shards[1]\nend\nreturn route\n')
     local code, out, err = check(conf)
-    assert.equal(1, code)
+    assert.equal(3, code)
     assert.equal("", out)
     assert.equal("shardgate: " .. dir .. "/typo.lua:5: hook 'shard' reads undefined global 'retrun' (did you mean 'return'?)\n"
       .. "shardgate: " .. conf .. ": 1 finding in " .. dir .. "/typo.lua\n", err)
@@ -47,7 +47,7 @@ describe("shardgate --check", function()
     local conf = config("print", HEAD .. 'function route.tenant(req)\n  print(req.path)\n'
       .. '  return req.header["x-organization-id"]\nend\nfunction route.shard(t, shards) return shards[1] end\nreturn route\n')
     local code, _, err = check(conf)
-    assert.equal(1, code)
+    assert.equal(3, code)
     assert.truthy(err:find(dir .. "/print.lua:4: hook 'tenant' reads undefined global 'print' "
       .. "(the sandbox has no print: use sg.log.info)\n", 1, true), err)
   end)
@@ -57,13 +57,27 @@ describe("shardgate --check", function()
       .. '  return hsah.jump(t, 2)\nend\n' .. 'if false then sg.log.info(undefined_at_top) end\n'
       .. TENANT .. 'function route.shard(t, shards) return shards[pick(t) + 1] end\nreturn route\n')
     local code, _, err = check(conf)
-    assert.equal(1, code)
+    assert.equal(3, code)
     local p = dir .. "/globals.lua"
     assert.equal("shardgate: " .. p .. ":4: the script assigns global 'count' (declare it local)\n"
       .. "shardgate: " .. p .. ":4: the script reads undefined global 'count'\n"
       .. "shardgate: " .. p .. ":5: the script reads undefined global 'hsah'\n"
       .. "shardgate: " .. p .. ":7: the script reads undefined global 'undefined_at_top'\n"
       .. "shardgate: " .. dir .. "/globals-conf.lua: 4 findings in " .. p .. "\n", err)
+  end)
+
+  it("the test kit lists the same findings as kit.findings", function()
+    local testing = require "shardgate.testing"
+    local conf = config("kitlint", HEAD .. TENANT .. 'function route.shard(t, shards)\n'
+      .. '  if t == "1" then retrun "vip" end\n  total = 1\n  return shards[1]\nend\nreturn route\n')
+    local _, _, err = check(conf)
+    local kit = testing.load_config(conf)        -- --check's exit 3 (it would start) does not stop the kit
+    local lines = {}
+    for line in err:gmatch("shardgate: ([^\n]+)\n") do lines[#lines + 1] = line end
+    table.remove(lines)                          -- the count
+    assert.equal(2, #kit.findings)
+    assert.same(lines, kit.findings)
+    assert.same({}, testing.load(helpers.root .. "/scripts/routing.lua").findings)
   end)
 
   it("refuses a hook that is not a function, naming its line", function()
@@ -103,7 +117,7 @@ describe("shardgate --check", function()
 
     it("runs the hooks on the sample and fails on a shard that is not configured", function()
       local code, out, err = check(conf, "--sample 'POST /query' -H 'X-Organization-Id: 1001'")
-      assert.equal(1, code)
+      assert.equal(3, code)
       assert.equal('{"tenant":"1001","code":"unknown_shard","error":"' .. dir
         .. '/vip.lua:4: hook \'shard\' returned \'VIP\', which is not a configured shard"}\n', out)
       assert.truthy(err:find("shardgate: " .. conf .. ": the sample 'POST /query' is not routed (the decision above)\n",
@@ -120,7 +134,7 @@ describe("shardgate --check", function()
       local pg = config("pgvip", HEAD .. 'function route.tenant(req) return req.comment.tenant end\n'
         .. 'function route.shard(t, shards) if t == "1001" then return "VIP" end return shards[1] end\nreturn route\n')
       local code, out = check(pg, "--sample pg --sql '/*tenant:1001*/ SELECT 1'")
-      assert.equal(1, code)
+      assert.equal(3, code)
       assert.truthy(out:find('"code":"unknown_shard"', 1, true), out)
       code, out = check(pg, "--sample pg --sql '/*tenant:7*/ SELECT 1'")
       assert.equal(0, code)
