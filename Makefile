@@ -90,9 +90,12 @@ profile: deps
 	@command -v valgrind >/dev/null || apt-get install -y -qq valgrind >/dev/null
 	@tools/profile.sh
 
+# On a terminal the demo runs as a job of its own (set -m): Ctrl-C reaches the
+# demo, which stops the gateway and PostgreSQL and exits 0, and not make, which
+# would report the interrupt as an error.
 demo: deps
 	@$(MAKE) --no-print-directory build
-	@tools/demo.sh
+	@if [ -t 0 ]; then set -m; fi; tools/demo.sh
 
 check: deps
 	@command -v cppcheck >/dev/null || apt-get install -y -qq cppcheck >/dev/null
