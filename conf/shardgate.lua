@@ -26,7 +26,7 @@ return {
   shutdown_timeout  = 30,       -- on SIGTERM/SIGINT, how long requests in flight may finish (reload)
   log_level         = "info",   -- debug, info, warn or error (reload)
   access_log        = "errors", -- "on" (every request), "errors" (status >= 400) or "off" (reload)
-  access_log_file   = "stderr", -- or a file path (reload)
+  access_log_file   = "stderr", -- or a file path; SIGUSR1 reopens it after logrotate moved it (reload)
 
   -- Security (see README "Security"); all off by default.
   -- admin_token  = env("SHARDGATE_ADMIN_TOKEN"),  -- admin requests need "Authorization: Bearer <token>"
