@@ -6,12 +6,13 @@
 #   make asan    the whole suite under AddressSanitizer + UBSan
 #   make bench   throughput, latency, CPU and memory against PostgreSQL and PgBouncer
 #   make fuzz    libFuzzer targets for everything that parses client bytes
+#   make install, make uninstall   PREFIX (/usr/local), DESTDIR, SYSCONFDIR (/etc)
 #
 # `make deps` installs Debian packages with apt-get (as root) only when one is missing.
 
 PKGS := gcc make pkg-config libluajit2-5.1-dev luajit2 libevent-dev libpq-dev \
         libcjson-dev libssl-dev lua-busted lua-socket lua-posix postgresql postgresql-contrib curl \
-        prometheus python3-psycopg python3-asyncpg
+        prometheus python3-psycopg python3-asyncpg help2man systemd
 
 CC      ?= cc
 PKG_CFLAGS := $(shell pkg-config --cflags luajit libevent libevent_openssl libcjson openssl 2>/dev/null) \
@@ -26,7 +27,7 @@ OBJS := $(SRCS:core/%.c=build/%.o)
 ASAN_OBJS := $(SRCS:core/%.c=build/asan/%.o)
 ASAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all deps build test demo check asan valgrind fuzz bench profile clean
+.PHONY: all deps build test demo check asan valgrind fuzz bench profile clean install uninstall
 
 all: build
 
@@ -89,9 +90,12 @@ profile: deps
 	@command -v valgrind >/dev/null || apt-get install -y -qq valgrind >/dev/null
 	@tools/profile.sh
 
+# On a terminal the demo runs as a job of its own (set -m): Ctrl-C reaches the
+# demo, which stops the gateway and PostgreSQL and exits 0, and not make, which
+# would report the interrupt as an error.
 demo: deps
 	@$(MAKE) --no-print-directory build
-	@tools/demo.sh
+	@if [ -t 0 ]; then set -m; fi; tools/demo.sh
 
 check: deps
 	@command -v cppcheck >/dev/null || apt-get install -y -qq cppcheck >/dev/null
@@ -157,5 +161,62 @@ fuzz: deps
 
 clean:
 	rm -rf build bin
+
+# Installing. The binary finds its Lua library from its own path
+# (PREFIX/bin/../share/shardgate/lua), so nothing here is compiled in and a
+# DESTDIR tree runs as it is. The unit and the man page get PREFIX and
+# SYSCONFDIR written in. The configuration in SYSCONFDIR/shardgate is
+# installed only when absent and never removed: it is the operator's.
+PREFIX     ?= /usr/local
+SYSCONFDIR ?= /etc
+BINDIR     ?= $(PREFIX)/bin
+DATADIR    ?= $(PREFIX)/share/shardgate
+DOCDIR     ?= $(PREFIX)/share/doc/shardgate
+MANDIR     ?= $(PREFIX)/share/man
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
+INSTALL    ?= install
+LUA_FILES    := lua/shardgate.lua $(wildcard lua/shardgate/*.lua)
+SCRIPT_FILES := $(wildcard scripts/*.lua)
+SUBST = sed -e 's|/usr/local|$(PREFIX)|g' -e 's|/etc/shardgate|$(SYSCONFDIR)/shardgate|g' \
+            -e 's|/etc/default/shardgate|$(SYSCONFDIR)/default/shardgate|g'
+
+# shardgate(8), made from --help (one source) and doc/shardgate.h2m.
+build/shardgate.8: bin/shardgate doc/shardgate.h2m
+	@mkdir -p build
+	help2man --no-info --section=8 --name="a shard gateway for multi-tenant PostgreSQL" \
+		--include=doc/shardgate.h2m --output=$@.tmp bin/shardgate
+	@$(SUBST) $@.tmp >$@ && rm -f $@.tmp
+
+install: build build/shardgate.8
+	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(DATADIR)/lua/shardgate $(DESTDIR)$(DATADIR)/conf \
+		$(DESTDIR)$(DATADIR)/scripts $(DESTDIR)$(DATADIR)/examples/spec $(DESTDIR)$(DOCDIR) \
+		$(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(UNITDIR)
+	$(INSTALL) -m 755 bin/shardgate $(DESTDIR)$(BINDIR)/shardgate
+	$(INSTALL) -m 644 lua/shardgate.lua $(DESTDIR)$(DATADIR)/lua/shardgate.lua
+	$(INSTALL) -m 644 $(filter lua/shardgate/%,$(LUA_FILES)) $(DESTDIR)$(DATADIR)/lua/shardgate/
+	$(INSTALL) -m 644 conf/shardgate.lua $(DESTDIR)$(DATADIR)/conf/shardgate.lua
+	$(INSTALL) -m 644 $(SCRIPT_FILES) $(DESTDIR)$(DATADIR)/scripts/
+	$(INSTALL) -m 644 examples/.busted $(DESTDIR)$(DATADIR)/examples/.busted
+	$(INSTALL) -m 644 examples/spec/routing_spec.lua $(DESTDIR)$(DATADIR)/examples/spec/routing_spec.lua
+	$(INSTALL) -m 644 README.md $(DESTDIR)$(DOCDIR)/README.md
+	$(INSTALL) -m 644 build/shardgate.8 $(DESTDIR)$(MANDIR)/man8/shardgate.8
+	$(SUBST) conf/shardgate.service >$(DESTDIR)$(UNITDIR)/shardgate.service
+	@chmod 644 $(DESTDIR)$(UNITDIR)/shardgate.service
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/shardgate/shardgate.lua ]; then \
+		echo "keeping $(DESTDIR)$(SYSCONFDIR)/shardgate/shardgate.lua"; \
+	else \
+		$(INSTALL) -d $(DESTDIR)$(SYSCONFDIR)/shardgate && \
+		sed 's|"../scripts/routing.lua"|"routing.lua"  |' conf/shardgate.lua \
+			>$(DESTDIR)$(SYSCONFDIR)/shardgate/shardgate.lua && \
+		$(INSTALL) -m 644 scripts/routing.lua $(DESTDIR)$(SYSCONFDIR)/shardgate/routing.lua && \
+		echo "installed $(DESTDIR)$(SYSCONFDIR)/shardgate/shardgate.lua and routing.lua (edit them)"; \
+	fi
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/shardgate $(DESTDIR)$(MANDIR)/man8/shardgate.8 \
+		$(DESTDIR)$(UNITDIR)/shardgate.service
+	rm -rf $(DESTDIR)$(DATADIR) $(DESTDIR)$(DOCDIR)
+	@if [ -d $(DESTDIR)$(SYSCONFDIR)/shardgate ]; then \
+		echo "left $(DESTDIR)$(SYSCONFDIR)/shardgate in place (your configuration)"; fi
 
 -include $(OBJS:.o=.d)

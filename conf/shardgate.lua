@@ -26,13 +26,14 @@ return {
   shutdown_timeout  = 30,       -- on SIGTERM/SIGINT, how long requests in flight may finish (reload)
   log_level         = "info",   -- debug, info, warn or error (reload)
   access_log        = "errors", -- "on" (every request), "errors" (status >= 400) or "off" (reload)
-  access_log_file   = "stderr", -- or a file path (reload)
+  access_log_file   = "stderr", -- or a file path; SIGUSR1 reopens it after logrotate moved it (reload)
 
   -- Security (see README "Security"); all off by default.
   -- admin_token  = env("SHARDGATE_ADMIN_TOKEN"),  -- admin requests need "Authorization: Bearer <token>"
   -- auth = { mode = "api_key", keys = { { name = "app", key = env("APP_API_KEY"), tenants = "*" } } },
   -- auth = { mode = "jwt", alg = "HS256", secret = env("JWT_SECRET"), tenant_claim = "tenant", leeway = 30 },
   -- tenant_setting = "app.tenant_id",   -- set_config() in each request's transaction, for row-level security
+  expose_script_errors = false, -- true: a client whose hook failed gets the script's message (file:line); else a request id (reload)
   -- sql = "named",                      -- clients may only call the queries below ("raw" is the default)
   -- queries = { org_by_id = { sql = "SELECT * FROM organizations WHERE id = $1", params = 1 } },
   -- tls = { cert = "server.crt", key = "server.key" },  -- HTTPS on the client listener (restart)

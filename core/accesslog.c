@@ -6,7 +6,8 @@
  *
  * (one line). Values that contain spaces, quotes or control characters are
  * quoted with escapes so a line always parses as key=value pairs. Each line
- * is one write(2).
+ * is one write(2), to an O_APPEND file: a rotation (rename, then SIGUSR1 to
+ * reopen) never splits or loses one, it lands in the old file or the new.
  */
 #include "accesslog.h"
 
@@ -54,6 +55,22 @@ int accesslog_configure(const char *m, const char *file, char *err, size_t errle
 		snprintf(path, sizeof(path), "%s", file);
 	}
 	mode = next;
+	return 0;
+}
+
+int accesslog_reopen(char *err, size_t errlen)
+{
+	int nfd;
+	if (fd == STDERR_FILENO)
+		return 0;
+	nfd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+	if (nfd < 0) {
+		fmt_err(err, errlen, "cannot reopen access_log_file %s: %s; still writing to the file it had open",
+			path, strerror(errno));
+		return -1;
+	}
+	close(fd);
+	fd = nfd;
 	return 0;
 }
 

@@ -103,6 +103,7 @@ void answer_write_fault(struct evbuffer *b, const struct fault *f)
 	member(b, "position", f->field[FAULT_POSITION]);
 	if (f->statement > 0)
 		evbuffer_add_printf(b, ",\"statement\":%d", f->statement);
+	member(b, "request_id", f->request_id);
 	if (f->has_parts) {
 		evbuffer_add(b, ",\"errors\":[", 11);
 		for (int i = 0; i < f->nparts; i++) {
@@ -278,16 +279,40 @@ void answer_release(struct answer *a)
 
 /* ---- dry-run decisions ---- */
 
-static void write_plan(struct evbuffer *b, const struct config *cfg, const struct fanout_plan *p)
+/*
+ * One JSON object of a plan's fields: with written, those the script set
+ * (the plan as it wrote it, caps applied); else those it left out, with
+ * the config's `fanout` defaults (all shards) the gateway filled in.
+ */
+static void write_plan_fields(struct evbuffer *b, const struct config *cfg, const struct fanout_plan *p, bool written)
 {
-	evbuffer_add(b, "{\"shards\":[", 11);
-	for (int i = 0; i < p->nshards; i++) {
-		if (i)
-			evbuffer_add(b, ",", 1);
-		jsonw_cstring(b, cfg->shards[p->shards[i]].name);
+	const char *sep = "";
+	evbuffer_add(b, "{", 1);
+	if (((p->set & PLAN_SET_SHARDS) != 0) == written) {
+		evbuffer_add(b, "\"shards\":[", 10);
+		for (int i = 0; i < p->nshards; i++) {
+			if (i)
+				evbuffer_add(b, ",", 1);
+			jsonw_cstring(b, cfg->shards[p->shards[i]].name);
+		}
+		evbuffer_add(b, "]", 1);
+		sep = ",";
 	}
-	evbuffer_add_printf(b, "],\"concurrency\":%d,\"timeout\":%g,\"partial\":%s,\"max_rows\":%d}",
-			    p->concurrency, p->timeout, p->partial ? "true" : "false", p->max_rows);
+	if (((p->set & PLAN_SET_CONCURRENCY) != 0) == written) {
+		evbuffer_add_printf(b, "%s\"concurrency\":%d", sep, p->concurrency);
+		sep = ",";
+	}
+	if (((p->set & PLAN_SET_TIMEOUT) != 0) == written) {
+		evbuffer_add_printf(b, "%s\"timeout\":%g", sep, p->timeout);
+		sep = ",";
+	}
+	if (((p->set & PLAN_SET_PARTIAL) != 0) == written) {
+		evbuffer_add_printf(b, "%s\"partial\":%s", sep, p->partial ? "true" : "false");
+		sep = ",";
+	}
+	if (((p->set & PLAN_SET_MAX_ROWS) != 0) == written)
+		evbuffer_add_printf(b, "%s\"max_rows\":%d", sep, p->max_rows);
+	evbuffer_add(b, "}", 1);
 }
 
 int answer_write_route(struct evbuffer *b, const struct config *cfg, const struct route *rt)
@@ -305,10 +330,13 @@ int answer_write_route(struct evbuffer *b, const struct config *cfg, const struc
 		break;
 	case ROUTE_FANOUT:
 		evbuffer_add(b, ",\"fanout\":", 10);
-		write_plan(b, cfg, &rt->plan);
+		write_plan_fields(b, cfg, &rt->plan, true);
+		evbuffer_add(b, ",\"defaults\":", 12);
+		write_plan_fields(b, cfg, &rt->plan, false);
 		break;
 	case ROUTE_NO_TENANT:
-		evbuffer_add(b, ",\"code\":\"no_tenant\",\"error\":\"no tenant and no fan-out plan\"", 59);
+		evbuffer_add(b, ",\"code\":\"no_tenant\",\"error\":", 28);
+		jsonw_cstring(b, route_no_tenant_message(rt->transaction));
 		status = 400;
 		break;
 	case ROUTE_ERROR:

@@ -95,6 +95,7 @@ static const struct conf_key top_keys[] = {
 	{ "admin_token", CT_STRING, TOP(admin_token), NULL, true, true },
 	{ "sql", CT_STRING, TOP(sql_mode), "\"raw\"", true, false },
 	{ "tenant_setting", CT_STRING, TOP(tenant_setting), NULL, true, false },
+	{ "expose_script_errors", CT_BOOL, TOP(expose_script_errors), "false", true, false },
 };
 
 /* Settings of one shard; `defaults` holds all but url. */

@@ -96,6 +96,7 @@ struct config {
 	struct named_query *queries;
 	int nqueries;
 	char *tenant_setting;     /* e.g. "app.tenant_id"; NULL: none */
+	bool expose_script_errors;  /* clients see a hook's message (file:line); else only a request id */
 	char *dir_url;            /* the tenant directory's database; NULL: none */
 	struct config_item *settings; /* `settings` as config_describe shows it (secrets masked) */
 	int nsettings;            /* 0: no settings table */

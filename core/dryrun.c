@@ -7,6 +7,7 @@
 #include "dryrun.h"
 
 #include <ctype.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -76,7 +77,14 @@ static void route_pg(struct script *s, const struct dryrun_request *dr, struct r
 	req.nstartup = dr->nstartup;
 	req.tenant_hint = dr->tenant_hint;
 	req.body = "";
-	script_route(s, &req, false, out);
+	/* As the executor does: the hooks may plan a fan-out, which this face refuses. */
+	script_route(s, &req, true, out);
+	if (out->kind == ROUTE_FANOUT) {
+		route_clear(out);
+		out->kind = ROUTE_ERROR;
+		out->code = "bad_request";
+		snprintf(out->error, sizeof(out->error), "%s", route_lease_fanout_message());
+	}
 }
 
 void dryrun_route(struct script *s, const struct dryrun_request *dr, struct route *out)
@@ -90,6 +98,7 @@ void dryrun_route(struct script *s, const struct dryrun_request *dr, struct rout
 	char *buf = build(dr, &req, headers);
 	bool fanout_ok = strcmp(endpoint_of(req.path), "/transaction") != 0;
 
+	req.transaction = !fanout_ok;
 	script_route(s, &req, fanout_ok, out);
 	free(buf);
 }

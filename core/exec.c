@@ -603,6 +603,39 @@ static int refuse_transaction_control(struct exec *r)
 
 static void route_request(struct exec *r);
 
+/*
+ * A hook failed or named no configured shard. The log gets the whole
+ * message (file:line, the script's own words) under a request id; the
+ * client gets the code and that id, and the message only with
+ * expose_script_errors: a script's paths and messages are the operator's,
+ * not every client's. A refused tenant id (bad_request) is the client's
+ * own mistake and is always said.
+ */
+static void route_failed(struct exec *r)
+{
+	static unsigned long long serial;
+	static unsigned prefix;
+	struct fault f = { 0 };
+	bool script = strcmp(r->route.code, "bad_request") != 0;
+	char id[sizeof(f.request_id)];
+
+	if (!prefix)
+		prefix = (unsigned)(mono_now() * 1e6) ^ (unsigned)rand();
+	snprintf(id, sizeof(id), "%08x%08llx", prefix, ++serial & 0xffffffffULL);
+	log_warn("route: %s (tenant '%s', request_id %s)", r->route.error, r->route.tenant, id);
+	if (!script || r->gen->cfg->expose_script_errors) {
+		fault_set(&f, r->route.code, NULL, r->route.error);
+	} else {
+		char msg[200];
+		snprintf(msg, sizeof(msg), "the routing script %s; the gateway's log has the details under request_id %s",
+			 strcmp(r->route.code, "unknown_shard") == 0 ? "named a shard that is not configured"
+								   : "failed on this request", id);
+		fault_set(&f, r->route.code, NULL, msg);
+	}
+	memcpy(f.request_id, id, sizeof(id));
+	fail_with(r, &f);
+}
+
 /* A paused tenant's request: released by resume (route again), or its wait ended. */
 static void on_tenant_released(struct tenant_waiter *w, bool released)
 {
@@ -645,8 +678,7 @@ static void route_request(struct exec *r)
 	if (forbidden(r))
 		return;
 	if (r->route.kind == ROUTE_FANOUT && rq->lease) {
-		fail(r, "bad_request", "the script gave a fan-out plan, which this face cannot run yet; "
-		     "name a tenant for the statement");
+		fail(r, "bad_request", route_lease_fanout_message());
 		finish(r);
 		return;
 	}
@@ -654,12 +686,13 @@ static void route_request(struct exec *r)
 		fanout_start(&r->fo, rq, r->gen, &r->route, r->sink, on_fanout_done, r);
 		return;
 	}
+	if (r->route.kind == ROUTE_ERROR) {
+		route_failed(r);
+		finish(r);
+		return;
+	}
 	if (r->route.kind != ROUTE_SHARD) {
-		fail(r, r->route.kind == ROUTE_NO_TENANT ? "no_tenant" : r->route.code,
-		     r->route.kind == ROUTE_ERROR ? r->route.error
-		     : transaction
-			     ? "the request names no tenant; a transaction runs on one tenant's shard and never fans out"
-			     : "the request names no tenant and the script gives no fan-out plan");
+		fail(r, "no_tenant", route_no_tenant_message(transaction));
 		finish(r);
 		return;
 	}

@@ -38,6 +38,7 @@ struct fault {
 	char *tenant;            /* named by tenant_paused; NULL otherwise */
 	int statement;           /* 1-based statement of a transaction; 0 when not one */
 	int retry_after;         /* seconds a client should wait before trying again; 0: none */
+	char request_id[20];     /* names the log line that has what the client is not shown; "" when none */
 	bool has_parts;          /* a fan-out failure: parts lists each failed shard's fault */
 	struct fault *parts;
 	int nparts;

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "config.h"
+#include "log.h"
 #include "pool.h"
 #include "script.h"
 #include "util.h"
@@ -55,8 +56,16 @@ static void attach_pools(struct generation *g, struct event_base *base,
 	}
 }
 
+/* A static finding of a script that loaded: it raises when a request reaches it. */
+static void log_finding(void *arg, const char *text)
+{
+	(void)arg;
+	log_warn("script: %s (shardgate --check lists these)", text);
+}
+
 struct generation *generation_prepare(const char *path, char *err, size_t errlen)
 {
+	char lint_err[256];
 	struct generation *g = xcalloc(1, sizeof(*g));
 	g->refs = 1;
 	g->cfg = config_load(path, err, errlen);
@@ -65,6 +74,8 @@ struct generation *generation_prepare(const char *path, char *err, size_t errlen
 	g->script = script_new(g->cfg, err, errlen);
 	if (!g->script)
 		goto fail;
+	if (script_lint(g->script, log_finding, NULL, lint_err, sizeof(lint_err)) < 0)
+		log_warn("script: cannot look for static findings: %s", lint_err);
 	return g;
 fail:
 	generation_discard(g);
@@ -94,20 +105,6 @@ struct generation *generation_build(struct event_base *base, const char *path,
 	if (g)
 		generation_attach(g, base, prev);
 	return g;
-}
-
-int generation_check(const char *path, char *err, size_t errlen)
-{
-	struct config *cfg = config_load(path, err, errlen);
-	struct script *s;
-	if (!cfg)
-		return -1;
-	s = script_new(cfg, err, errlen);
-	config_free(cfg);
-	if (!s)
-		return -1;
-	script_free(s);
-	return 0;
 }
 
 void generation_ref(struct generation *g)

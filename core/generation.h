@@ -41,8 +41,6 @@ struct generation *generation_build(struct event_base *base, const char *path,
 struct generation *generation_prepare(const char *path, char *err, size_t errlen);
 void generation_attach(struct generation *g, struct event_base *base, const struct generation *prev);
 void generation_discard(struct generation *g);
-/* Validate only (for --check): no pools, no connections. */
-int generation_check(const char *path, char *err, size_t errlen);
 
 void generation_ref(struct generation *g);
 void generation_unref(struct generation *g);

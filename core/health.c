@@ -40,9 +40,9 @@ static void write_pool(struct evbuffer *b, const struct pool_status *st)
 {
 	jsonw_cstring(b, st->name);
 	evbuffer_add_printf(b,
-			    ":{\"size\":%d,\"checked_out\":%d,\"available\":%d,\"idle\":%d,"
-			    "\"waiting\":%d,\"utilization\":%.1f,\"state\":\"%s\",\"max_wait_ms\":%.0f}",
-			    st->size, st->checked_out, st->available, st->idle, st->waiting,
+			    ":{\"size\":%d,\"checked_out\":%d,\"available\":%d,\"idle\":%d,\"opening\":%d,"
+			    "\"free\":%d,\"waiting\":%d,\"utilization\":%.1f,\"state\":\"%s\",\"max_wait_ms\":%.0f}",
+			    st->size, st->checked_out, st->available, st->idle, st->opening, st->free, st->waiting,
 			    st->utilization, st->state, floor(st->max_wait_ms));
 }
 
@@ -65,16 +65,21 @@ static void builtin_warnings(struct warn_list *w, const struct pool_status *st, 
 	char msg[1200];
 	const struct reload_status *rs = reload_status();
 	for (int i = 0; i < n; i++) {
-		msg[0] = '\0';
-		if (strcmp(st[i].state, "up") != 0)
+		if (strcmp(st[i].state, "up") != 0) {
 			snprintf(msg, sizeof(msg), "%s: Shard is %s", st[i].name, st[i].state);
-		else if (st[i].available == 0)
-			snprintf(msg, sizeof(msg), "%s: No available connections", st[i].name);
-		else if (st[i].utilization > threshold)
+			add_warning(w, msg);
+			continue;
+		}
+		/* Both at 100 %, as the seed's monitor has them: an alert on either sees the worst case. */
+		if (st[i].utilization > threshold) {
 			snprintf(msg, sizeof(msg), "%s: High connection utilization (%.1f%%)", st[i].name,
 				 st[i].utilization);
-		if (msg[0])
 			add_warning(w, msg);
+		}
+		if (st[i].available == 0) {
+			snprintf(msg, sizeof(msg), "%s: No available connections", st[i].name);
+			add_warning(w, msg);
+		}
 	}
 	if (rs->attempted && !rs->ok) {
 		snprintf(msg, sizeof(msg), "Last reload failed: %s", rs->error);

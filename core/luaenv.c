@@ -21,35 +21,81 @@
 #include "util.h"
 
 static char libdir[PATH_MAX];
+static char looked[3 * PATH_MAX];   /* where luaenv_find_libdir looked, for its message */
 
 void luaenv_set_libdir(const char *dir)
 {
 	snprintf(libdir, sizeof(libdir), "%s", dir);
 }
 
-const char *luaenv_libdir(void)
+/* Does dir hold the library (its loader, which every state requires first)? */
+static bool holds_library(const char *dir)
 {
-	char exe[PATH_MAX - 8];
+	char file[PATH_MAX + 32];
+	snprintf(file, sizeof(file), "%s/shardgate/loader.lua", dir);
+	return access(file, R_OK) == 0;
+}
+
+/*
+ * Where the library is: SHARDGATE_LUA_DIR when set (taken as it is), else
+ * the first of these beside the binary that holds it:
+ *   <bindir>/../lua                 a checkout (bin/shardgate, lua/)
+ *   <bindir>/../share/shardgate/lua what `make install` lays out, at any PREFIX
+ *                                   (and inside a DESTDIR staging tree)
+ * Both are found from the binary's own path, so an installed binary needs
+ * no variable and a moved PREFIX still works.
+ */
+int luaenv_find_libdir(char *err, size_t errlen)
+{
+	static const char *const beside[] = { "../lua", "../share/shardgate/lua" };
+	char exe[PATH_MAX - 32], dir[PATH_MAX];
+	const char *env = getenv("SHARDGATE_LUA_DIR");
 	ssize_t n;
 	char *slash;
 
-	if (libdir[0])
-		return libdir;
-	const char *env = getenv("SHARDGATE_LUA_DIR");
+	looked[0] = '\0';
 	if (env && *env) {
 		luaenv_set_libdir(env);
-		return libdir;
+		if (holds_library(env))
+			return 0;
+		fmt_err(err, errlen, "SHARDGATE_LUA_DIR=%s holds no shardgate Lua library "
+			"(no %s/shardgate/loader.lua); point it at the folder that holds shardgate.lua", env, env);
+		return -1;
 	}
 	n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
 	if (n <= 0) {
 		luaenv_set_libdir("lua");
-		return libdir;
+		if (holds_library("lua"))
+			return 0;
+		fmt_err(err, errlen, "cannot find the shardgate Lua library: the binary's own path is "
+			"unknown; set SHARDGATE_LUA_DIR to the folder that holds shardgate.lua");
+		return -1;
 	}
 	exe[n] = '\0';
 	slash = strrchr(exe, '/');
 	if (slash)
 		*slash = '\0';
-	snprintf(libdir, sizeof(libdir), "%s/../lua", exe);
+	for (size_t i = 0; i < ARRAY_LEN(beside); i++) {
+		snprintf(dir, sizeof(dir), "%s/%s", exe, beside[i]);
+		if (holds_library(dir)) {
+			luaenv_set_libdir(dir);
+			return 0;
+		}
+		snprintf(looked + strlen(looked), sizeof(looked) - strlen(looked), "%s%s", i ? ", " : "", dir);
+	}
+	snprintf(dir, sizeof(dir), "%s/%s", exe, beside[0]);
+	luaenv_set_libdir(dir);
+	fmt_err(err, errlen, "cannot find the shardgate Lua library (shardgate/loader.lua): looked in %s; "
+		"install it with `make install`, or set SHARDGATE_LUA_DIR to the folder that holds shardgate.lua",
+		looked);
+	return -1;
+}
+
+const char *luaenv_libdir(void)
+{
+	char err[16];
+	if (!libdir[0])
+		luaenv_find_libdir(err, sizeof(err));
 	return libdir;
 }
 

@@ -19,7 +19,12 @@ struct luaenv_alloc {
 	void *inner_ud;
 };
 
-/* Directory holding shardgate.lua; from SHARDGATE_LUA_DIR or ../lua next to the binary. */
+/*
+ * Directory holding shardgate.lua: SHARDGATE_LUA_DIR, else ../lua or
+ * ../share/shardgate/lua next to the binary. luaenv_find_libdir says, in
+ * err, where it looked when none holds the library (-1).
+ */
+int luaenv_find_libdir(char *err, size_t errlen);
 const char *luaenv_libdir(void);
 void luaenv_set_libdir(const char *dir);
 

@@ -6,6 +6,7 @@
 #include <event2/buffer.h>
 #include <event2/event.h>
 #include <getopt.h>
+#include <limits.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <signal.h>
@@ -24,7 +25,9 @@
 #include "generation.h"
 #include "http.h"
 #include "log.h"
+#include "luaenv.h"
 #include "metrics.h"
+#include "notify.h"
 #include "pgface.h"
 #include "pgsql.h"
 #include "pgconn.h"
@@ -44,6 +47,7 @@ struct app {
 	struct pgface *pg;
 	struct event *sig_term;
 	struct event *sig_hup;
+	struct event *sig_usr1;
 	struct event *sig_int;
 	struct event *drain;
 	SSL_CTX *tls;
@@ -54,22 +58,68 @@ struct app {
 	const char *config_path;
 };
 
+/*
+ * The --help text is the one source of the manual page too: `make install`
+ * turns it into shardgate(8) with help2man (and doc/shardgate.h2m, which
+ * adds the sections that are not about the command line).
+ */
 static void usage(FILE *f)
 {
 	fprintf(f,
-		"usage: shardgate [-c FILE] [--check | --route 'METHOD PATH' [-H 'Name: value']... [--body S]\n"
-		"                              | --route pg --sql SQL [--user U] [--database D] [--set N=V]... [--startup N=V]...]\n"
-		"  -c, --config FILE  configuration (default conf/shardgate.lua)\n"
-		"      --check        validate the configuration and its script, then exit\n"
-		"      --route REQ    print the routing decision for a request, then exit\n"
-		"  -H, --header H     a request header for --route (repeatable)\n"
-		"      --body S       the request body for --route\n"
+		"Usage: shardgate [-c FILE]\n"
+		"  or:  shardgate [-c FILE] --check [--sample 'METHOD PATH' [-H 'Name: value']... [--body S]]\n"
+		"  or:  shardgate [-c FILE] --route 'METHOD PATH' [-H 'Name: value']... [--body S]\n"
+		"  or:  shardgate [-c FILE] --route pg --sql SQL [--user U] [--database D] [--set N=V]... [--startup N=V]...\n"
+		"A shard gateway for multi-tenant PostgreSQL: applications send SQL over HTTP (or\n"
+		"speak PostgreSQL's protocol), a Lua routing script names each request's shard, and\n"
+		"the gateway runs it on a pooled connection to that shard. Without --check or\n"
+		"--route it runs in the foreground and logs to stderr.\n"
+		"\n"
+		"Options:\n"
+		"  -c, --config FILE  the configuration, a Lua file returning a table\n"
+		"                     (default conf/shardgate.lua, relative to the working directory)\n"
+		"      --check        load the configuration and its routing script as a start\n"
+		"                     would, then read the script for reads of undefined globals\n"
+		"                     and global assignments (each raises when a request reaches\n"
+		"                     it); print FILE: ok and exit 0; print the error and exit 1\n"
+		"                     when it would not start; print every finding with its\n"
+		"                     file:line and exit 3 when it would start with them\n"
+		"      --sample REQ   with --check: also run the hooks on a request described as\n"
+		"                     for --route (with -H, --body, or pg and --sql ...), print\n"
+		"                     the decision, and exit 3 unless the request would be routed\n"
+		"      --route REQ    print the routing decision the script makes for a request\n"
+		"                     described as 'METHOD PATH' (the path may carry ?query), as\n"
+		"                     JSON, without opening a database connection; exit 0 when the\n"
+		"                     request would be routed, 1 otherwise\n"
+		"  -H, --header H     a request header 'Name: value' for --route or --sample (repeatable)\n"
+		"      --body S       the request body for --route or --sample\n"
 		"      --sql SQL      --route pg: a PostgreSQL client's statement (its comments are read)\n"
-		"      --user U, --database D   --route pg: the client's user and database\n"
+		"      --user U       --route pg: the client's user\n"
+		"      --database D   --route pg: the client's database (default: the user)\n"
 		"      --set N=V      --route pg: a SET shardgate.N value of the session (repeatable)\n"
 		"      --startup N=V  --route pg: a startup parameter (repeatable)\n"
-		"  -V, --version      print the version\n"
-		"  -h, --help         this text\n");
+		"  -V, --version      print the version and exit\n"
+		"  -h, --help         print this text and exit\n"
+		"\n"
+		"Signals:\n"
+		"  SIGHUP             reload the configuration and the script; a failed reload\n"
+		"                     keeps the running one and logs why, with file:line\n"
+		"  SIGUSR1            reopen access_log_file (after logrotate moved it away)\n"
+		"  SIGTERM, SIGINT    stop accepting, let requests in flight finish (up to\n"
+		"                     shutdown_timeout), exit 0; a second one exits at once\n"
+		"\n"
+		"Environment:\n"
+		"  SHARDGATE_LUA_DIR  the folder holding the gateway's Lua library (shardgate.lua);\n"
+		"                     by default ../lua or ../share/shardgate/lua beside the binary\n"
+		"  NOTIFY_SOCKET      set by systemd for a Type=notify unit: the gateway sends\n"
+		"                     READY=1 once it listens, RELOADING=1 then READY=1 around\n"
+		"                     each reload, STOPPING=1 when a stop signal arrives\n"
+		"  any variable the configuration reads with env(NAME [, default])\n"
+		"\n"
+		"Exit status:\n"
+		"  0 after a clean stop, a passing --check or a routed --route; 1 on errors;\n"
+		"  2 for a bad command line; 3 from --check for a configuration that would\n"
+		"  start but whose script has findings, or whose --sample is not routed.\n");
 }
 
 static void apply_limits(struct app *app, const struct config *cfg)
@@ -194,6 +244,7 @@ static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
 	}
 	log_info("received %s: no new connections, finishing %d requests",
 		 sig == SIGTERM ? "SIGTERM" : "SIGINT", inflight(app));
+	notify_stopping();
 	http_server_shutdown(app->client);
 	http_server_shutdown(app->admin);
 	pgface_shutdown(app->pg);
@@ -257,6 +308,19 @@ static void on_hup(evutil_socket_t sig, short what, void *arg)
 	(void)what;
 	(void)arg;
 	reload_request("SIGHUP", NULL, NULL);
+}
+
+/* SIGUSR1: logrotate moved access_log_file away; write to a new one at its path. */
+static void on_usr1(evutil_socket_t sig, short what, void *arg)
+{
+	char err[1200];
+	(void)sig;
+	(void)what;
+	(void)arg;
+	if (accesslog_reopen(err, sizeof(err)) < 0)
+		log_error("SIGUSR1: %s", err);
+	else
+		log_info("SIGUSR1: access log reopened");
 }
 
 static void on_swap(struct generation *g, void *arg)
@@ -380,6 +444,8 @@ static void stop(struct app *app)
 		event_free(app->sig_int);
 	if (app->sig_hup)
 		event_free(app->sig_hup);
+	if (app->sig_usr1)
+		event_free(app->sig_usr1);
 	event_base_free(app->base);
 	accesslog_close();
 }
@@ -434,11 +500,61 @@ fail:
 	return 1;
 }
 
+static void print_finding(void *arg, const char *text)
+{
+	int *n = arg;
+	(*n)++;
+	fprintf(stderr, "shardgate: %s\n", text);
+}
+
+/*
+ * --check: load the config and the script as a start would, list what the
+ * script shows statically (reads of undefined globals, global assignments),
+ * and with --sample also route one described request through the hooks.
+ * Exit 0 only when all of it passes.
+ */
+static int check_cli(const char *path, const char *sample, struct dryrun_request *dr)
+{
+	char err[1024];
+	int findings = 0, rc = 1;
+	struct config *cfg = config_load(path, err, sizeof(err));
+	struct script *s = cfg ? script_new(cfg, err, sizeof(err)) : NULL;
+
+	if (!s) {
+		fprintf(stderr, "shardgate: %s\n", err);
+		goto done;
+	}
+	if (script_lint(s, print_finding, &findings, err, sizeof(err)) < 0) {
+		fprintf(stderr, "shardgate: %s\n", err);
+		goto done;
+	}
+	/* From here on it would start: 3 says "loads, but" (a finding, a sample not routed). */
+	rc = 3;
+	if (findings) {
+		fprintf(stderr, "shardgate: %s: %d finding%s in %s\n", path, findings, findings == 1 ? "" : "s",
+			cfg->script);
+		goto done;
+	}
+	script_free(s);
+	s = NULL;
+	if (sample && route_cli(path, sample, dr) != 0) {
+		fprintf(stderr, "shardgate: %s: the sample '%s' is not routed (the decision above)\n", path, sample);
+		goto done;
+	}
+	printf("%s: ok\n", path);
+	rc = 0;
+done:
+	script_free(s);
+	config_free(cfg);
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
 		{ "config", required_argument, NULL, 'c' },
 		{ "check", no_argument, NULL, 'k' },
+		{ "sample", required_argument, NULL, 'S' },
 		{ "route", required_argument, NULL, 'r' },
 		{ "header", required_argument, NULL, 'H' },
 		{ "body", required_argument, NULL, 'b' },
@@ -453,7 +569,7 @@ int main(int argc, char **argv)
 	};
 	struct app app = { .config_path = "conf/shardgate.lua" };
 	struct dryrun_request dr = { 0 };
-	const char *route = NULL;
+	const char *route = NULL, *sample = NULL;
 	bool check = false;
 	int c, rc = 1;
 
@@ -464,6 +580,7 @@ int main(int argc, char **argv)
 		case 'c': app.config_path = optarg; break;
 		case 'k': check = true; break;
 		case 'r': route = optarg; break;
+		case 'S': sample = optarg; break;
 		case 'b': dr.body = optarg; break;
 		case 's': dr.sql = optarg; break;
 		case 'u': dr.user = optarg; break;
@@ -489,17 +606,21 @@ int main(int argc, char **argv)
 		default: usage(stderr); return 2;
 		}
 	}
-	if (route)
-		return route_cli(app.config_path, route, &dr);
-	if (check) {
-		char err[1024];
-		if (generation_check(app.config_path, err, sizeof(err)) < 0) {
+	{
+		char err[PATH_MAX * 4];
+		if (luaenv_find_libdir(err, sizeof(err)) < 0) {
 			fprintf(stderr, "shardgate: %s\n", err);
 			return 1;
 		}
-		printf("%s: ok\n", app.config_path);
-		return 0;
 	}
+	if (route)
+		return route_cli(app.config_path, route, &dr);
+	if (sample && !check) {
+		fprintf(stderr, "shardgate: --sample goes with --check (or use --route)\n");
+		return 2;
+	}
+	if (check)
+		return check_cli(app.config_path, sample, &dr);
 	signal(SIGPIPE, SIG_IGN);
 	srand((unsigned)(mono_now() * 1e6));
 	app.base = new_loop();
@@ -512,14 +633,17 @@ int main(int argc, char **argv)
 	app.sig_term = evsignal_new(app.base, SIGTERM, on_stop_signal, &app);
 	app.sig_int = evsignal_new(app.base, SIGINT, on_stop_signal, &app);
 	app.sig_hup = evsignal_new(app.base, SIGHUP, on_hup, &app);
-	if (!app.sig_term || !app.sig_int || !app.sig_hup || event_add(app.sig_term, NULL) < 0 ||
-	    event_add(app.sig_int, NULL) < 0 || event_add(app.sig_hup, NULL) < 0) {
+	app.sig_usr1 = evsignal_new(app.base, SIGUSR1, on_usr1, &app);
+	if (!app.sig_term || !app.sig_int || !app.sig_hup || !app.sig_usr1 || event_add(app.sig_term, NULL) < 0 ||
+	    event_add(app.sig_int, NULL) < 0 || event_add(app.sig_hup, NULL) < 0 ||
+	    event_add(app.sig_usr1, NULL) < 0) {
 		log_error("cannot install signal handlers");
 		goto done;
 	}
 	install_second_signal(&app);
 	if (start(&app) < 0)
 		goto done;
+	notify_ready();
 	event_base_dispatch(app.base);
 	log_info("stopped");
 	if (app.forced) {

@@ -558,6 +558,11 @@ void pool_status(const struct pool *p, struct pool_status *st)
 	st->checked_out = p->nlent + p->ncleaning;
 	st->available = st->size > st->checked_out ? st->size - st->checked_out : 0;
 	st->idle = p->nidle;
+	st->opening = p->nconnecting;
+	/* Below zero only while a shrunk pool still holds more than its new size. */
+	st->free = st->size - st->checked_out - st->idle - st->opening;
+	if (st->free < 0)
+		st->free = 0;
 	st->waiting = p->nwaiting;
 	st->utilization = st->size ? 100.0 * st->checked_out / st->size : 0;
 	st->state = pool_state_name(p->state);

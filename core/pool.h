@@ -69,8 +69,10 @@ struct pool_status {
 	const char *name;
 	int size;
 	int checked_out;
-	int available;
+	int available;              /* size - checked_out: idle + opening + free */
 	int idle;
+	int opening;                /* connections being opened */
+	int free;                   /* slots with no connection: size - checked_out - idle - opening, >= 0 */
 	int waiting;
 	double utilization;         /* percent of size checked out */
 	const char *state;          /* "up", "down", "half_open" */

@@ -30,6 +30,7 @@
 #include "config.h"
 #include "generation.h"
 #include "log.h"
+#include "notify.h"
 #include "util.h"
 
 #define WATCH_INTERVAL_MS 250
@@ -170,6 +171,7 @@ static void start_build(const char *trigger)
 	R.riding = R.next_waiters;
 	R.next_waiters = NULL;
 	R.again = false;
+	notify_reloading();
 	if (pthread_create(&b->thread, NULL, build_main, b) != 0) {
 		/* No thread: build here, as before, rather than not at all. */
 		log_warn("reload (%s): cannot start a thread; building on the loop", trigger);
@@ -190,10 +192,14 @@ static void finish_build(struct build *b)
 	const char *trigger = R.running_trigger;
 	struct generation *old = generation_current();
 	struct waiter *riding = R.riding;
+	char status[1200];
 	R.riding = NULL;
 	if (!b->g) {
 		log_error("reload (%s) failed, generation %u keeps serving: %s", trigger, old->id, b->err);
 		record(trigger, false, b->err);
+		snprintf(status, sizeof(status), "reload (%s) failed, generation %u serving: %s", trigger, old->id,
+			 b->err);
+		notify_reloaded(status);
 		answer(riding, false, b->err);
 		return;
 	}
@@ -210,6 +216,8 @@ static void finish_build(struct build *b)
 	/* The only part of a reload on the loop: what it held every other client up by. */
 	log_info("reload (%s): generation %u serving (%d shards, script %s); the swap took %.2f ms on the loop",
 		 trigger, b->g->id, b->g->cfg->nshards, b->g->cfg->script, (mono_now() - t0) * 1000);
+	snprintf(status, sizeof(status), "serving generation %u (reload by %s)", b->g->id, trigger);
+	notify_reloaded(status);
 	answer(riding, true, NULL);
 }
 

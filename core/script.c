@@ -582,10 +582,12 @@ static void call_shard(struct script *s, struct route *out)
 
 /* Read plan.<key> (top of stack is the plan table) as a number; default when nil. */
 static int plan_number(struct script *s, const char *key, double def, bool integer, double *out,
-		       struct route *rt, const char *where)
+		       struct route *rt, const char *where, unsigned flag)
 {
 	lua_State *L = s->L;
 	lua_getfield(L, -1, key);
+	if (!lua_isnil(L, -1))
+		rt->plan.set |= flag;
 	if (lua_isnil(L, -1)) {
 		*out = def;
 	} else if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0) ||
@@ -642,6 +644,8 @@ static int plan_shards(struct script *s, struct fanout_plan *p, struct route *rt
 	lua_getfield(L, -1, "shards");
 	if (lua_isnil(L, -1))
 		lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_shards), lua_remove(L, -2);
+	else
+		p->set |= PLAN_SET_SHARDS;
 	if (!lua_istable(L, -1)) {
 		route_error(rt, "script_error", "%s: fan-out plan field 'shards' must be a list of shard names, got %s",
 			    where, luaL_typename(L, -1));
@@ -709,12 +713,12 @@ static void call_fanout(struct script *s, struct route *out)
 	}
 	if (plan_check_keys(s, out, where) < 0 || plan_shards(s, p, out, where) < 0)
 		return;
-	if (plan_number(s, "concurrency", s->fanout.concurrency, true, &v, out, where) < 0)
+	if (plan_number(s, "concurrency", s->fanout.concurrency, true, &v, out, where, PLAN_SET_CONCURRENCY) < 0)
 		return;
 	p->concurrency = v > 100000 ? 100000 : (int)v;
-	if (plan_number(s, "timeout", s->fanout.timeout, false, &p->timeout, out, where) < 0)
+	if (plan_number(s, "timeout", s->fanout.timeout, false, &p->timeout, out, where, PLAN_SET_TIMEOUT) < 0)
 		return;
-	if (plan_number(s, "max_rows", s->fanout.max_rows, true, &v, out, where) < 0)
+	if (plan_number(s, "max_rows", s->fanout.max_rows, true, &v, out, where, PLAN_SET_MAX_ROWS) < 0)
 		return;
 	p->max_rows = v > 1e9 ? 1000000000 : (int)v;
 	lua_getfield(L, -1, "partial");
@@ -724,6 +728,8 @@ static void call_fanout(struct script *s, struct route *out)
 		return;
 	}
 	p->partial = lua_toboolean(L, -1);
+	if (!lua_isnil(L, -1))
+		p->set |= PLAN_SET_PARTIAL;
 	out->kind = ROUTE_FANOUT;
 }
 
@@ -773,6 +779,7 @@ void script_route(struct script *s, struct req *req, bool allow_fanout, struct r
 	int top = lua_gettop(L);
 
 	memset(out, 0, sizeof(*out));
+	out->transaction = req->transaction;
 	s->cur = req;
 	s->serial++;
 	push_request(s, req);
@@ -787,11 +794,20 @@ void script_route(struct script *s, struct req *req, bool allow_fanout, struct r
 		}
 	}
 	s->cur = NULL;
-	if (out->kind == ROUTE_ERROR) {
-		log_warn("route: %s (tenant '%s')", out->error, out->tenant);
+	if (out->kind == ROUTE_ERROR)
 		route_clear(out);
-	}
 	lua_settop(L, top);
+}
+
+const char *route_lease_fanout_message(void)
+{
+	return "the script gave a fan-out plan, which this face cannot run yet; name a tenant for the statement";
+}
+
+const char *route_no_tenant_message(bool transaction)
+{
+	return transaction ? "the request names no tenant; a transaction runs on one tenant's shard and never fans out"
+			   : "the request names no tenant and the script gives no fan-out plan";
 }
 
 /* ---- loading ---- */
@@ -925,6 +941,39 @@ static int load_hooks(struct script *s, const char *config_path, char *err, size
 	return 0;
 }
 
+int script_lint(struct script *s, warn_fn add, void *arg, char *err, size_t errlen)
+{
+	static const char *const hooks[] = { "tenant", "shard", "fanout", "warnings" };
+	const int refs[] = { s->ref_tenant, s->ref_shard, s->ref_fanout, s->ref_warnings };
+	lua_State *L = s->L;
+	int top = lua_gettop(L), n = -1;
+
+	if (luaenv_require(L, "shardgate.loader", err, errlen) < 0)
+		goto done;
+	lua_getfield(L, -1, "lint_script");
+	lua_pushstring(L, s->path);
+	lua_createtable(L, 0, 4);
+	for (size_t i = 0; i < ARRAY_LEN(hooks); i++) {
+		if (refs[i] == LUA_NOREF)
+			continue;
+		lua_rawgeti(L, LUA_REGISTRYINDEX, refs[i]);
+		lua_setfield(L, -2, hooks[i]);
+	}
+	if (lua_pcall(L, 2, 2, 0) != 0 || !lua_istable(L, -2)) {
+		fmt_err(err, errlen, "%s", error_text(L));
+		goto done;
+	}
+	n = (int)lua_objlen(L, -2);
+	for (int i = 1; i <= n; i++) {
+		lua_rawgeti(L, -2, i);
+		add(arg, lua_tostring(L, -1));
+		lua_pop(L, 1);
+	}
+done:
+	lua_settop(L, top);
+	return n;
+}
+
 static pthread_once_t expired_once = PTHREAD_ONCE_INIT;
 
 static void set_expired(void)
@@ -982,7 +1031,7 @@ void script_free(struct script *s)
 static void add_status(lua_State *L, const struct pool_status *st, int from, int to)
 {
 	for (int i = from; i < to; i++) {
-		lua_createtable(L, 0, 8);
+		lua_createtable(L, 0, 10);
 		lua_pushinteger(L, st[i].size);
 		lua_setfield(L, -2, "size");
 		lua_pushinteger(L, st[i].checked_out);
@@ -991,6 +1040,10 @@ static void add_status(lua_State *L, const struct pool_status *st, int from, int
 		lua_setfield(L, -2, "available");
 		lua_pushinteger(L, st[i].idle);
 		lua_setfield(L, -2, "idle");
+		lua_pushinteger(L, st[i].opening);
+		lua_setfield(L, -2, "opening");
+		lua_pushinteger(L, st[i].free);
+		lua_setfield(L, -2, "free");
 		lua_pushinteger(L, st[i].waiting);
 		lua_setfield(L, -2, "waiting");
 		lua_pushnumber(L, st[i].utilization);

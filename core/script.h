@@ -26,7 +26,17 @@ enum route_kind {
 	ROUTE_ERROR,      /* code and error say what went wrong */
 };
 
+/* The fields a fan-out plan set itself (the rest are the config's `fanout` defaults). */
+enum {
+	PLAN_SET_SHARDS = 1,
+	PLAN_SET_CONCURRENCY = 2,
+	PLAN_SET_TIMEOUT = 4,
+	PLAN_SET_PARTIAL = 8,
+	PLAN_SET_MAX_ROWS = 16,
+};
+
 struct fanout_plan {
+	unsigned set;           /* PLAN_SET_*: what the script wrote, for the dry-run's answer */
 	int *shards;            /* indexes into the config's shards, in the plan's order */
 	int nshards;
 	int concurrency;
@@ -40,6 +50,7 @@ struct route {
 	int shard;
 	struct fanout_plan plan; /* ROUTE_FANOUT; free with route_clear */
 	char tenant[128];
+	bool transaction;       /* routed as a transaction (never fans out): its no_tenant message says so */
 	const char *code;       /* "script_error" or "unknown_shard" */
 	char error[512];
 };
@@ -48,12 +59,24 @@ struct script *script_new(const struct config *cfg, char *err, size_t errlen);
 void script_free(struct script *s);
 
 /*
+ * What the loaded script shows without running (shardgate.loader's
+ * lint_script): reads of globals the sandbox lacks, assignments to
+ * globals, each "file:line: ..." handed to add. Returns how many, or -1
+ * with the reason in err when the file could not be read again.
+ */
+int script_lint(struct script *s, warn_fn add, void *arg, char *err, size_t errlen);
+
+/*
  * Run tenant() and shard() for req; when tenant() gives nil and fanout is
  * allowed, run fanout() for a plan (missing fields from the config).
  */
 void script_route(struct script *s, struct req *req, bool allow_fanout,
 		  struct route *out);
 void route_clear(struct route *r);
+/* What a request with no tenant and no plan is told, live or dry (--route, /admin/route). */
+const char *route_no_tenant_message(bool transaction);
+/* What a request whose face runs statements itself (req.lease: PostgreSQL clients) is told for a fan-out plan. */
+const char *route_lease_fanout_message(void);
 
 /*
  * The status table warnings(status) gets, built a slice at a time (see

@@ -6,8 +6,9 @@
 # them with scripts/routing.lua, places nine sample tenants on the shards the
 # gateway itself routes them to, then shows a few real requests with curl and
 # keeps the gateway running until Ctrl-C. On exit (Ctrl-C, TERM, an error) it
-# stops the gateway and PostgreSQL; nothing is left running. ./var is rebuilt
-# on every run.
+# stops the gateway and PostgreSQL; nothing is left running. Ctrl-C and TERM
+# exit 0 (that is how a demo ends), an error non-zero. ./var is rebuilt on
+# every run.
 #
 #   DEMO_NONINTERACTIVE=1   exit after showing the requests (to test the demo)
 #   SHARDGATE_BIN           the binary (default bin/shardgate)
@@ -56,6 +57,7 @@ cleanup() {
     trap '' PIPE                     # our reader may be gone; still clean up
     say ""
     say "stopping the gateway and PostgreSQL"
+    [ -n "${stopped:-}" ] && status=0
     stop_gateway
     pg_cluster_stop "$cluster" fast
     rm -f "$var/demo.pid"
@@ -69,8 +71,8 @@ if pid_is "$(cat "$var/demo.pid" 2>/dev/null)" demo.sh; then
 fi
 echo $$ >"$var/demo.pid"
 trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# Ctrl-C and SIGTERM are how a demo is meant to end: a clean stop, status 0.
+trap 'stopped=1; exit 0' INT TERM
 trap 'exit 129' HUP
 trap 'exit 141' PIPE
 
@@ -231,9 +233,12 @@ if [ "${DEMO_NONINTERACTIVE:-}" = 1 ]; then
     say "DEMO_NONINTERACTIVE=1: done"
     exit 0
 fi
+# Nothing but builtins from the line that says Ctrl-C to the wait: a
+# Ctrl-C that lands inside a command substitution upsets bash's parser.
+script_name=$(basename "$script")
+say "(admin on http://127.0.0.1:$admin_port, log in var/shardgate.log, config var/shardgate.lua;"
+say " it reloads when you edit $script_name)"
 say "gateway running on $url — Ctrl-C to stop"
-say "  (admin on http://127.0.0.1:$admin_port, log in var/shardgate.log, config var/shardgate.lua;"
-say "   it reloads when you edit $(basename "$script"))"
 wait "$gw_pid"
 status=$?
 gw_pid=

@@ -206,6 +206,108 @@ function loader.load_script(path, opts)
 end
 
 ---------------------------------------------------------------------------
+-- Static findings (shardgate --check)
+---------------------------------------------------------------------------
+
+-- What running a script cannot show until a request takes the path: a
+-- read of a global the sandbox does not have (`retrun "vip"`, `print(x)`
+-- in a hook) or an assignment to a global. Both raise when reached, so
+-- every one found is a bug; none is a guess. They are found in LuaJIT's
+-- bytecode (jit.util, as `luajit -bl` lists it): every GGET and GSET of
+-- the chunk and of every function in it, with its line.
+
+local KEYWORDS = { "and", "break", "do", "else", "elseif", "end", "false", "for", "function", "goto",
+  "if", "in", "local", "nil", "not", "or", "repeat", "return", "then", "true", "until", "while" }
+
+-- What to use instead of a global scripts often reach for.
+local HINTS = {
+  print = " (the sandbox has no print: use sg.log.info)",
+  ngx = " (this is not OpenResty: see require \"shardgate\")",
+  io = " (hooks may not do I/O)",
+  package = " (use require with the shardgate modules)",
+}
+
+-- The opcodes of GGET and GSET in this LuaJIT, read from two tiny
+-- functions rather than from a table of opcode numbers.
+local function global_opcodes(jutil)
+  local get = jutil.funcbc(load("return x_"), 1) % 256
+  local set = jutil.funcbc(load("x_ = 1"), 2) % 256
+  return get, set
+end
+
+-- The hook whose body holds line (the innermost), or nil.
+local function hook_at(ranges, line)
+  local best, size
+  for _, r in ipairs(ranges) do
+    if line >= r.first and line <= r.last and (not size or r.last - r.first < size) then
+      best, size = r.name, r.last - r.first
+    end
+  end
+  return best
+end
+
+-- loader.lint_script(path, hooks) -> list of "path:line: message" (empty
+-- when nothing is found), or nil, message when the file cannot be read or
+-- compiled. hooks (the loaded script's table, optional) names the hook a
+-- finding is in.
+function loader.lint_script(path, hooks)
+  local ok, jutil = pcall(require, "jit.util")
+  if not ok then return {} end             -- not LuaJIT: nothing to read the bytecode with
+  local src, err = read_source(path, "script")
+  if not src then return nil, err end
+  local chunk
+  chunk, err = load(src, "@" .. path, "t")
+  if not chunk then return nil, err end
+  local known, names = {}, {}
+  for _, name in ipairs(sandbox.globals()) do known[name] = true; names[#names + 1] = name end
+  for _, k in ipairs(KEYWORDS) do names[#names + 1] = k end
+  local ranges = {}
+  for _, name in ipairs(loader.HOOKS) do
+    local f = type(hooks) == "table" and hooks[name]
+    if type(f) == "function" then
+      local info = jutil.funcinfo(f)
+      if info.linedefined and info.linedefined > 0 then
+        ranges[#ranges + 1] = { name = name, first = info.linedefined, last = info.lastlinedefined }
+      end
+    end
+  end
+  local GGET, GSET = global_opcodes(jutil)
+  local found = {}
+  local function walk(fn)
+    for pc = 1, 1e9 do
+      local ins = jutil.funcbc(fn, pc)
+      if not ins then break end
+      local op = ins % 256
+      if op == GGET or op == GSET then
+        local name = jutil.funck(fn, -math.floor(ins / 65536) - 1)
+        local line = jutil.funcinfo(fn, pc).currentline
+        local hook = hook_at(ranges, line)
+        local where_ = hook and format("hook '%s'", hook) or "the script"
+        if op == GSET then
+          found[#found + 1] = { line = line, text = format("%s:%d: %s assigns global '%s' (declare it local)",
+            path, line, where_, tostring(name)) }
+        elseif not known[name] then
+          local near = loader.suggest(tostring(name), names)
+          local hint = near and format(" (did you mean '%s'?)", near) or HINTS[name] or ""
+          found[#found + 1] = { line = line, text = format("%s:%d: %s reads undefined global '%s'%s", path, line,
+            where_, tostring(name), hint) }
+        end
+      end
+    end
+    for n = -1, -1e9, -1 do
+      local k = jutil.funck(fn, n)
+      if k == nil then break end
+      if type(k) == "proto" then walk(k) end
+    end
+  end
+  walk(chunk)
+  sort(found, function(a, b) if a.line ~= b.line then return a.line < b.line end return a.text < b.text end)
+  local out = {}
+  for i, f in ipairs(found) do out[i] = f.text end
+  return out
+end
+
+---------------------------------------------------------------------------
 -- Configuration files
 ---------------------------------------------------------------------------
 

@@ -634,13 +634,15 @@ local function step_fanout(kit, view)
     return false, "script_error",
       format("%s: fan-out plan field 'partial' must be a boolean, got %s", at, type(partial))
   end
+  local written = {}
+  for k in next, plan do written[k] = true end
   return true, {
     shards = shards,
     concurrency = min(concurrency, 100000),
     timeout = timeout,
     partial = partial == true,
     max_rows = min(max_rows, 1000000000),
-  }
+  }, written
 end
 
 ---------------------------------------------------------------------------
@@ -710,6 +712,13 @@ local function tenant_field(tenant)
   return s
 end
 
+-- What a request with no tenant and no plan is told (core/script.c route_no_tenant_message).
+local NO_TENANT = "the request names no tenant and the script gives no fan-out plan"
+local NO_TENANT_TRANSACTION = "the request names no tenant; a transaction runs on one tenant's shard and never fans out"
+
+-- What a PostgreSQL client's statement that the script fans out is told (route_lease_fanout_message).
+local PG_FANOUT = "the script gave a fan-out plan, which this face cannot run yet; name a tenant for the statement"
+
 local function failed(tenant, code, message)
   return { tenant = tenant, code = code, error = sub(cstr(message), 1, ERROR_MAX) }
 end
@@ -717,12 +726,17 @@ end
 -- kit:route(req) -> exactly what GET /admin/route (and shardgate --route)
 -- answers for req:
 --   { tenant = "42", shard = "shard_1" }
---   { fanout = { shards = {...}, concurrency = 5, timeout = 30, partial = false, max_rows = 100000 } }
---   { code = "no_tenant", error = "no tenant and no fan-out plan" }
+--   { fanout = { shards = {...}, partial = true },            -- the plan as the script wrote it
+--     defaults = { concurrency = 5, timeout = 30, max_rows = 100000 } }  -- what the gateway fills in
+--   { code = "no_tenant", error = "the request names no tenant and the script gives no fan-out plan" }
 --   { tenant = "42"?, code = "script_error" | "unknown_shard", error = "file:line: ..." }
--- A request to /transaction never fans out.
+-- Messages are word for word those a live request gets (with
+-- expose_script_errors; without it, clients see a request id and the log
+-- has this text). A request to /transaction never fans out; a PostgreSQL
+-- client's statement that the script fans out is refused (bad_request).
 function Kit:route(req)
   req = normalize(req)
+  local transaction = req.protocol ~= "pg" and req.path:sub(-12) == "/transaction"
   local view, state = request_view(req)
   local ok, a, b = step_tenant(self, view, req)
   local out
@@ -732,17 +746,23 @@ function Kit:route(req)
     local tenant = tenant_field(a)
     ok, a, b = step_shard(self, a)
     out = ok and { tenant = tenant, shard = a } or failed(tenant, a, b)
-  elseif req.protocol ~= "pg" and req.path:sub(-12) ~= "/transaction" and self.hooks.fanout then
+  elseif not transaction and self.hooks.fanout then
     ok, a, b = step_fanout(self, view)
     if not ok then
       out = failed(nil, a, b)
+    elseif a and req.protocol == "pg" then
+      out = failed(nil, "bad_request", PG_FANOUT)
     elseif a then
       a.timeout = tonumber(format("%g", a.timeout))  -- dryrun prints it with %g
-      out = { fanout = a }
+      -- the plan as the script wrote it, and what the gateway fills in for the rest
+      out = { fanout = {}, defaults = {} }
+      for k, v in pairs(a) do
+        if b[k] then out.fanout[k] = v else out.defaults[k] = v end
+      end
     end
   end
   state.valid = false
-  return out or failed(nil, "no_tenant", "no tenant and no fan-out plan")
+  return out or failed(nil, "no_tenant", transaction and NO_TENANT_TRANSACTION or NO_TENANT)
 end
 
 -- testing.error_of(fn, ...) -> the message fn(...) raised, in full, or nil
@@ -765,8 +785,8 @@ function testing.status(decision)
   return 500
 end
 
-local STATUS_FIELDS = { "size", "checked_out", "available", "idle", "waiting", "utilization",
-                        "state", "max_wait_ms" }
+local STATUS_FIELDS = { "size", "checked_out", "available", "idle", "opening", "free", "waiting",
+                        "utilization", "state", "max_wait_ms" }
 
 -- A full status table (push_status) for every configured shard: fields
 -- not given default to an idle pool of 5 ("up", nothing checked out or
@@ -787,11 +807,14 @@ local function full_status(kit, status)
     local f = status[name] or {}
     local size = f.size or 5
     local checked_out = f.checked_out or 0
+    local idle, opening = f.idle or 0, f.opening or 0
     out[name] = {
       size = size,
       checked_out = checked_out,
       available = f.available or (size > checked_out and size - checked_out or 0),
-      idle = f.idle or 0,
+      idle = idle,
+      opening = opening,
+      free = f.free or math.max(0, size - checked_out - idle - opening),
       waiting = f.waiting or 0,
       utilization = f.utilization or (size > 0 and 100 * checked_out / size or 0),
       state = f.state or "up",
@@ -806,7 +829,7 @@ end
 -- script_warnings writes them: a failing hook or a wrong return becomes
 -- one line naming its file:line; it never raises for what the hook did.
 -- status: shard name -> some of { size, checked_out, available, idle,
--- waiting, utilization, state, max_wait_ms } (see full_status).
+-- opening, free, waiting, utilization, state, max_wait_ms } (see full_status).
 function Kit:warnings(status)
   status = status or {}
   if type(status) ~= "table" then
@@ -938,7 +961,10 @@ local LOG_LEVELS = { debug = true, info = true, warn = true, error = true }
 --                  limit, e.g. under a coverage tool)
 --   log_level      level of script log lines kept in kit.logs (default "info")
 -- The kit: kit.path, kit.hooks, kit.shards, kit.settings, kit.fanout_defaults,
--- kit.script_timeout, kit.logs ({level=, message=} per line the script logged).
+-- kit.script_timeout, kit.logs ({level=, message=} per line the script logged),
+-- kit.findings (what `shardgate --check` reports without running the script:
+-- "file:line: hook 'shard' reads undefined global 'retrun' ...", one string
+-- each; assert.same({}, kit.findings) in a spec keeps a script clean).
 function testing.load(script_path, opts)
   opts = opts or {}
   if type(script_path) ~= "string" then
@@ -988,6 +1014,8 @@ function testing.load(script_path, opts)
   hooks, err = hooks[1], hooks[2]
   if not hooks then error(err, 0) end
   kit.hooks = hooks
+  -- What `shardgate --check` finds without running: reads of undefined globals, global assignments.
+  kit.findings = loader.lint_script(script_path, hooks) or {}
   return kit
 end
 
@@ -1006,8 +1034,9 @@ local function shell_quote(s)
 end
 
 -- The shardgate binary to validate configs with: opts.bin (false: none),
--- $SHARDGATE_BIN, bin/shardgate beside the lua/ folder this file is in (a
--- checkout or install tree), or shardgate on PATH; nil when there is none.
+-- $SHARDGATE_BIN, the binary of the tree this file is in (bin/shardgate
+-- beside lua/ in a checkout; PREFIX/bin/shardgate for PREFIX/share/shardgate/lua,
+-- where make install puts it), or shardgate on PATH; nil when there is none.
 local function find_binary(bin)
   if bin ~= nil then return bin or nil end
   local env = os.getenv("SHARDGATE_BIN")
@@ -1016,6 +1045,8 @@ local function find_binary(bin)
   local root = here:match("^(.*)/lua/shardgate/testing%.lua$")
   if root == nil and here == "lua/shardgate/testing.lua" then root = "." end
   if root and file_exists(root .. "/bin/shardgate") then return root .. "/bin/shardgate" end
+  local prefix = root and root:match("^(.*)/share/shardgate$")
+  if prefix and file_exists(prefix .. "/bin/shardgate") then return prefix .. "/bin/shardgate" end
   local p = io.popen("command -v shardgate 2>/dev/null")
   local found = p and p:read("*l")
   if p then p:close() end
@@ -1030,7 +1061,8 @@ local function gateway_check(bin, path)
   local out = p:read("*a") or ""
   p:close()
   local text, code = out:match("^(.-)\n?exit=(%d+)\n?$")
-  if not code or code == "0" then return end
+  -- 3: it would start, with static findings (the kit has them as kit.findings)
+  if not code or code == "0" or code == "3" then return end
   if code == "127" or code == "126" then
     error(format("testing.load_config: cannot run %s to check %s: %s", bin, path, text), 0)
   end

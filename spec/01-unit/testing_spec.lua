@@ -339,14 +339,17 @@ describe("shardgate.testing", function()
     -- core/script.c check_tenant: "" is no tenant; a tenant cut to 127
     -- bytes could name another one, so it is refused (400 bad_request).
     it("answers no_tenant for an empty tenant, and bad_request for one over 127 bytes", function()
-      assert.same({ code = "no_tenant", error = "no tenant and no fan-out plan" }, route{ ["x-case"] = "empty" })
+      assert.same({ code = "no_tenant", error = "the request names no tenant and the script gives no fan-out plan" }, route{ ["x-case"] = "empty" })
       assert.same({ code = "bad_request", error = "the tenant id is too long (at most 127 bytes, no NUL)" },
         route{ ["x-case"] = "long" })
     end)
 
-    it("answers the fan-out plan with the dry-run's fields", function()
+    it("answers the fan-out plan as the script wrote it, and the defaults the gateway fills in beside it", function()
       assert.same({ fanout = { shards = { "shard_2", "shard_0" }, concurrency = 2, timeout = 1.5,
-                               partial = true, max_rows = 10 } }, route{ ["x-plan"] = "some" })
+                               partial = true, max_rows = 10 }, defaults = {} }, route{ ["x-plan"] = "some" })
+      assert.same({ fanout = {}, defaults = { shards = { "shard_0", "shard_1", "shard_2" }, concurrency = 5,
+                                              timeout = 30, partial = false, max_rows = 100000 } },
+        route{ ["x-plan"] = "all" })
     end)
 
     it("shows the timeout with %g, as the dry-run prints it", function()
@@ -354,11 +357,11 @@ describe("shardgate.testing", function()
     end)
 
     it("answers no_tenant when there is no tenant and no plan", function()
-      assert.same({ code = "no_tenant", error = "no tenant and no fan-out plan" }, route{})
+      assert.same({ code = "no_tenant", error = "the request names no tenant and the script gives no fan-out plan" }, route{})
     end)
 
     it("never fans out a /transaction", function()
-      assert.same({ code = "no_tenant", error = "no tenant and no fan-out plan" },
+      assert.same({ code = "no_tenant", error = "the request names no tenant; a transaction runs on one tenant's shard and never fans out" },
         route({ ["x-plan"] = "all" }, "/transaction"))
       assert.is_table(route({ ["x-plan"] = "all" }, "/query").fanout)
     end)
@@ -391,7 +394,7 @@ describe("shardgate.testing", function()
     it("without a tenant hook, routes by X-Tenant-Id", function()
       local k = testing.load(script("return { shard = function(t, s) return s[#t] end }"))
       assert.same({ tenant = "ab", shard = "shard_1" }, k:route{ header = { ["X-Tenant-Id"] = "ab" } })
-      assert.same({ code = "no_tenant", error = "no tenant and no fan-out plan" }, k:route{})
+      assert.same({ code = "no_tenant", error = "the request names no tenant and the script gives no fan-out plan" }, k:route{})
     end)
 
     it("gives req.header the gateway's lookups: any case, joined repeats, req.header() for all", function()
@@ -544,15 +547,15 @@ return route
       for _, c in ipairs({ "empty", "spaces", "blank" }) do
         assert.is_nil(kit:tenant(case(c)), c)
         local d = kit:route(case(c))
-        assert.same({ code = "no_tenant", error = "no tenant and no fan-out plan" }, d, c)
+        assert.same({ code = "no_tenant", error = "the request names no tenant and the script gives no fan-out plan" }, d, c)
         assert.equal(400, testing.status(d), c)
       end
     end)
 
     it("lets an empty tenant fan out like no tenant, but never in a /transaction", function()
       assert.same({ "shard_0", "shard_1", "shard_2" },
-        kit:route(case("spaces", { ["x-plan"] = "all" })).fanout.shards)
-      assert.same({ code = "no_tenant", error = "no tenant and no fan-out plan" },
+        kit:route(case("spaces", { ["x-plan"] = "all" })).defaults.shards)
+      assert.same({ code = "no_tenant", error = "the request names no tenant; a transaction runs on one tenant's shard and never fans out" },
         kit:route{ path = "/transaction", header = { ["x-case"] = "empty", ["x-plan"] = "all" } })
     end)
 
@@ -589,7 +592,7 @@ return route
     it("applies the same rules to X-Tenant-Id without a tenant hook", function()
       for _, v in ipairs({ "", "   ", " \t " }) do
         assert.is_nil(plain:tenant{ header = { ["X-Tenant-Id"] = v } }, "'" .. v .. "'")
-        assert.same({ code = "no_tenant", error = "no tenant and no fan-out plan" },
+        assert.same({ code = "no_tenant", error = "the request names no tenant and the script gives no fan-out plan" },
           plain:route{ header = { ["X-Tenant-Id"] = v } })
       end
       assert.same({ tenant = ("t"):rep(127), shard = "shard_1" },
@@ -598,7 +601,7 @@ return route
       assert.same({ code = "bad_request", error = TOO_LONG }, d)
       assert.equal(400, testing.status(d))
       -- The first of repeated headers counts, empty or not.
-      assert.same({ code = "no_tenant", error = "no tenant and no fan-out plan" },
+      assert.same({ code = "no_tenant", error = "the request names no tenant and the script gives no fan-out plan" },
         plain:route{ header = { ["X-Tenant-Id"] = { "", "b" } } })
     end)
 
@@ -779,14 +782,16 @@ return route
     assert.same({ tenant = "1" }, testing.pg_request{ sql = "/* tenant:1 */ select 1 /* tenant:2 */" }.comment)
   end)
 
-  it("routes it through the hooks like the gateway, never as a fan-out, with the default tenant rules", function()
+  it("routes it through the hooks like the gateway, refusing a fan-out plan as it does, with the default tenant rules", function()
     local path = pgwrite("pg_script.lua", PG)
     local kit = testing.load(path, { shards = { "a", "b", "c" } })
     assert.same({ tenant = "42", shard = "c" }, kit:route(testing.pg_request{ sql = "/*tenant:42*/ select 1" }))
     assert.same({ tenant = "7", shard = "b" }, kit:route(testing.pg_request{ session = { tenant = "7" } }))
     assert.same({ tenant = "psql", shard = "b" }, kit:route(testing.pg_request{ startup = { application_name = "psql" } }))
-    local none = kit:route(testing.pg_request{})
-    assert.equals("no_tenant", none.code)
+    -- the live gateway cannot run a fan-out for a PostgreSQL client: 22023 bad_request
+    assert.same({ code = "bad_request",
+                  error = "the script gave a fan-out plan, which this face cannot run yet; name a tenant for the statement" },
+      kit:route(testing.pg_request{}))
     -- Without a tenant hook: the comment's tenant, else the session's.
     local plain = testing.load(pgwrite("pg_plain.lua", "return { shard = function(t, s) return s[1] end }"),
       { shards = { "a" } })

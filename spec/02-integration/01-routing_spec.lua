@@ -332,7 +332,7 @@ return {
   shard = function(tenant, shards) return shards[1] end,
 }
 ]],
-        config = { access_log = "on" },
+        config = { access_log = "on", expose_script_errors = true },
       })
     end)
 

@@ -80,7 +80,8 @@ describe("errors", function()
     gw = helpers.start_gateway({
       shards = helpers.shards_config(dbs, { pool = 2 }),
       script = SCRIPT,
-      config = { max_body = 256, script_timeout = 0.05 },
+      -- expose_script_errors: these specs read the hooks' messages in the answers
+      config = { max_body = 256, script_timeout = 0.05, expose_script_errors = true },
     })
   end)
 

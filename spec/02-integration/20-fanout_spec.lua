@@ -226,7 +226,7 @@ describe("fan-out", function()
         pool = 2, checkout_timeout = 1, statement_timeout = 60,
       }),
       script = SCRIPT,
-      config = { fanout = { concurrency = 3, timeout = 2, max_rows = 30 } },
+      config = { fanout = { concurrency = 3, timeout = 2, max_rows = 30 }, expose_script_errors = true },
     })
   end)
 

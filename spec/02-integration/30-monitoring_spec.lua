@@ -408,14 +408,15 @@ describe("monitoring", function()
       assert.same({}, health(gw).warnings)
     end)
 
-    it("warns when a pool has no available connection, and stops once one is back", function()
+    it("warns when a pool has no available connection (and of its 100% utilization), and stops once one is back", function()
       local l = latch(dbs[1], 521)
       local conns = {}
       for i = 1, 3 do conns[i] = send(gw, "t" .. i .. "@shard_0", latched(521, "full")) end
       wait_running(dbs[1], "full", 3)
       local doc = health(gw)
       assert.equal(0, doc.connection_pools.shard_0.available)
-      assert.same({ "shard_0: No available connections" }, doc.warnings)
+      assert.same({ "shard_0: High connection utilization (100.0%)", "shard_0: No available connections" },
+        doc.warnings)
 
       l:open()
       for _, conn in ipairs(conns) do assert_passed(conn) end
@@ -525,7 +526,7 @@ end
       wait_running(dbs[1], "hook", 1)
       local waiter = send(gw, "b@shard_0", latched(531, "hook"))
       barrier(gw, "x@shard_1")
-      assert.same({ "shard_0: No available connections",
+      assert.same({ "shard_0: High connection utilization (100.0%)", "shard_0: No available connections",
         "shard_0: 1 waiting, 1/1 checked out, 0 available, up" }, health(gw).warnings)
 
       l:open()
@@ -1018,6 +1019,7 @@ return route
       assert.same({ "shard_0", "shard_2" }, dry.fanout.shards)
       assert.equal(2, dry.fanout.concurrency)
       assert.is_false(dry.fanout.partial)
+      assert.same({ timeout = 30, max_rows = 100000 }, dry.defaults)
       assert.is_nil(dry.shard)
       local cli, code = cli_route(gw.config_path, "POST", "/query", headers)
       assert.equal(0, code)
@@ -1068,7 +1070,12 @@ return route
         local res = real("/query", headers, '{"sql": "SELECT 1"}')
         assert.equal(c.status, res.status, res.body)
         assert.equal(c.code, res.json.code)
-        assert.equal(res.json.error, dry.error)
+        -- the client sees a request id; the log has, under it, the dry-run's words
+        assert.matches("^%x+$", res.json.request_id)
+        helpers.wait_until(function()
+          return gw:log():find("route: " .. dry.error .. " (tenant '" .. c.tenant .. "', request_id "
+            .. res.json.request_id .. ")", 1, true)
+        end, 5, "the log line with the request id")
         assert.matches("script%.lua:%d+", dry.error)
         assert.matches(c.says, dry.error, 1, true)
       end

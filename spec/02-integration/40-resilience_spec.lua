@@ -958,7 +958,7 @@ return {
         gw = helpers.start_gateway({
           shards = helpers.shards_config(dbs),
           script = RUNAWAY,
-          config = { script_timeout = 0.2 },
+          config = { script_timeout = 0.2, expose_script_errors = true },
         })
       end)
 
@@ -1002,7 +1002,7 @@ return {
       local gw = helpers.start_gateway({
         shards = helpers.shards_config(dbs),
         script = RUNAWAY,
-        config = { script_timeout = 0.2 },
+        config = { script_timeout = 0.2, expose_script_errors = true },
       })
       -- A gateway stuck in the handler answers nothing, SIGTERM included.
       finally(function()
@@ -1026,7 +1026,7 @@ return {
         gw = helpers.start_gateway({
           shards = helpers.shards_config(dbs),
           script = RUNAWAY,
-          config = { script_timeout = 10, script_memory = 8 * 1024 * 1024 },
+          config = { script_timeout = 10, script_memory = 8 * 1024 * 1024, expose_script_errors = true },
         })
       end)
 

@@ -407,7 +407,7 @@ return {
 }
 ]], shards = helpers.shards_config(dbs) }
       gateway_route(gw, testing.request{ header = { ["x-drop"] = "1" } })
-      local plan = gateway_route(gw, testing.request{}).fanout
+      local plan = gateway_route(gw, testing.request{}).defaults
       assert.same({ "shard_0", "shard_1", "shard_2" }, plan.shards)
     end)
 

@@ -20,7 +20,8 @@ describe("scripts/fanout_admin.lua", function()
 
   it("fans an admin's platform-wide read out to every shard, 4 at a time, partial allowed", function()
     assert.same({ fanout = { shards = { "shard_0", "shard_1", "shard_2", "shard_3", "shard_4", "shard_5" },
-                             concurrency = 4, timeout = 30, partial = true, max_rows = 100000 } },
+                             concurrency = 4, partial = true },
+                  defaults = { timeout = 30, max_rows = 100000 } },
       kit:route(req(ADMIN_ALL)))
   end)
 
@@ -49,7 +50,7 @@ describe("scripts/fanout_admin.lua", function()
     for _, h in ipairs({ { ["X-Scope"] = "all" }, { ["X-Admin"] = "1" }, { ["X-Scope"] = "ALL", ["X-Admin"] = "1" },
                          { ["X-Scope"] = "all", ["X-Admin"] = "true" }, {} }) do
       local r = kit:route(req(h))
-      assert.same({ code = "no_tenant", error = "no tenant and no fan-out plan" }, r)
+      assert.same({ code = "no_tenant", error = "the request names no tenant and the script gives no fan-out plan" }, r)
       assert.equal(400, testing.status(r))
     end
   end)

@@ -53,7 +53,7 @@ describe("scripts/routing.lua", function()
 
   it("refuses a request without the header: 400 no_tenant", function()
     local r = kit:route(testing.request{})
-    assert.same({ code = "no_tenant", error = "no tenant and no fan-out plan" }, r)
+    assert.same({ code = "no_tenant", error = "the request names no tenant and the script gives no fan-out plan" }, r)
     assert.equal(400, testing.status(r))
   end)
 

@@ -1,0 +1,65 @@
+-- make demo on a terminal (issue 19): Ctrl-C stops it and make exits 0,
+-- without "Error 130" or "Interrupt". A pseudo-terminal of our own (Python's
+-- pty, Debian's python3) runs make as a user's shell would, types Ctrl-C
+-- once the demo says it is running, and reports make's exit status.
+
+local helpers = require "spec.helpers"
+
+local DRIVER = [=[
+import os, pty, select, sys, time
+root = sys.argv[1]
+pid, fd = pty.fork()
+if pid == 0:
+    os.chdir(root)
+    os.execvp("make", ["make", "--no-print-directory", "demo"])
+out = b""
+open_ = [True]
+def read_until(pred, seconds):
+    global out
+    end = time.time() + seconds
+    while not pred() and time.time() < end:
+        if not open_[0]:
+            time.sleep(0.05)
+            continue
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            try:
+                d = os.read(fd, 4096)
+            except OSError:
+                d = b""
+            if not d:
+                open_[0] = False   # the terminal's other side is gone; keep waiting for make
+            out += d
+read_until(lambda: b"Ctrl-C to stop" in out, 120)
+ready = b"Ctrl-C to stop" in out
+if ready:
+    os.write(fd, b"\x03")
+done = []
+def finished():
+    p, st = os.waitpid(pid, os.WNOHANG)
+    if p == pid:
+        done.append(os.waitstatus_to_exitcode(st))
+    return bool(done)
+read_until(finished, 60)
+if not done:
+    os.killpg(pid, 9)
+    _, st = os.waitpid(pid, 0)
+    done.append("killed")
+sys.stdout.write(out.decode(errors="replace"))
+sys.stdout.write("\nREADY=%s STATUS=%s\n" % (ready, done[0]))
+]=]
+
+describe("make demo", function()
+  it("stops on Ctrl-C, stops the gateway and PostgreSQL, and make exits 0", function()
+    local code, out, err = helpers.python(DRIVER, { helpers.root })
+    assert.equal(0, code, err)
+    assert.truthy(out:find("READY=True STATUS=0\n", 1, true), out)
+    assert.truthy(out:find("stopping the gateway and PostgreSQL", 1, true), out)
+    assert.is_nil(out:find("Error 130", 1, true), out)
+    assert.is_nil(out:find("Interrupt", 1, true), out)
+    -- nothing left running: the demo's pid files are gone and its gateway's pid is not alive
+    assert.is_nil(helpers.read_file(helpers.root .. "/var/shardgate.pid"))
+    assert.is_nil(helpers.read_file(helpers.root .. "/var/demo.pid"))
+    assert.is_nil(helpers.read_file(helpers.root .. "/var/pg/data/postmaster.pid"))
+  end)
+end)
