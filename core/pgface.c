@@ -1856,12 +1856,26 @@ static const char *ensure_prepared(struct pgclient *c, struct cstmt *st)
 static void put_renamed(struct pgclient *c, char type, const char *before, size_t blen, const char *name,
 			const char *after, size_t alen)
 {
-	uint32_t n = htonl((uint32_t)(blen + strlen(name) + 1 + alen + 4));
+	size_t nlen = strlen(name) + 1, total = 5 + blen + nlen + alen;
+	uint32_t n = htonl((uint32_t)(total - 1));
+	char small[512];
+	if (total <= sizeof(small)) {
+		/* One copy into the buffer instead of five (a Bind of a few parameters, a Describe) */
+		small[0] = type;
+		memcpy(small + 1, &n, 4);
+		if (blen)
+			memcpy(small + 5, before, blen);
+		memcpy(small + 5 + blen, name, nlen);
+		if (alen)
+			memcpy(small + 5 + blen + nlen, after, alen);
+		evbuffer_add(c->w->sout, small, total);
+		return;
+	}
 	evbuffer_add(c->w->sout, &type, 1);
 	evbuffer_add(c->w->sout, &n, 4);
 	if (blen)
 		evbuffer_add(c->w->sout, before, blen);
-	evbuffer_add(c->w->sout, name, strlen(name) + 1);
+	evbuffer_add(c->w->sout, name, nlen);
 	if (alen)
 		evbuffer_add(c->w->sout, after, alen);
 }
@@ -1880,7 +1894,8 @@ static bool statement_allowed(struct pgclient *c, bool query, const char *sql, c
 {
 	char msg[600];
 	const char *sqlstate;
-	const char *what = c->session_mode ? NULL : unpoolable(sql);
+	/* A prepared statement (st) was checked when its Parse came. */
+	const char *what = c->session_mode || st ? NULL : unpoolable(sql);
 	if (what) {
 		refusal_text(msg, sizeof(msg), what);
 		refuse_rest(c, query, "0A000", msg, unpoolable_hint);
@@ -2966,10 +2981,9 @@ static void client_free(struct pgclient *c)
 static void destroy(struct pgclient *c)
 {
 	if (c->w) {
-		/* Nothing of it is in use any more: back to the spares. */
+		/* Nothing of it is in use any more (its events are deleted there): back to the spares. */
 		c->w->exec = NULL;
 		c->w->conn = NULL;
-		c->w->later_armed = false;
 		work_put(c);
 	}
 	if (c->ssl) {

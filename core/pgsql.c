@@ -1097,11 +1097,16 @@ const char *pgsql_next_statement(const char *sql)
 	 * (or none) is the answer without lexing. Only a quote, a dollar or a
 	 * comment's first character before it needs the lexer.
 	 */
-	const char *p = strpbrk(sql, "'\"$-/;");
-	if (!p)
-		return NULL;
-	if (*p == ';')
-		return p + 1;
+	for (const char *p = sql;; p++) {
+		p = strpbrk(p, "'\"$-/;");
+		if (!p)
+			return NULL;
+		if (*p == ';')
+			return p + 1;
+		/* A parameter ($1), a minus or a division sign starts nothing that could hide a ';'. */
+		if (!((*p == '$' && is_digit(p[1])) || (*p == '-' && p[1] != '-') || (*p == '/' && p[1] != '*')))
+			break;
+	}
 	for (lex(sql, &t); t.kind != TOK_END && t.kind != TOK_ERROR; lex(t.end, &t))
 		if (is_op(&t, ';'))
 			return t.end;

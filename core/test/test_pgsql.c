@@ -330,10 +330,37 @@ static void test_format(void)
 	}
 }
 
+/* The text after the first statement of sql, or "(none)". */
+static void expect_next(const char *name, const char *sql, const char *want)
+{
+	const char *got = pgsql_next_statement(sql);
+	char why[512];
+	snprintf(why, sizeof(why), "got [%s], want [%s]", got ? got : "(none)", want);
+	check(strcmp(got ? got : "(none)", want) == 0, name, why);
+}
+
+static void test_next_statement(void)
+{
+	expect_next("next: one statement", "SELECT 1", "(none)");
+	expect_next("next: a trailing ';' leaves an empty one", "SELECT 1;", "");
+	expect_next("next: two statements", "SELECT 1; SELECT 2", " SELECT 2");
+	expect_next("next: a parameter does not stop the quick scan", "SELECT a FROM t WHERE id = $1; SELECT 2",
+		    " SELECT 2");
+	expect_next("next: minus and division", "SELECT 1-2/3; SELECT 2", " SELECT 2");
+	expect_next("next: ';' in a literal", "SELECT ';'; SELECT 2", " SELECT 2");
+	expect_next("next: ';' in a literal after a parameter", "SELECT $1 || ';'", "(none)");
+	expect_next("next: ';' in a line comment", "SELECT 1 -- a;b\n", "(none)");
+	expect_next("next: ';' in a block comment after a division", "SELECT 4/2 /* ; */", "(none)");
+	expect_next("next: ';' in a dollar quote", "SELECT $x$;$x$; SELECT 2", " SELECT 2");
+	expect_next("next: ';' in a quoted identifier", "SELECT 1 AS \";\"", "(none)");
+	expect_next("next: a parameter inside a dollar quote", "SELECT $q$ $1; $q$", "(none)");
+}
+
 int main(void)
 {
 	test_comments();
 	test_classify();
 	test_format();
+	test_next_statement();
 	return failures;
 }
