@@ -179,11 +179,10 @@ static struct event_base *new_loop(void)
 	if (event_config_set_max_dispatch_interval(cfg, &interval, LOOP_BATCH, 1) < 0)
 		log_warn("cannot bound the loop's dispatch batch; goodput may fall under floods of clients");
 	/*
-	 * libevent reads the coarse monotonic clock by default (a few ms per
-	 * tick), so a timeout could fire a tick early: a fan-out answered
-	 * "timed out" before its timeout had passed.
+	 * No EVENT_BASE_FLAG_PRECISE_TIMER: with it, libevent's epoll backend
+	 * calls timerfd_settime before every epoll_wait. Timers stay on the
+	 * coarse clock and tv_of() (util.c) pads them by one of its ticks.
 	 */
-	event_config_set_flag(cfg, EVENT_BASE_FLAG_PRECISE_TIMER);
 	base = event_base_new_with_config(cfg);
 	event_config_free(cfg);
 	return base;
