@@ -405,36 +405,71 @@ static int l_req_index(lua_State *L)
 	const char *key = lua_tostring(L, 2);
 	if (!key)
 		return 0;
-	if (strcmp(key, "header") == 0)
+	/* Dispatch on the first letter (this runs for every field a hook reads). */
+	switch (key[0]) {
+	case 'h':
+		if (strcmp(key, "header") != 0)
+			return 0;
 		push_header_proxy(L, s, req);
-	else if (strcmp(key, "query") == 0)
+		break;
+	case 'q':
+		if (strcmp(key, "query") != 0)
+			return 0;
 		push_query(L, req->query ? req->query : "");
-	else if (strcmp(key, "body") == 0)
+		break;
+	case 'b':
+		if (strcmp(key, "body") != 0)
+			return 0;
 		lua_pushlstring(L, req->body, req->body_len);
-	else if (strcmp(key, "auth") == 0)
+		break;
+	case 'a':
+		if (strcmp(key, "auth") != 0)
+			return 0;
 		auth_push(L, req->auth);
-	else if (strcmp(key, "method") == 0)
+		break;
+	case 'm':
+		if (strcmp(key, "method") != 0)
+			return 0;
 		lua_pushstring(L, req->method);
-	else if (strcmp(key, "path") == 0)
-		lua_pushstring(L, req->path);
-	else if (strcmp(key, "protocol") == 0)
-		lua_pushstring(L, req->protocol == REQ_PG ? "pg" : "http");
-	else if (strcmp(key, "user") == 0)
+		break;
+	case 'p':
+		if (strcmp(key, "protocol") == 0)
+			lua_pushstring(L, req->protocol == REQ_PG ? "pg" : "http");
+		else if (strcmp(key, "path") == 0)
+			lua_pushstring(L, req->path);
+		else if (strcmp(key, "params") == 0)
+			push_params(L, req);
+		else
+			return 0;
+		break;
+	case 'u':
+		if (strcmp(key, "user") != 0)
+			return 0;
 		lua_pushstring(L, req->user);
-	else if (strcmp(key, "database") == 0)
+		break;
+	case 'd':
+		if (strcmp(key, "database") != 0)
+			return 0;
 		lua_pushstring(L, req->database);
-	else if (strcmp(key, "startup") == 0)
-		push_pairs(L, s, req->startup, req->nstartup);
-	else if (strcmp(key, "comment") == 0)
+		break;
+	case 's':
+		if (strcmp(key, "session") == 0)
+			push_pairs(L, s, req->session, req->nsession);
+		else if (strcmp(key, "sql") == 0)
+			lua_pushstring(L, req->sql);
+		else if (strcmp(key, "startup") == 0)
+			push_pairs(L, s, req->startup, req->nstartup);
+		else
+			return 0;
+		break;
+	case 'c':
+		if (strcmp(key, "comment") != 0)
+			return 0;
 		push_pairs(L, s, req->comment, req->ncomment);
-	else if (strcmp(key, "session") == 0)
-		push_pairs(L, s, req->session, req->nsession);
-	else if (strcmp(key, "sql") == 0)
-		lua_pushstring(L, req->sql);
-	else if (strcmp(key, "params") == 0)
-		push_params(L, req);
-	else
+		break;
+	default:
 		return 0;
+	}
 	lua_pushvalue(L, 2);
 	lua_pushvalue(L, -2);
 	lua_rawset(L, 1);
