@@ -77,14 +77,8 @@ static void route_pg(struct script *s, const struct dryrun_request *dr, struct r
 	req.nstartup = dr->nstartup;
 	req.tenant_hint = dr->tenant_hint;
 	req.body = "";
-	/* As the executor does: the hooks may plan a fan-out, which this face refuses. */
+	/* As the executor does for a single statement outside a transaction block: the hooks may plan a fan-out. */
 	script_route(s, &req, true, out);
-	if (out->kind == ROUTE_FANOUT) {
-		route_clear(out);
-		out->kind = ROUTE_ERROR;
-		out->code = "bad_request";
-		snprintf(out->error, sizeof(out->error), "%s", route_lease_fanout_message());
-	}
 }
 
 void dryrun_route(struct script *s, const struct dryrun_request *dr, struct route *out)

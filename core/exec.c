@@ -677,7 +677,7 @@ static void route_request(struct exec *r)
 	str_copy(rq->info.tenant, sizeof(rq->info.tenant), r->route.tenant);
 	if (forbidden(r))
 		return;
-	if (r->route.kind == ROUTE_FANOUT && rq->lease) {
+	if (r->route.kind == ROUTE_FANOUT && rq->lease && !rq->fanout_ok) {
 		fail(r, "bad_request", route_lease_fanout_message());
 		finish(r);
 		return;
@@ -747,6 +747,11 @@ void exec_release(struct exec *r, bool discard)
 	if (discard && r->conn)
 		pgconn_discard(r->conn);
 	finish(r);
+}
+
+struct fanout *exec_fanout(const struct exec *r)
+{
+	return r->fo;
 }
 
 int exec_shard(const struct exec *r)

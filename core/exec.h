@@ -13,6 +13,7 @@
 
 struct event_base;
 struct exec;
+struct fanout;
 struct generation;
 struct req;
 struct sink;
@@ -47,6 +48,8 @@ void exec_abort(struct exec *e);
 void exec_release(struct exec *e, bool discard);
 /* While leased: the shard's index in the generation's config (req.info names it and the tenant). */
 int exec_shard(const struct exec *e);
+/* The fan-out running the request (lease mode: the face reports its parts to it); NULL when none. */
+struct fanout *exec_fanout(const struct exec *e);
 /* The generation the request was routed on (held until done). */
 struct generation *exec_generation(const struct exec *e);
 

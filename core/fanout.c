@@ -13,6 +13,12 @@
  * face's sink (sink.h): merged rows one by one, then a summary, or one
  * error (struct fault) listing each failed shard's. Nothing here knows the
  * face's format.
+ *
+ * Lease mode (req.lease: the PostgreSQL face) runs the same parts, limits
+ * and stops, but each part's connection goes to the face (sink's
+ * part_lease), which sends its client's messages over it, streams the rows
+ * itself and reports the part's end (fanout_part_done); the answer is then
+ * only the summary (fanout_end) or the error.
  */
 #include "fanout.h"
 
@@ -47,6 +53,8 @@ struct part {
 	struct pgconn *conn;
 	enum part_state state;
 	struct pgconn_guard guard; /* statement timeout, then cancel grace */
+	bool leased;               /* lease mode: the face holds conn until fanout_part_done */
+	bool face_done;            /* lease mode: the face reported the part's end itself */
 	double sent_at;
 	PGresult *res;             /* the shard's result, kept until the answer */
 	struct fault fault;        /* the shard's error, when it failed */
@@ -128,6 +136,8 @@ static void on_part_timer(evutil_socket_t fd, short what, void *arg)
 		 p->shard->name, PGCONN_CANCEL_GRACE);
 	enter(fo);
 	part_error(p, "statement_timeout", "statement did not stop after cancel; connection closed");
+	if (p->leased)
+		pgconn_discard(p->conn);
 	part_done(p);
 	settle(fo);
 }
@@ -196,6 +206,12 @@ static void part_run(struct part *p)
 
 	p->sent_at = mono_now();
 	pgconn_guard_arm(&p->guard, part_timeout(p));
+	if (fo->rq->lease) {
+		p->state = P_RUNNING;
+		p->leased = true;
+		fo->sink->ops->part_lease(fo->sink, p->index, p->conn);
+		return;
+	}
 	if (pgconn_send_statement(p->conn, fo->sql, st->nparams, st->values, on_part_event, p) < 0) {
 		char msg[320];
 		snprintf(msg, sizeof(msg), "cannot send statement: %s", p->conn->error);
@@ -475,6 +491,50 @@ static int give_answer(struct fanout *fo, const PGresult *first, int failed)
 	return rc;
 }
 
+/* Lease mode: the face has streamed the rows; the answer is the summary or an error. */
+static void deliver_leased(struct fanout *fo)
+{
+	char msg[256];
+	int failed = 0;
+	for (int i = 0; i < fo->plan.nshards; i++)
+		failed += part_failed(&fo->parts[i]);
+	if (fo->stop_code && strcmp(fo->stop_code, "result_too_large") == 0) {
+		snprintf(msg, sizeof(msg), "fan-out result has more than max_rows (%d) rows", fo->plan.max_rows);
+		fail(fo, "result_too_large", msg);
+		return;
+	}
+	if (fo->stop_code && strcmp(fo->stop_code, "cancelled") == 0) {
+		/* The client's CancelRequest: what PostgreSQL answers a cancelled statement. */
+		struct fault f = { 0 };
+		fault_set(&f, NULL, NULL, "canceling statement due to user request");
+		str_copy(f.sqlstate, sizeof(f.sqlstate), "57014");
+		fo->sink->ops->error(fo->sink, &f);
+		fault_clear(&f);
+		return;
+	}
+	if (failed == fo->plan.nshards || (failed > 0 && !fo->plan.partial)) {
+		snprintf(msg, sizeof(msg), "fan-out failed on %d of %d shards", failed, fo->plan.nshards);
+		fail(fo, "fanout_failed", msg);
+		return;
+	}
+	struct fanout_summary sum = { 0 };
+	const char **names = xcalloc((size_t)fo->plan.nshards, sizeof(*names));
+	struct fault *faults;
+	for (int i = 0; i < fo->plan.nshards; i++)
+		if (!part_failed(&fo->parts[i]))
+			names[sum.nshards++] = fo->parts[i].shard->name;
+	sum.rows = fo->rows;
+	sum.shards = names;
+	sum.nfaults = take_faults(fo, &faults);
+	sum.faults = faults;
+	sum.partial = failed > 0;
+	fo->sink->ops->fanout_end(fo->sink, &sum);
+	for (int i = 0; i < sum.nfaults; i++)
+		fault_clear(&faults[i]);
+	free(faults);
+	free(names);
+}
+
 static void deliver(struct fanout *fo)
 {
 	const struct req *rq = fo->rq;
@@ -539,7 +599,10 @@ static void complete(struct fanout *fo)
 	for (int i = 0; i < fo->plan.nshards; i++)
 		if (part_failed(&fo->parts[i]))
 			fo->parts[i].pool->stats.fanout_failures++;
-	deliver(fo);
+	if (fo->rq->lease)
+		deliver_leased(fo);
+	else
+		deliver(fo);
 	metrics_fanout();
 	log_debug("fan-out over %d shards: done", fo->plan.nshards);
 	*fo->handle = NULL;
@@ -572,6 +635,10 @@ static void part_done(struct part *p)
 {
 	struct fanout *fo = p->fo;
 	pgconn_guard_stop(&p->guard);
+	/* Lease mode: the face lets go of the part first (its connection, if it had it). */
+	if (fo->rq->lease && !p->face_done)
+		fo->sink->ops->part_gone(fo->sink, p->index);
+	p->leased = false;
 	if (p->conn) {
 		pool_release(p->conn);
 		p->conn = NULL;
@@ -599,6 +666,8 @@ static void settle(struct fanout *fo)
 	for (int i = fo->next; i < fo->plan.nshards; i++) {
 		part_error(&fo->parts[i], "fanout_timeout", "not started before the fan-out stopped");
 		fo->parts[i].state = P_DONE;
+		if (fo->rq->lease)
+			fo->sink->ops->part_gone(fo->sink, i);
 	}
 	fo->next = fo->plan.nshards;
 	complete(fo);
@@ -614,6 +683,79 @@ static void on_deadline(evutil_socket_t fd, short what, void *arg)
 	enter(fo);
 	stop(fo, "timeout");
 	settle(fo);
+}
+
+void fanout_part_done(struct fanout *fo, int index, struct fault *f, bool discard)
+{
+	struct part *p = &fo->parts[index];
+	enter(fo);
+	if (f && fault_is_set(f) && !part_failed(p)) {
+		/* A cancel the fan-out's own timeout sent is that timeout, not the shard's error. */
+		if (strcmp(f->sqlstate, "57014") == 0 && !p->guard.timed_out && fo->stopping &&
+		    strcmp(fo->stop_code, "timeout") == 0) {
+			char msg[160];
+			snprintf(msg, sizeof(msg), "cancelled at the fan-out timeout of %gs", fo->plan.timeout);
+			part_error(p, "fanout_timeout", msg);
+		} else if (strcmp(f->sqlstate, "57014") == 0 && p->guard.timed_out) {
+			char msg[160];
+			snprintf(msg, sizeof(msg), "statement timeout (%gs) on shard %s", part_timeout(p), p->shard->name);
+			part_error(p, "statement_timeout", msg);
+		} else {
+			fault_move(&p->fault, f);
+			if (!p->fault.shard)
+				p->fault.shard = xstrdup(p->shard->name);
+		}
+	}
+	pool_observe_query(p->pool, mono_now() - p->sent_at, p->fault.sqlstate[0] ? p->fault.sqlstate : NULL);
+	if (discard && p->conn)
+		pgconn_discard(p->conn);
+	p->face_done = true;         /* the face let go already: part_done does not ask it again */
+	part_done(p);
+	if (part_failed(p) && !fo->plan.partial)
+		stop(fo, "failed");
+	settle(fo);
+}
+
+void fanout_add_rows(struct fanout *fo, long n)
+{
+	fo->rows += n;
+	if (fo->rows > fo->plan.max_rows && !fo->stopping) {
+		enter(fo);
+		stop(fo, "result_too_large");
+		settle(fo);
+	}
+}
+
+void fanout_stop(struct fanout *fo, const char *code)
+{
+	enter(fo);
+	stop(fo, code);
+	settle(fo);
+}
+
+int fanout_max_rows(const struct fanout *fo)
+{
+	return fo->plan.max_rows;
+}
+
+bool fanout_stopped(const struct fanout *fo)
+{
+	return fo->stopping;
+}
+
+int fanout_nparts(const struct fanout *fo)
+{
+	return fo->plan.nshards;
+}
+
+bool fanout_partial(const struct fanout *fo)
+{
+	return fo->plan.partial;
+}
+
+const char *fanout_part_shard(const struct fanout *fo, int part)
+{
+	return fo->parts[part].shard->name;
 }
 
 void fanout_abort(struct fanout *fo)
@@ -671,7 +813,7 @@ void fanout_start(struct fanout **handle, struct req *rq, struct generation *gen
 	fo->base = gen->base;
 	fo->plan = route->plan;
 	memset(&route->plan, 0, sizeof(route->plan));
-	fo->sql = shard_sql(rq);
+	fo->sql = rq->lease ? NULL : shard_sql(rq);     /* lease mode: the face sends its client's statement */
 	fo->parts = xcalloc((size_t)fo->plan.nshards, sizeof(struct part));
 	for (int i = 0; i < fo->plan.nshards; i++) {
 		struct part *p = &fo->parts[i];

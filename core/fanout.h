@@ -13,6 +13,9 @@ struct generation;
 struct req;
 struct route;
 struct sink;
+struct fault;
+
+#include <stdbool.h>
 
 /*
  * Run the plan in route for rq's one statement (its timeout, order and
@@ -26,5 +29,22 @@ void fanout_start(struct fanout **handle, struct req *rq, struct generation *gen
 
 /* The client went away: stop everything (waiting shards leave, running ones are cancelled). */
 void fanout_abort(struct fanout *fo);
+
+/*
+ * Lease mode (rq->lease): the face is done with part `part` (plan order)
+ * whose connection the sink's part_lease gave it, the connection back in
+ * libpq's hands (discard: close it rather than reuse it). f (NULL, or
+ * moved from) is the part's error. Without the plan's partial, an error
+ * stops the rest (waiting parts leave, running ones are cancelled).
+ */
+void fanout_part_done(struct fanout *fo, int part, struct fault *f, bool discard);
+/* Lease mode: n more rows went to the client; past max_rows the fan-out stops ("result_too_large"). */
+void fanout_add_rows(struct fanout *fo, long n);
+/* Stop as the timeout does, with code "cancelled" (a client's CancelRequest) or another. */
+void fanout_stop(struct fanout *fo, const char *code);
+bool fanout_stopped(const struct fanout *fo);
+int fanout_nparts(const struct fanout *fo);
+bool fanout_partial(const struct fanout *fo);
+const char *fanout_part_shard(const struct fanout *fo, int part);
 
 #endif

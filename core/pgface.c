@@ -61,6 +61,7 @@
 #include "auth.h"
 #include "config.h"
 #include "exec.h"
+#include "fanout.h"
 #include "fault.h"
 #include "generation.h"
 #include "log.h"
@@ -82,6 +83,7 @@ enum client_state {
 	CL_ROUTING,         /* the executor routes and checks out (may wait) */
 	CL_RESETTING,       /* the connection's reset runs before the client's messages */
 	CL_LEASED,          /* a server connection is the client's */
+	CL_FANOUT,          /* a fan-out's parts run the client's statement (see "fan-out") */
 	CL_CLOSING,         /* writing a last message, then closing */
 };
 
@@ -136,6 +138,45 @@ struct setting {
  * the face's spares), so a thousand idle clients cost a thousand
  * struct pgclient and their sockets, no buffers.
  */
+/* One shard of a fan-out: its connection, run by the face in raw mode. */
+enum fpart_state { FP_WAITING, FP_RESET, FP_RUN, FP_OVER };
+enum fpart_phase { PH_SETS, PH_BEGIN, PH_STMT, PH_END };
+
+struct fpart {
+	struct pgclient *c;
+	int index;                  /* in plan order */
+	enum fpart_state st;
+	enum fpart_phase phase;     /* which of the messages sent the server answers now */
+	struct pgconn *conn;
+	int sfd;
+	struct evbuffer *sin, *sout;
+	struct event swrite;
+	bool swrite_on;
+	bool paused;                /* its socket is not read: not its turn yet, or the client reads slowly */
+	bool described;             /* its columns are the ones the client was given */
+	struct fault fault;
+};
+
+/*
+ * A fan-out for a client's statement: the parts' answers go to the client
+ * in plan order, one part at a time (the others wait in their sockets,
+ * bounded), under one RowDescription and one CommandComplete.
+ */
+struct pgfan {
+	struct fpart *parts;
+	int n;
+	int cur;                    /* the part whose answer streams now */
+	char *query;                /* the client's Query message, whole: every part sends it */
+	size_t qlen;
+	char *sig;                  /* names, types and formats of the columns the client was given */
+	size_t siglen;
+	int sig_part;
+	char tag[64];               /* the first command tag, its row count cut off */
+	long rows;
+	bool stop_rows;             /* a part failed without partial: no more rows go out */
+	bool over;                  /* the executor is done */
+};
+
 struct pgwork {
 	struct pgclient *c;
 	struct pgwork *next_spare;
@@ -173,6 +214,8 @@ struct pgwork {
 	bool cancel_sent;
 	bool server_paused;         /* the client reads slowly: the server's socket is not read */
 	bool first_checked;         /* the lease's first message is a Query idle_msg has checked */
+	bool single_query;          /* the batch is one statement in a simple Query: a fan-out may run it */
+	struct pgfan *fan;          /* the batch fans out */
 	struct pgconn_guard guard;  /* the statement timeout of the batch in flight */
 	double timeout;
 };
@@ -256,6 +299,8 @@ static void on_client_wio(evutil_socket_t fd, short what, void *arg);
 static void on_later(evutil_socket_t fd, short what, void *arg);
 static void on_guard(evutil_socket_t fd, short what, void *arg);
 static void on_server_io(evutil_socket_t fd, short what, void *arg);
+static void fan_free(struct pgfan *fan);
+static void fan_advance(struct pgclient *c);
 
 /* The client's work, taken from the spares (or made) when it has none. */
 static struct pgwork *work(struct pgclient *c)
@@ -345,6 +390,8 @@ static void work_put(struct pgclient *c)
 	evbuffer_drain(w->sin, evbuffer_get_length(w->sin));
 	evbuffer_drain(w->sout, evbuffer_get_length(w->sout));
 	fault_clear(&w->fault);
+	fan_free(w->fan);
+	w->fan = NULL;
 	w->fault_set = w->later_armed = w->awaiting = w->copy_in = w->routed_first = false;
 	w->tx_failed = w->cancel_sent = w->server_paused = w->first_checked = false;
 	w->exec = NULL;
@@ -389,7 +436,7 @@ static bool waiting_state(enum client_state st)
 static void set_state(struct pgclient *c, enum client_state st)
 {
 	stats.waiting += waiting_state(st) - waiting_state(c->state);
-	stats.active += (st == CL_LEASED) - (c->state == CL_LEASED);
+	stats.active += (st == CL_LEASED || st == CL_FANOUT) - (c->state == CL_LEASED || c->state == CL_FANOUT);
 	c->state = st;
 }
 
@@ -570,6 +617,9 @@ static void client_flush(struct pgclient *c)
 		w->server_paused = false;
 		pgconn_raw_pause(w->conn, false);
 	}
+	/* ... or the fan-out's streaming part. */
+	if (c->state == CL_FANOUT && w->fan && w->fan->cur < w->fan->n && w->fan->parts[w->fan->cur].paused)
+		fan_advance(c);
 }
 
 /*
@@ -1143,9 +1193,16 @@ static void sink_error(struct sink *k, const struct fault *f);
 static void sink_lease(struct sink *k, struct pgconn *conn);
 static void on_exec_done(void *arg);
 
+static void sink_part_lease(struct sink *k, int part, struct pgconn *conn);
+static void sink_part_gone(struct sink *k, int part);
+static int sink_fanout_end(struct sink *k, const struct fanout_summary *sum);
+
 static const struct sink_ops pg_sink_ops = {
 	.error = sink_error,
 	.lease = sink_lease,
+	.part_lease = sink_part_lease,
+	.part_gone = sink_part_gone,
+	.fanout_end = sink_fanout_end,
 };
 
 static struct pgclient *of_sink(struct sink *k)
@@ -1156,14 +1213,48 @@ static struct pgclient *of_sink(struct sink *k)
 static void sink_error(struct sink *k, const struct fault *f)
 {
 	struct pgclient *c = of_sink(k);
-	fault_move(&c->w->fault, (struct fault *)f);
+	struct fault *mine = &c->w->fault;
 	c->w->fault_set = true;
+	if (!f->has_parts || f->nparts == 0) {
+		fault_move(mine, (struct fault *)f);
+		return;
+	}
+	/*
+	 * A fan-out failed: the client hears the first failed shard's error
+	 * (its SQLSTATE, or the gateway's code), naming the shard; the detail
+	 * lists every failed shard.
+	 */
+	const struct fault *p = &f->parts[0];
+	char msg[700];
+	struct evbuffer *d = evbuffer_new();
+	evbuffer_add_printf(d, "%s:", f->message ? f->message : "fan-out failed");
+	for (int i = 0; i < f->nparts; i++)
+		evbuffer_add_printf(d, "%s shard %s: %s%s%s", i ? ";" : "", f->parts[i].shard ? f->parts[i].shard : "?",
+				    f->parts[i].code ? f->parts[i].code : f->parts[i].sqlstate, ": ",
+				    f->parts[i].message ? f->parts[i].message : "");
+	evbuffer_add(d, "", 1);
+	if (p->code) {
+		fault_set(mine, p->code, p->shard, p->message ? p->message : "");
+	} else {
+		snprintf(msg, sizeof(msg), "shard %s: %s", p->shard ? p->shard : "?", p->message ? p->message : "");
+		fault_set(mine, NULL, p->shard, msg);
+		mine->code = NULL;
+		str_copy(mine->sqlstate, sizeof(mine->sqlstate), p->sqlstate);
+		for (int i = 0; i < FAULT_NFIELDS; i++)
+			if (p->field[i] && i != FAULT_DETAIL)
+				mine->field[i] = xstrdup(p->field[i]);
+	}
+	mine->field[FAULT_DETAIL] = xstrdup((const char *)evbuffer_pullup(d, -1));
+	evbuffer_free(d);
 }
 
 /* Start routing a transaction whose first statement is fs. */
 static void start_transaction(struct pgclient *c, const struct first_stmt *fs)
 {
 	build_req(c, fs->sql, fs->has_bind ? &fs->bind : NULL, fs->st);
+	/* A fan-out plan runs for one statement sent as a simple Query outside a transaction block. */
+	c->w->rq.fanout_ok = c->w->single_query && c->tx == 'I' && !c->pending_begin && !c->session_mode;
+	c->w->single_query = false;
 	set_state(c, CL_ROUTING);
 	c->w->tx_start = mono_now();
 	c->w->fault_set = false;
@@ -1175,6 +1266,26 @@ static void start_transaction(struct pgclient *c, const struct first_stmt *fs)
 
 static void on_server_io(evutil_socket_t fd, short what, void *arg);
 static void on_server_readable(void *arg);
+
+/* A Query replaying the client's remembered SETs into out, unless conn has them already; true when one went. */
+static bool put_settings(struct pgclient *c, struct pgconn *conn, struct evbuffer *out)
+{
+	char line[1200];
+	if (!c->settings_sig || conn->wire_sig == c->settings_sig)
+		return false;
+	struct evbuffer *q = evbuffer_new();
+	for (int i = 0; i < c->nsettings; i++) {
+		if (pgsql_format_set(c->settings[i].name, c->settings[i].value, strlen(c->settings[i].value), false,
+				     line, sizeof(line)) < 0)
+			continue;
+		evbuffer_add_printf(q, "%s%s", i ? ";" : "", line);
+	}
+	evbuffer_add(q, "", 1);
+	pgwire_put_query(out, (const char *)evbuffer_pullup(q, -1));
+	evbuffer_free(q);
+	conn->wire_sig = c->settings_sig;
+	return true;
+}
 
 static void begin_forwarding(struct pgclient *c)
 {
@@ -1196,21 +1307,8 @@ static void begin_forwarding(struct pgclient *c)
 	c->unnamed.here = false;
 	c->tx = 'I';
 	/* The client's remembered SETs, unless this connection has them already. */
-	if (c->settings_sig && c->w->conn->wire_sig != c->settings_sig) {
-		char line[1200];
-		struct evbuffer *q = evbuffer_new();
-		for (int i = 0; i < c->nsettings; i++) {
-			if (pgsql_format_set(c->settings[i].name, c->settings[i].value, strlen(c->settings[i].value),
-					     false, line, sizeof(line)) < 0)
-				continue;
-			evbuffer_add_printf(q, "%s%s", i ? ";" : "", line);
-		}
-		evbuffer_add(q, "", 1);
-		pgwire_put_query(c->w->sout, (const char *)evbuffer_pullup(q, -1));
-		evbuffer_free(q);
+	if (put_settings(c, c->w->conn, c->w->sout))
 		ex_push(c, EX_OWN_QUERY);
-		c->w->conn->wire_sig = c->settings_sig;
-	}
 	if (c->pending_begin) {
 		/* The client's BEGIN, answered when it came: now, in front of its first statement. */
 		pgwire_put_query(c->w->sout, c->pending_begin);
@@ -1281,6 +1379,8 @@ static void on_later(evutil_socket_t fd, short what, void *arg)
 	enter(c);
 	if (c->draining) {
 		client_free(c);
+	} else if (c->state == CL_FANOUT) {
+		fan_advance(c);
 	} else if (c->closing_after && c->state != CL_CLOSING) {
 		if (c->face->shutting_down && !c->terminated)
 			pgwire_put_error(cout(c), 'E', "FATAL", "57P01",
@@ -1332,7 +1432,13 @@ static void exec_done(struct pgclient *c)
 	c->w->rq.ncomment = 0;
 	c->w->rq.params = NULL;
 	c->w->rq.nparams = 0;
-	if (failed) {
+	if (c->w->fan) {
+		/* A fan-out took the client's Query: its answer (rows, summary or error) is written; it ends here. */
+		c->w->fan->over = true;
+		c->skip_to_sync = false;
+		c->tx = 'I';
+		pgwire_put_ready(cout(c), 'I');
+	} else if (failed) {
 		/* The batch's first message is still in the input: a Query is answered, the rest skipped to Sync. */
 		struct msg m;
 		if (next_msg(c, &m) == 1 && m.type == 'Q') {
@@ -2162,6 +2268,494 @@ static void process_leased(struct pgclient *c)
 	}
 }
 
+/* ---- fan-out: a statement on several shards, as one result ---- */
+
+/*
+ * The plan's parts run as the executor's fan-out schedules them
+ * (fanout.c's lease mode: concurrency, checkout, timeouts, cancels); each
+ * part's connection is the face's while it runs: the client's remembered
+ * SETs, BEGIN READ ONLY, the client's Query and COMMIT go out together, so
+ * a statement that writes fails on every shard and nothing is written. The
+ * answers go to the client in plan order: the first part's RowDescription
+ * (later parts must have the same columns), every part's rows as they come,
+ * one CommandComplete with the total. A part not yet at its turn waits in
+ * its socket (PART_BUFFER read ahead), a slow client stops the part that
+ * streams: memory stays bounded whatever the result's size.
+ */
+#define PART_BUFFER (256 * 1024)
+
+static void on_part_readable(void *arg);
+static void on_part_write(evutil_socket_t fd, short what, void *arg);
+
+static void fan_free(struct pgfan *fan)
+{
+	if (!fan)
+		return;
+	for (int i = 0; i < fan->n; i++) {
+		struct fpart *fp = &fan->parts[i];
+		if (fp->swrite_on)
+			event_del(&fp->swrite);
+		if (fp->sin)
+			evbuffer_free(fp->sin);
+		if (fp->sout)
+			evbuffer_free(fp->sout);
+		fault_clear(&fp->fault);
+	}
+	free(fan->parts);
+	free(fan->query);
+	free(fan->sig);
+	free(fan);
+}
+
+static struct fanout *fan_fo(struct pgclient *c)
+{
+	return c->w->exec ? exec_fanout(c->w->exec) : NULL;
+}
+
+/* The client's fan-out, made when the first part reports: it takes the client's Query from the input. */
+static struct pgfan *fan_of(struct pgclient *c)
+{
+	struct pgwork *w = c->w;
+	struct msg m;
+	if (w->fan)
+		return w->fan;
+	struct pgfan *fan = xcalloc(1, sizeof(*fan));
+	fan->n = fanout_nparts(fan_fo(c));
+	fan->parts = xcalloc((size_t)fan->n, sizeof(*fan->parts));
+	fan->sig_part = -1;
+	for (int i = 0; i < fan->n; i++) {
+		fan->parts[i].c = c;
+		fan->parts[i].index = i;
+		fan->parts[i].sfd = -1;
+	}
+	if (next_msg(c, &m) == 1 && m.type == 'Q') {
+		fan->qlen = m.len + 5;
+		fan->query = xmalloc(fan->qlen);
+		evbuffer_remove(w->in, fan->query, fan->qlen);
+	}
+	w->fan = fan;
+	set_state(c, CL_FANOUT);
+	return fan;
+}
+
+/* An ErrorResponse body as a fault of the part's shard (the SQLSTATE is the code). */
+static void part_fault_from(struct fpart *fp, const char *body, size_t len)
+{
+	struct pgwire_reader r;
+	struct fault *f = &fp->fault;
+	static const struct {
+		char code;
+		enum fault_field field;
+	} fields[] = { { 'D', FAULT_DETAIL }, { 'H', FAULT_HINT }, { 'P', FAULT_POSITION }, { 's', FAULT_SCHEMA },
+		       { 't', FAULT_TABLE }, { 'c', FAULT_COLUMN }, { 'd', FAULT_DATATYPE },
+		       { 'n', FAULT_CONSTRAINT }, { 'W', FAULT_CONTEXT } };
+	if (fault_is_set(f))
+		return;
+	fault_set(f, NULL, fanout_part_shard(fan_fo(fp->c), fp->index), "");
+	f->code = NULL;
+	pgwire_reader_init(&r, body, len);
+	for (;;) {
+		uint8_t code = pgwire_get8(&r);
+		if (r.bad || code == 0)
+			break;
+		const char *v = pgwire_getstr(&r);
+		if (r.bad)
+			break;
+		if (code == 'C') {
+			str_copy(f->sqlstate, sizeof(f->sqlstate), v);
+		} else if (code == 'M') {
+			free(f->message);
+			f->message = xstrdup(v);
+		} else {
+			for (size_t i = 0; i < ARRAY_LEN(fields); i++)
+				if (fields[i].code == code && !f->field[fields[i].field])
+					f->field[fields[i].field] = xstrdup(v);
+		}
+	}
+	if (!f->sqlstate[0])
+		str_copy(f->sqlstate, sizeof(f->sqlstate), "XX000");
+}
+
+/* The part is over: its connection goes back (or is closed), the fan-out hears of it. */
+static void part_finish(struct fpart *fp, bool clean)
+{
+	struct pgclient *c = fp->c;
+	struct fanout *fo = fan_fo(c);
+	if (fp->st == FP_OVER)
+		return;
+	if (fp->swrite_on)
+		event_del(&fp->swrite);
+	fp->swrite_on = false;
+	if (fp->sfd >= 0 && fp->conn && fp->conn->state == PGCONN_RAW)
+		pgconn_raw_end(fp->conn, clean);
+	fp->sfd = -1;
+	fp->conn = NULL;
+	fp->st = FP_OVER;
+	if (fp->sin)
+		evbuffer_drain(fp->sin, evbuffer_get_length(fp->sin));
+	if (fault_is_set(&fp->fault) && !fanout_partial(fo))
+		c->w->fan->stop_rows = true;
+	fanout_part_done(fo, fp->index, fault_is_set(&fp->fault) ? &fp->fault : NULL, !clean);
+}
+
+static void part_failed(struct fpart *fp, const char *why)
+{
+	char msg[400];
+	if (!fault_is_set(&fp->fault)) {
+		const char *shard = fanout_part_shard(fan_fo(fp->c), fp->index);
+		snprintf(msg, sizeof(msg), "the connection to shard %s was lost: %s", shard, why);
+		log_warn("pg: client %u: fan-out: %s", fp->c->pid, msg);
+		fault_set(&fp->fault, "shard_error", shard, msg);
+	}
+	part_finish(fp, false);
+}
+
+static void part_flush(struct fpart *fp)
+{
+	while (evbuffer_get_length(fp->sout) > 0) {
+		int n = evbuffer_write(fp->sout, fp->sfd);
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EWOULDBLOCK) {
+				if (!fp->swrite_on)
+					event_add(&fp->swrite, NULL);
+				fp->swrite_on = true;
+				return;
+			}
+			part_failed(fp, strerror(errno));
+			return;
+		}
+	}
+	if (fp->swrite_on)
+		event_del(&fp->swrite);
+	fp->swrite_on = false;
+}
+
+static void on_part_write(evutil_socket_t fd, short what, void *arg)
+{
+	struct fpart *fp = arg;
+	struct pgclient *c = fp->c;
+	(void)fd;
+	(void)what;
+	if (fp->st != FP_RUN)
+		return;
+	enter(c);
+	part_flush(fp);
+	leave(c);
+}
+
+/* Everything the part sends, at once: the client's SETs, BEGIN READ ONLY, its Query, COMMIT. */
+static void part_begin(struct fpart *fp)
+{
+	struct pgclient *c = fp->c;
+	struct pgfan *fan = c->w->fan;
+	char err[256];
+	fp->sfd = pgconn_raw_begin(fp->conn, on_part_readable, fp, err, sizeof(err));
+	if (fp->sfd < 0) {
+		fault_set(&fp->fault, "shard_error", fanout_part_shard(fan_fo(c), fp->index), err);
+		fp->st = FP_RUN;
+		part_finish(fp, false);
+		return;
+	}
+	fp->st = FP_RUN;
+	if (!fp->sin) {
+		fp->sin = evbuffer_new();
+		fp->sout = evbuffer_new();
+		if (!fp->sin || !fp->sout)
+			abort();
+	}
+	event_assign(&fp->swrite, c->face->base, fp->sfd, EV_WRITE | EV_PERSIST, on_part_write, fp);
+	fp->phase = put_settings(c, fp->conn, fp->sout) ? PH_SETS : PH_BEGIN;
+	pgwire_put_query(fp->sout, "BEGIN READ ONLY");
+	evbuffer_add(fp->sout, fan->query, fan->qlen);
+	pgwire_put_query(fp->sout, "COMMIT");
+	note_statements(fp->conn, fan->query + 5);
+	part_flush(fp);
+}
+
+static void on_part_reset(struct pgconn *conn, enum pgconn_event ev, PGresult *res, void *arg)
+{
+	struct fpart *fp = arg;
+	struct pgclient *c = fp->c;
+	(void)res;
+	if (ev != PGCONN_EV_DONE && ev != PGCONN_EV_BROKEN)
+		return;
+	if (fp->st != FP_RESET)
+		return;
+	enter(c);
+	if (ev == PGCONN_EV_BROKEN || pgconn_reset_failed(conn) || !pgconn_usable(conn)) {
+		fault_set(&fp->fault, "shard_error", fanout_part_shard(fan_fo(c), fp->index),
+			  "the connection could not be reset for this client; nothing ran");
+		fp->st = FP_RUN;
+		part_finish(fp, false);
+	} else {
+		part_begin(fp);
+	}
+	fan_advance(c);
+	leave(c);
+}
+
+static void sink_part_lease(struct sink *k, int part, struct pgconn *conn)
+{
+	struct pgclient *c = of_sink(k);
+	enter(c);
+	struct pgfan *fan = fan_of(c);
+	struct fpart *fp = &fan->parts[part];
+	fp->conn = conn;
+	if (!fan->query) {
+		fault_set(&fp->fault, "bad_request", NULL, "no statement to fan out");
+		fp->st = FP_RUN;
+		part_finish(fp, true);
+	} else if (pgconn_needs_reset(conn) || (conn->wire_sig && conn->wire_sig != c->settings_sig)) {
+		/* Another client's state is on it: libpq resets it first. */
+		fp->st = FP_RESET;
+		if (pgconn_send(conn, "SELECT 1", 0, NULL, on_part_reset, fp) < 0) {
+			fp->st = FP_RUN;
+			part_failed(fp, "cannot reset the connection");
+		}
+	} else {
+		part_begin(fp);
+	}
+	leave(c);
+}
+
+/* The fan-out is done with a part the face did not end (never leased, or taken back): let go of it. */
+static void sink_part_gone(struct sink *k, int part)
+{
+	struct pgclient *c = of_sink(k);
+	struct pgfan *fan = fan_of(c);
+	struct fpart *fp = &fan->parts[part];
+	if (fp->st == FP_RUN && fp->sfd >= 0 && fp->conn && fp->conn->state == PGCONN_RAW)
+		pgconn_raw_end(fp->conn, false);
+	if (fp->swrite_on)
+		event_del(&fp->swrite);
+	fp->swrite_on = false;
+	fp->sfd = -1;
+	fp->conn = NULL;
+	fp->st = FP_OVER;
+	if (part == fan->cur)
+		arm_later(c);       /* the next part's turn, from the loop (the fan-out is on the stack) */
+}
+
+/* The columns of a RowDescription: names, type OIDs and formats (table OIDs differ between shards). */
+static char *columns_sig(const char *body, size_t len, size_t *siglen)
+{
+	struct pgwire_reader r;
+	struct evbuffer *b = evbuffer_new();
+	char *out;
+	pgwire_reader_init(&r, body, len);
+	int n = pgwire_get16(&r);
+	for (int i = 0; i < n && !r.bad; i++) {
+		const char *name = pgwire_getstr(&r);
+		pgwire_get32(&r);
+		pgwire_get16(&r);
+		uint32_t type = pgwire_get32(&r);
+		pgwire_get16(&r);
+		pgwire_get32(&r);
+		uint16_t format = pgwire_get16(&r);
+		if (r.bad)
+			break;
+		evbuffer_add(b, name, strlen(name) + 1);
+		evbuffer_add(b, &type, 4);
+		evbuffer_add(b, &format, 2);
+	}
+	*siglen = evbuffer_get_length(b);
+	out = xmalloc(*siglen + 1);
+	evbuffer_remove(b, out, *siglen);
+	evbuffer_free(b);
+	return out;
+}
+
+/* One whole message of the streaming part. */
+static void part_msg(struct fpart *fp, char type, size_t len)
+{
+	struct pgclient *c = fp->c;
+	struct pgfan *fan = c->w->fan;
+	struct evbuffer *out = cout(c);
+	const char *body = NULL;
+	if (type == 'E' || type == 'Z' || type == 'T' || type == 'C')
+		body = (const char *)evbuffer_pullup(fp->sin, (ssize_t)len + 5) + 5;
+	switch (type) {
+	case 'Z': {
+		bool idle = len == 1 && body[0] == 'I';
+		evbuffer_drain(fp->sin, len + 5);
+		if (fp->phase == PH_END) {
+			part_finish(fp, idle);
+			return;
+		}
+		fp->phase++;
+		return;
+	}
+	case 'E':
+		part_fault_from(fp, body, len);
+		break;
+	case 'T':
+		if (fp->phase != PH_STMT)
+			break;
+		if (fan->sig_part < 0) {
+			fan->sig = columns_sig(body, len, &fan->siglen);
+			fan->sig_part = fp->index;
+			fp->described = true;
+			if (!fan->stop_rows && !c->draining) {
+				evbuffer_remove_buffer(fp->sin, out, len + 5);
+				return;
+			}
+			break;
+		}
+		size_t n;
+		char *sig = columns_sig(body, len, &n);
+		if (n == fan->siglen && memcmp(sig, fan->sig, n) == 0) {
+			fp->described = true;
+		} else if (!fault_is_set(&fp->fault)) {
+			char msg[300];
+			struct fanout *fo = fan_fo(c);
+			snprintf(msg, sizeof(msg), "shards return different columns: %s and %s differ in names or types",
+				 fanout_part_shard(fo, fan->sig_part), fanout_part_shard(fo, fp->index));
+			fault_set(&fp->fault, "column_mismatch", fanout_part_shard(fo, fp->index), msg);
+		}
+		free(sig);
+		break;
+	case 'D':
+		if (fp->phase == PH_STMT && fp->described && !fan->stop_rows && !c->draining &&
+		    !fanout_stopped(fan_fo(c))) {
+			evbuffer_remove_buffer(fp->sin, out, len + 5);
+			fan->rows++;
+			fanout_add_rows(fan_fo(c), 1);
+			return;
+		}
+		break;
+	case 'C':
+		if (fp->phase == PH_STMT && !fan->tag[0]) {
+			/* "SELECT 12": the tag without its count, for the total's. */
+			size_t t = strnlen(body, len);
+			while (t > 0 && isdigit((unsigned char)body[t - 1]))
+				t--;
+			while (t > 0 && body[t - 1] == ' ')
+				t--;
+			if (t >= sizeof(fan->tag))
+				t = sizeof(fan->tag) - 1;
+			memcpy(fan->tag, body, t);
+			fan->tag[t] = '\0';
+		}
+		break;
+	case 'N':
+		if (fp->phase == PH_STMT && !c->draining) {
+			evbuffer_remove_buffer(fp->sin, out, len + 5);
+			return;
+		}
+		break;
+	default:
+		break;
+	}
+	evbuffer_drain(fp->sin, len + 5);
+}
+
+/* The streaming part's whole messages, while the client keeps up. */
+static void part_process(struct fpart *fp)
+{
+	struct pgclient *c = fp->c;
+	while (fp->st == FP_RUN) {
+		unsigned char h[5];
+		uint32_t len;
+		if (evbuffer_copyout(fp->sin, h, 5) < 5)
+			break;
+		memcpy(&len, h + 1, 4);
+		len = ntohl(len);
+		if (len < 4) {
+			part_failed(fp, "a malformed message from the server");
+			return;
+		}
+		if (evbuffer_get_length(fp->sin) < (size_t)len + 1)
+			break;
+		part_msg(fp, (char)h[0], len - 4);
+	}
+	if (fp->st != FP_RUN)
+		return;
+	bool slow = c->w && evbuffer_get_length(c->w->out) > CLIENT_OUT_HIGH;
+	if (slow != fp->paused) {
+		fp->paused = slow;
+		pgconn_raw_pause(fp->conn, slow);
+	}
+}
+
+/* Read what a part's server sent; the streaming part's goes on, the others' waits (PART_BUFFER read ahead). */
+static void part_read(struct fpart *fp)
+{
+	struct pgfan *fan = fp->c->w->fan;
+	for (;;) {
+		ssize_t n = read_some(fp->sin, fp->sfd, SERVER_READ);
+		if (n == 0) {
+			part_failed(fp, "the server closed the connection");
+			return;
+		}
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+				break;
+			part_failed(fp, strerror(errno));
+			return;
+		}
+		if (n < SERVER_READ)
+			break;
+	}
+	if (fp->index != fan->cur && evbuffer_get_length(fp->sin) > PART_BUFFER && !fp->paused) {
+		fp->paused = true;
+		pgconn_raw_pause(fp->conn, true);
+	}
+}
+
+static void on_part_readable(void *arg)
+{
+	struct fpart *fp = arg;
+	struct pgclient *c = fp->c;
+	if (fp->st != FP_RUN)
+		return;
+	enter(c);
+	part_read(fp);
+	if (c->w && c->w->fan && fp->index == c->w->fan->cur)
+		fan_advance(c);
+	leave(c);
+}
+
+/* The streaming part's answer, then the next part's, as far as their servers have answered. */
+static void fan_advance(struct pgclient *c)
+{
+	struct pgfan *fan = c->w ? c->w->fan : NULL;
+	while (fan && !fan->over && fan->cur < fan->n) {
+		struct fpart *fp = &fan->parts[fan->cur];
+		if (fp->st == FP_OVER) {
+			fan->cur++;
+			continue;
+		}
+		if (fp->st != FP_RUN)
+			return;
+		if (fp->paused && evbuffer_get_length(c->w->out) <= CLIENT_OUT_HIGH) {
+			fp->paused = false;
+			pgconn_raw_pause(fp->conn, false);
+		}
+		part_process(fp);
+		if (fp->st == FP_RUN)
+			return;
+		fan = c->w ? c->w->fan : NULL;
+	}
+}
+
+/* Every part is done: notices for the shards that failed (partial), then one CommandComplete. */
+static int sink_fanout_end(struct sink *k, const struct fanout_summary *sum)
+{
+	struct pgclient *c = of_sink(k);
+	struct pgfan *fan = fan_of(c);
+	struct evbuffer *out = cout(c);
+	char tag[96], msg[700];
+	for (int i = 0; i < sum->nfaults; i++) {
+		const struct fault *f = &sum->faults[i];
+		snprintf(msg, sizeof(msg), "fan-out: shard %s failed, its rows are missing or incomplete: %s%s%s",
+			 f->shard ? f->shard : "?", f->code ? f->code : f->sqlstate, ": ", f->message ? f->message : "");
+		pgwire_put_error(out, 'N', "WARNING", "01000", msg, NULL, NULL);
+	}
+	snprintf(tag, sizeof(tag), "%s %ld", fan->tag[0] ? fan->tag : "SELECT", fan->rows);
+	pgwire_put_complete(out, tag);
+	return 0;
+}
+
 /* ---- between transactions ---- */
 
 /* A Bind that follows a Parse of the same statement in the input: its parameters route the first statement. */
@@ -2215,6 +2809,18 @@ static const char *lone_word(const char *sql, char *w, size_t len)
  * statement ends that empty transaction here too. True when sql was one
  * of those and is answered.
  */
+/* Whether sql holds one statement (trailing semicolons, spaces and comments aside). */
+static bool one_statement(const char *sql)
+{
+	const char *next = pgsql_next_statement(sql);
+	if (!next)
+		return true;
+	next = sql_skip_noise(next);
+	while (*next == ';' || isspace((unsigned char)*next))
+		next = sql_skip_noise(next + 1);
+	return !*next;
+}
+
 static bool deferred_transaction(struct pgclient *c, const char *sql, struct evbuffer *out)
 {
 	char w[16];
@@ -2340,6 +2946,7 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 		}
 		fs.sql = sql;
 		c->w->first_checked = true;
+		c->w->single_query = one_statement(sql);
 		start_transaction(c, &fs);
 		return false;
 	}
@@ -2729,7 +3336,10 @@ static void on_cancel_request(struct pgclient *c, uint32_t pid, uint32_t key)
 			log_info("pg: a cancel request for client %u had the wrong key", pid);
 			break;
 		}
-		if (t->state == CL_LEASED && t->w->awaiting && t->w->conn) {
+		if (t->state == CL_FANOUT && t->w->exec && exec_fanout(t->w->exec)) {
+			log_info("pg: client %u: cancel request, cancelling its fan-out", pid);
+			fanout_stop(exec_fanout(t->w->exec), "cancelled");
+		} else if (t->state == CL_LEASED && t->w->awaiting && t->w->conn) {
 			log_info("pg: client %u: cancel request, cancelling its statement on shard %s", pid, t->w->rq.info.shard);
 			t->w->cancel_sent = true;
 			pgconn_cancel(t->w->conn);
@@ -2918,6 +3528,9 @@ static void client_gone(struct pgclient *c, bool can_write)
 		c->no_write = true;
 	switch (c->state) {
 	case CL_ROUTING:
+	case CL_FANOUT:
+		if (c->draining)
+			return;
 		c->draining = true;
 		exec_abort(c->w->exec);
 		return;
@@ -3087,7 +3700,7 @@ struct pgface *pgface_new(struct event_base *base, const char *addr, struct ssl_
 
 static bool busy(const struct pgclient *c)
 {
-	return c->state == CL_ROUTING || c->state == CL_RESETTING || c->state == CL_LEASED;
+	return c->state == CL_ROUTING || c->state == CL_RESETTING || c->state == CL_LEASED || c->state == CL_FANOUT;
 }
 
 void pgface_shutdown(struct pgface *f)

@@ -73,6 +73,8 @@ struct req {
 	const char *pg_user;
 	/* The face runs the statements itself on the connection (exec_lease): sql and params are for the hooks. */
 	bool lease;
+	/* With lease: the face can run a fan-out plan for this request (fanout.c's lease mode); else it is refused. */
+	bool fanout_ok;
 	const char *sql;         /* with lease: req.sql */
 	int nparams;             /* with lease: req.params (NULL entries: nil) */
 	const char *const *params;

@@ -52,6 +52,14 @@ struct sink_ops {
 	void (*notice)(struct sink *k, const PGresult *res);
 	/* A leased request (req.lease) got its connection (req.info names the shard): the face runs it until exec_release. */
 	void (*lease)(struct sink *k, struct pgconn *c);
+	/* A leased fan-out's part (plan order) got its connection: the face runs it until fanout_part_done. */
+	void (*part_lease)(struct sink *k, int part, struct pgconn *c);
+	/*
+	 * A leased fan-out's part is over without the face (no connection, not
+	 * started, or its statement outlived its cancel): the face lets go of it
+	 * now, its connection included (pgconn_raw_end), and moves on.
+	 */
+	void (*part_gone)(struct sink *k, int part);
 };
 
 struct sink {

@@ -716,9 +716,6 @@ end
 local NO_TENANT = "the request names no tenant and the script gives no fan-out plan"
 local NO_TENANT_TRANSACTION = "the request names no tenant; a transaction runs on one tenant's shard and never fans out"
 
--- What a PostgreSQL client's statement that the script fans out is told (route_lease_fanout_message).
-local PG_FANOUT = "the script gave a fan-out plan, which this face cannot run yet; name a tenant for the statement"
-
 local function failed(tenant, code, message)
   return { tenant = tenant, code = code, error = sub(cstr(message), 1, ERROR_MAX) }
 end
@@ -732,8 +729,9 @@ end
 --   { tenant = "42"?, code = "script_error" | "unknown_shard", error = "file:line: ..." }
 -- Messages are word for word those a live request gets (with
 -- expose_script_errors; without it, clients see a request id and the log
--- has this text). A request to /transaction never fans out; a PostgreSQL
--- client's statement that the script fans out is refused (bad_request).
+-- has this text). A request to /transaction never fans out. A PostgreSQL
+-- client's statement gets its plan too (live, the gateway runs it for a
+-- single statement sent as a simple Query outside a transaction block).
 function Kit:route(req)
   req = normalize(req)
   local transaction = req.protocol ~= "pg" and req.path:sub(-12) == "/transaction"
@@ -750,8 +748,6 @@ function Kit:route(req)
     ok, a, b = step_fanout(self, view)
     if not ok then
       out = failed(nil, a, b)
-    elseif a and req.protocol == "pg" then
-      out = failed(nil, "bad_request", PG_FANOUT)
     elseif a then
       a.timeout = tonumber(format("%g", a.timeout))  -- dryrun prints it with %g
       -- the plan as the script wrote it, and what the gateway fills in for the rest

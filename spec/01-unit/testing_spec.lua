@@ -782,16 +782,15 @@ return route
     assert.same({ tenant = "1" }, testing.pg_request{ sql = "/* tenant:1 */ select 1 /* tenant:2 */" }.comment)
   end)
 
-  it("routes it through the hooks like the gateway, refusing a fan-out plan as it does, with the default tenant rules", function()
+  it("routes it through the hooks like the gateway, its fan-out plan included, with the default tenant rules", function()
     local path = pgwrite("pg_script.lua", PG)
     local kit = testing.load(path, { shards = { "a", "b", "c" } })
     assert.same({ tenant = "42", shard = "c" }, kit:route(testing.pg_request{ sql = "/*tenant:42*/ select 1" }))
     assert.same({ tenant = "7", shard = "b" }, kit:route(testing.pg_request{ session = { tenant = "7" } }))
     assert.same({ tenant = "psql", shard = "b" }, kit:route(testing.pg_request{ startup = { application_name = "psql" } }))
-    -- the live gateway cannot run a fan-out for a PostgreSQL client: 22023 bad_request
-    assert.same({ code = "bad_request",
-                  error = "the script gave a fan-out plan, which this face cannot run yet; name a tenant for the statement" },
-      kit:route(testing.pg_request{}))
+    -- a statement without a tenant gets the script's plan, as an HTTP request does
+    local plan = kit:route(testing.pg_request{ sql = "select count(*) from orders" })
+    assert.same({ "a", "b", "c" }, plan.fanout.shards)
     -- Without a tenant hook: the comment's tenant, else the session's.
     local plain = testing.load(pgwrite("pg_plain.lua", "return { shard = function(t, s) return s[1] end }"),
       { shards = { "a" } })
