@@ -294,13 +294,14 @@ static void handle_route(struct http_request *req)
 	char method[16], path[2048], body[8192];
 	struct dryrun_request dr = { 0 };
 	struct generation *g = generation_current();
-	struct evbuffer *b = new_buffer();
+	struct evbuffer *b;
 	const char *q = req->head.query;
 
 	if (arg(q, "protocol", 0, method, sizeof(method)) && strcmp(method, "pg") == 0) {
 		handle_pg_route(req, g);
 		return;
 	}
+	b = new_buffer();
 	dr.method = arg(q, "method", 0, method, sizeof(method)) ? method : "POST";
 	dr.target = arg(q, "path", 0, path, sizeof(path)) ? path : "/query";
 	dr.body = arg(q, "body", 0, body, sizeof(body));

@@ -172,6 +172,8 @@ struct pgfan {
 	size_t siglen;
 	int sig_part;
 	char tag[64];               /* the first command tag, its row count cut off */
+	bool extended;              /* the batch is Parse/Bind/Describe/Execute/Sync */
+	int lead;                   /* ... the part whose ParseComplete and BindComplete the client got */
 	long rows;
 	bool stop_rows;             /* a part failed without partial: no more rows go out */
 	bool over;                  /* the executor is done */
@@ -214,7 +216,8 @@ struct pgwork {
 	bool cancel_sent;
 	bool server_paused;         /* the client reads slowly: the server's socket is not read */
 	bool first_checked;         /* the lease's first message is a Query idle_msg has checked */
-	bool single_query;          /* the batch is one statement in a simple Query: a fan-out may run it */
+	size_t fan_len;             /* the batch a fan-out may run (one statement, a simple Query or an unnamed
+				     * Parse/Bind/Describe/Execute/Sync), its bytes at the input's head; 0: none */
 	struct pgfan *fan;          /* the batch fans out */
 	struct pgconn_guard guard;  /* the statement timeout of the batch in flight */
 	double timeout;
@@ -1253,8 +1256,7 @@ static void start_transaction(struct pgclient *c, const struct first_stmt *fs)
 {
 	build_req(c, fs->sql, fs->has_bind ? &fs->bind : NULL, fs->st);
 	/* A fan-out plan runs for one statement sent as a simple Query outside a transaction block. */
-	c->w->rq.fanout_ok = c->w->single_query && c->tx == 'I' && !c->pending_begin && !c->session_mode;
-	c->w->single_query = false;
+	c->w->rq.fanout_ok = c->w->fan_len > 0 && c->tx == 'I' && !c->pending_begin && !c->session_mode;
 	set_state(c, CL_ROUTING);
 	c->w->tx_start = mono_now();
 	c->w->fault_set = false;
@@ -1427,6 +1429,7 @@ static void exec_done(struct pgclient *c)
 	accesslog_write(&c->w->rq, status, mono_now() - c->w->tx_start);
 	set_state(c, CL_IDLE);
 	c->w->first_checked = false;
+	c->w->fan_len = 0;
 	c->w->rq.sql = NULL;
 	c->w->rq.comment = NULL;
 	c->w->rq.ncomment = 0;
@@ -2323,16 +2326,19 @@ static struct pgfan *fan_of(struct pgclient *c)
 	fan->n = fanout_nparts(fan_fo(c));
 	fan->parts = xcalloc((size_t)fan->n, sizeof(*fan->parts));
 	fan->sig_part = -1;
+	fan->lead = -1;
 	for (int i = 0; i < fan->n; i++) {
 		fan->parts[i].c = c;
 		fan->parts[i].index = i;
 		fan->parts[i].sfd = -1;
 	}
-	if (next_msg(c, &m) == 1 && m.type == 'Q') {
-		fan->qlen = m.len + 5;
+	if (w->fan_len > 0 && next_msg(c, &m) == 1 && evbuffer_get_length(w->in) >= w->fan_len) {
+		fan->extended = m.type == 'P';
+		fan->qlen = w->fan_len;
 		fan->query = xmalloc(fan->qlen);
 		evbuffer_remove(w->in, fan->query, fan->qlen);
 	}
+	w->fan_len = 0;
 	w->fan = fan;
 	set_state(c, CL_FANOUT);
 	return fan;
@@ -2468,7 +2474,8 @@ static void part_begin(struct fpart *fp)
 	pgwire_put_query(fp->sout, "BEGIN READ ONLY");
 	evbuffer_add(fp->sout, fan->query, fan->qlen);
 	pgwire_put_query(fp->sout, "COMMIT");
-	note_statements(fp->conn, fan->query + 5);
+	/* The statement's text: a Query's, or the Parse's after the (empty) statement name. */
+	note_statements(fp->conn, fan->query + (fan->extended ? 6 : 5));
 	part_flush(fp);
 }
 
@@ -2635,6 +2642,19 @@ static void part_msg(struct fpart *fp, char type, size_t len)
 				t = sizeof(fan->tag) - 1;
 			memcpy(fan->tag, body, t);
 			fan->tag[t] = '\0';
+		}
+		break;
+	case '1':
+		if (fp->phase == PH_STMT && fan->extended && fan->lead < 0)
+			fan->lead = fp->index;
+		/* fall through */
+	case '2':
+	case 't':
+	case 'n':
+		/* ParseComplete, BindComplete, ParameterDescription, NoData: the leading shard's only. */
+		if (fp->phase == PH_STMT && fan->extended && fp->index == fan->lead && !c->draining) {
+			evbuffer_remove_buffer(fp->sin, out, len + 5);
+			return;
 		}
 		break;
 	case 'N':
@@ -2809,6 +2829,57 @@ static const char *lone_word(const char *sql, char *w, size_t len)
  * statement ends that empty transaction here too. True when sql was one
  * of those and is answered.
  */
+/*
+ * The bytes of an extended-protocol batch at the input's head that a
+ * fan-out can run: the unnamed statement's Parse, then Bind, Describe and
+ * Execute of it and its unnamed portal, up to a Sync, all arrived; 0 when
+ * the input holds anything else.
+ */
+static bool one_statement(const char *sql);
+
+static size_t unnamed_batch_len(struct pgclient *c, const char *sql)
+{
+	struct evbuffer *in = c->w->in;
+	struct evbuffer_ptr pos;
+	size_t off = 0, total = evbuffer_get_length(in);
+	bool parse = false, execute = false;
+	if (!sql || !one_statement(sql))
+		return 0;
+	while (off + 5 <= total) {
+		unsigned char h[6];
+		uint32_t n;
+		if (evbuffer_ptr_set(in, &pos, off, EVBUFFER_PTR_SET) < 0 || evbuffer_copyout_from(in, &pos, h, 6) < 5)
+			return 0;
+		memcpy(&n, h + 1, 4);
+		n = ntohl(n);
+		if (n < 4 || off + 1 + n > total)
+			return 0;
+		switch (h[0]) {
+		case 'P':
+			if (parse || n < 5 || h[5] != '\0')
+				return 0;       /* one Parse, of the unnamed statement */
+			parse = true;
+			break;
+		case 'B':
+			if (n < 6 || h[5] != '\0')
+				return 0;       /* the unnamed portal ... */
+			break;
+		case 'D':
+		case 'E':
+			if (n < 6 || (h[0] == 'D' && h[5] != 'P' && h[5] != 'S'))
+				return 0;
+			execute |= h[0] == 'E';
+			break;
+		case 'S':
+			return parse && execute ? off + 1 + n : 0;
+		default:
+			return 0;
+		}
+		off += 1 + n;
+	}
+	return 0;
+}
+
 /* Whether sql holds one statement (trailing semicolons, spaces and comments aside). */
 static bool one_statement(const char *sql)
 {
@@ -2946,7 +3017,7 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 		}
 		fs.sql = sql;
 		c->w->first_checked = true;
-		c->w->single_query = one_statement(sql);
+		c->w->fan_len = one_statement(sql) ? m->len + 5 : 0;
 		start_transaction(c, &fs);
 		return false;
 	}
@@ -2970,6 +3041,7 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 			return true;
 		}
 		peek_bind(c, m, name, &fs);
+		c->w->fan_len = *name ? 0 : unnamed_batch_len(c, fs.sql);
 		start_transaction(c, &fs);
 		return false;
 	}

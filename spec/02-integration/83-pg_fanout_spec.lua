@@ -118,6 +118,25 @@ print(sorted(r[0] for r in cur.fetchall()))
     assert.equal("[" .. table.concat(names, ", ") .. "]", l[3])
   end)
 
+  it("runs an unnamed extended-protocol statement too (psycopg's cursor: parameters, text and binary)", function()
+    local code, out, err = helpers.python([[
+import sys, psycopg
+c = psycopg.connect(host="127.0.0.1", port=int(sys.argv[1]), user="app", dbname="app", autocommit=True,
+                    options="-c shardgate.scope=all")
+cur = c.execute("SELECT name, %s::int AS n FROM shard_info", (7,))
+rows = cur.fetchall()
+print(cur.statusmessage, len(rows), sorted(set(r[1] for r in rows)))
+cur = c.cursor(binary=True)
+cur.execute("SELECT %s::int8 * 2 AS twice, name FROM shard_info", (21,))
+rows = cur.fetchall()
+print(len(rows), sorted(set(r[0] for r in rows)), type(rows[0][0]).__name__)
+]], { gw.pg_port })
+    assert.equal(0, code, err)
+    local l = lines(out)
+    assert.equal("SELECT 6 6 [7]", l[1])
+    assert.equal("6 [42] int", l[2])
+  end)
+
   it("runs at most the plan's concurrency at once, observed from the shards", function()
     local code, out, err = psql("SELECT shard, started, ended FROM sg_probe(0.3)",
       "-c shardgate.scope=all -c shardgate.concurrency=2")
