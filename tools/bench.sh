@@ -27,6 +27,10 @@
 #              shard_0, once without and once with POST /admin/directory/refresh
 #              loading a BENCH_DIR_ROWS-row tenant_directory 1 s into the row;
 #              load time, the gateway's VmRSS before/after, bytes per entry
+#   pg fan-out the same sequential statement through pg_listen (tools/bench/seq_pg.lua):
+#              one tenant's shard, then the fan-out (SET shardgate.scope = 'all'),
+#              and a 1,000,000-row fan-out streamed in shard order to a client
+#              slower than the shards: the gateway's peak RSS meanwhile
 #   idle       a fresh gateway with 3 x 15 pooled connections and
 #              BENCH_IDLE_CLIENTS idle keep-alive clients (tools/bench/idle.lua)
 #   idle pg    a fresh gateway with pg_listen and a fresh PgBouncer, each holding
@@ -734,10 +738,11 @@ run_wrk sg_healthz -
 stop_gateway
 
 # --- fan-out ---------------------------------------------------------------------------
-say "starting the fan-out gateway: $fanout_shards shards, pool 2, min_idle 1"
+say "starting the fan-out gateway: $fanout_shards shards, pool 2, min_idle 1, pg_listen"
 start_gateway gw-fanout "  script = \"$root/tools/bench/fanout_routing.lua\",
   defaults = { pool = 2, min_idle = 1 },
-$(shards_lua shard_ fan_ "$fanout_shards")"
+  fanout = { max_rows = 2000000 },
+$(shards_lua shard_ fan_ "$fanout_shards")" pg
 wait_pooled "$fanout_shards" 'fan_%'
 
 fan_body="{\"sql\":\"$fanout_sql\"}"
@@ -767,6 +772,44 @@ add_row fo_single "single-shard seq (pg_sleep 20 ms)" 1
 add_row fo_fan "fan-out ${fanout_shards}x c$fanout_concurrency seq" 1
 run_seq fo_single '"row_count":1' "X-Organization-Id: 1"
 run_seq fo_fan '"errors":[]' "X-Scope: all"
+# The same through pg_listen (tools/bench/seq_pg.lua, simple Query): one
+# tenant's shard, then the fan-out (SET shardgate.scope = 'all').
+# run_seq_pg KEY OPTIONS ROWS
+run_seq_pg() {
+    local key=$1 out=$tmp/out/$1 line warm=3
+    say "row ${R_label[$key]}: $fanout_n sequential Queries (+$warm warm-up) through pg_listen"
+    snap_begin "$gw_pid"
+    ( luajit "$root/tools/bench/seq_pg.lua" 127.0.0.1 "$gw_pg_port" "$pg_user" fan_0 "$2" "$fanout_n" "$warm" \
+        "$3" "$fanout_sql" >"$out.out" 2>"$out.err"
+      echo $? >"$out.rc"; times >"$out.times" ) &
+    load_pid=$!
+    wait "$load_pid"
+    load_pid=
+    line=$(grep '^SEQ ' "$out.out")
+    [ "$(cat "$out.rc")" = 0 ] && [ -n "$line" ] || { cat "$out.err" >&2; die "row $key failed"; }
+    # shellcheck disable=SC2034  # all set by the eval below, not all used
+    local n p50_ms p99_ms min_ms max_ms mean_ms total_s
+    eval "$(echo "${line#SEQ }" | tr ' ' '\n' | grep -E '^[a-z_0-9]+=[0-9.]+$')"
+    snap_end "$key" "$gw_pid" $((fanout_n + warm)) "$(times_us "$out.times")"
+    R_rps[$key]=$(awk -v n="$n" -v t="$total_s" 'BEGIN { printf "%.1f", n / t }')
+    R_p50[$key]=$(printf '%.2f' "$p50_ms")
+    R_p99[$key]=$(printf '%.2f' "$p99_ms")
+}
+add_row fo_pg_single "pg single-shard seq (pg_sleep 20 ms)" 1
+add_row fo_pg_fan "pg fan-out ${fanout_shards}x c$fanout_concurrency seq" 1
+run_seq_pg fo_pg_single "-c shardgate.tenant=1" 1
+run_seq_pg fo_pg_fan "-c shardgate.scope=all" "$fanout_shards"
+# A 1,000,000-row fan-out through pg_listen, streamed in shard order to a
+# client that reads it in Lua (slower than the shards): the gateway's peak
+# RSS while it streams.
+export_per_shard=$(( (1000000 + fanout_shards - 1) / fanout_shards ))
+pg_export_rss0=$(mem_kib "$gw_pid" VmRSS)
+pg_export_out=$(luajit "$root/tools/bench/seq_pg.lua" 127.0.0.1 "$gw_pg_port" "$pg_user" fan_0 \
+    "-c shardgate.scope=all" 0 0 $((export_per_shard * fanout_shards)) \
+    "SELECT g, md5(g::text) FROM generate_series(1, $export_per_shard) AS g" 2>&1) ||
+    die "the 1M-row pg fan-out failed: $pg_export_out"
+pg_export_hwm=$(mem_kib "$gw_pid" VmHWM)
+say "pg fan-out export: $pg_export_out; gateway VmRSS before $pg_export_rss0 KiB, VmHWM $pg_export_hwm KiB"
 # The fan-out answer must come from all shards.
 fan_answer=$(curl -s "http://127.0.0.1:$gw_port/query" -H 'X-Scope: all' -H 'Content-Type: application/json' -d "$fan_body")
 fan_rows=$(printf '%s' "$fan_answer" | sed -n 's/.*"row_count":\([0-9]*\).*/\1/p')
@@ -1149,6 +1192,13 @@ awk -v f="${R_p50[fo_fan]}" -v s="${R_p50[fo_single]}" -v w="$((fanout_shards / 
     r = (s > 0) ? f / (w * s) : 0
     printf "%-52s %8.2f   target <= 1.2 %s   (fan-out p50 %s ms, single p50 %s ms)\n",
         "fan-out p50 / (" w " waves x single-shard p50)", r, (r <= 1.2 ? "PASS" : "MISS"), f, s }'
+awk -v f="${R_p50[fo_pg_fan]}" -v s="${R_p50[fo_pg_single]}" -v w="$((fanout_shards / fanout_concurrency))" 'BEGIN {
+    r = (s > 0) ? f / (w * s) : 0
+    printf "%-52s %8.2f   target <= 1.2 %s   (pg fan-out p50 %s ms, pg single p50 %s ms)\n",
+        "pg fan-out p50 / (" w " waves x pg single-shard p50)", r, (r <= 1.2 ? "PASS" : "MISS"), f, s }'
+awk -v h="$pg_export_hwm" -v r0="$pg_export_rss0" -v o="$pg_export_out" 'BEGIN {
+    printf "%-52s %8.1f   target < 64   %s   (VmRSS %.1f MiB before; %s)\n",
+        "gateway VmHWM MiB, 1M-row pg fan-out, shard order", h / 1024, (h / 1024 < 64 ? "PASS" : "MISS"), r0 / 1024, o }'
 awk -v r="$idle_rss" -v h="$idle_hwm" -v r0="$idle_rss0" -v n="$idle_clients" -v p="$idle_pooled" \
     -v pr="$pgb_idle_rss" -v pr0="$pgb_idle_rss0" \
     -v fds="$idle_fds" -v so="$idle_sockets" 'BEGIN {
