@@ -29,7 +29,7 @@ function route.fanout(req, shards)
   if req.protocol ~= "pg" then return nil end
   if (req.comment.scope or req.session.scope) ~= "all" then return nil end
   local plan = { shards = shards, concurrency = tonumber(req.session.concurrency or "6"),
-                 partial = req.session.partial == "yes" }
+                 partial = req.session.partial == "yes", timeout = tonumber(req.session.timeout or "20") }
   if req.session.only then
     plan.shards = {}
     for name in req.session.only:gmatch("[^,]+") do plan.shards[#plan.shards + 1] = name end
@@ -193,7 +193,7 @@ print(len(rows), sorted(set(r[0] for r in rows)), type(rows[0][0]).__name__)
     assert.is_true(helpers.now() - t0 < 15, "the others were not cancelled")
     for _, db in ipairs(dbs) do
       assert.equal("0", helpers.psql(db, "SELECT count(*) FROM pg_stat_activity WHERE datname = '" .. db
-        .. "' AND application_name = 'shardgate' AND state = 'active' AND query LIKE '%pg_sleep(30)%'"))
+        .. "' AND pid <> pg_backend_pid() AND state = 'active' AND query LIKE '%pg_sleep(30)%'"))
     end
   end)
 
@@ -204,6 +204,69 @@ print(len(rows), sorted(set(r[0] for r in rows)), type(rows[0][0]).__name__)
     assert.equal(NSHARDS - 1, #lines(out), out)
     assert.matches("WARNING:.*shard shard_2 failed", err)
     assert.matches("division by zero", err)
+  end)
+
+  -- No statement sleeping on any shard (read once, right after the answer). Not filtered by
+  -- application_name: a fan-out's connections carry the client's (psql's), replayed as its SETs.
+  local function none_sleeping()
+    for _, db in ipairs(dbs) do
+      assert.equal("0", helpers.psql(db, "SELECT count(*) FROM pg_stat_activity WHERE datname = '" .. db
+        .. "' AND pid <> pg_backend_pid() AND state = 'active' AND query LIKE '%pg_sleep(30)%'"))
+    end
+  end
+
+  it("ends at the plan's timeout: every shard's statement cancelled, the client told fanout_timeout", function()
+    local t0 = helpers.now()
+    local code, _, err = psql("SELECT count(*) FROM pg_sleep(30)", "-c shardgate.scope=all -c shardgate.timeout=1")
+    assert.are_not.equal(0, code)
+    assert.matches("fanout_timeout", err)
+    assert.is_true(helpers.now() - t0 < 10, "the statements were not cancelled at the timeout")
+    none_sleeping()
+  end)
+
+  it("a client's CancelRequest cancels every shard's statement (57014), and the session goes on", function()
+    local code, out, err = helpers.python([[
+import sys, threading, time, psycopg
+c = psycopg.connect(host="127.0.0.1", port=int(sys.argv[1]), user="app", dbname="app", autocommit=True,
+                    options="-c shardgate.scope=all")
+cur = psycopg.ClientCursor(c)
+t = threading.Timer(1.0, c.cancel)
+t.start()
+t0 = time.time()
+try:
+    cur.execute("SELECT count(*) FROM pg_sleep(30)")
+    print("ran")
+except psycopg.errors.QueryCanceled as e:
+    print("cancelled", e.sqlstate, round(time.time() - t0) < 10)
+cur.execute("SELECT name FROM shard_info")
+print(len(cur.fetchall()))
+]], { gw.pg_port })
+    assert.equal(0, code, err)
+    assert.same({ "cancelled 57014 True", tostring(NSHARDS) }, lines(out))
+    none_sleeping()
+  end)
+
+  it("a client that goes away mid fan-out gets every shard's statement cancelled", function()
+    local proc = helpers.spawn({ "sh", "-c", ("PGOPTIONS='-c shardgate.scope=all' exec %s/psql -X -At -h 127.0.0.1 "
+      .. "-p %d -U app -d app -c 'SELECT count(*) FROM pg_sleep(30)'"):format(helpers.pg_bin(), gw.pg_port) })
+    helpers.wait_until(function()
+      local n = 0
+      for _, db in ipairs(dbs) do
+        n = n + tonumber(helpers.psql(db, "SELECT count(*) FROM pg_stat_activity WHERE datname = '" .. db
+          .. "' AND pid <> pg_backend_pid() AND state = 'active' AND query LIKE '%pg_sleep(30)%'"))
+      end
+      return n == NSHARDS, n
+    end, 10, "the statement running on every shard")
+    proc:kill("KILL")
+    proc:wait(5)
+    helpers.wait_until(function()
+      local n = 0
+      for _, db in ipairs(dbs) do
+        n = n + tonumber(helpers.psql(db, "SELECT count(*) FROM pg_stat_activity WHERE datname = '" .. db
+          .. "' AND pid <> pg_backend_pid() AND state = 'active' AND query LIKE '%pg_sleep(30)%'"))
+      end
+      return n == 0, n
+    end, 10, "every shard's statement cancelled")
   end)
 
   it("refuses shards whose columns differ, naming them", function()
