@@ -174,6 +174,13 @@ struct pgfan {
 	char tag[64];               /* the first command tag, its row count cut off */
 	bool extended;              /* the batch is Parse/Bind/Describe/Execute/Sync */
 	int lead;                   /* ... the part whose ParseComplete and BindComplete the client got */
+	bool execute;               /* ... it executes (not a named statement's Parse and Describe alone) */
+	char *parse_key;            /* ... without a Parse: the client's statement's SQL, parsed unnamed on each shard */
+	uint32_t *parse_types;      /* ... and its parameter types */
+	int parse_ntypes;
+	char *created;              /* ... its Parse made this client statement: forgotten if the fan-out fails */
+	bool flush;                 /* ... it ends with Flush, not Sync: no ReadyForQuery for the client yet */
+	bool describes;             /* ... it has a Describe: a RowDescription comes (else the client has one) */
 	long rows;
 	bool stop_rows;             /* a part failed without partial: no more rows go out */
 	bool over;                  /* the executor is done */
@@ -1254,6 +1261,9 @@ static void sink_error(struct sink *k, const struct fault *f)
 /* Start routing a transaction whose first statement is fs. */
 static void start_transaction(struct pgclient *c, const struct first_stmt *fs)
 {
+	/* The last transaction's fan-out, over: its parts are done. */
+	fan_free(c->w->fan);
+	c->w->fan = NULL;
 	build_req(c, fs->sql, fs->has_bind ? &fs->bind : NULL, fs->st);
 	/* A fan-out plan runs for one statement sent as a simple Query outside a transaction block. */
 	c->w->rq.fanout_ok = c->w->fan_len > 0 && c->tx == 'I' && !c->pending_begin && !c->session_mode;
@@ -1438,9 +1448,16 @@ static void exec_done(struct pgclient *c)
 	if (c->w->fan) {
 		/* A fan-out took the client's Query: its answer (rows, summary or error) is written; it ends here. */
 		c->w->fan->over = true;
-		c->skip_to_sync = false;
+		if (failed && c->w->fan->created)
+			cstmt_drop(c, c->w->fan->created);      /* its Parse failed on the shards */
 		c->tx = 'I';
-		pgwire_put_ready(cout(c), 'I');
+		if (c->w->fan->flush) {
+			/* The client's Sync is still to come: after an error the messages up to it are dropped. */
+			c->skip_to_sync = failed;
+		} else {
+			c->skip_to_sync = false;
+			pgwire_put_ready(cout(c), 'I');
+		}
 	} else if (failed) {
 		/* The batch's first message is still in the input: a Query is answered, the rest skipped to Sync. */
 		struct msg m;
@@ -2289,6 +2306,7 @@ static void process_leased(struct pgclient *c)
 
 static void on_part_readable(void *arg);
 static void on_part_write(evutil_socket_t fd, short what, void *arg);
+static void fan_batch_note(struct pgclient *c, struct pgfan *fan);
 
 static void fan_free(struct pgfan *fan)
 {
@@ -2307,6 +2325,9 @@ static void fan_free(struct pgfan *fan)
 	free(fan->parts);
 	free(fan->query);
 	free(fan->sig);
+	free(fan->parse_key);
+	free(fan->parse_types);
+	free(fan->created);
 	free(fan);
 }
 
@@ -2333,15 +2354,144 @@ static struct pgfan *fan_of(struct pgclient *c)
 		fan->parts[i].sfd = -1;
 	}
 	if (w->fan_len > 0 && next_msg(c, &m) == 1 && evbuffer_get_length(w->in) >= w->fan_len) {
-		fan->extended = m.type == 'P';
+		fan->extended = m.type != 'Q';
+		fan->execute = !fan->extended;
 		fan->qlen = w->fan_len;
 		fan->query = xmalloc(fan->qlen);
 		evbuffer_remove(w->in, fan->query, fan->qlen);
+		if (fan->extended)
+			fan_batch_note(c, fan);
 	}
 	w->fan_len = 0;
 	w->fan = fan;
 	set_state(c, CL_FANOUT);
 	return fan;
+}
+
+/*
+ * An extended batch taken for a fan-out: whether it executes, and its
+ * statement. A named statement's Parse makes the client's statement (as a
+ * leased Parse does); a batch without a Parse runs a statement the client
+ * prepared before, which each shard parses as its unnamed statement.
+ */
+static void fan_batch_note(struct pgclient *c, struct pgfan *fan)
+{
+	const char *p = fan->query, *end = fan->query + fan->qlen;
+	bool parse = false;
+	while (end - p >= 5) {
+		uint32_t n;
+		memcpy(&n, p + 1, 4);
+		n = ntohl(n);
+		const char *body = p + 5;
+		size_t blen = n - 4;
+		if (p[0] == 'E')
+			fan->execute = true;
+		if (p[0] == 'H')
+			fan->flush = true;
+		if (p[0] == 'D')
+			fan->describes = true;
+		if (p[0] == 'P') {
+			struct pgwire_reader r;
+			uint32_t types[256];
+			parse = true;
+			pgwire_reader_init(&r, body, blen);
+			const char *name = pgwire_getstr(&r), *sql = pgwire_getstr(&r);
+			int nt = pgwire_get16(&r);
+			for (int i = 0; i < nt && i < (int)ARRAY_LEN(types); i++)
+				types[i] = pgwire_get32(&r);
+			if (!r.bad && *name && nt <= (int)ARRAY_LEN(types) && !cstmt_find(c, name)) {
+				struct cstmt *st = xcalloc(1, sizeof(*st));
+				unsigned b = cstmt_bucket(name);
+				cstmt_set(st, name, sql, types, nt);
+				if (!c->stmts)
+					c->stmts = xcalloc(CSTMT_BUCKETS, sizeof(*c->stmts));
+				st->next = c->stmts[b];
+				c->stmts[b] = st;
+				fan->created = xstrdup(name);
+			}
+		}
+		if (p[0] == 'B' && !parse) {
+			const struct cstmt *st = cstmt_find(c, body + strlen(body) + 1);
+			if (st) {
+				fan->parse_key = xstrdup(st->sql);
+				fan->parse_ntypes = st->ntypes;
+				fan->parse_types = xcalloc((size_t)(st->ntypes ? st->ntypes : 1), sizeof(uint32_t));
+				for (int i = 0; i < st->ntypes; i++)
+					fan->parse_types[i] = htonl(st->types[i]);
+			}
+		}
+		p += 1 + n;
+	}
+}
+
+/* A message of two pieces (a renamed one). */
+static void put_msg2(struct evbuffer *out, char type, const void *a, size_t alen, const void *b, size_t blen)
+{
+	uint32_t n = htonl((uint32_t)(alen + blen + 4));
+	evbuffer_add(out, &type, 1);
+	evbuffer_add(out, &n, 4);
+	if (alen)
+		evbuffer_add(out, a, alen);
+	if (blen)
+		evbuffer_add(out, b, blen);
+}
+
+/*
+ * The client's batch for one shard: its statement is that shard's unnamed
+ * one (a client's name would meet other clients' on a pooled connection):
+ * a named Parse, Describe or Bind is renamed "", and a batch without a Parse
+ * gets one of the client's prepared statement in front.
+ */
+static void put_fan_batch(struct pgfan *fan, struct evbuffer *o)
+{
+	const char *p = fan->query, *end = fan->query + fan->qlen;
+	if (!fan->extended) {
+		evbuffer_add(o, fan->query, fan->qlen);
+		return;
+	}
+	if (fan->parse_key) {
+		size_t slen = strlen(fan->parse_key) + 1;
+		uint16_t n16 = htons((uint16_t)fan->parse_ntypes);
+		uint32_t n = htonl((uint32_t)(4 + 1 + slen + 2 + 4 * (size_t)fan->parse_ntypes));
+		evbuffer_add(o, "P", 1);
+		evbuffer_add(o, &n, 4);
+		evbuffer_add(o, "", 1);
+		evbuffer_add(o, fan->parse_key, slen);
+		evbuffer_add(o, &n16, 2);
+		if (fan->parse_ntypes)
+			evbuffer_add(o, fan->parse_types, 4 * (size_t)fan->parse_ntypes);
+	}
+	while (end - p >= 5) {
+		uint32_t n;
+		memcpy(&n, p + 1, 4);
+		n = ntohl(n);
+		const char *body = p + 5;
+		size_t blen = n - 4, l1, l2;
+		switch (p[0]) {
+		case 'P':
+			l1 = strlen(body) + 1;
+			put_msg2(o, 'P', "", 1, body + l1, blen - l1);
+			break;
+		case 'B':
+			l1 = strlen(body) + 1;
+			l2 = strlen(body + l1) + 1;
+			put_msg2(o, 'B', "\0", 2, body + l1 + l2, blen - l1 - l2);
+			break;
+		case 'D':
+			if (body[0] == 'S')
+				put_msg2(o, 'D', "S", 2, NULL, 0);
+			else
+				evbuffer_add(o, p, 1 + n);
+			break;
+		case 'H':
+			put_msg2(o, 'S', NULL, 0, NULL, 0);     /* the shard's part of it ends here */
+			break;
+		default:
+			evbuffer_add(o, p, 1 + n);
+			break;
+		}
+		p += 1 + n;
+	}
 }
 
 /* An ErrorResponse body as a fault of the part's shard (the SQLSTATE is the code). */
@@ -2472,8 +2622,10 @@ static void part_begin(struct fpart *fp)
 	event_assign(&fp->swrite, c->face->base, fp->sfd, EV_WRITE | EV_PERSIST, on_part_write, fp);
 	fp->phase = put_settings(c, fp->conn, fp->sout) ? PH_SETS : PH_BEGIN;
 	pgwire_put_query(fp->sout, "BEGIN READ ONLY");
-	evbuffer_add(fp->sout, fan->query, fan->qlen);
+	put_fan_batch(fan, fp->sout);
 	pgwire_put_query(fp->sout, "COMMIT");
+	/* No Describe in the batch (the driver described the statement before): its rows go out as they are. */
+	fp->described = fan->extended && !fan->describes;
 	/* The statement's text: a Query's, or the Parse's after the (empty) statement name. */
 	note_statements(fp->conn, fan->query + (fan->extended ? 6 : 5));
 	part_flush(fp);
@@ -2645,6 +2797,8 @@ static void part_msg(struct fpart *fp, char type, size_t len)
 		}
 		break;
 	case '1':
+		if (fan->parse_key)
+			break;          /* the Parse is ours: the client sent none */
 		if (fp->phase == PH_STMT && fan->extended && fan->lead < 0)
 			fan->lead = fp->index;
 		/* fall through */
@@ -2652,6 +2806,8 @@ static void part_msg(struct fpart *fp, char type, size_t len)
 	case 't':
 	case 'n':
 		/* ParseComplete, BindComplete, ParameterDescription, NoData: the leading shard's only. */
+		if (fan->parse_key && fan->lead < 0 && fp->phase == PH_STMT)
+			fan->lead = fp->index;
 		if (fp->phase == PH_STMT && fan->extended && fp->index == fan->lead && !c->draining) {
 			evbuffer_remove_buffer(fp->sin, out, len + 5);
 			return;
@@ -2771,8 +2927,10 @@ static int sink_fanout_end(struct sink *k, const struct fanout_summary *sum)
 			 f->shard ? f->shard : "?", f->code ? f->code : f->sqlstate, ": ", f->message ? f->message : "");
 		pgwire_put_error(out, 'N', "WARNING", "01000", msg, NULL, NULL);
 	}
-	snprintf(tag, sizeof(tag), "%s %ld", fan->tag[0] ? fan->tag : "SELECT", fan->rows);
-	pgwire_put_complete(out, tag);
+	if (fan->execute) {
+		snprintf(tag, sizeof(tag), "%s %ld", fan->tag[0] ? fan->tag : "SELECT", fan->rows);
+		pgwire_put_complete(out, tag);
+	}
 	return 0;
 }
 
@@ -2831,47 +2989,68 @@ static const char *lone_word(const char *sql, char *w, size_t len)
  */
 /*
  * The bytes of an extended-protocol batch at the input's head that a
- * fan-out can run: the unnamed statement's Parse, then Bind, Describe and
- * Execute of it and its unnamed portal, up to a Sync, all arrived; 0 when
- * the input holds anything else.
+ * fan-out can run, all arrived, up to its Sync: statement `stmt` (its
+ * Parse, or none when it is a prepared statement of the client's), its
+ * Describe, and a Bind of it to the unnamed portal with that portal's
+ * Describe and Execute; a named statement's Parse and Describe alone (a
+ * driver preparing it, as asyncpg does) too. 0 when the input holds
+ * anything else.
  */
 static bool one_statement(const char *sql);
 
-static size_t unnamed_batch_len(struct pgclient *c, const char *sql)
+static size_t fan_batch_len(struct pgclient *c, const char *sql, const char *stmt)
 {
 	struct evbuffer *in = c->w->in;
 	struct evbuffer_ptr pos;
-	size_t off = 0, total = evbuffer_get_length(in);
-	bool parse = false, execute = false;
-	if (!sql || !one_statement(sql))
+	size_t off = 0, total = evbuffer_get_length(in), slen = strlen(stmt) + 1;
+	bool parse = false, bind = false, execute = false;
+	char body[80];
+	if (!sql || !one_statement(sql) || slen > 64)
 		return 0;
 	while (off + 5 <= total) {
-		unsigned char h[6];
+		unsigned char h[5];
 		uint32_t n;
-		if (evbuffer_ptr_set(in, &pos, off, EVBUFFER_PTR_SET) < 0 || evbuffer_copyout_from(in, &pos, h, 6) < 5)
+		if (evbuffer_ptr_set(in, &pos, off, EVBUFFER_PTR_SET) < 0 || evbuffer_copyout_from(in, &pos, h, 5) < 5)
 			return 0;
 		memcpy(&n, h + 1, 4);
 		n = ntohl(n);
 		if (n < 4 || off + 1 + n > total)
 			return 0;
+		/* The message's first bytes: the names it holds */
+		size_t blen = n - 4 < sizeof(body) - 1 ? n - 4 : sizeof(body) - 1;
+		evbuffer_ptr_set(in, &pos, off + 5, EVBUFFER_PTR_SET);
+		evbuffer_copyout_from(in, &pos, body, blen);
+		body[blen] = '\0';
 		switch (h[0]) {
 		case 'P':
-			if (parse || n < 5 || h[5] != '\0')
-				return 0;       /* one Parse, of the unnamed statement */
+			if (parse || bind || strcmp(body, stmt) != 0)
+				return 0;
 			parse = true;
 			break;
 		case 'B':
-			if (n < 6 || h[5] != '\0')
-				return 0;       /* the unnamed portal ... */
+			/* the unnamed portal, of stmt */
+			if (bind || body[0] != '\0' || blen < 1 + slen || strcmp(body + 1, stmt) != 0)
+				return 0;
+			bind = true;
 			break;
 		case 'D':
-		case 'E':
-			if (n < 6 || (h[0] == 'D' && h[5] != 'P' && h[5] != 'S'))
+			if (!((body[0] == 'S' && strcmp(body + 1, stmt) == 0) || (body[0] == 'P' && bind && body[1] == '\0')))
 				return 0;
-			execute |= h[0] == 'E';
+			break;
+		case 'E':
+			if (!bind || execute || body[0] != '\0')
+				return 0;
+			execute = true;
 			break;
 		case 'S':
-			return parse && execute ? off + 1 + n : 0;
+			if (bind != execute || (!execute && (!parse || !*stmt)) || (!*stmt && !parse))
+				return 0;
+			return off + 1 + n;
+		case 'H':
+			/* A Flush after a named statement's Parse and Describe: the driver reads them before going on. */
+			if (bind || execute || !parse || !*stmt)
+				return 0;
+			return off + 1 + n;
 		default:
 			return 0;
 		}
@@ -3041,7 +3220,7 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 			return true;
 		}
 		peek_bind(c, m, name, &fs);
-		c->w->fan_len = *name ? 0 : unnamed_batch_len(c, fs.sql);
+		c->w->fan_len = fan_batch_len(c, fs.sql, name);
 		start_transaction(c, &fs);
 		return false;
 	}
@@ -3062,6 +3241,7 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 		fs.bind = b;
 		fs.has_bind = true;
 		fs.st = st;
+		c->w->fan_len = fan_batch_len(c, st->sql, b.stmt);
 		start_transaction(c, &fs);
 		return false;
 	}

@@ -137,6 +137,24 @@ print(len(rows), sorted(set(r[0] for r in rows)), type(rows[0][0]).__name__)
     assert.equal("6 [42] int", l[2])
   end)
 
+  it("runs a named prepared statement too (asyncpg: Parse and Describe, then Bind and Execute, binary)", function()
+    local code, out, err = helpers.python([[
+import asyncio, sys, asyncpg
+async def main():
+    c = await asyncpg.connect(host="127.0.0.1", port=int(sys.argv[1]), user="app", database="app",
+                              server_settings={"shardgate.scope": "all"})
+    for k in (21, 4):   # the second runs the statement asyncpg prepared: Bind and Execute only
+        rows = await c.fetch("SELECT name, $1::int8 * 2 AS twice FROM shard_info", k)
+        print(len(rows), sorted(set(r["twice"] for r in rows)))
+    st = await c.prepare("SELECT count(*) AS n FROM shard_info WHERE name <> $1")
+    print([r["n"] for r in await st.fetch("nobody")])
+    await c.close()
+asyncio.run(main())
+]], { gw.pg_port })
+    assert.equal(0, code, err)
+    assert.same({ "6 [42]", "6 [8]", "[1, 1, 1, 1, 1, 1]" }, lines(out))
+  end)
+
   it("runs at most the plan's concurrency at once, observed from the shards", function()
     local code, out, err = psql("SELECT shard, started, ended FROM sg_probe(0.3)",
       "-c shardgate.scope=all -c shardgate.concurrency=2")
