@@ -837,7 +837,7 @@ void script_route(struct script *s, struct req *req, bool allow_fanout, struct r
 const char *route_lease_fanout_message(void)
 {
 	return "the script gave a fan-out plan, which runs only for a single statement outside a transaction block "
-	       "(a simple Query, or one unnamed Parse/Bind/Execute batch up to its Sync); name a tenant for this one";
+	       "(a simple Query, or one statement's Parse/Bind/Execute batch up to its Sync); name a tenant for this one";
 }
 
 const char *route_no_tenant_message(bool transaction)
