@@ -310,8 +310,23 @@ static void write_plan_fields(struct evbuffer *b, const struct config *cfg, cons
 		evbuffer_add_printf(b, "%s\"partial\":%s", sep, p->partial ? "true" : "false");
 		sep = ",";
 	}
-	if (((p->set & PLAN_SET_MAX_ROWS) != 0) == written)
+	if (((p->set & PLAN_SET_MAX_ROWS) != 0) == written) {
 		evbuffer_add_printf(b, "%s\"max_rows\":%d", sep, p->max_rows);
+		sep = ",";
+	}
+	/* order_by and limit have no defaults: shown only as written */
+	if (written && (p->set & PLAN_SET_ORDER_BY)) {
+		evbuffer_add_printf(b, "%s\"order_by\":[", sep);
+		for (int i = 0; i < p->norder; i++) {
+			evbuffer_add_printf(b, "%s{\"column\":", i ? "," : "");
+			jsonw_cstring(b, p->order[i].column);
+			evbuffer_add_printf(b, ",\"desc\":%s}", p->order[i].desc ? "true" : "false");
+		}
+		evbuffer_add(b, "]", 1);
+		sep = ",";
+	}
+	if (written && (p->set & PLAN_SET_LIMIT))
+		evbuffer_add_printf(b, "%s\"limit\":%ld", sep, p->limit);
 	evbuffer_add(b, "}", 1);
 }
 

@@ -186,7 +186,8 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	if (!pgconn_guard_expired(&r->guard, r->conn)) {
-		log_info("shard %s: statement timeout (%gs), cancelling", r->shard->name, r->timeout);
+		if (r->guard.resends == 0)
+			log_info("shard %s: statement timeout (%gs), cancelling", r->shard->name, r->timeout);
 		return;
 	}
 	/* The server did not answer the cancel: give up on this connection. */

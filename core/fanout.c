@@ -351,12 +351,20 @@ static int compare_decimal(const char *a, const char *b)
 }
 
 /* NULLs last; numbers as numbers (NaN above all); everything else byte-wise. */
+static int compare_text(enum key_kind kind, const char *va, int la, const char *vb, int lb);
+
 static int compare_values(const struct row_ref *a, const struct row_ref *b, int col, enum key_kind kind)
 {
 	bool na = PQgetisnull(a->res, a->row, col), nb = PQgetisnull(b->res, b->row, col);
 	if (na || nb)
 		return na == nb ? 0 : (na ? 2 : -2);
-	const char *va = PQgetvalue(a->res, a->row, col), *vb = PQgetvalue(b->res, b->row, col);
+	return compare_text(kind, PQgetvalue(a->res, a->row, col), PQgetlength(a->res, a->row, col),
+			    PQgetvalue(b->res, b->row, col), PQgetlength(b->res, b->row, col));
+}
+
+/* Two non-NULL values in text format (NUL-terminated), as the merge orders them. */
+static int compare_text(enum key_kind kind, const char *va, int la, const char *vb, int lb)
+{
 	if (kind == KEY_DECIMAL)
 		return compare_decimal(va, vb);
 	if (kind == KEY_FLOAT) {
@@ -365,9 +373,15 @@ static int compare_values(const struct row_ref *a, const struct row_ref *b, int 
 			return isnan(x) == isnan(y) ? 0 : (isnan(x) ? 1 : -1);
 		return x < y ? -1 : x > y ? 1 : 0;
 	}
-	int la = PQgetlength(a->res, a->row, col), lb = PQgetlength(b->res, b->row, col);
 	int c = memcmp(va, vb, (size_t)(la < lb ? la : lb));
 	return c ? (c < 0 ? -1 : 1) : (la < lb ? -1 : la > lb ? 1 : 0);
+}
+
+int fanout_compare_text(unsigned type, const char *va, int la, const char *vb, int lb)
+{
+	if (!va || !vb)
+		return !va == !vb ? 0 : (!va ? 2 : -2);
+	return compare_text(key_kind_of(type), va, la, vb, lb);
 }
 
 static int compare_rows(const void *x, const void *y, void *arg)
@@ -583,6 +597,13 @@ static void fanout_free(struct fanout *fo)
 	for (int i = 0; i < fo->plan.nshards; i++)
 		part_free(&fo->parts[i]);
 	free(fo->parts);
+	if (fo->rq->order == fo->plan.order) {
+		fo->rq->order = NULL;
+		fo->rq->norder = 0;
+	}
+	for (int i = 0; i < fo->plan.norder; i++)
+		free((char *)fo->plan.order[i].column);
+	free(fo->plan.order);
 	free(fo->plan.shards);
 	free(fo->sql);
 	if (fo->deadline)
@@ -743,6 +764,13 @@ bool fanout_stopped(const struct fanout *fo)
 	return fo->stopping;
 }
 
+const struct order_key *fanout_order(const struct fanout *fo, int *norder, long *limit)
+{
+	*norder = fo->plan.norder;
+	*limit = fo->plan.limit;
+	return fo->plan.order;
+}
+
 int fanout_nparts(const struct fanout *fo)
 {
 	return fo->plan.nshards;
@@ -769,12 +797,16 @@ void fanout_abort(struct fanout *fo)
 /* The statement each shard runs: wrapped to sort and cut there when a limit is given. */
 static char *shard_sql(const struct req *b)
 {
-	const char *sql = b->stmts[0].sql;
+	return fanout_wrap_sql(b->stmts[0].sql, b->order, b->norder, b->limit);
+}
+
+char *fanout_wrap_sql(const char *sql, const struct order_key *order, int norder, long limit)
+{
 	size_t len = strlen(sql);
 	struct evbuffer *buf;
 	char *out;
 
-	if (b->limit <= 0)
+	if (limit <= 0)
 		return xstrdup(sql);
 	while (len > 0 && (sql[len - 1] == ';' || sql[len - 1] == ' ' || sql[len - 1] == '\n' ||
 			   sql[len - 1] == '\t' || sql[len - 1] == '\r'))
@@ -783,13 +815,13 @@ static char *shard_sql(const struct req *b)
 	if (!buf)
 		abort();
 	evbuffer_add_printf(buf, "SELECT * FROM (%.*s\n) AS shardgate_fanout", (int)len, sql);
-	for (int i = 0; i < b->norder; i++) {
+	for (int i = 0; i < norder; i++) {
 		evbuffer_add(buf, i ? ", \"" : " ORDER BY \"", i ? 3 : 11);
-		for (const char *c = b->order[i].column; *c; c++)
+		for (const char *c = order[i].column; *c; c++)
 			evbuffer_add(buf, *c == '"' ? "\"\"" : c, *c == '"' ? 2 : 1);
-		evbuffer_add_printf(buf, "\" %s NULLS LAST", b->order[i].desc ? "DESC" : "ASC");
+		evbuffer_add_printf(buf, "\" %s NULLS LAST", order[i].desc ? "DESC" : "ASC");
 	}
-	evbuffer_add_printf(buf, " LIMIT %ld", b->limit);
+	evbuffer_add_printf(buf, " LIMIT %ld", limit);
 	evbuffer_add(buf, "", 1);
 	out = xstrdup((const char *)evbuffer_pullup(buf, -1));
 	evbuffer_free(buf);
@@ -813,6 +845,13 @@ void fanout_start(struct fanout **handle, struct req *rq, struct generation *gen
 	fo->base = gen->base;
 	fo->plan = route->plan;
 	memset(&route->plan, 0, sizeof(route->plan));
+	/* The plan's order_by and limit, where the request (an HTTP body) gives none. */
+	if (rq->norder == 0 && fo->plan.norder > 0) {
+		rq->order = fo->plan.order;
+		rq->norder = fo->plan.norder;
+	}
+	if (rq->limit <= 0 && fo->plan.limit > 0)
+		rq->limit = fo->plan.limit;
 	fo->sql = rq->lease ? NULL : shard_sql(rq);     /* lease mode: the face sends its client's statement */
 	fo->parts = xcalloc((size_t)fo->plan.nshards, sizeof(struct part));
 	for (int i = 0; i < fo->plan.nshards; i++) {

@@ -14,6 +14,7 @@ struct req;
 struct route;
 struct sink;
 struct fault;
+struct order_key;
 
 #include <stdbool.h>
 
@@ -46,5 +47,16 @@ bool fanout_stopped(const struct fanout *fo);
 int fanout_nparts(const struct fanout *fo);
 bool fanout_partial(const struct fanout *fo);
 const char *fanout_part_shard(const struct fanout *fo, int part);
+/* The plan's merge order and limit (order NULL: rows in plan order; limit 0: none). */
+const struct order_key *fanout_order(const struct fanout *fo, int *norder, long *limit);
+
+/* sql as each shard runs it for a merge with a limit: sorted and cut there (else sql, copied). */
+char *fanout_wrap_sql(const char *sql, const struct order_key *order, int norder, long limit);
+/*
+ * Two values of a column of type `type` in text format, as the merge orders
+ * them (NULL pointer: SQL NULL, 2 or -2: a NULL sorts last whatever the
+ * direction); numbers as numbers, text byte-wise.
+ */
+int fanout_compare_text(unsigned type, const char *va, int la, const char *vb, int lb);
 
 #endif

@@ -1230,23 +1230,38 @@ void pgconn_guard_arm(struct pgconn_guard *g, double secs)
 {
 	struct timeval tv = tv_of(secs);
 	g->cancelled = false;
+	g->resends = 0;
 	evtimer_add(g->timer, &tv);
+}
+
+/* The grace is cut into 1/8, 1/4, 1/2 and the rest: a cancel goes out again at each of the first three. */
+static double grace_step(int resends)
+{
+	static const double share[PGCONN_CANCEL_RESENDS + 1] = { 0.125, 0.125, 0.25, 0.5 };
+	return PGCONN_CANCEL_GRACE * share[resends];
 }
 
 void pgconn_guard_cancel(struct pgconn_guard *g, struct pgconn *c)
 {
-	struct timeval tv = tv_of(PGCONN_CANCEL_GRACE);
+	struct timeval tv = tv_of(grace_step(0));
 	if (g->cancelled)
 		return;
 	g->cancelled = true;
+	g->resends = 0;
 	pgconn_cancel(c);
 	evtimer_add(g->timer, &tv);
 }
 
 bool pgconn_guard_expired(struct pgconn_guard *g, struct pgconn *c)
 {
-	if (g->cancelled)
-		return true;
+	if (g->cancelled) {
+		if (g->resends >= PGCONN_CANCEL_RESENDS)
+			return true;
+		struct timeval tv = tv_of(grace_step(++g->resends));
+		pgconn_cancel(c);
+		evtimer_add(g->timer, &tv);
+		return false;
+	}
 	g->timed_out = true;
 	pgconn_guard_cancel(g, c);
 	return false;

@@ -215,12 +215,20 @@ void pgconn_cancel(struct pgconn *c);
  * borrower gives up on the connection. The timer is the borrower's, so its
  * callback decides what giving up means; the guard keeps the rule. (A
  * cancel that may still arrive closes the connection: pgconn's own job.)
+ *
+ * A cancel cancels only what the server runs when it arrives: one sent as
+ * a statement is on its way (or, on a raw connection, while a face's
+ * preamble runs in front of it) is lost, and the statement would run to
+ * its end. So within the grace the cancel is sent again, PGCONN_CANCEL_RESENDS
+ * times, at growing intervals.
  */
 #define PGCONN_CANCEL_GRACE 2.0
+#define PGCONN_CANCEL_RESENDS 3
 
 struct pgconn_guard {
 	struct event *timer;     /* the borrower's; fires its callback */
 	bool cancelled;          /* a cancel was sent for the statement */
+	int resends;             /* ... and sent again this many times */
 	bool timed_out;          /* ... because the timeout passed (stays set) */
 };
 

@@ -41,6 +41,7 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
+#include <math.h>
 #include <event2/buffer.h>
 #include <event2/event.h>
 #include <event2/event_struct.h>
@@ -138,6 +139,16 @@ struct setting {
  * the face's spares), so a thousand idle clients cost a thousand
  * struct pgclient and their sockets, no buffers.
  */
+/* A DataRow held for a fan-out's merge: the message, its shard, and its order columns' values. */
+struct mrow {
+	char *msg;
+	size_t len;
+	int part;
+	long seq;
+	const char *v[16];          /* in msg; NULL: SQL NULL */
+	int l[16];
+};
+
 /* One shard of a fan-out: its connection, run by the face in raw mode. */
 enum fpart_state { FP_WAITING, FP_RESET, FP_RUN, FP_OVER };
 enum fpart_phase { PH_SETS, PH_BEGIN, PH_STMT, PH_END };
@@ -181,7 +192,20 @@ struct pgfan {
 	char *created;              /* ... its Parse made this client statement: forgotten if the fan-out fails */
 	bool flush;                 /* ... it ends with Flush, not Sync: no ReadyForQuery for the client yet */
 	bool describes;             /* ... it has a Describe: a RowDescription comes (else the client has one) */
+	/* The plan's merge (order_by): rows are held, sorted and cut at limit when every shard is done. */
+	const struct order_key *order;
+	int norder;
+	long limit;
+	char *wrapped;              /* the statement as each shard runs it, sorted and cut there (with a limit) */
+	int cols[16];               /* the order columns in the RowDescription, their types and formats */
+	uint32_t types[16];
+	uint16_t formats[16];
+	bool cols_known;
+	char merge_error[200];      /* why the merge cannot run ("" when it can) */
+	struct mrow *held;
+	long nheld, capheld;
 	long rows;
+	long rows_given;            /* a merge's rows, cut at its limit */
 	bool stop_rows;             /* a part failed without partial: no more rows go out */
 	bool over;                  /* the executor is done */
 };
@@ -1813,8 +1837,9 @@ static void on_guard(evutil_socket_t fd, short what, void *arg)
 	if (!c->w || !c->w->conn)
 		return;
 	if (!pgconn_guard_expired(&c->w->guard, c->w->conn)) {
-		log_info("pg: shard %s: statement timeout (%gs) for client %u, cancelling", c->w->rq.info.shard,
-			 c->w->timeout, c->pid);
+		if (c->w->guard.resends == 0)
+			log_info("pg: shard %s: statement timeout (%gs) for client %u, cancelling", c->w->rq.info.shard,
+				 c->w->timeout, c->pid);
 		return;
 	}
 	log_warn("pg: shard %s: statement did not stop %gs after cancel; closing its connection", c->w->rq.info.shard,
@@ -2307,6 +2332,8 @@ static void process_leased(struct pgclient *c)
 static void on_part_readable(void *arg);
 static void on_part_write(evutil_socket_t fd, short what, void *arg);
 static void fan_batch_note(struct pgclient *c, struct pgfan *fan);
+static void merge_columns(struct pgfan *fan, const char *body, size_t len);
+static void merge_hold(struct pgfan *fan, struct fpart *fp, size_t len);
 
 static void fan_free(struct pgfan *fan)
 {
@@ -2328,6 +2355,10 @@ static void fan_free(struct pgfan *fan)
 	free(fan->parse_key);
 	free(fan->parse_types);
 	free(fan->created);
+	free(fan->wrapped);
+	for (long i = 0; i < fan->nheld; i++)
+		free(fan->held[i].msg);
+	free(fan->held);
 	free(fan);
 }
 
@@ -2353,14 +2384,28 @@ static struct pgfan *fan_of(struct pgclient *c)
 		fan->parts[i].index = i;
 		fan->parts[i].sfd = -1;
 	}
+	fan->order = fanout_order(fan_fo(c), &fan->norder, &fan->limit);
 	if (w->fan_len > 0 && next_msg(c, &m) == 1 && evbuffer_get_length(w->in) >= w->fan_len) {
 		fan->extended = m.type != 'Q';
 		fan->execute = !fan->extended;
 		fan->qlen = w->fan_len;
 		fan->query = xmalloc(fan->qlen);
 		evbuffer_remove(w->in, fan->query, fan->qlen);
-		if (fan->extended)
+		if (fan->extended) {
 			fan_batch_note(c, fan);
+		} else if (fan->norder > 0 && fan->limit > 0) {
+			/* Each shard sorts and cuts its own rows: the Query's statement, wrapped. */
+			char *sql = fanout_wrap_sql(fan->query + 5, fan->order, fan->norder, fan->limit);
+			size_t n = strlen(sql) + 1;
+			uint32_t len = htonl((uint32_t)(n + 4));
+			free(fan->query);
+			fan->qlen = n + 5;
+			fan->query = xmalloc(fan->qlen);
+			fan->query[0] = 'Q';
+			memcpy(fan->query + 1, &len, 4);
+			memcpy(fan->query + 5, sql, n);
+			free(sql);
+		}
 	}
 	w->fan_len = 0;
 	w->fan = fan;
@@ -2399,6 +2444,8 @@ static void fan_batch_note(struct pgclient *c, struct pgfan *fan)
 			int nt = pgwire_get16(&r);
 			for (int i = 0; i < nt && i < (int)ARRAY_LEN(types); i++)
 				types[i] = pgwire_get32(&r);
+			if (!r.bad && fan->norder > 0 && fan->limit > 0)
+				fan->wrapped = fanout_wrap_sql(sql, fan->order, fan->norder, fan->limit);
 			if (!r.bad && *name && nt <= (int)ARRAY_LEN(types) && !cstmt_find(c, name)) {
 				struct cstmt *st = xcalloc(1, sizeof(*st));
 				unsigned b = cstmt_bucket(name);
@@ -2413,7 +2460,9 @@ static void fan_batch_note(struct pgclient *c, struct pgfan *fan)
 		if (p[0] == 'B' && !parse) {
 			const struct cstmt *st = cstmt_find(c, body + strlen(body) + 1);
 			if (st) {
-				fan->parse_key = xstrdup(st->sql);
+				fan->parse_key = fan->norder > 0 && fan->limit > 0
+							 ? fanout_wrap_sql(st->sql, fan->order, fan->norder, fan->limit)
+							 : xstrdup(st->sql);
 				fan->parse_ntypes = st->ntypes;
 				fan->parse_types = xcalloc((size_t)(st->ntypes ? st->ntypes : 1), sizeof(uint32_t));
 				for (int i = 0; i < st->ntypes; i++)
@@ -2470,7 +2519,19 @@ static void put_fan_batch(struct pgfan *fan, struct evbuffer *o)
 		switch (p[0]) {
 		case 'P':
 			l1 = strlen(body) + 1;
-			put_msg2(o, 'P', "", 1, body + l1, blen - l1);
+			if (fan->wrapped) {
+				/* The wrapped statement, then the Parse's parameter types as they were */
+				size_t sl = strlen(body + l1) + 1;
+				size_t wl = strlen(fan->wrapped) + 1;
+				uint32_t len = htonl((uint32_t)(4 + 1 + wl + blen - l1 - sl));
+				evbuffer_add(o, "P", 1);
+				evbuffer_add(o, &len, 4);
+				evbuffer_add(o, "", 1);
+				evbuffer_add(o, fan->wrapped, wl);
+				evbuffer_add(o, body + l1 + sl, blen - l1 - sl);
+			} else {
+				put_msg2(o, 'P', "", 1, body + l1, blen - l1);
+			}
 			break;
 		case 'B':
 			l1 = strlen(body) + 1;
@@ -2485,6 +2546,12 @@ static void put_fan_batch(struct pgfan *fan, struct evbuffer *o)
 			break;
 		case 'H':
 			put_msg2(o, 'S', NULL, 0, NULL, 0);     /* the shard's part of it ends here */
+			break;
+		case 'E':
+			/* A merge needs the columns' types and formats: a Describe of the portal the client did not send. */
+			if (fan->norder > 0 && !fan->describes)
+				put_msg2(o, 'D', "P", 2, NULL, 0);
+			evbuffer_add(o, p, 1 + n);
 			break;
 		default:
 			evbuffer_add(o, p, 1 + n);
@@ -2625,7 +2692,7 @@ static void part_begin(struct fpart *fp)
 	put_fan_batch(fan, fp->sout);
 	pgwire_put_query(fp->sout, "COMMIT");
 	/* No Describe in the batch (the driver described the statement before): its rows go out as they are. */
-	fp->described = fan->extended && !fan->describes;
+	fp->described = fan->extended && !fan->describes && fan->norder == 0;
 	/* The statement's text: a Query's, or the Parse's after the (empty) statement name. */
 	note_statements(fp->conn, fan->query + (fan->extended ? 6 : 5));
 	part_flush(fp);
@@ -2753,8 +2820,11 @@ static void part_msg(struct fpart *fp, char type, size_t len)
 		if (fan->sig_part < 0) {
 			fan->sig = columns_sig(body, len, &fan->siglen);
 			fan->sig_part = fp->index;
+			if (fan->norder > 0)
+				merge_columns(fan, body, len);
 			fp->described = true;
-			if (!fan->stop_rows && !c->draining) {
+			/* (a batch without a Describe got one for the merge: the client has its RowDescription) */
+			if (!fan->stop_rows && !c->draining && (!fan->extended || fan->describes)) {
 				evbuffer_remove_buffer(fp->sin, out, len + 5);
 				return;
 			}
@@ -2776,6 +2846,11 @@ static void part_msg(struct fpart *fp, char type, size_t len)
 	case 'D':
 		if (fp->phase == PH_STMT && fp->described && !fan->stop_rows && !c->draining &&
 		    !fanout_stopped(fan_fo(c))) {
+			if (fan->norder > 0) {
+				merge_hold(fan, fp, len);
+				fanout_add_rows(fan_fo(c), 1);
+				return;
+			}
 			evbuffer_remove_buffer(fp->sin, out, len + 5);
 			fan->rows++;
 			fanout_add_rows(fan_fo(c), 1);
@@ -2914,6 +2989,189 @@ static void fan_advance(struct pgclient *c)
 	}
 }
 
+/* ---- the merge (the plan's order_by and limit) ---- */
+
+/* The order columns in the first RowDescription: their places, types and formats. */
+static void merge_columns(struct pgfan *fan, const char *body, size_t len)
+{
+	struct pgwire_reader r;
+	pgwire_reader_init(&r, body, len);
+	int n = pgwire_get16(&r);
+	for (int k = 0; k < fan->norder; k++)
+		fan->cols[k] = -1;
+	for (int i = 0; i < n && !r.bad; i++) {
+		const char *name = pgwire_getstr(&r);
+		pgwire_get32(&r);
+		pgwire_get16(&r);
+		uint32_t type = pgwire_get32(&r);
+		pgwire_get16(&r);
+		pgwire_get32(&r);
+		uint16_t format = pgwire_get16(&r);
+		for (int k = 0; k < fan->norder && !r.bad; k++) {
+			if (fan->cols[k] < 0 && strcmp(name, fan->order[k].column) == 0) {
+				fan->cols[k] = i;
+				fan->types[k] = type;
+				fan->formats[k] = format;
+			}
+		}
+	}
+	fan->cols_known = true;
+	for (int k = 0; k < fan->norder; k++) {
+		if (fan->cols[k] < 0) {
+			snprintf(fan->merge_error, sizeof(fan->merge_error), "order_by column '%s' is not in the result",
+				 fan->order[k].column);
+			return;
+		}
+		if (fan->formats[k] == 1 && fan->types[k] == 1700) {
+			snprintf(fan->merge_error, sizeof(fan->merge_error),
+				 "order_by column '%s' is numeric in binary format; ask for it in text format",
+				 fan->order[k].column);
+			return;
+		}
+	}
+}
+
+/* Hold a DataRow of part fp for the merge, with pointers to its order columns' values. */
+static void merge_hold(struct pgfan *fan, struct fpart *fp, size_t len)
+{
+	struct mrow *m;
+	if (fan->nheld == fan->capheld) {
+		fan->capheld = fan->capheld ? fan->capheld * 2 : 64;
+		fan->held = xrealloc(fan->held, (size_t)fan->capheld * sizeof(*fan->held));
+	}
+	m = &fan->held[fan->nheld];
+	memset(m, 0, sizeof(*m));
+	m->len = len + 5;
+	m->msg = xmalloc(m->len);
+	evbuffer_remove(fp->sin, m->msg, m->len);
+	m->part = fp->index;
+	m->seq = fan->nheld++;
+	if (!fan->cols_known || fan->merge_error[0])
+		return;
+	/* DataRow: int16 n, then per column int32 length (-1: NULL) and the bytes */
+	const unsigned char *p = (const unsigned char *)m->msg + 5, *end = (const unsigned char *)m->msg + m->len;
+	int n = p + 2 <= end ? (p[0] << 8 | p[1]) : 0;
+	p += 2;
+	for (int i = 0; i < n && p + 4 <= end; i++) {
+		int32_t l = (int32_t)((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]);
+		p += 4;
+		for (int k = 0; k < fan->norder; k++) {
+			if (fan->cols[k] == i) {
+				m->v[k] = l < 0 ? NULL : (const char *)p;
+				m->l[k] = l < 0 ? 0 : l;
+			}
+		}
+		if (l > 0)
+			p += l;
+		if (p > end)
+			break;
+	}
+}
+
+/* A binary value of type t as a signed integer or a double, for comparing. */
+static int compare_binary(uint32_t t, const char *a, int la, const char *b, int lb)
+{
+	if (!a || !b)
+		return !a == !b ? 0 : (!a ? 2 : -2);
+	const unsigned char *x = (const unsigned char *)a, *y = (const unsigned char *)b;
+	if ((t == 700 && la == 4 && lb == 4) || (t == 701 && la == 8 && lb == 8)) {
+		uint64_t ux = 0, uy = 0;
+		for (int i = 0; i < la; i++) {
+			ux = ux << 8 | x[i];
+			uy = uy << 8 | y[i];
+		}
+		double dx, dy;
+		if (t == 700) {
+			uint32_t fx = (uint32_t)ux, fy = (uint32_t)uy;
+			float f1, f2;
+			memcpy(&f1, &fx, 4);
+			memcpy(&f2, &fy, 4);
+			dx = f1;
+			dy = f2;
+		} else {
+			memcpy(&dx, &ux, 8);
+			memcpy(&dy, &uy, 8);
+		}
+		if (isnan(dx) || isnan(dy))
+			return isnan(dx) == isnan(dy) ? 0 : (isnan(dx) ? 1 : -1);
+		return dx < dy ? -1 : dx > dy;
+	}
+	/* int2, int4, int8, oid, date, time, timestamp(tz): big-endian integers (signed but for oid) */
+	if ((t == 20 || t == 21 || t == 23 || t == 26 || t == 1082 || t == 1083 || t == 1114 || t == 1184) &&
+	    la == lb && (la == 2 || la == 4 || la == 8)) {
+		int64_t vx = (t == 26 || (x[0] & 0x80) == 0) ? 0 : -1, vy = (t == 26 || (y[0] & 0x80) == 0) ? 0 : -1;
+		for (int i = 0; i < la; i++) {
+			vx = (int64_t)((uint64_t)vx << 8 | x[i]);
+			vy = (int64_t)((uint64_t)vy << 8 | y[i]);
+		}
+		return vx < vy ? -1 : vx > vy;
+	}
+	/* text and the rest: byte-wise */
+	int c = memcmp(a, b, (size_t)(la < lb ? la : lb));
+	return c ? (c < 0 ? -1 : 1) : (la < lb ? -1 : la > lb);
+}
+
+static int merge_cmp(const void *x, const void *y, void *arg)
+{
+	const struct mrow *a = x, *b = y;
+	const struct pgfan *fan = arg;
+	for (int k = 0; k < fan->norder; k++) {
+		int c;
+		if (fan->formats[k] == 1) {
+			c = compare_binary(fan->types[k], a->v[k], a->l[k], b->v[k], b->l[k]);
+		} else {
+			/* Text values are not NUL-terminated in the message: compare copies. */
+			char sa[128], sb[128];
+			const char *va = a->v[k], *vb = b->v[k];
+			if (va && a->l[k] < (int)sizeof(sa) && vb && b->l[k] < (int)sizeof(sb)) {
+				memcpy(sa, va, (size_t)a->l[k]);
+				sa[a->l[k]] = '\0';
+				memcpy(sb, vb, (size_t)b->l[k]);
+				sb[b->l[k]] = '\0';
+				c = fanout_compare_text(fan->types[k], sa, a->l[k], sb, b->l[k]);
+			} else if (va && vb) {
+				/* long values: byte-wise */
+				c = memcmp(va, vb, (size_t)(a->l[k] < b->l[k] ? a->l[k] : b->l[k]));
+				c = c ? (c < 0 ? -1 : 1) : (a->l[k] < b->l[k] ? -1 : a->l[k] > b->l[k]);
+			} else {
+				c = fanout_compare_text(fan->types[k], va, 0, vb, 0);
+			}
+		}
+		if (c == 2 || c == -2)
+			return c / 2;       /* NULLs last in both directions */
+		if (c)
+			return fan->order[k].desc ? -c : c;
+	}
+	/* ties keep plan order */
+	if (a->part != b->part)
+		return a->part < b->part ? -1 : 1;
+	return a->seq < b->seq ? -1 : a->seq > b->seq;
+}
+
+/* The held rows of the shards that answered, sorted, cut at the limit, to the client; -1: an error went instead. */
+static int merge_give(struct pgclient *c, struct pgfan *fan)
+{
+	struct evbuffer *out = cout(c);
+	long kept = 0, given = 0;
+	if (fan->merge_error[0]) {
+		pgwire_put_error(out, 'E', "ERROR", "22023", fan->merge_error, NULL, NULL);
+		return -1;
+	}
+	for (long i = 0; i < fan->nheld; i++) {
+		if (fault_is_set(&fan->parts[fan->held[i].part].fault)) {
+			free(fan->held[i].msg);
+			continue;
+		}
+		fan->held[kept++] = fan->held[i];
+	}
+	fan->nheld = kept;
+	qsort_r(fan->held, (size_t)kept, sizeof(*fan->held), merge_cmp, fan);
+	for (long i = 0; i < kept && (fan->limit <= 0 || given < fan->limit); i++, given++)
+		evbuffer_add(out, fan->held[i].msg, fan->held[i].len);
+	fan->rows_given = given;
+	return 0;
+}
+
 /* Every part is done: notices for the shards that failed (partial), then one CommandComplete. */
 static int sink_fanout_end(struct sink *k, const struct fanout_summary *sum)
 {
@@ -2926,6 +3184,11 @@ static int sink_fanout_end(struct sink *k, const struct fanout_summary *sum)
 		snprintf(msg, sizeof(msg), "fan-out: shard %s failed, its rows are missing or incomplete: %s%s%s",
 			 f->shard ? f->shard : "?", f->code ? f->code : f->sqlstate, ": ", f->message ? f->message : "");
 		pgwire_put_error(out, 'N', "WARNING", "01000", msg, NULL, NULL);
+	}
+	if (fan->norder > 0 && fan->execute) {
+		if (merge_give(c, fan) < 0)
+			return 0;       /* the merge's error went out instead */
+		fan->rows = fan->rows_given;    /* the count is what went out */
 	}
 	if (fan->execute) {
 		snprintf(tag, sizeof(tag), "%s %ld", fan->tag[0] ? fan->tag : "SELECT", fan->rows);

@@ -642,7 +642,8 @@ static int plan_number(struct script *s, const char *key, double def, bool integ
 
 static int plan_check_keys(struct script *s, struct route *rt, const char *where)
 {
-	static const char *const keys[] = { "shards", "concurrency", "timeout", "partial", "max_rows" };
+	static const char *const keys[] = { "shards", "concurrency", "timeout", "partial", "max_rows", "order_by",
+					    "limit" };
 	lua_State *L = s->L;
 	lua_pushnil(L);
 	while (lua_next(L, -2) != 0) {
@@ -717,6 +718,52 @@ static int plan_shards(struct script *s, struct fanout_plan *p, struct route *rt
 	return 0;
 }
 
+/* plan.order_by: a list of 1 to 16 { column = name, desc = bool } (the HTTP body's order_by). */
+static int plan_order(struct script *s, struct fanout_plan *p, struct route *rt, const char *where)
+{
+	lua_State *L = s->L;
+	int n;
+	lua_getfield(L, -1, "order_by");
+	if (lua_isnil(L, -1)) {
+		lua_pop(L, 1);
+		return 0;
+	}
+	p->set |= PLAN_SET_ORDER_BY;
+	if (!lua_istable(L, -1) || (n = (int)lua_objlen(L, -1)) < 1 || n > 16) {
+		route_error(rt, "script_error", "%s: fan-out plan field 'order_by' must be a list of 1 to 16 "
+			    "{ column = name, desc = true|false } tables, got %s", where,
+			    lua_istable(L, -1) ? "a list of another length" : luaL_typename(L, -1));
+		lua_pop(L, 1);
+		return -1;
+	}
+	p->order = xcalloc((size_t)n, sizeof(*p->order));
+	for (int i = 1; i <= n; i++) {
+		bool ok;
+		lua_rawgeti(L, -1, i);
+		ok = lua_istable(L, -1);
+		if (ok) {
+			lua_getfield(L, -1, "column");
+			lua_getfield(L, -2, "desc");
+			ok = lua_type(L, -2) == LUA_TSTRING && *lua_tostring(L, -2) &&
+			     (lua_isnil(L, -1) || lua_isboolean(L, -1));
+			if (ok) {
+				p->order[p->norder].column = xstrdup(lua_tostring(L, -2));
+				p->order[p->norder++].desc = lua_toboolean(L, -1);
+			}
+			lua_pop(L, 2);
+		}
+		lua_pop(L, 1);
+		if (!ok) {
+			route_error(rt, "script_error", "%s: fan-out plan order_by[%d] must be { column = name, desc = "
+				    "true|false }", where, i);
+			lua_pop(L, 1);
+			return -1;
+		}
+	}
+	lua_pop(L, 1);
+	return 0;
+}
+
 /* fanout(req, shards), req at the top of the stack: a plan, or ROUTE_NO_TENANT for nil. */
 static void call_fanout(struct script *s, struct route *out)
 {
@@ -765,11 +812,20 @@ static void call_fanout(struct script *s, struct route *out)
 	p->partial = lua_toboolean(L, -1);
 	if (!lua_isnil(L, -1))
 		p->set |= PLAN_SET_PARTIAL;
+	lua_pop(L, 1);
+	if (plan_order(s, p, out, where) < 0)
+		return;
+	if (plan_number(s, "limit", 0, true, &v, out, where, PLAN_SET_LIMIT) < 0)
+		return;
+	p->limit = v > 1e9 ? 1000000000 : (long)v;
 	out->kind = ROUTE_FANOUT;
 }
 
 void route_clear(struct route *r)
 {
+	for (int i = 0; i < r->plan.norder; i++)
+		free((char *)r->plan.order[i].column);
+	free(r->plan.order);
 	free(r->plan.shards);
 	memset(&r->plan, 0, sizeof(r->plan));
 }

@@ -9,6 +9,8 @@
 #define SG_SCRIPT_H
 
 #include <stdbool.h>
+
+#include "req.h"
 #include <stddef.h>
 
 #include "util.h"
@@ -33,6 +35,8 @@ enum {
 	PLAN_SET_TIMEOUT = 4,
 	PLAN_SET_PARTIAL = 8,
 	PLAN_SET_MAX_ROWS = 16,
+	PLAN_SET_ORDER_BY = 32,
+	PLAN_SET_LIMIT = 64,
 };
 
 struct fanout_plan {
@@ -43,6 +47,9 @@ struct fanout_plan {
 	double timeout;
 	bool partial;
 	int max_rows;
+	struct order_key *order;  /* order_by: merge the shards' rows (columns owned); NULL: plan order */
+	int norder;
+	long limit;             /* most rows of the merged answer (each shard asked for no more); 0: none */
 };
 
 struct route {

@@ -553,8 +553,30 @@ local function step_shard(kit, tenant)
   return true, v
 end
 
-local PLAN_KEYS = { shards = true, concurrency = true, timeout = true, partial = true, max_rows = true }
-local PLAN_KEY_ORDER = { "shards", "concurrency", "timeout", "partial", "max_rows" }
+local PLAN_KEYS = { shards = true, concurrency = true, timeout = true, partial = true, max_rows = true,
+                    order_by = true, limit = true }
+local PLAN_KEY_ORDER = { "shards", "concurrency", "timeout", "partial", "max_rows", "order_by", "limit" }
+
+-- plan.order_by as core/script.c's plan_order checks it: 1 to 16 { column = name, desc = bool }.
+local function plan_order(plan, at)
+  local list = plan.order_by
+  if list == nil then return true, nil end
+  if type(list) ~= "table" or #list < 1 or #list > 16 then
+    return nil, format("%s: fan-out plan field 'order_by' must be a list of 1 to 16 "
+      .. "{ column = name, desc = true|false } tables, got %s", at,
+      type(list) == "table" and "a list of another length" or type(list))
+  end
+  local out = {}
+  for i = 1, #list do
+    local k = list[i]
+    if type(k) ~= "table" or type(k.column) ~= "string" or k.column == ""
+        or (k.desc ~= nil and type(k.desc) ~= "boolean") then
+      return nil, format("%s: fan-out plan order_by[%d] must be { column = name, desc = true|false }", at, i)
+    end
+    out[i] = { column = k.column, desc = k.desc == true }
+  end
+  return true, out
+end
 
 -- lua_isstring ? lua_tostring : luaL_typename, as the plan messages show values.
 local function shown(v)
@@ -634,6 +656,13 @@ local function step_fanout(kit, view)
     return false, "script_error",
       format("%s: fan-out plan field 'partial' must be a boolean, got %s", at, type(partial))
   end
+  local order, limit
+  ok, order = plan_order(plan, at)
+  if not ok then return false, "script_error", order end
+  if plan.limit ~= nil then
+    limit, err = plan_number(plan, "limit", nil, true, at)
+    if not limit then return false, "script_error", err end
+  end
   local written = {}
   for k in next, plan do written[k] = true end
   return true, {
@@ -642,6 +671,8 @@ local function step_fanout(kit, view)
     timeout = timeout,
     partial = partial == true,
     max_rows = min(max_rows, 1000000000),
+    order_by = order,
+    limit = limit and min(limit, 1000000000),
   }, written
 end
 

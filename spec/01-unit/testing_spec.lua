@@ -791,6 +791,18 @@ return route
     -- a statement without a tenant gets the script's plan, as an HTTP request does
     local plan = kit:route(testing.pg_request{ sql = "select count(*) from orders" })
     assert.same({ "a", "b", "c" }, plan.fanout.shards)
+    -- a plan's order_by and limit, as written
+    local ordered = testing.load(pgwrite("pg_order.lua", [[
+return { shard = function(t, s) return s[1] end,
+         fanout = function(req, s) return { order_by = { { column = "id", desc = true } }, limit = 5 } end }]]),
+      { shards = { "a", "b" } })
+    local r = ordered:route(testing.pg_request{ sql = "select id from t" })
+    assert.same({ order_by = { { column = "id", desc = true } }, limit = 5 }, r.fanout)
+    local bad = testing.load(pgwrite("pg_badorder.lua", [[
+return { shard = function(t, s) return s[1] end,
+         fanout = function(req, s) return { order_by = { "id" } } end }]]), { shards = { "a" } })
+    assert.matches("fan%-out plan order_by%[1%] must be { column = name, desc = true|false }",
+      testing.error_of(function() bad:fanout(testing.pg_request{}) end))
     -- Without a tenant hook: the comment's tenant, else the session's.
     local plain = testing.load(pgwrite("pg_plain.lua", "return { shard = function(t, s) return s[1] end }"),
       { shards = { "a" } })

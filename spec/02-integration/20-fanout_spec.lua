@@ -249,6 +249,19 @@ describe("fan-out", function()
       assert_pools_clean(gw)
     end)
 
+    it("merges by the plan's order_by and limit when the body gives none (the body's win when it does)", function()
+      local plan = { shards = { "shard_1", "shard_4", "shard_6" }, order_by = { { column = "name", desc = true } },
+                     limit = 2 }
+      local res = fan(gw, { sql = "SELECT name FROM shard_info" }, plan)
+      assert.equal(200, res.status, res.body)
+      local want = { dbs[2], dbs[5], dbs[7] }
+      table.sort(want, function(a, b) return a > b end)
+      assert.same({ { want[1] }, { want[2] } }, res.json.rows)
+      res = fan(gw, { sql = "SELECT name FROM shard_info", order_by = { { column = "name" } }, limit = 1 }, plan)
+      assert.equal(200, res.status, res.body)
+      assert.same({ { want[3] } }, res.json.rows)
+    end)
+
     it("runs on every configured shard, in natural order, when the plan names none", function()
       local res = fan(gw, { sql = "SELECT name FROM shard_info" }, "{}")
       assert.equal(200, res.status, res.body)

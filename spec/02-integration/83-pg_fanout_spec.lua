@@ -30,6 +30,10 @@ function route.fanout(req, shards)
   if (req.comment.scope or req.session.scope) ~= "all" then return nil end
   local plan = { shards = shards, concurrency = tonumber(req.session.concurrency or "6"),
                  partial = req.session.partial == "yes", timeout = tonumber(req.session.timeout or "20") }
+  if req.session.order then
+    plan.order_by = { { column = req.session.order, desc = req.session.desc == "yes" } }
+  end
+  if req.session.limit then plan.limit = tonumber(req.session.limit) end
   if req.session.only then
     plan.shards = {}
     for name in req.session.only:gmatch("[^,]+") do plan.shards[#plan.shards + 1] = name end
@@ -285,6 +289,63 @@ print(len(cur.fetchall()))
       end
       return n == 0, n
     end, 10, "every shard's statement cancelled")
+  end)
+
+  describe("merged by the plan's order_by and limit", function()
+    -- organizations on shard i (1-based): ids i, i+6, i+12, i+18, so every shard holds some of each range
+    local all = {}
+    setup(function()
+      for i, db in ipairs(dbs) do
+        helpers.psql(db, "DELETE FROM organizations")
+        for k = 0, 3 do
+          local id = i + 6 * k
+          helpers.psql(db, ("INSERT INTO organizations (id, name) VALUES (%d, 'org-%03d')"):format(id, 100 - id))
+          all[#all + 1] = id
+        end
+      end
+    end)
+
+    it("gives the top rows of the union in order, as direct queries would (psql, text)", function()
+      local code, out, err = psql("SELECT id, name FROM organizations",
+        "-c shardgate.scope=all -c shardgate.order=id -c shardgate.desc=yes -c shardgate.limit=5")
+      assert.equal(0, code, err)
+      local want = {}
+      table.sort(all, function(a, b) return a > b end)
+      for k = 1, 5 do want[k] = ("%d|org-%03d"):format(all[k], 100 - all[k]) end
+      assert.same(want, lines(out))
+      -- by text, ascending, no limit: every row, ordered byte-wise
+      code, out, err = psql("SELECT name FROM organizations", "-c shardgate.scope=all -c shardgate.order=name")
+      assert.equal(0, code, err)
+      local names = {}
+      for _, id in ipairs(all) do names[#names + 1] = ("org-%03d"):format(100 - id) end
+      table.sort(names)
+      assert.same(names, lines(out))
+    end)
+
+    it("merges binary values too (asyncpg), and says so when an order column is missing", function()
+      local code, out, err = helpers.python([[
+import asyncio, sys, asyncpg
+async def main():
+    c = await asyncpg.connect(host="127.0.0.1", port=int(sys.argv[1]), user="app", database="app",
+                              server_settings={"shardgate.scope": "all", "shardgate.order": "id", "shardgate.limit": "3"})
+    print([r["id"] for r in await c.fetch("SELECT id, name FROM organizations WHERE id > $1", 2)])
+    try:
+        await c.fetch("SELECT name FROM organizations")
+    except asyncpg.PostgresError as e:
+        print(e.sqlstate, str(e))
+asyncio.run(main())
+]], { gw.pg_port })
+      assert.equal(0, code, err)
+      local l = lines(out)
+      assert.equal("[3, 4, 5]", l[1])
+      -- with a limit each shard sorts by the column itself, and says it is missing
+      assert.equal('42703 shard shard_0: column "id" does not exist', l[2])
+      -- without one the gateway sorts, and says so
+      local _
+      code, _, err = psql("SELECT name FROM organizations", "-c shardgate.scope=all -c shardgate.order=id")
+      assert.are_not.equal(0, code)
+      assert.matches("order_by column 'id' is not in the result", err)
+    end)
   end)
 
   it("refuses shards whose columns differ, naming them", function()
