@@ -667,6 +667,9 @@ static void part_done(struct part *p)
 	p->state = P_DONE;
 	fo->active--;
 	fo->done++;
+	/* Lease mode without partial: the first failure ends it (the face streams; nothing waits for the rest). */
+	if (fo->rq->lease && part_failed(p) && !fo->plan.partial && !fo->stopping)
+		stop(fo, "failed");
 }
 
 /*

@@ -28,7 +28,12 @@ end
 function route.fanout(req, shards)
   if req.protocol ~= "pg" then return nil end
   if (req.comment.scope or req.session.scope) ~= "all" then return nil end
-  local plan = { shards = shards, concurrency = tonumber(req.session.concurrency or "6"),
+  -- shard_dead (nothing listens there) only when asked for
+  local live = {}
+  for _, name in ipairs(shards) do
+    if name ~= "shard_dead" or req.session.dead == "yes" then live[#live + 1] = name end
+  end
+  local plan = { shards = live, concurrency = tonumber(req.session.concurrency or "6"),
                  partial = req.session.partial == "yes", timeout = tonumber(req.session.timeout or "20") }
   if req.session.order then
     plan.order_by = { { column = req.session.order, desc = req.session.desc == "yes" } }
@@ -76,6 +81,8 @@ describe("PostgreSQL face: fan-out", function()
     dbs = helpers.make_shards(NSHARDS, "pgfo")
     for _, db in ipairs(dbs) do helpers.psql(db, PROBE) end
     local shards = helpers.shards_config(dbs, { pool = 2, checkout_timeout = 2, statement_timeout = 60 })
+    shards.shard_dead = { url = "postgresql://postgres@127.0.0.1:" .. helpers.free_port() .. "/nowhere",
+                          pool = 1, checkout_timeout = 2 }
     gw = helpers.pg_gateway({
       shards = shards,
       script = SCRIPT,
@@ -346,6 +353,24 @@ asyncio.run(main())
       assert.are_not.equal(0, code)
       assert.matches("order_by column 'id' is not in the result", err)
     end)
+  end)
+
+  it("with partial and a dead shard: a WARNING names it, every live shard's rows arrive", function()
+    local code, out, err = psql("SELECT name FROM shard_info",
+      "-c shardgate.scope=all -c shardgate.dead=yes -c shardgate.partial=yes")
+    assert.equal(0, code, err)
+    assert.equal(NSHARDS, #lines(out), out)
+    assert.matches("WARNING:.*shard shard_dead failed", err)
+  end)
+
+  it("without partial and a dead shard: the error names it, the live shards' statements are cancelled", function()
+    local t0 = helpers.now()
+    local code, _, err = psql("SELECT count(*) FROM pg_sleep(30)",
+      "-c shardgate.scope=all -c shardgate.dead=yes -c shardgate.concurrency=7")
+    assert.are_not.equal(0, code)
+    assert.matches("shard_dead", err)
+    assert.is_true(helpers.now() - t0 < 15, "the live shards' statements were not cancelled")
+    none_sleeping()
   end)
 
   it("refuses shards whose columns differ, naming them", function()
