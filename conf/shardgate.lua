@@ -55,6 +55,12 @@ return {
   --   refresh = 30, listen = "tenant_directory", pause_warning = 60,
   -- },
 
+  -- How answers write values (see README "HTTP API") (reload).
+  json = {
+    int8  = "number",      -- exact JSON numbers; "string" for JavaScript clients (JSON.parse rounds beyond 2^53)
+    bytea = "hex",         -- PostgreSQL's "\\xdeadbeef"; or "base64"
+  },
+
   -- Values for the routing script: require("shardgate").settings (reload).
   settings = {},
 

@@ -68,6 +68,7 @@ struct exec {
 	struct tenant_waiter twait;
 	bool failed;             /* the sink has the error answer */
 	bool leased;             /* the face holds the connection (rq->lease) */
+	bool describing;         /* the running statement is being described for its parameter types */
 	int nres;                /* results the running statement gave */
 	double sent_at;          /* when the running statement was sent */
 	char sqlstate[6];        /* of the running statement's error */
@@ -236,6 +237,27 @@ static int send_sql(struct exec *r, const char *sql, int n, const char *const *v
 	return 0;
 }
 
+/* Apply st's parameter types if c knows them already; false when they must be described. */
+static bool known_types(struct pgconn *c, struct stmt *st)
+{
+	int n;
+	const Oid *types = pgconn_param_types(c, st->sql, &n);
+	if (!types)
+		return false;
+	stmt_apply_types(st, types, n);
+	return true;
+}
+
+/* The description of a statement with JSON array parameters: now their types are known. */
+static void described(struct exec *r, const PGresult *res)
+{
+	int n = PQnparams(res);
+	Oid types[n > 0 ? n : 1];
+	for (int i = 0; i < n; i++)
+		types[i] = PQparamtype(res, i);
+	stmt_apply_types(&r->rq->stmts[r->cur], types, n);
+}
+
 static void run_next(struct exec *r)
 {
 	int rc;
@@ -252,7 +274,13 @@ static void run_next(struct exec *r)
 		rc = send_sql(r, "SELECT pg_catalog.set_config($1, $2, true)", 2, r->setting, pgconn_send_cached);
 		break;
 	case PH_STMT: {
-		const struct stmt *st = &r->rq->stmts[r->cur];
+		struct stmt *st = &r->rq->stmts[r->cur];
+		if (st->array_values && !st->typed && !known_types(r->conn, st)) {
+			/* A JSON array parameter: its text depends on the parameter's type. */
+			r->describing = true;
+			rc = send_sql(r, st->sql, st->nparams, st->values, pgconn_describe);
+			break;
+		}
 		pgconn_want_rows(r->conn);
 		rc = send_sql(r, st->sql, st->nparams, st->values, pgconn_send_statement);
 		break;
@@ -324,18 +352,24 @@ static void on_result(struct exec *r, PGresult *res)
 		return;
 	case PGRES_TUPLES_OK:
 	case PGRES_COMMAND_OK:
-		if (r->phase == PH_STMT && !r->failed)
+		if (r->phase == PH_STMT && !r->failed && r->describing)
+			described(r, res);
+		else if (r->phase == PH_STMT && !r->failed)
 			write_result(r, res);
 		return;
 	case PGRES_FATAL_ERROR:
 		if (!r->failed)
 			sql_error(r, res);
 		return;
+	case PGRES_EMPTY_QUERY:
+		if (!r->failed)
+			fail(r, "bad_request", "the statement is empty (only white space or comments)");
+		return;
 	default: {
 		char msg[96];
-		snprintf(msg, sizeof(msg), "unsupported result (%s); COPY is not available",
-			 PQresStatus(PQresultStatus(res)));
-		fail(r, "bad_request", msg);
+		snprintf(msg, sizeof(msg), "%s is not available over HTTP", PQresStatus(PQresultStatus(res)));
+		if (!r->failed)
+			fail(r, "unsupported", msg);
 		return;
 	}
 	}
@@ -392,6 +426,14 @@ static void on_done(struct exec *r)
 		}
 		finish(r);
 		return;
+	}
+	if (r->describing) {
+		/* The statement itself now, with its parameters' texts chosen by type. */
+		r->describing = false;
+		if (!r->failed) {
+			run_next(r);
+			return;
+		}
 	}
 	if (r->phase == PH_ROLLBACK && r->redo) {
 		r->redo = false;
@@ -452,6 +494,7 @@ static void start_statements(struct exec *r)
 		return;
 	}
 	r->rows_read = 0;
+	r->describing = false;
 	r->sink->ops->begin(r->sink, r->shard->name);
 	r->phase = r->wrapped ? PH_BEGIN : PH_STMT;
 	r->cur = 0;
@@ -577,9 +620,22 @@ static int resolve_queries(struct exec *r)
  * commit part of the request, or run the rest outside it (and outside the
  * tenant setting): refused before anything runs. Savepoints stay allowed.
  */
-static int refuse_transaction_control(struct exec *r)
+static int refuse_statements(struct exec *r)
 {
 	char msg[256];
+	for (int i = 0; i < r->rq->nstmts; i++) {
+		const char *what = r->rq->stmts[i].sql ? sql_unsupported(r->rq->stmts[i].sql) : NULL;
+		if (!what)
+			continue;
+		snprintf(msg, sizeof(msg), "%s is not available over HTTP: %s", what,
+			 strcmp(what, "LISTEN") == 0
+				 ? "notifications would arrive on a pooled connection after the answer"
+				 : "COPY FROM STDIN and COPY TO STDOUT stream data the JSON answer cannot carry; "
+				   "use INSERT ... SELECT FROM json_populate_recordset($1) or an NDJSON SELECT");
+		fail(r, "unsupported", msg);
+		finish(r);
+		return -1;
+	}
 	if (!r->rq->transaction && !r->gen->cfg->tenant_setting)
 		return 0;
 	for (int i = 0; i < r->rq->nstmts; i++) {
@@ -737,7 +793,7 @@ void exec_start(struct exec **handle, struct req *rq, struct sink *k, exec_done_
 	r->gen = generation_current();
 	generation_ref(r->gen);
 	/* Authenticate first: an anonymous client learns nothing, not even query names. */
-	if (authorize(r) < 0 || resolve_queries(r) < 0 || refuse_transaction_control(r) < 0)
+	if (authorize(r) < 0 || resolve_queries(r) < 0 || refuse_statements(r) < 0)
 		return;
 	route_request(r);
 }

@@ -14,8 +14,10 @@
 
 #include "answer.h"
 #include "body.h"
+#include "config.h"
 #include "exec.h"
 #include "fault.h"
+#include "generation.h"
 #include "health.h"
 #include "http.h"
 #include "util.h"
@@ -82,6 +84,14 @@ static void on_abort(struct http_request *http)
 		exec_abort(c->exec);
 }
 
+/* How values are written: the config's json table, the body's "int8" over it. */
+static void set_json_opts(struct jsonw_opts *o, const struct body *b)
+{
+	const struct config *cfg = generation_current()->cfg;
+	o->int8_string = b->int8 == BODY_INT8_DEFAULT ? cfg->int8_string : b->int8 == BODY_INT8_STRING;
+	o->bytea_base64 = cfg->bytea_base64;
+}
+
 static void handle_sql(struct http_request *http, enum body_kind kind)
 {
 	struct call *c = call_alloc();
@@ -106,6 +116,9 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 	rq->order = c->body.order;
 	rq->norder = c->body.norder;
 	rq->limit = c->body.limit;
+	rq->shard_column = c->body.shard_column;
+	c->answer.shard_column = c->body.shard_column;
+	set_json_opts(&c->answer.opts, &c->body);
 	http->on_abort = on_abort;
 	exec_start(&c->exec, rq, &c->answer.sink, on_done, c);
 }

@@ -52,6 +52,8 @@ struct sink_ops {
 	void (*notice)(struct sink *k, const PGresult *res);
 	/* A leased request (req.lease) got its connection (req.info names the shard): the face runs it until exec_release. */
 	void (*lease)(struct sink *k, struct pgconn *c);
+	/* A fan-out's merged row, from shard (may be NULL: row() is used). */
+	long (*shard_row)(struct sink *k, const PGresult *res, int r, const char *shard);
 };
 
 struct sink {

@@ -7,7 +7,7 @@
 #            PostgreSQL: pgface pgwire pgsql
 #   router   script luaenv generation reload config exec dryrun
 #   pools    pool pgconn fanout tenants directory sqlclass
-#   support  util log metrics auth accesslog req fault sink scram notify
+#   support  util log metrics auth accesslog req fault sink scram notify pgtypes
 #   main     main (wires the faces to the rest)
 #
 # It fails when a router, pools or support file (.c or .h) includes a
@@ -19,7 +19,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../core" || exit 1
 faces="http httpparse request body jsonw answer admin health pgface pgwire pgsql"
 neutral="script luaenv generation reload config exec dryrun
          pool pgconn fanout tenants directory sqlclass
-         util log metrics auth accesslog req fault sink scram notify"
+         util log metrics auth accesslog req fault sink scram notify pgtypes pgtypes_table"
 known=" main $(echo $faces $neutral) "
 
 bad=0
