@@ -176,8 +176,11 @@ static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 
 static void cancel_running(struct exec *r)
 {
-	if (r->conn)
+	if (r->conn) {
+		/* A paused stream must read again, or the cancel's answer would never be seen. */
+		pgconn_pause(r->conn, false);
 		pgconn_guard_cancel(&r->guard, r->conn);
+	}
 }
 
 static void on_timer(evutil_socket_t fd, short what, void *arg)
@@ -186,6 +189,7 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 	char msg[160];
 	(void)fd;
 	(void)what;
+	pgconn_pause(r->conn, false);
 	if (!pgconn_guard_expired(&r->guard, r->conn)) {
 		log_info("shard %s: statement timeout (%gs), cancelling", r->shard->name, r->timeout);
 		return;
@@ -324,6 +328,8 @@ static void add_row(struct exec *r, const PGresult *res)
 		out_of_memory(r);
 		return;
 	}
+	if (r->rq->stream)
+		return;   /* the face streams it: nothing accumulates, no cap */
 	if (++r->rows_read > r->shard->max_rows) {
 		snprintf(msg, sizeof(msg), "the request read more than max_rows (%d) rows from this shard; the statement was cancelled",
 			 r->shard->max_rows);
@@ -803,6 +809,12 @@ void exec_release(struct exec *r, bool discard)
 	if (discard && r->conn)
 		pgconn_discard(r->conn);
 	finish(r);
+}
+
+void exec_pause(struct exec *r, bool paused)
+{
+	if (r->conn && !r->fo && !r->aborted)
+		pgconn_pause(r->conn, paused);
 }
 
 int exec_shard(const struct exec *r)

@@ -30,6 +30,13 @@ void exec_set_base(struct event_base *base);
  */
 void exec_start(struct exec **handle, struct req *rq, struct sink *k, exec_done_cb done, void *arg);
 
+/*
+ * A face streaming the answer (rq->stream) to a slow client: take no more
+ * rows from the shard for now (paused), or again. The statement waits
+ * on the server meanwhile (its timeout still runs). No effect on a fan-out.
+ */
+void exec_pause(struct exec *e, bool paused);
+
 /* The client went away: stop waiting, cancel what runs; done still runs, its answer unwanted. */
 void exec_abort(struct exec *e);
 

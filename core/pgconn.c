@@ -54,7 +54,7 @@ static int watch(struct pgconn *c, short what)
 		return -1;
 	if (c->first)
 		event_priority_set(c->ev, 0);
-	if (event_add(c->ev, NULL) < 0)
+	if (!c->paused && event_add(c->ev, NULL) < 0)
 		return -1;
 	return 0;
 }
@@ -391,7 +391,7 @@ static void read_results(struct pgconn *c)
 		broken(c, "");
 		return;
 	}
-	while (c->npipe > 0 && !PQisBusy(c->pg)) {
+	while (c->npipe > 0 && !c->paused && !PQisBusy(c->pg)) {
 		enum pipe_item it = (enum pipe_item)c->pipe[c->pipe_head];
 		PGresult *res;
 		if (c->batch && handed++ >= c->batch) {
@@ -764,6 +764,11 @@ static bool ready(struct pgconn *c)
 	c->retry_txn = false;
 	c->cur_rows = false;
 	c->pend_describe = false;
+	if (c->paused) {
+		c->paused = false;
+		if (c->ev)
+			event_add(c->ev, NULL);
+	}
 	pipe_clear(c);
 	/* Session settings a PostgreSQL client left are nobody else's: the reset goes first. */
 	if (c->wire_sig)
@@ -1212,6 +1217,24 @@ void pgconn_deadline(struct pgconn *c, double secs)
 	struct timeval tv = tv_of(secs);
 	c->deadline = secs;
 	evtimer_add(c->timer, &tv);
+}
+
+void pgconn_pause(struct pgconn *c, bool paused)
+{
+	if (c->paused == paused || c->state != PGCONN_BUSY)
+		return;
+	c->paused = paused;
+	if (paused) {
+		if (c->ev)
+			event_del(c->ev);
+		return;
+	}
+	if (c->ev)
+		event_add(c->ev, NULL);
+	/* What libpq read before the pause is handed out now, not at the next byte from the server. */
+	if (!c->more && !(c->more = event_new(c->base, -1, 0, on_more, c)))
+		abort();
+	event_active(c->more, EV_READ, 0);
 }
 
 void pgconn_want_rows(struct pgconn *c)

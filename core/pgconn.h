@@ -94,6 +94,7 @@ struct pgconn {
 	bool reset_prepared;     /* the reset's statements are prepared on this connection */
 	bool retry_txn;          /* the statement failed on the gateway's own cache inside a transaction */
 	bool pend_describe;      /* the statement in flight is described, not run (pgconn_describe) */
+	bool paused;             /* its borrower takes no results for now (pgconn_pause) */
 	bool want_rows;          /* the next statement sent delivers its rows one by one */
 	bool cur_rows;           /* ... the one in flight does */
 	/* What each query in flight is for, oldest first (see read_results). */
@@ -215,6 +216,15 @@ void pgconn_want_rows(struct pgconn *c);
  * cleaning ROLLBACK), whose server may have gone silent. Cleared at DONE.
  */
 void pgconn_deadline(struct pgconn *c, double secs);
+
+/*
+ * The borrower takes no more results for now (paused), or again: a
+ * result streamed to a slow client. While paused the socket is not read,
+ * so the server blocks on its send once the kernel's buffers are full and
+ * the statement waits with it; results libpq holds already are handed out
+ * on resume.
+ */
+void pgconn_pause(struct pgconn *c, bool paused);
 
 /* Forget prepared statements (the server lost them). */
 void pgconn_cache_clear(struct pgconn *c);

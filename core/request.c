@@ -20,11 +20,14 @@
 #include "generation.h"
 #include "health.h"
 #include "http.h"
+#include "ndjson.h"
 #include "util.h"
 
 /* One /query or /transaction in flight: its answer (the sink), body and executor. */
 struct call {
-	struct answer answer;      /* first: the sink the executor writes into */
+	struct answer answer;      /* the sink the executor writes into (or the streamed answer's fallback) */
+	struct ndjson nd;          /* the sink of a streamed /query (Accept: application/x-ndjson) */
+	bool streamed;
 	struct http_request *http;
 	struct exec *exec;         /* NULL once done */
 	struct body body;
@@ -60,6 +63,7 @@ static void call_free(struct call *c)
 		return;
 	}
 	answer_release(&c->answer);
+	ndjson_release(&c->nd);
 	free(c);
 }
 
@@ -75,6 +79,23 @@ static void on_done(void *arg)
 	http->on_abort = NULL;
 	http_reply(http, status, c->answer.out, extra);
 	call_free(c);
+}
+
+static void on_stream_done(void *arg)
+{
+	struct call *c = arg;
+	struct http_request *http = c->http;
+	http->data = NULL;
+	http->on_abort = NULL;
+	ndjson_finish(&c->nd);
+	call_free(c);
+}
+
+/* Does the client ask for NDJSON (Accept: application/x-ndjson, alone or among others)? */
+static bool wants_ndjson(const struct req *rq)
+{
+	const char *accept = req_header(rq, "accept");
+	return accept && strstr(accept, "application/x-ndjson") != NULL;
 }
 
 static void on_abort(struct http_request *http)
@@ -97,6 +118,8 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 	struct call *c = call_alloc();
 	struct req *rq = &http->rq;
 	char err[512];
+	struct sink *sink = &c->answer.sink;
+	exec_done_cb done = on_done;
 
 	c->http = http;
 	http->data = c;
@@ -119,8 +142,15 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 	rq->shard_column = c->body.shard_column;
 	c->answer.shard_column = c->body.shard_column;
 	set_json_opts(&c->answer.opts, &c->body);
+	c->streamed = kind == BODY_QUERY && wants_ndjson(rq);
+	if (c->streamed) {
+		rq->stream = true;
+		ndjson_init(&c->nd, http, &c->exec, &c->answer, &rq->info);
+		sink = &c->nd.sink;
+		done = on_stream_done;
+	}
 	http->on_abort = on_abort;
-	exec_start(&c->exec, rq, &c->answer.sink, on_done, c);
+	exec_start(&c->exec, rq, sink, done, c);
 }
 
 static void reply_static(struct http_request *http, int status, const char *json)
