@@ -32,6 +32,8 @@ static const struct {
 	{ "fanout_failed", 502 },    { "result_too_large", 502 },  { "column_mismatch", 502 },
 	{ "checkout_timeout", 503 }, { "queue_full", 503 },        { "shard_unavailable", 503 },
 	{ "tenant_paused", 503 },    { "statement_timeout", 504 },
+	{ "transaction_not_found", 404 }, { "transaction_busy", 409 }, { "transaction_aborted", 409 },
+	{ "too_many_transactions", 503 },
 };
 
 static const char *const client_classes[] = {

@@ -69,6 +69,14 @@ struct exec {
 	bool failed;             /* the sink has the error answer */
 	bool leased;             /* the face holds the connection (rq->lease) */
 	bool describing;         /* the running statement is being described for its parameter types */
+	/* Held transactions (rq->hold): BEGIN, then parked between the face's requests. */
+	bool hold;               /* this executor holds its transaction open across requests */
+	bool held;               /* ... and BEGIN succeeded: statement errors leave it open */
+	bool parked;             /* no request of the face runs in it now */
+	bool holding;            /* counted in its shard's and tenant's open transactions */
+	bool lost;               /* the connection broke while parked */
+	bool has_cred;           /* it was opened with credentials (Authorization or X-Api-Key) ... */
+	unsigned char cred[32];  /* ... whose SHA-256 is this */
 	int nres;                /* results the running statement gave */
 	double sent_at;          /* when the running statement was sent */
 	char sqlstate[6];        /* of the running statement's error */
@@ -138,6 +146,10 @@ static void sql_error(struct exec *r, const PGresult *res)
 static void exec_free(struct exec *r)
 {
 	pgconn_guard_stop(&r->guard);
+	if (r->holding) {
+		r->pool->open_transactions--;
+		tenants_hold(r->route.tenant, -1);
+	}
 	if (r->entered)
 		tenants_leave(r->route.tenant);
 	route_clear(&r->route);
@@ -406,6 +418,26 @@ static void retry_after_reset(struct exec *r)
 	finish(r);
 }
 
+/*
+ * A held transaction between requests: the request that ran in it is
+ * answered, the connection stays with the executor (inside the open
+ * transaction), and the face's next request continues it (exec_continue)
+ * or ends it (exec_end).
+ */
+static void park(struct exec *r)
+{
+	exec_done_cb done = r->done;
+	void *arg = r->done_arg;
+	pgconn_guard_stop(&r->guard);
+	r->held = true;
+	r->parked = true;
+	r->rq = NULL;
+	r->sink = NULL;
+	r->done = NULL;
+	r->done_arg = NULL;
+	done(arg);
+}
+
 /* The statement in flight finished: decide what runs next. */
 static void on_done(struct exec *r)
 {
@@ -450,7 +482,16 @@ static void on_done(struct exec *r)
 		finish(r);
 		return;
 	}
-	if (r->failed && !r->redone && pgconn_retry_transaction(r->conn)) {
+	if (r->held && r->aborted) {
+		finish(r);   /* its client left mid-statement: the transaction ends (the pool rolls it back) */
+		return;
+	}
+	if (r->held && (r->failed || r->cur + 1 >= r->rq->nstmts)) {
+		/* A statement failed (the transaction is aborted on the server) or the last one ran. */
+		park(r);
+		return;
+	}
+	if (r->failed && !r->redone && !r->hold && pgconn_retry_transaction(r->conn)) {
 		/* The gateway's statement cache failed, not the statement: all over again, once. */
 		log_info("shard %s: statement %d failed on the gateway's statement cache (%s); "
 			 "running the transaction again", r->shard->name, r->cur + 1, r->sqlstate);
@@ -464,6 +505,10 @@ static void on_done(struct exec *r)
 	} else if (r->phase == PH_BEGIN || r->phase == PH_SETTING) {
 		r->phase = PH_STMT;
 		r->cur = 0;
+		if (r->hold && r->rq->nstmts == 0) {
+			park(r);
+			return;
+		}
 	} else if (++r->cur == r->rq->nstmts) {
 		r->phase = PH_COMMIT;
 	}
@@ -474,6 +519,12 @@ static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 {
 	struct exec *r = arg;
 	(void)c;
+	if (r->parked) {
+		/* Nothing runs: only the server leaving reaches an idle connection. */
+		if (ev == PGCONN_EV_BROKEN)
+			r->lost = true;
+		return;
+	}
 	switch (ev) {
 	case PGCONN_EV_RESULT:
 		on_result(r, res);
@@ -588,7 +639,6 @@ static int resolve_queries(struct exec *r)
 	char msg[256];
 	if (r->rq->lease && strcmp(cfg->sql_mode, "named") == 0) {
 		fail(r, "forbidden", "raw SQL is disabled here (sql = \"named\"), and this face sends only SQL");
-		finish(r);
 		return -1;
 	}
 	for (int i = 0; i < r->rq->nstmts; i++) {
@@ -598,7 +648,6 @@ static int resolve_queries(struct exec *r)
 			if (strcmp(cfg->sql_mode, "named") == 0) {
 				fail(r, "forbidden",
 					  "raw SQL is disabled here (sql = \"named\"): call a named query with \"query\"");
-				finish(r);
 				return -1;
 			}
 			continue;
@@ -614,7 +663,6 @@ static int resolve_queries(struct exec *r)
 			continue;
 		}
 		fail(r, "bad_request", msg);
-		finish(r);
 		return -1;
 	}
 	return 0;
@@ -639,10 +687,9 @@ static int refuse_statements(struct exec *r)
 				 : "COPY FROM STDIN and COPY TO STDOUT stream data the JSON answer cannot carry; "
 				   "use INSERT ... SELECT FROM json_populate_recordset($1) or an NDJSON SELECT");
 		fail(r, "unsupported", msg);
-		finish(r);
 		return -1;
 	}
-	if (!r->rq->transaction && !r->gen->cfg->tenant_setting)
+	if (!r->rq->transaction && !r->hold && !r->gen->cfg->tenant_setting)
 		return 0;
 	for (int i = 0; i < r->rq->nstmts; i++) {
 		const char *sql = r->rq->stmts[i].sql;
@@ -657,7 +704,6 @@ static int refuse_statements(struct exec *r)
 			 "transaction of its own: leave BEGIN, COMMIT and ROLLBACK out (savepoints are allowed)",
 			 i + 1, len, word);
 		fail(r, "bad_request", msg);
-		finish(r);
 		return -1;
 	}
 	return 0;
@@ -721,6 +767,37 @@ static void on_tenant_released(struct tenant_waiter *w, bool released)
 	route_request(r);
 }
 
+/* The caps on held transactions: this shard's, this tenant's. Answers 503 too_many_transactions when over. */
+static int admit_hold(struct exec *r)
+{
+	const struct config *cfg = r->gen->cfg;
+	int shard_cap = cfg->txn_max_per_shard ? cfg->txn_max_per_shard : (r->shard->pool + 1) / 2;
+	char msg[200];
+	struct fault f = { 0 };
+	if (r->pool->open_transactions >= shard_cap)
+		snprintf(msg, sizeof(msg), "shard %s has %d open transactions, its cap (max_open_transactions.per_shard)",
+			 r->shard->name, r->pool->open_transactions);
+	else if (cfg->txn_max_per_tenant && tenants_held(r->route.tenant) >= cfg->txn_max_per_tenant)
+		snprintf(msg, sizeof(msg), "tenant '%.64s' has %d open transactions, its cap (max_open_transactions.per_tenant)",
+			 r->route.tenant, tenants_held(r->route.tenant));
+	else {
+		r->holding = true;
+		r->pool->open_transactions++;
+		tenants_hold(r->route.tenant, 1);
+		if (r->rq->bearer || r->rq->api_key) {
+			r->has_cred = true;
+			auth_digest(r->rq->bearer ? r->rq->bearer : r->rq->api_key, r->cred);
+		}
+		return 0;
+	}
+	log_info("%s", msg);
+	fault_set(&f, "too_many_transactions", r->shard->name, msg);
+	f.retry_after = 1;
+	fail_with(r, &f);
+	finish(r);
+	return -1;
+}
+
 static void on_fanout_done(void *arg)
 {
 	finish(arg);
@@ -767,7 +844,7 @@ static void route_request(struct exec *r)
 	tenants_enter(r->route.tenant);
 	r->entered = true;
 	r->shard = &r->gen->cfg->shards[r->route.shard];
-	r->wrapped = transaction || r->gen->cfg->tenant_setting;
+	r->wrapped = transaction || rq->hold || r->gen->cfg->tenant_setting;
 	if (r->gen->cfg->tenant_setting) {
 		r->setting[0] = r->gen->cfg->tenant_setting;
 		r->setting[1] = r->route.tenant;
@@ -778,6 +855,8 @@ static void route_request(struct exec *r)
 	r->guard.timer = (struct event *)(r + 1);
 	if (evtimer_assign(r->guard.timer, loop_base, on_timer, r) < 0)
 		abort();
+	if (rq->hold && admit_hold(r) < 0)
+		return;
 	checkout(r);
 }
 
@@ -796,11 +875,16 @@ void exec_start(struct exec **handle, struct req *rq, struct sink *k, exec_done_
 	r->done_arg = arg;
 	r->handle = handle;
 	*handle = r;
+	r->hold = rq->hold;
 	r->gen = generation_current();
 	generation_ref(r->gen);
 	/* Authenticate first: an anonymous client learns nothing, not even query names. */
-	if (authorize(r) < 0 || resolve_queries(r) < 0 || refuse_statements(r) < 0)
+	if (authorize(r) < 0)
 		return;
+	if (resolve_queries(r) < 0 || refuse_statements(r) < 0) {
+		finish(r);
+		return;
+	}
 	route_request(r);
 }
 
@@ -809,6 +893,120 @@ void exec_release(struct exec *r, bool discard)
 	if (discard && r->conn)
 		pgconn_discard(r->conn);
 	finish(r);
+}
+
+/* The request's credentials: the same as the ones that opened the held transaction? */
+static bool same_credentials(const struct exec *r, const struct req *rq)
+{
+	const char *cred = rq->bearer ? rq->bearer : rq->api_key;
+	if (!cred || !r->has_cred)
+		return !cred && !r->has_cred;
+	return auth_token_matches(cred, r->cred);
+}
+
+/* A request for a held transaction takes it over: its answer, sink and done. */
+static void take_over(struct exec *r, struct req *rq, struct sink *k, exec_done_cb done, void *arg)
+{
+	r->rq = rq;
+	r->sink = k;
+	r->done = done;
+	r->done_arg = arg;
+	r->parked = false;
+	r->failed = false;
+	r->aborted = false;
+	r->describing = false;
+	r->rows_read = 0;
+	r->nres = 0;
+	str_copy(rq->info.tenant, sizeof(rq->info.tenant), r->route.tenant);
+	str_copy(rq->info.shard, sizeof(rq->info.shard), r->shard->name);
+	k->ops->begin(k, r->shard->name);
+}
+
+/* Is rq allowed into the held transaction? Answers (and parks again) when not. */
+static bool admitted(struct exec *r)
+{
+	struct route rt = { 0 };
+	struct auth_identity id = { 0 };
+	char msg[256];
+	bool same;
+	if (auth_check(&r->gen->cfg->auth, r->rq, &id, msg, sizeof(msg)) < 0) {
+		fail(r, "unauthorized", msg);
+		return false;
+	}
+	r->rq->auth = &id;
+	script_route(r->gen->script, r->rq, false, &rt);
+	r->rq->auth = NULL;
+	same = rt.kind == ROUTE_SHARD && strcmp(rt.tenant, r->route.tenant) == 0 && same_credentials(r, r->rq);
+	route_clear(&rt);
+	auth_identity_clear(&id);
+	if (!same) {
+		/* Not this client's: as if it did not exist (not even its shard is said). */
+		struct fault f = { 0 };
+		fault_set(&f, "transaction_not_found", NULL,
+			  "no such transaction (it ended, expired, or belongs to someone else)");
+		fail_with(r, &f);
+		return false;
+	}
+	return true;
+}
+
+void exec_continue(struct exec *r, struct req *rq, struct sink *k, exec_done_cb done, void *arg)
+{
+	take_over(r, rq, k, done, arg);
+	if (!admitted(r) || resolve_queries(r) < 0 || refuse_statements(r) < 0) {
+		park(r);
+		return;
+	}
+	if (r->lost) {
+		fail(r, "shard_error", "the shard closed the transaction's connection; the transaction is gone");
+		finish(r);
+		return;
+	}
+	r->timeout = shard_statement_timeout(r->shard, rq->timeout);
+	r->phase = PH_STMT;
+	r->cur = 0;
+	if (rq->nstmts == 0) {
+		park(r);
+		return;
+	}
+	run_next(r);
+}
+
+void exec_end(struct exec *r, struct req *rq, bool commit, struct sink *k, exec_done_cb done, void *arg)
+{
+	take_over(r, rq, k, done, arg);
+	if (rq->method && !admitted(r)) {
+		park(r);
+		return;
+	}
+	if (r->lost) {
+		fail(r, "shard_error", "the shard closed the transaction's connection; the transaction is gone");
+		finish(r);
+		return;
+	}
+	r->timeout = r->shard->statement_timeout;
+	r->phase = commit ? PH_COMMIT : PH_ROLLBACK;
+	if (commit && PQtransactionStatus(r->conn->pg) == PQTRANS_INERROR) {
+		/* COMMIT would answer ROLLBACK: say so, and roll back. */
+		fail(r, "transaction_aborted", "a statement of the transaction failed, so it was rolled back, not committed");
+		r->phase = PH_ROLLBACK;
+	}
+	run_next(r);
+}
+
+bool exec_parked(const struct exec *r)
+{
+	return r->parked;
+}
+
+const char *exec_tenant(const struct exec *r)
+{
+	return r->route.tenant;
+}
+
+const char *exec_shard_name(const struct exec *r)
+{
+	return r->shard ? r->shard->name : NULL;
 }
 
 void exec_pause(struct exec *r, bool paused)

@@ -98,6 +98,7 @@ struct req {
 	long limit;              /* fan-out row limit; 0: none */
 	const char *shard_column;  /* a fan-out adds this column naming each row's shard; NULL: none */
 	bool stream;             /* the face streams rows as they come: no max_rows / max_result_bytes */
+	bool hold;               /* the transaction stays open after the statements (exec_continue, exec_end) */
 	/* Set by the executor. */
 	const struct auth_identity *auth;  /* who sent it, once authenticated (req.auth) */
 	double start;            /* monotonic seconds when it arrived whole */

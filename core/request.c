@@ -9,6 +9,7 @@
 #include "request.h"
 
 #include <event2/buffer.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -21,6 +22,7 @@
 #include "health.h"
 #include "http.h"
 #include "ndjson.h"
+#include "txn.h"
 #include "util.h"
 
 /* One /query or /transaction in flight: its answer (the sink), body and executor. */
@@ -28,6 +30,7 @@ struct call {
 	struct answer answer;      /* the sink the executor writes into (or the streamed answer's fallback) */
 	struct ndjson nd;          /* the sink of a streamed /query (Accept: application/x-ndjson) */
 	bool streamed;
+	struct txn *txn;           /* the held transaction the request runs in; NULL: none */
 	struct http_request *http;
 	struct exec *exec;         /* NULL once done */
 	struct body body;
@@ -54,6 +57,9 @@ static struct call *call_alloc(void)
 static void call_free(struct call *c)
 {
 	body_free(&c->body);
+	if (c->txn)
+		txn_request_done(c->txn);
+	c->txn = NULL;
 	c->http = NULL;
 	c->exec = NULL;
 	if (nfree_calls < FREE_MAX) {
@@ -120,11 +126,16 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 	char err[512];
 	struct sink *sink = &c->answer.sink;
 	exec_done_cb done = on_done;
+	const char *tid = req_header(rq, "x-transaction");
 
 	c->http = http;
 	http->data = c;
 	answer_init(&c->answer, kind == BODY_TRANSACTION, &rq->info);
-	if (body_parse(http->body, http->body_len, kind, &c->body, err, sizeof(err)) < 0) {
+	if (tid && kind == BODY_TRANSACTION)
+		snprintf(err, sizeof(err), "POST /transaction runs a transaction of its own: with X-Transaction, "
+			 "send each statement to /query");
+	if ((tid && kind == BODY_TRANSACTION) ||
+	    body_parse(http->body, http->body_len, kind, &c->body, err, sizeof(err)) < 0) {
 		struct fault f = { 0 };
 		fault_set(&f, "bad_request", NULL, err);
 		answer_error(&c->answer, &f);
@@ -150,6 +161,11 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 		done = on_stream_done;
 	}
 	http->on_abort = on_abort;
+	if (tid) {
+		if (!txn_continue(tid, rq, sink, done, c, &c->exec, &c->txn))
+			done(c);   /* refused: the answer is the error */
+		return;
+	}
 	exec_start(&c->exec, rq, sink, done, c);
 }
 
@@ -174,13 +190,20 @@ void request_handle(struct http_request *http, void *arg)
 		handle_sql(http, BODY_QUERY);
 	else if (strcmp(p, "/transaction") == 0 && post)
 		handle_sql(http, BODY_TRANSACTION);
+	else if (strcmp(p, "/begin") == 0 && post)
+		txn_handle(http, TXN_BEGIN);
+	else if (strcmp(p, "/commit") == 0 && post)
+		txn_handle(http, TXN_COMMIT);
+	else if (strcmp(p, "/rollback") == 0 && post)
+		txn_handle(http, TXN_ROLLBACK);
 	else if (strcmp(p, "/healthz") == 0 && get)
 		reply_static(http, 200, "{\"status\":\"ok\"}");
 	else if (strcmp(p, "/health/shards") == 0 && get)
 		health_shards(http);
 	else if (strcmp(p, "/metrics") == 0 && get)
 		health_metrics(http);
-	else if (strcmp(p, "/query") == 0 || strcmp(p, "/transaction") == 0 ||
+	else if (strcmp(p, "/query") == 0 || strcmp(p, "/transaction") == 0 || strcmp(p, "/begin") == 0 ||
+		 strcmp(p, "/commit") == 0 || strcmp(p, "/rollback") == 0 ||
 		 strcmp(p, "/healthz") == 0 || strcmp(p, "/health/shards") == 0 ||
 		 strcmp(p, "/metrics") == 0)
 		http_reply_error(http, 405, "method_not_allowed", "method not allowed for this path");

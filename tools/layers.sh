@@ -3,7 +3,7 @@
 #
 # Faces speak a wire format; everything below them is protocol-neutral:
 #
-#   faces    HTTP: http httpparse request body jsonw answer ndjson admin health
+#   faces    HTTP: http httpparse request body jsonw answer ndjson txn admin health
 #            PostgreSQL: pgface pgwire pgsql
 #   router   script luaenv generation reload config exec dryrun
 #   pools    pool pgconn fanout tenants directory sqlclass
@@ -16,7 +16,7 @@
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../core" || exit 1
 
-faces="http httpparse request body jsonw answer ndjson admin health pgface pgwire pgsql"
+faces="http httpparse request body jsonw answer ndjson txn admin health pgface pgwire pgsql"
 neutral="script luaenv generation reload config exec dryrun
          pool pgconn fanout tenants directory sqlclass
          util log metrics auth accesslog req fault sink scram notify pgtypes pgtypes_table"
