@@ -27,6 +27,9 @@
 #              shard_0, once without and once with POST /admin/directory/refresh
 #              loading a BENCH_DIR_ROWS-row tenant_directory 1 s into the row;
 #              load time, the gateway's VmRSS before/after, bytes per entry
+#   export     pgbench_accounts (BENCH_SCALE x 100,000 rows) streamed as NDJSON
+#              through POST /query (Accept: application/x-ndjson) on a fresh
+#              gateway: rows per second and the gateway's peak RSS
 #   idle       a fresh gateway with 3 x 15 pooled connections and
 #              BENCH_IDLE_CLIENTS idle keep-alive clients (tools/bench/idle.lua)
 #   idle pg    a fresh gateway with pg_listen and a fresh PgBouncer, each holding
@@ -773,6 +776,36 @@ fan_rows=$(printf '%s' "$fan_answer" | sed -n 's/.*"row_count":\([0-9]*\).*/\1/p
 [ "$fan_rows" = "$fanout_shards" ] || die "the fan-out answered $fan_rows rows, not $fanout_shards: ${fan_answer:0:300}"
 stop_gateway
 
+# --- streamed export: pgbench_accounts (100,000 rows per scale unit) as NDJSON ----------------
+# One POST /query with Accept: application/x-ndjson, read by curl as fast as
+# it comes: rows per second, and the gateway's peak RSS (VmHWM) against its
+# RSS before, on a fresh gateway with one connection.
+export_rows=$((scale * 100000))
+say "starting the export gateway: 1 shard, pool 1"
+start_gateway gw-export "  script = \"$root/tools/bench/routing.lua\",
+  defaults = { pool = 1, min_idle = 1, statement_timeout = 300 },
+$(shards_lua shard_ bench_ 1)"
+wait_pooled 1 'bench_0'
+add_row export "streamed export, $export_rows rows (NDJSON)" 1
+say "row ${R_label[export]}"
+export_rss0=$(mem_kib "$gw_pid" VmRSS)
+snap_begin "$gw_pid"
+export_t0=$(date +%s.%N)
+( curl -sS -o "$tmp/out/export.ndjson" -H 'X-Organization-Id: 1' -H 'Accept: application/x-ndjson' \
+    -d '{"sql":"SELECT aid, bid, abalance, filler FROM pgbench_accounts"}' "http://127.0.0.1:$gw_port/query" \
+    2>"$tmp/out/export.err"; echo $? >"$tmp/out/export.rc"; times >"$tmp/out/export.times" )
+export_t1=$(date +%s.%N)
+export_last=$(tail -n 1 "$tmp/out/export.ndjson")
+[ "$(cat "$tmp/out/export.rc")" = 0 ] && [ "$export_last" = "{\"command\":\"SELECT\",\"row_count\":$export_rows}" ] ||
+    { cat "$tmp/out/export.err" >&2; die "the export ended with: ${export_last:0:300}"; }
+snap_end export "$gw_pid" "$export_rows" "$(times_us "$tmp/out/export.times")"
+R_rps[export]=$(awk -v n="$export_rows" -v a="$export_t0" -v b="$export_t1" 'BEGIN { printf "%.0f", n / (b - a) }')
+R_p50[export]=-; R_p99[export]=-
+export_hwm=$(mem_kib "$gw_pid" VmHWM)
+R_note[export]="rows/s; $(du -m "$tmp/out/export.ndjson" | cut -f1) MB in $(awk -v a="$export_t0" -v b="$export_t1" 'BEGIN { printf "%.2f", b - a }') s; RSS before $(awk -v k="$export_rss0" 'BEGIN { printf "%.1f", k / 1024 }') MiB"
+rm -f "$tmp/out/export.ndjson"
+stop_gateway
+
 # --- overload: goodput against a retry storm -------------------------------------------------
 # One shard, pool 5, a 5 ms statement: capacity is about 5 / 5 ms. wrk at
 # BENCH_CLIENTS, then at 1024 connections that send again the moment they
@@ -1120,6 +1153,9 @@ awk -v a="${R_pcpu[sg_one]}" -v b="${R_pcpu[sg_spread]}" 'BEGIN {
         "gateway CPU us/request (worse shardgate row)", m, (m <= 20 ? "PASS" : "MISS"), a, b }'
 awk -v a="${R_pcpu[sg_one]}" -v b="${R_pcpu[pgb_s32]}" 'BEGIN {
     if (b + 0 > 0) printf "%-52s %8.2f   (info)\n", "gateway CPU/req one-shard / PgBouncer CPU/req simple", a / b }'
+awk -v r="${R_rps[export]}" -v h="$export_hwm" -v b="$export_rss0" -v n="$export_rows" 'BEGIN {
+    printf "%-52s %8.0f   (info)   rows/s; gateway peak RSS %.1f MiB, %.1f MiB over its RSS before\n",
+        "streamed export (NDJSON), " n " rows", r, h / 1024, (h - b) / 1024 }'
 echo "PostgreSQL protocol (pg_listen) against PgBouncer and direct, pgbench -S @$clients clients, pool $pool:"
 ratio "pg simple / pgbouncer simple @$clients" "${R_rps[pg_s32]}" "${R_rps[pgb_s32]}" ">=" 1.0
 ratio "pg prepared / pgbouncer simple @$clients" "${R_rps[pg_p32]}" "${R_rps[pgb_s32]}" ">=" 1.2
