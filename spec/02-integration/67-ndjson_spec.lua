@@ -36,6 +36,18 @@ local function kib(pid, field)
   return tonumber(status_of(pid):match(field .. ":%s*(%d+)"))
 end
 
+-- Under AddressSanitizer (freed memory stays in its quarantine) or valgrind
+-- the process's memory says nothing of the gateway's: only the plain
+-- binary's is bounded here; the rest of each test runs under every build.
+local MEMORY_MEASURED = not (helpers.bin:find("asan", 1, true) or helpers.bin:find("valgrind", 1, true))
+
+local function within_16_mib(pid, field, idle)
+  local v = kib(pid, field)
+  if MEMORY_MEASURED then
+    assert.is_true(v - idle < 16 * 1024, string.format("%s %d KiB against %d KiB idle", field, v, idle))
+  end
+end
+
 describe("NDJSON streaming", function()
   local dbs, gw
 
@@ -133,8 +145,7 @@ describe("NDJSON streaming", function()
       "curl -sS -o %s -H 'X-Tenant-Id: shard_0' -H 'Accept: application/x-ndjson' --data-binary %s %s/query",
       helpers.shell_quote(out), helpers.shell_quote(body), gw.url))
     assert.equal(0, code, err)
-    local peak = kib(gw.pid, "VmHWM")
-    assert.is_true(peak - idle < 16 * 1024, string.format("VmHWM %d KiB against %d KiB idle", peak, idle))
+    within_16_mib(gw.pid, "VmHWM", idle)
     local _, wc = helpers.run("wc -l < " .. helpers.shell_quote(out))
     assert.equal(1000002, tonumber(wc))
     local _, last = helpers.run("tail -n 1 " .. helpers.shell_quote(out))
@@ -162,11 +173,11 @@ describe("NDJSON streaming", function()
       got = got + #data
       helpers.sleep(0.02)
       if not blocked and got > 512 * 1024 then blocked = backend_waits_on_client() end
-      assert.is_true(kib(gw.pid, "VmRSS") - idle < 16 * 1024)
+      within_16_mib(gw.pid, "VmRSS", idle)
     end
     assert.is_true(blocked, "the shard's backend never waited on the gateway")
     assert.is_true(got < 100 * 1024 * 1024)               -- it is still going: nowhere near the 400 MB
-    assert.is_true(kib(gw.pid, "VmHWM") - idle < 16 * 1024)
+    within_16_mib(gw.pid, "VmHWM", idle)
     conn:close()
     helpers.wait_until(function()
       return helpers.psql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%slow_reader%' "
