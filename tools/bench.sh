@@ -652,10 +652,13 @@ if [ -n "$base_bin" ]; then
     new_bin=$bin
     bin=$base_bin
     say "starting the baseline gateway ($base_bin, Lua from $base_lua) beside it"
+    # Counted by database, not application_name: the pg rows' warm-up left the
+    # main gateway's connections with the application_name its clients set.
+    base_before=$(psql_do postgres "SELECT count(*) FROM pg_stat_activity WHERE datname LIKE 'bench_%' AND backend_type = 'client backend'")
     SHARDGATE_LUA_DIR=$base_lua start_gateway gw-base "  script = \"$root/tools/bench/routing.lua\",
   defaults = { pool = $pool, min_idle = $pool },
 $(shards_lua shard_ bench_ "$nshards")"
-    wait_pooled $((2 * nshards * pool)) 'bench_%'
+    wait_conns $((base_before + nshards * pool)) "datname LIKE 'bench_%' AND backend_type = 'client backend'"
     base_gw=("$gw_pid" "$gw_port" "$admin_port")
     bin=$new_bin
     gw_pid=${main_gw[0]} gw_port=${main_gw[1]} admin_port=${main_gw[2]}
