@@ -12,7 +12,7 @@
 
 PKGS := gcc make pkg-config libluajit2-5.1-dev luajit2 libevent-dev libpq-dev \
         libcjson-dev libssl-dev lua-busted lua-socket lua-posix postgresql postgresql-contrib curl \
-        prometheus python3-psycopg python3-asyncpg help2man systemd
+        prometheus python3-psycopg python3-asyncpg help2man systemd nodejs
 
 CC      ?= cc
 PKG_CFLAGS := $(shell pkg-config --cflags luajit libevent libevent_openssl libcjson openssl 2>/dev/null) \
@@ -61,9 +61,9 @@ build/asan/%.o: core/%.c $(wildcard core/*.h)
 	$(CC) -std=gnu11 -D_GNU_SOURCE $(WARN) $(ASAN_FLAGS) $(PKG_CFLAGS) -c -o $@ $<
 
 # C unit tests (core/test/test_units.c), run by spec/01-unit/c_units_spec.lua.
-bin/test_units: core/test/test_units.c core/test/check.h build/httpparse.o build/req.o build/util.o build/sqlclass.o
+bin/test_units: core/test/test_units.c core/test/check.h build/httpparse.o build/req.o build/util.o build/sqlclass.o build/pgtypes.o
 	@mkdir -p bin
-	$(CC) $(ALL_CFLAGS) -o $@ $< build/httpparse.o build/req.o build/util.o build/sqlclass.o
+	$(CC) $(ALL_CFLAGS) -o $@ $< build/httpparse.o build/req.o build/util.o build/sqlclass.o build/pgtypes.o
 
 # The PostgreSQL face's SCRAM and statement-text modules have C tests of their own.
 bin/test_scram: core/test/test_scram.c core/test/check.h build/scram.o
@@ -129,7 +129,7 @@ valgrind: deps
 # libFuzzer targets for everything that parses client bytes (core/test/fuzz_*.c),
 # each run for FUZZ_SECONDS on a copy of its seed corpus; crashes land in build/fuzz/.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := http body route sqlclass pgwire pgsql scram
+FUZZ_TARGETS := http body route sqlclass pgwire pgsql scram jsonw
 FUZZ_FLAGS := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined
 FUZZ_OBJS := $(filter-out build/fuzz/main.o,$(SRCS:core/%.c=build/fuzz/%.o))
 # LuaJIT (GC64) keeps tagged pointers LeakSanitizer cannot follow, so memory the

@@ -55,6 +55,19 @@ return {
   --   refresh = 30, listen = "tenant_directory", pause_warning = 60,
   -- },
 
+  -- Interactive transactions, POST /begin ... /commit (see README "Interactive transactions") (reload).
+  transaction_idle_timeout = 10,   -- one no request uses this long is rolled back, its connection returned
+  max_open_transactions = {
+    per_shard  = 0,        -- open at once on one shard; 0: half its pool, rounded up
+    per_tenant = 4,        -- open at once for one tenant; 0: no cap of its own
+  },
+
+  -- How answers write values (see README "HTTP API") (reload).
+  json = {
+    int8  = "number",      -- exact JSON numbers; "string" for JavaScript clients (JSON.parse rounds beyond 2^53)
+    bytea = "hex",         -- PostgreSQL's "\\xdeadbeef"; or "base64"
+  },
+
   -- Values for the routing script: require("shardgate").settings (reload).
   settings = {},
 

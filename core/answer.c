@@ -26,12 +26,14 @@ static const struct {
 	const char *code;
 	int status;
 } code_status[] = {
-	{ "bad_request", 400 },      { "no_tenant", 400 },         { "unauthorized", 401 },
+	{ "bad_request", 400 },      { "no_tenant", 400 },         { "unsupported", 400 },         { "unauthorized", 401 },
 	{ "forbidden", 403 },        { "too_large", 413 },         { "script_error", 500 },
 	{ "unknown_shard", 500 },    { "out_of_memory", 500 },     { "shard_error", 502 },
 	{ "fanout_failed", 502 },    { "result_too_large", 502 },  { "column_mismatch", 502 },
 	{ "checkout_timeout", 503 }, { "queue_full", 503 },        { "shard_unavailable", 503 },
 	{ "tenant_paused", 503 },    { "statement_timeout", 504 },
+	{ "transaction_not_found", 404 }, { "transaction_busy", 409 }, { "transaction_aborted", 409 },
+	{ "too_many_transactions", 503 },
 };
 
 static const char *const client_classes[] = {
@@ -101,6 +103,11 @@ void answer_write_fault(struct evbuffer *b, const struct fault *f)
 	member(b, "detail", f->field[FAULT_DETAIL]);
 	member(b, "hint", f->field[FAULT_HINT]);
 	member(b, "position", f->field[FAULT_POSITION]);
+	member(b, "schema", f->field[FAULT_SCHEMA]);
+	member(b, "table", f->field[FAULT_TABLE]);
+	member(b, "column", f->field[FAULT_COLUMN]);
+	member(b, "datatype", f->field[FAULT_DATATYPE]);
+	member(b, "constraint", f->field[FAULT_CONSTRAINT]);
 	if (f->statement > 0)
 		evbuffer_add_printf(b, ",\"statement\":%d", f->statement);
 	member(b, "request_id", f->request_id);
@@ -147,7 +154,7 @@ static long s_row(struct sink *k, const PGresult *res, int r)
 	unsigned long failed = alloc_failures();
 	if (!a->rows && !(a->rows = evbuffer_new()))
 		return -1;
-	jsonw_row_items(a->rows, res, r, 1, a->nrows > 0);
+	jsonw_row(a->rows, res, r, a->nrows > 0, &a->opts, NULL);
 	if (alloc_failures() != failed)
 		return -1;
 	a->nrows++;
@@ -164,12 +171,26 @@ static int s_result(struct sink *k, const PGresult *res)
 	if (streamed)
 		jsonw_result_streamed(a->out, res, a->nrows, a->rows);
 	else
-		jsonw_result_body(a->out, res);
+		jsonw_result_body(a->out, res, &a->opts);
 	if (a->transaction)
 		evbuffer_add(a->out, "}", 1);
 	a->nresults++;
 	a->nrows = 0;
 	return alloc_failures() != failed ? -1 : 0;
+}
+
+/* A fan-out's row with its shard's name added (the body's "shard_column"). */
+static long s_shard_row(struct sink *k, const PGresult *res, int r, const char *shard)
+{
+	struct answer *a = (struct answer *)k;
+	unsigned long failed = alloc_failures();
+	if (!a->rows && !(a->rows = evbuffer_new()))
+		return -1;
+	jsonw_row(a->rows, res, r, a->nrows > 0, &a->opts, a->shard_column ? shard : NULL);
+	if (alloc_failures() != failed)
+		return -1;
+	a->nrows++;
+	return (long)(evbuffer_get_length(a->rows) + evbuffer_get_length(a->out));
 }
 
 static void write_shards(struct evbuffer *b, const struct fanout_summary *sum)
@@ -195,7 +216,7 @@ static int s_fanout_end(struct sink *k, const struct fanout_summary *sum)
 	evbuffer_add(a->out, ",\"command\":", 11);
 	jsonw_string(a->out, status, sp ? (size_t)(sp - status) : strlen(status));
 	evbuffer_add(a->out, ",", 1);
-	jsonw_fields(a->out, sum->first);
+	jsonw_fields(a->out, sum->first, a->shard_column);
 	evbuffer_add_printf(a->out, ",\"row_count\":%ld,\"rows\":[", sum->rows);
 	if (a->rows)
 		evbuffer_add_buffer(a->out, a->rows);
@@ -233,6 +254,7 @@ static const struct sink_ops json_ops = {
 	.fanout_end = s_fanout_end,
 	.error = s_error,
 	.notice = NULL,
+	.shard_row = s_shard_row,
 };
 
 void answer_init(struct answer *a, bool transaction, struct req_info *info)
@@ -248,6 +270,8 @@ void answer_init(struct answer *a, bool transaction, struct req_info *info)
 	a->status = 0;
 	a->retry_after = 0;
 	a->info = info;
+	a->opts = (struct jsonw_opts){ 0 };
+	a->shard_column = NULL;
 }
 
 int answer_finish(struct answer *a, const char **extra)

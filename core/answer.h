@@ -9,6 +9,7 @@
 
 #include <stdbool.h>
 
+#include "jsonw.h"
 #include "sink.h"
 
 struct config;
@@ -28,6 +29,8 @@ struct answer {
 	int status;                /* 0 until an error replaced the answer */
 	int retry_after;           /* of that error */
 	struct req_info *info;     /* gets the error's code, for the access log */
+	struct jsonw_opts opts;    /* how values are written (set after answer_init) */
+	const char *shard_column;  /* a fan-out's rows name their shard in this column; NULL: not */
 };
 
 /* Ready a (zeroed or reused) answer; out is allocated once and kept across reuse. */

@@ -232,6 +232,108 @@ static int number_text(struct body *b, const cJSON *v, const char **out, const c
 	return 0;
 }
 
+/* A growing string, for array literals. */
+struct sbuf {
+	char *p;
+	size_t n, cap;
+};
+
+static void sb_add(struct sbuf *s, const char *p, size_t len)
+{
+	if (s->n + len + 1 > s->cap) {
+		s->cap = (s->n + len + 1) * 2;
+		s->p = xrealloc(s->p, s->cap);
+	}
+	memcpy(s->p + s->n, p, len);
+	s->n += len;
+	s->p[s->n] = '\0';
+}
+
+/* A double-quoted array element: every '"' and '\\' escaped, so any text (empty, "NULL", "a,b") stays itself. */
+static void sb_quoted(struct sbuf *s, const char *p)
+{
+	sb_add(s, "\"", 1);
+	for (const char *q = p; *q; q++) {
+		if (*q == '"' || *q == '\\')
+			sb_add(s, "\\", 1);
+		sb_add(s, q, 1);
+	}
+	sb_add(s, "\"", 1);
+}
+
+/* PostgreSQL allows this many dimensions (MAXDIM). */
+#define ARRAY_MAX_DEPTH 6
+
+/*
+ * A JSON array as PostgreSQL's array literal: nested arrays are
+ * dimensions, null is NULL, strings are quoted and escaped, numbers keep
+ * the digits the client wrote (big integers too), objects become quoted
+ * JSON text (for json[] and jsonb[]). 0, or -1 when it cannot be one (too
+ * deep): the parameter then goes as JSON text only.
+ */
+static int array_literal(struct body *b, const cJSON *arr, struct sbuf *s, int depth)
+{
+	const cJSON *v;
+	bool first = true;
+	if (depth > ARRAY_MAX_DEPTH)
+		return -1;
+	sb_add(s, "{", 1);
+	cJSON_ArrayForEach(v, arr) {
+		const char *text;
+		char err[8];
+		if (!first)
+			sb_add(s, ",", 1);
+		first = false;
+		if (cJSON_IsNull(v)) {
+			sb_add(s, "NULL", 4);
+		} else if (cJSON_IsTrue(v)) {
+			sb_add(s, "true", 4);
+		} else if (cJSON_IsFalse(v)) {
+			sb_add(s, "false", 5);
+		} else if (cJSON_IsString(v)) {
+			sb_quoted(s, v->valuestring);
+		} else if (cJSON_IsNumber(v)) {
+			if (number_text(b, v, &text, "", err, sizeof(err)) < 0)
+				return -1;
+			sb_add(s, text, strlen(text));
+		} else if (cJSON_IsArray(v)) {
+			if (array_literal(b, v, s, depth + 1) < 0)
+				return -1;
+		} else {
+			char *j = cJSON_PrintUnformatted(v);
+			if (!j)
+				abort();
+			sb_quoted(s, j);
+			free(j);
+		}
+	}
+	sb_add(s, "}", 1);
+	return 0;
+}
+
+/* A JSON array for a json[] or jsonb[] parameter: each element is one JSON document, quoted. */
+static void json_array_literal(const cJSON *arr, struct sbuf *s)
+{
+	const cJSON *v;
+	bool first = true;
+	sb_add(s, "{", 1);
+	cJSON_ArrayForEach(v, arr) {
+		if (!first)
+			sb_add(s, ",", 1);
+		first = false;
+		if (cJSON_IsNull(v)) {
+			sb_add(s, "NULL", 4);
+		} else {
+			char *j = cJSON_PrintUnformatted(v);
+			if (!j)
+				abort();
+			sb_quoted(s, j);
+			free(j);
+		}
+	}
+	sb_add(s, "}", 1);
+}
+
 static int param_text(struct body *b, const cJSON *v, const char **out, const char *stmt, int index,
 		      char *err, size_t errlen)
 {
@@ -267,9 +369,11 @@ static int param_text(struct body *b, const cJSON *v, const char **out, const ch
 /*
  * Every member of obj must be one of allowed, at most once (cJSON itself
  * keeps duplicates, and a silently ignored second "sql" would be a trap).
+ * found[i] (when given) is the member named allowed[i], or NULL: the one
+ * walk of the object, so no field is looked up by name again.
  */
 static int check_keys(const cJSON *obj, const char *const *allowed, const char *what,
-		      char *err, size_t errlen)
+		      char *err, size_t errlen, const cJSON **found)
 {
 	unsigned seen = 0;
 	const cJSON *m;
@@ -278,7 +382,17 @@ static int check_keys(const cJSON *obj, const char *const *allowed, const char *
 		while (allowed[i] && strcmp(allowed[i], m->string) != 0)
 			i++;
 		if (!allowed[i]) {
-			fmt_err(err, errlen, "unknown field '%s' in %s", m->string, what);
+			const char *best = NULL;
+			int bestd = 3;
+			for (int k = 0; allowed[k]; k++) {
+				int d = edit_distance(m->string, allowed[k]);
+				if (d < bestd) {
+					bestd = d;
+					best = allowed[k];
+				}
+			}
+			fmt_err(err, errlen, "unknown field '%s' in %s%s%s%s", m->string, what,
+				best ? " (did you mean '" : "", best ? best : "", best ? "'?)" : "");
 			return -1;
 		}
 		if (seen & (1u << i)) {
@@ -286,6 +400,8 @@ static int check_keys(const cJSON *obj, const char *const *allowed, const char *
 			return -1;
 		}
 		seen |= 1u << i;
+		if (found)
+			found[i] = m;
 	}
 	return 0;
 }
@@ -295,11 +411,11 @@ static const cJSON *member(const cJSON *obj, const char *name)
 	return cJSON_GetObjectItemCaseSensitive(obj, name);
 }
 
-static int parse_stmt(struct body *b, const cJSON *obj, struct stmt *st, const char *what,
+/* The first three keys of a statement object's allowed list: "sql", "params", "query". */
+static int parse_stmt(struct body *b, const cJSON *const *f, struct stmt *st, const char *what,
 		      char *err, size_t errlen)
 {
-	const cJSON *sql = member(obj, "sql"), *params = member(obj, "params");
-	const cJSON *name = member(obj, "query");
+	const cJSON *sql = f[0], *params = f[1], *name = f[2];
 
 	if (name && sql) {
 		fmt_err(err, errlen, "%s: give either 'sql' or 'query' (a named query), not both", what);
@@ -336,14 +452,27 @@ static int parse_stmt(struct body *b, const cJSON *obj, struct stmt *st, const c
 	cJSON_ArrayForEach(v, params) {
 		if (param_text(b, v, &st->values[i], what, i + 1, err, errlen) < 0)
 			return -1;
+		if (cJSON_IsArray(v)) {
+			/* Its text depends on the parameter's type, which the executor learns from the shard. */
+			struct sbuf lit = { 0 }, jlit = { 0 };
+			if (!st->array_values) {
+				st->array_values = xcalloc((size_t)n, sizeof(char *));
+				st->json_array_values = xcalloc((size_t)n, sizeof(char *));
+			}
+			if (array_literal(b, v, &lit, 1) == 0)
+				st->array_values[i] = own(b, lit.p);
+			else
+				free(lit.p);
+			json_array_literal(v, &jlit);
+			st->json_array_values[i] = own(b, jlit.p);
+		}
 		i++;
 	}
 	return 0;
 }
 
-static int parse_timeout(struct body *b, const cJSON *root, char *err, size_t errlen)
+static int parse_timeout(struct body *b, const cJSON *t, char *err, size_t errlen)
 {
-	const cJSON *t = member(root, "timeout");
 	if (!t || cJSON_IsNull(t))
 		return 0;
 	if (!cJSON_IsNumber(t) || !(t->valuedouble > 0) || t->valuedouble > 86400) {
@@ -355,10 +484,9 @@ static int parse_timeout(struct body *b, const cJSON *root, char *err, size_t er
 }
 
 /* "order_by": [{"column": name, "desc": bool}, ...] and "limit": N, for fan-out merges. */
-static int parse_order(struct body *b, const cJSON *root, char *err, size_t errlen)
+static int parse_order(struct body *b, const cJSON *list, const cJSON *limit, char *err, size_t errlen)
 {
 	static const char *const keys[] = { "column", "desc", NULL };
-	const cJSON *list = member(root, "order_by"), *limit = member(root, "limit");
 	char what[32];
 
 	if (limit && !cJSON_IsNull(limit)) {
@@ -382,7 +510,7 @@ static int parse_order(struct body *b, const cJSON *root, char *err, size_t errl
 		const cJSON *o = cJSON_GetArrayItem(list, i);
 		const cJSON *col = member(o, "column"), *desc = member(o, "desc");
 		snprintf(what, sizeof(what), "order_by[%d]", i + 1);
-		if (cJSON_IsObject(o) && check_keys(o, keys, what, err, errlen) < 0)
+		if (cJSON_IsObject(o) && check_keys(o, keys, what, err, errlen, NULL) < 0)
 			return -1;
 		if (!cJSON_IsObject(o) || !cJSON_IsString(col) || !col->valuestring[0] ||
 		    (desc && !cJSON_IsBool(desc) && !cJSON_IsNull(desc))) {
@@ -395,25 +523,60 @@ static int parse_order(struct body *b, const cJSON *root, char *err, size_t errl
 	return 0;
 }
 
+/* "int8": "number" | "string": how this answer writes int8 values (else the config's json.int8). */
+static int parse_int8(struct body *b, const cJSON *m, char *err, size_t errlen)
+{
+	if (!m || cJSON_IsNull(m))
+		return 0;
+	if (cJSON_IsString(m) && strcmp(m->valuestring, "number") == 0)
+		b->int8 = BODY_INT8_NUMBER;
+	else if (cJSON_IsString(m) && strcmp(m->valuestring, "string") == 0)
+		b->int8 = BODY_INT8_STRING;
+	else {
+		fmt_err(err, errlen, "'int8' must be \"number\" or \"string\"");
+		return -1;
+	}
+	return 0;
+}
+
+/* "shard_column": name of the column a fan-out adds, naming each row's shard. */
+static int parse_shard_column(struct body *b, const cJSON *m, char *err, size_t errlen)
+{
+	if (!m || cJSON_IsNull(m))
+		return 0;
+	if (!cJSON_IsString(m) || !m->valuestring[0] || strlen(m->valuestring) > 63) {
+		fmt_err(err, errlen, "'shard_column' must be a column name (1 to 63 characters)");
+		return -1;
+	}
+	b->shard_column = m->valuestring;
+	return 0;
+}
+
 static int parse_query(struct body *b, const cJSON *root, char *err, size_t errlen)
 {
-	static const char *const keys[] = { "sql", "query", "params", "timeout", "order_by", "limit", NULL };
-	if (check_keys(root, keys, "the body", err, errlen) < 0 || parse_order(b, root, err, errlen) < 0)
+	static const char *const keys[] = { "sql", "params", "query", "timeout", "order_by", "limit", "int8",
+					    "shard_column", NULL };
+	const cJSON *f[8] = { 0 };
+	if (check_keys(root, keys, "the body", err, errlen, f) < 0 || parse_timeout(b, f[3], err, errlen) < 0 ||
+	    parse_order(b, f[4], f[5], err, errlen) < 0 || parse_int8(b, f[6], err, errlen) < 0 ||
+	    parse_shard_column(b, f[7], err, errlen) < 0)
 		return -1;
 	b->stmts = xcalloc(1, sizeof(struct stmt));
 	b->nstmts = 1;
-	return parse_stmt(b, root, &b->stmts[0], "body", err, errlen);
+	return parse_stmt(b, f, &b->stmts[0], "body", err, errlen);
 }
 
 static int parse_transaction(struct body *b, const cJSON *root, char *err, size_t errlen)
 {
-	static const char *const keys[] = { "statements", "timeout", NULL };
-	static const char *const stmt_keys[] = { "sql", "query", "params", NULL };
-	const cJSON *list = member(root, "statements");
+	static const char *const keys[] = { "statements", "timeout", "int8", NULL };
+	static const char *const stmt_keys[] = { "sql", "params", "query", NULL };
+	const cJSON *f[3] = { 0 }, *list;
 	char what[48];
 
-	if (check_keys(root, keys, "the body", err, errlen) < 0)
+	if (check_keys(root, keys, "the body", err, errlen, f) < 0 || parse_timeout(b, f[1], err, errlen) < 0 ||
+	    parse_int8(b, f[2], err, errlen) < 0)
 		return -1;
+	list = f[0];
 	int n = cJSON_IsArray(list) ? cJSON_GetArraySize(list) : 0;
 	if (n == 0) {
 		fmt_err(err, errlen, "'statements' is required and must be a non-empty array");
@@ -434,8 +597,9 @@ static int parse_transaction(struct body *b, const cJSON *root, char *err, size_
 			fmt_err(err, errlen, "%s must be an object with 'sql'", what);
 			return -1;
 		}
-		if (check_keys(st, stmt_keys, what, err, errlen) < 0 ||
-		    parse_stmt(b, st, &b->stmts[i], what, err, errlen) < 0)
+		const cJSON *sf[3] = { 0 };
+		if (check_keys(st, stmt_keys, what, err, errlen, sf) < 0 ||
+		    parse_stmt(b, sf, &b->stmts[i], what, err, errlen) < 0)
 			return -1;
 		i++;
 	}
@@ -500,7 +664,7 @@ int body_parse(const char *buf, size_t len, enum body_kind kind, struct body *ou
 		fmt_err(err, errlen, "request body is empty; expected a JSON object");
 		return -1;
 	}
-	if (parse_document(buf, len, out, err, errlen) < 0 || parse_timeout(out, out->root, err, errlen) < 0)
+	if (parse_document(buf, len, out, err, errlen) < 0)
 		return -1;
 	return kind == BODY_QUERY ? parse_query(out, out->root, err, errlen)
 				  : parse_transaction(out, out->root, err, errlen);
@@ -510,8 +674,11 @@ void body_free(struct body *b)
 {
 	if (!b)
 		return;
-	for (int i = 0; i < b->nstmts; i++)
+	for (int i = 0; i < b->nstmts; i++) {
 		free((void *)b->stmts[i].values);
+		free((void *)b->stmts[i].array_values);
+		free((void *)b->stmts[i].json_array_values);
+	}
 	free(b->stmts);
 	free(b->order);
 	for (int i = 0; i < b->nowned; i++)

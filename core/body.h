@@ -14,6 +14,9 @@
 
 enum body_kind { BODY_QUERY, BODY_TRANSACTION };
 
+/* The body's "int8": how the answer writes int8 values. */
+enum body_int8 { BODY_INT8_DEFAULT, BODY_INT8_NUMBER, BODY_INT8_STRING };
+
 
 struct body {
 	void *root;              /* cJSON, owns the strings stmts point into */
@@ -24,6 +27,8 @@ struct body {
 	struct order_key *order; /* fan-out merge order ("order_by") */
 	int norder;
 	long limit;              /* fan-out row limit; 0 when none */
+	enum body_int8 int8;     /* "int8"; DEFAULT: the config's json.int8 */
+	const char *shard_column; /* "shard_column": a fan-out's rows name their shard; NULL: not */
 	const char *src;         /* the raw body, to recover number literals */
 	size_t srclen;
 	void *numbers;           /* number nodes and their literals, once needed (body.c) */

@@ -96,6 +96,7 @@ static const struct conf_key top_keys[] = {
 	{ "sql", CT_STRING, TOP(sql_mode), "\"raw\"", true, false },
 	{ "tenant_setting", CT_STRING, TOP(tenant_setting), NULL, true, false },
 	{ "expose_script_errors", CT_BOOL, TOP(expose_script_errors), "false", true, false },
+	{ "transaction_idle_timeout", CT_DURATION, TOP(txn_idle_timeout), "10", true, false },
 };
 
 /* Settings of one shard; `defaults` holds all but url. */
@@ -129,6 +130,18 @@ static const struct conf_key breaker_keys[] = {
 	{ "max_backoff", CT_DURATION, BRK(max_backoff), "30", true, false },
 };
 
+/* json = { int8 = ..., bytea = ... }: how answers write values. */
+static const struct conf_key json_keys[] = {
+	{ "int8", CT_STRING, TOP(json_int8), "\"number\"", true, false },
+	{ "bytea", CT_STRING, TOP(json_bytea), "\"hex\"", true, false },
+};
+
+/* max_open_transactions = { per_shard = ..., per_tenant = ... }: interactive transactions held open. */
+static const struct conf_key txn_cap_keys[] = {
+	{ "per_shard", CT_COUNT, TOP(txn_max_per_shard), "0", true, false },
+	{ "per_tenant", CT_COUNT, TOP(txn_max_per_tenant), "4", true, false },
+};
+
 static const struct conf_key warning_keys[] = {
 	{ "utilization", CT_PERCENT, 0, "80", true, false },
 };
@@ -136,7 +149,7 @@ static const struct conf_key warning_keys[] = {
 /* Table-valued top-level keys, handled by their own readers. */
 static const char *const section_names[] = { "defaults", "shards", "fanout", "warnings", "breaker",
 					     "settings", "auth", "queries", "tls", "directory",
-					     "pg_users" };
+					     "pg_users", "json", "max_open_transactions" };
 
 #define TLS(f) offsetof(struct config, f)
 
@@ -1175,6 +1188,24 @@ static int read_config(struct reader *r, struct config *cfg)
 		return -1;
 	if (read_settings(r, cfg) < 0 || read_queries(r, cfg) < 0)
 		return -1;
+	apply_defaults(r, json_keys, ARRAY_LEN(json_keys), cfg);
+	if (read_section(r, "json", json_keys, ARRAY_LEN(json_keys), cfg) < 0)
+		return -1;
+	if (strcmp(cfg->json_int8, "number") != 0 && strcmp(cfg->json_int8, "string") != 0) {
+		fmt_err(r->err, r->errlen, "%s: json.int8 must be \"number\" or \"string\", got '%s'",
+			key_at(r, "json.", "int8"), cfg->json_int8);
+		return -1;
+	}
+	if (strcmp(cfg->json_bytea, "hex") != 0 && strcmp(cfg->json_bytea, "base64") != 0) {
+		fmt_err(r->err, r->errlen, "%s: json.bytea must be \"hex\" or \"base64\", got '%s'",
+			key_at(r, "json.", "bytea"), cfg->json_bytea);
+		return -1;
+	}
+	cfg->int8_string = strcmp(cfg->json_int8, "string") == 0;
+	cfg->bytea_base64 = strcmp(cfg->json_bytea, "base64") == 0;
+	apply_defaults(r, txn_cap_keys, ARRAY_LEN(txn_cap_keys), cfg);
+	if (read_section(r, "max_open_transactions", txn_cap_keys, ARRAY_LEN(txn_cap_keys), cfg) < 0)
+		return -1;
 	if (read_section(r, "tls", tls_keys, ARRAY_LEN(tls_keys), cfg) < 0)
 		return -1;
 	apply_defaults(r, directory_keys, ARRAY_LEN(directory_keys), cfg);
@@ -1321,6 +1352,8 @@ void config_free(struct config *cfg)
 	free(cfg->dir_url);
 	free(cfg->dir_query);
 	free(cfg->dir_listen);
+	free(cfg->json_int8);
+	free(cfg->json_bytea);
 	for (int i = 0; i < cfg->nsettings; i++) {
 		free(cfg->settings[i].key);
 		free(cfg->settings[i].text);
@@ -1530,6 +1563,8 @@ void config_describe(const struct config *cfg, const struct config_visitor *v, v
 	describe_object(&d, "fanout", fanout_keys, ARRAY_LEN(fanout_keys), &cfg->fanout);
 	describe_object(&d, "warnings", warning_keys, ARRAY_LEN(warning_keys), &cfg->warn_utilization);
 	describe_object(&d, "breaker", breaker_keys, ARRAY_LEN(breaker_keys), &cfg->breaker);
+	describe_object(&d, "json", json_keys, ARRAY_LEN(json_keys), cfg);
+	describe_object(&d, "max_open_transactions", txn_cap_keys, ARRAY_LEN(txn_cap_keys), cfg);
 	if (cfg->dir_url)
 		describe_object(&d, "directory", directory_keys, ARRAY_LEN(directory_keys), cfg);
 	for (int i = 0; i < cfg->nsettings; i++)

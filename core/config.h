@@ -112,6 +112,13 @@ struct config {
 	struct fanout_conf fanout;
 	struct breaker_conf breaker;
 	double warn_utilization;
+	char *json_int8;          /* json.int8: "number" or "string" */
+	char *json_bytea;         /* json.bytea: "hex" or "base64" */
+	bool int8_string;         /* json.int8 == "string" */
+	bool bytea_base64;        /* json.bytea == "base64" */
+	double txn_idle_timeout;  /* an interactive transaction idle this long is rolled back */
+	int txn_max_per_shard;    /* max_open_transactions.per_shard; 0: half the shard's pool, rounded up */
+	int txn_max_per_tenant;   /* max_open_transactions.per_tenant; 0: no cap of its own */
 };
 
 /* Load and validate; NULL with a message naming the file and key on error. */

@@ -68,6 +68,15 @@ struct exec {
 	struct tenant_waiter twait;
 	bool failed;             /* the sink has the error answer */
 	bool leased;             /* the face holds the connection (rq->lease) */
+	bool describing;         /* the running statement is being described for its parameter types */
+	/* Held transactions (rq->hold): BEGIN, then parked between the face's requests. */
+	bool hold;               /* this executor holds its transaction open across requests */
+	bool held;               /* ... and BEGIN succeeded: statement errors leave it open */
+	bool parked;             /* no request of the face runs in it now */
+	bool holding;            /* counted in its shard's and tenant's open transactions */
+	bool lost;               /* the connection broke while parked */
+	bool has_cred;           /* it was opened with credentials (Authorization or X-Api-Key) ... */
+	unsigned char cred[32];  /* ... whose SHA-256 is this */
 	int nres;                /* results the running statement gave */
 	double sent_at;          /* when the running statement was sent */
 	char sqlstate[6];        /* of the running statement's error */
@@ -137,6 +146,10 @@ static void sql_error(struct exec *r, const PGresult *res)
 static void exec_free(struct exec *r)
 {
 	pgconn_guard_stop(&r->guard);
+	if (r->holding) {
+		r->pool->open_transactions--;
+		tenants_hold(r->route.tenant, -1);
+	}
 	if (r->entered)
 		tenants_leave(r->route.tenant);
 	route_clear(&r->route);
@@ -175,8 +188,11 @@ static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 
 static void cancel_running(struct exec *r)
 {
-	if (r->conn)
+	if (r->conn) {
+		/* A paused stream must read again, or the cancel's answer would never be seen. */
+		pgconn_pause(r->conn, false);
 		pgconn_guard_cancel(&r->guard, r->conn);
+	}
 }
 
 static void on_timer(evutil_socket_t fd, short what, void *arg)
@@ -185,6 +201,7 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 	char msg[160];
 	(void)fd;
 	(void)what;
+	pgconn_pause(r->conn, false);
 	if (!pgconn_guard_expired(&r->guard, r->conn)) {
 		if (r->guard.resends == 0)
 			log_info("shard %s: statement timeout (%gs), cancelling", r->shard->name, r->timeout);
@@ -237,6 +254,27 @@ static int send_sql(struct exec *r, const char *sql, int n, const char *const *v
 	return 0;
 }
 
+/* Apply st's parameter types if c knows them already; false when they must be described. */
+static bool known_types(struct pgconn *c, struct stmt *st)
+{
+	int n;
+	const Oid *types = pgconn_param_types(c, st->sql, &n);
+	if (!types)
+		return false;
+	stmt_apply_types(st, types, n);
+	return true;
+}
+
+/* The description of a statement with JSON array parameters: now their types are known. */
+static void described(struct exec *r, const PGresult *res)
+{
+	int n = PQnparams(res);
+	Oid types[n > 0 ? n : 1];
+	for (int i = 0; i < n; i++)
+		types[i] = PQparamtype(res, i);
+	stmt_apply_types(&r->rq->stmts[r->cur], types, n);
+}
+
 static void run_next(struct exec *r)
 {
 	int rc;
@@ -253,7 +291,13 @@ static void run_next(struct exec *r)
 		rc = send_sql(r, "SELECT pg_catalog.set_config($1, $2, true)", 2, r->setting, pgconn_send_cached);
 		break;
 	case PH_STMT: {
-		const struct stmt *st = &r->rq->stmts[r->cur];
+		struct stmt *st = &r->rq->stmts[r->cur];
+		if (st->array_values && !st->typed && !known_types(r->conn, st)) {
+			/* A JSON array parameter: its text depends on the parameter's type. */
+			r->describing = true;
+			rc = send_sql(r, st->sql, st->nparams, st->values, pgconn_describe);
+			break;
+		}
 		pgconn_want_rows(r->conn);
 		rc = send_sql(r, st->sql, st->nparams, st->values, pgconn_send_statement);
 		break;
@@ -297,6 +341,8 @@ static void add_row(struct exec *r, const PGresult *res)
 		out_of_memory(r);
 		return;
 	}
+	if (r->rq->stream)
+		return;   /* the face streams it: nothing accumulates, no cap */
 	if (++r->rows_read > r->shard->max_rows) {
 		snprintf(msg, sizeof(msg), "the request read more than max_rows (%d) rows from this shard; the statement was cancelled",
 			 r->shard->max_rows);
@@ -325,18 +371,24 @@ static void on_result(struct exec *r, PGresult *res)
 		return;
 	case PGRES_TUPLES_OK:
 	case PGRES_COMMAND_OK:
-		if (r->phase == PH_STMT && !r->failed)
+		if (r->phase == PH_STMT && !r->failed && r->describing)
+			described(r, res);
+		else if (r->phase == PH_STMT && !r->failed)
 			write_result(r, res);
 		return;
 	case PGRES_FATAL_ERROR:
 		if (!r->failed)
 			sql_error(r, res);
 		return;
+	case PGRES_EMPTY_QUERY:
+		if (!r->failed)
+			fail(r, "bad_request", "the statement is empty (only white space or comments)");
+		return;
 	default: {
 		char msg[96];
-		snprintf(msg, sizeof(msg), "unsupported result (%s); COPY is not available",
-			 PQresStatus(PQresultStatus(res)));
-		fail(r, "bad_request", msg);
+		snprintf(msg, sizeof(msg), "%s is not available over HTTP", PQresStatus(PQresultStatus(res)));
+		if (!r->failed)
+			fail(r, "unsupported", msg);
 		return;
 	}
 	}
@@ -367,6 +419,26 @@ static void retry_after_reset(struct exec *r)
 	finish(r);
 }
 
+/*
+ * A held transaction between requests: the request that ran in it is
+ * answered, the connection stays with the executor (inside the open
+ * transaction), and the face's next request continues it (exec_continue)
+ * or ends it (exec_end).
+ */
+static void park(struct exec *r)
+{
+	exec_done_cb done = r->done;
+	void *arg = r->done_arg;
+	pgconn_guard_stop(&r->guard);
+	r->held = true;
+	r->parked = true;
+	r->rq = NULL;
+	r->sink = NULL;
+	r->done = NULL;
+	r->done_arg = NULL;
+	done(arg);
+}
+
 /* The statement in flight finished: decide what runs next. */
 static void on_done(struct exec *r)
 {
@@ -394,6 +466,14 @@ static void on_done(struct exec *r)
 		finish(r);
 		return;
 	}
+	if (r->describing) {
+		/* The statement itself now, with its parameters' texts chosen by type. */
+		r->describing = false;
+		if (!r->failed) {
+			run_next(r);
+			return;
+		}
+	}
 	if (r->phase == PH_ROLLBACK && r->redo) {
 		r->redo = false;
 		start_statements(r);
@@ -403,7 +483,16 @@ static void on_done(struct exec *r)
 		finish(r);
 		return;
 	}
-	if (r->failed && !r->redone && pgconn_retry_transaction(r->conn)) {
+	if (r->held && r->aborted) {
+		finish(r);   /* its client left mid-statement: the transaction ends (the pool rolls it back) */
+		return;
+	}
+	if (r->held && (r->failed || r->cur + 1 >= r->rq->nstmts)) {
+		/* A statement failed (the transaction is aborted on the server) or the last one ran. */
+		park(r);
+		return;
+	}
+	if (r->failed && !r->redone && !r->hold && pgconn_retry_transaction(r->conn)) {
 		/* The gateway's statement cache failed, not the statement: all over again, once. */
 		log_info("shard %s: statement %d failed on the gateway's statement cache (%s); "
 			 "running the transaction again", r->shard->name, r->cur + 1, r->sqlstate);
@@ -417,6 +506,10 @@ static void on_done(struct exec *r)
 	} else if (r->phase == PH_BEGIN || r->phase == PH_SETTING) {
 		r->phase = PH_STMT;
 		r->cur = 0;
+		if (r->hold && r->rq->nstmts == 0) {
+			park(r);
+			return;
+		}
 	} else if (++r->cur == r->rq->nstmts) {
 		r->phase = PH_COMMIT;
 	}
@@ -427,6 +520,12 @@ static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 {
 	struct exec *r = arg;
 	(void)c;
+	if (r->parked) {
+		/* Nothing runs: only the server leaving reaches an idle connection. */
+		if (ev == PGCONN_EV_BROKEN)
+			r->lost = true;
+		return;
+	}
 	switch (ev) {
 	case PGCONN_EV_RESULT:
 		on_result(r, res);
@@ -453,6 +552,7 @@ static void start_statements(struct exec *r)
 		return;
 	}
 	r->rows_read = 0;
+	r->describing = false;
 	r->sink->ops->begin(r->sink, r->shard->name);
 	r->phase = r->wrapped ? PH_BEGIN : PH_STMT;
 	r->cur = 0;
@@ -540,7 +640,6 @@ static int resolve_queries(struct exec *r)
 	char msg[256];
 	if (r->rq->lease && strcmp(cfg->sql_mode, "named") == 0) {
 		fail(r, "forbidden", "raw SQL is disabled here (sql = \"named\"), and this face sends only SQL");
-		finish(r);
 		return -1;
 	}
 	for (int i = 0; i < r->rq->nstmts; i++) {
@@ -550,7 +649,6 @@ static int resolve_queries(struct exec *r)
 			if (strcmp(cfg->sql_mode, "named") == 0) {
 				fail(r, "forbidden",
 					  "raw SQL is disabled here (sql = \"named\"): call a named query with \"query\"");
-				finish(r);
 				return -1;
 			}
 			continue;
@@ -566,7 +664,6 @@ static int resolve_queries(struct exec *r)
 			continue;
 		}
 		fail(r, "bad_request", msg);
-		finish(r);
 		return -1;
 	}
 	return 0;
@@ -578,10 +675,22 @@ static int resolve_queries(struct exec *r)
  * commit part of the request, or run the rest outside it (and outside the
  * tenant setting): refused before anything runs. Savepoints stay allowed.
  */
-static int refuse_transaction_control(struct exec *r)
+static int refuse_statements(struct exec *r)
 {
 	char msg[256];
-	if (!r->rq->transaction && !r->gen->cfg->tenant_setting)
+	for (int i = 0; i < r->rq->nstmts; i++) {
+		const char *what = r->rq->stmts[i].sql ? sql_unsupported(r->rq->stmts[i].sql) : NULL;
+		if (!what)
+			continue;
+		snprintf(msg, sizeof(msg), "%s is not available over HTTP: %s", what,
+			 strcmp(what, "LISTEN") == 0
+				 ? "notifications would arrive on a pooled connection after the answer"
+				 : "COPY FROM STDIN and COPY TO STDOUT stream data the JSON answer cannot carry; "
+				   "use INSERT ... SELECT FROM json_populate_recordset($1) or an NDJSON SELECT");
+		fail(r, "unsupported", msg);
+		return -1;
+	}
+	if (!r->rq->transaction && !r->hold && !r->gen->cfg->tenant_setting)
 		return 0;
 	for (int i = 0; i < r->rq->nstmts; i++) {
 		const char *sql = r->rq->stmts[i].sql;
@@ -596,7 +705,6 @@ static int refuse_transaction_control(struct exec *r)
 			 "transaction of its own: leave BEGIN, COMMIT and ROLLBACK out (savepoints are allowed)",
 			 i + 1, len, word);
 		fail(r, "bad_request", msg);
-		finish(r);
 		return -1;
 	}
 	return 0;
@@ -660,6 +768,37 @@ static void on_tenant_released(struct tenant_waiter *w, bool released)
 	route_request(r);
 }
 
+/* The caps on held transactions: this shard's, this tenant's. Answers 503 too_many_transactions when over. */
+static int admit_hold(struct exec *r)
+{
+	const struct config *cfg = r->gen->cfg;
+	int shard_cap = cfg->txn_max_per_shard ? cfg->txn_max_per_shard : (r->shard->pool + 1) / 2;
+	char msg[200];
+	struct fault f = { 0 };
+	if (r->pool->open_transactions >= shard_cap)
+		snprintf(msg, sizeof(msg), "shard %s has %d open transactions, its cap (max_open_transactions.per_shard)",
+			 r->shard->name, r->pool->open_transactions);
+	else if (cfg->txn_max_per_tenant && tenants_held(r->route.tenant) >= cfg->txn_max_per_tenant)
+		snprintf(msg, sizeof(msg), "tenant '%.64s' has %d open transactions, its cap (max_open_transactions.per_tenant)",
+			 r->route.tenant, tenants_held(r->route.tenant));
+	else {
+		r->holding = true;
+		r->pool->open_transactions++;
+		tenants_hold(r->route.tenant, 1);
+		if (r->rq->bearer || r->rq->api_key) {
+			r->has_cred = true;
+			auth_digest(r->rq->bearer ? r->rq->bearer : r->rq->api_key, r->cred);
+		}
+		return 0;
+	}
+	log_info("%s", msg);
+	fault_set(&f, "too_many_transactions", r->shard->name, msg);
+	f.retry_after = 1;
+	fail_with(r, &f);
+	finish(r);
+	return -1;
+}
+
 static void on_fanout_done(void *arg)
 {
 	finish(arg);
@@ -706,7 +845,7 @@ static void route_request(struct exec *r)
 	tenants_enter(r->route.tenant);
 	r->entered = true;
 	r->shard = &r->gen->cfg->shards[r->route.shard];
-	r->wrapped = transaction || r->gen->cfg->tenant_setting;
+	r->wrapped = transaction || rq->hold || r->gen->cfg->tenant_setting;
 	if (r->gen->cfg->tenant_setting) {
 		r->setting[0] = r->gen->cfg->tenant_setting;
 		r->setting[1] = r->route.tenant;
@@ -717,6 +856,8 @@ static void route_request(struct exec *r)
 	r->guard.timer = (struct event *)(r + 1);
 	if (evtimer_assign(r->guard.timer, loop_base, on_timer, r) < 0)
 		abort();
+	if (rq->hold && admit_hold(r) < 0)
+		return;
 	checkout(r);
 }
 
@@ -735,11 +876,16 @@ void exec_start(struct exec **handle, struct req *rq, struct sink *k, exec_done_
 	r->done_arg = arg;
 	r->handle = handle;
 	*handle = r;
+	r->hold = rq->hold;
 	r->gen = generation_current();
 	generation_ref(r->gen);
 	/* Authenticate first: an anonymous client learns nothing, not even query names. */
-	if (authorize(r) < 0 || resolve_queries(r) < 0 || refuse_transaction_control(r) < 0)
+	if (authorize(r) < 0)
 		return;
+	if (resolve_queries(r) < 0 || refuse_statements(r) < 0) {
+		finish(r);
+		return;
+	}
 	route_request(r);
 }
 
@@ -753,6 +899,126 @@ void exec_release(struct exec *r, bool discard)
 struct fanout *exec_fanout(const struct exec *r)
 {
 	return r->fo;
+}
+
+/* The request's credentials: the same as the ones that opened the held transaction? */
+static bool same_credentials(const struct exec *r, const struct req *rq)
+{
+	const char *cred = rq->bearer ? rq->bearer : rq->api_key;
+	if (!cred || !r->has_cred)
+		return !cred && !r->has_cred;
+	return auth_token_matches(cred, r->cred);
+}
+
+/* A request for a held transaction takes it over: its answer, sink and done. */
+static void take_over(struct exec *r, struct req *rq, struct sink *k, exec_done_cb done, void *arg)
+{
+	r->rq = rq;
+	r->sink = k;
+	r->done = done;
+	r->done_arg = arg;
+	r->parked = false;
+	r->failed = false;
+	r->aborted = false;
+	r->describing = false;
+	r->rows_read = 0;
+	r->nres = 0;
+	str_copy(rq->info.tenant, sizeof(rq->info.tenant), r->route.tenant);
+	str_copy(rq->info.shard, sizeof(rq->info.shard), r->shard->name);
+	k->ops->begin(k, r->shard->name);
+}
+
+/* Is rq allowed into the held transaction? Answers (and parks again) when not. */
+static bool admitted(struct exec *r)
+{
+	struct route rt = { 0 };
+	struct auth_identity id = { 0 };
+	char msg[256];
+	bool same;
+	if (auth_check(&r->gen->cfg->auth, r->rq, &id, msg, sizeof(msg)) < 0) {
+		fail(r, "unauthorized", msg);
+		return false;
+	}
+	r->rq->auth = &id;
+	script_route(r->gen->script, r->rq, false, &rt);
+	r->rq->auth = NULL;
+	same = rt.kind == ROUTE_SHARD && strcmp(rt.tenant, r->route.tenant) == 0 && same_credentials(r, r->rq);
+	route_clear(&rt);
+	auth_identity_clear(&id);
+	if (!same) {
+		/* Not this client's: as if it did not exist (not even its shard is said). */
+		struct fault f = { 0 };
+		fault_set(&f, "transaction_not_found", NULL,
+			  "no such transaction (it ended, expired, or belongs to someone else)");
+		fail_with(r, &f);
+		return false;
+	}
+	return true;
+}
+
+void exec_continue(struct exec *r, struct req *rq, struct sink *k, exec_done_cb done, void *arg)
+{
+	take_over(r, rq, k, done, arg);
+	if (!admitted(r) || resolve_queries(r) < 0 || refuse_statements(r) < 0) {
+		park(r);
+		return;
+	}
+	if (r->lost) {
+		fail(r, "shard_error", "the shard closed the transaction's connection; the transaction is gone");
+		finish(r);
+		return;
+	}
+	r->timeout = shard_statement_timeout(r->shard, rq->timeout);
+	r->phase = PH_STMT;
+	r->cur = 0;
+	if (rq->nstmts == 0) {
+		park(r);
+		return;
+	}
+	run_next(r);
+}
+
+void exec_end(struct exec *r, struct req *rq, bool commit, struct sink *k, exec_done_cb done, void *arg)
+{
+	take_over(r, rq, k, done, arg);
+	if (rq->method && !admitted(r)) {
+		park(r);
+		return;
+	}
+	if (r->lost) {
+		fail(r, "shard_error", "the shard closed the transaction's connection; the transaction is gone");
+		finish(r);
+		return;
+	}
+	r->timeout = r->shard->statement_timeout;
+	r->phase = commit ? PH_COMMIT : PH_ROLLBACK;
+	if (commit && PQtransactionStatus(r->conn->pg) == PQTRANS_INERROR) {
+		/* COMMIT would answer ROLLBACK: say so, and roll back. */
+		fail(r, "transaction_aborted", "a statement of the transaction failed, so it was rolled back, not committed");
+		r->phase = PH_ROLLBACK;
+	}
+	run_next(r);
+}
+
+bool exec_parked(const struct exec *r)
+{
+	return r->parked;
+}
+
+const char *exec_tenant(const struct exec *r)
+{
+	return r->route.tenant;
+}
+
+const char *exec_shard_name(const struct exec *r)
+{
+	return r->shard ? r->shard->name : NULL;
+}
+
+void exec_pause(struct exec *r, bool paused)
+{
+	if (r->conn && !r->fo && !r->aborted)
+		pgconn_pause(r->conn, paused);
 }
 
 int exec_shard(const struct exec *r)

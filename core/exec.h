@@ -31,6 +31,13 @@ void exec_set_base(struct event_base *base);
  */
 void exec_start(struct exec **handle, struct req *rq, struct sink *k, exec_done_cb done, void *arg);
 
+/*
+ * A face streaming the answer (rq->stream) to a slow client: take no more
+ * rows from the shard for now (paused), or again. The statement waits
+ * on the server meanwhile (its timeout still runs). No effect on a fan-out.
+ */
+void exec_pause(struct exec *e, bool paused);
+
 /* The client went away: stop waiting, cancel what runs; done still runs, its answer unwanted. */
 void exec_abort(struct exec *e);
 
@@ -46,6 +53,31 @@ void exec_abort(struct exec *e);
  * while leased is not allowed: the face stops what it runs, then releases.
  */
 void exec_release(struct exec *e, bool discard);
+
+/*
+ * Held transactions. A request with rq->hold is authenticated, routed,
+ * admitted under max_open_transactions (else 503 too_many_transactions),
+ * checked out, and runs BEGIN (and the tenant setting) and its statements;
+ * then done runs with the transaction still open: *handle keeps the
+ * executor, parked, holding its connection and counting as its tenant's
+ * request in flight (a pause waits for it; a reload leaves it on its
+ * generation). Each later request of the face's runs in it with
+ * exec_continue (its statements; an error leaves the transaction open,
+ * aborted on the server, as PostgreSQL does) and the last with exec_end
+ * (COMMIT, or ROLLBACK; a COMMIT after a failed statement answers
+ * transaction_aborted and rolls back). A request whose credentials or
+ * tenant are not the opener's gets transaction_not_found and changes
+ * nothing (rq->method NULL for exec_end: the face's own, no check). Only
+ * when the executor ends (commit, rollback, a client gone mid-statement,
+ * the connection lost) is *handle set to NULL, before that request's done.
+ */
+void exec_continue(struct exec *e, struct req *rq, struct sink *k, exec_done_cb done, void *arg);
+void exec_end(struct exec *e, struct req *rq, bool commit, struct sink *k, exec_done_cb done, void *arg);
+/* Parked: no request runs in the held transaction now. */
+bool exec_parked(const struct exec *e);
+/* A held transaction's tenant and shard. */
+const char *exec_tenant(const struct exec *e);
+const char *exec_shard_name(const struct exec *e);
 /* While leased: the shard's index in the generation's config (req.info names it and the tenant). */
 int exec_shard(const struct exec *e);
 /* The fan-out running the request (lease mode: the face reports its parts to it); NULL when none. */

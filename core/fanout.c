@@ -52,6 +52,7 @@ struct part {
 	struct pool_waiter waiter;
 	struct pgconn *conn;
 	enum part_state state;
+	bool describing;           /* the statement is being described for its parameter types */
 	struct pgconn_guard guard; /* statement timeout, then cancel grace */
 	bool leased;               /* lease mode: the face holds conn until fanout_part_done */
 	bool face_done;            /* lease mode: the face reported the part's end itself */
@@ -142,6 +143,16 @@ static void on_part_timer(evutil_socket_t fd, short what, void *arg)
 	settle(fo);
 }
 
+/* The description of a statement with JSON array parameters: now their types are known. */
+static void described(struct part *p, const PGresult *res)
+{
+	int n = PQnparams(res);
+	Oid types[n > 0 ? n : 1];
+	for (int i = 0; i < n; i++)
+		types[i] = PQparamtype(res, i);
+	stmt_apply_types(&p->fo->rq->stmts[0], types, n);
+}
+
 static void on_result(struct part *p, PGresult *res)
 {
 	struct fanout *fo = p->fo;
@@ -149,6 +160,10 @@ static void on_result(struct part *p, PGresult *res)
 	switch (PQresultStatus(res)) {
 	case PGRES_TUPLES_OK:
 	case PGRES_COMMAND_OK:
+		if (p->describing && !part_failed(p)) {
+			described(p, res);
+			return;
+		}
 		if (p->res || part_failed(p))
 			return;
 		fo->rows += PQntuples(res);
@@ -168,12 +183,17 @@ static void on_result(struct part *p, PGresult *res)
 		}
 		fault_from_result(&p->fault, res, p->shard->name, p->guard.timed_out, part_timeout(p), 0);
 		return;
+	case PGRES_EMPTY_QUERY:
+		part_error(p, "bad_request", "the statement is empty (only white space or comments)");
+		return;
 	default:
-		snprintf(msg, sizeof(msg), "unsupported result (%s)", PQresStatus(PQresultStatus(res)));
-		part_error(p, "bad_request", msg);
+		snprintf(msg, sizeof(msg), "%s is not available over HTTP", PQresStatus(PQresultStatus(res)));
+		part_error(p, "unsupported", msg);
 		return;
 	}
 }
+
+static void part_run(struct part *p);
 
 static void on_part_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg)
 {
@@ -195,24 +215,48 @@ static void on_part_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 		part_error(p, "shard_error", msg);
 	}
 	enter(p->fo);
-	part_done(p);
+	if (p->describing && !part_failed(p) && !p->fo->stopping) {
+		/* Described: now the statement itself, its parameters' texts chosen by type. */
+		p->describing = false;
+		part_run(p);
+	} else {
+		part_done(p);
+	}
 	settle(p->fo);
 }
 
 static void part_run(struct part *p)
 {
 	struct fanout *fo = p->fo;
-	const struct stmt *st = &fo->rq->stmts[0];
+	struct stmt *st;
+	int ntypes;
+	const Oid *types;
+	int (*send)(struct pgconn *, const char *, int, const char *const *, pgconn_cb, void *) =
+		pgconn_send_statement;
 
-	p->sent_at = mono_now();
-	pgconn_guard_arm(&p->guard, part_timeout(p));
 	if (fo->rq->lease) {
+		/* The face sends its client's statement itself. */
+		p->sent_at = mono_now();
+		pgconn_guard_arm(&p->guard, part_timeout(p));
 		p->state = P_RUNNING;
 		p->leased = true;
 		fo->sink->ops->part_lease(fo->sink, p->index, p->conn);
 		return;
 	}
-	if (pgconn_send_statement(p->conn, fo->sql, st->nparams, st->values, on_part_event, p) < 0) {
+	st = &fo->rq->stmts[0];
+	if (st->array_values && !st->typed) {
+		types = pgconn_param_types(p->conn, fo->sql, &ntypes);
+		if (types) {
+			stmt_apply_types(st, types, ntypes);
+		} else {
+			/* A JSON array parameter: its text depends on the parameter's type. */
+			p->describing = true;
+			send = pgconn_describe;
+		}
+	}
+	p->sent_at = mono_now();
+	pgconn_guard_arm(&p->guard, part_timeout(p));
+	if (send(p->conn, fo->sql, st->nparams, st->values, on_part_event, p) < 0) {
 		char msg[320];
 		snprintf(msg, sizeof(msg), "cannot send statement: %s", p->conn->error);
 		part_error(p, "shard_error", msg);
@@ -425,7 +469,11 @@ static long give_rows(struct fanout *fo, const PGresult *first)
 	if (rq->norder > 0)
 		qsort_r(refs, (size_t)n, sizeof(*refs), compare_rows, &m);
 	for (long i = 0; i < n && given < limit; i++, given++) {
-		if (fo->sink->ops->row(fo->sink, refs[i].res, refs[i].row) < 0) {
+		const struct sink_ops *ops = fo->sink->ops;
+		long rc = rq->shard_column && ops->shard_row
+			? ops->shard_row(fo->sink, refs[i].res, refs[i].row, fo->parts[refs[i].part].shard->name)
+			: ops->row(fo->sink, refs[i].res, refs[i].row);
+		if (rc < 0) {
 			given = -1;
 			break;
 		}

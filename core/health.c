@@ -41,9 +41,10 @@ static void write_pool(struct evbuffer *b, const struct pool_status *st)
 	jsonw_cstring(b, st->name);
 	evbuffer_add_printf(b,
 			    ":{\"size\":%d,\"checked_out\":%d,\"available\":%d,\"idle\":%d,\"opening\":%d,"
-			    "\"free\":%d,\"waiting\":%d,\"utilization\":%.1f,\"state\":\"%s\",\"max_wait_ms\":%.0f}",
+			    "\"free\":%d,\"waiting\":%d,\"utilization\":%.1f,\"state\":\"%s\",\"max_wait_ms\":%.0f,"
+			    "\"open_transactions\":%d}",
 			    st->size, st->checked_out, st->available, st->idle, st->opening, st->free, st->waiting,
-			    st->utilization, st->state, floor(st->max_wait_ms));
+			    st->utilization, st->state, floor(st->max_wait_ms), st->open_transactions);
 }
 
 /* The warnings list being written: every source adds its lines through this. */
@@ -235,6 +236,7 @@ static double v_opened(const struct pool *p) { return (double)p->stats.opened; }
 static double v_closed(const struct pool *p) { return (double)p->stats.closed; }
 static double v_connect_failures(const struct pool *p) { return (double)p->stats.connect_failures; }
 static double v_fanout_failures(const struct pool *p) { return (double)p->stats.fanout_failures; }
+static double v_open_transactions(const struct pool *p) { return p->open_transactions; }
 
 static const struct {
 	const char *name;
@@ -259,6 +261,8 @@ static const struct {
 	  v_connect_failures },
 	{ "shardgate_fanout_shard_failures_total", "counter",
 	  "Shards that failed their part of a fan-out.", v_fanout_failures },
+	{ "shardgate_open_transactions", "gauge",
+	  "Interactive transactions held open (POST /begin), each holding a connection.", v_open_transactions },
 };
 
 /*
@@ -353,6 +357,12 @@ static void write_process_metrics(struct evbuffer *b, const struct generation *g
 	family(b, "shardgate_fanout_requests_total", "counter", "Fan-out requests answered.");
 	evbuffer_add_printf(b, "shardgate_fanout_requests_total %llu\n",
 			    (unsigned long long)metrics_fanouts());
+	family(b, "shardgate_transactions_total", "counter",
+	       "Interactive transactions (POST /begin) ended, by how: committed, rolled_back, expired (idle), "
+	       "aborted (client gone, connection lost, shutdown).");
+	for (int i = 0; i < TXN_ENDS; i++)
+		evbuffer_add_printf(b, "shardgate_transactions_total{result=\"%s\"} %llu\n", metrics_txn_end_names[i],
+				    (unsigned long long)metrics_transactions((enum metrics_txn_end)i));
 	family(b, "shardgate_reloads_total", "counter", "Reload attempts, by result.");
 	evbuffer_add_printf(b, "shardgate_reloads_total{result=\"ok\"} %llu\n",
 			    (unsigned long long)rs->ok_total);

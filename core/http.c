@@ -62,6 +62,12 @@ struct http_conn {
 	bool probing;            /* ... and whether it left entirely is being watched (timer) */
 	size_t scan_from;        /* where the search for the end of the head resumes */
 	struct req_slot *slot;   /* the request being read or served; NULL while idle */
+	/* A streamed reply (http_stream_begin): chunked, or to the close for HTTP/1.0. */
+	bool streaming;
+	bool chunked;
+	size_t drain_low;                          /* on_drain runs once out holds at most this */
+	void (*on_drain)(void *arg);
+	void *drain_arg;
 	LIST_ENTRY(http_conn) link;
 };
 
@@ -761,6 +767,12 @@ static void on_write(evutil_socket_t fd, short what, void *arg)
 		return;
 	}
 	flush(c);
+	/* A streamed reply's reader caught up: its producer may go on (never from inside a write). */
+	if (c->state == CS_BUSY && c->on_drain && !c->dead && evbuffer_get_length(c->out) <= c->drain_low) {
+		void (*cb)(void *) = c->on_drain;
+		c->on_drain = NULL;
+		cb(c->drain_arg);
+	}
 }
 
 static void on_timer(evutil_socket_t fd, short what, void *arg)
@@ -804,14 +816,29 @@ static void reset_request(struct http_conn *c)
 	slot_give(c);
 }
 
+/* After the client's end of input: keep-alive only for requests it sent before. */
+static bool keep_alive(const struct http_conn *c, const struct http_request *req)
+{
+	return req->head.keepalive && !c->srv->shutting_down && (!c->peer_eof || evbuffer_get_length(c->in) > 0);
+}
+
+static void stop_probe(struct http_conn *c)
+{
+	if (c->probing) {
+		c->probing = false;
+		evtimer_del(c->timer);
+		c->armed_at = 0;
+	}
+}
+
+static void reply_done(struct http_conn *c, bool keep);
+
 static void reply(struct http_request *req, int status, struct evbuffer *body, const char *extra,
 		  const char *type)
 {
 	struct http_conn *c = req->conn;
 	struct http_server *s = c->srv;
-	/* After the client's end of input: on only for requests it sent before. */
-	bool keep = req->head.keepalive && !s->shutting_down &&
-		    (!c->peer_eof || evbuffer_get_length(c->in) > 0);
+	bool keep = keep_alive(c, req);
 
 	s->inflight--;
 	if (s->reply_hook)
@@ -820,11 +847,7 @@ static void reply(struct http_request *req, int status, struct evbuffer *body, c
 		conn_free(c);
 		return;
 	}
-	if (c->probing) {
-		c->probing = false;
-		evtimer_del(c->timer);
-		c->armed_at = 0;
-	}
+	stop_probe(c);
 	unsigned long failed = alloc_failures();
 	write_reply(c, status, body, extra, keep, type);
 	if (alloc_failures() != failed) {
@@ -833,6 +856,15 @@ static void reply(struct http_request *req, int status, struct evbuffer *body, c
 		evbuffer_drain(c->out, evbuffer_get_length(c->out));
 		keep = false;
 	}
+	reply_done(c, keep);
+}
+
+/* The reply is queued: the connection waits for the next request, or closes. */
+static void reply_done(struct http_conn *c, bool keep)
+{
+	struct http_server *s = c->srv;
+	c->streaming = false;
+	c->on_drain = NULL;
 	reset_request(c);
 	if (!keep) {
 		c->state = CS_CLOSE;
@@ -850,6 +882,92 @@ static void reply(struct http_request *req, int status, struct evbuffer *body, c
 		/* Made the first time a connection pipelines: most never do. */
 		resume_soon(c);
 	}
+}
+
+/*
+ * Streamed replies. The head goes out with Transfer-Encoding: chunked
+ * (HTTP/1.0: no length, and the connection closes after it); each write is
+ * one chunk, written at once as far as the socket takes it. The producer
+ * watches http_stream_pending and, past its own high mark, waits for
+ * on_drain, which runs from the write event once the client took enough:
+ * a slow reader slows the producer down instead of growing the buffer.
+ */
+void http_stream_begin(struct http_request *req, int status, const char *type)
+{
+	struct http_conn *c = req->conn;
+	char head[256], *p = head;
+	if (c->dead)
+		return;
+	stop_probe(c);
+	c->streaming = true;
+	c->chunked = req->head.minor >= 1;
+	memcpy(p, "HTTP/1.1 ", 9), p += 9;
+	p += fmt_int(p, status);
+	*p++ = ' ';
+	p += str_copy(p, 64, http_status_text(status));
+	memcpy(p, "\r\nContent-Type: ", 16), p += 16;
+	p += str_copy(p, 96, type);
+	static const char te[] = "\r\nTransfer-Encoding: chunked\r\n\r\n", cl[] = "\r\nConnection: close\r\n\r\n";
+	if (c->chunked)
+		memcpy(p, te, sizeof(te) - 1), p += sizeof(te) - 1;
+	else
+		memcpy(p, cl, sizeof(cl) - 1), p += sizeof(cl) - 1;
+	evbuffer_add(c->out, head, (size_t)(p - head));
+}
+
+void http_stream_write(struct http_request *req, struct evbuffer *data)
+{
+	struct http_conn *c = req->conn;
+	size_t len = evbuffer_get_length(data);
+	if (c->dead || !c->streaming || len == 0) {
+		evbuffer_drain(data, len);
+		return;
+	}
+	if (c->chunked) {
+		char size[24];
+		int n = snprintf(size, sizeof(size), "%zx\r\n", len);
+		evbuffer_add(c->out, size, (size_t)n);
+		evbuffer_add_buffer(c->out, data);
+		evbuffer_add(c->out, "\r\n", 2);
+	} else {
+		evbuffer_add_buffer(c->out, data);
+	}
+	flush(c);
+}
+
+size_t http_stream_pending(const struct http_request *req)
+{
+	return evbuffer_get_length(req->conn->out);
+}
+
+void http_stream_on_drain(struct http_request *req, size_t low, void (*cb)(void *arg), void *arg)
+{
+	req->conn->drain_low = low;
+	req->conn->on_drain = cb;
+	req->conn->drain_arg = arg;
+}
+
+struct event_base *http_request_base(const struct http_request *req)
+{
+	return req->conn->srv->base;
+}
+
+void http_stream_end(struct http_request *req, int status)
+{
+	struct http_conn *c = req->conn;
+	struct http_server *s = c->srv;
+	bool keep = c->chunked && keep_alive(c, req);
+
+	s->inflight--;
+	if (s->reply_hook)
+		s->reply_hook(req, c->dead ? 499 : status, mono_now() - req->rq.start, s->reply_arg);
+	if (c->dead) {
+		conn_free(c);
+		return;
+	}
+	if (c->chunked)
+		evbuffer_add(c->out, "0\r\n\r\n", 5);
+	reply_done(c, keep);
 }
 
 void http_reply(struct http_request *req, int status, struct evbuffer *body, const char *extra)

@@ -72,6 +72,23 @@ void http_reply_typed(struct http_request *req, int status, struct evbuffer *bod
 /* Reply {"error": msg, "code": code} with status. */
 void http_reply_error(struct http_request *req, int status, const char *code, const char *msg);
 
+/*
+ * A streamed reply, for answers of unknown length: the head (chunked
+ * transfer coding; HTTP/1.0 clients get the body up to the close), then
+ * writes (each moved out of data and sent as one chunk), then the end,
+ * which completes the request as http_reply does (status for the log).
+ * pending: bytes queued for the client; on_drain(arg) runs once when they
+ * fall to low or below (a slow reader caught up). Writes to a client that
+ * left are dropped; its on_abort ran.
+ */
+void http_stream_begin(struct http_request *req, int status, const char *type);
+void http_stream_write(struct http_request *req, struct evbuffer *data);
+size_t http_stream_pending(const struct http_request *req);
+void http_stream_on_drain(struct http_request *req, size_t low, void (*cb)(void *arg), void *arg);
+void http_stream_end(struct http_request *req, int status);
+/* The loop the request's connection runs on. */
+struct event_base *http_request_base(const struct http_request *req);
+
 const char *http_status_text(int status);
 
 #endif

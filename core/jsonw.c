@@ -2,50 +2,39 @@
  * JSON output. Strings are escaped in runs: bytes that need no escaping are
  * copied in one evbuffer_add, so a long text value costs one copy. Values
  * are emitted by type OID: integers and floats as numbers (NaN and
- * Infinity, which JSON lacks, as strings), numeric as a string so no
- * precision is lost, bool as true/false, json/jsonb embedded as they are,
- * NULL as null, everything else as PostgreSQL's text form.
+ * Infinity, which JSON lacks, as strings; int8 as a string when asked, so
+ * JavaScript clients lose no digit), numeric as a string so no precision
+ * is lost, bool as true/false, json/jsonb embedded as they are, timestamps
+ * in RFC 3339 form, bytea as PostgreSQL's hex text or base64, arrays as
+ * JSON arrays whose elements follow the same rules, NULL as null,
+ * everything else as PostgreSQL's text form.
  */
 #include "jsonw.h"
 
 #include <event2/buffer.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
+#include "pgtypes.h"
 #include "util.h"
 
 /* Built-in type OIDs (pg_type.dat); stable across PostgreSQL versions. */
 enum {
 	OID_BOOL = 16, OID_BYTEA = 17, OID_CHAR = 18, OID_NAME = 19, OID_INT8 = 20,
 	OID_INT2 = 21, OID_INT4 = 23, OID_TEXT = 25, OID_OID = 26, OID_JSON = 114,
-	OID_XML = 142, OID_FLOAT4 = 700, OID_FLOAT8 = 701, OID_MONEY = 790,
-	OID_BPCHAR = 1042, OID_VARCHAR = 1043, OID_DATE = 1082, OID_TIME = 1083,
-	OID_TIMESTAMP = 1114, OID_TIMESTAMPTZ = 1184, OID_INTERVAL = 1186,
-	OID_TIMETZ = 1266, OID_NUMERIC = 1700, OID_UUID = 2950, OID_JSONB = 3802,
-};
-
-static const struct { Oid oid; const char *name; } type_names[] = {
-	{ 16, "bool" }, { 17, "bytea" }, { 18, "char" }, { 19, "name" }, { 20, "int8" },
-	{ 21, "int2" }, { 23, "int4" }, { 25, "text" }, { 26, "oid" }, { 114, "json" },
-	{ 142, "xml" }, { 600, "point" }, { 650, "cidr" }, { 700, "float4" },
-	{ 701, "float8" }, { 705, "unknown" }, { 790, "money" }, { 829, "macaddr" },
-	{ 869, "inet" }, { 1000, "_bool" }, { 1001, "_bytea" }, { 1005, "_int2" },
-	{ 1007, "_int4" }, { 1009, "_text" }, { 1015, "_varchar" }, { 1016, "_int8" },
-	{ 1021, "_float4" }, { 1022, "_float8" }, { 1028, "_oid" }, { 1042, "bpchar" },
-	{ 1043, "varchar" }, { 1082, "date" }, { 1083, "time" }, { 1114, "timestamp" },
-	{ 1115, "_timestamp" }, { 1182, "_date" }, { 1184, "timestamptz" },
-	{ 1185, "_timestamptz" }, { 1186, "interval" }, { 1231, "_numeric" },
-	{ 1266, "timetz" }, { 1560, "bit" }, { 1562, "varbit" }, { 1700, "numeric" },
-	{ 199, "_json" }, { 2249, "record" }, { 2278, "void" }, { 2950, "uuid" },
-	{ 2951, "_uuid" }, { 3614, "tsvector" }, { 3802, "jsonb" }, { 3807, "_jsonb" },
+	OID_FLOAT4 = 700, OID_FLOAT8 = 701, OID_BPCHAR = 1042, OID_VARCHAR = 1043,
+	OID_DATE = 1082, OID_TIME = 1083, OID_TIMESTAMP = 1114, OID_TIMESTAMPTZ = 1184,
+	OID_NUMERIC = 1700, OID_UUID = 2950, OID_JSONB = 3802,
 };
 
 const char *jsonw_type_name(Oid oid, char *buf, size_t len)
 {
-	for (size_t i = 0; i < sizeof(type_names) / sizeof(type_names[0]); i++)
-		if (type_names[i].oid == oid)
-			return type_names[i].name;
+	const char *name = pgtypes_name(oid);
+	if (name)
+		return name;
 	snprintf(buf, len, "oid:%u", oid);
 	return buf;
 }
@@ -98,10 +87,17 @@ static inline void put(struct out *o, const void *p, size_t len)
 	o->n += len;
 }
 
+static inline void put_c(struct out *o, char c)
+{
+	if (o->n == sizeof(o->buf))
+		out_flush(o);
+	o->buf[o->n++] = c;
+}
+
 static void w_string(struct out *o, const char *s, size_t len)
 {
 	size_t run = 0;
-	put(o, "\"", 1);
+	put_c(o, '"');
 	for (size_t i = 0; i < len; i++) {
 		unsigned char c = (unsigned char)s[i];
 		if (!esc[c])
@@ -109,8 +105,8 @@ static void w_string(struct out *o, const char *s, size_t len)
 		if (i > run)
 			put(o, s + run, i - run);
 		if (esc[c] == 'u') {
-			char u[7];
-			snprintf(u, sizeof(u), "\\u%04x", c);
+			static const char hex[] = "0123456789abcdef";
+			char u[6] = { '\\', 'u', '0', '0', hex[c >> 4], hex[c & 15] };
 			put(o, u, 6);
 		} else {
 			char e[2] = { '\\', esc[c] };
@@ -120,7 +116,7 @@ static void w_string(struct out *o, const char *s, size_t len)
 	}
 	if (len > run)
 		put(o, s + run, len - run);
-	put(o, "\"", 1);
+	put_c(o, '"');
 }
 
 static void w_cstring(struct out *o, const char *s)
@@ -141,49 +137,164 @@ static void w_error(struct out *o, const char *code, const char *msg, const char
 		put(o, ",\"shard\":", 9);
 		w_cstring(o, shard);
 	}
-	put(o, "}", 1);
+	put_c(o, '}');
 }
 
-static void w_fields(struct out *o, const PGresult *res)
+static void w_fields(struct out *o, const PGresult *res, const char *extra)
 {
 	char tbuf[32];
 	int n = PQnfields(res);
 	put(o, "\"fields\":[", 10);
 	for (int i = 0; i < n; i++) {
 		if (i)
-			put(o, ",", 1);
+			put_c(o, ',');
 		put(o, "{\"name\":", 8);
 		w_cstring(o, PQfname(res, i));
 		put(o, ",\"type\":", 8);
 		w_cstring(o, jsonw_type_name(PQftype(res, i), tbuf, sizeof(tbuf)));
-		put(o, "}", 1);
+		put_c(o, '}');
 	}
-	put(o, "]", 1);
+	if (extra) {
+		put(o, n ? ",{\"name\":" : "{\"name\":", n ? 9 : 8);
+		w_cstring(o, extra);
+		put(o, ",\"type\":\"text\"}", 15);
+	}
+	put_c(o, ']');
 }
 
-enum kind { K_TEXT, K_NUMBER, K_FLOAT, K_BOOL, K_JSON };
+/* ---- values ---- */
 
-static enum kind kind_of(Oid oid)
+enum kind { K_TEXT, K_NUMBER, K_INT8, K_FLOAT, K_BOOL, K_JSON, K_TIMESTAMP, K_BYTEA, K_ARRAY };
+
+/* How one column is written: its kind, and for an array its elements' kind and delimiter. */
+struct col {
+	unsigned char kind;
+	unsigned char elem;
+	char delim;
+};
+
+static enum kind scalar_kind(Oid oid)
 {
 	switch (oid) {
-	case OID_INT2: case OID_INT4: case OID_INT8: case OID_OID:
+	case OID_INT2: case OID_INT4: case OID_OID:
 		return K_NUMBER;
+	case OID_INT8:
+		return K_INT8;
 	case OID_FLOAT4: case OID_FLOAT8:
 		return K_FLOAT;
 	case OID_BOOL:
 		return K_BOOL;
 	case OID_JSON: case OID_JSONB:
 		return K_JSON;
+	case OID_TIMESTAMP: case OID_TIMESTAMPTZ:
+		return K_TIMESTAMP;
+	case OID_BYTEA:
+		return K_BYTEA;
 	default:
 		return K_TEXT;
 	}
 }
 
-static void value(struct out *o, enum kind k, const char *v, size_t len)
+static struct col col_of(Oid oid)
 {
-	switch (k) {
+	struct col c = { (unsigned char)scalar_kind(oid), 0, ',' };
+	Oid elem;
+	/* The common types are scalars: no table lookup for them. */
+	if (c.kind != K_TEXT || oid == OID_TEXT || oid == OID_VARCHAR || oid == OID_NUMERIC ||
+	    oid == OID_BPCHAR || oid == OID_UUID || oid == OID_DATE || oid == OID_NAME)
+		return c;
+	elem = pgtypes_elem(oid);
+	if (elem) {
+		c.kind = K_ARRAY;
+		c.elem = (unsigned char)scalar_kind(elem);
+		c.delim = pgtypes_delim(oid);
+	}
+	return c;
+}
+
+/*
+ * PostgreSQL's ISO form ("2026-12-06 22:16:26.020417+00") in RFC 3339:
+ * a 'T' between date and time and the offset with its minutes
+ * ("+00:00"). Other forms (another DateStyle, BC years, infinity, an
+ * offset with seconds) go out as they came, as strings.
+ */
+static void w_timestamp(struct out *o, const char *v, size_t len)
+{
+	char buf[48];
+	size_t n;
+	if (len < 19 || len > 40 || v[4] != '-' || v[7] != '-' || v[10] != ' ' || v[13] != ':' ||
+	    v[len - 1] == 'C') {
+		w_string(o, v, len);
+		return;
+	}
+	memcpy(buf, v, len);
+	buf[10] = 'T';
+	n = len;
+	/* "+05" or "-08" at the end: RFC 3339 wants "+05:00". */
+	if ((buf[n - 3] == '+' || buf[n - 3] == '-') && n - 3 >= 19) {
+		memcpy(buf + n, ":00", 3);
+		n += 3;
+	}
+	w_string(o, buf, n);
+}
+
+static int hexval(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+/* bytea's hex text ("\xdeadbeef") as base64 ("3q2+7w=="); any other form as it is. */
+static void w_base64(struct out *o, const char *v, size_t len)
+{
+	static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+	unsigned char in[3];
+	int nin = 0;
+	if (len < 2 || v[0] != '\\' || v[1] != 'x' || len % 2) {
+		w_string(o, v, len);
+		return;
+	}
+	for (size_t i = 2; i < len; i += 2)
+		if (hexval(v[i]) < 0 || hexval(v[i + 1]) < 0) {
+			w_string(o, v, len);
+			return;
+		}
+	put_c(o, '"');
+	for (size_t i = 2; i < len; i += 2) {
+		in[nin++] = (unsigned char)(hexval(v[i]) << 4 | hexval(v[i + 1]));
+		if (nin == 3) {
+			char q[4] = { b64[in[0] >> 2], b64[(in[0] & 3) << 4 | in[1] >> 4],
+				      b64[(in[1] & 15) << 2 | in[2] >> 6], b64[in[2] & 63] };
+			put(o, q, 4);
+			nin = 0;
+		}
+	}
+	if (nin) {
+		char q[4] = { b64[in[0] >> 2], b64[(in[0] & 3) << 4 | (nin > 1 ? in[1] >> 4 : 0)],
+			      nin > 1 ? b64[(in[1] & 15) << 2] : '=', '=' };
+		put(o, q, 4);
+	}
+	put_c(o, '"');
+}
+
+static void w_array(struct out *o, const char *v, size_t len, struct col c, const struct jsonw_opts *opt);
+
+static void value(struct out *o, struct col c, const char *v, size_t len, const struct jsonw_opts *opt)
+{
+	switch ((enum kind)c.kind) {
 	case K_NUMBER:
 		put(o, v, len);
+		return;
+	case K_INT8:
+		if (opt->int8_string)
+			w_string(o, v, len);
+		else
+			put(o, v, len);
 		return;
 	case K_FLOAT:
 		/* NaN, Infinity and -Infinity have no JSON number form. */
@@ -201,66 +312,219 @@ static void value(struct out *o, enum kind k, const char *v, size_t len)
 	case K_JSON:
 		put(o, v, len);
 		return;
+	case K_TIMESTAMP:
+		w_timestamp(o, v, len);
+		return;
+	case K_BYTEA:
+		if (opt->bytea_base64)
+			w_base64(o, v, len);
+		else
+			w_string(o, v, len);
+		return;
+	case K_ARRAY:
+		w_array(o, v, len, c, opt);
+		return;
 	case K_TEXT:
 		w_string(o, v, len);
 		return;
 	}
 }
 
-static int w_row_items(struct out *o, const PGresult *res, int first_row, int max_rows, int need_comma)
+/* ---- arrays ---- */
+
+/*
+ * An array's text form: optional dimensions ("[0:2]="), then nested
+ * braces of elements separated by the type's delimiter. An element is
+ * NULL (unquoted, any case), unquoted text, or a double-quoted string in
+ * which a backslash escapes the next byte. It is read twice: once to check
+ * it is well formed (then nothing is written), once to write it, so a
+ * malformed text (which PostgreSQL never sends) goes out as a string
+ * rather than as broken JSON.
+ */
+struct arr {
+	const char *p, *end;
+	char delim;
+	struct col elem;
+	const struct jsonw_opts *opt;
+	struct out *o;           /* NULL: only check */
+	char *scratch;           /* an unescaped quoted element */
+	size_t cap;
+};
+
+static bool arr_element(struct arr *a)
 {
-	int nf = PQnfields(res), nr = PQntuples(res), written = 0;
-	enum kind kinds[nf > 0 ? nf : 1];
-	for (int f = 0; f < nf; f++)
-		kinds[f] = kind_of(PQftype(res, f));
-	for (int r = first_row; r < nr && written < max_rows; r++, written++) {
-		if (need_comma || written)
-			put(o, ",", 1);
-		put(o, "[", 1);
-		for (int f = 0; f < nf; f++) {
-			if (f)
-				put(o, ",", 1);
-			if (PQgetisnull(res, r, f))
-				put(o, "null", 4);
-			else
-				value(o, kinds[f], PQgetvalue(res, r, f), (size_t)PQgetlength(res, r, f));
+	const char *start = a->p;
+	size_t n = 0;
+	if (*a->p == '"') {
+		a->p++;
+		while (a->p < a->end && *a->p != '"') {
+			if (*a->p == '\\' && ++a->p == a->end)
+				return false;
+			if (a->o) {
+				if (n == a->cap) {
+					a->cap = a->cap ? a->cap * 2 : 256;
+					a->scratch = xrealloc(a->scratch, a->cap);
+				}
+				a->scratch[n] = *a->p;
+			}
+			n++;
+			a->p++;
 		}
-		put(o, "]", 1);
+		if (a->p == a->end)
+			return false;
+		a->p++;
+		if (a->o)
+			value(a->o, a->elem, a->scratch ? a->scratch : "", n, a->opt);
+		return true;
 	}
-	return written;
+	while (a->p < a->end && *a->p != a->delim && *a->p != '}' && *a->p != '{' && *a->p != '"')
+		a->p++;
+	n = (size_t)(a->p - start);
+	if (n == 0 || a->p == a->end)
+		return false;
+	if (!a->o)
+		return true;
+	if (n == 4 && strncasecmp(start, "NULL", 4) == 0)
+		put(a->o, "null", 4);
+	else
+		value(a->o, a->elem, start, n, a->opt);
+	return true;
 }
 
-static void w_rows(struct out *o, const PGresult *res)
+static bool arr_level(struct arr *a, int depth)
 {
+	if (depth > 6 || a->p == a->end || *a->p != '{')
+		return false;
+	a->p++;
+	if (a->o)
+		put_c(a->o, '[');
+	if (a->p < a->end && *a->p == '}') {
+		a->p++;
+		if (a->o)
+			put_c(a->o, ']');
+		return true;
+	}
+	for (;;) {
+		if (a->p == a->end)
+			return false;
+		if (*a->p == '{' ? !arr_level(a, depth + 1) : !arr_element(a))
+			return false;
+		if (a->p == a->end)
+			return false;
+		if (*a->p == '}') {
+			a->p++;
+			if (a->o)
+				put_c(a->o, ']');
+			return true;
+		}
+		if (*a->p != a->delim)
+			return false;
+		a->p++;
+		if (a->o)
+			put_c(a->o, ',');
+	}
+}
+
+static bool arr_run(struct arr *a, const char *v, size_t len)
+{
+	a->p = v;
+	a->end = v + len;
+	if (a->p < a->end && *a->p == '[') {
+		/* Dimensions other than 1-based: "[0:2]={...}"; JSON arrays have none. */
+		const char *eq = memchr(v, '=', len);
+		if (!eq)
+			return false;
+		a->p = eq + 1;
+	}
+	return arr_level(a, 0) && a->p == a->end;
+}
+
+static void w_array(struct out *o, const char *v, size_t len, struct col c, const struct jsonw_opts *opt)
+{
+	struct arr a = { .delim = c.delim, .elem = { c.elem, 0, ',' }, .opt = opt };
+	if (!arr_run(&a, v, len)) {
+		w_string(o, v, len);
+		return;
+	}
+	a.o = o;
+	arr_run(&a, v, len);
+	free(a.scratch);
+}
+
+/* ---- rows and results ---- */
+
+static void cols_of(const PGresult *res, struct col *cols, int nf)
+{
+	for (int f = 0; f < nf; f++)
+		cols[f] = col_of(PQftype(res, f));
+}
+
+static void w_row(struct out *o, const PGresult *res, int r, const struct col *cols, int nf,
+		  const struct jsonw_opts *opt, const char *extra)
+{
+	put_c(o, '[');
+	for (int f = 0; f < nf; f++) {
+		if (f)
+			put_c(o, ',');
+		if (PQgetisnull(res, r, f))
+			put(o, "null", 4);
+		else
+			value(o, cols[f], PQgetvalue(res, r, f), (size_t)PQgetlength(res, r, f), opt);
+	}
+	if (extra) {
+		if (nf)
+			put_c(o, ',');
+		w_cstring(o, extra);
+	}
+	put_c(o, ']');
+}
+
+static void w_rows(struct out *o, const PGresult *res, const struct jsonw_opts *opt)
+{
+	int nf = PQnfields(res), nr = PQntuples(res);
+	struct col cols[nf > 0 ? nf : 1];
+	cols_of(res, cols, nf);
 	put(o, "\"rows\":[", 8);
-	w_row_items(o, res, 0, PQntuples(res), 0);
-	put(o, "]", 1);
+	for (int r = 0; r < nr; r++) {
+		if (r)
+			put_c(o, ',');
+		w_row(o, res, r, cols, nf, opt, NULL);
+	}
+	put_c(o, ']');
+}
+
+/* The command tag's first word ("SELECT", "INSERT"). */
+static void w_command(struct out *o, const PGresult *res)
+{
+	const char *status = PQcmdStatus((PGresult *)res);
+	const char *sp = strchr(status, ' ');
+	put(o, "\"command\":", 10);
+	w_string(o, status, sp ? (size_t)(sp - status) : strlen(status));
+}
+
+/* The rows a result counts: rows returned for a TUPLES_OK result (rows), else the rows affected. */
+static long row_count(const PGresult *res, long rows)
+{
+	const char *tuples = PQcmdTuples((PGresult *)res);
+	return PQresultStatus(res) == PGRES_TUPLES_OK ? rows : (*tuples ? strtol(tuples, NULL, 10) : 0);
+}
+
+static void w_row_count(struct out *o, long count)
+{
+	char num[24];
+	size_t n = fmt_int(num, count);
+	put(o, ",\"row_count\":", 13);
+	put(o, num, n);
 }
 
 /* "command", "row_count", "fields" of res, then a comma; rows counts a TUPLES_OK result's rows. */
 static void w_result_head(struct out *o, const PGresult *res, long rows)
 {
-	const char *status = PQcmdStatus((PGresult *)res);
-	const char *sp = strchr(status, ' ');
-	const char *tuples = PQcmdTuples((PGresult *)res);
-	long count = PQresultStatus(res) == PGRES_TUPLES_OK ? rows
-			 : (*tuples ? strtol(tuples, NULL, 10) : 0);
-
-	put(o, "\"command\":", 10);
-	w_string(o, status, sp ? (size_t)(sp - status) : strlen(status));
-	char num[24];
-	size_t n = fmt_int(num, count);
-	put(o, ",\"row_count\":", 13);
-	put(o, num, n);
-	put(o, ",", 1);
-	w_fields(o, res);
-	put(o, ",", 1);
-}
-
-static void w_result_body(struct out *o, const PGresult *res)
-{
-	w_result_head(o, res, PQntuples(res));
-	w_rows(o, res);
+	w_command(o, res);
+	w_row_count(o, row_count(res, rows));
+	put_c(o, ',');
+	w_fields(o, res, NULL);
+	put_c(o, ',');
 }
 
 /* ---- the public functions: each writes through one stack buffer ---- */
@@ -289,22 +553,26 @@ void jsonw_error(struct evbuffer *b, const char *code, const char *msg, const ch
 	out_flush(&o);
 }
 
-void jsonw_fields(struct evbuffer *b, const PGresult *res)
+void jsonw_fields(struct evbuffer *b, const PGresult *res, const char *extra)
 {
 	struct out o;
 	out_init(&o, b);
-	w_fields(&o, res);
+	w_fields(&o, res, extra);
 	out_flush(&o);
 }
 
-int jsonw_row_items(struct evbuffer *b, const PGresult *res, int first_row, int max_rows, int need_comma)
+void jsonw_row(struct evbuffer *b, const PGresult *res, int r, bool need_comma,
+	       const struct jsonw_opts *opt, const char *extra)
 {
 	struct out o;
-	int n;
+	int nf = PQnfields(res);
+	struct col cols[nf > 0 ? nf : 1];
+	cols_of(res, cols, nf);
 	out_init(&o, b);
-	n = w_row_items(&o, res, first_row, max_rows, need_comma);
+	if (need_comma)
+		put_c(&o, ',');
+	w_row(&o, res, r, cols, nf, opt, extra);
 	out_flush(&o);
-	return n;
 }
 
 void jsonw_result_streamed(struct evbuffer *b, const PGresult *res, long nrows, struct evbuffer *rows)
@@ -314,14 +582,33 @@ void jsonw_result_streamed(struct evbuffer *b, const PGresult *res, long nrows, 
 	w_result_head(&o, res, nrows);
 	put(&o, "\"rows\":[", 8);
 	out_flush(&o);
-	evbuffer_add_buffer(b, rows);
+	if (rows)
+		evbuffer_add_buffer(b, rows);
 	evbuffer_add(b, "]", 1);
 }
 
-void jsonw_result_body(struct evbuffer *b, const PGresult *res)
+void jsonw_result_body(struct evbuffer *b, const PGresult *res, const struct jsonw_opts *opt)
 {
 	struct out o;
 	out_init(&o, b);
-	w_result_body(&o, res);
+	w_result_head(&o, res, PQntuples(res));
+	w_rows(&o, res, opt);
+	out_flush(&o);
+}
+
+void jsonw_command_count(struct evbuffer *b, const PGresult *res, long rows)
+{
+	struct out o;
+	out_init(&o, b);
+	w_command(&o, res);
+	w_row_count(&o, row_count(res, rows));
+	out_flush(&o);
+}
+
+void jsonw_value(struct evbuffer *b, Oid type, const char *v, size_t len, const struct jsonw_opts *opt)
+{
+	struct out o;
+	out_init(&o, b);
+	value(&o, col_of(type), v, len, opt);
 	out_flush(&o);
 }

@@ -34,6 +34,7 @@
 #include "pool.h"
 #include "reload.h"
 #include "request.h"
+#include "txn.h"
 #include "script.h"
 #include "tenants.h"
 #include "util.h"
@@ -55,6 +56,7 @@ struct app {
 	bool waiters_failed;
 	bool pg_terminated;
 	bool forced;              /* requests were still running at shutdown_timeout */
+	bool txn_rolled_back;     /* open HTTP transactions were rolled back at shutdown_timeout */
 	const char *config_path;
 };
 
@@ -143,7 +145,9 @@ static void apply_limits(struct app *app, const struct config *cfg)
 
 static int inflight(const struct app *app)
 {
-	return http_server_inflight(app->client) + http_server_inflight(app->admin) + pgface_busy(app->pg);
+	/* Open HTTP transactions count as requests in flight: shutdown waits for them too. */
+	return http_server_inflight(app->client) + http_server_inflight(app->admin) + pgface_busy(app->pg) +
+	       txn_open();
 }
 
 static const char *route_label(const char *path)
@@ -216,6 +220,12 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 		for (int i = 0; i < g->cfg->nshards; i++)
 			pool_fail_waiters(g->pools[i], "the gateway is shutting down");
 		tenants_fail_waiters();
+		return;
+	}
+	if (txn_open() > 0 && !app->txn_rolled_back) {
+		/* HTTP transactions still open: rolled back, their connections returned; the next tick sees them go. */
+		app->txn_rolled_back = true;
+		txn_rollback_all();
 		return;
 	}
 	if (pgface_busy(app->pg) && !app->pg_terminated) {

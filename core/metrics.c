@@ -74,3 +74,16 @@ uint64_t metrics_fanouts(void)
 	return fanouts;
 }
 
+
+const char *const metrics_txn_end_names[TXN_ENDS] = { "committed", "rolled_back", "expired", "aborted" };
+static uint64_t txn_ends[TXN_ENDS];
+
+void metrics_transaction(enum metrics_txn_end how)
+{
+	txn_ends[how]++;
+}
+
+uint64_t metrics_transactions(enum metrics_txn_end how)
+{
+	return txn_ends[how];
+}

@@ -31,6 +31,12 @@ void metrics_request(const char *route, int status);
 /* One finished fan-out (its shards' failures are counted per pool). */
 void metrics_fanout(void);
 
+/* How held transactions (POST /begin) ended. */
+enum metrics_txn_end { TXN_COMMITTED, TXN_ROLLED_BACK, TXN_EXPIRED, TXN_ABORTED, TXN_ENDS };
+extern const char *const metrics_txn_end_names[TXN_ENDS];
+void metrics_transaction(enum metrics_txn_end how);
+uint64_t metrics_transactions(enum metrics_txn_end how);
+
 struct metrics_request_count {
 	const char *route;
 	int status;

@@ -54,7 +54,7 @@ static int watch(struct pgconn *c, short what)
 		return -1;
 	if (c->first)
 		event_priority_set(c->ev, 0);
-	if (event_add(c->ev, NULL) < 0)
+	if (!c->paused && event_add(c->ev, NULL) < 0)
 		return -1;
 	return 0;
 }
@@ -308,6 +308,18 @@ static void reset_undone(struct pgconn *c)
 		c->reset_next = true;
 }
 
+/* A statement's parameter types, from its description. */
+static void keep_types(struct stmt_entry *e, const PGresult *res)
+{
+	int n = PQnparams(res);
+	free(e->types);
+	e->types = n ? xmalloc((size_t)n * sizeof(Oid)) : NULL;
+	for (int i = 0; i < n; i++)
+		e->types[i] = PQparamtype(res, i);
+	e->ntypes = n;
+	memcpy(e->typed_name, e->name, sizeof(e->name));
+}
+
 /* A result that is not the client's: 1 swallowed, 0 hand it out. */
 static int swallow(struct pgconn *c, enum pipe_item it, PGresult *res)
 {
@@ -341,6 +353,8 @@ static int swallow(struct pgconn *c, enum pipe_item it, PGresult *res)
 		if (st == PGRES_PIPELINE_ABORTED)
 			return 1;
 		if (st != PGRES_FATAL_ERROR) {
+			if (c->pend_describe && st == PGRES_COMMAND_OK && c->pend_entry)
+				keep_types(c->pend_entry, res);
 			c->handed = true;
 			return 0;
 		}
@@ -377,7 +391,7 @@ static void read_results(struct pgconn *c)
 		broken(c, "");
 		return;
 	}
-	while (c->npipe > 0 && !PQisBusy(c->pg)) {
+	while (c->npipe > 0 && !c->paused && !PQisBusy(c->pg)) {
 		enum pipe_item it = (enum pipe_item)c->pipe[c->pipe_head];
 		PGresult *res;
 		if (c->batch && handed++ >= c->batch) {
@@ -749,6 +763,12 @@ static bool ready(struct pgconn *c)
 	c->cancel_seen = false;
 	c->retry_txn = false;
 	c->cur_rows = false;
+	c->pend_describe = false;
+	if (c->paused) {
+		c->paused = false;
+		if (c->ev)
+			event_add(c->ev, NULL);
+	}
 	pipe_clear(c);
 	/* Session settings a PostgreSQL client left are nobody else's: the reset goes first. */
 	if (c->wire_sig)
@@ -873,7 +893,9 @@ static int send_slow_reset(struct pgconn *c)
 static int send_one(struct pgconn *c, const char *sql, int n, const char *const *vals,
 		    struct stmt_entry *e, bool prepare, pgconn_cb cb, void *arg)
 {
-	bool pipeline = c->reset_next || prepare;
+	/* Described without a cache entry: prepared unnamed, then described, in one pipeline. */
+	bool unnamed = c->pend_describe && !e;
+	bool pipeline = c->reset_next || prepare || unnamed;
 	c->pend_sql = sql;
 	c->pend_n = n;
 	c->pend_vals = vals;
@@ -896,16 +918,20 @@ static int send_one(struct pgconn *c, const char *sql, int n, const char *const 
 			pipe_push(c, PI_SYNC);
 		}
 	}
-	if (prepare) {
-		if (!PQsendPrepare(c->pg, e->name, sql, 0, NULL))
+	if (prepare || unnamed) {
+		if (!PQsendPrepare(c->pg, e ? e->name : "", sql, 0, NULL))
 			return send_failed(c);
 		pipe_push(c, PI_PREPARE);
 	}
-	if (!(e ? PQsendQueryPrepared(c->pg, e->name, n, vals, NULL, NULL, 0)
-		: PQsendQueryParams(c->pg, sql, n, NULL, vals, NULL, NULL, 0)))
+	if (c->pend_describe) {
+		if (!PQsendDescribePrepared(c->pg, e ? e->name : ""))
+			return send_failed(c);
+	} else if (!(e ? PQsendQueryPrepared(c->pg, e->name, n, vals, NULL, NULL, 0)
+		       : PQsendQueryParams(c->pg, sql, n, NULL, vals, NULL, NULL, 0))) {
 		return send_failed(c);
+	}
 	pipe_push(c, PI_CLIENT);
-	c->cur_rows = c->want_rows;
+	c->cur_rows = c->want_rows && !c->pend_describe;
 	c->want_rows = false;
 	if (pipeline) {
 		if (!PQpipelineSync(c->pg))
@@ -1047,6 +1073,34 @@ int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const cha
 	return send_via_cache(c, cb, arg);
 }
 
+int pgconn_describe(struct pgconn *c, const char *sql, int nparams, const char *const *values,
+		    pgconn_cb cb, void *arg)
+{
+	int rc;
+	if (!ready(c))
+		return -1;
+	c->pend_describe = true;
+	c->pend_in_txn = PQtransactionStatus(c->pg) != PQTRANS_IDLE;
+	if ((rc = slow_first(c, sql, nparams, values, true, cb, arg)) != 0)
+		return rc < 0 ? -1 : 0;
+	c->pend_sql = sql;
+	c->pend_n = nparams;
+	c->pend_vals = values;
+	return send_via_cache(c, cb, arg);
+}
+
+const Oid *pgconn_param_types(struct pgconn *c, const char *sql, int *n)
+{
+	struct stmt_entry *e;
+	if (!c->cache)
+		return NULL;
+	e = cache_slot(c, sql, sql_hash(sql));
+	if (!e->sql || !e->name[0] || strcmp(e->name, e->typed_name) != 0)
+		return NULL;
+	*n = e->ntypes;
+	return e->types;
+}
+
 void pgconn_note_statement(struct pgconn *c, const char *sql)
 {
 	/*
@@ -1165,6 +1219,24 @@ void pgconn_deadline(struct pgconn *c, double secs)
 	evtimer_add(c->timer, &tv);
 }
 
+void pgconn_pause(struct pgconn *c, bool paused)
+{
+	if (c->paused == paused || c->state != PGCONN_BUSY)
+		return;
+	c->paused = paused;
+	if (paused) {
+		if (c->ev)
+			event_del(c->ev);
+		return;
+	}
+	if (c->ev)
+		event_add(c->ev, NULL);
+	/* What libpq read before the pause is handed out now, not at the next byte from the server. */
+	if (!c->more && !(c->more = event_new(c->base, -1, 0, on_more, c)))
+		abort();
+	event_active(c->more, EV_READ, 0);
+}
+
 void pgconn_want_rows(struct pgconn *c)
 {
 	c->want_rows = true;
@@ -1189,8 +1261,10 @@ void pgconn_cache_clear(struct pgconn *c)
 {
 	if (!c->cache)
 		return;
-	for (int i = 0; i < CACHE_SLOTS; i++)
+	for (int i = 0; i < CACHE_SLOTS; i++) {
 		free(c->cache[i].sql);
+		free(c->cache[i].types);
+	}
 	memset(c->cache, 0, CACHE_SLOTS * sizeof(*c->cache));
 	c->ncache = 0;
 }

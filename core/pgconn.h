@@ -25,6 +25,10 @@ struct stmt_entry {
 	uint64_t hash;
 	char *sql;
 	char name[16];
+	/* Its parameter types, once described (pgconn_describe), for the statement prepared as typed_name. */
+	char typed_name[16];
+	int ntypes;
+	Oid *types;
 };
 
 enum pgconn_state {
@@ -89,6 +93,8 @@ struct pgconn {
 	double deadline;         /* seconds the statement in flight may take (pgconn_deadline); 0: none */
 	bool reset_prepared;     /* the reset's statements are prepared on this connection */
 	bool retry_txn;          /* the statement failed on the gateway's own cache inside a transaction */
+	bool pend_describe;      /* the statement in flight is described, not run (pgconn_describe) */
+	bool paused;             /* its borrower takes no results for now (pgconn_pause) */
 	bool want_rows;          /* the next statement sent delivers its rows one by one */
 	bool cur_rows;           /* ... the one in flight does */
 	/* What each query in flight is for, oldest first (see read_results). */
@@ -184,6 +190,19 @@ int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const cha
 		       pgconn_cb cb, void *arg);
 
 /*
+ * Prepare sql (through the statement cache, as pgconn_send_cached would)
+ * and describe it, without running it: the one result handed out is a
+ * PGRES_COMMAND_OK whose PQnparams/PQparamtype are the parameters' types
+ * as the server inferred them (or the error the statement's PREPARE
+ * gave). The types are also kept beside the cache entry for
+ * pgconn_param_types.
+ */
+int pgconn_describe(struct pgconn *c, const char *sql, int nparams, const char *const *values,
+		    pgconn_cb cb, void *arg);
+/* The parameter types of sql as described on c (*n of them), or NULL when not known here. */
+const Oid *pgconn_param_types(struct pgconn *c, const char *sql, int *n);
+
+/*
  * The next statement sent hands out its rows one result each
  * (PGRES_SINGLE_TUPLE, then a zero-row PGRES_TUPLES_OK with the command
  * tag), so the borrower can stop a result that grows too large before it
@@ -197,6 +216,15 @@ void pgconn_want_rows(struct pgconn *c);
  * cleaning ROLLBACK), whose server may have gone silent. Cleared at DONE.
  */
 void pgconn_deadline(struct pgconn *c, double secs);
+
+/*
+ * The borrower takes no more results for now (paused), or again: a
+ * result streamed to a slow client. While paused the socket is not read,
+ * so the server blocks on its send once the kernel's buffers are full and
+ * the statement waits with it; results libpq holds already are handed out
+ * on resume.
+ */
+void pgconn_pause(struct pgconn *c, bool paused);
 
 /* Forget prepared statements (the server lost them). */
 void pgconn_cache_clear(struct pgconn *c);

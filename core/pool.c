@@ -564,6 +564,7 @@ void pool_status(const struct pool *p, struct pool_status *st)
 	if (st->free < 0)
 		st->free = 0;
 	st->waiting = p->nwaiting;
+	st->open_transactions = p->open_transactions;
 	st->utilization = st->size ? 100.0 * st->checked_out / st->size : 0;
 	st->state = pool_state_name(p->state);
 	st->max_wait_ms = pool_max_wait(p) * 1000.0;

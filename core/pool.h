@@ -77,6 +77,7 @@ struct pool_status {
 	double utilization;         /* percent of size checked out */
 	const char *state;          /* "up", "down", "half_open" */
 	double max_wait_ms;
+	int open_transactions;      /* interactive transactions held on this shard */
 };
 
 TAILQ_HEAD(pgconn_list, pgconn);
@@ -112,6 +113,7 @@ struct pool {
 	struct waiter_list waiters;
 	int nwaiting;
 	struct pool_stats stats;
+	int open_transactions;      /* held transactions on this shard (exec.c), each holding a connection */
 	char last_error[256];
 };
 

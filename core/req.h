@@ -29,6 +29,18 @@ struct stmt {
 	const char *name;        /* a named query from the config */
 	int nparams;
 	const char **values;     /* NULL entries are SQL NULL */
+	/*
+	 * Parameters the client sent as JSON arrays: values[i] is their JSON
+	 * text (for json/jsonb parameters), array_values[i] PostgreSQL's array
+	 * literal, sent instead when the parameter's type is an array, and
+	 * json_array_values[i] the literal for json[] and jsonb[] (each element
+	 * one JSON document). The executor learns the types from the shard,
+	 * then moves the right literals into values (stmt_apply_types). NULL
+	 * when there are none; array_values[i] NULL: no literal (too deep).
+	 */
+	const char **array_values;
+	const char **json_array_values;
+	bool typed;              /* array_values were applied to values (their types are known) */
 };
 
 /* A fan-out's merge order ("order_by"). */
@@ -86,11 +98,22 @@ struct req {
 	const struct order_key *order;  /* fan-out merge */
 	int norder;
 	long limit;              /* fan-out row limit; 0: none */
+	const char *shard_column;  /* a fan-out adds this column naming each row's shard; NULL: none */
+	bool stream;             /* the face streams rows as they come: no max_rows / max_result_bytes */
+	bool hold;               /* the transaction stays open after the statements (exec_continue, exec_end) */
 	/* Set by the executor. */
 	const struct auth_identity *auth;  /* who sent it, once authenticated (req.auth) */
 	double start;            /* monotonic seconds when it arrived whole */
 	struct req_info info;
 };
+
+/*
+ * The parameter types (n of them) of st are known: each parameter sent as
+ * a JSON array goes as its array literal when its type is an array type
+ * (a built-in one, or a type of the database's own: an enum's or a
+ * domain's array), else as JSON text (json, jsonb, text ...).
+ */
+void stmt_apply_types(struct stmt *st, const unsigned *types, int n);
 
 /* The value of header `lname` (lower case), the first of repeats; NULL when absent. */
 const char *req_header(const struct req *rq, const char *lname);

@@ -9,20 +9,28 @@
 #include "request.h"
 
 #include <event2/buffer.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "answer.h"
 #include "body.h"
+#include "config.h"
 #include "exec.h"
 #include "fault.h"
+#include "generation.h"
 #include "health.h"
 #include "http.h"
+#include "ndjson.h"
+#include "txn.h"
 #include "util.h"
 
 /* One /query or /transaction in flight: its answer (the sink), body and executor. */
 struct call {
-	struct answer answer;      /* first: the sink the executor writes into */
+	struct answer answer;      /* the sink the executor writes into (or the streamed answer's fallback) */
+	struct ndjson nd;          /* the sink of a streamed /query (Accept: application/x-ndjson) */
+	bool streamed;
+	struct txn *txn;           /* the held transaction the request runs in; NULL: none */
 	struct http_request *http;
 	struct exec *exec;         /* NULL once done */
 	struct body body;
@@ -49,6 +57,9 @@ static struct call *call_alloc(void)
 static void call_free(struct call *c)
 {
 	body_free(&c->body);
+	if (c->txn)
+		txn_request_done(c->txn);
+	c->txn = NULL;
 	c->http = NULL;
 	c->exec = NULL;
 	if (nfree_calls < FREE_MAX) {
@@ -58,6 +69,7 @@ static void call_free(struct call *c)
 		return;
 	}
 	answer_release(&c->answer);
+	ndjson_release(&c->nd);
 	free(c);
 }
 
@@ -75,6 +87,23 @@ static void on_done(void *arg)
 	call_free(c);
 }
 
+static void on_stream_done(void *arg)
+{
+	struct call *c = arg;
+	struct http_request *http = c->http;
+	http->data = NULL;
+	http->on_abort = NULL;
+	ndjson_finish(&c->nd);
+	call_free(c);
+}
+
+/* Does the client ask for NDJSON (Accept: application/x-ndjson, alone or among others)? */
+static bool wants_ndjson(const struct req *rq)
+{
+	const char *accept = req_header(rq, "accept");
+	return accept && strstr(accept, "application/x-ndjson") != NULL;
+}
+
 static void on_abort(struct http_request *http)
 {
 	struct call *c = http->data;
@@ -82,16 +111,31 @@ static void on_abort(struct http_request *http)
 		exec_abort(c->exec);
 }
 
+/* How values are written: the config's json table, the body's "int8" over it. */
+static void set_json_opts(struct jsonw_opts *o, const struct body *b)
+{
+	const struct config *cfg = generation_current()->cfg;
+	o->int8_string = b->int8 == BODY_INT8_DEFAULT ? cfg->int8_string : b->int8 == BODY_INT8_STRING;
+	o->bytea_base64 = cfg->bytea_base64;
+}
+
 static void handle_sql(struct http_request *http, enum body_kind kind)
 {
 	struct call *c = call_alloc();
 	struct req *rq = &http->rq;
 	char err[512];
+	struct sink *sink = &c->answer.sink;
+	exec_done_cb done = on_done;
+	const char *tid = req_header(rq, "x-transaction");
 
 	c->http = http;
 	http->data = c;
 	answer_init(&c->answer, kind == BODY_TRANSACTION, &rq->info);
-	if (body_parse(http->body, http->body_len, kind, &c->body, err, sizeof(err)) < 0) {
+	if (tid && kind == BODY_TRANSACTION)
+		snprintf(err, sizeof(err), "POST /transaction runs a transaction of its own: with X-Transaction, "
+			 "send each statement to /query");
+	if ((tid && kind == BODY_TRANSACTION) ||
+	    body_parse(http->body, http->body_len, kind, &c->body, err, sizeof(err)) < 0) {
 		struct fault f = { 0 };
 		fault_set(&f, "bad_request", NULL, err);
 		answer_error(&c->answer, &f);
@@ -106,8 +150,23 @@ static void handle_sql(struct http_request *http, enum body_kind kind)
 	rq->order = c->body.order;
 	rq->norder = c->body.norder;
 	rq->limit = c->body.limit;
+	rq->shard_column = c->body.shard_column;
+	c->answer.shard_column = c->body.shard_column;
+	set_json_opts(&c->answer.opts, &c->body);
+	c->streamed = kind == BODY_QUERY && wants_ndjson(rq);
+	if (c->streamed) {
+		rq->stream = true;
+		ndjson_init(&c->nd, http, &c->exec, &c->answer, &rq->info);
+		sink = &c->nd.sink;
+		done = on_stream_done;
+	}
 	http->on_abort = on_abort;
-	exec_start(&c->exec, rq, &c->answer.sink, on_done, c);
+	if (tid) {
+		if (!txn_continue(tid, rq, sink, done, c, &c->exec, &c->txn))
+			done(c);   /* refused: the answer is the error */
+		return;
+	}
+	exec_start(&c->exec, rq, sink, done, c);
 }
 
 static void reply_static(struct http_request *http, int status, const char *json)
@@ -131,13 +190,20 @@ void request_handle(struct http_request *http, void *arg)
 		handle_sql(http, BODY_QUERY);
 	else if (strcmp(p, "/transaction") == 0 && post)
 		handle_sql(http, BODY_TRANSACTION);
+	else if (strcmp(p, "/begin") == 0 && post)
+		txn_handle(http, TXN_BEGIN);
+	else if (strcmp(p, "/commit") == 0 && post)
+		txn_handle(http, TXN_COMMIT);
+	else if (strcmp(p, "/rollback") == 0 && post)
+		txn_handle(http, TXN_ROLLBACK);
 	else if (strcmp(p, "/healthz") == 0 && get)
 		reply_static(http, 200, "{\"status\":\"ok\"}");
 	else if (strcmp(p, "/health/shards") == 0 && get)
 		health_shards(http);
 	else if (strcmp(p, "/metrics") == 0 && get)
 		health_metrics(http);
-	else if (strcmp(p, "/query") == 0 || strcmp(p, "/transaction") == 0 ||
+	else if (strcmp(p, "/query") == 0 || strcmp(p, "/transaction") == 0 || strcmp(p, "/begin") == 0 ||
+		 strcmp(p, "/commit") == 0 || strcmp(p, "/rollback") == 0 ||
 		 strcmp(p, "/healthz") == 0 || strcmp(p, "/health/shards") == 0 ||
 		 strcmp(p, "/metrics") == 0)
 		http_reply_error(http, 405, "method_not_allowed", "method not allowed for this path");

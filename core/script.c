@@ -1144,6 +1144,8 @@ static void add_status(lua_State *L, const struct pool_status *st, int from, int
 		lua_setfield(L, -2, "state");
 		lua_pushnumber(L, st[i].max_wait_ms);
 		lua_setfield(L, -2, "max_wait_ms");
+		lua_pushinteger(L, st[i].open_transactions);
+		lua_setfield(L, -2, "open_transactions");
 		lua_setfield(L, -2, st[i].name);
 	}
 }

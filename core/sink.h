@@ -60,6 +60,8 @@ struct sink_ops {
 	 * now, its connection included (pgconn_raw_end), and moves on.
 	 */
 	void (*part_gone)(struct sink *k, int part);
+	/* A fan-out's merged row, from shard (may be NULL: row() is used). */
+	long (*shard_row)(struct sink *k, const PGresult *res, int r, const char *shard);
 };
 
 struct sink {

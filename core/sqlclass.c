@@ -135,3 +135,19 @@ bool sql_controls_transaction(const char *sql)
 		return false;
 	}
 }
+
+const char *sql_unsupported(const char *sql)
+{
+	const char *s = sql_skip_noise(sql);
+	switch (*s | 0x20) {
+	case 'l':
+		return starts_with_word(s, "listen") ? "LISTEN" : NULL;
+	case 'c':
+		/* COPY to or from a server file answers like any statement; only the streams cannot. */
+		if (starts_with_word(s, "copy") && (strcasestr(s, "stdin") || strcasestr(s, "stdout")))
+			return "COPY";
+		return NULL;
+	default:
+		return NULL;
+	}
+}

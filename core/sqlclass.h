@@ -36,4 +36,11 @@ bool sql_touches_statements(const char *sql);
  */
 bool sql_controls_transaction(const char *sql);
 
+/*
+ * A statement no HTTP answer can carry, or NULL: "LISTEN" (its
+ * notifications would arrive after the answer, on a pooled connection)
+ * and "COPY" from STDIN or to STDOUT (a stream of its own).
+ */
+const char *sql_unsupported(const char *sql);
+
 #endif

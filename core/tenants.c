@@ -32,6 +32,7 @@ struct paused {
 
 struct tenant {
 	int inflight;
+	int held;                /* of them, held transactions */
 	struct paused *pause;
 	struct tenant *next;
 	char name[];             /* one allocation: an entry lives for each request */
@@ -110,6 +111,19 @@ void tenants_leave(const char *tenant)
 	if (--t->inflight == 0 && t->pause && t->pause->admin_cb)
 		answer_pause(t, TENANTS_PAUSE_IDLE);
 	forget_if_unused(t);
+}
+
+void tenants_hold(const char *tenant, int delta)
+{
+	struct tenant *t = tenant && *tenant ? find(tenant, false) : NULL;
+	if (t)
+		t->held += delta;
+}
+
+int tenants_held(const char *tenant)
+{
+	struct tenant *t = tenant && *tenant ? find(tenant, false) : NULL;
+	return t ? t->held : 0;
 }
 
 bool tenants_paused(const char *tenant)

@@ -40,6 +40,10 @@ void tenants_shutdown(void);
 void tenants_enter(const char *tenant);
 void tenants_leave(const char *tenant);
 
+/* Held transactions of the tenant (each also in flight): count one more (+1) or one less (-1); how many. */
+void tenants_hold(const char *tenant, int delta);
+int tenants_held(const char *tenant);
+
 bool tenants_paused(const char *tenant);
 /* Wait while tenant is paused: cb(w, true) on resume, cb(w, false) after timeout seconds. */
 void tenants_wait(const char *tenant, struct tenant_waiter *w, double timeout, tenant_wait_cb cb, void *arg);

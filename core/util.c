@@ -252,6 +252,12 @@ const char *endpoint_of(const char *path)
 		return "/query";
 	if (ends_with_segment(path, "/transaction"))
 		return "/transaction";
+	if (ends_with_segment(path, "/begin"))
+		return "/begin";
+	if (ends_with_segment(path, "/commit"))
+		return "/commit";
+	if (ends_with_segment(path, "/rollback"))
+		return "/rollback";
 	return path;
 }
 

@@ -46,8 +46,8 @@ double wall_now(void);
 int natural_cmp(const char *a, const char *b);
 
 /* The endpoint a client path names: "/query" for "/query" and ".../query", likewise
- * "/transaction" (so scripts can take the tenant from a prefix like /orgs/42/query);
- * else the path itself. */
+ * "/transaction", "/begin", "/commit" and "/rollback" (so scripts can take the tenant
+ * from a prefix like /orgs/42/query); else the path itself. */
 const char *endpoint_of(const char *path);
 
 /* Levenshtein distance, for "did you mean" suggestions. */

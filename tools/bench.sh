@@ -31,6 +31,9 @@
 #              one tenant's shard, then the fan-out (SET shardgate.scope = 'all'),
 #              and a 1,000,000-row fan-out streamed in shard order to a client
 #              slower than the shards: the gateway's peak RSS meanwhile
+#   export     pgbench_accounts (BENCH_SCALE x 100,000 rows) streamed as NDJSON
+#              through POST /query (Accept: application/x-ndjson) on a fresh
+#              gateway: rows per second and the gateway's peak RSS
 #   idle       a fresh gateway with 3 x 15 pooled connections and
 #              BENCH_IDLE_CLIENTS idle keep-alive clients (tools/bench/idle.lua)
 #   idle pg    a fresh gateway with pg_listen and a fresh PgBouncer, each holding
@@ -653,10 +656,13 @@ if [ -n "$base_bin" ]; then
     new_bin=$bin
     bin=$base_bin
     say "starting the baseline gateway ($base_bin, Lua from $base_lua) beside it"
+    # Counted by database, not application_name: the pg rows' warm-up left the
+    # main gateway's connections with the application_name its clients set.
+    base_before=$(psql_do postgres "SELECT count(*) FROM pg_stat_activity WHERE datname LIKE 'bench_%' AND backend_type = 'client backend'")
     SHARDGATE_LUA_DIR=$base_lua start_gateway gw-base "  script = \"$root/tools/bench/routing.lua\",
   defaults = { pool = $pool, min_idle = $pool },
 $(shards_lua shard_ bench_ "$nshards")"
-    wait_pooled $((2 * nshards * pool)) 'bench_%'
+    wait_conns $((base_before + nshards * pool)) "datname LIKE 'bench_%' AND backend_type = 'client backend'"
     base_gw=("$gw_pid" "$gw_port" "$admin_port")
     bin=$new_bin
     gw_pid=${main_gw[0]} gw_port=${main_gw[1]} admin_port=${main_gw[2]}
@@ -814,6 +820,36 @@ say "pg fan-out export: $pg_export_out; gateway VmRSS before $pg_export_rss0 KiB
 fan_answer=$(curl -s "http://127.0.0.1:$gw_port/query" -H 'X-Scope: all' -H 'Content-Type: application/json' -d "$fan_body")
 fan_rows=$(printf '%s' "$fan_answer" | sed -n 's/.*"row_count":\([0-9]*\).*/\1/p')
 [ "$fan_rows" = "$fanout_shards" ] || die "the fan-out answered $fan_rows rows, not $fanout_shards: ${fan_answer:0:300}"
+stop_gateway
+
+# --- streamed export: pgbench_accounts (100,000 rows per scale unit) as NDJSON ----------------
+# One POST /query with Accept: application/x-ndjson, read by curl as fast as
+# it comes: rows per second, and the gateway's peak RSS (VmHWM) against its
+# RSS before, on a fresh gateway with one connection.
+export_rows=$((scale * 100000))
+say "starting the export gateway: 1 shard, pool 1"
+start_gateway gw-export "  script = \"$root/tools/bench/routing.lua\",
+  defaults = { pool = 1, min_idle = 1, statement_timeout = 300 },
+$(shards_lua shard_ bench_ 1)"
+wait_pooled 1 'bench_0'
+add_row export "streamed export, $export_rows rows (NDJSON)" 1
+say "row ${R_label[export]}"
+export_rss0=$(mem_kib "$gw_pid" VmRSS)
+snap_begin "$gw_pid"
+export_t0=$(date +%s.%N)
+( curl -sS -o "$tmp/out/export.ndjson" -H 'X-Organization-Id: 1' -H 'Accept: application/x-ndjson' \
+    -d '{"sql":"SELECT aid, bid, abalance, filler FROM pgbench_accounts"}' "http://127.0.0.1:$gw_port/query" \
+    2>"$tmp/out/export.err"; echo $? >"$tmp/out/export.rc"; times >"$tmp/out/export.times" )
+export_t1=$(date +%s.%N)
+export_last=$(tail -n 1 "$tmp/out/export.ndjson")
+[ "$(cat "$tmp/out/export.rc")" = 0 ] && [ "$export_last" = "{\"command\":\"SELECT\",\"row_count\":$export_rows}" ] ||
+    { cat "$tmp/out/export.err" >&2; die "the export ended with: ${export_last:0:300}"; }
+snap_end export "$gw_pid" "$export_rows" "$(times_us "$tmp/out/export.times")"
+R_rps[export]=$(awk -v n="$export_rows" -v a="$export_t0" -v b="$export_t1" 'BEGIN { printf "%.0f", n / (b - a) }')
+R_p50[export]=-; R_p99[export]=-
+export_hwm=$(mem_kib "$gw_pid" VmHWM)
+R_note[export]="rows/s; $(du -m "$tmp/out/export.ndjson" | cut -f1) MB in $(awk -v a="$export_t0" -v b="$export_t1" 'BEGIN { printf "%.2f", b - a }') s; RSS before $(awk -v k="$export_rss0" 'BEGIN { printf "%.1f", k / 1024 }') MiB"
+rm -f "$tmp/out/export.ndjson"
 stop_gateway
 
 # --- overload: goodput against a retry storm -------------------------------------------------
@@ -1163,6 +1199,9 @@ awk -v a="${R_pcpu[sg_one]}" -v b="${R_pcpu[sg_spread]}" 'BEGIN {
         "gateway CPU us/request (worse shardgate row)", m, (m <= 20 ? "PASS" : "MISS"), a, b }'
 awk -v a="${R_pcpu[sg_one]}" -v b="${R_pcpu[pgb_s32]}" 'BEGIN {
     if (b + 0 > 0) printf "%-52s %8.2f   (info)\n", "gateway CPU/req one-shard / PgBouncer CPU/req simple", a / b }'
+awk -v r="${R_rps[export]}" -v h="$export_hwm" -v b="$export_rss0" -v n="$export_rows" 'BEGIN {
+    printf "%-52s %8.0f   (info)   rows/s; gateway peak RSS %.1f MiB, %.1f MiB over its RSS before\n",
+        "streamed export (NDJSON), " n " rows", r, h / 1024, (h - b) / 1024 }'
 echo "PostgreSQL protocol (pg_listen) against PgBouncer and direct, pgbench -S @$clients clients, pool $pool:"
 ratio "pg simple / pgbouncer simple @$clients" "${R_rps[pg_s32]}" "${R_rps[pgb_s32]}" ">=" 1.0
 ratio "pg prepared / pgbouncer simple @$clients" "${R_rps[pg_p32]}" "${R_rps[pgb_s32]}" ">=" 1.2

@@ -3,11 +3,11 @@
 #
 # Faces speak a wire format; everything below them is protocol-neutral:
 #
-#   faces    HTTP: http httpparse request body jsonw answer admin health
+#   faces    HTTP: http httpparse request body jsonw answer ndjson txn admin health
 #            PostgreSQL: pgface pgwire pgsql
 #   router   script luaenv generation reload config exec dryrun
 #   pools    pool pgconn fanout tenants directory sqlclass
-#   support  util log metrics auth accesslog req fault sink scram notify
+#   support  util log metrics auth accesslog req fault sink scram notify pgtypes
 #   main     main (wires the faces to the rest)
 #
 # It fails when a router, pools or support file (.c or .h) includes a
@@ -16,10 +16,10 @@
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../core" || exit 1
 
-faces="http httpparse request body jsonw answer admin health pgface pgwire pgsql"
+faces="http httpparse request body jsonw answer ndjson txn admin health pgface pgwire pgsql"
 neutral="script luaenv generation reload config exec dryrun
          pool pgconn fanout tenants directory sqlclass
-         util log metrics auth accesslog req fault sink scram notify"
+         util log metrics auth accesslog req fault sink scram notify pgtypes pgtypes_table"
 known=" main $(echo $faces $neutral) "
 
 bad=0

@@ -813,7 +813,7 @@ function testing.status(decision)
 end
 
 local STATUS_FIELDS = { "size", "checked_out", "available", "idle", "opening", "free", "waiting",
-                        "utilization", "state", "max_wait_ms" }
+                        "utilization", "state", "max_wait_ms", "open_transactions" }
 
 -- A full status table (push_status) for every configured shard: fields
 -- not given default to an idle pool of 5 ("up", nothing checked out or
@@ -846,6 +846,7 @@ local function full_status(kit, status)
       utilization = f.utilization or (size > 0 and 100 * checked_out / size or 0),
       state = f.state or "up",
       max_wait_ms = f.max_wait_ms or 0,
+      open_transactions = f.open_transactions or 0,
     }
   end
   return out
@@ -856,7 +857,7 @@ end
 -- script_warnings writes them: a failing hook or a wrong return becomes
 -- one line naming its file:line; it never raises for what the hook did.
 -- status: shard name -> some of { size, checked_out, available, idle,
--- opening, free, waiting, utilization, state, max_wait_ms } (see full_status).
+-- opening, free, waiting, utilization, state, max_wait_ms, open_transactions } (see full_status).
 function Kit:warnings(status)
   status = status or {}
   if type(status) ~= "table" then

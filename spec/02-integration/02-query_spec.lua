@@ -124,13 +124,13 @@ describe("POST /query", function()
       assert.equal("short", row.c_varchar)
     end)
 
-    it("gives other types in their PostgreSQL text form", function()
-      assert.equal("2026-11-27 10:00:00.123456+00", row.c_timestamptz)
+    it("gives timestamps in RFC 3339 form, arrays as JSON arrays, other types in their text form", function()
+      assert.equal("2026-11-27T10:00:00.123456+00:00", row.c_timestamptz)
       assert.equal("2026-11-27", row.c_date)
       assert.equal("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", row.c_uuid)
       assert.equal("\\xdeadbeef", row.c_bytea)
-      assert.equal("{1,2,NULL,4}", row.c_int4_arr)
-      assert.equal('{a,"b c",NULL}', row.c_text_arr)
+      assert.same({ 1, 2, null, 4 }, row.c_int4_arr)
+      assert.same({ "a", "b c", null }, row.c_text_arr)
     end)
   end)
 
@@ -234,7 +234,7 @@ describe("POST /query", function()
       assert.same({ s = s, n = chars, i = 42 }, by_name(res))
     end)
 
-    it("arrays and objects go in as JSON text", function()
+    it("arrays and objects go in as JSON text for json and jsonb parameters", function()
       local res = query('{"sql": "SELECT $1::jsonb AS arr, jsonb_typeof($1::jsonb) AS t, '
         .. '$2::jsonb -> \'a\' AS a, $2::jsonb ->> \'b\' AS b, $2::text AS raw", '
         .. '"params": [[1, "two", null], {"a": [1, {"c": true}], "b": "x"}]}')

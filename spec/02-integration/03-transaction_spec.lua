@@ -243,8 +243,11 @@ describe("POST /transaction", function()
       assert.equal(0, count("SELECT count(*) FROM pg_prepared_statements WHERE name = 'leaky_plan'"))
     end)
 
-    it("a LISTEN is gone for the next request", function()
-      assert.equal(200, query("LISTEN leaky_channel").status)
+    it("a LISTEN is refused before it runs (400 unsupported), a LISTEN in a DO block gone for the next request", function()
+      local res = query("LISTEN leaky_channel")
+      assert.equal(400, res.status, res.body)
+      assert.equal("unsupported", res.json.code)
+      assert.equal(200, query("DO $$ BEGIN EXECUTE 'LISTEN leaky_channel'; END $$").status)
       assert.equal(0, count("SELECT count(*) FROM pg_listening_channels() AS c WHERE c = 'leaky_channel'"))
     end)
 

@@ -256,7 +256,8 @@ local VECTORS = {
     leave = { "DECLARE iso_c CURSOR WITH HOLD FOR SELECT 'tenant-1 secret'::text AS secret" },
     -- pg_cursors lists protocol-level portals too: the probe's own is the unnamed one.
     probe = "SELECT pg_backend_pid() AS pid, (SELECT count(*) FROM pg_cursors WHERE name <> '') AS n", clean = none },
-  { name = "LISTEN", leave = "LISTEN iso_chan",
+  { name = "LISTEN in a DO block (a plain LISTEN is refused: 400 unsupported)",
+    leave = "DO $$ BEGIN EXECUTE 'LISTEN iso_chan'; END $$",
     probe = "SELECT pg_backend_pid() AS pid, (SELECT count(*) FROM pg_listening_channels()) AS n", clean = none },
   { name = "LISTEN inside a function (SELECT sneaky_listen())",
     leave = "SELECT sneaky_listen() AS ok, pg_backend_pid() AS pid",
