@@ -766,9 +766,14 @@ static void on_write(evutil_socket_t fd, short what, void *arg)
 		on_read(fd, EV_READ, c);
 		return;
 	}
+	/* flush frees a closing connection once its output is out: c is not to be read after that. */
+	if (c->state != CS_BUSY) {
+		flush(c);
+		return;
+	}
 	flush(c);
 	/* A streamed reply's reader caught up: its producer may go on (never from inside a write). */
-	if (c->state == CS_BUSY && c->on_drain && !c->dead && evbuffer_get_length(c->out) <= c->drain_low) {
+	if (c->on_drain && !c->dead && evbuffer_get_length(c->out) <= c->drain_low) {
 		void (*cb)(void *) = c->on_drain;
 		c->on_drain = NULL;
 		cb(c->drain_arg);
