@@ -126,6 +126,9 @@ struct script {
 	int ref_header_mt;
 	int ref_no_headers;       /* req.header of a request without headers: one shared, read-only */
 	int ref_empty;            /* req.session, .comment, .startup when empty: one shared, read-only */
+	int ref_key_protocol;     /* the strings push_request sets: interned once */
+	int ref_key_header;
+	int ref_pg;
 	struct req *cur;          /* the request whose hooks are running */
 	unsigned serial;
 	int nshards;
@@ -479,10 +482,27 @@ static int l_req_index(lua_State *L)
 static void push_request(struct script *s, struct req *req)
 {
 	lua_State *L = s->L;
-	lua_createtable(L, 0, 4);
+	lua_createtable(L, 0, 6);
 	lua_pushlightuserdata(L, &serial_key);
 	lua_pushnumber(L, (lua_Number)s->serial);
 	lua_rawset(L, -3);
+	/*
+	 * What costs nothing to know is there already: a PostgreSQL client's
+	 * req.protocol (a script that serves both faces reads it first), and a
+	 * request without headers has the shared empty header table (a field
+	 * read through __index costs a C call, and more). HTTP requests, which
+	 * have headers, keep every field lazy.
+	 */
+	if (req->protocol == REQ_PG) {
+		lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_key_protocol);
+		lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_pg);
+		lua_rawset(L, -3);
+	}
+	if (req->nheaders == 0) {
+		lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_key_header);
+		lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_no_headers);
+		lua_rawset(L, -3);
+	}
 	lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref_req_mt);
 	lua_setmetatable(L, -2);
 }
@@ -960,6 +980,13 @@ static void build_shard_tables(struct script *s, const struct config *cfg)
 	lua_setfield(L, -2, "__metatable");
 	lua_setmetatable(L, -2);
 	s->ref_no_headers = luaL_ref(L, LUA_REGISTRYINDEX);
+	lua_pushliteral(L, "protocol");
+	s->ref_key_protocol = luaL_ref(L, LUA_REGISTRYINDEX);
+	lua_pushliteral(L, "header");
+	s->ref_key_header = luaL_ref(L, LUA_REGISTRYINDEX);
+	lua_pushliteral(L, "pg");
+	s->ref_pg = luaL_ref(L, LUA_REGISTRYINDEX);
+
 	lua_createtable(L, 0, 0);
 	lua_createtable(L, 0, 2);
 	lua_pushcfunction(L, l_read_only);
