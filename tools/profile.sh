@@ -10,8 +10,12 @@
 # PROFILE_REQUESTS sequential requests on one keep-alive connection
 # (tools/bench/seq.lua) with pgbench -S's statement, and prints the
 # instructions per request and the functions that cost most, inclusive.
-# System calls and the kernel's work are not counted; `BENCH_PERF=1 make
-# bench` shows those. With PROFILE_PG=1 it counts pgbench -S transactions
+# System calls and the kernel's work are not counted by callgrind;
+# `BENCH_PERF=1 make bench` shows the kernel's share. Then, without
+# valgrind, it counts the gateway's I/O system calls per request (strace -c
+# over PROFILE_SYSCALL_REQUESTS sequential requests): a plain /query, a
+# three-statement /transaction, and a /query under tenant_setting (issue
+# 20's round trips). With PROFILE_PG=1 it counts pgbench -S transactions
 # (-M simple, one client) through the PostgreSQL listener instead.
 #
 # Settings (environment):
@@ -19,6 +23,7 @@
 #   PROFILE_WARMUP=200      requests before counting (statement cache, Lua)
 #   PROFILE_TOP=40          functions listed
 #   PROFILE_PG=1            pgbench -S -M PROFILE_PG_MODE (default simple) through pg_listen
+#   PROFILE_SYSCALL_REQUESTS=300  requests per kind for the system call count (0: skip it)
 #   PROFILE_KEEP=DIR        also copy the callgrind file to DIR (for
 #                           callgrind_annotate or kcachegrind)
 #   SHARDGATE_BIN           the gateway binary (default bin/shardgate)
@@ -39,7 +44,8 @@ for v in n warm top; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "PROFILE_* settings must be positive integers"
 done
 [ -x "$bin" ] || die "$bin is missing: run make build first"
-for c in valgrind callgrind_control callgrind_annotate luajit curl; do
+command -v strace >/dev/null || apt-get install -y -qq strace >/dev/null 2>&1
+for c in valgrind callgrind_control callgrind_annotate luajit curl strace; do
     command -v "$c" >/dev/null || die "$c not found (apt-get install valgrind luajit2 curl)"
 done
 bindir=$(pg_bindir) || exit 1
@@ -137,3 +143,61 @@ callgrind_annotate --inclusive=yes "$out" 2>/dev/null |
             printf "%10d  %s\n", v / n, name
             if (++shown >= top) exit
         }'
+
+# --- I/O system calls per request ---------------------------------------------------
+nsys=${PROFILE_SYSCALL_REQUESTS:-300}
+[ "$nsys" -gt 0 ] 2>/dev/null || exit 0
+kill -TERM "$gw_pid" 2>/dev/null
+wait "$gw_pid" 2>/dev/null
+gw_pid=
+# start_plain NAME EXTRA: the gateway without valgrind (gw_pid, gw_port), its config plus EXTRA.
+start_plain() {
+    gw_port=$(pg_free_port) && admin_port=$(pg_free_port) || die "no free port"
+    cat >"$tmp/$1.lua" <<EOF
+return {
+  listen = "127.0.0.1:$gw_port", admin_listen = "127.0.0.1:$admin_port",
+  script = "$root/tools/bench/routing.lua",
+  defaults = { pool = 1, min_idle = 1 },
+  shards = { shard_0 = { url = "postgresql://postgres@127.0.0.1:$pg_port/prof" } },
+  $2
+}
+EOF
+    "$bin" -c "$tmp/$1.lua" >"$tmp/$1.log" 2>&1 &
+    gw_pid=$!
+    for _ in $(seq 100); do
+        curl -s -o /dev/null "http://127.0.0.1:$gw_port/healthz" && return 0
+        kill -0 "$gw_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    cat "$tmp/$1.log" >&2
+    die "the gateway did not start"
+}
+# count KIND PATH BODY: the gateway's I/O system calls per request over $nsys sequential requests.
+count() {
+    local out st
+    out=$tmp/strace.$(printf '%s' "$1" | tr -c 'a-z0-9' '_')
+    SEQ_PATH=$2 luajit "$root/tools/bench/seq.lua" 127.0.0.1 "$gw_port" 20 0 '' 'X-Organization-Id: 7' "$3" \
+        >/dev/null || die "$1: warm-up failed"
+    strace -c -f -q -o "$out" -p "$gw_pid" &
+    st=$!
+    sleep 0.5      # strace attaching: nothing to wait on that says it has
+    SEQ_PATH=$2 luajit "$root/tools/bench/seq.lua" 127.0.0.1 "$gw_port" "$nsys" 0 '' 'X-Organization-Id: 7' "$3" \
+        >/dev/null || die "$1: requests failed"
+    kill -INT "$st" 2>/dev/null
+    wait "$st" 2>/dev/null
+    awk -v n="$nsys" -v k="$1" '
+        $NF ~ /^(read|write|readv|writev|recvfrom|sendto|recvmsg|sendmsg|epoll_wait|epoll_ctl|poll|ioctl)$/ {
+            per[$NF] = $4; tot += $4 }
+        END { printf "%-30s %6.1f  (", k, tot / n; sep = ""
+              for (s in per) { printf "%s%s %.1f", sep, s, per[s] / n; sep = ", " } print ")" }' "$out"
+}
+echo
+echo "gateway I/O system calls per request (strace -c, $nsys sequential requests of each, one keep-alive client):"
+start_plain plain ""
+count "/query" /query "$body"
+count "/transaction, 3 statements" /transaction \
+    '{"statements":[{"sql":"SELECT 1"},{"sql":"SELECT abalance FROM pgbench_accounts WHERE aid = $1","params":[42]},{"sql":"SELECT 2"}]}'
+kill -TERM "$gw_pid" 2>/dev/null
+wait "$gw_pid" 2>/dev/null
+start_plain rls 'tenant_setting = "app.tenant_id",'
+count "/query under tenant_setting" /query "$body"

@@ -32,8 +32,9 @@ local ok, err = conn:connect(host, port)
 if not ok then fail("connect " .. host .. ":" .. port .. ": " .. err) end
 conn:setoption("tcp-nodelay", true)
 
+-- SEQ_PATH (environment) posts elsewhere than /query (/transaction).
 local request = table.concat({
-  "POST /query HTTP/1.1", "Host: " .. host, header,
+  "POST " .. (os.getenv("SEQ_PATH") or "/query") .. " HTTP/1.1", "Host: " .. host, header,
   "Content-Type: application/json", "Content-Length: " .. #body, "", body }, "\r\n")
 
 -- One request/answer exchange; returns the answer body.
