@@ -3200,7 +3200,12 @@ static int sink_fanout_end(struct sink *k, const struct fanout_summary *sum)
 /* ---- between transactions ---- */
 
 /* A Bind that follows a Parse of the same statement in the input: its parameters route the first statement. */
-static void peek_bind(struct pgclient *c, const struct msg *parse, const char *name, struct first_stmt *fs)
+/*
+ * Pulling the Bind up with the Parse may move them (a large Bind makes the
+ * buffer copy them somewhere contiguous): the Parse's name and SQL are read
+ * again from where they are now, into *name and fs->sql.
+ */
+static void peek_bind(struct pgclient *c, struct msg *parse, const char **name, struct first_stmt *fs)
 {
 	struct evbuffer *in = c->w->in;
 	unsigned char h[5];
@@ -3213,8 +3218,14 @@ static void peek_bind(struct pgclient *c, const struct msg *parse, const char *n
 	n = ntohl(n);
 	if (n < 4 || n > PGWIRE_MAX_MESSAGE || evbuffer_get_length(in) < parse->len + 5 + n + 1)
 		return;
-	const char *body = (const char *)evbuffer_pullup(in, (ssize_t)(parse->len + 5 + n + 1)) + parse->len + 10;
-	if (pgwire_parse_bind(body, n - 4, &fs->bind) == 0 && strcmp(fs->bind.stmt, name) == 0)
+	const char *base = (const char *)evbuffer_pullup(in, (ssize_t)(parse->len + 5 + n + 1));
+	struct pgwire_reader r;
+	parse->body = base + 5;
+	pgwire_reader_init(&r, parse->body, parse->len);
+	*name = pgwire_getstr(&r);
+	fs->sql = pgwire_getstr(&r);
+	const char *body = base + parse->len + 10;
+	if (pgwire_parse_bind(body, n - 4, &fs->bind) == 0 && strcmp(fs->bind.stmt, *name) == 0)
 		fs->has_bind = true;
 }
 
@@ -3482,7 +3493,7 @@ static bool idle_msg(struct pgclient *c, struct msg *m)
 			drop_msg(c, m);
 			return true;
 		}
-		peek_bind(c, m, name, &fs);
+		peek_bind(c, m, &name, &fs);
 		c->w->fan_len = fan_batch_len(c, fs.sql, name);
 		start_transaction(c, &fs);
 		return false;

@@ -264,8 +264,11 @@ print([l for l in m.splitlines() if l.startswith('shardgate_pg_transactions_tota
 c = psycopg.connect(host="127.0.0.1", port=PORT, user="app", dbname="app", sslmode="require",
                     options="-c shardgate.tenant=1", autocommit=True)
 print(c.pgconn.ssl_in_use, c.execute("select 7").fetchone()[0])
+# an answer far larger than a TLS record and the socket's buffer, and a large parameter the other way
+big = c.execute("select repeat('x', 3000000) || %s", ("y" * 500000,)).fetchone()[0]
+print(len(big), big[-1], big.count("x"))
 ]])
-    assert.same({ "True 7" }, out)
+    assert.same({ "True 7", "3500000 y 3000000" }, out)
     local plain = helpers.pg_gateway({ shards = helpers.shards_config(dbs), script = SCRIPT })
     out = py(plain, [[
 try:
