@@ -12,7 +12,7 @@
 
 PKGS := gcc make pkg-config libluajit2-5.1-dev luajit2 libevent-dev libpq-dev \
         libcjson-dev libssl-dev lua-busted lua-socket lua-posix postgresql postgresql-contrib curl \
-        prometheus python3-psycopg python3-asyncpg help2man systemd nodejs
+        prometheus python3-psycopg python3-asyncpg help2man systemd nodejs openssl groff-base
 
 CC      ?= cc
 PKG_CFLAGS := $(shell pkg-config --cflags luajit libevent libevent_openssl libcjson openssl 2>/dev/null) \
