@@ -183,6 +183,7 @@ struct pgfan {
 	size_t siglen;
 	int sig_part;
 	char tag[64];               /* the first command tag, its row count cut off */
+	const char *sql;            /* the statement the shards run (in query, parse_key or wrapped), for the reset's notes */
 	bool extended;              /* the batch is Parse/Bind/Describe/Execute/Sync */
 	int lead;                   /* ... the part whose ParseComplete and BindComplete the client got */
 	bool execute;               /* ... it executes (not a named statement's Parse and Describe alone) */
@@ -541,6 +542,39 @@ static ssize_t read_some(struct evbuffer *b, int fd, size_t max)
 	return n;
 }
 
+/* Everything a server's socket has now, into b: NULL, or why it cannot be read any more. */
+static const char *server_read(struct evbuffer *b, int fd)
+{
+	for (;;) {
+		ssize_t n = read_some(b, fd, SERVER_READ);
+		if (n == 0)
+			return "the server closed the connection";
+		if (n < 0)
+			return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? NULL : strerror(errno);
+		if (n < SERVER_READ)
+			return NULL;
+	}
+}
+
+/* b to a server's socket as far as it takes it, its write event (*on) armed for the rest: NULL, or why not. */
+static const char *server_write(struct evbuffer *b, int fd, struct event *ev, bool *on)
+{
+	while (evbuffer_get_length(b) > 0) {
+		if (evbuffer_write(b, fd) < 0) {
+			if (errno != EAGAIN && errno != EWOULDBLOCK)
+				return strerror(errno);
+			if (!*on)
+				event_add(ev, NULL);
+			*on = true;
+			return NULL;
+		}
+	}
+	if (*on)
+		event_del(ev);
+	*on = false;
+	return NULL;
+}
+
 /* ---- TLS on a client's socket (after SSLRequest): OpenSSL on the descriptor, no bufferevent ---- */
 
 /* Decrypted input into the client's buffer: bytes read, 0 at the end, -1 with errno (EAGAIN: nothing yet). */
@@ -808,6 +842,20 @@ static void cstmt_set(struct cstmt *s, const char *name, const char *sql, const 
 	s->ntypes = ntypes;
 	s->types = xmalloc(sizeof(uint32_t) * (size_t)(ntypes ? ntypes : 1));
 	memcpy(s->types, types, sizeof(uint32_t) * (size_t)ntypes);
+}
+
+/* A named statement of the client's, remembered (the name is not taken: cstmt_find said so). */
+static struct cstmt *cstmt_add(struct pgclient *c, const char *name, const char *sql, const uint32_t *types,
+			       int ntypes)
+{
+	struct cstmt *st = xcalloc(1, sizeof(*st));
+	unsigned b = cstmt_bucket(name);
+	cstmt_set(st, name, sql, types, ntypes);
+	if (!c->stmts)
+		c->stmts = xcalloc(CSTMT_BUCKETS, sizeof(*c->stmts));
+	st->next = c->stmts[b];
+	c->stmts[b] = st;
+	return st;
 }
 
 static void cstmt_free_all(struct pgclient *c)
@@ -1544,21 +1592,9 @@ static void server_failed(struct pgclient *c, const char *why)
 
 static void server_flush(struct pgclient *c)
 {
-	while (evbuffer_get_length(c->w->sout) > 0) {
-		int n = evbuffer_write(c->w->sout, c->w->sfd);
-		if (n < 0) {
-			if (errno == EAGAIN || errno == EWOULDBLOCK) {
-				event_add(&c->w->swrite, NULL);
-				c->w->swrite_on = true;
-				return;
-			}
-			server_failed(c, strerror(errno));
-			return;
-		}
-	}
-	if (c->w->swrite_on)
-		event_del(&c->w->swrite);
-	c->w->swrite_on = false;
+	const char *why = server_write(c->w->sout, c->w->sfd, &c->w->swrite, &c->w->swrite_on);
+	if (why)
+		server_failed(c, why);
 }
 
 /* Rewrite a server FATAL (its connection ends, not the client's session) as ERROR. */
@@ -1766,20 +1802,10 @@ static void server_msg(struct pgclient *c, char type, size_t len)
 
 static void read_server(struct pgclient *c)
 {
-	for (;;) {
-		ssize_t n = read_some(c->w->sin, c->w->sfd, SERVER_READ);
-		if (n == 0) {
-			server_failed(c, "the server closed the connection");
-			return;
-		}
-		if (n < 0) {
-			if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-				break;
-			server_failed(c, strerror(errno));
-			return;
-		}
-		if (n < SERVER_READ)
-			break;
+	const char *why = server_read(c->w->sin, c->w->sfd);
+	if (why) {
+		server_failed(c, why);
+		return;
 	}
 	while (c->w->sfd >= 0) {
 		unsigned char h[5];
@@ -2152,13 +2178,7 @@ static bool leased_msg(struct pgclient *c, struct msg *m)
 			drop_msg(c, m);
 			return true;
 		}
-		struct cstmt *st = xcalloc(1, sizeof(*st));
-		unsigned b = cstmt_bucket(name);
-		cstmt_set(st, name, sql, types, nt);
-		if (!c->stmts)
-			c->stmts = xcalloc(CSTMT_BUCKETS, sizeof(*c->stmts));
-		st->next = c->stmts[b];
-		c->stmts[b] = st;
+		struct cstmt *st = cstmt_add(c, name, sql, types, nt);
 		drop_msg(c, m);
 		int before = c->w->ex_n;
 		ensure_prepared(c, st);
@@ -2393,7 +2413,9 @@ static struct pgfan *fan_of(struct pgclient *c)
 		evbuffer_remove(w->in, fan->query, fan->qlen);
 		if (fan->extended) {
 			fan_batch_note(c, fan);
-		} else if (fan->norder > 0 && fan->limit > 0) {
+		} else if (fan->norder == 0 || fan->limit <= 0) {
+			fan->sql = fan->query + 5;
+		} else {
 			/* Each shard sorts and cuts its own rows: the Query's statement, wrapped. */
 			char *sql = fanout_wrap_sql(fan->query + 5, fan->order, fan->norder, fan->limit);
 			size_t n = strlen(sql) + 1;
@@ -2405,6 +2427,7 @@ static struct pgfan *fan_of(struct pgclient *c)
 			memcpy(fan->query + 1, &len, 4);
 			memcpy(fan->query + 5, sql, n);
 			free(sql);
+			fan->sql = fan->query + 5;
 		}
 	}
 	w->fan_len = 0;
@@ -2444,16 +2467,12 @@ static void fan_batch_note(struct pgclient *c, struct pgfan *fan)
 			int nt = pgwire_get16(&r);
 			for (int i = 0; i < nt && i < (int)ARRAY_LEN(types); i++)
 				types[i] = pgwire_get32(&r);
+			if (!r.bad)
+				fan->sql = sql;
 			if (!r.bad && fan->norder > 0 && fan->limit > 0)
 				fan->wrapped = fanout_wrap_sql(sql, fan->order, fan->norder, fan->limit);
 			if (!r.bad && *name && nt <= (int)ARRAY_LEN(types) && !cstmt_find(c, name)) {
-				struct cstmt *st = xcalloc(1, sizeof(*st));
-				unsigned b = cstmt_bucket(name);
-				cstmt_set(st, name, sql, types, nt);
-				if (!c->stmts)
-					c->stmts = xcalloc(CSTMT_BUCKETS, sizeof(*c->stmts));
-				st->next = c->stmts[b];
-				c->stmts[b] = st;
+				cstmt_add(c, name, sql, types, nt);
 				fan->created = xstrdup(name);
 			}
 		}
@@ -2463,6 +2482,7 @@ static void fan_batch_note(struct pgclient *c, struct pgfan *fan)
 				fan->parse_key = fan->norder > 0 && fan->limit > 0
 							 ? fanout_wrap_sql(st->sql, fan->order, fan->norder, fan->limit)
 							 : xstrdup(st->sql);
+				fan->sql = fan->parse_key;
 				fan->parse_ntypes = st->ntypes;
 				fan->parse_types = xcalloc((size_t)(st->ntypes ? st->ntypes : 1), sizeof(uint32_t));
 				for (int i = 0; i < st->ntypes; i++)
@@ -2600,20 +2620,26 @@ static void part_fault_from(struct fpart *fp, const char *body, size_t len)
 }
 
 /* The part is over: its connection goes back (or is closed), the fan-out hears of it. */
+/* The face lets go of the part's connection (back in libpq's hands; clean: as libpq left it). */
+static void part_let_go(struct fpart *fp, bool clean)
+{
+	if (fp->swrite_on)
+		event_del(&fp->swrite);
+	fp->swrite_on = false;
+	if (fp->st == FP_RUN && fp->sfd >= 0 && fp->conn && fp->conn->state == PGCONN_RAW)
+		pgconn_raw_end(fp->conn, clean);
+	fp->sfd = -1;
+	fp->conn = NULL;
+	fp->st = FP_OVER;
+}
+
 static void part_finish(struct fpart *fp, bool clean)
 {
 	struct pgclient *c = fp->c;
 	struct fanout *fo = fan_fo(c);
 	if (fp->st == FP_OVER)
 		return;
-	if (fp->swrite_on)
-		event_del(&fp->swrite);
-	fp->swrite_on = false;
-	if (fp->sfd >= 0 && fp->conn && fp->conn->state == PGCONN_RAW)
-		pgconn_raw_end(fp->conn, clean);
-	fp->sfd = -1;
-	fp->conn = NULL;
-	fp->st = FP_OVER;
+	part_let_go(fp, clean);
 	if (fp->sin)
 		evbuffer_drain(fp->sin, evbuffer_get_length(fp->sin));
 	if (fault_is_set(&fp->fault) && !fanout_partial(fo))
@@ -2635,22 +2661,9 @@ static void part_failed(struct fpart *fp, const char *why)
 
 static void part_flush(struct fpart *fp)
 {
-	while (evbuffer_get_length(fp->sout) > 0) {
-		int n = evbuffer_write(fp->sout, fp->sfd);
-		if (n < 0) {
-			if (errno == EAGAIN || errno == EWOULDBLOCK) {
-				if (!fp->swrite_on)
-					event_add(&fp->swrite, NULL);
-				fp->swrite_on = true;
-				return;
-			}
-			part_failed(fp, strerror(errno));
-			return;
-		}
-	}
-	if (fp->swrite_on)
-		event_del(&fp->swrite);
-	fp->swrite_on = false;
+	const char *why = server_write(fp->sout, fp->sfd, &fp->swrite, &fp->swrite_on);
+	if (why)
+		part_failed(fp, why);
 }
 
 static void on_part_write(evutil_socket_t fd, short what, void *arg)
@@ -2693,8 +2706,8 @@ static void part_begin(struct fpart *fp)
 	pgwire_put_query(fp->sout, "COMMIT");
 	/* No Describe in the batch (the driver described the statement before): its rows go out as they are. */
 	fp->described = fan->extended && !fan->describes && fan->norder == 0;
-	/* The statement's text: a Query's, or the Parse's after the (empty) statement name. */
-	note_statements(fp->conn, fan->query + (fan->extended ? 6 : 5));
+	if (fan->sql)
+		note_statements(fp->conn, fan->sql);
 	part_flush(fp);
 }
 
@@ -2749,15 +2762,7 @@ static void sink_part_gone(struct sink *k, int part)
 {
 	struct pgclient *c = of_sink(k);
 	struct pgfan *fan = fan_of(c);
-	struct fpart *fp = &fan->parts[part];
-	if (fp->st == FP_RUN && fp->sfd >= 0 && fp->conn && fp->conn->state == PGCONN_RAW)
-		pgconn_raw_end(fp->conn, false);
-	if (fp->swrite_on)
-		event_del(&fp->swrite);
-	fp->swrite_on = false;
-	fp->sfd = -1;
-	fp->conn = NULL;
-	fp->st = FP_OVER;
+	part_let_go(&fan->parts[part], false);
 	if (part == fan->cur)
 		arm_later(c);       /* the next part's turn, from the loop (the fan-out is on the stack) */
 }
@@ -2932,20 +2937,10 @@ static void part_process(struct fpart *fp)
 static void part_read(struct fpart *fp)
 {
 	struct pgfan *fan = fp->c->w->fan;
-	for (;;) {
-		ssize_t n = read_some(fp->sin, fp->sfd, SERVER_READ);
-		if (n == 0) {
-			part_failed(fp, "the server closed the connection");
-			return;
-		}
-		if (n < 0) {
-			if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-				break;
-			part_failed(fp, strerror(errno));
-			return;
-		}
-		if (n < SERVER_READ)
-			break;
+	const char *why = server_read(fp->sin, fp->sfd);
+	if (why) {
+		part_failed(fp, why);
+		return;
 	}
 	if (fp->index != fan->cur && evbuffer_get_length(fp->sin) > PART_BUFFER && !fp->paused) {
 		fp->paused = true;
