@@ -54,7 +54,6 @@ struct part {
 	enum part_state state;
 	bool describing;           /* the statement is being described for its parameter types */
 	struct pgconn_guard guard; /* statement timeout, then cancel grace */
-	bool leased;               /* lease mode: the face holds conn until fanout_part_done */
 	bool face_done;            /* lease mode: the face reported the part's end itself */
 	double sent_at;
 	PGresult *res;             /* the shard's result, kept until the answer */
@@ -137,8 +136,8 @@ static void on_part_timer(evutil_socket_t fd, short what, void *arg)
 		 p->shard->name, PGCONN_CANCEL_GRACE);
 	enter(fo);
 	part_error(p, "statement_timeout", "statement did not stop after cancel; connection closed");
-	if (p->leased)
-		pgconn_discard(p->conn);
+	if (fo->rq->lease)
+		pgconn_discard(p->conn);     /* the face may still be resetting it: closed, whatever its state */
 	part_done(p);
 	settle(fo);
 }
@@ -239,7 +238,6 @@ static void part_run(struct part *p)
 		p->sent_at = mono_now();
 		pgconn_guard_arm(&p->guard, part_timeout(p));
 		p->state = P_RUNNING;
-		p->leased = true;
 		fo->sink->ops->part_lease(fo->sink, p->index, p->conn);
 		return;
 	}
@@ -527,8 +525,16 @@ static const PGresult *check_columns(struct fanout *fo, char *msg, size_t len, i
 	return first;
 }
 
+static int give_summary(struct fanout *fo, const PGresult *first, long rows, int failed);
+
 /* The merged answer: rows, then the summary. -1 when memory ran out on the way. */
 static int give_answer(struct fanout *fo, const PGresult *first, int failed)
+{
+	return give_summary(fo, first, give_rows(fo, first), failed);
+}
+
+/* The summary after rows (rows < 0: writing them ran out of memory): -1 when memory ran out. */
+static int give_summary(struct fanout *fo, const PGresult *first, long rows, int failed)
 {
 	struct fanout_summary sum = { 0 };
 	const char **names = xcalloc((size_t)fo->plan.nshards, sizeof(*names));
@@ -536,9 +542,10 @@ static int give_answer(struct fanout *fo, const PGresult *first, int failed)
 	int rc = 0;
 
 	sum.first = first;
-	sum.rows = give_rows(fo, first);
+	sum.rows = rows;
+	/* Lease mode has no results here: every part that did not fail answered. */
 	for (int i = 0; i < fo->plan.nshards; i++)
-		if (fo->parts[i].res && !part_failed(&fo->parts[i]))
+		if ((fo->parts[i].res || fo->rq->lease) && !part_failed(&fo->parts[i]))
 			names[sum.nshards++] = fo->parts[i].shard->name;
 	sum.shards = names;
 	sum.nfaults = take_faults(fo, &faults);
@@ -553,18 +560,41 @@ static int give_answer(struct fanout *fo, const PGresult *first, int failed)
 	return rc;
 }
 
-/* Lease mode: the face has streamed the rows; the answer is the summary or an error. */
-static void deliver_leased(struct fanout *fo)
+/* The fan-out stopped past max_rows (then too many shards failed, below): true when that error went out. */
+static bool stopped_past_max_rows(struct fanout *fo)
 {
 	char msg[256];
+	if (!fo->stop_code || strcmp(fo->stop_code, "result_too_large") != 0)
+		return false;
+	snprintf(msg, sizeof(msg), "fan-out result has more than max_rows (%d) rows", fo->plan.max_rows);
+	fail(fo, "result_too_large", msg);
+	return true;
+}
+
+static bool failed_shards(struct fanout *fo, int answered, int failed)
+{
+	char msg[256];
+	if (answered > 0 && (failed == 0 || fo->plan.partial))
+		return false;
+	snprintf(msg, sizeof(msg), "fan-out failed on %d of %d shards", failed, fo->plan.nshards);
+	fail(fo, "fanout_failed", msg);
+	return true;
+}
+
+static int count_failed(const struct fanout *fo)
+{
 	int failed = 0;
 	for (int i = 0; i < fo->plan.nshards; i++)
 		failed += part_failed(&fo->parts[i]);
-	if (fo->stop_code && strcmp(fo->stop_code, "result_too_large") == 0) {
-		snprintf(msg, sizeof(msg), "fan-out result has more than max_rows (%d) rows", fo->plan.max_rows);
-		fail(fo, "result_too_large", msg);
+	return failed;
+}
+
+/* Lease mode: the face has streamed the rows; the answer is the summary or an error. */
+static void deliver_leased(struct fanout *fo)
+{
+	int failed = count_failed(fo);
+	if (stopped_past_max_rows(fo))
 		return;
-	}
 	if (fo->stop_code && strcmp(fo->stop_code, "cancelled") == 0) {
 		/* The client's CancelRequest: what PostgreSQL answers a cancelled statement. */
 		struct fault f = { 0 };
@@ -574,54 +604,28 @@ static void deliver_leased(struct fanout *fo)
 		fault_clear(&f);
 		return;
 	}
-	if (failed == fo->plan.nshards || (failed > 0 && !fo->plan.partial)) {
-		snprintf(msg, sizeof(msg), "fan-out failed on %d of %d shards", failed, fo->plan.nshards);
-		fail(fo, "fanout_failed", msg);
+	if (failed_shards(fo, fo->plan.nshards - failed, failed))
 		return;
-	}
-	struct fanout_summary sum = { 0 };
-	const char **names = xcalloc((size_t)fo->plan.nshards, sizeof(*names));
-	struct fault *faults;
-	for (int i = 0; i < fo->plan.nshards; i++)
-		if (!part_failed(&fo->parts[i]))
-			names[sum.nshards++] = fo->parts[i].shard->name;
-	sum.rows = fo->rows;
-	sum.shards = names;
-	sum.nfaults = take_faults(fo, &faults);
-	sum.faults = faults;
-	sum.partial = failed > 0;
-	fo->sink->ops->fanout_end(fo->sink, &sum);
-	for (int i = 0; i < sum.nfaults; i++)
-		fault_clear(&faults[i]);
-	free(faults);
-	free(names);
+	give_summary(fo, NULL, fo->rows, failed);
 }
 
 static void deliver(struct fanout *fo)
 {
 	const struct req *rq = fo->rq;
 	char msg[256];
-	int answered, failed = 0;
+	int answered, failed = count_failed(fo);
 	const PGresult *first;
 
-	for (int i = 0; i < fo->plan.nshards; i++)
-		failed += part_failed(&fo->parts[i]);
-	if (fo->stop_code && strcmp(fo->stop_code, "result_too_large") == 0) {
-		snprintf(msg, sizeof(msg), "fan-out result has more than max_rows (%d) rows", fo->plan.max_rows);
-		fail(fo, "result_too_large", msg);
+	if (stopped_past_max_rows(fo))
 		return;
-	}
 	msg[0] = '\0';
 	first = check_columns(fo, msg, sizeof(msg), &answered);
 	if (msg[0]) {
 		fail(fo, "column_mismatch", msg);
 		return;
 	}
-	if (answered == 0 || (failed > 0 && !fo->plan.partial)) {
-		snprintf(msg, sizeof(msg), "fan-out failed on %d of %d shards", failed, fo->plan.nshards);
-		fail(fo, "fanout_failed", msg);
+	if (failed_shards(fo, answered, failed))
 		return;
-	}
 	for (int i = 0; i < rq->norder; i++) {
 		if (field_index(first, rq->order[i].column) < 0) {
 			snprintf(msg, sizeof(msg), "order_by column '%s' is not in the result", rq->order[i].column);
@@ -707,7 +711,6 @@ static void part_done(struct part *p)
 	/* Lease mode: the face lets go of the part first (its connection, if it had it). */
 	if (fo->rq->lease && !p->face_done)
 		fo->sink->ops->part_gone(fo->sink, p->index);
-	p->leased = false;
 	if (p->conn) {
 		pool_release(p->conn);
 		p->conn = NULL;
@@ -782,9 +785,7 @@ void fanout_part_done(struct fanout *fo, int index, struct fault *f, bool discar
 	if (discard && p->conn)
 		pgconn_discard(p->conn);
 	p->face_done = true;         /* the face let go already: part_done does not ask it again */
-	part_done(p);
-	if (part_failed(p) && !fo->plan.partial)
-		stop(fo, "failed");
+	part_done(p);                /* (without partial, a failure stops the rest there) */
 	settle(fo);
 }
 
