@@ -753,12 +753,12 @@ wait_pooled "$fanout_shards" 'fan_%'
 
 fan_body="{\"sql\":\"$fanout_sql\"}"
 # run_seq KEY EXPECT HEADER
-run_seq() {
-    local key=$1 out=$tmp/out/$1 line warm=3
-    say "row ${R_label[$key]}: $fanout_n sequential requests (+$warm warm-up)"
+# timed_seq KEY COMMAND...: a row from COMMAND's "SEQ n=.. p50_ms=.." line (seq.lua, seq_pg.lua).
+timed_seq() {
+    local key=$1 out=$tmp/out/$1 line
+    shift
     snap_begin "$gw_pid"
-    ( luajit "$root/tools/bench/seq.lua" 127.0.0.1 "$gw_port" "$fanout_n" "$warm" "$2" "$3" "$fan_body" \
-        >"$out.out" 2>"$out.err"
+    ( "$@" >"$out.out" 2>"$out.err"
       echo $? >"$out.rc"; times >"$out.times" ) &
     load_pid=$!
     wait "$load_pid"
@@ -768,10 +768,17 @@ run_seq() {
     # shellcheck disable=SC2034  # all set by the eval below, not all used
     local n p50_ms p99_ms min_ms max_ms mean_ms total_s
     eval "$(echo "${line#SEQ }" | tr ' ' '\n' | grep -E '^[a-z_0-9]+=[0-9.]+$')"
-    snap_end "$key" "$gw_pid" $((fanout_n + warm)) "$(times_us "$out.times")"
+    snap_end "$key" "$gw_pid" $((fanout_n + seq_warm)) "$(times_us "$out.times")"
     R_rps[$key]=$(awk -v n="$n" -v t="$total_s" 'BEGIN { printf "%.1f", n / t }')
     R_p50[$key]=$(printf '%.2f' "$p50_ms")
     R_p99[$key]=$(printf '%.2f' "$p99_ms")
+}
+seq_warm=3
+# run_seq KEY EXPECT HEADER: POST /query with the fan-out row's body (tools/bench/seq.lua)
+run_seq() {
+    say "row ${R_label[$1]}: $fanout_n sequential requests (+$seq_warm warm-up)"
+    timed_seq "$1" luajit "$root/tools/bench/seq.lua" 127.0.0.1 "$gw_port" "$fanout_n" "$seq_warm" "$2" "$3" \
+        "$fan_body"
 }
 
 add_row fo_single "single-shard seq (pg_sleep 20 ms)" 1
@@ -782,24 +789,9 @@ run_seq fo_fan '"errors":[]' "X-Scope: all"
 # tenant's shard, then the fan-out (SET shardgate.scope = 'all').
 # run_seq_pg KEY OPTIONS ROWS
 run_seq_pg() {
-    local key=$1 out=$tmp/out/$1 line warm=3
-    say "row ${R_label[$key]}: $fanout_n sequential Queries (+$warm warm-up) through pg_listen"
-    snap_begin "$gw_pid"
-    ( luajit "$root/tools/bench/seq_pg.lua" 127.0.0.1 "$gw_pg_port" "$pg_user" fan_0 "$2" "$fanout_n" "$warm" \
-        "$3" "$fanout_sql" >"$out.out" 2>"$out.err"
-      echo $? >"$out.rc"; times >"$out.times" ) &
-    load_pid=$!
-    wait "$load_pid"
-    load_pid=
-    line=$(grep '^SEQ ' "$out.out")
-    [ "$(cat "$out.rc")" = 0 ] && [ -n "$line" ] || { cat "$out.err" >&2; die "row $key failed"; }
-    # shellcheck disable=SC2034  # all set by the eval below, not all used
-    local n p50_ms p99_ms min_ms max_ms mean_ms total_s
-    eval "$(echo "${line#SEQ }" | tr ' ' '\n' | grep -E '^[a-z_0-9]+=[0-9.]+$')"
-    snap_end "$key" "$gw_pid" $((fanout_n + warm)) "$(times_us "$out.times")"
-    R_rps[$key]=$(awk -v n="$n" -v t="$total_s" 'BEGIN { printf "%.1f", n / t }')
-    R_p50[$key]=$(printf '%.2f' "$p50_ms")
-    R_p99[$key]=$(printf '%.2f' "$p99_ms")
+    say "row ${R_label[$1]}: $fanout_n sequential Queries (+$seq_warm warm-up) through pg_listen"
+    timed_seq "$1" luajit "$root/tools/bench/seq_pg.lua" 127.0.0.1 "$gw_pg_port" "$pg_user" fan_0 "$2" \
+        "$fanout_n" "$seq_warm" "$3" "$fanout_sql"
 }
 add_row fo_pg_single "pg single-shard seq (pg_sleep 20 ms)" 1
 add_row fo_pg_fan "pg fan-out ${fanout_shards}x c$fanout_concurrency seq" 1

@@ -9,22 +9,14 @@
 -- idle. Prints "IDLE ready COUNT" and holds them until killed or
 -- HOLD_SECONDS. Needs a file-descriptor limit above COUNT.
 local socket = require "socket"
-local bit = require "bit"
+package.path = arg[0]:match("^(.*/)") .. "?.lua;" .. package.path
+local bench = require "benchlib"
+local be32, read32 = bench.be32, bench.read32
 local host, port, count, hold, user, db = arg[1], tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4]),
   arg[5], arg[6]
 if not (host and port and count and hold and user and db) then
   io.stderr:write("usage: idle_pg.lua HOST PORT COUNT HOLD_SECONDS USER DATABASE\n")
   os.exit(2)
-end
-
-local function be32(n)
-  return string.char(bit.band(bit.rshift(n, 24), 255), bit.band(bit.rshift(n, 16), 255),
-    bit.band(bit.rshift(n, 8), 255), bit.band(n, 255))
-end
-
-local function read32(s)
-  local a, b, c, d = s:byte(1, 4)
-  return ((a * 256 + b) * 256 + c) * 256 + d
 end
 
 local params = "user\0" .. user .. "\0database\0" .. db .. "\0\0"

@@ -13,6 +13,8 @@
 -- Exits non-zero with a message on the first bad answer or socket error.
 
 local socket = require "socket"
+package.path = arg[0]:match("^(.*/)") .. "?.lua;" .. package.path
+local bench = require "benchlib"
 
 local host, port, count, warmup, expect, header, body = unpack(arg)
 port, count, warmup = tonumber(port), tonumber(count), tonumber(warmup)
@@ -61,19 +63,5 @@ local function exchange()
   return answer
 end
 
-for _ = 1, warmup do exchange() end
-local times, started = {}, socket.gettime()
-for i = 1, count do
-  local t0 = socket.gettime()
-  exchange()
-  times[i] = (socket.gettime() - t0) * 1000
-end
-local total = socket.gettime() - started
+bench.timed(exchange, count, warmup)
 conn:close()
-
-table.sort(times)
-local function pct(p) return times[math.max(1, math.ceil(#times * p / 100))] end
-local sum = 0
-for _, t in ipairs(times) do sum = sum + t end
-print(string.format("SEQ n=%d p50_ms=%.3f p99_ms=%.3f min_ms=%.3f max_ms=%.3f mean_ms=%.3f total_s=%.3f",
-  count, pct(50), pct(99), times[1], times[#times], sum / count, total))

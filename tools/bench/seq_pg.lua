@@ -16,7 +16,9 @@
 -- (the export row: rows and bytes of a large answer, read and dropped).
 
 local socket = require "socket"
-local bit = require "bit"
+package.path = arg[0]:match("^(.*/)") .. "?.lua;" .. package.path
+local bench = require "benchlib"
+local be32, read32 = bench.be32, bench.read32
 
 local host, port, user, db, options, count, warmup, want, sql = unpack(arg)
 port, count, warmup, want = tonumber(port), tonumber(count), tonumber(warmup), tonumber(want)
@@ -28,16 +30,6 @@ end
 local function fail(msg)
   io.stderr:write("seq_pg.lua: ", msg, "\n")
   os.exit(1)
-end
-
-local function be32(n)
-  return string.char(bit.band(bit.rshift(n, 24), 255), bit.band(bit.rshift(n, 16), 255),
-    bit.band(bit.rshift(n, 8), 255), bit.band(n, 255))
-end
-
-local function read32(s)
-  local a, b, c, d = s:byte(1, 4)
-  return ((a * 256 + b) * 256 + c) * 256 + d
 end
 
 local conn = assert(socket.tcp())
@@ -89,19 +81,5 @@ if count == 0 then
   os.exit(0)
 end
 
-for _ = 1, warmup do exchange() end
-local times, started = {}, socket.gettime()
-for i = 1, count do
-  local t0 = socket.gettime()
-  exchange()
-  times[i] = (socket.gettime() - t0) * 1000
-end
-local total = socket.gettime() - started
+bench.timed(exchange, count, warmup)
 conn:close()
-
-table.sort(times)
-local function pct(p) return times[math.max(1, math.ceil(#times * p / 100))] end
-local sum = 0
-for _, t in ipairs(times) do sum = sum + t end
-print(string.format("SEQ n=%d p50_ms=%.3f p99_ms=%.3f min_ms=%.3f max_ms=%.3f mean_ms=%.3f total_s=%.3f",
-  count, pct(50), pct(99), times[1], times[#times], sum / count, total))
