@@ -364,6 +364,7 @@ static void on_load_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 		return;
 	case PGCONN_EV_NOTIFY:
 	case PGCONN_EV_NOTICE:
+	case PGCONN_EV_STEP:
 		return;
 	}
 }
@@ -451,6 +452,7 @@ static void on_listen_event(struct pgconn *c, enum pgconn_event ev, PGresult *re
 		return;
 	case PGCONN_EV_RESULT:
 	case PGCONN_EV_NOTICE:
+	case PGCONN_EV_STEP:
 		return;
 	}
 }

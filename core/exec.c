@@ -37,7 +37,7 @@
 #include "tenants.h"
 #include "util.h"
 
-enum phase { PH_BEGIN, PH_SETTING, PH_STMT, PH_COMMIT, PH_ROLLBACK };
+enum phase { PH_BEGIN, PH_SETTING, PH_STMT, PH_COMMIT, PH_ROLLBACK, PH_OVER };
 
 struct exec {
 	struct req *rq;
@@ -56,6 +56,10 @@ struct exec {
 	enum phase phase;
 	int cur;                 /* statement index in PH_STMT */
 	bool wrapped;            /* runs in BEGIN ... COMMIT (a transaction, or tenant_setting) */
+	bool pipelined;          /* ... sent at once (pgconn_send_transaction); the phase follows its STEPs */
+	bool committed;          /* its COMMIT succeeded */
+	const char *gave_up;     /* the code of the gateway's own failure (a cap, memory) ... */
+	char gave_up_msg[200];   /* ... and its message: said again with the outcome (pipelined_done) */
 	const char *setting[2];  /* tenant_setting name and the tenant, for set_config() */
 	double timeout;          /* per statement */
 	struct pgconn_guard guard; /* the statement's timeout; its timer is stored behind the struct */
@@ -211,7 +215,8 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 	log_warn("shard %s: statement did not stop %gs after cancel; closing its connection",
 		 r->shard->name, PGCONN_CANCEL_GRACE);
 	snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
-	fail(r, "statement_timeout", msg);
+	if (!r->failed)
+		fail(r, "statement_timeout", msg);
 	finish(r);
 }
 
@@ -222,35 +227,49 @@ static bool first_statement(const struct exec *r)
 	return r->phase == PH_BEGIN || (r->phase == PH_STMT && r->cur == 0 && !r->wrapped);
 }
 
+/* The tenant for RLS policies: transaction-local, so it ends with the request. */
+#define SETTING_SQL "SELECT pg_catalog.set_config($1, $2, true)"
+
 /* 0 sent, 1 re-queued for another connection, -1 failed (error set). */
 typedef int (*sender)(struct pgconn *c, const char *sql, int n, const char *const *vals,
 		      pgconn_cb cb, void *arg);
 
-static int send_sql(struct exec *r, const char *sql, int n, const char *const *vals, sender send)
+/* A statement goes out now: its timeout starts, nothing of its answer is in yet. */
+static void statement_starts(struct exec *r)
 {
 	pgconn_guard_arm(&r->guard, r->timeout);
 	r->sent_at = mono_now();
 	r->sqlstate[0] = '\0';
 	r->nres = 0;
-	if (send(r->conn, sql, n, vals, on_conn_event, r) < 0) {
-		char msg[320];
-		pgconn_guard_stop(&r->guard);
-		if (!r->conn->sent && !r->retried && first_statement(r)) {
-			/* Nothing reached the server: try once more on a fresh connection. */
-			log_info("shard %s: connection unusable before the first statement (%s); retrying",
-				 r->shard->name, r->conn->error);
-			r->retried = true;
-			pool_release(r->conn);
-			r->conn = NULL;
-			checkout(r);
-			return 1;
-		}
-		snprintf(msg, sizeof(msg), "cannot send statement to shard %s: %s", r->shard->name,
-			 r->conn->error);
-		log_warn("%s", msg);
-		fail(r, "shard_error", msg);
-		return -1;
+}
+
+/* A send failed: 1 re-queued for another connection (nothing reached the server), -1 failed. */
+static int send_failed(struct exec *r)
+{
+	char msg[320];
+	pgconn_guard_stop(&r->guard);
+	if (!r->conn->sent && !r->retried && first_statement(r)) {
+		/* Nothing reached the server: try once more on a fresh connection. */
+		log_info("shard %s: connection unusable before the first statement (%s); retrying",
+			 r->shard->name, r->conn->error);
+		r->retried = true;
+		pool_release(r->conn);
+		r->conn = NULL;
+		checkout(r);
+		return 1;
 	}
+	snprintf(msg, sizeof(msg), "cannot send statement to shard %s: %s", r->shard->name,
+		 r->conn->error);
+	log_warn("%s", msg);
+	fail(r, "shard_error", msg);
+	return -1;
+}
+
+static int send_sql(struct exec *r, const char *sql, int n, const char *const *vals, sender send)
+{
+	statement_starts(r);
+	if (send(r->conn, sql, n, vals, on_conn_event, r) < 0)
+		return send_failed(r);
 	return 0;
 }
 
@@ -287,8 +306,7 @@ static void run_next(struct exec *r)
 		rc = send_sql(r, "BEGIN", 0, NULL, pgconn_send);
 		break;
 	case PH_SETTING:
-		/* Transaction-local, so it ends with this request (RLS policies read it). */
-		rc = send_sql(r, "SELECT pg_catalog.set_config($1, $2, true)", 2, r->setting, pgconn_send_cached);
+		rc = send_sql(r, SETTING_SQL, 2, r->setting, pgconn_send_cached);
 		break;
 	case PH_STMT: {
 		struct stmt *st = &r->rq->stmts[r->cur];
@@ -323,6 +341,8 @@ static void give_up_result(struct exec *r, const char *code, const char *msg)
 {
 	log_warn("shard %s: %s (tenant '%s')", r->shard->name, msg, r->route.tenant);
 	fail(r, code, msg);
+	r->gave_up = code;
+	str_copy(r->gave_up_msg, sizeof(r->gave_up_msg), msg);
 	cancel_running(r);
 }
 
@@ -364,6 +384,8 @@ static void write_result(struct exec *r, const PGresult *res)
 static void on_result(struct exec *r, PGresult *res)
 {
 	r->nres++;
+	if (r->phase == PH_COMMIT && PQresultStatus(res) == PGRES_COMMAND_OK)
+		r->committed = true;
 	switch (PQresultStatus(res)) {
 	case PGRES_SINGLE_TUPLE:
 		if (r->phase == PH_STMT && !r->failed)
@@ -516,6 +538,137 @@ static void on_done(struct exec *r)
 	run_next(r);
 }
 
+/* ---- a transaction in one round trip ---- */
+
+/*
+ * Can the request go out at once? Not a held transaction (its statements
+ * come request by request), and not a statement whose JSON array
+ * parameters need their types described first, unless the connection
+ * knows them already.
+ */
+static bool can_pipeline(struct exec *r)
+{
+	if (!r->wrapped || r->hold)
+		return false;
+	for (int i = 0; i < r->rq->nstmts; i++) {
+		struct stmt *st = &r->rq->stmts[i];
+		if (st->array_values && !st->typed && !known_types(r->conn, st))
+			return false;
+	}
+	return true;
+}
+
+/* BEGIN, the tenant setting, every statement and COMMIT, in one pipeline. */
+static void send_pipelined(struct exec *r)
+{
+	int n = r->rq->nstmts + 2 + (r->setting[0] != NULL);
+	struct pgconn_query local[16];
+	struct pgconn_query *q = n <= (int)ARRAY_LEN(local) ? local : xcalloc((size_t)n, sizeof(*q));
+	int k = 0, rc;
+
+	q[k++] = (struct pgconn_query){ .sql = "BEGIN" };
+	if (r->setting[0])
+		q[k++] = (struct pgconn_query){ .sql = SETTING_SQL, .nparams = 2, .values = r->setting, .cached = true };
+	for (int i = 0; i < r->rq->nstmts; i++) {
+		const struct stmt *st = &r->rq->stmts[i];
+		q[k++] = (struct pgconn_query){ .sql = st->sql, .nparams = st->nparams, .values = st->values,
+						.cached = true, .client = true, .rows = true };
+	}
+	q[k++] = (struct pgconn_query){ .sql = "COMMIT" };
+	r->pipelined = true;
+	statement_starts(r);
+	rc = pgconn_send_transaction(r->conn, q, k, on_conn_event, r) < 0 ? send_failed(r) : 0;
+	if (q != local)
+		free(q);
+	if (rc < 0)
+		finish(r);
+}
+
+/* A query of the pipelined transaction ended: the next one runs, with its own timeout. */
+static void on_step(struct exec *r)
+{
+	/* After the gateway's own failure (a cap) the server runs on to COMMIT: follow it. */
+	switch (r->phase) {
+	case PH_BEGIN:
+		r->phase = r->setting[0] ? PH_SETTING : PH_STMT;
+		break;
+	case PH_SETTING:
+		r->phase = PH_STMT;
+		break;
+	case PH_STMT:
+		if (!r->failed)
+			pool_observe_query(r->pool, mono_now() - r->sent_at, NULL);
+		if (++r->cur == r->rq->nstmts)
+			r->phase = PH_COMMIT;
+		break;
+	default:
+		r->phase = PH_OVER;
+		break;
+	}
+	if (!r->failed)
+		statement_starts(r);
+}
+
+/* The pipelined transaction's segment ended: committed, failed, or (rarely) to be sent again. */
+static void pipelined_done(struct exec *r)
+{
+	pgconn_guard_stop(&r->guard);
+	if (r->phase == PH_STMT && r->failed)
+		pool_observe_query(r->pool, mono_now() - r->sent_at, r->sqlstate[0] ? r->sqlstate : NULL);
+	if (pgconn_reset_failed(r->conn) && !r->guard.cancelled) {
+		retry_after_reset(r);
+		return;
+	}
+	if (!pgconn_usable(r->conn)) {
+		if (!r->failed) {
+			char msg[320];
+			snprintf(msg, sizeof(msg), "shard %s closed the connection: %s", r->shard->name, r->conn->error);
+			fail(r, "shard_error", msg);
+		}
+		finish(r);
+		return;
+	}
+	if (!r->redone && !r->aborted && !r->guard.cancelled &&
+	    (r->failed ? pgconn_retry_transaction(r->conn)
+		       : r->phase != PH_OVER && pgconn_transaction_undone(r->conn))) {
+		/*
+		 * Nothing of it took effect: the gateway's statement cache failed,
+		 * not the statement, or the session needs DISCARD ALL first (the
+		 * resend puts it, and the ROLLBACK, in front). Once.
+		 */
+		if (r->failed)
+			log_info("shard %s: statement %d failed on the gateway's statement cache (%s); "
+				 "running the transaction again", r->shard->name, r->cur + 1, r->sqlstate);
+		else
+			log_info("shard %s: the connection holds state only DISCARD ALL clears; "
+				 "running the transaction again behind it", r->shard->name);
+		r->redone = true;
+		r->failed = false;
+		start_statements(r);
+		return;
+	}
+	if (!r->failed && r->phase != PH_OVER) {
+		char msg[160];
+		snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
+		fail(r, r->guard.timed_out ? "statement_timeout" : "shard_error",
+		     r->guard.timed_out ? msg : "the transaction was cancelled before it ended");
+	}
+	if (r->gave_up) {
+		/*
+		 * The COMMIT went out with the statements, so the cancel sent when
+		 * the cap was passed stopped the transaction only if it reached a
+		 * statement still running: the answer says which.
+		 */
+		char msg[320];
+		snprintf(msg, sizeof(msg), "%s; %s", r->gave_up_msg,
+			 r->committed ? "the transaction had committed already (its COMMIT went out with its statements)"
+				      : "the transaction was rolled back");
+		fail(r, r->gave_up, msg);
+	}
+	/* A failed transaction is rolled back by pool_release, after the answer: nobody waits for it. */
+	finish(r);
+}
+
 static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg)
 {
 	struct exec *r = arg;
@@ -530,9 +683,15 @@ static void on_conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 	case PGCONN_EV_RESULT:
 		on_result(r, res);
 		return;
+	case PGCONN_EV_STEP:
+		on_step(r);
+		return;
 	case PGCONN_EV_DONE:
 	case PGCONN_EV_BROKEN:
-		on_done(r);
+		if (r->pipelined)
+			pipelined_done(r);
+		else
+			on_done(r);
 		return;
 	case PGCONN_EV_NOTICE:
 		if (r->sink->ops->notice && !r->failed)
@@ -556,6 +715,11 @@ static void start_statements(struct exec *r)
 	r->sink->ops->begin(r->sink, r->shard->name);
 	r->phase = r->wrapped ? PH_BEGIN : PH_STMT;
 	r->cur = 0;
+	r->pipelined = false;
+	if (can_pipeline(r)) {
+		send_pipelined(r);
+		return;
+	}
 	run_next(r);
 }
 

@@ -182,17 +182,36 @@ enum pipe_item {
 	PI_SYNC,      /* the end of a pipeline segment */
 };
 
+struct pipe_ent {
+	unsigned char it;          /* enum pipe_item */
+	bool rows;                 /* PI_CLIENT: its rows one result each */
+	bool skipped;              /* PI_CLIENT: the pipeline aborted it (no STEP) */
+	struct stmt_entry *e;      /* PI_CLIENT, PI_PREPARE: its cache entry (transactions) */
+};
+
+/*
+ * Queue what the next query sent is for. A send starts from an empty
+ * queue (pipe_clear), so the queue is an array read from pipe_head on.
+ */
+static void pipe_push_e(struct pgconn *c, enum pipe_item it, bool rows, struct stmt_entry *e)
+{
+	int at = c->pipe_head + c->npipe;
+	if (at == c->pipe_cap) {
+		c->pipe_cap = c->pipe_cap ? 2 * c->pipe_cap : 32;
+		c->pipe = xrealloc(c->pipe, (size_t)c->pipe_cap * sizeof(*c->pipe));
+	}
+	c->pipe[at] = (struct pipe_ent){ .it = (unsigned char)it, .rows = rows, .e = e };
+	c->npipe++;
+}
+
 static void pipe_push(struct pgconn *c, enum pipe_item it)
 {
-	if (c->npipe == (int)sizeof(c->pipe))
-		abort();   /* never: a send queues at most 16 */
-	c->pipe[(c->pipe_head + c->npipe) % sizeof(c->pipe)] = (unsigned char)it;
-	c->npipe++;
+	pipe_push_e(c, it, false, NULL);
 }
 
 static void pipe_pop(struct pgconn *c)
 {
-	c->pipe_head = (c->pipe_head + 1) % (int)sizeof(c->pipe);
+	c->pipe_head++;
 	c->npipe--;
 }
 
@@ -259,6 +278,16 @@ static void statement_over(struct pgconn *c)
 		return;
 	}
 	c->in_reset = false;
+	if (c->multi && c->reset_slow) {
+		/*
+		 * The reset inside the transaction found state only DISCARD ALL
+		 * clears, so nothing of it ran: its borrower sends it again, and
+		 * DISCARD ALL goes first (pgconn_send_transaction).
+		 */
+		c->reset_slow = false;
+		c->reset_next = c->slow_next = true;
+		c->undone = true;
+	}
 	if (c->cancelled && (c->reset_slow || c->pending != PEND_NONE)) {
 		/* Cancelled by its borrower: never sent again. Its state is in doubt. */
 		c->reset_slow = false;
@@ -350,8 +379,10 @@ static int swallow(struct pgconn *c, enum pipe_item it, PGresult *res)
 		return 0;
 	case PI_CLIENT:
 		/* Skipped after a failed reset or PREPARE, whose error is already out. */
-		if (st == PGRES_PIPELINE_ABORTED)
+		if (st == PGRES_PIPELINE_ABORTED) {
+			c->pipe[c->pipe_head].skipped = true;
 			return 1;
+		}
 		if (st != PGRES_FATAL_ERROR) {
 			if (c->pend_describe && st == PGRES_COMMAND_OK && c->pend_entry)
 				keep_types(c->pend_entry, res);
@@ -360,12 +391,23 @@ static int swallow(struct pgconn *c, enum pipe_item it, PGresult *res)
 		}
 		if (c->in_reset && !c->reset_apart) {
 			const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+			bool alone = code && strcmp(code, "25001") == 0;
 			/* Must run alone (VACUUM, SET TRANSACTION ...): again after the slow reset. */
-			if (code && strcmp(code, "25001") == 0 && !c->handed) {
+			if (alone && !c->handed && !c->multi) {
 				c->reset_slow = true;
 				return 1;
 			}
 			reset_undone(c);
+			if (alone && c->multi) {
+				/*
+				 * SET TRANSACTION behind the reset's queries: the borrower
+				 * runs the transaction again, with DISCARD ALL in front
+				 * instead of the reset.
+				 */
+				c->slow_next = true;
+				c->retry_txn = true;
+				return 0;
+			}
 		}
 		return cache_failure(c, res);
 	default:
@@ -392,7 +434,7 @@ static void read_results(struct pgconn *c)
 		return;
 	}
 	while (c->npipe > 0 && !c->paused && !PQisBusy(c->pg)) {
-		enum pipe_item it = (enum pipe_item)c->pipe[c->pipe_head];
+		enum pipe_item it = (enum pipe_item)c->pipe[c->pipe_head].it;
 		PGresult *res;
 		if (c->batch && handed++ >= c->batch) {
 			if (!c->more) {
@@ -424,22 +466,27 @@ static void read_results(struct pgconn *c)
 			continue;
 		}
 		if (it == PI_SYNC || !res) {
+			bool step = c->multi && it == PI_CLIENT && !c->pipe[c->pipe_head].skipped;
 			PQclear(res);
 			pipe_pop(c);
 			if (c->npipe == 0) {
 				statement_over(c);
 				return;
 			}
+			if (step)
+				emit(c, PGCONN_EV_STEP, NULL);
 			/*
 			 * In a pipeline, single-row mode is set as the client's query
 			 * comes up. libpq refuses it for a query the pipeline already
 			 * aborted, which has no rows anyway.
 			 */
-			if (c->cur_rows && c->pipe[c->pipe_head] == PI_CLIENT &&
+			if (c->pipe[c->pipe_head].rows && c->pipe[c->pipe_head].it == PI_CLIENT &&
 			    PQpipelineStatus(c->pg) != PQ_PIPELINE_OFF)
 				PQsetSingleRowMode(c->pg);
 			continue;
 		}
+		if (c->multi && (it == PI_CLIENT || it == PI_PREPARE))
+			c->pend_entry = c->pipe[c->pipe_head].e;
 		if (swallow(c, it, res)) {
 			PQclear(res);
 			continue;
@@ -764,6 +811,8 @@ static bool ready(struct pgconn *c)
 	c->retry_txn = false;
 	c->cur_rows = false;
 	c->pend_describe = false;
+	c->multi = false;
+	c->undone = false;
 	if (c->paused) {
 		c->paused = false;
 		if (c->ev)
@@ -930,9 +979,9 @@ static int send_one(struct pgconn *c, const char *sql, int n, const char *const 
 		       : PQsendQueryParams(c->pg, sql, n, NULL, vals, NULL, NULL, 0))) {
 		return send_failed(c);
 	}
-	pipe_push(c, PI_CLIENT);
 	c->cur_rows = c->want_rows && !c->pend_describe;
 	c->want_rows = false;
+	pipe_push_e(c, PI_CLIENT, c->cur_rows, NULL);
 	if (pipeline) {
 		if (!PQpipelineSync(c->pg))
 			return send_failed(c);
@@ -1119,6 +1168,76 @@ int pgconn_send_statement(struct pgconn *c, const char *sql, int nparams, const 
 	pgconn_note_statement(c, sql);
 	/* A session-changing statement is a one-off: not worth a cache slot. */
 	return (c->session_dirty ? pgconn_send : pgconn_send_cached)(c, sql, nparams, values, cb, arg);
+}
+
+/* Queue one query of a transaction: its PREPARE first when the cache has not prepared it yet. */
+static int queue_query(struct pgconn *c, const struct pgconn_query *q)
+{
+	struct stmt_entry *e = NULL;
+	bool fresh = false;
+	if (q->client)
+		pgconn_note_statement(c, q->sql);
+	/* A session-changing statement is a one-off: not worth a cache slot. */
+	if (q->cached && !(q->client && c->session_dirty))
+		e = cache_entry(c, q->sql, "sg", &fresh);
+	if (fresh) {
+		if (!PQsendPrepare(c->pg, e->name, q->sql, 0, NULL)) {
+			e->name[0] = '\0';
+			return -1;
+		}
+		pipe_push_e(c, PI_PREPARE, false, e);
+	}
+	if (!(e ? PQsendQueryPrepared(c->pg, e->name, q->nparams, q->values, NULL, NULL, 0)
+		: PQsendQueryParams(c->pg, q->sql, q->nparams, NULL, q->values, NULL, NULL, 0)))
+		return -1;
+	pipe_push_e(c, PI_CLIENT, q->rows, e);
+	return 0;
+}
+
+int pgconn_send_transaction(struct pgconn *c, const struct pgconn_query *q, int n, pgconn_cb cb, void *arg)
+{
+	if (!ready(c))
+		return -1;
+	c->multi = true;
+	c->pend_in_txn = true;
+	if (!PQenterPipelineMode(c->pg))
+		return send_failed(c);
+	if (PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
+		/* Sent again after it failed: the failed transaction ends first, in the same round trip. */
+		if (!PQsendQueryParams(c->pg, "ROLLBACK", 0, NULL, NULL, NULL, NULL, 0))
+			return send_failed(c);
+		pipe_push(c, PI_SLOW);
+	}
+	if (c->reset_next && c->slow_next) {
+		/*
+		 * DISCARD ALL commits at once, before the BEGIN behind it; if it
+		 * fails, the server skips the rest of the segment, so nothing of
+		 * the transaction runs on a session it did not clean.
+		 */
+		if (!PQsendQueryParams(c->pg, "DISCARD ALL", 0, NULL, NULL, NULL, NULL, 0))
+			return send_failed(c);
+		pipe_push(c, PI_SLOW);
+		pgconn_cache_clear(c);      /* DISCARD ALL drops them */
+		c->reset_prepared = false;
+		c->reset_next = c->slow_next = false;
+		c->wire_sig = 0;
+	}
+	for (int i = 0; i < n; i++) {
+		if (queue_query(c, &q[i]) < 0)
+			return send_failed(c);
+		/* The reset runs inside the transaction: its BEGIN went first (see queue_reset). */
+		if (i == 0 && c->reset_next && queue_reset(c) < 0)
+			return send_failed(c);
+	}
+	if (!PQpipelineSync(c->pg))
+		return send_failed(c);
+	pipe_push(c, PI_SYNC);
+	return sent(c, cb, arg);
+}
+
+bool pgconn_transaction_undone(const struct pgconn *c)
+{
+	return c->undone;
 }
 
 void pgconn_lend(struct pgconn *c, const char *tenant)
@@ -1393,5 +1512,6 @@ void pgconn_free(struct pgconn *c)
 		PQfinish(c->pg);
 	pgconn_cache_clear(c);
 	free(c->cache);
+	free(c->pipe);
 	free(c);
 }

@@ -47,6 +47,7 @@ enum pgconn_event {
 	PGCONN_EV_BROKEN,      /* the connection died; free it */
 	PGCONN_EV_NOTIFY,      /* an idle connection got a NOTIFY; res is NULL, see pgconn.notify */
 	PGCONN_EV_NOTICE,      /* the server sent a notice or warning; res (valid during the call) holds its fields */
+	PGCONN_EV_STEP,        /* a query of a pipelined transaction ended (pgconn_send_transaction); the next one runs */
 };
 
 typedef void (*pgconn_cb)(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg);
@@ -98,9 +99,12 @@ struct pgconn {
 	bool want_rows;          /* the next statement sent delivers its rows one by one */
 	bool cur_rows;           /* ... the one in flight does */
 	/* What each query in flight is for, oldest first (see read_results). */
-	unsigned char pipe[32];
+	struct pipe_ent *pipe;
+	int pipe_cap;
 	int pipe_head;
 	int npipe;
+	bool multi;              /* the queries in flight are one transaction (pgconn_send_transaction) */
+	bool undone;             /* ... which did not run: its reset found state only DISCARD ALL clears */
 	/* Prepared-statement cache, keyed by SQL text (open addressing). */
 	struct stmt_entry *cache;
 	int ncache;
@@ -188,6 +192,35 @@ int pgconn_send(struct pgconn *c, const char *sql, int nparams, const char *cons
  */
 int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const char *const *values,
 		       pgconn_cb cb, void *arg);
+
+/* One query of a pipelined transaction (pgconn_send_transaction). */
+struct pgconn_query {
+	const char *sql;
+	int nparams;
+	const char *const *values;
+	bool cached;             /* through the statement cache */
+	bool client;             /* a client's statement: noted for what it leaves on the session */
+	bool rows;               /* its rows one result each (as pgconn_want_rows) */
+};
+
+/*
+ * A transaction in one round trip: q[0] must be BEGIN and q[n-1] COMMIT;
+ * all n queries go out in one libpq pipeline segment, behind whatever
+ * housekeeping the connection needs (a ROLLBACK of a transaction left
+ * open, DISCARD ALL, the reset: after the BEGIN, inside the transaction,
+ * so a failure anywhere undoes it and nothing of the batch runs on a
+ * session the reset did not clean), with the cache's PREPAREs beside the
+ * statements they prepare. Each query's results are handed out as they
+ * arrive, then a STEP; after an error the server skips the rest (no
+ * results, no STEP), and DONE comes at the end of the segment with the
+ * transaction failed (PQTRANS_INERROR) or over. pgconn_transaction_undone()
+ * true at DONE: the batch did not run (the reset found state only
+ * DISCARD ALL clears), send it again, DISCARD ALL going first. The
+ * queries' texts and values must stay valid until DONE.
+ */
+int pgconn_send_transaction(struct pgconn *c, const struct pgconn_query *q, int n, pgconn_cb cb, void *arg);
+/* After DONE of a batch: nothing of it took effect, and sending it again will clean the session first. */
+bool pgconn_transaction_undone(const struct pgconn *c);
 
 /*
  * Prepare sql (through the statement cache, as pgconn_send_cached would)

@@ -235,6 +235,7 @@ static void conn_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, vo
 		break;
 	case PGCONN_EV_NOTIFY:
 	case PGCONN_EV_NOTICE:
+	case PGCONN_EV_STEP:
 		break;
 	case PGCONN_EV_DONE:
 		/* A cleaning statement finished: try again to give it back. */

@@ -89,7 +89,10 @@ describe("answers", function()
       assert.equal(200, gw:post("/transaction", { statements = { { sql = three } } }, H).status)
     end)
 
-    it("counts a transaction's statements together against max_result_bytes and rolls it back", function()
+    it("counts a transaction's statements together against max_result_bytes, and says whether its COMMIT ran", function()
+      -- The COMMIT goes out with the statements (one round trip), so the
+      -- cancel sent at the cap stops the transaction only when it reaches
+      -- a statement still running; the answer says which, truthfully.
       helpers.psql(db, "CREATE TABLE ans_log (n int)")
       local big = "SELECT repeat('z', 1000) AS pad FROM generate_series(1, 4)"
       local stmts = { { sql = "INSERT INTO ans_log VALUES (1)" } }
@@ -97,6 +100,17 @@ describe("answers", function()
       local res = gw:post("/transaction", { statements = stmts }, H)
       assert.equal(502, res.status, res.body)
       assert.equal("result_too_large", res.json.code)
+      local committed = res.json.error:find("had committed already", 1, true) ~= nil
+      assert.is_true(committed or res.json.error:find("was rolled back", 1, true) ~= nil, res.json.error)
+      assert.equal(committed and "1" or "0", helpers.psql(db, "SELECT count(*) FROM ans_log"))
+      -- A statement still running when the cap passes is cancelled, and nothing commits.
+      helpers.psql(db, "TRUNCATE ans_log")
+      res = gw:post("/transaction", { statements = {
+        { sql = "INSERT INTO ans_log VALUES (2)" },
+        { sql = "SELECT repeat('z', 5000) AS pad, pg_sleep(CASE WHEN g = 70 THEN 30 ELSE 0 END) FROM generate_series(1, 80) g" },
+      } }, H)
+      assert.equal(502, res.status, res.body)
+      assert.matches("was rolled back", res.json.error, 1, true)
       assert.equal("0", helpers.psql(db, "SELECT count(*) FROM ans_log"))
     end)
   end)
