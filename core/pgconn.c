@@ -813,6 +813,7 @@ static bool ready(struct pgconn *c)
 	c->pend_describe = false;
 	c->multi = false;
 	c->undone = false;
+	c->discard_first = false;
 	if (c->paused) {
 		c->paused = false;
 		if (c->ev)
@@ -944,13 +945,19 @@ static int send_one(struct pgconn *c, const char *sql, int n, const char *const 
 {
 	/* Described without a cache entry: prepared unnamed, then described, in one pipeline. */
 	bool unnamed = c->pend_describe && !e;
-	bool pipeline = c->reset_next || prepare || unnamed;
+	bool pipeline = c->reset_next || prepare || unnamed || c->discard_first;
 	c->pend_sql = sql;
 	c->pend_n = n;
 	c->pend_vals = vals;
 	c->pend_cached = e != NULL || prepare;
 	if (pipeline && !PQenterPipelineMode(c->pg))
 		return send_failed(c);
+	if (c->discard_first) {
+		c->discard_first = false;
+		if (!PQsendQueryParams(c->pg, "DISCARD ALL", 0, NULL, NULL, NULL, NULL, 0))
+			return send_failed(c);
+		pipe_push(c, PI_SLOW);
+	}
 	if (c->reset_next) {
 		if (queue_reset(c) < 0)
 			return send_failed(c);
@@ -995,35 +1002,30 @@ static int send_one(struct pgconn *c, const char *sql, int n, const char *const 
 /*
  * When the last borrower ran SQL that can drop or replace prepared
  * statements (PREPARE, DEALLOCATE, DISCARD, DO), the quick reset's own
- * statements cannot be trusted: the slow reset (DISCARD ALL) goes first,
- * in a round trip of its own, and the statement follows. 1 when sent so.
+ * statements cannot be trusted: DISCARD ALL goes first instead, in the
+ * statement's pipeline segment (send_one). It commits at once; if it
+ * fails, the server skips the statement behind it. It drops every
+ * prepared statement, so the cache is forgotten before the statement
+ * looks itself up there.
  */
-static int slow_first(struct pgconn *c, const char *sql, int n, const char *const *vals, bool cached,
-		      pgconn_cb cb, void *arg)
+static void slow_first(struct pgconn *c)
 {
 	if (!c->reset_next || !c->slow_next)
-		return 0;
+		return;
 	c->reset_next = false;
 	c->slow_next = false;
-	c->pend_sql = sql;
-	c->pend_n = n;
-	c->pend_vals = vals;
-	c->pend_cached = cached;
-	c->cur_rows = c->want_rows;
-	c->want_rows = false;
-	if (send_slow_reset(c) < 0 || sent(c, cb, arg) < 0)
-		return send_failed(c);
-	return 1;
+	c->discard_first = true;
+	pgconn_cache_clear(c);
+	c->reset_prepared = false;
+	c->wire_sig = 0;
 }
 
 int pgconn_send(struct pgconn *c, const char *sql, int nparams, const char *const *values,
 		pgconn_cb cb, void *arg)
 {
-	int rc;
 	if (!ready(c))
 		return -1;
-	if ((rc = slow_first(c, sql, nparams, values, false, cb, arg)) != 0)
-		return rc < 0 ? -1 : 0;
+	slow_first(c);
 	return send_one(c, sql, nparams, values, NULL, false, cb, arg);
 }
 
@@ -1110,12 +1112,10 @@ static int resend(struct pgconn *c)
 int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const char *const *values,
 		       pgconn_cb cb, void *arg)
 {
-	int rc;
 	if (!ready(c))
 		return -1;
 	c->pend_in_txn = PQtransactionStatus(c->pg) != PQTRANS_IDLE;
-	if ((rc = slow_first(c, sql, nparams, values, true, cb, arg)) != 0)
-		return rc < 0 ? -1 : 0;
+	slow_first(c);
 	c->pend_sql = sql;
 	c->pend_n = nparams;
 	c->pend_vals = values;
@@ -1125,13 +1125,11 @@ int pgconn_send_cached(struct pgconn *c, const char *sql, int nparams, const cha
 int pgconn_describe(struct pgconn *c, const char *sql, int nparams, const char *const *values,
 		    pgconn_cb cb, void *arg)
 {
-	int rc;
 	if (!ready(c))
 		return -1;
 	c->pend_describe = true;
 	c->pend_in_txn = PQtransactionStatus(c->pg) != PQTRANS_IDLE;
-	if ((rc = slow_first(c, sql, nparams, values, true, cb, arg)) != 0)
-		return rc < 0 ? -1 : 0;
+	slow_first(c);
 	c->pend_sql = sql;
 	c->pend_n = nparams;
 	c->pend_vals = values;
@@ -1208,19 +1206,17 @@ int pgconn_send_transaction(struct pgconn *c, const struct pgconn_query *q, int 
 			return send_failed(c);
 		pipe_push(c, PI_SLOW);
 	}
-	if (c->reset_next && c->slow_next) {
-		/*
-		 * DISCARD ALL commits at once, before the BEGIN behind it; if it
-		 * fails, the server skips the rest of the segment, so nothing of
-		 * the transaction runs on a session it did not clean.
-		 */
+	/*
+	 * DISCARD ALL commits at once, before the BEGIN behind it; if it fails,
+	 * the server skips the rest of the segment, so nothing of the
+	 * transaction runs on a session it did not clean.
+	 */
+	slow_first(c);
+	if (c->discard_first) {
+		c->discard_first = false;
 		if (!PQsendQueryParams(c->pg, "DISCARD ALL", 0, NULL, NULL, NULL, NULL, 0))
 			return send_failed(c);
 		pipe_push(c, PI_SLOW);
-		pgconn_cache_clear(c);      /* DISCARD ALL drops them */
-		c->reset_prepared = false;
-		c->reset_next = c->slow_next = false;
-		c->wire_sig = 0;
 	}
 	for (int i = 0; i < n; i++) {
 		if (queue_query(c, &q[i]) < 0)

@@ -91,6 +91,7 @@ struct pgconn {
 	bool sync_error;         /* a commit-time error came in place of a sync (read_results) */
 	bool reset_discard;      /* this borrower ran SQL that may drop or replace prepared statements */
 	bool slow_next;          /* ... so the reset about to be sent is DISCARD ALL (slow_first) */
+	bool discard_first;      /* ... queued in front of the statement, in its pipeline segment */
 	double deadline;         /* seconds the statement in flight may take (pgconn_deadline); 0: none */
 	bool reset_prepared;     /* the reset's statements are prepared on this connection */
 	bool retry_txn;          /* the statement failed on the gateway's own cache inside a transaction */

@@ -24,6 +24,7 @@
 #   PROFILE_TOP=40          functions listed
 #   PROFILE_PG=1            pgbench -S -M PROFILE_PG_MODE (default simple) through pg_listen
 #   PROFILE_SYSCALL_REQUESTS=300  requests per kind for the system call count (0: skip it)
+#   PROFILE_SYSCALLS_ONLY=1 only the system call count (no valgrind)
 #   PROFILE_KEEP=DIR        also copy the callgrind file to DIR (for
 #                           callgrind_annotate or kcachegrind)
 #   SHARDGATE_BIN           the gateway binary (default bin/shardgate)
@@ -94,6 +95,8 @@ return {
 }
 EOF
 export SHARDGATE_LUA_DIR=${SHARDGATE_LUA_DIR:-$root/lua}
+body='{"sql":"SELECT abalance FROM pgbench_accounts WHERE aid = $1","params":[42]}'
+if [ -z "${PROFILE_SYSCALLS_ONLY:-}" ]; then
 say "starting the gateway under callgrind (instrumentation off until the warm-up is done)"
 valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" --instr-atstart=no -q \
     "$bin" -c "$tmp/gw.lua" >"$tmp/gw.log" 2>&1 &
@@ -104,7 +107,6 @@ for _ in $(seq 300); do
     sleep 0.1
 done
 
-body='{"sql":"SELECT abalance FROM pgbench_accounts WHERE aid = $1","params":[42]}'
 seq_run() {   # seq_run COUNT
     if [ -n "$pg" ]; then
         PGOPTIONS="-c shardgate.tenant=7" "$bindir/pgbench" -h 127.0.0.1 -p "$gw_pg_port" -U bench -n -S \
@@ -143,6 +145,8 @@ callgrind_annotate --inclusive=yes "$out" 2>/dev/null |
             printf "%10d  %s\n", v / n, name
             if (++shown >= top) exit
         }'
+
+fi
 
 # --- I/O system calls per request ---------------------------------------------------
 nsys=${PROFILE_SYSCALL_REQUESTS:-300}
