@@ -605,11 +605,12 @@ PGOPTIONS=$pg_opts "$bindir/pgbench" -h 127.0.0.1 -p "$main_pg_port" -U "$pg_use
     -j "$threads" -T 1 bench_0 >"$tmp/log/pg-warmup.log" 2>&1 || {
     cat "$tmp/log/pg-warmup.log" >&2; tail -n 40 "$tmp/log/gw-main.log" >&2; die "pgbench through the pg listener failed"; }
 
-# run_wrk KEY TENANTS [SECONDS]: POST /query (tools/bench/query.lua); TENANTS
+# run_wrk KEY TENANTS [SECONDS] [txn3]: POST /query (tools/bench/query.lua; txn3:
+# a three-statement /transaction); TENANTS
 # "-": GET /healthz (tools/bench/healthz.lua). SECONDS defaults to
 # BENCH_SECONDS. $tmp/out/KEY.start gets the time wrk starts (ns since the epoch).
 run_wrk() {
-    local key=$1 out=$tmp/out/$1 line script=$root/tools/bench/query.lua d=${3:-$secs} shown=$2
+    local key=$1 out=$tmp/out/$1 line script=$root/tools/bench/query.lua d=${3:-$secs} shown=$2 kind=${4:-}
     [ "$2" = - ] && script=$root/tools/bench/healthz.lua
     [ ${#shown} -gt 60 ] && shown="${shown:0:40}... ($(tr ',' '\n' <<<"$2" | wc -l) tenants)"
     say "row ${R_label[$key]}: wrk -t $threads -c $clients -d ${d}s, $(basename "$script") $shown"
@@ -622,7 +623,7 @@ run_wrk() {
     snap_begin "$gw_pid"
     ( date +%s%N >"$out.start"
       wrk -t "$threads" -c "$clients" -d "${d}s" --timeout 10s -s "$script" \
-        "http://127.0.0.1:$gw_port" -- "$2" "$accounts" >"$out.out" 2>"$out.err"
+        "http://127.0.0.1:$gw_port" -- "$2" "$accounts" $kind >"$out.out" 2>"$out.err"
       echo $? >"$out.rc"; times >"$out.times" ) &
     load_pid=$!
     wait "$load_pid"
@@ -742,6 +743,9 @@ fi
 # Once, outside the rounds: the gateway's HTTP path alone, for reference.
 run_wrk sg_healthz -
 stop_gateway
+
+# --- round trips: /query, /query under tenant_setting, a three-statement /transaction ---
+. "$root/tools/bench/roundtrips.sh"
 
 # --- fan-out ---------------------------------------------------------------------------
 say "starting the fan-out gateway: $fanout_shards shards, pool 2, min_idle 1, pg_listen"
@@ -1195,6 +1199,7 @@ awk -v r="${R_rps[export]}" -v h="$export_hwm" -v b="$export_rss0" -v n="$export
     printf "%-52s %8.0f   (info)   rows/s; gateway peak RSS %.1f MiB, %.1f MiB over its RSS before\n",
         "streamed export (NDJSON), " n " rows", r, h / 1024, (h - b) / 1024 }'
 echo "PostgreSQL protocol (pg_listen) against PgBouncer and direct, pgbench -S @$clients clients, pool $pool:"
+roundtrip_ratios
 ratio "pg simple / pgbouncer simple @$clients" "${R_rps[pg_s32]}" "${R_rps[pgb_s32]}" ">=" 1.0
 ratio "pg prepared / pgbouncer simple @$clients" "${R_rps[pg_p32]}" "${R_rps[pgb_s32]}" ">=" 1.2
 ratio "pg extended / pgbouncer extended @$clients" "${R_rps[pg_e32]}" "${R_rps[pgb_e32]}"
