@@ -373,6 +373,7 @@ static void on_work_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 		F.res = NULL;
 		F.busy = false;
 		bool setup = j->sql == F.sql_setup;
+		bool usable = pgconn_usable(c);
 		char why[256] = "";
 		if (!ok) {
 			const char *msg = r ? PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY) : NULL;
@@ -381,13 +382,15 @@ static void on_work_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 			if (!setup)
 				log_warn("fleet: %s", F.error);
 		}
+		if (!usable || (setup && !ok))
+			F.work_ready = false;    /* what the callback queues fails with the rest, unsent */
 		j->done(j, ok ? r : NULL);
 		job_free(j);
 		if (r)
 			PQclear(r);
 		if (F.work != c)
 			return;          /* the callback's statement could not be sent: all failed already */
-		if (!pgconn_usable(c) || (setup && !ok)) {
+		if (!usable || (setup && !ok)) {
 			fail_all(setup && !ok ? why : c->error[0] ? c->error : "connection lost");
 			return;
 		}
