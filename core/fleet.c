@@ -184,6 +184,8 @@ static void make_sql(void)
 {
 	F.sql_setup = fmt_sql(
 		"DO $fleet$ BEGIN "
+		"IF to_regclass('%s') IS NOT NULL AND to_regclass('%s_pause') IS NOT NULL "
+		"AND to_regclass('%s_ack') IS NOT NULL AND to_regclass('%s_seq') IS NOT NULL THEN RETURN; END IF; "
 		"PERFORM pg_advisory_xact_lock(hashtext('shardgate fleet %s')); "
 		"CREATE TABLE IF NOT EXISTS %s (id text PRIMARY KEY, host text NOT NULL, pid integer NOT NULL, "
 		"version text NOT NULL, started timestamptz NOT NULL, generation bigint NOT NULL, "

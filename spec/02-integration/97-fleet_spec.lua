@@ -179,6 +179,39 @@ end
 
 ---------------------------------------------------------------------------
 
+describe("fleet configuration", function()
+  -- --check on a config with this fleet table (and a directory when dir); exit code and stderr.
+  local function check(fleet_src, dir)
+    local path = os.getenv("SG_TEST_TMP") .. "/fleet_conf.lua"
+    helpers.write_file(os.getenv("SG_TEST_TMP") .. "/fleet_script.lua", SCRIPT)
+    helpers.write_file(path, "return {\n  script = \"fleet_script.lua\",\n"
+      .. "  shards = { shard_0 = { url = \"postgresql://postgres@127.0.0.1:1/nowhere\" } },\n"
+      .. (dir and "  directory = { url = \"postgresql://postgres@127.0.0.1:1/dir\" },\n" or "")
+      .. "  fleet = " .. fleet_src .. ",\n}\n")
+    local code, _, err = helpers.run(helpers.shell_quote(helpers.bin) .. " -c " .. helpers.shell_quote(path) .. " --check")
+    return code, err
+  end
+
+  it("names the key that is wrong", function()
+    local code, err = check("{ lease = 2 }", false)
+    assert.are_not.equal(0, code)
+    assert.matches("fleet_conf.lua:4: fleet.url is required (there is no directory.url to default to)", err, 1, true)
+    code, err = check("{ lease = 0 }", true)
+    assert.are_not.equal(0, code)
+    assert.matches("fleet.lease", err, 1, true)
+    code, err = check("{ table = \"Fleet; DROP\" }", true)
+    assert.are_not.equal(0, code)
+    assert.matches("fleet_conf.lua:5: fleet.table must be a lowercase name", err, 1, true)
+    code, err = check("{ leese = 2 }", true)
+    assert.are_not.equal(0, code)
+    assert.matches("fleet.leese", err, 1, true)
+    code, err = check("{ url = \"postgresql://x@127.0.0.1:1/f\", lease = 0.5 }", false)
+    assert.equal(0, code, err)
+    code, err = check("{}", true)      -- the directory's url, the defaults
+    assert.equal(0, code, err)
+  end)
+end)
+
 describe("a fleet of three gateways", function()
   local gws
 
