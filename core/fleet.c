@@ -25,7 +25,8 @@
  * brings its local pauses (tenants.c) in line, recording an ack once a
  * pause holds with nothing in flight, or once a resume's directory load is
  * live and the tenant released. The requesting instance polls T and T_ack
- * until every instance that is not gone acked.
+ * until every instance that is not gone acked (an ack of a later request
+ * in the same state counts: a pause asked twice holds once both are seen).
  *
  * Statements run one at a time, in order, on one connection of their own
  * (the "work" connection); a second connection only LISTENs. Nothing
@@ -215,7 +216,7 @@ static void make_sql(void)
 		"DO UPDATE SET state = EXCLUDED.state, seq = EXCLUDED.seq, requested_at = EXCLUDED.requested_at, "
 		"requested_by = EXCLUDED.requested_by RETURNING seq) SELECT seq, pg_notify($4, $2) FROM p");
 	F.sql_check = fmt_sql(
-		"SELECT f.id, " STATE_CASE ", COALESCE(a.seq = $2::bigint AND a.state = $3, false) "
+		"SELECT f.id, " STATE_CASE ", COALESCE(a.seq >= $2::bigint AND a.state = $3, false) "
 		"FROM %s f LEFT JOIN %s_ack a ON a.tenant = $1 AND a.instance = f.id ORDER BY f.id");
 	F.sql_done = fmt_sql(
 		"WITH d AS (DELETE FROM %s_pause WHERE tenant = $1 AND seq = $2::bigint AND state = 'resumed') "

@@ -263,8 +263,14 @@ describe("a fleet of three gateways", function()
     -- /health/shards and /metrics say the lease is held.
     local h = gws[2]:get("/health/shards")
     assert.equal("held", h.json.fleet.lease, h.body)
-    local m = helpers.parse_metrics(gws[2]:get("/metrics").body)
+    local text = gws[2]:get("/metrics").body
+    local m = helpers.parse_metrics(text)
     assert.equal(1, helpers.metric(m, "shardgate_fleet_lease_held", {}))
+    assert.is_true(helpers.metric(m, "shardgate_fleet_heartbeats_total", { result = "ok" }) >= 1)
+    local file = os.getenv("SG_TEST_TMP") .. "/fleet_metrics.txt"
+    helpers.write_file(file, text)
+    local code, out, err = helpers.run("/usr/bin/promtool check metrics < " .. helpers.shell_quote(file))
+    assert.equal(0, code, out .. err)
   end)
 
   it("moves a tenant under round-robin writes: nothing reaches the old shard after the pause", function()
