@@ -8,7 +8,8 @@
 --   * When B thaws (SIGCONT) it serves nothing until it has renewed its
 --     lease and read the pause table: requests that were waiting in its
 --     sockets get 503 fleet_lease_lost (and /health/shards says the lease
---     is lost), then other tenants are served again, while the paused
+--     is lost; an interactive transaction's /commit rolls back instead),
+--     then other tenants are served again, while the paused
 --     tenant's requests wait, on B as on A, until the resume.
 --   * A gateway that starts while the tenant is paused pauses it before it
 --     serves.
@@ -98,12 +99,20 @@ describe("a fleet with a frozen instance", function()
     end, 10, "both gateways live")
 
     -- Connections B accepted before it froze, one request answered on each.
-    local c_other, c_paused, c_health = B:connect({ timeout = 20 }), B:connect({ timeout = 20 }),
-      B:connect({ timeout = 20 })
-    for _, c in ipairs({ c_other, c_paused, c_health }) do
+    local c_other, c_paused, c_health, c_commit = B:connect({ timeout = 20 }), B:connect({ timeout = 20 }),
+      B:connect({ timeout = 20 }), B:connect({ timeout = 20 })
+    for _, c in ipairs({ c_other, c_paused, c_health, c_commit }) do
       assert(c:send("GET", "/healthz"))
       assert.equal(200, c:receive().status)
     end
+
+    -- An interactive transaction on B with a write in it, to be committed after the thaw.
+    local begun = B:post("/begin", nil, { ["X-Tenant"] = "stayer" })
+    assert.equal(200, begun.status, begun.body)
+    local txn = begun.json.transaction
+    local wrote = B:post("/query", { sql = "INSERT INTO items (organization_id, name) VALUES (7001, 'behind-the-fence')" },
+      { ["X-Tenant"] = "stayer", ["X-Transaction"] = txn })
+    assert.equal(200, wrote.status, wrote.body)
 
     assert(B:signal("STOP"))
     local stopped = helpers.now()
@@ -146,6 +155,7 @@ describe("a fleet with a frozen instance", function()
     send_query(c_other, "stayer")
     send_query(c_paused, "mover")
     assert(c_health:send("GET", "/health/shards"))
+    assert(c_commit:send("POST", "/commit", { ["X-Tenant"] = "stayer", ["X-Transaction"] = txn }))
     assert(B:signal("CONT"))
 
     local h = c_health:receive()
@@ -154,12 +164,15 @@ describe("a fleet with a frozen instance", function()
     local warned = false
     for _, w in ipairs(h.json.warnings) do warned = warned or tostring(w):match("^fleet: lease lost") ~= nil end
     assert.is_true(warned, h.body)
-    for _, c in ipairs({ c_other, c_paused }) do
+    for _, c in ipairs({ c_other, c_paused, c_commit }) do
       local r = c:receive()
       assert.equal(503, r.status, r.body)
       assert.equal("fleet_lease_lost", r.json.code, r.body)
       assert.equal("1", r.headers["retry-after"])
     end
+
+    -- The commit was refused and rolled back: the write never happened.
+    assert.equal("0", helpers.psql(SHARD_DBS[1], "SELECT count(*) FROM items WHERE name = 'behind-the-fence'"))
 
     -- Once it renewed and read the pause table: other tenants are served, the paused one waits.
     helpers.wait_until(function()
