@@ -55,6 +55,16 @@ return {
   --   refresh = 30, listen = "tenant_directory", pause_warning = 60,
   -- },
 
+  -- A fleet of instances (see README "A fleet of gateways"): pauses hold on
+  -- every instance; an instance without its lease routes nothing (503
+  -- fleet_lease_lost). Tables are created in the database if missing.
+  -- fleet = {
+  --   url = env("FLEET_DATABASE_URL"),   -- default: directory.url
+  --   lease = 10,                        -- seconds; renewed every lease/3
+  --   timeout = 30,                      -- a fleet-wide pause or resume waits this long for every instance
+  --   table = "shardgate_fleet",         -- also <table>_pause, <table>_ack, <table>_seq, and the NOTIFY channel
+  -- },
+
   -- Interactive transactions, POST /begin ... /commit (see README "Interactive transactions") (reload).
   transaction_idle_timeout = 10,   -- one no request uses this long is rolled back, its connection returned
   max_open_transactions = {

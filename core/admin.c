@@ -19,6 +19,7 @@
 #include "config.h"
 #include "directory.h"
 #include "dryrun.h"
+#include "fleet.h"
 #include "pgsql.h"
 #include "generation.h"
 #include "http.h"
@@ -109,11 +110,131 @@ static void on_resumed(const struct tenants_resume_result *r, void *arg)
 	reply(req, 200, b);
 }
 
-/* The answer may wait for the tenant's requests in flight to end (tenants.c). */
+/* ---- with a fleet: pauses and resumes every instance carries out (fleet.c) ---- */
+
+static void on_fleet_abort(struct http_request *req)
+{
+	fleet_cancel(req);
+	http_reply_error(req, 499, "aborted", "client went away");
+}
+
+/* The ids of the members that are (acked true) or are not (false) acknowledged, not gone unless acked. */
+static void write_ids(struct evbuffer *b, const struct fleet_op_result *r, bool acked)
+{
+	int n = 0;
+	evbuffer_add(b, "[", 1);
+	for (int i = 0; i < r->nmembers; i++) {
+		const struct fleet_member *m = &r->members[i];
+		if (m->acked != acked || (!acked && strcmp(m->state, "gone") == 0))
+			continue;
+		if (n++)
+			evbuffer_add(b, ",", 1);
+		jsonw_cstring(b, m->id);
+	}
+	evbuffer_add(b, "]", 1);
+}
+
+/* 200 once every instance that is not gone acknowledged, 504 naming those that did not, 503 without the database. */
+static void on_fleet_done(const struct fleet_op_result *r, void *arg)
+{
+	struct http_request *req = arg;
+	struct evbuffer *b;
+	req->on_abort = NULL;
+	if (r->end == FLEET_OP_FAILED) {
+		http_reply_error(req, 503, "fleet_unavailable", r->error);
+		return;
+	}
+	b = new_buffer();
+	evbuffer_add(b, "{\"tenant\":", 10);
+	jsonw_cstring(b, r->tenant);
+	evbuffer_add_printf(b, ",\"paused\":%s,\"acked\":", r->pause ? "true" : "false");
+	write_ids(b, r, true);
+	if (r->end == FLEET_OP_DONE) {
+		evbuffer_add(b, "}", 1);
+		reply(req, 200, b);
+		return;
+	}
+	evbuffer_add(b, ",\"missing\":", 11);
+	write_ids(b, r, false);
+	evbuffer_add_printf(b, ",\"code\":\"timeout\",\"error\":\"instances listed in missing did not acknowledge "
+			    "within %gs (fleet.timeout); the %s stays recorded\"}", r->timeout,
+			    r->pause ? "pause" : "resume");
+	reply(req, 504, b);
+}
+
+/* GET /admin/fleet: this instance's lease and the instances table. */
+static void on_fleet_list(const struct fleet_member *m, int n, const char *error, void *arg)
+{
+	struct http_request *req = arg;
+	struct evbuffer *b = new_buffer();
+	struct fleet_status st;
+	req->on_abort = NULL;
+	fleet_status(&st);
+	evbuffer_add(b, "{\"id\":", 6);
+	jsonw_cstring(b, st.id);
+	evbuffer_add_printf(b, ",\"lease\":{\"held\":%s,\"seconds\":%g,\"renewed_ago\":", st.fenced ? "false" : "true",
+			    st.lease);
+	if (st.registered)
+		evbuffer_add_printf(b, "%.3f}", st.renewed_ago);
+	else
+		evbuffer_add(b, "null}", 5);
+	if (error) {
+		evbuffer_add(b, ",\"instances\":null,\"code\":\"fleet_unavailable\",\"error\":", 53);
+		jsonw_cstring(b, error);
+		evbuffer_add(b, "}", 1);
+		reply(req, 503, b);
+		return;
+	}
+	evbuffer_add(b, ",\"instances\":[", 14);
+	for (int i = 0; i < n; i++) {
+		char started[32];
+		iso_time(m[i].started, started, sizeof(started));
+		evbuffer_add(b, i ? ",{\"id\":" : "{\"id\":", i ? 7 : 6);
+		jsonw_cstring(b, m[i].id);
+		evbuffer_add(b, ",\"state\":", 9);
+		jsonw_cstring(b, m[i].state);
+		evbuffer_add(b, ",\"host\":", 8);
+		jsonw_cstring(b, m[i].host);
+		evbuffer_add_printf(b, ",\"pid\":%d,\"version\":", m[i].pid);
+		jsonw_cstring(b, m[i].version);
+		evbuffer_add_printf(b, ",\"started\":\"%s\",\"generation\":%u,\"lease\":%g,\"heartbeat_age\":%.3f,"
+				    "\"expires_in\":%.3f,\"self\":%s}", started, m[i].generation, m[i].lease,
+				    m[i].heartbeat_age, m[i].expires_in, m[i].self ? "true" : "false");
+	}
+	evbuffer_add(b, "]}", 2);
+	reply(req, 200, b);
+}
+
+static void handle_fleet(struct http_request *req)
+{
+	if (!fleet_enabled()) {
+		http_reply_error(req, 404, "not_found", "no fleet is configured (config key fleet)");
+		return;
+	}
+	req->on_abort = on_fleet_abort;
+	fleet_list(on_fleet_list, req);
+}
+
+/* The answer may wait for the tenant's requests in flight to end (tenants.c), on every instance with a fleet. */
 static void handle_pause(struct http_request *req, const char *id)
 {
+	if (fleet_enabled()) {
+		req->on_abort = on_fleet_abort;
+		fleet_request(id, true, on_fleet_done, req);
+		return;
+	}
 	req->on_abort = on_pause_abort;
 	tenants_pause(id, on_paused, req);
+}
+
+static void handle_resume(struct http_request *req, const char *id)
+{
+	if (fleet_enabled()) {
+		req->on_abort = on_fleet_abort;
+		fleet_request(id, false, on_fleet_done, req);
+		return;
+	}
+	tenants_resume(id, on_resumed, req);
 }
 
 /* GET /admin/tenants: {"paused": [{"tenant", "seconds", "waiting", "in_flight"}, ...]} */
@@ -329,7 +450,7 @@ static void handle_tenant(struct http_request *req, const char *rest)
 	if (strcmp(slash, "/pause") == 0)
 		handle_pause(req, id);
 	else if (strcmp(slash, "/resume") == 0)
-		tenants_resume(id, on_resumed, req);
+		handle_resume(req, id);
 	else
 		http_reply_error(req, 404, "not_found", "use POST /admin/tenants/<id>/pause or /resume");
 }
@@ -362,6 +483,8 @@ void admin_handle(struct http_request *req, void *arg)
 		handle_route(req);
 	} else if (strcmp(p, "/admin/config") == 0 && strcmp(m, "GET") == 0) {
 		handle_config(req);
+	} else if (strcmp(p, "/admin/fleet") == 0 && strcmp(m, "GET") == 0) {
+		handle_fleet(req);
 	} else {
 		http_reply_error(req, 404, "not_found", "no such admin endpoint");
 	}

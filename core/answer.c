@@ -33,7 +33,7 @@ static const struct {
 	{ "checkout_timeout", 503 }, { "queue_full", 503 },        { "shard_unavailable", 503 },
 	{ "tenant_paused", 503 },    { "statement_timeout", 504 },
 	{ "transaction_not_found", 404 }, { "transaction_busy", 409 }, { "transaction_aborted", 409 },
-	{ "too_many_transactions", 503 },
+	{ "too_many_transactions", 503 }, { "fleet_lease_lost", 503 },
 };
 
 static const char *const client_classes[] = {

@@ -149,7 +149,7 @@ static const struct conf_key warning_keys[] = {
 /* Table-valued top-level keys, handled by their own readers. */
 static const char *const section_names[] = { "defaults", "shards", "fanout", "warnings", "breaker",
 					     "settings", "auth", "queries", "tls", "directory",
-					     "pg_users", "json", "max_open_transactions" };
+					     "pg_users", "json", "max_open_transactions", "fleet" };
 
 #define TLS(f) offsetof(struct config, f)
 
@@ -159,6 +159,14 @@ static const struct conf_key directory_keys[] = {
 	{ "refresh", CT_DURATION, TLS(dir_refresh), "30", true, false },
 	{ "listen", CT_STRING, TLS(dir_listen), NULL, true, false },
 	{ "pause_warning", CT_DURATION, TLS(dir_pause_warning), "60", true, false },
+};
+
+/* fleet = { ... }: several instances coordinating pauses (fleet.c); url defaults to directory.url. */
+static const struct conf_key fleet_keys[] = {
+	{ "url", CT_STRING, TLS(fleet_url), NULL, true, false },
+	{ "lease", CT_DURATION, TLS(fleet_lease), "10", true, false },
+	{ "timeout", CT_DURATION, TLS(fleet_timeout), "30", true, false },
+	{ "table", CT_STRING, TLS(fleet_table), "\"shardgate_fleet\"", true, false },
 };
 
 static const struct conf_key tls_keys[] = {
@@ -591,6 +599,46 @@ static int read_section(struct reader *r, const char *name, const struct conf_ke
 	}
 	lua_pop(r->L, 1);
 	return rc;
+}
+
+/* fleet = { ... }: set or not (cfg->fleet), url from the directory's, table a plain name. */
+static int read_fleet(struct reader *r, struct config *cfg)
+{
+	const char *t;
+	char *perr = NULL;
+	PQconninfoOption *o;
+	apply_defaults(r, fleet_keys, ARRAY_LEN(fleet_keys), cfg);
+	if (get_section(r, -1, "fleet") < 0)
+		return -1;
+	cfg->fleet = !lua_isnil(r->L, -1);
+	lua_pop(r->L, 1);
+	if (!cfg->fleet)
+		return 0;
+	if (read_section(r, "fleet", fleet_keys, ARRAY_LEN(fleet_keys), cfg) < 0)
+		return -1;
+	if (!cfg->fleet_url && cfg->dir_url)
+		cfg->fleet_url = xstrdup(cfg->dir_url);
+	if (!cfg->fleet_url) {
+		fmt_err(r->err, r->errlen, "%s: fleet.url is required (there is no directory.url to default to)",
+			key_at(r, "", "fleet"));
+		return -1;
+	}
+	o = PQconninfoParse(cfg->fleet_url, &perr);
+	PQfreemem(perr);
+	if (!o) {
+		fmt_err(r->err, r->errlen, "%s: fleet.url is not a valid connection string", key_at(r, "fleet.", "url"));
+		return -1;
+	}
+	PQconninfoFree(o);
+	t = cfg->fleet_table;
+	if (!*t || strlen(t) > 40 || strspn(t, "abcdefghijklmnopqrstuvwxyz0123456789_") != strlen(t) ||
+	    isdigit((unsigned char)*t)) {
+		fmt_err(r->err, r->errlen,
+			"%s: fleet.table must be a lowercase name of letters, digits and _ (at most 40), got '%s'",
+			key_at(r, "fleet.", "table"), t);
+		return -1;
+	}
+	return 0;
 }
 
 static int read_defaults(struct reader *r, struct config *cfg)
@@ -1222,6 +1270,8 @@ static int read_config(struct reader *r, struct config *cfg)
 		}
 		PQconninfoFree(o);
 	}
+	if (read_fleet(r, cfg) < 0)
+		return -1;
 	if (!cfg->tls_cert != !cfg->tls_key) {
 		fmt_err(r->err, r->errlen, "%s: tls needs both cert and key", key_at(r, "", "tls"));
 		return -1;
@@ -1352,6 +1402,8 @@ void config_free(struct config *cfg)
 	free(cfg->dir_url);
 	free(cfg->dir_query);
 	free(cfg->dir_listen);
+	free(cfg->fleet_url);
+	free(cfg->fleet_table);
 	free(cfg->json_int8);
 	free(cfg->json_bytea);
 	for (int i = 0; i < cfg->nsettings; i++) {
@@ -1567,6 +1619,8 @@ void config_describe(const struct config *cfg, const struct config_visitor *v, v
 	describe_object(&d, "max_open_transactions", txn_cap_keys, ARRAY_LEN(txn_cap_keys), cfg);
 	if (cfg->dir_url)
 		describe_object(&d, "directory", directory_keys, ARRAY_LEN(directory_keys), cfg);
+	if (cfg->fleet)
+		describe_object(&d, "fleet", fleet_keys, ARRAY_LEN(fleet_keys), cfg);
 	for (int i = 0; i < cfg->nsettings; i++)
 		step(&d, cfg->settings[i].key, cfg->settings[i].kind, cfg->settings[i].text);
 	describe_auth(&d, &cfg->auth);

@@ -104,6 +104,11 @@ struct config {
 	char *dir_listen;
 	double dir_refresh;
 	double dir_pause_warning;
+	bool fleet;               /* `fleet` is set: instances coordinate pauses and leases (fleet.c) */
+	char *fleet_url;          /* fleet.url; directory.url when not given */
+	double fleet_lease;       /* fleet.lease: seconds a heartbeat holds the lease */
+	double fleet_timeout;     /* fleet.timeout: seconds a fleet-wide pause or resume waits for acks */
+	char *fleet_table;        /* fleet.table: the instances table; also names the pause table and channel */
 	char *tls_cert;           /* HTTPS on the client listener when both are set */
 	char *tls_key;
 	struct shard_conf defaults;

@@ -27,6 +27,7 @@
 #include "config.h"
 #include "fanout.h"
 #include "fault.h"
+#include "fleet.h"
 #include "generation.h"
 #include "log.h"
 #include "pool.h"
@@ -973,6 +974,7 @@ static void route_request(struct exec *r)
 {
 	struct req *rq = r->rq;
 	bool transaction = rq->transaction;
+	struct fault fence = { 0 };
 
 	route_clear(&r->route);
 	rq->auth = &r->auth;
@@ -981,6 +983,11 @@ static void route_request(struct exec *r)
 	str_copy(rq->info.tenant, sizeof(rq->info.tenant), r->route.tenant);
 	if (forbidden(r))
 		return;
+	if (fleet_fence(&fence)) {          /* this instance lost its fleet lease: it routes nothing */
+		fail_with(r, &fence);
+		finish(r);
+		return;
+	}
 	if (r->route.kind == ROUTE_FANOUT && rq->lease && !rq->fanout_ok) {
 		fail(r, "bad_request", route_lease_fanout_message());
 		finish(r);
@@ -1144,6 +1151,7 @@ void exec_continue(struct exec *r, struct req *rq, struct sink *k, exec_done_cb 
 
 void exec_end(struct exec *r, struct req *rq, bool commit, struct sink *k, exec_done_cb done, void *arg)
 {
+	struct fault fence = { 0 };
 	take_over(r, rq, k, done, arg);
 	if (rq->method && !admitted(r)) {
 		park(r);
@@ -1155,6 +1163,10 @@ void exec_end(struct exec *r, struct req *rq, bool commit, struct sink *k, exec_
 		return;
 	}
 	r->timeout = r->shard->statement_timeout;
+	if (commit && fleet_fence(&fence)) {   /* a fenced instance commits nothing: rolled back instead */
+		fail_with(r, &fence);
+		commit = false;
+	}
 	r->phase = commit ? PH_COMMIT : PH_ROLLBACK;
 	if (commit && PQtransactionStatus(r->conn->pg) == PQTRANS_INERROR) {
 		/* COMMIT would answer ROLLBACK: say so, and roll back. */

@@ -16,6 +16,7 @@
 
 #include "config.h"
 #include "directory.h"
+#include "fleet.h"
 #include "generation.h"
 #include "http.h"
 #include "jsonw.h"
@@ -139,6 +140,38 @@ static void write_directory(struct evbuffer *b)
 	evbuffer_add(b, "}}", 2);
 }
 
+/* The "fleet" member, only with a fleet (without one the document is as it always was). */
+static void write_fleet(struct evbuffer *b)
+{
+	struct fleet_status st;
+	fleet_status(&st);
+	if (!st.enabled)
+		return;
+	evbuffer_add(b, ",\"fleet\":{\"id\":", 15);
+	jsonw_cstring(b, st.id);
+	evbuffer_add_printf(b, ",\"lease\":\"%s\",\"lease_seconds\":%g,\"renewed_ago\":", st.fenced ? "lost" : "held",
+			    st.lease);
+	if (st.registered)
+		evbuffer_add_printf(b, "%.3f", st.renewed_ago);
+	else
+		evbuffer_add(b, "null", 4);
+	evbuffer_add_printf(b, ",\"error\":");
+	jsonw_cstring(b, st.error);
+	evbuffer_add(b, "}", 1);
+}
+
+static void fleet_warnings(struct warn_list *w)
+{
+	struct fleet_status st;
+	char msg[400];
+	fleet_status(&st);
+	if (!st.enabled || !st.fenced)
+		return;
+	snprintf(msg, sizeof(msg), "fleet: lease lost; routing no requests (503 fleet_lease_lost)%s%s",
+		 st.error[0] ? ": " : "", st.error);
+	add_warning(w, msg);
+}
+
 /*
  * /health/shards at thousands of shards: the statuses, their JSON and the
  * warnings hook's table are made HEALTH_SLICE shards per loop turn, and the
@@ -181,8 +214,10 @@ static void health_step(evutil_socket_t fd, short what, void *arg)
 	write_last_reload(h->b);
 	evbuffer_add(h->b, ",\"directory\":", 13);
 	write_directory(h->b);
+	write_fleet(h->b);
 	evbuffer_add(h->b, ",\"warnings\":[", 13);
 	builtin_warnings(&w, h->st, n, h->g->cfg->warn_utilization);
+	fleet_warnings(&w);
 	directory_warnings(add_warning, &w);
 	tenants_warnings(add_warning, &w, h->g->cfg->dir_pause_warning);
 	script_warnings(h->g->script, h->status_ref, add_warning, &w);
@@ -399,6 +434,7 @@ static void scrape_step(evutil_socket_t fd, short what, void *arg)
 	}
 	write_process_metrics(sc->b, sc->g);
 	directory_metrics(sc->b);
+	fleet_metrics(sc->b);
 	http_reply_typed(sc->req, 200, sc->b, "text/plain; version=0.0.4; charset=utf-8");
 	evbuffer_free(sc->b);
 	event_free(sc->next);

@@ -22,6 +22,7 @@
 #include "directory.h"
 #include "dryrun.h"
 #include "exec.h"
+#include "fleet.h"
 #include "generation.h"
 #include "http.h"
 #include "log.h"
@@ -57,6 +58,7 @@ struct app {
 	bool pg_terminated;
 	bool forced;              /* requests were still running at shutdown_timeout */
 	bool txn_rolled_back;     /* open HTTP transactions were rolled back at shutdown_timeout */
+	int fleet_leaving;        /* drained: 1 while leaving the fleet's table, 2 once done */
 	const char *config_path;
 };
 
@@ -200,6 +202,13 @@ static void on_client_reply(const struct http_request *req, int status, double s
 	accesslog_write(&req->rq, status, secs);
 }
 
+static void on_fleet_left(void *arg)
+{
+	struct app *app = arg;
+	app->fleet_leaving = 2;
+	event_base_loopexit(app->base, NULL);
+}
+
 static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 {
 	struct app *app = arg;
@@ -208,7 +217,11 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 	/* Done when every answer is not only made but written out, and no reload is being built. */
 	if (inflight(app) == 0 && !reload_busy() && http_server_unflushed(app->client) == 0 &&
 	    http_server_unflushed(app->admin) == 0) {
-		event_base_loopexit(app->base, NULL);
+		/* Drained: out of the fleet's table, so its pauses stop waiting for this instance. */
+		if (app->fleet_leaving == 0 && fleet_leave(on_fleet_left, app))
+			app->fleet_leaving = 1;
+		if (app->fleet_leaving != 1)
+			event_base_loopexit(app->base, NULL);
 		return;
 	}
 	if (mono_now() < app->shutdown_deadline)
@@ -338,6 +351,7 @@ static void on_swap(struct generation *g, void *arg)
 	if (app->client)
 		apply_limits(app, g->cfg);
 	directory_configure(app->base, g->cfg);
+	fleet_configure(g->cfg, g->id);
 }
 
 /* The client listener's TLS context from tls.cert / tls.key; NULL with err on failure. */
@@ -379,6 +393,25 @@ static void wait_for_directory(struct app *app, const struct config *cfg)
 			 DIRECTORY_START_WAIT);
 }
 
+/*
+ * With a fleet, register and read its pause table before listening (and
+ * before the directory's first load, so that load is at least as new as
+ * any resume this instance did not take part in).
+ */
+static void wait_for_fleet(struct app *app, const struct generation *g)
+{
+	double deadline = mono_now() + DIRECTORY_START_WAIT;
+	fleet_init(app->base, SHARDGATE_VERSION);
+	fleet_configure(g->cfg, g->id);
+	if (!g->cfg->fleet)
+		return;
+	while (!fleet_ready() && mono_now() < deadline)
+		event_base_loop(app->base, EVLOOP_ONCE);
+	if (!fleet_ready())
+		log_warn("fleet: not registered after %gs; listening anyway (requests get 503 fleet_lease_lost until it is)",
+			 DIRECTORY_START_WAIT);
+}
+
 static int start(struct app *app)
 {
 	char err[1024];
@@ -390,6 +423,7 @@ static int start(struct app *app)
 	generation_set_current(g);
 	reload_init(app->base, app->config_path, on_swap, app);
 	tenants_init(app->base);
+	wait_for_fleet(app, g);
 	wait_for_directory(app, g->cfg);
 	app->client = http_server_new(app->base, g->cfg->listen, request_handle, NULL, err, sizeof(err));
 	if (!app->client) {
@@ -431,6 +465,7 @@ static int start(struct app *app)
 static void stop(struct app *app)
 {
 	/* These may still answer admin requests, so they go before the servers. */
+	fleet_shutdown();
 	directory_shutdown();
 	tenants_shutdown();
 	struct http_server *client = app->client, *admin = app->admin;

@@ -339,7 +339,7 @@ const char *pgwire_fault_sqlstate(const struct fault *f)
 		{ "tenant_paused", "57P03" },    { "statement_timeout", "57014" }, { "forbidden", "42501" },
 		{ "unauthorized", "28000" },     { "no_tenant", "08P01" },    { "bad_request", "22023" },
 		{ "script_error", "XX000" },     { "shard_error", "08006" },  { "out_of_memory", "53200" },
-		{ "result_too_large", "54000" }, { "unknown_shard", "XX000" },
+		{ "result_too_large", "54000" }, { "unknown_shard", "XX000" }, { "fleet_lease_lost", "57P03" },
 	};
 	if (!f->code)
 		return f->sqlstate[0] ? f->sqlstate : "XX000";

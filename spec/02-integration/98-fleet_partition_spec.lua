@@ -1,0 +1,204 @@
+-- A fleet with one instance cut off (issue 22): gateway B is frozen with
+-- SIGSTOP, so it renews no lease and hears no NOTIFY, and a tenant is
+-- paused through gateway A.
+--
+--   * The pause answers 504 after fleet.timeout, naming B as missing.
+--   * Once B's lease has been expired for `lease` seconds, A's fleet table
+--     shows it gone and a pause answers 200 without it.
+--   * When B thaws (SIGCONT) it serves nothing until it has renewed its
+--     lease and read the pause table: requests that were waiting in its
+--     sockets get 503 fleet_lease_lost (and /health/shards says the lease
+--     is lost; an interactive transaction's /commit rolls back instead),
+--     then other tenants are served again, while the paused
+--     tenant's requests wait, on B as on A, until the resume.
+--   * A gateway that starts while the tenant is paused pauses it before it
+--     serves.
+--
+-- Requests meant for the thawing B are written before SIGCONT on
+-- connections it accepted earlier: they are in its sockets when it wakes,
+-- so it reads them before anything it could learn from the database.
+
+local helpers = require "spec.helpers"
+
+local LEASE = 2
+local SHARD_DBS, PRIMARY
+
+local SCRIPT = [[
+local sg = require "shardgate"
+local route = {}
+function route.tenant(req) return req.header["x-tenant"] end
+function route.shard(tenant, shards)
+  return sg.directory(tenant) or shards[1]
+end
+return route
+]]
+
+local function start_gateway()
+  local shards = {}
+  for i, db in ipairs(SHARD_DBS) do
+    shards["shard_" .. (i - 1)] = { url = helpers.pg_url(db), pool = 2, checkout_timeout = 20 }
+  end
+  return helpers.start_gateway({ shards = shards, script = SCRIPT, config = {
+    script_timeout = 2,
+    shutdown_timeout = 2,
+    directory = { url = helpers.pg_url(PRIMARY), query = "SELECT tenant, shard FROM part_dir", refresh = 3600 },
+    fleet = { lease = LEASE, timeout = LEASE },
+  } })
+end
+
+local function admin(gw, method, path)
+  return gw:request(method, path, { admin = true, timeout = 20 })
+end
+
+local function fleet_of(gw)
+  local res = admin(gw, "GET", "/admin/fleet")
+  assert.equal(200, res.status, res.body)
+  return res.json
+end
+
+local function state_of(f, id)
+  for _, inst in ipairs(f.instances) do
+    if inst.id == id then return inst.state end
+  end
+end
+
+local function query(tenant)
+  return { sql = "SELECT name FROM shard_info" }, { ["X-Tenant"] = tenant }
+end
+
+local function send_query(conn, tenant)
+  local body, headers = query(tenant)
+  assert(conn:send("POST", "/query", headers, body))
+end
+
+local function sorted(list)
+  local out = {}
+  for i, v in ipairs(list) do out[i] = v end
+  table.sort(out)
+  return out
+end
+
+describe("a fleet with a frozen instance", function()
+  setup(function()
+    SHARD_DBS = helpers.make_shards(1, "fpart")
+    PRIMARY = helpers.make_shards(1, "fpartp")[1]
+    helpers.psql(PRIMARY, "CREATE TABLE part_dir (tenant text NOT NULL, shard text NOT NULL);"
+      .. " INSERT INTO part_dir VALUES ('mover', 'shard_0'), ('stayer', 'shard_0');")
+  end)
+
+  teardown(function()
+    helpers.stop_all()
+  end)
+
+  it("pauses without it once its lease is gone, and it serves nothing until it caught up", function()
+    local A, B = start_gateway(), start_gateway()
+    local a_id, b_id = fleet_of(A).id, fleet_of(B).id
+    helpers.wait_until(function()
+      local f = fleet_of(A)
+      return state_of(f, b_id) == "live" and state_of(f, a_id) == "live"
+    end, 10, "both gateways live")
+
+    -- Connections B accepted before it froze, one request answered on each.
+    local c_other, c_paused, c_health, c_commit = B:connect({ timeout = 20 }), B:connect({ timeout = 20 }),
+      B:connect({ timeout = 20 }), B:connect({ timeout = 20 })
+    for _, c in ipairs({ c_other, c_paused, c_health, c_commit }) do
+      assert(c:send("GET", "/healthz"))
+      assert.equal(200, c:receive().status)
+    end
+
+    -- An interactive transaction on B with a write in it, to be committed after the thaw.
+    local begun = B:post("/begin", nil, { ["X-Tenant"] = "stayer" })
+    assert.equal(200, begun.status, begun.body)
+    local txn = begun.json.transaction
+    local wrote = B:post("/query", { sql = "INSERT INTO items (organization_id, name) VALUES (7001, 'behind-the-fence')" },
+      { ["X-Tenant"] = "stayer", ["X-Transaction"] = txn })
+    assert.equal(200, wrote.status, wrote.body)
+
+    assert(B:signal("STOP"))
+    local stopped = helpers.now()
+    finally(function() if B:alive() then B:signal("CONT") end end)
+
+    -- The pause cannot reach B: 504 after fleet.timeout, naming it.
+    local t0 = helpers.now()
+    local res = admin(A, "POST", "/admin/tenants/mover/pause")
+    assert.equal(504, res.status, res.body)
+    assert.is_true(helpers.now() - t0 >= LEASE - 0.1, "answered after " .. (helpers.now() - t0))
+    assert.same({ b_id }, res.json.missing)
+    assert.same({ a_id }, res.json.acked)
+    assert.equal("timeout", res.json.code)
+    -- A holds the pause meanwhile (its own part is done).
+    assert.equal("mover", admin(A, "GET", "/admin/tenants").json.paused[1].tenant)
+
+    -- B's lease expires, and `lease` seconds later it counts as gone.
+    local seen = {}
+    helpers.wait_until(function()
+      local st = state_of(fleet_of(A), b_id)
+      seen[st] = true
+      return st == "gone", st
+    end, 4 * LEASE, "B gone in A's fleet table")
+    assert.is_true(helpers.now() - stopped >= LEASE, "gone " .. (helpers.now() - stopped) .. "s after the freeze")
+    res = admin(A, "POST", "/admin/tenants/mover/pause")
+    assert.equal(200, res.status, res.body)
+    assert.same({ a_id }, res.json.acked)
+
+    -- A gateway starting now pauses the tenant before it serves.
+    local C = start_gateway()
+    local c_id = fleet_of(C).id
+    local c_wait = C:connect({ timeout = 20 })
+    send_query(c_wait, "mover")
+    local pending, err = c_wait:try_receive(0.5)
+    assert.is_nil(pending, pending and pending.body)
+    assert.equal("timeout", err)
+    assert.equal(200, C:post("/query", query("stayer")).status)
+
+    -- Requests wait in B's sockets; then it thaws.
+    send_query(c_other, "stayer")
+    send_query(c_paused, "mover")
+    assert(c_health:send("GET", "/health/shards"))
+    assert(c_commit:send("POST", "/commit", { ["X-Tenant"] = "stayer", ["X-Transaction"] = txn }))
+    assert(B:signal("CONT"))
+
+    local h = c_health:receive()
+    assert.equal(200, h.status)
+    assert.equal("lost", h.json.fleet.lease, h.body)
+    local warned = false
+    for _, w in ipairs(h.json.warnings) do warned = warned or tostring(w):match("^fleet: lease lost") ~= nil end
+    assert.is_true(warned, h.body)
+    for _, c in ipairs({ c_other, c_paused, c_commit }) do
+      local r = c:receive()
+      assert.equal(503, r.status, r.body)
+      assert.equal("fleet_lease_lost", r.json.code, r.body)
+      assert.equal("1", r.headers["retry-after"])
+    end
+
+    -- The commit was refused and rolled back: the write never happened.
+    assert.equal("0", helpers.psql(SHARD_DBS[1], "SELECT count(*) FROM items WHERE name = 'behind-the-fence'"))
+
+    -- Once it renewed and read the pause table: other tenants are served, the paused one waits.
+    helpers.wait_until(function()
+      local r = B:post("/query", query("stayer"))
+      return r.status == 200, r.status .. " " .. r.body
+    end, 4 * LEASE, "B serving again")
+    local b_wait = B:connect({ timeout = 20 })
+    send_query(b_wait, "mover")
+    pending, err = b_wait:try_receive(0.5)
+    assert.is_nil(pending, pending and pending.body)
+    assert.equal("timeout", err)
+    assert.equal("live", state_of(fleet_of(A), b_id))
+
+    -- The resume needs all three now, and releases the waiting requests.
+    res = admin(A, "POST", "/admin/tenants/mover/resume")
+    assert.equal(200, res.status, res.body)
+    assert.same(sorted({ a_id, b_id, c_id }), sorted(res.json.acked))
+    for _, c in ipairs({ b_wait, c_wait }) do
+      local r = c:receive()
+      assert.equal(200, r.status, r.body)
+      assert.equal(SHARD_DBS[1], r.json.rows[1][1])
+    end
+
+    local m = helpers.parse_metrics(B:get("/metrics").body)
+    assert.is_true(helpers.metric(m, "shardgate_fleet_lease_lost_total", {}) >= 1)
+    assert.is_true(helpers.metric(m, "shardgate_fleet_refused_total", {}) >= 2)
+    assert.equal(1, helpers.metric(m, "shardgate_fleet_lease_held", {}))
+  end)
+end)
