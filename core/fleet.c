@@ -402,6 +402,7 @@ static void on_work_event(struct pgconn *c, enum pgconn_event ev, PGresult *res,
 	}
 	case PGCONN_EV_NOTIFY:
 	case PGCONN_EV_NOTICE:
+	case PGCONN_EV_STEP:
 		return;
 	}
 }
@@ -764,6 +765,7 @@ static void on_listen_event(struct pgconn *c, enum pgconn_event ev, PGresult *re
 		return;
 	case PGCONN_EV_RESULT:
 	case PGCONN_EV_NOTICE:
+	case PGCONN_EV_STEP:
 		return;
 	}
 }
