@@ -205,14 +205,24 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 	struct app *app = arg;
 	(void)fd;
 	(void)what;
-	/* Done when every answer is not only made but written out, and no reload is being built. */
+	/*
+	 * Done when every answer is not only made but written out, no request is
+	 * still arriving on a connection taken before the listener closed, and
+	 * no reload is being built.
+	 */
 	if (inflight(app) == 0 && !reload_busy() && http_server_unflushed(app->client) == 0 &&
-	    http_server_unflushed(app->admin) == 0) {
+	    http_server_unflushed(app->admin) == 0 && http_server_arriving(app->client) == 0 &&
+	    http_server_arriving(app->admin) == 0) {
 		event_base_loopexit(app->base, NULL);
 		return;
 	}
 	if (mono_now() < app->shutdown_deadline)
 		return;
+	if (inflight(app) == 0 && !reload_busy()) {
+		/* Only answers still being written, or requests still arriving: out of time for them. */
+		event_base_loopexit(app->base, NULL);
+		return;
+	}
 	if (!app->waiters_failed) {
 		/* Queued requests get 503 now; the next tick lets those answers go out. */
 		struct generation *g = generation_current();
@@ -391,15 +401,18 @@ static int start(struct app *app)
 	reload_init(app->base, app->config_path, on_swap, app);
 	tenants_init(app->base);
 	wait_for_directory(app, g->cfg);
-	app->client = http_server_new(app->base, g->cfg->listen, request_handle, NULL, err, sizeof(err));
+	app->client = http_server_new(app->base, g->cfg->listen, g->cfg->reuse_port, request_handle, NULL, err,
+				      sizeof(err));
 	if (!app->client) {
 		log_error("%s", err);
 		return -1;
 	}
-	app->admin = http_server_new(app->base, g->cfg->admin_listen, admin_handle, NULL, err,
+	/* Never shared: each process of a reuse_port group is reached on its own admin port. */
+	app->admin = http_server_new(app->base, g->cfg->admin_listen, false, admin_handle, NULL, err,
 				     sizeof(err));
 	if (!app->admin) {
-		log_error("admin listener: %s", err);
+		log_error("admin listener: %s%s", err, g->cfg->reuse_port ? "; each process sharing listen with "
+			  "reuse_port needs an admin_listen of its own" : "");
 		return -1;
 	}
 	http_server_set_reply_hook(app->client, on_client_reply, NULL);
@@ -412,7 +425,7 @@ static int start(struct app *app)
 		http_server_set_tls(app->client, app->tls);
 	}
 	if (g->cfg->pg_listen) {
-		app->pg = pgface_new(app->base, g->cfg->pg_listen, app->tls, err, sizeof(err));
+		app->pg = pgface_new(app->base, g->cfg->pg_listen, g->cfg->reuse_port, app->tls, err, sizeof(err));
 		if (!app->pg) {
 			log_error("%s", err);
 			return -1;
