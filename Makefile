@@ -202,6 +202,8 @@ install: build build/shardgate.8
 	$(INSTALL) -m 644 build/shardgate.8 $(DESTDIR)$(MANDIR)/man8/shardgate.8
 	$(SUBST) conf/shardgate.service >$(DESTDIR)$(UNITDIR)/shardgate.service
 	@chmod 644 $(DESTDIR)$(UNITDIR)/shardgate.service
+	$(SUBST) conf/shardgate@.service >$(DESTDIR)$(UNITDIR)/shardgate@.service
+	@chmod 644 $(DESTDIR)$(UNITDIR)/shardgate@.service
 	@if [ -e $(DESTDIR)$(SYSCONFDIR)/shardgate/shardgate.lua ]; then \
 		echo "keeping $(DESTDIR)$(SYSCONFDIR)/shardgate/shardgate.lua"; \
 	else \
@@ -214,7 +216,7 @@ install: build build/shardgate.8
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/shardgate $(DESTDIR)$(MANDIR)/man8/shardgate.8 \
-		$(DESTDIR)$(UNITDIR)/shardgate.service
+		$(DESTDIR)$(UNITDIR)/shardgate.service $(DESTDIR)$(UNITDIR)/shardgate@.service
 	rm -rf $(DESTDIR)$(DATADIR) $(DESTDIR)$(DOCDIR)
 	@if [ -d $(DESTDIR)$(SYSCONFDIR)/shardgate ]; then \
 		echo "left $(DESTDIR)$(SYSCONFDIR)/shardgate in place (your configuration)"; fi

@@ -14,6 +14,8 @@
 return {
   listen       = "127.0.0.1:8080",       -- client HTTP listener (restart)
   admin_listen = "127.0.0.1:8081",       -- admin HTTP listener, keep it on loopback (restart)
+  reuse_port   = false,                  -- true: several processes share listen and pg_listen (SO_REUSEPORT);
+                                         -- each needs its own admin_listen (README "Deploying") (restart)
   script       = "../scripts/routing.lua", -- routing script, relative to this file's folder (reload)
   watch        = false,                  -- reload when this file or the script changes (reload)
   shard_histograms = true,               -- per-shard histograms in /metrics; false for thousands of shards (reload)

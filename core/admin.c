@@ -25,6 +25,7 @@
 #include "http.h"
 #include "jsonw.h"
 #include "reload.h"
+#include "request.h"
 #include "script.h"
 #include "tenants.h"
 
@@ -485,6 +486,9 @@ void admin_handle(struct http_request *req, void *arg)
 		handle_config(req);
 	} else if (strcmp(p, "/admin/fleet") == 0 && strcmp(m, "GET") == 0) {
 		handle_fleet(req);
+	} else if (strcmp(p, "/metrics") == 0 || strcmp(p, "/health/shards") == 0 || strcmp(p, "/healthz") == 0) {
+		/* This process's own, as on the client listener, which under reuse_port reaches any of a group. */
+		request_handle(req, NULL);
 	} else {
 		http_reply_error(req, 404, "not_found", "no such admin endpoint");
 	}

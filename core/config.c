@@ -80,6 +80,7 @@ static const struct conf_key top_keys[] = {
 	{ "listen", CT_STRING, TOP(listen), "\"127.0.0.1:8080\"", false, false },
 	{ "admin_listen", CT_STRING, TOP(admin_listen), "\"127.0.0.1:8081\"", false, false },
 	{ "pg_listen", CT_STRING, TOP(pg_listen), NULL, false, false },
+	{ "reuse_port", CT_BOOL, TOP(reuse_port), "false", false, false },
 	{ "script", CT_STRING, TOP(script), NULL, true, false },
 	{ "watch", CT_BOOL, TOP(watch), "false", true, false },
 	{ "shard_histograms", CT_BOOL, TOP(shard_histograms), "true", true, false },

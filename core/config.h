@@ -77,6 +77,7 @@ struct config {
 	char *listen;
 	char *admin_listen;
 	char *pg_listen;          /* the PostgreSQL face's listener; NULL: off */
+	bool reuse_port;          /* listen and pg_listen with SO_REUSEPORT: several processes share them */
 	char *script;             /* resolved against dir */
 	bool watch;
 	bool shard_histograms;    /* /metrics has the two histograms per shard */

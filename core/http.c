@@ -58,6 +58,7 @@ struct http_conn {
 	enum conn_state state;
 	bool dead;               /* the client is gone; free after the handler replies */
 	bool reading;            /* bytes of a request arrived: the request deadline runs */
+	bool fresh;              /* accepted, and no byte of a request read yet */
 	bool peer_eof;           /* the client shut down its sending side: answer, then close */
 	bool probing;            /* ... and whether it left entirely is being watched (timer) */
 	size_t scan_from;        /* where the search for the end of the head resumes */
@@ -427,6 +428,7 @@ static void request_begins(struct http_conn *c)
 	if (c->reading)
 		return;
 	c->reading = true;
+	c->fresh = false;
 	set_deadline(c, mono_now() + c->srv->lim.client_timeout);
 }
 
@@ -1034,6 +1036,7 @@ static void on_accept(struct evconnlistener *l, evutil_socket_t fd, struct socka
 	c = xcalloc(1, sizeof(*c));
 	c->srv = s;
 	c->fd = fd;
+	c->fresh = true;
 	evutil_make_socket_nonblocking(fd);
 	c->rev = event_new(s->base, fd, EV_READ | EV_PERSIST, on_read, c);
 	c->wev = event_new(s->base, fd, EV_WRITE | EV_PERSIST, on_write, c);
@@ -1103,7 +1106,7 @@ static int parse_addr(const char *addr, struct sockaddr_storage *ss, int *sslen)
 	return 0;
 }
 
-struct http_server *http_server_new(struct event_base *base, const char *addr,
+struct http_server *http_server_new(struct event_base *base, const char *addr, bool reuse_port,
 				    http_handler handler, void *arg, char *err, size_t errlen)
 {
 	struct http_server *s = xcalloc(1, sizeof(*s));
@@ -1123,11 +1126,16 @@ struct http_server *http_server_new(struct event_base *base, const char *addr,
 		goto fail;
 	}
 	s->listener = evconnlistener_new_bind(base, on_accept, s,
-					      LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE |
-						      LEV_OPT_CLOSE_ON_EXEC,
+					      LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_EXEC |
+						      (reuse_port ? LEV_OPT_REUSEABLE_PORT : 0),
 					      1024, (struct sockaddr *)&ss, sslen);
 	if (!s->listener) {
-		fmt_err(err, errlen, "cannot listen on %s: %s", addr, strerror(errno));
+		int e = errno;
+		fmt_err(err, errlen, "cannot listen on %s: %s%s", addr, strerror(e),
+			e == EADDRINUSE ? (reuse_port ? " (by a process without reuse_port, or another user's)"
+						      : " (another process listens there; reuse_port = true in every "
+							"process lets several share it)")
+					: "");
 		goto fail;
 	}
 	evconnlistener_set_error_cb(s->listener, on_accept_error);
@@ -1156,18 +1164,61 @@ void http_server_set_reply_hook(struct http_server *s, http_reply_hook hook, voi
 	s->reply_arg = arg;
 }
 
+/*
+ * Closing a listener resets the connections in its accept queue: the kernel
+ * completed their handshake, their clients may have sent a request. So they
+ * are taken first, up to the one that is not there (EAGAIN). Under
+ * SO_REUSEPORT the kernel queues connections on each process's listener
+ * until it is closed; what completes between this and the close (a few
+ * microseconds) is still reset, unless net.ipv4.tcp_migrate_req hands it to
+ * another process.
+ */
+static void accept_queued(struct http_server *s)
+{
+	evutil_socket_t lfd = evconnlistener_get_fd(s->listener);
+	for (;;) {
+		struct sockaddr_storage ss;
+		socklen_t len = sizeof(ss);
+		int fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0) {
+			if (errno == EINTR || errno == ECONNABORTED)
+				continue;
+			if (errno != EAGAIN && errno != EWOULDBLOCK)
+				log_warn("http: taking the queued connections before closing the listener: %s; "
+					 "the rest are reset", strerror(errno));
+			return;
+		}
+		on_accept(s->listener, fd, (struct sockaddr *)&ss, (int)len, s);
+	}
+}
+
+static bool arriving(const struct http_conn *c)
+{
+	return (c->state == CS_HEAD || c->state == CS_BODY) && (c->fresh || c->reading);
+}
+
 void http_server_shutdown(struct http_server *s)
 {
 	struct http_conn *c, *next;
+	double grace;
 	if (!s)
 		return;   /* a stop signal before the listeners exist */
 	s->shutting_down = true;
-	/* Close the listening socket, so new connections are refused rather than left waiting. */
-	if (s->listener)
+	grace = mono_now() + HTTP_ARRIVING_GRACE;
+	/* Close the listening socket, so new connections are refused (or go to another process) rather than wait. */
+	if (s->listener) {
+		accept_queued(s);
 		evconnlistener_free(s->listener);
+	}
 	s->listener = NULL;
 	for (c = LIST_FIRST(&s->conns); c; c = next) {
 		next = LIST_NEXT(c, link);
+		if (arriving(c)) {
+			/* Its request is on its way (a client writes right after connecting): answered, briefly waited for. */
+			if (!c->writing && c->deadline > grace)
+				set_deadline(c, grace);
+			continue;
+		}
 		if (c->state != CS_HEAD || evbuffer_get_length(c->in) > 0)
 			continue;
 		if (evbuffer_get_length(c->out) == 0) {
@@ -1183,6 +1234,17 @@ void http_server_shutdown(struct http_server *s)
 int http_server_inflight(const struct http_server *s)
 {
 	return s ? s->inflight : 0;
+}
+
+int http_server_arriving(const struct http_server *s)
+{
+	int n = 0;
+	const struct http_conn *c;
+	if (!s)
+		return 0;
+	LIST_FOREACH(c, &s->conns, link)
+		n += arriving(c);
+	return n;
 }
 
 int http_server_unflushed(const struct http_server *s)

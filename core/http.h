@@ -51,14 +51,23 @@ struct http_limits {
 	double keepalive_timeout;  /* an idle connection is closed after this */
 };
 
-struct http_server *http_server_new(struct event_base *base, const char *addr,
+/* reuse_port: bind with SO_REUSEPORT, so other processes may listen on addr too. */
+struct http_server *http_server_new(struct event_base *base, const char *addr, bool reuse_port,
 				    http_handler handler, void *arg, char *err, size_t errlen);
 void http_server_set_limits(struct http_server *s, const struct http_limits *lim);
 void http_server_set_reply_hook(struct http_server *s, http_reply_hook hook, void *arg);
 /* Serve HTTPS on new connections with this SSL_CTX (the caller keeps it alive). */
 void http_server_set_tls(struct http_server *s, void *ssl_ctx);
-/* Stop accepting, close idle connections, and close the others after their reply. */
+/*
+ * Stop accepting: take the connections the kernel already queued, close the
+ * listener, close idle connections, and close the others after their reply.
+ * A connection whose request is still arriving (nothing read yet, or part of
+ * it) gets up to HTTP_ARRIVING_GRACE seconds to complete it, then its answer.
+ */
 void http_server_shutdown(struct http_server *s);
+#define HTTP_ARRIVING_GRACE 1.0
+/* Connections whose request is arriving (see http_server_shutdown). */
+int http_server_arriving(const struct http_server *s);
 /* Requests received and not yet answered. */
 int http_server_inflight(const struct http_server *s);
 /* Connections whose answers are not yet all written. */

@@ -214,9 +214,14 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 	struct app *app = arg;
 	(void)fd;
 	(void)what;
-	/* Done when every answer is not only made but written out, and no reload is being built. */
+	/*
+	 * Done when every answer is not only made but written out, no request is
+	 * still arriving on a connection taken before the listener closed, and
+	 * no reload is being built.
+	 */
 	if (inflight(app) == 0 && !reload_busy() && http_server_unflushed(app->client) == 0 &&
-	    http_server_unflushed(app->admin) == 0) {
+	    http_server_unflushed(app->admin) == 0 && http_server_arriving(app->client) == 0 &&
+	    http_server_arriving(app->admin) == 0) {
 		/* Drained: out of the fleet's table, so its pauses stop waiting for this instance. */
 		if (app->fleet_leaving == 0 && fleet_leave(on_fleet_left, app))
 			app->fleet_leaving = 1;
@@ -226,6 +231,11 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 	}
 	if (mono_now() < app->shutdown_deadline)
 		return;
+	if (inflight(app) == 0 && !reload_busy()) {
+		/* Only answers still being written, or requests still arriving: out of time for them. */
+		event_base_loopexit(app->base, NULL);
+		return;
+	}
 	if (!app->waiters_failed) {
 		/* Queued requests get 503 now; the next tick lets those answers go out. */
 		struct generation *g = generation_current();
@@ -425,15 +435,18 @@ static int start(struct app *app)
 	tenants_init(app->base);
 	wait_for_fleet(app, g);
 	wait_for_directory(app, g->cfg);
-	app->client = http_server_new(app->base, g->cfg->listen, request_handle, NULL, err, sizeof(err));
+	app->client = http_server_new(app->base, g->cfg->listen, g->cfg->reuse_port, request_handle, NULL, err,
+				      sizeof(err));
 	if (!app->client) {
 		log_error("%s", err);
 		return -1;
 	}
-	app->admin = http_server_new(app->base, g->cfg->admin_listen, admin_handle, NULL, err,
+	/* Never shared: each process of a reuse_port group is reached on its own admin port. */
+	app->admin = http_server_new(app->base, g->cfg->admin_listen, false, admin_handle, NULL, err,
 				     sizeof(err));
 	if (!app->admin) {
-		log_error("admin listener: %s", err);
+		log_error("admin listener: %s%s", err, g->cfg->reuse_port ? "; each process sharing listen with "
+			  "reuse_port needs an admin_listen of its own" : "");
 		return -1;
 	}
 	http_server_set_reply_hook(app->client, on_client_reply, NULL);
@@ -446,7 +459,7 @@ static int start(struct app *app)
 		http_server_set_tls(app->client, app->tls);
 	}
 	if (g->cfg->pg_listen) {
-		app->pg = pgface_new(app->base, g->cfg->pg_listen, app->tls, err, sizeof(err));
+		app->pg = pgface_new(app->base, g->cfg->pg_listen, g->cfg->reuse_port, app->tls, err, sizeof(err));
 		if (!app->pg) {
 			log_error("%s", err);
 			return -1;

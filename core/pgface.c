@@ -4193,8 +4193,8 @@ static void on_accept_error(struct evconnlistener *l, void *arg)
 	log_warn("pg: accept failed: %s", strerror(errno));
 }
 
-struct pgface *pgface_new(struct event_base *base, const char *addr, struct ssl_ctx_st *tls, char *err,
-			  size_t errlen)
+struct pgface *pgface_new(struct event_base *base, const char *addr, bool reuse_port, struct ssl_ctx_st *tls,
+			  char *err, size_t errlen)
 {
 	struct pgface *f = xcalloc(1, sizeof(*f));
 	struct sockaddr_storage ss;
@@ -4208,10 +4208,16 @@ struct pgface *pgface_new(struct event_base *base, const char *addr, struct ssl_
 		return NULL;
 	}
 	f->listener = evconnlistener_new_bind(base, on_accept, f,
-					      LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_EXEC, 1024,
-					      (struct sockaddr *)&ss, len);
+					      LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_EXEC |
+						      (reuse_port ? LEV_OPT_REUSEABLE_PORT : 0),
+					      1024, (struct sockaddr *)&ss, len);
 	if (!f->listener) {
-		fmt_err(err, errlen, "cannot listen on %s (pg_listen): %s", addr, strerror(errno));
+		int e = errno;
+		fmt_err(err, errlen, "cannot listen on %s (pg_listen): %s%s", addr, strerror(e),
+			e == EADDRINUSE ? (reuse_port ? " (by a process without reuse_port, or another user's)"
+						      : " (another process listens there; reuse_port = true in every "
+							"process lets several share it)")
+					: "");
 		free(f);
 		return NULL;
 	}
@@ -4230,7 +4236,26 @@ void pgface_shutdown(struct pgface *f)
 	if (!f)
 		return;
 	f->shutting_down = true;
-	evconnlistener_disable(f->listener);
+	/*
+	 * Closed, not only disabled: under SO_REUSEPORT the kernel would go on
+	 * queueing new clients on it for the whole drain. Those it queued
+	 * already are taken first (on_accept answers them 57P01, as PostgreSQL
+	 * answers a login during its shutdown), since the close resets them.
+	 */
+	if (f->listener) {
+		evutil_socket_t lfd = evconnlistener_get_fd(f->listener);
+		for (;;) {
+			struct sockaddr_storage ss;
+			socklen_t sl = sizeof(ss);
+			int fd = accept4(lfd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+			if (fd >= 0)
+				on_accept(f->listener, fd, (struct sockaddr *)&ss, (int)sl, f);
+			else if (errno != EINTR && errno != ECONNABORTED)
+				break;
+		}
+		evconnlistener_free(f->listener);
+		f->listener = NULL;
+	}
 	for (c = LIST_FIRST(&f->clients); c; c = next) {
 		next = LIST_NEXT(c, link);
 		if (busy(c)) {
@@ -4287,7 +4312,8 @@ void pgface_free(struct pgface *f)
 		f->spare = w->next_spare;
 		work_free(w);
 	}
-	evconnlistener_free(f->listener);
+	if (f->listener)
+		evconnlistener_free(f->listener);
 	free(f);
 }
 

@@ -7,6 +7,7 @@
 #ifndef SG_PGFACE_H
 #define SG_PGFACE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -14,12 +15,16 @@ struct event_base;
 struct pgface;
 struct ssl_ctx_st;
 
-/* Listen on addr; NULL with err when it cannot. tls (may be NULL) answers SSLRequest with 'S'. */
-struct pgface *pgface_new(struct event_base *base, const char *addr, struct ssl_ctx_st *tls, char *err,
-			  size_t errlen);
 /*
- * Shutdown: stop accepting; clients between transactions are closed with
- * 57P01 at once, the others when their transaction ends (or at
+ * Listen on addr; NULL with err when it cannot. tls (may be NULL) answers
+ * SSLRequest with 'S'. reuse_port: SO_REUSEPORT, other processes may listen on addr too.
+ */
+struct pgface *pgface_new(struct event_base *base, const char *addr, bool reuse_port, struct ssl_ctx_st *tls,
+			  char *err, size_t errlen);
+/*
+ * Shutdown: close the listener (the clients the kernel queued on it first
+ * get 57P01, rather than a reset); clients between transactions are closed
+ * with 57P01 at once, the others when their transaction ends (or at
  * pgface_terminate).
  */
 void pgface_shutdown(struct pgface *f);

@@ -131,6 +131,9 @@ static void warn_restart_keys(const struct config *old, const struct config *cur
 	if (strcmp(old->admin_listen, cur->admin_listen) != 0)
 		log_warn("reload: admin_listen changed to %s; it takes effect after a restart",
 			 cur->admin_listen);
+	if (old->reuse_port != cur->reuse_port)
+		log_warn("reload: reuse_port changed to %s; it takes effect after a restart",
+			 cur->reuse_port ? "true" : "false");
 }
 
 static void *build_main(void *arg)

@@ -743,6 +743,7 @@ fi
 # Once, outside the rounds: the gateway's HTTP path alone, for reference.
 run_wrk sg_healthz -
 stop_gateway
+. "$root/tools/bench/reuseport.sh" && bench_reuseport   # two reuse_port processes against one (issue 22)
 
 # --- round trips: /query, /query under tenant_setting, a three-statement /transaction ---
 . "$root/tools/bench/roundtrips.sh"
@@ -1189,6 +1190,7 @@ ratio "shardgate one-shard / direct prepared @$pool" "$one" "${R_rps[direct_pp]}
 ratio "shardgate spread / pgbouncer simple @$clients" "$sp" "${R_rps[pgb_s32]}"
 ratio "shardgate spread / direct simple @$pool" "$sp" "${R_rps[direct_sp]}"
 ratio "shardgate spread / direct simple @$clients" "$sp" "${R_rps[direct_s32]}"
+reuseport_report
 awk -v a="${R_pcpu[sg_one]}" -v b="${R_pcpu[sg_spread]}" 'BEGIN {
     m = (a + 0 > b + 0) ? a : b
     printf "%-52s %8.1f   target <= 20  %s   (one-shard %s, spread %s)\n",

@@ -154,6 +154,87 @@ describe("conf/shardgate.service", function()
   end)
 end)
 
+describe("conf/shardgate@.service", function()
+  local root
+
+  teardown(function()
+    if root then helpers.run("rm -rf " .. sh(root)) end
+  end)
+
+  it("is installed beside shardgate.service, removed by make uninstall, and an instance passes systemd-analyze verify", function()
+    root = tmpdir("template")
+    local code, out, err = make("install PREFIX=" .. sh(root .. "/usr") .. " SYSCONFDIR=" .. sh(root .. "/etc"))
+    assert(code == 0, out .. err)
+    local dir = root .. "/usr/lib/systemd/system"
+    local text = helpers.read_file(dir .. "/shardgate@.service")
+    assert.truthy(text, "make install did not install shardgate@.service")
+    assert.truthy(text:find("\nExecStart=" .. root .. "/usr/bin/shardgate -c " .. root .. "/etc/shardgate/shardgate.lua\n", 1, true))
+    assert.truthy(text:find("\nEnvironmentFile=-" .. root .. "/etc/default/shardgate\n", 1, true))
+    -- systemd 252 verifies a template through an instance of it (the file of
+    -- that name need not exist: the template beside it is loaded, %i = 2)
+    code, out, err = helpers.run("systemd-analyze verify --man=no " .. sh(dir .. "/shardgate@2.service"))
+    assert.equal(0, code, out .. err)
+    assert.equal("", out .. err)
+    -- and it catches a broken one, so the check above is not empty
+    helpers.write_file(dir .. "/broken@.service", text:gsub("\nType=notify\n", "\nType=notifyy\n"))
+    code, out, err = helpers.run("systemd-analyze verify --man=no " .. sh(dir .. "/broken@2.service"))
+    assert.truthy((out .. err):find("broken@.service:%d+: Failed to parse service type"), out .. err)
+    os.remove(dir .. "/broken@.service")
+    code, out, err = make("uninstall PREFIX=" .. sh(root .. "/usr") .. " SYSCONFDIR=" .. sh(root .. "/etc"))
+    assert(code == 0, out .. err)
+    assert.is_nil(helpers.read_file(dir .. "/shardgate@.service"))
+  end)
+
+  it("runs each instance like the single unit, with its name in SHARDGATE_INSTANCE and one user for all", function()
+    local single = helpers.read_file(helpers.root .. "/conf/shardgate.service")
+    local text = helpers.read_file(helpers.root .. "/conf/shardgate@.service")
+    local function value(t, key) return t:match("\n" .. key .. "=([^\n]*)") end
+    for _, key in ipairs({ "Type", "ExecStart", "ExecStartPre", "ExecReload", "KillSignal", "KillMode",
+                           "TimeoutStopSec", "LimitNOFILE", "DynamicUser", "ProtectSystem", "NoNewPrivileges" }) do
+      assert.equal(value(single, key), value(text, key), key)
+    end
+    assert.equal("SHARDGATE_INSTANCE=%i", value(text, "Environment"))
+    -- SO_REUSEPORT shares a port among one user's sockets only; a dynamic
+    -- user named after each instance would be one user per instance
+    assert.equal("shardgate", value(text, "User"))
+  end)
+
+  it("lets one config give every instance an admin port of its own, as README's Deploying section shows", function()
+    local dbs = helpers.make_shards(1, "svc_tpl")
+    local dir = tmpdir("tplconf")
+    finally(function() helpers.run("rm -rf " .. sh(dir)) end)
+    local base = helpers.free_port()
+    helpers.write_file(dir .. "/routing.lua", helpers.default_script)
+    helpers.write_file(dir .. "/shardgate.lua", string.format([[
+return {
+  listen = "127.0.0.1:%d",
+  reuse_port = true,
+  admin_listen = "127.0.0.1:" .. (%d + tonumber(env("SHARDGATE_INSTANCE", "0"))),
+  script = "routing.lua",
+  shards = { shard_0 = { url = %q } },
+}
+]], helpers.free_port(), base, helpers.pg_url(dbs[1])))
+    for _, i in ipairs({ "1", "2" }) do
+      local code, out, err = helpers.run("SHARDGATE_INSTANCE=" .. i .. " " .. sh(helpers.bin) .. " -c "
+        .. sh(dir .. "/shardgate.lua") .. " --check")
+      assert.equal(0, code, out .. err)
+    end
+    local procs = {}
+    finally(function() for _, p in ipairs(procs) do p:kill("TERM"); p:wait(10) end end)
+    for _, i in ipairs({ 1, 2 }) do
+      procs[i] = helpers.spawn({ helpers.bin, "-c", dir .. "/shardgate.lua" },
+        { log = dir .. "/gw" .. i .. ".log", env = { SHARDGATE_INSTANCE = tostring(i) } })
+    end
+    for _, i in ipairs({ 1, 2 }) do
+      helpers.wait_until(function()
+        assert(procs[i]:alive(), "instance " .. i .. " exited:\n" .. (helpers.read_file(dir .. "/gw" .. i .. ".log") or ""))
+        local ok, res = pcall(helpers.http.request, base + i, "GET", "/healthz", { timeout = 1 })
+        return ok and res.status == 200
+      end, 10, "instance " .. i .. "'s admin port " .. (base + i))
+    end
+  end)
+end)
+
 -- A datagram socket standing in for systemd's notify socket.
 local function notify_socket()
   local dir = tmpdir("notify")

@@ -48,7 +48,7 @@ function init(args)
     headers["X-Organization-Id"] = tenants[math.random(#tenants)]
     if txn3 then
       reqs[k] = wrk.format("POST", "/transaction", headers, '{"statements":[{"sql":"SELECT 1"},'
-        .. head:sub(2) .. math.random(accounts) .. ']},{"sql":"SELECT 2"}]}')
+        .. head .. math.random(accounts) .. ']},{"sql":"SELECT 2"}]}')
     else
       reqs[k] = wrk.format("POST", "/query", headers, head .. math.random(accounts) .. "]}")
     end
