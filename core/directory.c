@@ -1368,7 +1368,7 @@ void directory_status(struct directory_status *st)
 
 void directory_warnings(warn_fn add, void *arg)
 {
-	char msg[400];
+	char msg[512];
 	if (!D.url)
 		return;
 	if (D.attempted && !D.last_ok) {
