@@ -124,6 +124,7 @@ static struct {
 	bool row_connecting, row_busy;
 	struct row_req *row_head, *row_tail;   /* queued, oldest first */
 	struct row_req *row_cur;               /* in flight; NULL when given up on */
+	struct row_req *row_applied;           /* its rows are applied; its waiters hear so at DONE */
 	int nrow_queued, nrow_waiters;
 	char row_error[256];     /* why the one in flight failed */
 	uint64_t rows_loaded, row_ok, row_failed;
@@ -429,6 +430,7 @@ static void finish_load(void)
 		table_free(D.building);
 		notes_clear(false);
 	} else {
+		D.last_rows = (long)D.building->n + D.building->ignored;
 		for (int i = 0; i < D.nnotes; i++)
 			row_into(D.building, D.notes[i].tenant, D.notes[i].shard);
 		table_free(D.live);
@@ -440,7 +442,6 @@ static void finish_load(void)
 		D.ok_total++;
 		D.loaded_at = D.last_at;
 		D.load_secs = mono_now() - D.load_started;
-		D.last_rows = (long)D.live->n + D.live->ignored;
 		log_info("directory: loaded %u entries in %.3fs%s", D.live->n, D.load_secs,
 			 D.live->ignored ? " (some rows name unknown shards; see /health/shards)" : "");
 	}
@@ -451,12 +452,12 @@ static void finish_load(void)
 	}
 	answer_waiters(false);
 	notes_clear(true);
+	row_kick();
 	if (D.again) {
 		D.again = false;
 		start_load();
 		return;
 	}
-	row_kick();
 	if (!directory_busy())
 		run_idle_fn();
 }
@@ -560,6 +561,7 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 /* ---- row refreshes (directory.query_one) ---- */
 
 static void on_row_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg);
+static void row_answer_applied(void);
 
 static void row_req_free(struct row_req *r)
 {
@@ -675,6 +677,7 @@ static void row_conn_lost(const char *why)
 	pgconn_free(D.row_conn);
 	D.row_conn = NULL;
 	D.row_connecting = D.row_busy = false;
+	row_answer_applied();
 	if (D.row_cur || D.row_head)
 		row_failed(msg);
 	else
@@ -782,7 +785,16 @@ static void row_apply(struct row_req *r, PGresult *res)
 	D.row_ok++;
 	D.row_last_failed = false;
 	D.row_cur = NULL;
-	answer_row_waiters(r);
+	D.row_applied = r;
+}
+
+/* The applied refresh's waiters hear so (after the connection's callback, which may not be re-entered). */
+static void row_answer_applied(void)
+{
+	struct row_req *r = D.row_applied;
+	D.row_applied = NULL;
+	if (r)
+		answer_row_waiters(r);
 	row_req_free(r);
 }
 
@@ -839,6 +851,7 @@ static void on_row_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, 
 		}
 		if (D.row_cur)           /* no rows applied: the query failed */
 			row_failed(D.row_error[0] ? D.row_error : "no result");
+		row_answer_applied();
 		row_kick();
 		if (!directory_busy())
 			run_idle_fn();
@@ -1143,6 +1156,7 @@ static void stop_rows(void)
 		pgconn_free(D.row_conn);
 	D.row_conn = NULL;
 	D.row_connecting = D.row_busy = false;
+	row_answer_applied();
 }
 
 /* Stops every connection and the load; waiters stay, for the next load (started by the caller). */
