@@ -471,7 +471,7 @@ describe("directory row refreshes", function()
   describe("without query_one", function()
     after_each(function() helpers.stop_all() end)
 
-    it("a NOTIFY naming a tenant loads the whole directory, as before", function()
+    it("a NOTIFY naming a tenant loads the whole directory, as before; a reload adding query_one changes that", function()
       local T = "plain"
       local OLD = third(hashed(T), nil)
       local NEW = third(OLD, hashed(T))
@@ -489,6 +489,26 @@ describe("directory row refreshes", function()
       assert.equal(0, delta(m0, m1, "shardgate_directory_row_refreshes_total", { result = "ok" }))
       assert.equal(NEW, select(2, who(gw, T)))
       assert.is_false(dir_health(gw).row_refreshes.query_one)
+
+      -- A reload that adds query_one: the next naming NOTIFY reads one row.
+      local config = gw.config
+      config.directory.query_one = "SELECT tenant, shard FROM plain_dir WHERE tenant = $1"
+      gw:write_config(config)
+      local res = gw:request("POST", "/admin/reload", { admin = true, timeout = 10 })
+      assert.equal(200, res.status, res.body)
+      helpers.wait_until(function()
+        local d = dir_health(gw)
+        return d.row_refreshes.query_one and not d.loading, "loading"
+      end, 10, "the reload's load")
+      m0 = scrape(gw)
+      helpers.psql(PRIMARY, "UPDATE plain_dir SET shard = " .. lit(OLD) .. " WHERE tenant = " .. lit(T)
+        .. "; NOTIFY plain, " .. lit(T))
+      helpers.wait_until(function() return select(2, who(gw, T)) == OLD end, 5, "the tenant to move back")
+      rows_settled(gw)
+      m1 = scrape(gw)
+      assert.equal(1, delta(m0, m1, "shardgate_directory_rows_loaded_total"))
+      assert.equal(1, delta(m0, m1, "shardgate_directory_row_refreshes_total", { result = "ok" }))
+      assert.equal(0, delta(m0, m1, "shardgate_directory_refreshes_total", { result = "ok" }))
     end)
   end)
 end)
