@@ -434,6 +434,51 @@ describe("directory row refreshes", function()
     end)
   end)
 
+  describe("POST /admin/directory/refresh?tenant=", function()
+    after_each(function() helpers.stop_all() end)
+
+    it("answers once a refresh of that row which began after the request is live", function()
+      local T, K = "asked", 7104
+      local A = third(hashed(T), nil)
+      local B = third(A, hashed(T))
+      small_table("ask_dir", { [T] = A, other = "shard_0" })
+      local gw = start({ listen = "ask", query = "SELECT tenant, shard FROM ask_dir",
+        query_one = "WITH g AS (SELECT pg_advisory_xact_lock_shared(" .. K .. "))"
+          .. " SELECT tenant, shard FROM ask_dir, g WHERE tenant = $1" })
+      local m0 = scrape(gw)
+
+      -- Without a NOTIFY: the request itself refreshes the row, and answers when it is live.
+      helpers.psql(PRIMARY, "UPDATE ask_dir SET shard = " .. lit(B) .. " WHERE tenant = " .. lit(T))
+      local res = gw:request("POST", "/admin/directory/refresh?tenant=" .. T, { admin = true })
+      assert.equal(200, res.status, res.body)
+      assert.same({ ok = true, size = 2 }, res.json)
+      assert.equal(B, select(2, who(gw, T)))
+
+      -- A refresh in flight when the request came (held, its snapshot older
+      -- than the UPDATE below) does not answer it: the next one does.
+      local l = helpers.latch(PRIMARY, K)
+      helpers.psql(PRIMARY, "NOTIFY ask, " .. lit(T))
+      helpers.wait_until(function() return waiting_on(K) == 1 end, 10, "the NOTIFY's refresh held on the latch")
+      helpers.psql(PRIMARY, "UPDATE ask_dir SET shard = " .. lit(A) .. " WHERE tenant = " .. lit(T))
+      local conn = gw:connect({ admin = true, timeout = 10 })
+      finally(function() conn:close() end)
+      assert(conn:send("POST", "/admin/directory/refresh?tenant=" .. T))
+      helpers.wait_until(function() return dir_health(gw).row_refreshes.pending == 2 end, 10,
+        "the request's refresh queued behind the held one")
+      local early = conn:try_receive(0.3)
+      assert.is_nil(early, "answered while the only refresh that ran began before the request")
+      l:open()
+      res = conn:receive(10)
+      assert.equal(200, res.status, res.body)
+      assert.equal(A, select(2, who(gw, T)), "answered before the row read after the request was live")
+      rows_settled(gw)
+      local m1 = scrape(gw)
+      assert.equal(3, delta(m0, m1, "shardgate_directory_row_refreshes_total", { result = "ok" }))
+      assert.equal(3, delta(m0, m1, "shardgate_directory_rows_loaded_total"))
+      assert.equal(0, delta(m0, m1, "shardgate_directory_refreshes_total", { result = "ok" }))
+    end)
+  end)
+
   describe("a bad query_one", function()
     after_each(function() helpers.stop_all() end)
 
