@@ -250,17 +250,16 @@ static void table_set(struct dir_table *t, const char *tenant, int num)
 	t->n++;
 }
 
-/* A load's row: false when it names a shard the config does not have (counted, not taken). */
-static bool table_put(struct dir_table *t, const char *tenant, const char *shard)
+/* A load's row; one naming a shard the config does not have is counted, not taken. */
+static void table_put(struct dir_table *t, const char *tenant, const char *shard)
 {
 	int num;
 	if (!known_shard(shard) || (num = shard_number(t, shard)) < 0) {
 		if (!t->ignored++)
 			str_copy(t->ignored_example, sizeof(t->ignored_example), shard);
-		return false;
+		return;
 	}
 	table_set(t, tenant, num);
-	return true;
 }
 
 /*
