@@ -55,6 +55,8 @@ return {
   --   url = env("DIRECTORY_DATABASE_URL"),
   --   query = "SELECT tenant, shard FROM tenant_directory",
   --   refresh = 30, listen = "tenant_directory", pause_warning = 60,
+  --   -- a NOTIFY naming tenants ('42', one per line, or a JSON array) reads only their rows:
+  --   query_one = "SELECT tenant, shard FROM tenant_directory WHERE tenant = $1",
   -- },
 
   -- A fleet of instances (see README "A fleet of gateways"): pauses hold on

@@ -299,11 +299,21 @@ static void on_refreshed(const struct directory_refresh_result *r, void *arg)
 	}
 }
 
-/* POST /admin/directory/refresh: the answer waits for a load that began after the request. */
+static const char *arg(const char *q, const char *name, int nth, char *buf, size_t len);
+
+/*
+ * POST /admin/directory/refresh: the answer waits for a load that began
+ * after the request; with ?tenant=ID, for a refresh of that tenant's row
+ * (directory.query_one) that began after it, or a load without query_one.
+ */
 static void handle_directory_refresh(struct http_request *req)
 {
+	char tenant[512];
 	req->on_abort = on_refresh_abort;
-	directory_refresh(on_refreshed, req);
+	if (arg(req->head.query, "tenant", 0, tenant, sizeof(tenant)) && tenant[0])
+		directory_refresh_tenant(tenant, on_refreshed, req);
+	else
+		directory_refresh(on_refreshed, req);
 }
 
 /* config_describe's walk written as JSON: commas by how many members each open container has. */

@@ -159,6 +159,7 @@ static const struct conf_key directory_keys[] = {
 	{ "query", CT_STRING, TLS(dir_query), "\"SELECT tenant, shard FROM tenant_directory\"", true, false },
 	{ "refresh", CT_DURATION, TLS(dir_refresh), "30", true, false },
 	{ "listen", CT_STRING, TLS(dir_listen), NULL, true, false },
+	{ "query_one", CT_STRING, TLS(dir_query_one), NULL, true, false },
 	{ "pause_warning", CT_DURATION, TLS(dir_pause_warning), "60", true, false },
 };
 
@@ -1405,6 +1406,7 @@ void config_free(struct config *cfg)
 	free(cfg->dir_listen);
 	free(cfg->fleet_url);
 	free(cfg->fleet_table);
+	free(cfg->dir_query_one);
 	free(cfg->json_int8);
 	free(cfg->json_bytea);
 	for (int i = 0; i < cfg->nsettings; i++) {

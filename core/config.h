@@ -103,6 +103,7 @@ struct config {
 	int nsettings;            /* 0: no settings table */
 	char *dir_query;
 	char *dir_listen;
+	char *dir_query_one;      /* one tenant's rows, $1 the tenant; NULL: a naming NOTIFY loads all */
 	double dir_refresh;
 	double dir_pause_warning;
 	bool fleet;               /* `fleet` is set: instances coordinate pauses and leases (fleet.c) */

@@ -65,6 +65,25 @@ void directory_refresh(directory_refresh_cb cb, void *arg);
 /* The refresh request with this arg is gone (its client went away): forget it, without calling cb. */
 void directory_refresh_cancel(const void *arg);
 
+/*
+ * Refresh one tenant's row (directory.query_one; without it, a full load
+ * as directory_refresh) and report through cb once a refresh of it that
+ * began after this call is applied to the live table: OK then means the
+ * live table holds the tenant's row as the database had it at some moment
+ * after the call (or no entry, when the row is gone). NONE and BUSY are
+ * reported before this returns; FAILED when the refresh failed (the last
+ * good table stays). arg names the request for directory_refresh_cancel.
+ */
+void directory_refresh_tenant(const char *tenant, directory_refresh_cb cb, void *arg);
+
+/*
+ * The live table's version: starts at 0 (no table), and grows by one with
+ * every full load swapped in and every row refresh applied, never
+ * otherwise. A version read after a refresh reported OK is at least the
+ * one that refresh made.
+ */
+unsigned long directory_version(void);
+
 /* The directory's state, as /health/shards shows it. */
 struct directory_status {
 	bool configured;             /* false: no directory; nothing below is set */
@@ -73,6 +92,13 @@ struct directory_status {
 	double age_seconds;          /* since the live table was loaded */
 	long ignored_rows;           /* rows of the live table naming shards the config does not have */
 	bool loading;                /* a load is running */
+	unsigned long version;       /* directory_version() */
+	unsigned long long rows_loaded;  /* rows read by loads and row refreshes since start */
+	bool query_one;              /* directory.query_one is set: NOTIFYs naming tenants refresh rows */
+	struct {
+		unsigned long long ok, failed;   /* row refreshes since start */
+		int pending;             /* tenants queued or in flight */
+	} row_refreshes;
 	struct {
 		bool attempted;      /* false: no load has finished yet; nothing below is set */
 		bool ok;

@@ -124,8 +124,11 @@ static void write_directory(struct evbuffer *b)
 		evbuffer_add_printf(b, "%.1f", st.age_seconds);
 	else
 		evbuffer_add(b, "null", 4);
-	evbuffer_add_printf(b, ",\"ignored_rows\":%ld,\"loading\":%s,\"last_refresh\":", st.ignored_rows,
-			    st.loading ? "true" : "false");
+	evbuffer_add_printf(b, ",\"ignored_rows\":%ld,\"loading\":%s,\"version\":%lu,\"rows_loaded\":%llu,"
+			    "\"row_refreshes\":{\"query_one\":%s,\"ok\":%llu,\"failed\":%llu,\"pending\":%d},"
+			    "\"last_refresh\":", st.ignored_rows, st.loading ? "true" : "false", st.version,
+			    st.rows_loaded, st.query_one ? "true" : "false", st.row_refreshes.ok,
+			    st.row_refreshes.failed, st.row_refreshes.pending);
 	if (!st.last_refresh.attempted) {
 		evbuffer_add(b, "null}", 5);
 		return;

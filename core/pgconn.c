@@ -539,8 +539,9 @@ static void idle_input(struct pgconn *c)
 	}
 	while ((n = PQnotifies(c->pg)) != NULL) {
 		c->notify_channel = n->relname;
+		c->notify_payload = n->extra ? n->extra : "";
 		emit(c, PGCONN_EV_NOTIFY, NULL);
-		c->notify_channel = NULL;
+		c->notify_channel = c->notify_payload = NULL;
 		PQfreemem(n);
 	}
 }

@@ -121,6 +121,7 @@ struct pgconn {
 	TAILQ_ENTRY(pgconn) link;
 	char error[256];
 	const char *notify_channel; /* during PGCONN_EV_NOTIFY */
+	const char *notify_payload; /* ... and its payload ("" for a bare NOTIFY) */
 	struct dns_lookup *dns;  /* resolving the host name, before libpq starts */
 	struct event *resolved;  /* runs the connect once the name is resolved */
 	char *url;               /* kept while resolving */
