@@ -858,6 +858,7 @@ static void on_row_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, 
 		return;
 	case PGCONN_EV_NOTIFY:
 	case PGCONN_EV_NOTICE:
+	case PGCONN_EV_STEP:
 		return;
 	}
 }

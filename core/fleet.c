@@ -636,12 +636,13 @@ static void on_fresh(const struct directory_refresh_result *r, void *arg)
 
 /*
  * Release a tenant only with a directory at least as new as the resume:
- * here a load that began after this call (directory_refresh). One place,
- * so a load of the tenant's row alone can take its place.
+ * the tenant's row read after this call (directory_refresh_tenant, with
+ * `directory.query_one`; a whole load without it), so a move costs every
+ * instance one row, not the whole table.
  */
 static void fresh_directory(struct local *l)
 {
-	directory_refresh(on_fresh, l);
+	directory_refresh_tenant(l->tenant, on_fresh, l);
 }
 
 static void start_resume(struct local *l)
