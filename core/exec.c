@@ -58,6 +58,8 @@ struct exec {
 	int cur;                 /* statement index in PH_STMT */
 	bool wrapped;            /* runs in BEGIN ... COMMIT (a transaction, or tenant_setting) */
 	bool pipelined;          /* ... sent at once (pgconn_send_transaction); the phase follows its STEPs */
+	bool implicit;           /* ... in the pipeline's implicit transaction: no BEGIN, no COMMIT */
+	bool server_error;       /* the shard answered an error */
 	bool committed;          /* its COMMIT succeeded */
 	const char *gave_up;     /* the code of the gateway's own failure (a cap, memory) ... */
 	char gave_up_msg[200];   /* ... and its message: said again with the outcome (pipelined_done) */
@@ -385,6 +387,8 @@ static void write_result(struct exec *r, const PGresult *res)
 static void on_result(struct exec *r, PGresult *res)
 {
 	r->nres++;
+	if (PQresultStatus(res) == PGRES_FATAL_ERROR)
+		r->server_error = true;
 	if (r->phase == PH_COMMIT && PQresultStatus(res) == PGRES_COMMAND_OK)
 		r->committed = true;
 	switch (PQresultStatus(res)) {
@@ -559,7 +563,31 @@ static bool can_pipeline(struct exec *r)
 	return true;
 }
 
-/* BEGIN, the tenant setting, every statement and COMMIT, in one pipeline. */
+/*
+ * Statements that need a transaction block (or behave otherwise outside
+ * one: SET LOCAL warns, a procedure or DO block could commit the tenant
+ * setting away): these keep BEGIN ... COMMIT even alone.
+ */
+static bool needs_block(const char *sql)
+{
+	static const char *const words[] = { "SAVEPOINT", "RELEASE", "ROLLBACK", "SET", "DECLARE", "LOCK",
+					     "CALL", "DO" };
+	const char *p = sql_skip_noise(sql);
+	for (size_t i = 0; i < ARRAY_LEN(words); i++) {
+		size_t n = strlen(words[i]);
+		if (strncasecmp(p, words[i], n) == 0 && !isalnum((unsigned char)p[n]) && p[n] != '_')
+			return true;
+	}
+	return false;
+}
+
+/*
+ * BEGIN, the tenant setting, every statement and COMMIT, in one pipeline.
+ * A single statement under tenant_setting (a /query) needs no BEGIN and
+ * COMMIT: set_config() and the statement share the pipeline's implicit
+ * transaction, which ends at its Sync, so the setting ends with the
+ * request all the same, and the shard runs two statements, not four.
+ */
 static void send_pipelined(struct exec *r)
 {
 	int n = r->rq->nstmts + 2 + (r->setting[0] != NULL);
@@ -567,7 +595,13 @@ static void send_pipelined(struct exec *r)
 	struct pgconn_query *q = n <= (int)ARRAY_LEN(local) ? local : xcalloc((size_t)n, sizeof(*q));
 	int k = 0, rc;
 
-	q[k++] = (struct pgconn_query){ .sql = "BEGIN" };
+	r->implicit = !r->rq->transaction && r->setting[0] && r->rq->nstmts == 1 && !needs_block(r->rq->stmts[0].sql);
+	r->server_error = false;
+	r->committed = false;
+	if (r->implicit)
+		r->phase = PH_SETTING;
+	else
+		q[k++] = (struct pgconn_query){ .sql = "BEGIN", .opens = true };
 	if (r->setting[0])
 		q[k++] = (struct pgconn_query){ .sql = SETTING_SQL, .nparams = 2, .values = r->setting, .cached = true };
 	for (int i = 0; i < r->rq->nstmts; i++) {
@@ -575,7 +609,8 @@ static void send_pipelined(struct exec *r)
 		q[k++] = (struct pgconn_query){ .sql = st->sql, .nparams = st->nparams, .values = st->values,
 						.cached = true, .client = true, .rows = true };
 	}
-	q[k++] = (struct pgconn_query){ .sql = "COMMIT" };
+	if (!r->implicit)
+		q[k++] = (struct pgconn_query){ .sql = "COMMIT" };
 	r->pipelined = true;
 	statement_starts(r);
 	rc = pgconn_send_transaction(r->conn, q, k, on_conn_event, r) < 0 ? send_failed(r) : 0;
@@ -600,7 +635,7 @@ static void on_step(struct exec *r)
 		if (!r->failed)
 			pool_observe_query(r->pool, mono_now() - r->sent_at, NULL);
 		if (++r->cur == r->rq->nstmts)
-			r->phase = PH_COMMIT;
+			r->phase = r->implicit ? PH_OVER : PH_COMMIT;
 		break;
 	default:
 		r->phase = PH_OVER;
@@ -654,6 +689,8 @@ static void pipelined_done(struct exec *r)
 		fail(r, r->guard.timed_out ? "statement_timeout" : "shard_error",
 		     r->guard.timed_out ? msg : "the transaction was cancelled before it ended");
 	}
+	if (r->implicit && r->phase == PH_OVER && !r->server_error)
+		r->committed = true;   /* the Sync committed it */
 	if (r->gave_up) {
 		/*
 		 * The COMMIT went out with the statements, so the cancel sent when

@@ -1219,11 +1219,13 @@ int pgconn_send_transaction(struct pgconn *c, const struct pgconn_query *q, int 
 			return send_failed(c);
 		pipe_push(c, PI_SLOW);
 	}
+	/* The reset runs inside the transaction: behind its BEGIN, or first in an implicit one. */
+	if (c->reset_next && !q[0].opens && queue_reset(c) < 0)
+		return send_failed(c);
 	for (int i = 0; i < n; i++) {
 		if (queue_query(c, &q[i]) < 0)
 			return send_failed(c);
-		/* The reset runs inside the transaction: its BEGIN went first (see queue_reset). */
-		if (i == 0 && c->reset_next && queue_reset(c) < 0)
+		if (q[i].opens && c->reset_next && queue_reset(c) < 0)
 			return send_failed(c);
 	}
 	if (!PQpipelineSync(c->pg))

@@ -203,22 +203,24 @@ struct pgconn_query {
 	bool cached;             /* through the statement cache */
 	bool client;             /* a client's statement: noted for what it leaves on the session */
 	bool rows;               /* its rows one result each (as pgconn_want_rows) */
+	bool opens;              /* BEGIN: the reset goes behind it */
 };
 
 /*
- * A transaction in one round trip: q[0] must be BEGIN and q[n-1] COMMIT;
- * all n queries go out in one libpq pipeline segment, behind whatever
- * housekeeping the connection needs (a ROLLBACK of a transaction left
- * open, DISCARD ALL, the reset: after the BEGIN, inside the transaction,
- * so a failure anywhere undoes it and nothing of the batch runs on a
- * session the reset did not clean), with the cache's PREPAREs beside the
- * statements they prepare. Each query's results are handed out as they
+ * A transaction in one round trip: q[0] is BEGIN (.opens) and q[n-1]
+ * COMMIT, or neither, and the queries share the segment's implicit
+ * transaction, which the Sync ends. All n queries go out in one libpq
+ * pipeline segment, behind whatever housekeeping the connection needs (a
+ * ROLLBACK of a transaction left open, DISCARD ALL, the reset: inside the
+ * transaction, after the BEGIN, so a failure anywhere undoes it and
+ * nothing of the batch runs on a session the reset did not clean), with
+ * the cache's PREPAREs beside the statements they prepare. Each query's results are handed out as they
  * arrive, then a STEP; after an error the server skips the rest (no
  * results, no STEP), and DONE comes at the end of the segment with the
  * transaction failed (PQTRANS_INERROR) or over. pgconn_transaction_undone()
  * true at DONE: the batch did not run (the reset found state only
- * DISCARD ALL clears), send it again, DISCARD ALL going first. The
- * queries' texts and values must stay valid until DONE.
+ * DISCARD ALL clears), send it again, DISCARD ALL going first. q is
+ * read only during the call (libpq copies the queries out).
  */
 int pgconn_send_transaction(struct pgconn *c, const struct pgconn_query *q, int n, pgconn_cb cb, void *arg);
 /* After DONE of a batch: nothing of it took effect, and sending it again will clean the session first. */
