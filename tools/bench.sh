@@ -605,13 +605,14 @@ PGOPTIONS=$pg_opts "$bindir/pgbench" -h 127.0.0.1 -p "$main_pg_port" -U "$pg_use
     -j "$threads" -T 1 bench_0 >"$tmp/log/pg-warmup.log" 2>&1 || {
     cat "$tmp/log/pg-warmup.log" >&2; tail -n 40 "$tmp/log/gw-main.log" >&2; die "pgbench through the pg listener failed"; }
 
-# run_wrk KEY TENANTS [SECONDS] [txn3]: POST /query (tools/bench/query.lua; txn3:
-# a three-statement /transaction); TENANTS
+# run_wrk KEY TENANTS [SECONDS] [query|txn3]: POST /query (tools/bench/query.lua;
+# with a kind, tools/bench/rt.lua's fixed request of that kind); TENANTS
 # "-": GET /healthz (tools/bench/healthz.lua). SECONDS defaults to
 # BENCH_SECONDS. $tmp/out/KEY.start gets the time wrk starts (ns since the epoch).
 run_wrk() {
     local key=$1 out=$tmp/out/$1 line script=$root/tools/bench/query.lua d=${3:-$secs} shown=$2 kind=${4:-}
     [ "$2" = - ] && script=$root/tools/bench/healthz.lua
+    [ -n "$kind" ] && script=$root/tools/bench/rt.lua
     [ ${#shown} -gt 60 ] && shown="${shown:0:40}... ($(tr ',' '\n' <<<"$2" | wc -l) tenants)"
     say "row ${R_label[$key]}: wrk -t $threads -c $clients -d ${d}s, $(basename "$script") $shown"
     local perf_pid=
@@ -623,7 +624,7 @@ run_wrk() {
     snap_begin "$gw_pid"
     ( date +%s%N >"$out.start"
       wrk -t "$threads" -c "$clients" -d "${d}s" --timeout 10s -s "$script" \
-        "http://127.0.0.1:$gw_port" -- "$2" "$accounts" $kind >"$out.out" 2>"$out.err"
+        "http://127.0.0.1:$gw_port" -- "$2" "${kind:-$accounts}" >"$out.out" 2>"$out.err"
       echo $? >"$out.rc"; times >"$out.times" ) &
     load_pid=$!
     wait "$load_pid"

@@ -8,9 +8,7 @@
 -- tenant (every request on one shard) or tenants spread evenly over all
 -- shards:
 --
---   wrk ... -s tools/bench/query.lua URL -- TENANT[,TENANT...] ACCOUNTS [txn3]
---
--- With txn3, POST /transaction: SELECT 1, that statement, SELECT 2.
+--   wrk ... -s tools/bench/query.lua URL -- TENANT[,TENANT...] ACCOUNTS
 --
 -- done() prints one machine-readable line (BENCH ...) that the driver parses:
 -- completed requests, duration, p50/p99/max latency in microseconds, and errors.
@@ -42,16 +40,9 @@ function init(args)
   local accounts = assert(tonumber(args[2]), "query.lua: pass the number of accounts as the second argument")
   math.randomseed(os.time() * 1000 + (thread_no or 0) * 7919)
   local headers = { ["Content-Type"] = "application/json" }
-  -- "txn3" (third argument): a three-statement /transaction around the same statement.
-  local txn3 = args[3] == "txn3"
   for k = 1, PREBUILT do
     headers["X-Organization-Id"] = tenants[math.random(#tenants)]
-    if txn3 then
-      reqs[k] = wrk.format("POST", "/transaction", headers, '{"statements":[{"sql":"SELECT 1"},'
-        .. head .. math.random(accounts) .. ']},{"sql":"SELECT 2"}]}')
-    else
-      reqs[k] = wrk.format("POST", "/query", headers, head .. math.random(accounts) .. "]}")
-    end
+    reqs[k] = wrk.format("POST", "/query", headers, head .. math.random(accounts) .. "]}")
   end
   n = PREBUILT
 end
