@@ -180,8 +180,9 @@ SCRIPT_FILES := $(wildcard scripts/*.lua)
 SUBST = sed -e 's|/usr/local|$(PREFIX)|g' -e 's|/etc/shardgate|$(SYSCONFDIR)/shardgate|g' \
             -e 's|/etc/default/shardgate|$(SYSCONFDIR)/default/shardgate|g'
 
-# shardgate(8), made from --help (one source) and doc/shardgate.h2m.
-build/shardgate.8: bin/shardgate doc/shardgate.h2m
+# shardgate(8), made from --help (one source) and doc/shardgate.h2m; made
+# again on every install, since it names PREFIX and SYSCONFDIR.
+build/shardgate.8: bin/shardgate doc/shardgate.h2m FORCE
 	@mkdir -p build
 	help2man --no-info --section=8 --name="a shard gateway for multi-tenant PostgreSQL" \
 		--include=doc/shardgate.h2m --output=$@.tmp bin/shardgate
@@ -222,3 +223,5 @@ uninstall:
 		echo "left $(DESTDIR)$(SYSCONFDIR)/shardgate in place (your configuration)"; fi
 
 -include $(OBJS:.o=.d)
+
+FORCE:

@@ -18,6 +18,7 @@
 #include "config.h"
 #include "exec.h"
 #include "fault.h"
+#include "fleet.h"
 #include "generation.h"
 #include "health.h"
 #include "http.h"
@@ -180,6 +181,18 @@ static void reply_static(struct http_request *http, int status, const char *json
 	evbuffer_free(b);
 }
 
+/* Can this instance serve? Not while its fleet lease is lost (fleet.h): a load balancer checking it moves on. */
+static void healthz(struct http_request *http)
+{
+	struct fault f = { 0 };
+	if (fleet_fence(&f)) {
+		fault_clear(&f);
+		reply_static(http, 503, "{\"status\":\"fleet_lease_lost\"}");
+		return;
+	}
+	reply_static(http, 200, "{\"status\":\"ok\"}");
+}
+
 void request_handle(struct http_request *http, void *arg)
 {
 	const char *m = http->head.method, *p = endpoint_of(http->head.path);
@@ -197,7 +210,7 @@ void request_handle(struct http_request *http, void *arg)
 	else if (strcmp(p, "/rollback") == 0 && post)
 		txn_handle(http, TXN_ROLLBACK);
 	else if (strcmp(p, "/healthz") == 0 && get)
-		reply_static(http, 200, "{\"status\":\"ok\"}");
+		healthz(http);
 	else if (strcmp(p, "/health/shards") == 0 && get)
 		health_shards(http);
 	else if (strcmp(p, "/metrics") == 0 && get)

@@ -101,7 +101,8 @@ describe("a fleet with a frozen instance", function()
     -- Connections B accepted before it froze, one request answered on each.
     local c_other, c_paused, c_health, c_commit = B:connect({ timeout = 20 }), B:connect({ timeout = 20 }),
       B:connect({ timeout = 20 }), B:connect({ timeout = 20 })
-    for _, c in ipairs({ c_other, c_paused, c_health, c_commit }) do
+    local c_hz = B:connect({ timeout = 20 })
+    for _, c in ipairs({ c_other, c_paused, c_health, c_commit, c_hz }) do
       assert(c:send("GET", "/healthz"))
       assert.equal(200, c:receive().status)
     end
@@ -156,7 +157,13 @@ describe("a fleet with a frozen instance", function()
     send_query(c_paused, "mover")
     assert(c_health:send("GET", "/health/shards"))
     assert(c_commit:send("POST", "/commit", { ["X-Tenant"] = "stayer", ["X-Transaction"] = txn }))
+    assert(c_hz:send("GET", "/healthz"))
     assert(B:signal("CONT"))
+
+    -- /healthz says it too, so a load balancer checking it stops sending here.
+    local hz = c_hz:receive()
+    assert.equal(503, hz.status, hz.body)
+    assert.equal("fleet_lease_lost", hz.json.status, hz.body)
 
     local h = c_health:receive()
     assert.equal(200, h.status)
