@@ -985,8 +985,8 @@ wait_pooled $((nshards * pool)) 'bench_%'
 # object (OK ROWS SECONDS are "- - -" before the first load ends).
 dir_state() {
     curl -s "http://127.0.0.1:$gw_port/health/shards" | grep -o '"directory":{.*' | sed -n '
-        s/^"directory":{"size":\([0-9]*\),[^}]*"loading":\([a-z]*\),"last_refresh":{"ok":\([a-z]*\),"at":"[^"]*","rows":\([0-9]*\),"seconds":\([0-9.]*\)[,}].*/\1 \2 \3 \4 \5/p
-        s/^"directory":{"size":\([0-9]*\),[^}]*"loading":\([a-z]*\),"last_refresh":null}.*/\1 \2 - - -/p'
+        s/^"directory":{"size":\([0-9]*\),[^}]*"loading":\([a-z]*\),.*"last_refresh":{"ok":\([a-z]*\),"at":"[^"]*","rows":\([0-9]*\),"seconds":\([0-9.]*\)[,}].*/\1 \2 \3 \4 \5/p
+        s/^"directory":{"size":\([0-9]*\),[^}]*"loading":\([a-z]*\),.*"last_refresh":null}.*/\1 \2 - - -/p'
 }
 # dir_metric NAME: a counter of the gateway's /metrics.
 dir_metric() {
