@@ -746,19 +746,6 @@ run_wrk sg_healthz -
 stop_gateway
 . "$root/tools/bench/reuseport.sh" && bench_reuseport   # two reuse_port processes against one (issue 22)
 
-# --- round trips: /query, /query under tenant_setting, a three-statement /transaction ---
-. "$root/tools/bench/roundtrips.sh"
-
-# --- fan-out ---------------------------------------------------------------------------
-say "starting the fan-out gateway: $fanout_shards shards, pool 2, min_idle 1, pg_listen"
-start_gateway gw-fanout "  script = \"$root/tools/bench/fanout_routing.lua\",
-  defaults = { pool = 2, min_idle = 1 },
-  fanout = { max_rows = 2000000 },
-$(shards_lua shard_ fan_ "$fanout_shards")" pg
-wait_pooled "$fanout_shards" 'fan_%'
-
-fan_body="{\"sql\":\"$fanout_sql\"}"
-# run_seq KEY EXPECT HEADER
 # timed_seq KEY COMMAND...: a row from COMMAND's "SEQ n=.. p50_ms=.." line (seq.lua, seq_pg.lua).
 timed_seq() {
     local key=$1 out=$tmp/out/$1 line
@@ -779,6 +766,20 @@ timed_seq() {
     R_p50[$key]=$(printf '%.2f' "$p50_ms")
     R_p99[$key]=$(printf '%.2f' "$p99_ms")
 }
+
+# --- round trips: /query, /query under tenant_setting, a three-statement /transaction ---
+. "$root/tools/bench/roundtrips.sh"
+
+# --- fan-out ---------------------------------------------------------------------------
+say "starting the fan-out gateway: $fanout_shards shards, pool 2, min_idle 1, pg_listen"
+start_gateway gw-fanout "  script = \"$root/tools/bench/fanout_routing.lua\",
+  defaults = { pool = 2, min_idle = 1 },
+  fanout = { max_rows = 2000000 },
+$(shards_lua shard_ fan_ "$fanout_shards")" pg
+wait_pooled "$fanout_shards" 'fan_%'
+
+fan_body="{\"sql\":\"$fanout_sql\"}"
+# run_seq KEY EXPECT HEADER
 seq_warm=3
 # run_seq KEY EXPECT HEADER: POST /query with the fan-out row's body (tools/bench/seq.lua)
 run_seq() {
