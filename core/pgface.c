@@ -62,6 +62,7 @@
 #include "auth.h"
 #include "config.h"
 #include "exec.h"
+#include "fleet.h"
 #include "fanout.h"
 #include "fault.h"
 #include "generation.h"
@@ -2309,10 +2310,26 @@ bad:
 	return false;
 }
 
+/*
+ * A session-mode client keeps its server connection, so it is routed once:
+ * between its transactions, before anything more of it is forwarded, the
+ * fleet's fence (fleet.h) ends the session, as it refuses every new
+ * request. The client reconnects, to an instance that holds its lease.
+ */
+static void fence_session(struct pgclient *c)
+{
+	struct fault f = { 0 };
+	if (!c->session_mode || c->w->awaiting || c->tx != 'I' || c->terminated || c->draining || !fleet_fence(&f))
+		return;
+	fatal(c, "57P03", f.message ? f.message : "this gateway lost its fleet lease");
+	fault_clear(&f);
+}
+
 static void process_leased(struct pgclient *c)
 {
 	struct msg m;
 	int rc;
+	fence_session(c);
 	while ((!c->w->awaiting || c->w->copy_in) && !c->terminated && (rc = next_msg(c, &m)) != 0) {
 		if (rc < 0) {
 			fatal(c, "08P01", "invalid message length from the client");

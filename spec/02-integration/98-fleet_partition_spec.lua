@@ -209,3 +209,98 @@ describe("a fleet with a frozen instance", function()
     assert.equal(1, helpers.metric(m, "shardgate_fleet_lease_held", {}))
   end)
 end)
+
+-- A PostgreSQL client with pool_mode = "session" keeps its server
+-- connection, so it is routed once, at its first statement. The fence must
+-- still stop it: with the lease lost, the session ends (FATAL 57P03) before
+-- its next statement is forwarded. The lease is lost here by holding a lock
+-- on the fleet table, which blocks the renewals: deterministic, unlike a
+-- race with a thawing process.
+describe("a fleet instance that lost its lease, with a session-mode PostgreSQL client", function()
+  local SESSION_SCRIPT = [[
+local route = {}
+function route.tenant(req)
+  if req.protocol == "pg" then return req.session.tenant end
+  return req.header["x-tenant"]
+end
+function route.shard(tenant, shards) return shards[1] end
+return route
+]]
+
+  setup(function()
+    SHARD_DBS = helpers.make_shards(1, "fsess")
+    PRIMARY = helpers.make_shards(1, "fsessp")[1]
+  end)
+
+  teardown(function()
+    helpers.stop_all()
+  end)
+
+  it("ends the session with 57P03 before forwarding its next statement, and serves it again once renewed", function()
+    local shards = { shard_0 = { url = helpers.pg_url(SHARD_DBS[1]), pool = 2 } }
+    local gw = helpers.pg_gateway({ shards = shards, script = SESSION_SCRIPT,
+      pg_users = { sess = { auth = "trust", tenants = "*", pool_mode = "session" } },
+      config = { fleet = { url = helpers.pg_url(PRIMARY), lease = LEASE, timeout = LEASE } } })
+    local dir = os.getenv("SG_TEST_TMP") .. "/fsess-" .. gw.pg_port
+    assert(os.execute("mkdir -p " .. dir))
+    local client_src = dir .. "/client.py"
+    helpers.write_file(client_src, [[
+import os, sys, time, psycopg
+port, d = sys.argv[1], sys.argv[2]
+s = psycopg.connect(host="127.0.0.1", port=port, user="sess", dbname="app",
+                    options="-c shardgate.tenant=stayer", autocommit=True)
+s.execute("SELECT 1")
+open(d + "/ready", "w").close()
+while not os.path.exists(d + "/go"):
+    time.sleep(0.01)
+try:
+    out = "ok " + str(s.execute("SELECT name FROM shard_info").fetchone()[0])
+except psycopg.Error as e:
+    out = "error " + str(e.sqlstate) + " " + " ".join(str(e).split())
+with open(d + "/result.tmp", "w") as f:
+    f.write(out)
+os.rename(d + "/result.tmp", d + "/result")
+]])
+    local client = helpers.spawn({ helpers.python3, client_src, tostring(gw.pg_port), dir }, { log = dir .. "/client.log" })
+    finally(function() if client:alive() then client:kill("KILL") end end)
+    helpers.wait_until(function() return helpers.read_file(dir .. "/ready") ~= nil end, 20, "the session client")
+
+    -- Renewals wait behind the lock; after `lease` seconds the instance is fenced.
+    local locker = helpers.spawn({ helpers.pg_bin() .. "/psql", "-X", "-q", "-h", "127.0.0.1",
+      "-p", os.getenv("SG_TEST_PGPORT"), "-U", "postgres", "-d", PRIMARY,
+      "-c", "LOCK TABLE shardgate_fleet IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60)" },
+      { env = { PGAPPNAME = "fence_lock" }, log = dir .. "/locker.log" })
+    local function unlock()
+      helpers.psql("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'fence_lock'")
+      locker:wait(10)
+    end
+    finally(function() if locker:alive() then unlock() end end)
+    helpers.wait_until(function()
+      local h = gw:get("/health/shards")
+      return h.json and h.json.fleet and h.json.fleet.lease == "lost", h.body
+    end, 6 * LEASE, "the lease lost")
+
+    helpers.write_file(dir .. "/go", "")
+    helpers.wait_until(function() return helpers.read_file(dir .. "/result") ~= nil end, 20, "the client's answer")
+    -- 57P03 as the answer to the statement, or (when the session ended while
+    -- the client sat idle) the same FATAL read with the closed connection.
+    local result = helpers.read_file(dir .. "/result")
+    assert.matches("^error ", result)
+    assert.is_true(result:find("error 57P03", 1, true) == 1 or result:find("fleet", 1, true) ~= nil, result)
+    assert.matches("fleet", gw:log(), 1, true)
+
+    -- Renewed (and caught up): a new session is served.
+    unlock()
+    helpers.wait_until(function()
+      local h = gw:get("/health/shards")
+      return h.json and h.json.fleet and h.json.fleet.lease ~= "lost", h.body
+    end, 6 * LEASE, "the lease renewed")
+    local code, out = helpers.python(string.format([[
+import psycopg
+s = psycopg.connect(host="127.0.0.1", port=%d, user="sess", dbname="app", options="-c shardgate.tenant=stayer", autocommit=True)
+print(s.execute("SELECT name FROM shard_info").fetchone()[0])
+]], gw.pg_port))
+    assert.equal(0, code, out)
+    assert.equal(SHARD_DBS[1], (out:gsub("%s+$", "")))
+  end)
+end)
