@@ -107,7 +107,7 @@ check: deps
 	@tools/layers.sh
 
 asan: deps
-	@$(MAKE) --no-print-directory bin/shardgate-asan
+	@$(MAKE) --no-print-directory bin/shardgate-asan $(C_TESTS)
 	@SHARDGATE_BIN=$(CURDIR)/bin/shardgate-asan \
 	 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=86 \
 	 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 spec/run
