@@ -129,7 +129,7 @@ valgrind: deps
 # libFuzzer targets for everything that parses client bytes (core/test/fuzz_*.c),
 # each run for FUZZ_SECONDS on a copy of its seed corpus; crashes land in build/fuzz/.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := http body route sqlclass pgwire pgsql scram jsonw
+FUZZ_TARGETS := http body route sqlclass pgwire pgsql scram jsonw payload
 FUZZ_FLAGS := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined
 FUZZ_OBJS := $(filter-out build/fuzz/main.o,$(SRCS:core/%.c=build/fuzz/%.o))
 # LuaJIT (GC64) keeps tagged pointers LeakSanitizer cannot follow, so memory the

@@ -1051,6 +1051,21 @@ static int payload_names(const char *payload, struct names *l)
 	return 0;
 }
 
+int directory_payload_tenants(const char *payload, char ***tenants, int *n)
+{
+	struct names l = { NULL, 0, 0 };
+	int rc = payload_names(payload, &l);
+	*tenants = l.v;
+	*n = l.n;
+	return rc;
+}
+
+void directory_payload_free(char **tenants, int n)
+{
+	struct names l = { tenants, n, n };
+	names_free(&l);
+}
+
 /* A NOTIFY on the directory's channel: refresh the tenants it names, or everything. */
 static void on_notify(const char *payload)
 {

@@ -37,6 +37,15 @@ void directory_when_idle(void (*fn)(void *), void *arg);
 /* True once the first load after configuring finished (or there is no directory). */
 bool directory_settled(void);
 
+/*
+ * The tenants a NOTIFY payload names (one per line, or a JSON array), as
+ * the directory reads them: *tenants (malloc'd, for directory_payload_free)
+ * and *n. -1 for a malformed array (what was read before is kept). Public
+ * for the fuzz target: a payload is anyone's who may NOTIFY on the channel.
+ */
+int directory_payload_tenants(const char *payload, char ***tenants, int *n);
+void directory_payload_free(char **tenants, int n);
+
 /* The shard for tenant, or NULL (not listed, or no directory). Counts lookups and misses. */
 const char *directory_lookup(const char *tenant);
 
