@@ -41,6 +41,7 @@
 #include "config.h"
 #include "log.h"
 #include "pgconn.h"
+#include "pglisten.h"
 #include "util.h"
 
 #define MAX_WAITERS 32
@@ -95,9 +96,8 @@ static struct {
 	struct dir_table *live;
 	struct dir_table *building;
 	struct pgconn *load_conn;
-	struct pgconn *listen_conn;
+	struct pglisten *listener;
 	struct event *timer;
-	struct event *relisten;
 	bool loading, again, load_failed;
 	double load_started;
 	char load_error[256];
@@ -1092,72 +1092,20 @@ static void on_notify(const char *payload)
 
 /* ---- LISTEN ---- */
 
-static void start_listen(void);
-
-static void on_relisten(evutil_socket_t fd, short what, void *arg)
+/* Listening (again): load, for changes made while not listening; a NOTIFY: what it names. */
+static void on_listen(const char *payload, void *arg)
 {
-	(void)fd;
-	(void)what;
 	(void)arg;
-	start_listen();
-}
-
-static void listen_lost(const char *why)
-{
-	struct timeval tv = { 1, 0 };
-	log_warn("directory: LISTEN connection lost (%s); reconnecting", why);
-	if (D.listen_conn)
-		pgconn_free(D.listen_conn);
-	D.listen_conn = NULL;
-	evtimer_add(D.relisten, &tv);
-}
-
-static void on_listen_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg)
-{
-	char sql[300];
-	(void)res;
-	(void)arg;
-	switch (ev) {
-	case PGCONN_EV_CONNECTED: {
-		char *ident = PQescapeIdentifier(c->pg, D.listen, strlen(D.listen));
-		snprintf(sql, sizeof(sql), "LISTEN %s", ident ? ident : "\"\"");
-		PQfreemem(ident);
-		if (pgconn_send(c, sql, 0, NULL, on_listen_event, NULL) < 0)
-			listen_lost(c->error);
-		return;
-	}
-	case PGCONN_EV_FAILED:
-		D.listen_conn = c;
-		listen_lost(c->error[0] ? c->error : "cannot connect");
-		return;
-	case PGCONN_EV_BROKEN:
-		listen_lost(c->error[0] ? c->error : "connection lost");
-		return;
-	case PGCONN_EV_DONE:
-		if (!pgconn_usable(c))
-			listen_lost(c->error);
-		else
-			start_load();    /* catch changes made while we were not listening */
-		return;
-	case PGCONN_EV_NOTIFY:
-		on_notify(c->notify_payload ? c->notify_payload : "");
-		return;
-	case PGCONN_EV_RESULT:
-	case PGCONN_EV_NOTICE:
-	case PGCONN_EV_STEP:
-		return;
-	}
+	if (payload)
+		on_notify(payload);
+	else
+		start_load();
 }
 
 static void start_listen(void)
 {
-	if (!D.listen || D.listen_conn)
-		return;
-	D.listen_conn = pgconn_connect(D.base, D.url, 10, on_listen_event, NULL);
-	if (!D.listen_conn) {
-		struct timeval tv = { 1, 0 };
-		evtimer_add(D.relisten, &tv);
-	}
+	if (D.listen && !D.listener)
+		D.listener = pglisten_new(D.base, D.url, D.listen, 10, 1, "directory", on_listen, NULL);
 }
 
 /* ---- configuration ---- */
@@ -1179,9 +1127,8 @@ static void stop_rows(void)
 /* Stops every connection and the load; waiters stay, for the next load (started by the caller). */
 static void stop_all(void)
 {
-	if (D.listen_conn)
-		pgconn_free(D.listen_conn);
-	D.listen_conn = NULL;
+	pglisten_free(D.listener);
+	D.listener = NULL;
 	if (D.load_conn)
 		pgconn_free(D.load_conn);
 	D.load_conn = NULL;
@@ -1218,10 +1165,8 @@ void directory_configure(struct event_base *base, const struct config *cfg)
 	D.known = xcalloc((size_t)(cfg->nshards ? cfg->nshards : 1), sizeof(char *));
 	for (int i = 0; i < cfg->nshards; i++)
 		D.known[i] = xstrdup(cfg->shards[i].name);
-	if (!D.timer) {
+	if (!D.timer)
 		D.timer = event_new(base, -1, EV_PERSIST, on_timer, NULL);
-		D.relisten = evtimer_new(base, on_relisten, NULL);
-	}
 	if (!changed && D.url) {
 		if (!same(D.query_one, cfg->dir_query_one)) {
 			stop_rows();         /* its query in flight, if any, is the old one */
@@ -1282,9 +1227,7 @@ void directory_shutdown(void)
 	D.live = NULL;
 	if (D.timer)
 		event_free(D.timer);
-	if (D.relisten)
-		event_free(D.relisten);
-	D.timer = D.relisten = NULL;
+	D.timer = NULL;
 	for (int i = 0; i < D.nknown; i++)
 		free(D.known[i]);
 	free(D.known);

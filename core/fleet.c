@@ -47,6 +47,7 @@
 #include "fault.h"
 #include "log.h"
 #include "pgconn.h"
+#include "pglisten.h"
 #include "tenants.h"
 #include "util.h"
 
@@ -130,8 +131,7 @@ static struct {
 	bool busy;
 	PGresult *res;           /* the in-flight statement's result */
 	/* the LISTEN connection */
-	struct pgconn *listen;
-	struct event *relisten;
+	struct pglisten *listen;
 	/* the lease */
 	struct event *beat, *poll;
 	double renewed;          /* mono: when the last heartbeat that succeeded was sent; 0: none */
@@ -716,70 +716,20 @@ static void queue_read(void)
 
 /* ---- LISTEN ---- */
 
-static void start_listen(void);
-
-static void on_relisten(evutil_socket_t fd, short what, void *arg)
+/* Listening (again): read what changed meanwhile; a NOTIFY: read it, and see whether a request is answered. */
+static void on_listen(const char *payload, void *arg)
 {
-	(void)fd;
-	(void)what;
 	(void)arg;
-	start_listen();
-}
-
-static void listen_lost(const char *why)
-{
-	struct timeval tv = tv_of(F.lease / 3);
-	log_warn("fleet: LISTEN connection lost (%s); reconnecting", why);
-	if (F.listen)
-		pgconn_free(F.listen);
-	F.listen = NULL;
-	evtimer_add(F.relisten, &tv);
-}
-
-static void on_listen_event(struct pgconn *c, enum pgconn_event ev, PGresult *res, void *arg)
-{
-	char sql[80];
-	(void)res;
-	(void)arg;
-	switch (ev) {
-	case PGCONN_EV_CONNECTED:
-		snprintf(sql, sizeof(sql), "LISTEN %s", F.table);
-		if (pgconn_send(c, sql, 0, NULL, on_listen_event, NULL) < 0)
-			listen_lost(c->error);
-		return;
-	case PGCONN_EV_FAILED:
-		F.listen = c;
-		listen_lost(c->error[0] ? c->error : "cannot connect");
-		return;
-	case PGCONN_EV_BROKEN:
-		listen_lost(c->error[0] ? c->error : "connection lost");
-		return;
-	case PGCONN_EV_DONE:
-		if (!pgconn_usable(c))
-			listen_lost(c->error);
-		else
-			queue_read();    /* catch what came while we were not listening */
-		return;
-	case PGCONN_EV_NOTIFY:
-		queue_read();
+	queue_read();
+	if (payload)
 		check_ops();
-		return;
-	case PGCONN_EV_RESULT:
-	case PGCONN_EV_NOTICE:
-	case PGCONN_EV_STEP:
-		return;
-	}
 }
 
 static void start_listen(void)
 {
 	if (!F.on || F.listen)
 		return;
-	F.listen = pgconn_connect(F.base, F.url, F.lease > 2 ? F.lease : 2, on_listen_event, NULL);
-	if (!F.listen) {
-		struct timeval tv = tv_of(F.lease / 3);
-		evtimer_add(F.relisten, &tv);
-	}
+	F.listen = pglisten_new(F.base, F.url, F.table, F.lease > 2 ? F.lease : 2, F.lease / 3, "fleet", on_listen, NULL);
 }
 
 /* ---- requests: pause, resume, list, leave ---- */
@@ -1077,11 +1027,8 @@ static void answer_all_ops(const char *why)
 /* Stop talking to the fleet database; local pauses stay (tenants.c), their fleet bookkeeping goes. */
 static void stop_all(const char *why)
 {
-	if (F.listen)
-		pgconn_free(F.listen);
+	pglisten_free(F.listen);
 	F.listen = NULL;
-	if (F.relisten)
-		evtimer_del(F.relisten);
 	if (F.beat)
 		event_del(F.beat);
 	fail_all(why);
@@ -1109,8 +1056,7 @@ void fleet_init(struct event_base *base, const char *version)
 	snprintf(F.id, sizeof(F.id), "%s:%d:%x", F.host, F.pid, (unsigned)((long long)(F.started * 1000) & 0xfffff));
 	F.beat = event_new(base, -1, EV_PERSIST, on_beat_timer, NULL);
 	F.poll = event_new(base, -1, EV_PERSIST, on_poll, NULL);
-	F.relisten = evtimer_new(base, on_relisten, NULL);
-	if (!F.beat || !F.poll || !F.relisten)
+	if (!F.beat || !F.poll)
 		abort();
 }
 
@@ -1161,9 +1107,7 @@ void fleet_shutdown(void)
 		event_free(F.beat);
 	if (F.poll)
 		event_free(F.poll);
-	if (F.relisten)
-		event_free(F.relisten);
-	F.beat = F.poll = F.relisten = NULL;
+	F.beat = F.poll = NULL;
 }
 
 /* ---- status ---- */

@@ -6,7 +6,7 @@
 #   faces    HTTP: http httpparse request body jsonw answer ndjson txn admin health
 #            PostgreSQL: pgface pgwire pgsql
 #   router   script luaenv generation reload config exec dryrun
-#   pools    pool pgconn fanout tenants directory fleet sqlclass
+#   pools    pool pgconn pglisten fanout tenants directory fleet sqlclass
 #   support  util log metrics auth accesslog req fault sink scram notify pgtypes
 #   main     main (wires the faces to the rest)
 #
@@ -18,7 +18,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../core" || exit 1
 
 faces="http httpparse request body jsonw answer ndjson txn admin health pgface pgwire pgsql"
 neutral="script luaenv generation reload config exec dryrun
-         pool pgconn fanout tenants directory fleet sqlclass
+         pool pgconn pglisten fanout tenants directory fleet sqlclass
          util log metrics auth accesslog req fault sink scram notify pgtypes pgtypes_table"
 known=" main $(echo $faces $neutral) "
 
