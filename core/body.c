@@ -261,6 +261,16 @@ static void sb_quoted(struct sbuf *s, const char *p)
 	sb_add(s, "\"", 1);
 }
 
+/* A JSON document (an object, or an element of a json[] array) as one quoted element. */
+static void sb_quoted_json(struct sbuf *s, const cJSON *v)
+{
+	char *j = cJSON_PrintUnformatted(v);
+	if (!j)
+		abort();
+	sb_quoted(s, j);
+	free(j);
+}
+
 /* PostgreSQL allows this many dimensions (MAXDIM). */
 #define ARRAY_MAX_DEPTH 6
 
@@ -300,11 +310,7 @@ static int array_literal(struct body *b, const cJSON *arr, struct sbuf *s, int d
 			if (array_literal(b, v, s, depth + 1) < 0)
 				return -1;
 		} else {
-			char *j = cJSON_PrintUnformatted(v);
-			if (!j)
-				abort();
-			sb_quoted(s, j);
-			free(j);
+			sb_quoted_json(s, v);
 		}
 	}
 	sb_add(s, "}", 1);
@@ -324,11 +330,7 @@ static void json_array_literal(const cJSON *arr, struct sbuf *s)
 		if (cJSON_IsNull(v)) {
 			sb_add(s, "NULL", 4);
 		} else {
-			char *j = cJSON_PrintUnformatted(v);
-			if (!j)
-				abort();
-			sb_quoted(s, j);
-			free(j);
+			sb_quoted_json(s, v);
 		}
 	}
 	sb_add(s, "}", 1);

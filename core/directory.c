@@ -892,17 +892,10 @@ static int hex4(const char *p, unsigned *v)
 {
 	*v = 0;
 	for (int i = 0; i < 4; i++) {
-		char c = p[i];
-		unsigned d;
-		if (c >= '0' && c <= '9')
-			d = (unsigned)(c - '0');
-		else if (c >= 'a' && c <= 'f')
-			d = (unsigned)(c - 'a' + 10);
-		else if (c >= 'A' && c <= 'F')
-			d = (unsigned)(c - 'A' + 10);
-		else
+		int d = hex_digit(p[i]);    /* stops at the NUL: not a digit */
+		if (d < 0)
 			return -1;
-		*v = *v * 16 + d;
+		*v = *v * 16 + (unsigned)d;
 	}
 	return 0;
 }

@@ -238,17 +238,6 @@ static void w_timestamp(struct out *o, const char *v, size_t len)
 	w_string(o, buf, n);
 }
 
-static int hexval(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
 /* bytea's hex text ("\xdeadbeef") as base64 ("3q2+7w=="); any other form as it is. */
 static void w_base64(struct out *o, const char *v, size_t len)
 {
@@ -260,13 +249,13 @@ static void w_base64(struct out *o, const char *v, size_t len)
 		return;
 	}
 	for (size_t i = 2; i < len; i += 2)
-		if (hexval(v[i]) < 0 || hexval(v[i + 1]) < 0) {
+		if (hex_digit(v[i]) < 0 || hex_digit(v[i + 1]) < 0) {
 			w_string(o, v, len);
 			return;
 		}
 	put_c(o, '"');
 	for (size_t i = 2; i < len; i += 2) {
-		in[nin++] = (unsigned char)(hexval(v[i]) << 4 | hexval(v[i + 1]));
+		in[nin++] = (unsigned char)(hex_digit(v[i]) << 4 | hex_digit(v[i + 1]));
 		if (nin == 3) {
 			char q[4] = { b64[in[0] >> 2], b64[(in[0] & 3) << 4 | in[1] >> 4],
 				      b64[(in[1] & 15) << 2 | in[2] >> 6], b64[in[2] & 63] };

@@ -261,7 +261,7 @@ const char *endpoint_of(const char *path)
 	return path;
 }
 
-static int hexval(char c)
+int hex_digit(char c)
 {
 	if (c >= '0' && c <= '9')
 		return c - '0';
@@ -276,8 +276,8 @@ size_t url_decode(char *s, size_t len)
 {
 	size_t i = 0, o = 0;
 	while (i < len) {
-		if (s[i] == '%' && i + 2 < len && hexval(s[i + 1]) >= 0 && hexval(s[i + 2]) >= 0) {
-			s[o++] = (char)(hexval(s[i + 1]) * 16 + hexval(s[i + 2]));
+		if (s[i] == '%' && i + 2 < len && hex_digit(s[i + 1]) >= 0 && hex_digit(s[i + 2]) >= 0) {
+			s[o++] = (char)(hex_digit(s[i + 1]) * 16 + hex_digit(s[i + 2]));
 			i += 3;
 		} else if (s[i] == '+') {
 			s[o++] = ' ';

@@ -55,6 +55,8 @@ int edit_distance(const char *a, const char *b);
 
 /* Copy src into dst[size], cut and terminated; returns the length copied. */
 size_t str_copy(char *dst, size_t size, const char *src);
+/* The value of a hexadecimal digit, or -1. */
+int hex_digit(char c);
 /* Decimal digits of v into buf (at least 21 bytes), terminated; returns the length. */
 size_t fmt_int(char *buf, long long v);
 /*
