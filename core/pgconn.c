@@ -936,6 +936,23 @@ static int send_slow_reset(struct pgconn *c)
 }
 
 /*
+ * The DISCARD ALL slow_first decided on, at the head of the segment: it
+ * commits at once, before what follows (a BEGIN too); if it fails, the
+ * server skips the rest of the segment, so nothing runs on a session it
+ * did not clean.
+ */
+static int queue_discard(struct pgconn *c)
+{
+	if (!c->discard_first)
+		return 0;
+	c->discard_first = false;
+	if (!PQsendQueryParams(c->pg, "DISCARD ALL", 0, NULL, NULL, NULL, NULL, 0))
+		return -1;
+	pipe_push(c, PI_SLOW);
+	return 0;
+}
+
+/*
  * Queue and send one statement of the borrower's: e is its cache entry
  * (NULL: unnamed), prepare whether to PREPARE it first. A PREPARE and the
  * reset go in one pipeline with the statement, so neither costs a round
@@ -953,12 +970,8 @@ static int send_one(struct pgconn *c, const char *sql, int n, const char *const 
 	c->pend_cached = e != NULL || prepare;
 	if (pipeline && !PQenterPipelineMode(c->pg))
 		return send_failed(c);
-	if (c->discard_first) {
-		c->discard_first = false;
-		if (!PQsendQueryParams(c->pg, "DISCARD ALL", 0, NULL, NULL, NULL, NULL, 0))
-			return send_failed(c);
-		pipe_push(c, PI_SLOW);
-	}
+	if (queue_discard(c) < 0)
+		return send_failed(c);
 	if (c->reset_next) {
 		if (queue_reset(c) < 0)
 			return send_failed(c);
@@ -1207,18 +1220,9 @@ int pgconn_send_transaction(struct pgconn *c, const struct pgconn_query *q, int 
 			return send_failed(c);
 		pipe_push(c, PI_SLOW);
 	}
-	/*
-	 * DISCARD ALL commits at once, before the BEGIN behind it; if it fails,
-	 * the server skips the rest of the segment, so nothing of the
-	 * transaction runs on a session it did not clean.
-	 */
 	slow_first(c);
-	if (c->discard_first) {
-		c->discard_first = false;
-		if (!PQsendQueryParams(c->pg, "DISCARD ALL", 0, NULL, NULL, NULL, NULL, 0))
-			return send_failed(c);
-		pipe_push(c, PI_SLOW);
-	}
+	if (queue_discard(c) < 0)
+		return send_failed(c);
 	/* The reset runs inside the transaction: behind its BEGIN, or first in an implicit one. */
 	if (c->reset_next && !q[0].opens && queue_reset(c) < 0)
 		return send_failed(c);
