@@ -60,7 +60,6 @@ struct exec {
 	bool pipelined;          /* ... sent at once (pgconn_send_transaction); the phase follows its STEPs */
 	bool implicit;           /* ... in the pipeline's implicit transaction: no BEGIN, no COMMIT */
 	bool server_error;       /* the shard answered an error */
-	bool committed;          /* its COMMIT succeeded */
 	const char *gave_up;     /* the code of the gateway's own failure (a cap, memory) ... */
 	char gave_up_msg[200];   /* ... and its message: said again with the outcome (pipelined_done) */
 	const char *setting[2];  /* tenant_setting name and the tenant, for set_config() */
@@ -227,7 +226,8 @@ static void checkout(struct exec *r);
 
 static bool first_statement(const struct exec *r)
 {
-	return r->phase == PH_BEGIN || (r->phase == PH_STMT && r->cur == 0 && !r->wrapped);
+	/* A pipelined transaction is sent whole, and sent again only when nothing of it took effect. */
+	return r->pipelined || r->phase == PH_BEGIN || (r->phase == PH_STMT && r->cur == 0 && !r->wrapped);
 }
 
 /* The tenant for RLS policies: transaction-local, so it ends with the request. */
@@ -389,8 +389,6 @@ static void on_result(struct exec *r, PGresult *res)
 	r->nres++;
 	if (PQresultStatus(res) == PGRES_FATAL_ERROR)
 		r->server_error = true;
-	if (r->phase == PH_COMMIT && PQresultStatus(res) == PGRES_COMMAND_OK)
-		r->committed = true;
 	switch (PQresultStatus(res)) {
 	case PGRES_SINGLE_TUPLE:
 		if (r->phase == PH_STMT && !r->failed)
@@ -466,6 +464,20 @@ static void park(struct exec *r)
 	done(arg);
 }
 
+/* The connection broke under the request: answered (shard_error, unless it has its error) and finished. */
+static bool conn_gone(struct exec *r)
+{
+	char msg[320];
+	if (pgconn_usable(r->conn))
+		return false;
+	if (!r->failed) {
+		snprintf(msg, sizeof(msg), "shard %s closed the connection: %s", r->shard->name, r->conn->error);
+		fail(r, "shard_error", msg);
+	}
+	finish(r);
+	return true;
+}
+
 /* The statement in flight finished: decide what runs next. */
 static void on_done(struct exec *r)
 {
@@ -483,16 +495,8 @@ static void on_done(struct exec *r)
 		fail(r, r->guard.timed_out ? "statement_timeout" : "shard_error",
 		     r->guard.timed_out ? msg : "the statement was cancelled before it answered");
 	}
-	if (!pgconn_usable(r->conn)) {
-		if (!r->failed) {
-			char msg[320];
-			snprintf(msg, sizeof(msg), "shard %s closed the connection: %s",
-				 r->shard->name, r->conn->error);
-			fail(r, "shard_error", msg);
-		}
-		finish(r);
+	if (conn_gone(r))
 		return;
-	}
 	if (r->describing) {
 		/* The statement itself now, with its parameters' texts chosen by type. */
 		r->describing = false;
@@ -597,7 +601,6 @@ static void send_pipelined(struct exec *r)
 
 	r->implicit = !r->rq->transaction && r->setting[0] && r->rq->nstmts == 1 && !needs_block(r->rq->stmts[0].sql);
 	r->server_error = false;
-	r->committed = false;
 	if (r->implicit)
 		r->phase = PH_SETTING;
 	else
@@ -655,15 +658,8 @@ static void pipelined_done(struct exec *r)
 		retry_after_reset(r);
 		return;
 	}
-	if (!pgconn_usable(r->conn)) {
-		if (!r->failed) {
-			char msg[320];
-			snprintf(msg, sizeof(msg), "shard %s closed the connection: %s", r->shard->name, r->conn->error);
-			fail(r, "shard_error", msg);
-		}
-		finish(r);
+	if (conn_gone(r))
 		return;
-	}
 	if (!r->redone && !r->aborted && !r->guard.cancelled &&
 	    (r->failed ? pgconn_retry_transaction(r->conn)
 		       : r->phase != PH_OVER && pgconn_transaction_undone(r->conn))) {
@@ -689,17 +685,18 @@ static void pipelined_done(struct exec *r)
 		fail(r, r->guard.timed_out ? "statement_timeout" : "shard_error",
 		     r->guard.timed_out ? msg : "the transaction was cancelled before it ended");
 	}
-	if (r->implicit && r->phase == PH_OVER && !r->server_error)
-		r->committed = true;   /* the Sync committed it */
 	if (r->gave_up) {
 		/*
 		 * The COMMIT went out with the statements, so the cancel sent when
 		 * the cap was passed stopped the transaction only if it reached a
-		 * statement still running: the answer says which.
+		 * statement still running: the answer says which. Past the last
+		 * query's end (COMMIT's, or the statement's before the Sync of an
+		 * implicit transaction) with no error from the shard, it committed.
 		 */
+		bool committed = r->phase == PH_OVER && !r->server_error;
 		char msg[320];
 		snprintf(msg, sizeof(msg), "%s; %s", r->gave_up_msg,
-			 r->committed ? "the transaction had committed already (its COMMIT went out with its statements)"
+			 committed ? "the transaction had committed already (its COMMIT went out with its statements)"
 				      : "the transaction was rolled back");
 		fail(r, r->gave_up, msg);
 	}
@@ -1164,6 +1161,16 @@ static bool admitted(struct exec *r)
 	return true;
 }
 
+/* The held transaction's connection broke while parked: answered and finished. */
+static bool parked_lost(struct exec *r)
+{
+	if (!r->lost)
+		return false;
+	fail(r, "shard_error", "the shard closed the transaction's connection; the transaction is gone");
+	finish(r);
+	return true;
+}
+
 void exec_continue(struct exec *r, struct req *rq, struct sink *k, exec_done_cb done, void *arg)
 {
 	take_over(r, rq, k, done, arg);
@@ -1171,11 +1178,8 @@ void exec_continue(struct exec *r, struct req *rq, struct sink *k, exec_done_cb 
 		park(r);
 		return;
 	}
-	if (r->lost) {
-		fail(r, "shard_error", "the shard closed the transaction's connection; the transaction is gone");
-		finish(r);
+	if (parked_lost(r))
 		return;
-	}
 	r->timeout = shard_statement_timeout(r->shard, rq->timeout);
 	r->phase = PH_STMT;
 	r->cur = 0;
@@ -1194,11 +1198,8 @@ void exec_end(struct exec *r, struct req *rq, bool commit, struct sink *k, exec_
 		park(r);
 		return;
 	}
-	if (r->lost) {
-		fail(r, "shard_error", "the shard closed the transaction's connection; the transaction is gone");
-		finish(r);
+	if (parked_lost(r))
 		return;
-	}
 	r->timeout = r->shard->statement_timeout;
 	if (commit && fleet_fence(&fence)) {   /* a fenced instance commits nothing: rolled back instead */
 		fail_with(r, &fence);
