@@ -605,14 +605,13 @@ PGOPTIONS=$pg_opts "$bindir/pgbench" -h 127.0.0.1 -p "$main_pg_port" -U "$pg_use
     -j "$threads" -T 1 bench_0 >"$tmp/log/pg-warmup.log" 2>&1 || {
     cat "$tmp/log/pg-warmup.log" >&2; tail -n 40 "$tmp/log/gw-main.log" >&2; die "pgbench through the pg listener failed"; }
 
-# run_wrk KEY TENANTS [SECONDS] [query|txn3]: POST /query (tools/bench/query.lua;
-# with a kind, tools/bench/rt.lua's fixed request of that kind); TENANTS
+# run_wrk KEY TENANTS [SECONDS] [ACCOUNTS] [txn3]: POST /query (tools/bench/query.lua,
+# aids 1..ACCOUNTS, default all of pgbench's; txn3: a three-statement /transaction); TENANTS
 # "-": GET /healthz (tools/bench/healthz.lua). SECONDS defaults to
 # BENCH_SECONDS. $tmp/out/KEY.start gets the time wrk starts (ns since the epoch).
 run_wrk() {
-    local key=$1 out=$tmp/out/$1 line script=$root/tools/bench/query.lua d=${3:-$secs} shown=$2 kind=${4:-}
+    local key=$1 out=$tmp/out/$1 line script=$root/tools/bench/query.lua d=${3:-$secs} shown=$2
     [ "$2" = - ] && script=$root/tools/bench/healthz.lua
-    [ -n "$kind" ] && script=$root/tools/bench/rt.lua
     [ ${#shown} -gt 60 ] && shown="${shown:0:40}... ($(tr ',' '\n' <<<"$2" | wc -l) tenants)"
     say "row ${R_label[$key]}: wrk -t $threads -c $clients -d ${d}s, $(basename "$script") $shown"
     local perf_pid=
@@ -624,7 +623,7 @@ run_wrk() {
     snap_begin "$gw_pid"
     ( date +%s%N >"$out.start"
       wrk -t "$threads" -c "$clients" -d "${d}s" --timeout 10s -s "$script" \
-        "http://127.0.0.1:$gw_port" -- "$2" "${kind:-$accounts}" >"$out.out" 2>"$out.err"
+        "http://127.0.0.1:$gw_port" -- "$2" "${4:-$accounts}" ${5:-} >"$out.out" 2>"$out.err"
       echo $? >"$out.rc"; times >"$out.times" ) &
     load_pid=$!
     wait "$load_pid"
@@ -633,11 +632,18 @@ run_wrk() {
         kill -INT "$perf_pid" 2>/dev/null
         wait "$perf_pid" 2>/dev/null
     fi
+    local requests
+    wrk_result "$key"
+    snap_end "$key" "$gw_pid" "$requests" "$(times_us "$out.times")"
+}
+
+# wrk_result KEY: the BENCH line (tools/bench/query.lua's done()) wrk left for row
+# KEY in $tmp/out/KEY.out, into the row's columns; sets the caller's `requests`.
+wrk_result() {
+    local key=$1 out=$tmp/out/$1 line duration_us p50_us p99_us max_us='' status_errors socket_errors
     line=$(grep '^BENCH ' "$out.out")
     [ "$(cat "$out.rc")" = 0 ] && [ -n "$line" ] || { cat "$out.err" "$out.out" >&2; die "wrk failed in row $key"; }
-    local requests duration_us p50_us p99_us max_us='' status_errors socket_errors
     eval "$(echo "${line#BENCH }" | tr ' ' '\n' | grep -E '^[a-z_0-9]+=[0-9]+$')"
-    snap_end "$key" "$gw_pid" "$requests" "$(times_us "$out.times")"
     R_rps[$key]=$(awk -v n="$requests" -v d="$duration_us" 'BEGIN { printf "%.0f", n / (d / 1e6) }')
     R_p50[$key]=$(awk -v v="$p50_us" 'BEGIN { printf "%.2f", v / 1000 }')
     R_p99[$key]=$(awk -v v="$p99_us" 'BEGIN { printf "%.2f", v / 1000 }')

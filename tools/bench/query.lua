@@ -8,7 +8,11 @@
 -- tenant (every request on one shard) or tenants spread evenly over all
 -- shards:
 --
---   wrk ... -s tools/bench/query.lua URL -- TENANT[,TENANT...] ACCOUNTS
+--   wrk ... -s tools/bench/query.lua URL -- TENANT[,TENANT...] ACCOUNTS [txn3]
+--
+-- ACCOUNTS 1 sends the same aid every time. txn3: POST /transaction with
+-- SELECT 1, that statement and SELECT 2 (the round-trip rows,
+-- tools/bench/roundtrips.sh).
 --
 -- done() prints one machine-readable line (BENCH ...) that the driver parses:
 -- completed requests, duration, p50/p99/max latency in microseconds, and errors.
@@ -40,9 +44,16 @@ function init(args)
   local accounts = assert(tonumber(args[2]), "query.lua: pass the number of accounts as the second argument")
   math.randomseed(os.time() * 1000 + (thread_no or 0) * 7919)
   local headers = { ["Content-Type"] = "application/json" }
+  local txn3 = args[3] == "txn3"
   for k = 1, PREBUILT do
     headers["X-Organization-Id"] = tenants[math.random(#tenants)]
-    reqs[k] = wrk.format("POST", "/query", headers, head .. math.random(accounts) .. "]}")
+    local stmt = head .. math.random(accounts) .. "]}"
+    if txn3 then
+      reqs[k] = wrk.format("POST", "/transaction", headers,
+        '{"statements":[{"sql":"SELECT 1"},' .. stmt .. ',{"sql":"SELECT 2"}]}')
+    else
+      reqs[k] = wrk.format("POST", "/query", headers, stmt)
+    end
   end
   n = PREBUILT
 end

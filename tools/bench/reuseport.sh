@@ -59,7 +59,7 @@ rp_served() {
 
 # rp_row KEY PORT PID:ADMIN...: wrk on PORT; proxy CPU and RSS summed over the processes.
 rp_row() {
-    local key=$1 port=$2 out=$tmp/out/$1 line p t0=() s0=() i=0 ticks=0 rss=0 split=
+    local key=$1 port=$2 out=$tmp/out/$1 p t0=() s0=() i=0 ticks=0 rss=0 split= requests
     shift 2
     for p in "$@"; do
         t0+=("$(proc_ticks "${p%:*}")")
@@ -73,10 +73,7 @@ rp_row() {
     load_pid=$!
     wait "$load_pid"
     load_pid=
-    line=$(grep '^BENCH ' "$out.out")
-    [ "$(cat "$out.rc")" = 0 ] && [ -n "$line" ] || { cat "$out.err" "$out.out" >&2; die "wrk failed in row $key"; }
-    local requests duration_us p50_us p99_us max_us status_errors socket_errors
-    eval "$(echo "${line#BENCH }" | tr ' ' '\n' | grep -E '^[a-z_0-9]+=[0-9]+$')"
+    wrk_result "$key"
     snap_end "$key" "" "$requests" "$(times_us "$out.times")"
     for p in "$@"; do
         ticks=$((ticks + $(proc_ticks "${p%:*}") - t0[i]))
@@ -86,12 +83,7 @@ rp_row() {
     done
     R_pcpu[$key]=$(per_req "$ticks" "$requests")
     R_prss[$key]=$(awk -v r="$rss" 'BEGIN { printf "-/%.1f", r / 1024 }')
-    R_rps[$key]=$(awk -v n="$requests" -v d="$duration_us" 'BEGIN { printf "%.0f", n / (d / 1e6) }')
-    R_p50[$key]=$(awk -v v="$p50_us" 'BEGIN { printf "%.2f", v / 1000 }')
-    R_p99[$key]=$(awk -v v="$p99_us" 'BEGIN { printf "%.2f", v / 1000 }')
-    R_note[$key]="requests per process $split"
-    [ "$status_errors" = 0 ] && [ "$socket_errors" = 0 ] ||
-        R_note[$key]+=", errors: $status_errors non-2xx, $socket_errors socket"
+    R_note[$key]="requests per process $split${R_note[$key]:+, ${R_note[$key]}}"
 }
 
 bench_reuseport() {

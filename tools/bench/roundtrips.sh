@@ -41,11 +41,11 @@ rt_seq() {
     fanout_n=$saved_n
 }
 seq_warm=${seq_warm:-3}
-# tools/bench/rt.lua: the same fixed request each time (aid 42), so the rows
-# differ only in what the gateway and the shard do around the statement.
-rt_use "${rt_plain[@]}"; run_wrk rt_q "$one_tenant" "$secs" query
-rt_use "${rt_rls[@]}"; run_wrk rt_ts "$one_tenant" "$secs" query
-rt_use "${rt_plain[@]}"; run_wrk rt_tx "$one_tenant" "$secs" txn3
+# The same aid every time (accounts 1), so the rows differ only in what the
+# gateway and the shard do around the statement.
+rt_use "${rt_plain[@]}"; run_wrk rt_q "$one_tenant" "$secs" 1
+rt_use "${rt_rls[@]}"; run_wrk rt_ts "$one_tenant" "$secs" 1
+rt_use "${rt_plain[@]}"; run_wrk rt_tx "$one_tenant" "$secs" 1 txn3
 rt_use "${rt_plain[@]}"; rt_seq rt_q_seq /query "$rt_body"
 rt_use "${rt_rls[@]}"; rt_seq rt_ts_seq /query "$rt_body"
 rt_use "${rt_plain[@]}"; rt_seq rt_tx_seq /transaction "$rt_tx_body"
