@@ -1353,4 +1353,116 @@ function helpers.pg_cluster(opts)
   return setmetatable({ dir = dir, port = port, log_path = dir .. "/postgres.log" }, Cluster)
 end
 
+
+---------------------------------------------------------------------------
+-- Continuous traffic, without threads
+---------------------------------------------------------------------------
+
+-- helpers.traffic(gws, n, make): n workers, each keeping one request out at a
+-- time. gws is a gateway or a list of them: each worker has a keep-alive
+-- connection to every one, and its request seq goes to gateway
+-- (worker + seq) % #gws. make(worker, seq) returns path, headers, body, meta
+-- for the next request. Every answer goes to t.log as { worker, seq, gw,
+-- meta, sent, recv, status, res }; t:step/t:pump run a select() loop that
+-- hands each answer back and sends the worker's next request.
+local Traffic = {}
+Traffic.__index = Traffic
+
+function helpers.traffic(gws, n, make)
+  if gws.port then gws = { gws } end
+  local t = setmetatable({ workers = {}, extra = {}, log = {}, running = true, make = make, gws = gws }, Traffic)
+  for i = 1, n do
+    local w = { id = i, seq = 0, conns = {} }
+    for g, gw in ipairs(gws) do w.conns[g] = gw:connect({ timeout = 30 }) end
+    t.workers[i] = w
+    t:send(w)
+  end
+  return t
+end
+
+function Traffic:send(w)
+  w.seq = w.seq + 1
+  local g = (w.id + w.seq) % #self.gws + 1
+  local path, headers, body, meta = self.make(w, w.seq)
+  w.conn = w.conns[g]
+  w.current = { worker = w.id, seq = w.seq, gw = g, meta = meta, sent = helpers.now() }
+  assert(w.conn:send("POST", path, headers, body))
+end
+
+-- Adds a one-shot connection (already sent) to the select loop; x.res and
+-- x.recv are set when its answer comes.
+function Traffic:watch(conn, name)
+  local x = { conn = conn, name = name, extra = true, sent = helpers.now() }
+  self.extra[#self.extra + 1] = x
+  return x
+end
+
+-- Waits up to `wait` seconds for answers and handles those that came.
+function Traffic:step(wait)
+  local socks, owner, ready = {}, {}, {}
+  local function add(o)
+    if #o.conn.buf > 0 then ready[#ready + 1] = o end
+    socks[#socks + 1] = o.conn.sock
+    owner[o.conn.sock] = o
+  end
+  for _, w in ipairs(self.workers) do if w.current then add(w) end end
+  for _, x in ipairs(self.extra) do if not x.res then add(x) end end
+  if #ready == 0 then
+    if #socks == 0 then return end
+    for _, s in ipairs(socket.select(socks, nil, wait) or {}) do ready[#ready + 1] = owner[s] end
+  end
+  for _, o in ipairs(ready) do
+    local res = o.conn:receive(30)
+    if o.extra then
+      o.res, o.recv = res, helpers.now()
+    else
+      local r = o.current
+      o.current = nil
+      r.recv, r.status, r.res = helpers.now(), res.status, res
+      self.log[#self.log + 1] = r
+      if self.running then self:send(o) end
+    end
+  end
+end
+
+function Traffic:pump(cond, timeout, what)
+  local deadline = helpers.now() + timeout
+  while not cond() do
+    if helpers.now() >= deadline then
+      error(string.format("timed out (%gs) waiting for %s", timeout, what), 2)
+    end
+    self:step(0.02)
+  end
+end
+
+-- Answers so far (workers only).
+function Traffic:count()
+  return #self.log
+end
+
+-- Stops sending and collects every answer still out.
+function Traffic:finish(timeout)
+  self.running = false
+  self:pump(function()
+    for _, w in ipairs(self.workers) do if w.current then return false end end
+    return true
+  end, timeout or 30, "the last answers")
+  for _, w in ipairs(self.workers) do
+    for _, c in ipairs(w.conns) do c:close() end
+  end
+end
+
+-- True when no worker answer sits unread in a socket right now.
+function Traffic:nothing_unread()
+  local socks = {}
+  for _, w in ipairs(self.workers) do
+    if w.current then
+      if #w.conn.buf > 0 then return false end
+      socks[#socks + 1] = w.conn.sock
+    end
+  end
+  if #socks == 0 then return true end
+  return #socket.select(socks, nil, 0) == 0
+end
+
 return helpers

@@ -31,7 +31,6 @@
 -- answer to its connection, which records it and sends the next one.
 
 local helpers = require "spec.helpers"
-local socket = require "socket"
 local hash = require "shardgate.hash"   -- only to know where the script's fallback sends a tenant
 
 local json = helpers.json
@@ -261,107 +260,9 @@ end
 -- Continuous traffic (see the top of the file)
 ---------------------------------------------------------------------------
 
-local Traffic = {}
-Traffic.__index = Traffic
-
--- n connections; make(worker, seq) returns path, headers, body, meta for the
--- next request. Every answer goes to t.log as { worker, seq, meta, sent,
--- recv, status, res }.
-local function traffic(gw, n, make)
-  local t = setmetatable({ workers = {}, extra = {}, log = {}, running = true, make = make }, Traffic)
-  for i = 1, n do
-    local w = { id = i, seq = 0, conn = gw:connect({ timeout = 30 }) }
-    t.workers[i] = w
-    t:send(w)
-  end
-  return t
-end
-
-function Traffic:send(w)
-  w.seq = w.seq + 1
-  local path, headers, body, meta = self.make(w, w.seq)
-  w.current = { worker = w.id, seq = w.seq, meta = meta, sent = helpers.now() }
-  assert(w.conn:send("POST", path, headers, body))
-end
-
--- Adds a one-shot connection (already sent) to the select loop; x.res and
--- x.recv are set when its answer comes.
-function Traffic:watch(conn, name)
-  local x = { conn = conn, name = name, extra = true, sent = helpers.now() }
-  self.extra[#self.extra + 1] = x
-  return x
-end
-
-function Traffic:answered(r, res)
-  r.recv, r.status, r.res = helpers.now(), res.status, res
-  self.log[#self.log + 1] = r
-end
-
--- Waits up to `wait` seconds for answers and handles those that came.
-function Traffic:step(wait)
-  local socks, owner, ready = {}, {}, {}
-  local function add(o)
-    if #o.conn.buf > 0 then ready[#ready + 1] = o end
-    socks[#socks + 1] = o.conn.sock
-    owner[o.conn.sock] = o
-  end
-  for _, w in ipairs(self.workers) do if w.current then add(w) end end
-  for _, x in ipairs(self.extra) do if not x.res then add(x) end end
-  if #ready == 0 then
-    if #socks == 0 then return end
-    for _, s in ipairs(socket.select(socks, nil, wait) or {}) do ready[#ready + 1] = owner[s] end
-  end
-  for _, o in ipairs(ready) do
-    local res = o.conn:receive(15)
-    if o.extra then
-      o.res, o.recv = res, helpers.now()
-    else
-      local r = o.current
-      o.current = nil
-      self:answered(r, res)
-      if self.running then self:send(o) end
-    end
-  end
-end
-
-function Traffic:pump(cond, timeout, what)
-  local deadline = helpers.now() + timeout
-  while not cond() do
-    if helpers.now() >= deadline then
-      error(string.format("timed out (%gs) waiting for %s", timeout, what), 2)
-    end
-    self:step(0.02)
-  end
-end
-
--- Answers so far (workers only).
-function Traffic:count()
-  return #self.log
-end
-
--- Stops sending and collects every answer still out.
-function Traffic:finish(timeout)
-  self.running = false
-  self:pump(function()
-    for _, w in ipairs(self.workers) do if w.current then return false end end
-    return true
-  end, timeout or 20, "the last answers")
-  for _, w in ipairs(self.workers) do w.conn:close() end
-end
-
--- True when no worker answer sits unread in a socket right now.
-function Traffic:nothing_unread()
-  local socks = {}
-  for _, w in ipairs(self.workers) do
-    if w.current then
-      if #w.conn.buf > 0 then return false end
-      socks[#socks + 1] = w.conn.sock
-    end
-  end
-  if #socks == 0 then return true end
-  local r = socket.select(socks, nil, 0)
-  return #r == 0
-end
+-- spec/helpers.lua: workers each keeping one request out, a select() loop
+-- handing each answer back (t.log, t:pump, t:watch, t:finish).
+local traffic = helpers.traffic
 
 ---------------------------------------------------------------------------
 -- Prometheus text

@@ -12,12 +12,11 @@
 -- answered 200 (it waited through the pause, nothing failed); everything
 -- answered after the resume ran on the new shard, the queued ones too.
 --
--- Traffic is driven without threads, as in 70-directory_spec.lua: each
+-- Traffic is driven without threads (helpers.traffic): each
 -- worker keeps one request out at a time, its next one going to the next
 -- gateway in turn, and a select() loop hands each answer back.
 
 local helpers = require "spec.helpers"
-local socket = require "socket"
 
 local SHARD_DBS, PRIMARY
 
@@ -94,88 +93,8 @@ end
 -- Round-robin traffic over several gateways
 ---------------------------------------------------------------------------
 
-local Traffic = {}
-Traffic.__index = Traffic
-
--- n workers, each with a keep-alive connection to every gateway; request
--- seq of worker w goes to gateway (w + seq) % #gws. make(w, seq) returns
--- path, headers, body, meta.
-local function traffic(gws, n, make)
-  local t = setmetatable({ workers = {}, extra = {}, log = {}, running = true, make = make, gws = gws }, Traffic)
-  for i = 1, n do
-    local w = { id = i, seq = 0, conns = {} }
-    for g, gw in ipairs(gws) do w.conns[g] = gw:connect({ timeout = 30 }) end
-    t.workers[i] = w
-    t:send(w)
-  end
-  return t
-end
-
-function Traffic:send(w)
-  w.seq = w.seq + 1
-  local g = (w.id + w.seq) % #self.gws + 1
-  local path, headers, body, meta = self.make(w, w.seq)
-  w.conn = w.conns[g]
-  w.current = { worker = w.id, seq = w.seq, gw = g, meta = meta, sent = helpers.now() }
-  assert(w.conn:send("POST", path, headers, body))
-end
-
--- A one-shot request (already sent on conn) watched by the select loop.
-function Traffic:watch(conn)
-  local x = { conn = conn, extra = true, sent = helpers.now() }
-  self.extra[#self.extra + 1] = x
-  return x
-end
-
-function Traffic:step(wait)
-  local socks, owner, ready = {}, {}, {}
-  local function add(o)
-    if #o.conn.buf > 0 then ready[#ready + 1] = o end
-    socks[#socks + 1] = o.conn.sock
-    owner[o.conn.sock] = o
-  end
-  for _, w in ipairs(self.workers) do if w.current then add(w) end end
-  for _, x in ipairs(self.extra) do if not x.res then add(x) end end
-  if #ready == 0 then
-    if #socks == 0 then return end
-    for _, s in ipairs(socket.select(socks, nil, wait) or {}) do ready[#ready + 1] = owner[s] end
-  end
-  for _, o in ipairs(ready) do
-    local res = o.conn:receive(30)
-    if o.extra then
-      o.res, o.recv = res, helpers.now()
-    else
-      local r = o.current
-      o.current = nil
-      r.recv, r.status, r.res = helpers.now(), res.status, res
-      self.log[#self.log + 1] = r
-      if self.running then self:send(o) end
-    end
-  end
-end
-
-function Traffic:pump(cond, timeout, what)
-  local deadline = helpers.now() + timeout
-  while not cond() do
-    if helpers.now() >= deadline then
-      error(string.format("timed out (%gs) waiting for %s", timeout, what), 2)
-    end
-    self:step(0.02)
-  end
-end
-
-function Traffic:count() return #self.log end
-
-function Traffic:finish()
-  self.running = false
-  self:pump(function()
-    for _, w in ipairs(self.workers) do if w.current then return false end end
-    return true
-  end, 30, "the last answers")
-  for _, w in ipairs(self.workers) do
-    for _, c in ipairs(w.conns) do c:close() end
-  end
-end
+-- spec/helpers.lua's, with the gateways' list: round-robin per worker.
+local traffic = helpers.traffic
 
 ---------------------------------------------------------------------------
 
