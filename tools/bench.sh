@@ -57,6 +57,8 @@
 #   BENCH_ROUNDS=1          rounds of the 12 throughput rows; with more, each column is
 #                           the median over the rounds (rows interleaved, so drifting
 #                           load on the machine hits all of them alike)
+#   BENCH_RT_ROUNDS=4       rounds of the three round-trip throughput rows (issue 20),
+#   BENCH_RT_SECONDS=5      taking turns, each row the median over its rounds
 #   BENCH_FANOUT_N=25       timed sequential requests per fan-out measurement
 #   BENCH_IDLE_CLIENTS=10000 idle keep-alive clients for the memory line
 #   BENCH_PG_IDLE_CLIENTS=1000 idle PostgreSQL-protocol clients for the pg memory
@@ -86,6 +88,8 @@ scale=${BENCH_SCALE:-10}
 nshards=${BENCH_SHARDS:-3}
 fanout_n=${BENCH_FANOUT_N:-25}
 rounds=${BENCH_ROUNDS:-1}
+rt_rounds=${BENCH_RT_ROUNDS:-4}
+rt_secs=${BENCH_RT_SECONDS:-5}
 idle_clients=${BENCH_IDLE_CLIENTS:-10000}
 pg_idle_clients=${BENCH_PG_IDLE_CLIENTS:-1000}
 dir_secs=${BENCH_DIR_SECONDS:-6}
@@ -106,7 +110,8 @@ say() { printf 'bench: %s\n' "$*" >&2; }
 die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
 
 for v in secs:SECONDS clients:CLIENTS pool:POOL threads:THREADS scale:SCALE nshards:SHARDS \
-         fanout_n:FANOUT_N idle_clients:IDLE_CLIENTS pg_idle_clients:PG_IDLE_CLIENTS rounds:ROUNDS \
+         fanout_n:FANOUT_N rt_rounds:RT_ROUNDS rt_secs:RT_SECONDS idle_clients:IDLE_CLIENTS \
+         pg_idle_clients:PG_IDLE_CLIENTS rounds:ROUNDS \
          dir_secs:DIR_SECONDS dir_rows:DIR_ROWS; do
     var=${v%%:*}
     [[ ${!var} =~ ^[1-9][0-9]*$ ]] || die "BENCH_${v#*:} must be a positive integer, got '${!var}'"
@@ -704,6 +709,26 @@ median() {   # median FORMAT LIST...
         awk -v f="$f" '{ a[NR] = $1 } END { if (NR == 0) print "-"
             else printf f "\n", (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
+# settle ROUNDS KEY...: each row's columns become the medians of what keep
+# gathered over ROUNDS rounds (with one, its one value); rows without any
+# are left alone.
+settle() {
+    local n=$1 k
+    shift
+    for k; do
+        [ -n "${L_rps[$k]:-}" ] || continue
+        R_rps[$k]=$(median '%.0f' ${L_rps[$k]})
+        R_p50[$k]=$(median '%.2f' ${L_p50[$k]})
+        R_p99[$k]=$(median '%.2f' ${L_p99[$k]})
+        R_pcpu[$k]=$(median '%.1f' ${L_pcpu[$k]})
+        R_lcpu[$k]=$(median '%.1f' ${L_lcpu[$k]})
+        R_pgcpu[$k]=$(median '%.1f' ${L_pgcpu[$k]})
+        R_busy[$k]=$(median '%.0f' ${L_busy[$k]})
+        if [ "$n" -gt 1 ]; then
+            R_note[$k]="rps $(echo ${L_rps[$k]} | tr ' ' /)${R_note[$k]:+; ${R_note[$k]}}"
+        fi
+    done
+}
 for ((round = 1; round <= rounds; round++)); do
     [ "$rounds" -gt 1 ] && say "round $round of $rounds"
     run_pgbench direct_s32 "$pg_port" "$clients" simple ""; keep direct_s32
@@ -721,19 +746,7 @@ for ((round = 1; round <= rounds; round++)); do
     [ -n "$base_bin" ] && { run_base; keep sg_base; }
     run_wrk sg_spread "$spread_csv"; keep sg_spread
 done
-for k in "${rows[@]}"; do
-    [ -n "${L_rps[$k]:-}" ] || continue
-    R_rps[$k]=$(median '%.0f' ${L_rps[$k]})
-    R_p50[$k]=$(median '%.2f' ${L_p50[$k]})
-    R_p99[$k]=$(median '%.2f' ${L_p99[$k]})
-    R_pcpu[$k]=$(median '%.1f' ${L_pcpu[$k]})
-    R_lcpu[$k]=$(median '%.1f' ${L_lcpu[$k]})
-    R_pgcpu[$k]=$(median '%.1f' ${L_pgcpu[$k]})
-    R_busy[$k]=$(median '%.0f' ${L_busy[$k]})
-    if [ "$rounds" -gt 1 ]; then
-        R_note[$k]="rps $(echo ${L_rps[$k]} | tr ' ' /)${R_note[$k]:+; ${R_note[$k]}}"
-    fi
-done
+settle "$rounds" "${rows[@]}"
 stop_proc "$pgb_pid"
 pgb_pid=
 # What the load gateway logged at warn or error through the rounds (the pg

@@ -2,9 +2,10 @@
 #
 # Two one-shard gateways on bench_0, pool $pool each, one plain and one with
 # tenant_setting (every request inside BEGIN; set_config(); ...; COMMIT),
-# up together; then, one after another in this run: $clients-client
-# throughput of POST /query on each, of a three-statement /transaction on
-# the plain one, and the same three kinds one request at a time (p50).
+# up together; then, in this run: $clients-client throughput of POST /query
+# on each and of a three-statement /transaction on the plain one (taking
+# turns, $rt_rounds rounds, medians), and the same three kinds one request
+# at a time (p50).
 # Since the gateway pipelines BEGIN, set_config(), the statements and
 # COMMIT, each costs one round trip to the shard, like a plain /query.
 
@@ -43,9 +44,23 @@ rt_seq() {
 seq_warm=${seq_warm:-3}
 # The same aid every time (accounts 1), so the rows differ only in what the
 # gateway and the shard do around the statement.
-rt_use "${rt_plain[@]}"; run_wrk rt_q "$one_tenant" "$secs" 1
-rt_use "${rt_rls[@]}"; run_wrk rt_ts "$one_tenant" "$secs" 1
-rt_use "${rt_plain[@]}"; run_wrk rt_tx "$one_tenant" "$secs" 1 txn3
+# The three throughput rows take turns, $rt_rounds rounds of ${rt_secs}s each,
+# every other round in reverse order (so each order runs as often), and each
+# row shows its median: the rows differ by a tenth, about what the machine
+# drifts by in a minute, so one row after the other would measure the drift
+# as much as the gateway.
+rt_wrk_q() { rt_use "${rt_plain[@]}"; run_wrk rt_q "$one_tenant" "$rt_secs" 1; keep rt_q; }
+rt_wrk_ts() { rt_use "${rt_rls[@]}"; run_wrk rt_ts "$one_tenant" "$rt_secs" 1; keep rt_ts; }
+rt_wrk_tx() { rt_use "${rt_plain[@]}"; run_wrk rt_tx "$one_tenant" "$rt_secs" 1 txn3; keep rt_tx; }
+for ((rt_round = 1; rt_round <= rt_rounds; rt_round++)); do
+    say "round-trip rows: round $rt_round of $rt_rounds"
+    if ((rt_round % 2)); then
+        rt_wrk_q; rt_wrk_ts; rt_wrk_tx
+    else
+        rt_wrk_tx; rt_wrk_ts; rt_wrk_q
+    fi
+done
+settle "$rt_rounds" rt_q rt_ts rt_tx
 rt_use "${rt_plain[@]}"; rt_seq rt_q_seq /query "$rt_body"
 rt_use "${rt_rls[@]}"; rt_seq rt_ts_seq /query "$rt_body"
 rt_use "${rt_plain[@]}"; rt_seq rt_tx_seq /transaction "$rt_tx_body"
