@@ -105,6 +105,8 @@ check: deps
 		--inline-suppr --suppress=missingIncludeSystem --suppress=toomanyconfigs \
 		--suppress=unknownMacro:core/body.c core/
 	@tools/layers.sh
+	@mkdir -p build && $(CC) -O2 $(WARN) -Werror -I"$$(pg_config --includedir)" \
+		-o build/pipeline_share tools/bench/pipeline_share.c -lpq
 
 asan: deps
 	@$(MAKE) --no-print-directory bin/shardgate-asan $(C_TESTS)
