@@ -135,7 +135,11 @@ static void write_ids(struct evbuffer *b, const struct fleet_op_result *r, bool 
 	evbuffer_add(b, "]", 1);
 }
 
-/* 200 once every instance that is not gone acknowledged, 504 naming those that did not, 503 without the database. */
+/*
+ * 200 once every instance that is not gone acknowledged, 504 naming those
+ * that did not, 409 once a later request of the other kind superseded it,
+ * 503 without the database.
+ */
 static void on_fleet_done(const struct fleet_op_result *r, void *arg)
 {
 	struct http_request *req = arg;
@@ -153,6 +157,14 @@ static void on_fleet_done(const struct fleet_op_result *r, void *arg)
 	if (r->end == FLEET_OP_DONE) {
 		evbuffer_add(b, "}", 1);
 		reply(req, 200, b);
+		return;
+	}
+	if (r->end == FLEET_OP_SUPERSEDED) {
+		static const char code[] = ",\"code\":\"superseded\",\"error\":";
+		evbuffer_add(b, code, sizeof(code) - 1);
+		jsonw_cstring(b, r->error);
+		evbuffer_add(b, "}", 1);
+		reply(req, 409, b);
 		return;
 	}
 	evbuffer_add(b, ",\"missing\":", 11);

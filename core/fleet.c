@@ -215,9 +215,11 @@ static void make_sql(void)
 		"VALUES ($1, $2, nextval('%s_seq'), clock_timestamp(), $3) ON CONFLICT (tenant) "
 		"DO UPDATE SET state = EXCLUDED.state, seq = EXCLUDED.seq, requested_at = EXCLUDED.requested_at, "
 		"requested_by = EXCLUDED.requested_by RETURNING seq) SELECT seq, pg_notify($4, $2) FROM p");
+	/* Also what the tenant's row says now, on every row: a newer request may have superseded this one. */
 	F.sql_check = fmt_sql(
-		"SELECT f.id, " STATE_CASE ", COALESCE(a.seq >= $2::bigint AND a.state = $3, false) "
-		"FROM %s f LEFT JOIN %s_ack a ON a.tenant = $1 AND a.instance = f.id ORDER BY f.id");
+		"SELECT f.id, " STATE_CASE ", COALESCE(a.seq >= $2::bigint AND a.state = $3, false), p.state, p.seq "
+		"FROM %s f LEFT JOIN %s_ack a ON a.tenant = $1 AND a.instance = f.id "
+		"LEFT JOIN %s_pause p ON p.tenant = $1 ORDER BY f.id");
 	F.sql_done = fmt_sql(
 		"WITH d AS (DELETE FROM %s_pause WHERE tenant = $1 AND seq = $2::bigint AND state = 'resumed') "
 		"DELETE FROM %s_ack WHERE tenant = $1 AND seq <= $2::bigint");
@@ -800,10 +802,43 @@ static void on_done_cleanup(struct job *j, PGresult *res)
 	(void)res;
 }
 
+/*
+ * What the tenant's row says now, against o: NULL when o still stands, or
+ * why it does not — a later request of the other kind was recorded, or a
+ * later resume completed and removed the row. Its instances would never
+ * acknowledge o, so waiting on would only end in a timeout. A later request
+ * of the same kind does not supersede o: its acknowledgments count for o.
+ * *done: the row is gone after a resume, which a later resume completed.
+ */
+static const char *superseded(const struct op *o, const PGresult *res, char *buf, size_t len, bool *done)
+{
+	bool pause = o->kind == OP_PAUSE;
+	*done = false;
+	if (PQntuples(res) == 0)
+		return NULL;
+	if (PQgetisnull(res, 0, 3)) {
+		if (!pause) {
+			*done = true;
+			return NULL;
+		}
+		snprintf(buf, len, "a resume of tenant %s recorded after this pause (seq %lld) has completed: "
+			 "the tenant is not paused", o->tenant, o->seq);
+		return buf;
+	}
+	if (strcmp(PQgetvalue(res, 0, 3), pause ? "paused" : "resumed") == 0)
+		return NULL;
+	snprintf(buf, len, "a %s of tenant %s (seq %s) was recorded after this %s (seq %lld): the tenant is %s",
+		 pause ? "resume" : "pause", o->tenant, PQgetvalue(res, 0, 4), pause ? "pause" : "resume", o->seq,
+		 pause ? "being resumed" : "being paused");
+	return buf;
+}
+
 static void on_check(struct job *j, PGresult *res)
 {
 	struct op *o = j->arg;
-	bool all = true;
+	bool all = true, done;
+	char why[256];
+	const char *newer;
 	if (!op_alive(o))
 		return;
 	o->checking = false;
@@ -811,6 +846,7 @@ static void on_check(struct job *j, PGresult *res)
 		return;              /* the next poll tries again, until the deadline */
 	op_clear_members(o);
 	o->checked = true;
+	newer = superseded(o, res, why, sizeof(why), &done);
 	for (int i = 0; i < PQntuples(res) && o->nmembers < MAX_MEMBERS; i++) {
 		struct fleet_member *m = &o->members[o->nmembers];
 		const char *st = PQgetvalue(res, i, 1);
@@ -818,14 +854,20 @@ static void on_check(struct job *j, PGresult *res)
 		o->ids[o->nmembers] = xstrdup(PQgetvalue(res, i, 0));
 		m->id = o->ids[o->nmembers];
 		m->state = strcmp(st, "live") == 0 ? "live" : strcmp(st, "stale") == 0 ? "stale" : "gone";
-		m->acked = strcmp(PQgetvalue(res, i, 2), "t") == 0;
+		/* After a later resume completed (done), every instance not gone acknowledged that one. */
+		m->acked = strcmp(PQgetvalue(res, i, 2), "t") == 0 || (done && strcmp(m->state, "gone") != 0);
 		m->self = strcmp(m->id, F.id) == 0;
 		if (!m->acked && strcmp(m->state, "gone") != 0)
 			all = false;
 		o->nmembers++;
 	}
+	if (newer) {
+		log_warn("fleet: tenant %s: %s", o->tenant, newer);
+		op_answer(o, FLEET_OP_SUPERSEDED, newer);
+		return;
+	}
 	if (all) {
-		if (o->kind == OP_RESUME) {
+		if (o->kind == OP_RESUME && !done) {
 			char seq[24];
 			const char *vals[] = { o->tenant, seq };
 			snprintf(seq, sizeof(seq), "%lld", o->seq);

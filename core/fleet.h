@@ -50,6 +50,7 @@ enum fleet_op_end {
 	FLEET_OP_DONE,       /* every instance that is not gone acknowledged */
 	FLEET_OP_TIMED_OUT,  /* some did not within fleet.timeout (members says which) */
 	FLEET_OP_FAILED,     /* the fleet database could not be used (error says why) */
+	FLEET_OP_SUPERSEDED, /* a later request of the other kind was recorded (error says which) */
 };
 
 /* An instance, as an operation or a listing sees it. */
@@ -72,7 +73,7 @@ struct fleet_op_result {
 	const char *tenant;
 	bool pause;          /* a pause (else a resume) */
 	enum fleet_op_end end;
-	const char *error;   /* FAILED: why */
+	const char *error;   /* FAILED, SUPERSEDED: why */
 	double timeout;
 	const struct fleet_member *members;
 	int nmembers;

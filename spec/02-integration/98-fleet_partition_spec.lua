@@ -33,7 +33,7 @@ end
 return route
 ]]
 
-local function start_gateway()
+local function start_gateway(timeout)
   local shards = {}
   for i, db in ipairs(SHARD_DBS) do
     shards["shard_" .. (i - 1)] = { url = helpers.pg_url(db), pool = 2, checkout_timeout = 20 }
@@ -42,7 +42,7 @@ local function start_gateway()
     script_timeout = 2,
     shutdown_timeout = 2,
     directory = { url = helpers.pg_url(PRIMARY), query = "SELECT tenant, shard FROM part_dir", refresh = 3600 },
-    fleet = { lease = LEASE, timeout = LEASE },
+    fleet = { lease = LEASE, timeout = timeout or LEASE },
   } })
 end
 
@@ -207,6 +207,85 @@ describe("a fleet with a frozen instance", function()
     assert.is_true(helpers.metric(m, "shardgate_fleet_lease_lost_total", {}) >= 1)
     assert.is_true(helpers.metric(m, "shardgate_fleet_refused_total", {}) >= 2)
     assert.equal(1, helpers.metric(m, "shardgate_fleet_lease_held", {}))
+  end)
+end)
+
+-- A pause or resume that a later request of the other kind superseded is
+-- never acknowledged by anyone: instead of waiting for fleet.timeout and
+-- answering 504, it answers 409 superseded as soon as it sees the newer
+-- row. Gateway B is frozen, so neither request can complete meanwhile; the
+-- timeout is long, so a 504 could not come first.
+describe("a fleet pause or resume superseded by a later one", function()
+  setup(function()
+    SHARD_DBS = helpers.make_shards(1, "fsup")
+    PRIMARY = helpers.make_shards(1, "fsupp")[1]
+    helpers.psql(PRIMARY, "CREATE TABLE part_dir (tenant text NOT NULL, shard text NOT NULL);"
+      .. " INSERT INTO part_dir VALUES ('mover', 'shard_0');")
+  end)
+
+  teardown(function()
+    helpers.stop_all()
+  end)
+
+  local function recorded(state)
+    helpers.wait_until(function()
+      local got = helpers.psql(PRIMARY, "SELECT state FROM shardgate_fleet_pause WHERE tenant = 'mover'")
+      return got == state, got
+    end, 10, "the " .. state .. " row")
+  end
+
+  it("answers 409 naming the later request, and the later one completes once every instance acknowledged it", function()
+    local A, B = start_gateway(60), start_gateway(60)
+    local a_id, b_id = fleet_of(A).id, fleet_of(B).id
+    helpers.wait_until(function()
+      local f = fleet_of(A)
+      return state_of(f, b_id) == "live" and state_of(f, a_id) == "live"
+    end, 10, "both gateways live")
+    local frozen = false
+    finally(function() if frozen and B:alive() then B:signal("CONT") end end)
+    local function freeze() assert(B:signal("STOP")); frozen = true end
+    local function thaw() assert(B:signal("CONT")); frozen = false end
+    local function send(path)
+      local c = A:connect({ admin = true, timeout = 50 })
+      assert(c:send("POST", path))
+      return c
+    end
+
+    -- A pause, superseded by a resume.
+    freeze()
+    local c_pause = send("/admin/tenants/mover/pause")
+    recorded("paused")
+    local c_resume = send("/admin/tenants/mover/resume")
+    local r = c_pause:receive()
+    assert.equal(409, r.status, r.body)
+    assert.equal("superseded", r.json.code, r.body)
+    assert.equal("mover", r.json.tenant)
+    assert.is_true(r.json.paused)
+    assert.matches("a resume of tenant mover %(seq %d+%) was recorded after this pause %(seq %d+%)", r.json.error)
+    thaw()
+    r = c_resume:receive()
+    assert.equal(200, r.status, r.body)
+    assert.same(sorted({ a_id, b_id }), sorted(r.json.acked))
+    assert.equal(200, A:post("/query", query("mover")).status)
+
+    -- A resume, superseded by a pause.
+    freeze()
+    c_resume = send("/admin/tenants/mover/resume")
+    recorded("resumed")
+    c_pause = send("/admin/tenants/mover/pause")
+    r = c_resume:receive()
+    assert.equal(409, r.status, r.body)
+    assert.equal("superseded", r.json.code, r.body)
+    assert.is_false(r.json.paused)
+    assert.matches("a pause of tenant mover %(seq %d+%) was recorded after this resume %(seq %d+%)", r.json.error)
+    thaw()
+    r = c_pause:receive()
+    assert.equal(200, r.status, r.body)
+    assert.same(sorted({ a_id, b_id }), sorted(r.json.acked))
+    assert.matches("was recorded after this resume", A:log(), 1, true)
+
+    r = admin(A, "POST", "/admin/tenants/mover/resume")
+    assert.equal(200, r.status, r.body)
   end)
 end)
 
