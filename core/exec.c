@@ -87,9 +87,12 @@ struct exec {
 	double sent_at;          /* when the running statement was sent */
 	char sqlstate[6];        /* of the running statement's error */
 	long rows_read;          /* rows of every statement so far, against max_rows */
+	bool fence_cancel;       /* its statement was cancelled because the fleet lease was lost */
+	struct exec *live_prev, *live_next;   /* every executor not finished (exec_fence_all) */
 };
 
 static struct event_base *loop_base;
+static struct exec *live;
 
 /*
  * Finished executors are kept for the next ones: one is over 1 KiB (its
@@ -137,10 +140,31 @@ static void fail(struct exec *r, const char *code, const char *msg)
 	fail_with(r, &f);
 }
 
+/*
+ * The answer to a request whose statement exec_fence_all cancelled: it
+ * stopped, so nothing of it commits (a held transaction's /commit is
+ * refused too); the client should try another instance.
+ */
+static void fence_failed(struct exec *r)
+{
+	struct fault f = { 0 };
+	fault_set(&f, "fleet_lease_lost", r->shard ? r->shard->name : NULL,
+		  "this gateway lost its fleet lease while the statement ran, so the statement was cancelled "
+		  "and nothing of it commits; try another instance");
+	f.retry_after = 1;
+	fail_with(r, &f);
+}
+
 /* A statement failed: the error with SQLSTATE, message and PostgreSQL's fields. */
 static void sql_error(struct exec *r, const PGresult *res)
 {
 	struct fault f = { 0 };
+	const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+	if (r->fence_cancel && st && strcmp(st, "57014") == 0) {
+		str_copy(r->sqlstate, sizeof(r->sqlstate), st);
+		fence_failed(r);
+		return;
+	}
 	fault_from_result(&f, res, r->shard->name, r->guard.timed_out && !r->aborted, r->timeout,
 			  r->rq->transaction && r->phase == PH_STMT ? r->cur + 1 : 0);
 	memcpy(r->sqlstate, f.sqlstate, sizeof(r->sqlstate));
@@ -151,6 +175,12 @@ static void sql_error(struct exec *r, const PGresult *res)
 
 static void exec_free(struct exec *r)
 {
+	if (r->live_prev)
+		r->live_prev->live_next = r->live_next;
+	else
+		live = r->live_next;
+	if (r->live_next)
+		r->live_next->live_prev = r->live_prev;
 	pgconn_guard_stop(&r->guard);
 	if (r->holding) {
 		r->pool->open_transactions--;
@@ -217,7 +247,9 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 	log_warn("shard %s: statement did not stop %gs after cancel; closing its connection",
 		 r->shard->name, PGCONN_CANCEL_GRACE);
 	snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
-	if (!r->failed)
+	if (!r->failed && r->fence_cancel)
+		fence_failed(r);
+	else if (!r->failed)
 		fail(r, "statement_timeout", msg);
 	finish(r);
 }
@@ -488,7 +520,9 @@ static void on_done(struct exec *r)
 		retry_after_reset(r);
 		return;
 	}
-	if (!r->failed && r->guard.cancelled && r->nres == 0) {
+	if (!r->failed && r->guard.cancelled && r->nres == 0 && r->fence_cancel) {
+		fence_failed(r);
+	} else if (!r->failed && r->guard.cancelled && r->nres == 0) {
 		/* Cancelled before it gave anything (while its reset ran, say): no answer to build on. */
 		char msg[160];
 		snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
@@ -679,7 +713,9 @@ static void pipelined_done(struct exec *r)
 		start_statements(r);
 		return;
 	}
-	if (!r->failed && r->phase != PH_OVER) {
+	if (!r->failed && r->phase != PH_OVER && r->fence_cancel) {
+		fence_failed(r);
+	} else if (!r->failed && r->phase != PH_OVER) {
 		char msg[160];
 		snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
 		fail(r, r->guard.timed_out ? "statement_timeout" : "shard_error",
@@ -775,6 +811,22 @@ static void checkout_failed(struct exec *r, enum pool_err err)
 	finish(r);
 }
 
+/*
+ * A connection for r: its statements go, unless the fleet's fence fell
+ * while r waited for it (routing checked it when r arrived).
+ */
+static void got_conn(struct exec *r, struct pgconn *c)
+{
+	struct fault fence = { 0 };
+	r->conn = c;
+	if (fleet_fence(&fence)) {
+		fail_with(r, &fence);
+		finish(r);
+		return;
+	}
+	start_statements(r);
+}
+
 static void on_checkout(struct pool_waiter *w, struct pgconn *c, enum pool_err err)
 {
 	struct exec *r = w->arg;
@@ -782,9 +834,8 @@ static void on_checkout(struct pool_waiter *w, struct pgconn *c, enum pool_err e
 		checkout_failed(r, err);
 		return;
 	}
-	r->conn = c;
 	r->rq->info.wait = mono_now() - w->since;
-	start_statements(r);
+	got_conn(r, c);
 }
 
 static void checkout(struct exec *r)
@@ -792,8 +843,7 @@ static void checkout(struct exec *r)
 	enum pool_err err;
 	struct pgconn *c = pool_checkout(r->pool, &r->waiter, r->route.tenant, on_checkout, r, &err);
 	if (c) {
-		r->conn = c;
-		start_statements(r);
+		got_conn(r, c);
 	} else if (err != POOL_QUEUED) {
 		checkout_failed(r, err);
 	}
@@ -1075,6 +1125,10 @@ void exec_start(struct exec **handle, struct req *rq, struct sink *k, exec_done_
 {
 	struct exec *r = exec_alloc();
 
+	r->live_next = live;
+	if (live)
+		live->live_prev = r;
+	live = r;
 	r->rq = rq;
 	r->sink = k;
 	r->done = done;
@@ -1245,6 +1299,33 @@ struct generation *exec_generation(const struct exec *r)
 	return r->gen;
 }
 
+
+void exec_fence_all(void)
+{
+	int n = 0;
+	struct exec *r, *next;
+	/* A fan-out stopped may finish at once, and its executor with it: next is taken first. */
+	for (r = live; r; r = next) {
+		next = r->live_next;
+		/* Parked transactions cannot commit now (exec_end); a face's lease is the face's to end. */
+		if (r->parked || r->leased || r->fence_cancel || r->rq->lease)
+			continue;
+		if (r->fo) {
+			r->fence_cancel = true;
+			fanout_fence(r->fo);
+			continue;
+		}
+		if (!r->conn)
+			continue;
+		r->fence_cancel = true;
+		log_warn("shard %s: the fleet lease is lost; cancelling the running statement of tenant '%s'",
+			 r->shard->name, r->route.tenant);
+		cancel_running(r);
+		n++;
+	}
+	if (n)
+		log_warn("fleet: lease lost; cancelled %d running statement(s)", n);
+}
 
 void exec_abort(struct exec *r)
 {

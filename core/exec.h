@@ -42,6 +42,16 @@ void exec_pause(struct exec *e, bool paused);
 void exec_abort(struct exec *e);
 
 /*
+ * The fleet's fence fell (fleet_on_fence): cancel the statement of every
+ * executor running one on a shard, and a fan-out's running parts, but not
+ * a face's lease (the face ends those). Each answers 503 fleet_lease_lost
+ * once its statement stopped (a fan-out names it for each part it
+ * stopped), or its answer as usual if it finished (committed) before the
+ * cancel reached it.
+ */
+void exec_fence_all(void);
+
+/*
  * Leases. A request with rq->lease set runs no statements here: once
  * authenticated, routed, authorized, past a paused tenant's wait and
  * checked out, its connection goes to the sink's lease op, and the face

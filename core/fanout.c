@@ -77,7 +77,7 @@ struct fanout {
 	int done;
 	long rows;
 	bool stopping;
-	const char *stop_code;     /* "timeout", "result_too_large", "aborted" */
+	const char *stop_code;     /* "timeout", "result_too_large", "aborted", "fleet_lease_lost" */
 	struct event *deadline;
 };
 
@@ -178,6 +178,11 @@ static void on_result(struct part *p, PGresult *res)
 		    strcmp(fo->stop_code, "timeout") == 0) {
 			snprintf(msg, sizeof(msg), "cancelled at the fan-out timeout of %gs", fo->plan.timeout);
 			part_error(p, "fanout_timeout", msg);
+			return;
+		}
+		if (fault_is_cancel(res) && !p->guard.timed_out && fo->stopping &&
+		    strcmp(fo->stop_code, "fleet_lease_lost") == 0) {
+			part_error(p, "fleet_lease_lost", "cancelled: this gateway lost its fleet lease while it ran");
 			return;
 		}
 		fault_from_result(&p->fault, res, p->shard->name, p->guard.timed_out, part_timeout(p), 0);
@@ -836,6 +841,15 @@ bool fanout_partial(const struct fanout *fo)
 const char *fanout_part_shard(const struct fanout *fo, int part)
 {
 	return fo->parts[part].shard->name;
+}
+
+void fanout_fence(struct fanout *fo)
+{
+	log_warn("fan-out over %d shards: the fleet lease is lost; cancelling its running statements",
+		 fo->plan.nshards);
+	enter(fo);
+	stop(fo, "fleet_lease_lost");
+	settle(fo);
 }
 
 void fanout_abort(struct fanout *fo)

@@ -30,6 +30,8 @@ void fanout_start(struct fanout **handle, struct req *rq, struct generation *gen
 
 /* The client went away: stop everything (waiting shards leave, running ones are cancelled). */
 void fanout_abort(struct fanout *fo);
+/* The fleet's fence fell: running parts are cancelled (fleet_lease_lost), queued ones do not start. */
+void fanout_fence(struct fanout *fo);
 
 /*
  * Lease mode (rq->lease): the face is done with part `part` (plan order)

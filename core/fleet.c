@@ -145,6 +145,7 @@ static struct {
 	/* metrics */
 	unsigned long long beats_ok, beats_failed, refused, fences;
 	bool was_fenced;
+	void (*on_fence)(void);
 } F;
 
 static void queue_read(void);
@@ -459,9 +460,16 @@ static void note_fence(void)
 	if (now) {
 		F.fences++;
 		log_warn("fleet: lease lost (%s); routing no requests until it is renewed", F.error[0] ? F.error : "no renewal");
+		if (F.on_fence)
+			F.on_fence();
 	} else {
 		log_info("fleet: lease held as %s; routing requests", F.id);
 	}
+}
+
+void fleet_on_fence(void (*cb)(void))
+{
+	F.on_fence = cb;
 }
 
 static void on_catch_up_directory(const struct directory_refresh_result *r, void *arg)

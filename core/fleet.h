@@ -41,6 +41,14 @@ bool fleet_ready(void);
  */
 bool fleet_fence(struct fault *f);
 
+/*
+ * cb() runs each time the fence falls (the lease found lost, at most
+ * lease/3 seconds after it expired), once new requests are refused: it
+ * cancels what this instance is running for its clients, so nothing it
+ * started commits later than it must. NULL: none.
+ */
+void fleet_on_fence(void (*cb)(void));
+
 /* After a drain: take this instance out of the table, then cb(arg). False (cb not called): nothing to do. */
 bool fleet_leave(void (*cb)(void *), void *arg);
 

@@ -403,6 +403,16 @@ static void wait_for_directory(struct app *app, const struct config *cfg)
 			 DIRECTORY_START_WAIT);
 }
 
+/* The app the fleet's fence acts on (fleet_on_fence takes no argument). */
+static struct app *fenced_app;
+
+/* The fleet's fence fell: cancel what runs for clients, on both faces. */
+static void on_fence(void)
+{
+	exec_fence_all();
+	pgface_fence(fenced_app->pg);
+}
+
 /*
  * With a fleet, register and read its pause table before listening (and
  * before the directory's first load, so that load is at least as new as
@@ -412,6 +422,8 @@ static void wait_for_fleet(struct app *app, const struct generation *g)
 {
 	double deadline = mono_now() + DIRECTORY_START_WAIT;
 	fleet_init(app->base, SHARDGATE_VERSION);
+	fenced_app = app;
+	fleet_on_fence(on_fence);
 	fleet_configure(g->cfg, g->id);
 	if (!g->cfg->fleet)
 		return;

@@ -2311,15 +2311,18 @@ bad:
 }
 
 /*
- * A session-mode client keeps its server connection, so it is routed once:
- * between its transactions, before anything more of it is forwarded, the
- * fleet's fence (fleet.h) ends the session, as it refuses every new
- * request. The client reconnects, to an instance that holds its lease.
+ * A client holding a server connection was routed when it took it (a
+ * session-mode client once for its session): while the fleet's fence
+ * (fleet.h) is down, before anything more of it is forwarded, the session
+ * ends, as every new request is refused. The client reconnects, to an
+ * instance that holds its lease. (pgface_fence ends them as the fence
+ * falls; this catches what arrives before the instance noticed, after a
+ * freeze.)
  */
 static void fence_session(struct pgclient *c)
 {
 	struct fault f = { 0 };
-	if (!c->session_mode || c->w->awaiting || c->tx != 'I' || c->terminated || c->draining || !fleet_fence(&f))
+	if (c->w->awaiting || c->terminated || c->draining || !fleet_fence(&f))
 		return;
 	fatal(c, "57P03", f.message ? f.message : "this gateway lost its fleet lease");
 	fault_clear(&f);
@@ -4285,22 +4288,41 @@ void pgface_shutdown(struct pgface *f)
 	}
 }
 
-void pgface_terminate(struct pgface *f)
+/*
+ * End every busy client's session with a FATAL: what runs for it is
+ * cancelled and what it has open rolled back while the FATAL goes out
+ * (the drain ends with a round trip).
+ */
+static int end_busy(struct pgface *f, const char *sqlstate, const char *msg)
 {
 	struct pgclient *c, *next;
+	int n = 0;
 	if (!f)
-		return;
+		return 0;
 	for (c = LIST_FIRST(&f->clients); c; c = next) {
 		next = LIST_NEXT(c, link);
 		if (!busy(c) || c->draining)
 			continue;
-		/* The FATAL goes out while its transaction is rolled back (the drain ends with a round trip). */
 		enter(c);
-		pgwire_put_error(cout(c), 'E', "FATAL", "57P01", "terminating connection due to administrator command",
-				 NULL, NULL);
+		pgwire_put_error(cout(c), 'E', "FATAL", sqlstate, msg, NULL, NULL);
 		client_gone(c, true);
 		leave(c);
+		n++;
 	}
+	return n;
+}
+
+void pgface_terminate(struct pgface *f)
+{
+	end_busy(f, "57P01", "terminating connection due to administrator command");
+}
+
+void pgface_fence(struct pgface *f)
+{
+	int n = end_busy(f, "57P03", "this gateway lost its fleet lease: what the session ran was cancelled "
+			 "and its transaction rolled back; reconnect, to another instance");
+	if (n)
+		log_warn("pg: the fleet lease is lost; ended %d session(s) holding a server connection", n);
 }
 
 int pgface_busy(const struct pgface *f)

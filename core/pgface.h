@@ -30,6 +30,8 @@ struct pgface *pgface_new(struct event_base *base, const char *addr, bool reuse_
 void pgface_shutdown(struct pgface *f);
 /* shutdown_timeout passed: end every client with 57P01 admin_shutdown, rolling back what is open. */
 void pgface_terminate(struct pgface *f);
+/* The fleet's fence fell: the same for sessions holding a server connection, with FATAL 57P03. */
+void pgface_fence(struct pgface *f);
 /* Clients inside a transaction (holding a server connection or waiting for one). */
 int pgface_busy(const struct pgface *f);
 void pgface_free(struct pgface *f);

@@ -289,6 +289,135 @@ describe("a fleet pause or resume superseded by a later one", function()
   end)
 end)
 
+-- What runs when the fence falls is cancelled, so nothing this instance
+-- started commits after it lost its lease (the lease is lost by holding a
+-- lock on the fleet table, as below). Each statement sleeps 20 s before it
+-- writes: without the cancel every one would commit and answer 200 after
+-- those 20 s.
+describe("a fleet instance that loses its lease while statements run", function()
+  local FENCE_SCRIPT = [[
+local route = {}
+function route.tenant(req)
+  if req.protocol == "pg" then return req.session.tenant end
+  return req.header["x-tenant"]
+end
+function route.shard(tenant, shards) return shards[1] end
+function route.fanout(req, shards)
+  if req.header["x-fanout"] then return {} end
+end
+return route
+]]
+
+  setup(function()
+    SHARD_DBS = helpers.make_shards(2, "ffence")
+    PRIMARY = helpers.make_shards(1, "ffencep")[1]
+  end)
+
+  teardown(function()
+    helpers.stop_all()
+  end)
+
+  local function written(name)
+    local n = 0
+    for _, db in ipairs(SHARD_DBS) do
+      n = n + tonumber(helpers.psql(db, "SELECT count(*) FROM items WHERE name = '" .. name .. "'"))
+    end
+    return n
+  end
+
+  it("cancels them: HTTP requests answer 503 fleet_lease_lost, pg sessions end with 57P03, nothing commits", function()
+    local shards = {}
+    for i, db in ipairs(SHARD_DBS) do shards["shard_" .. (i - 1)] = { url = helpers.pg_url(db), pool = 6 } end
+    local gw = helpers.pg_gateway({ shards = shards, script = FENCE_SCRIPT,
+      pg_users = { app = { auth = "trust", tenants = "*" } },
+      config = { fleet = { url = helpers.pg_url(PRIMARY), lease = LEASE, timeout = LEASE } } })
+    helpers.wait_until(function()
+      local h = gw:get("/health/shards")
+      return h.json and h.json.fleet and h.json.fleet.lease == "held", h.body
+    end, 10, "the lease held")
+    local dir = os.getenv("SG_TEST_TMP") .. "/ffence-" .. gw.pg_port
+    assert(os.execute("mkdir -p " .. dir))
+
+    local function sleeper(name, org)
+      return "INSERT INTO items (organization_id, name) SELECT " .. org .. ", '" .. name .. "' FROM pg_sleep(20)"
+    end
+    local c_query, c_txn, c_fan = gw:connect({ timeout = 30 }), gw:connect({ timeout = 30 }), gw:connect({ timeout = 30 })
+    assert(c_query:send("POST", "/query", { ["X-Tenant"] = "t1" }, { sql = sleeper("fenced-query", 1) }))
+    assert(c_txn:send("POST", "/transaction", { ["X-Tenant"] = "t1" }, { statements = {
+      { sql = "INSERT INTO items (organization_id, name) VALUES (2, 'fenced-txn')" },
+      { sql = "SELECT pg_sleep(20)" },
+    } }))
+    assert(c_fan:send("POST", "/query", { ["X-Fanout"] = "1" }, { sql = sleeper("fenced-fanout", 3) }))
+    local client_src = dir .. "/client.py"
+    helpers.write_file(client_src, [[
+import os, sys, psycopg
+port, d = sys.argv[1], sys.argv[2]
+s = psycopg.connect(host="127.0.0.1", port=port, user="app", dbname="app", options="-c shardgate.tenant=t1")
+try:
+    s.execute("INSERT INTO items (organization_id, name) VALUES (4, 'fenced-pg')")
+    s.execute("SELECT pg_sleep(20)")
+    s.commit()
+    out = "ok"
+except psycopg.Error as e:
+    out = "error " + str(e.sqlstate) + " " + " ".join(str(e).split())
+with open(d + "/result.tmp", "w") as f:
+    f.write(out)
+os.rename(d + "/result.tmp", d + "/result")
+]])
+    local client = helpers.spawn({ helpers.python3, client_src, tostring(gw.pg_port), dir }, { log = dir .. "/client.log" })
+    finally(function() if client:alive() then client:kill("KILL") end end)
+
+    -- All five statements are running on the shards (the fan-out's on both).
+    helpers.wait_until(function()
+      local n = helpers.psql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+        .. "AND query LIKE '%pg_sleep(20)%' AND pid <> pg_backend_pid()")
+      return n == "5", n
+    end, 10, "five sleeping statements")
+
+    local locker = helpers.spawn({ helpers.pg_bin() .. "/psql", "-X", "-q", "-h", "127.0.0.1",
+      "-p", os.getenv("SG_TEST_PGPORT"), "-U", "postgres", "-d", PRIMARY,
+      "-c", "LOCK TABLE shardgate_fleet IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60)" },
+      { env = { PGAPPNAME = "fence_lock2" }, log = dir .. "/locker.log" })
+    local function unlock()
+      helpers.psql("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'fence_lock2'")
+      locker:wait(10)
+    end
+    finally(function() if locker:alive() then unlock() end end)
+
+    for _, c in ipairs({ c_query, c_txn }) do
+      local r = c:receive()
+      assert.equal(503, r.status, r.body)
+      assert.equal("fleet_lease_lost", r.json.code, r.body)
+      assert.matches("lost its fleet lease while the statement ran", r.json.error, 1, true)
+    end
+    local r = c_fan:receive()
+    assert.equal(502, r.status, r.body)
+    assert.equal(2, #r.json.errors, r.body)
+    for _, e in ipairs(r.json.errors) do assert.equal("fleet_lease_lost", e.code, r.body) end
+
+    helpers.wait_until(function() return helpers.read_file(dir .. "/result") ~= nil end, 15, "the pg client's answer")
+    assert.matches("^error 57P03 ", helpers.read_file(dir .. "/result"))
+
+    -- Nothing committed, and no statement runs on.
+    for _, name in ipairs({ "fenced-query", "fenced-txn", "fenced-fanout", "fenced-pg" }) do
+      assert.equal(0, written(name), name)
+    end
+    assert.equal("0", helpers.psql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+      .. "AND query LIKE '%pg_sleep(20)%' AND pid <> pg_backend_pid()"))
+    assert.matches("cancelling the running statement of tenant 't1'", gw:log(), 1, true)
+
+    -- Renewed: served again, on connections the cancels left clean.
+    unlock()
+    helpers.wait_until(function()
+      local h = gw:post("/query", { sql = "SELECT name FROM shard_info" }, { ["X-Tenant"] = "t1" })
+      return h.status == 200, h.status .. " " .. h.body
+    end, 6 * LEASE, "served again")
+    for _ = 1, 8 do
+      assert.equal(200, gw:post("/query", { sql = "SELECT count(*) FROM items" }, { ["X-Tenant"] = "t1" }).status)
+    end
+  end)
+end)
+
 -- A PostgreSQL client with pool_mode = "session" keeps its server
 -- connection, so it is routed once, at its first statement. The fence must
 -- still stop it: with the lease lost, the session ends (FATAL 57P03) before
