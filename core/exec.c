@@ -1180,6 +1180,7 @@ static void take_over(struct exec *r, struct req *rq, struct sink *k, exec_done_
 	r->failed = false;
 	r->aborted = false;
 	r->describing = false;
+	r->fence_cancel = false;
 	r->rows_read = 0;
 	r->nres = 0;
 	str_copy(rq->info.tenant, sizeof(rq->info.tenant), r->route.tenant);
@@ -1227,8 +1228,14 @@ static bool parked_lost(struct exec *r)
 
 void exec_continue(struct exec *r, struct req *rq, struct sink *k, exec_done_cb done, void *arg)
 {
+	struct fault fence = { 0 };
 	take_over(r, rq, k, done, arg);
 	if (!admitted(r) || resolve_queries(r) < 0 || refuse_statements(r) < 0) {
+		park(r);
+		return;
+	}
+	if (fleet_fence(&fence)) {          /* nothing runs while fenced; the transaction stays, unable to commit */
+		fail_with(r, &fence);
 		park(r);
 		return;
 	}

@@ -338,6 +338,13 @@ return route
     local dir = os.getenv("SG_TEST_TMP") .. "/ffence-" .. gw.pg_port
     assert(os.execute("mkdir -p " .. dir))
 
+    -- An interactive transaction with a write in it, parked between its requests.
+    local begun = gw:post("/begin", nil, { ["X-Tenant"] = "t1" })
+    assert.equal(200, begun.status, begun.body)
+    local held = { ["X-Tenant"] = "t1", ["X-Transaction"] = begun.json.transaction }
+    local wrote = gw:post("/query", { sql = "INSERT INTO items (organization_id, name) VALUES (5, 'fenced-held')" }, held)
+    assert.equal(200, wrote.status, wrote.body)
+
     local function sleeper(name, org)
       return "INSERT INTO items (organization_id, name) SELECT " .. org .. ", '" .. name .. "' FROM pg_sleep(20)"
     end
@@ -398,8 +405,15 @@ os.rename(d + "/result.tmp", d + "/result")
     helpers.wait_until(function() return helpers.read_file(dir .. "/result") ~= nil end, 15, "the pg client's answer")
     assert.matches("^error 57P03 ", helpers.read_file(dir .. "/result"))
 
+    -- The parked transaction runs nothing more, and cannot commit.
+    for _, step in ipairs({ { "/query", { sql = "SELECT 1" } }, { "/commit" } }) do
+      r = gw:post(step[1], step[2], held)
+      assert.equal(503, r.status, step[1] .. " " .. r.body)
+      assert.equal("fleet_lease_lost", r.json.code, r.body)
+    end
+
     -- Nothing committed, and no statement runs on.
-    for _, name in ipairs({ "fenced-query", "fenced-txn", "fenced-fanout", "fenced-pg" }) do
+    for _, name in ipairs({ "fenced-query", "fenced-txn", "fenced-fanout", "fenced-pg", "fenced-held" }) do
       assert.equal(0, written(name), name)
     end
     assert.equal("0", helpers.psql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
