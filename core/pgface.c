@@ -1878,6 +1878,26 @@ static void on_guard(evutil_socket_t fd, short what, void *arg)
 
 /* ---- ReadyForQuery: the batch is over ---- */
 
+/*
+ * A leased client that ended with nothing awaited from the server: roll
+ * back what is open, then release. Messages forwarded without their Sync
+ * yet (a batch cut short: the client left, or was ended, between its
+ * reads) would keep the server waiting forever, and a Sync would commit
+ * what an implicit transaction's Execute did: the server connection is
+ * closed instead, which rolls it back.
+ */
+static void drain_idle(struct pgclient *c)
+{
+	c->draining = true;
+	if (c->w->ex_n > 0) {
+		log_info("pg: client %u ended inside a batch on shard %s; closing its server connection",
+			 c->pid, c->w->rq.info.shard);
+		lease_end(c, false);
+		return;
+	}
+	ready_for_query(c, c->tx);
+}
+
 static void ready_for_query(struct pgclient *c, char status)
 {
 	c->tx = status;
@@ -2348,8 +2368,7 @@ static void process_leased(struct pgclient *c)
 	server_flush(c);
 	if (c->terminated && !c->w->awaiting && c->state == CL_LEASED && !c->draining) {
 		/* Terminate or a protocol violation between batches: roll back what is open, then close. */
-		c->draining = true;
-		ready_for_query(c, c->tx);
+		drain_idle(c);
 	}
 }
 
@@ -4095,7 +4114,7 @@ static void client_gone(struct pgclient *c, bool can_write)
 			server_flush(c);
 			return;
 		}
-		ready_for_query(c, c->tx);
+		drain_idle(c);
 		return;
 	case CL_CLOSING:
 		if (!can_write)

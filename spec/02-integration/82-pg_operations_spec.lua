@@ -89,6 +89,51 @@ print(c.execute("select 42").fetchone()[0])
     assert.same({ "57014", "quick", "42" }, out)
   end)
 
+  -- The face forwards a batch's messages as they come: a client that leaves
+  -- after an Execute, before its Sync, leaves the server waiting for more.
+  -- A Sync would commit the Execute's implicit transaction, so the server
+  -- connection is closed instead, rolling it back.
+  it("closes the server connection of a client that leaves between an Execute and its Sync: nothing commits, nothing leaks", function()
+    local gw = helpers.pg_gateway({ shards = helpers.shards_config(dbs, { pool = 2 }), script = SCRIPT })
+    local out = py(gw, string.format([[
+import os, socket, struct
+def msg(t, body):
+    return t + struct.pack("!I", len(body) + 4) + body
+s = socket.create_connection(("127.0.0.1", PORT))
+params = b"user\0app\0database\0app\0options\0-c shardgate.tenant=3\0\0"
+s.sendall(struct.pack("!II", len(params) + 8, 196608) + params)
+buf = b""
+while True:
+    while len(buf) < 5 or len(buf) < 1 + struct.unpack("!I", buf[1:5])[0]:
+        buf += s.recv(65536)
+    n = 1 + struct.unpack("!I", buf[1:5])[0]
+    t, buf = buf[:1], buf[n:]
+    if t == b"Z":
+        break
+sql = b"INSERT INTO ops VALUES ('halfbatch', 1)"
+s.sendall(msg(b"P", b"\0" + sql + b"\0" + struct.pack("!H", 0)) +
+          msg(b"B", b"\0\0" + struct.pack("!HHH", 0, 0, 0)) +
+          msg(b"E", b"\0" + struct.pack("!I", 0)))
+d = psycopg.connect(host="127.0.0.1", port=os.environ["SG_TEST_PGPORT"], user="postgres", dbname="%s", autocommit=True)
+def backends():
+    return d.execute("select count(*) from pg_stat_activity where query like 'INSERT INTO ops VALUES (''halfbatch''%%'").fetchone()[0]
+def wait(pred, secs):
+    end = time.time() + secs
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+print("seen" if wait(lambda: backends() == 1, 10) else "not seen")
+s.close()
+print("gone" if wait(lambda: backends() == 0, 10) else "stuck")
+print(d.execute("select count(*) from ops where tenant = 'halfbatch'").fetchone()[0])
+c = connect(3, autocommit=True)
+print(c.execute("select 42").fetchone()[0])
+]], dbs[2]))
+    assert.same({ "seen", "gone", "0", "42" }, out)
+  end)
+
   it("ends the transaction with an error when the shard's backend dies mid-statement, then serves the client again", function()
     local gw = helpers.pg_gateway({ shards = helpers.shards_config(dbs), script = SCRIPT })
     local out = py(gw, ([[
