@@ -145,14 +145,20 @@ static void fail(struct exec *r, const char *code, const char *msg)
  * stopped, so nothing of it commits (a held transaction's /commit is
  * refused too); the client should try another instance.
  */
-static void fence_failed(struct exec *r)
+static void fence_failed(struct exec *r, const char *msg)
 {
 	struct fault f = { 0 };
 	fault_set(&f, "fleet_lease_lost", r->shard ? r->shard->name : NULL,
-		  "this gateway lost its fleet lease while the statement ran, so the statement was cancelled "
-		  "and nothing of it commits; try another instance");
+		  msg ? msg : "this gateway lost its fleet lease while the statement ran, so the statement was "
+			      "cancelled and nothing of it commits; try another instance");
 	f.retry_after = 1;
 	fail_with(r, &f);
+}
+
+/* The fence's cancel was sent for r (and not because r's own timeout passed first). */
+static bool fenced_cancel(const struct exec *r)
+{
+	return r->fence_cancel && !r->guard.timed_out;
 }
 
 /* A statement failed: the error with SQLSTATE, message and PostgreSQL's fields. */
@@ -160,9 +166,9 @@ static void sql_error(struct exec *r, const PGresult *res)
 {
 	struct fault f = { 0 };
 	const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-	if (r->fence_cancel && st && strcmp(st, "57014") == 0) {
+	if (fenced_cancel(r) && st && strcmp(st, "57014") == 0) {
 		str_copy(r->sqlstate, sizeof(r->sqlstate), st);
-		fence_failed(r);
+		fence_failed(r, NULL);
 		return;
 	}
 	fault_from_result(&f, res, r->shard->name, r->guard.timed_out && !r->aborted, r->timeout,
@@ -247,8 +253,10 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 	log_warn("shard %s: statement did not stop %gs after cancel; closing its connection",
 		 r->shard->name, PGCONN_CANCEL_GRACE);
 	snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
-	if (!r->failed && r->fence_cancel)
-		fence_failed(r);
+	if (!r->failed && fenced_cancel(r))
+		fence_failed(r, "this gateway lost its fleet lease while the statement ran; the statement did not "
+			     "stop after the cancel, so its connection was closed (an autocommit statement may still "
+			     "have completed); try another instance");
 	else if (!r->failed)
 		fail(r, "statement_timeout", msg);
 	finish(r);
@@ -329,6 +337,28 @@ static void described(struct exec *r, const PGresult *res)
 	stmt_apply_types(&r->rq->stmts[r->cur], types, n);
 }
 
+/*
+ * The fence fell and its cancel missed (the statement had ended before it
+ * arrived): nothing more of the request runs. True when r was answered
+ * (finished, or a held transaction parked, unable to commit while fenced).
+ */
+static void park(struct exec *r);
+
+static bool stop_fenced(struct exec *r)
+{
+	if (!r->fence_cancel || r->failed)
+		return false;
+	log_warn("shard %s: the fleet lease is lost; running nothing more of tenant '%s''s request",
+		 r->shard->name, r->route.tenant);
+	fence_failed(r, "this gateway lost its fleet lease during the request, so the rest of it did not run "
+		     "and nothing of it commits; try another instance");
+	if (r->held)
+		park(r);
+	else
+		finish(r);   /* an open transaction is rolled back by pool_release */
+	return true;
+}
+
 static void run_next(struct exec *r)
 {
 	int rc;
@@ -336,6 +366,8 @@ static void run_next(struct exec *r)
 		finish(r);
 		return;
 	}
+	if (r->phase != PH_ROLLBACK && stop_fenced(r))
+		return;
 	switch (r->phase) {
 	case PH_BEGIN:
 		rc = send_sql(r, "BEGIN", 0, NULL, pgconn_send);
@@ -520,8 +552,8 @@ static void on_done(struct exec *r)
 		retry_after_reset(r);
 		return;
 	}
-	if (!r->failed && r->guard.cancelled && r->nres == 0 && r->fence_cancel) {
-		fence_failed(r);
+	if (!r->failed && r->guard.cancelled && r->nres == 0 && fenced_cancel(r)) {
+		fence_failed(r, NULL);
 	} else if (!r->failed && r->guard.cancelled && r->nres == 0) {
 		/* Cancelled before it gave anything (while its reset ran, say): no answer to build on. */
 		char msg[160];
@@ -713,8 +745,8 @@ static void pipelined_done(struct exec *r)
 		start_statements(r);
 		return;
 	}
-	if (!r->failed && r->phase != PH_OVER && r->fence_cancel) {
-		fence_failed(r);
+	if (!r->failed && r->phase != PH_OVER && fenced_cancel(r)) {
+		fence_failed(r, NULL);
 	} else if (!r->failed && r->phase != PH_OVER) {
 		char msg[160];
 		snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
@@ -781,6 +813,8 @@ static void start_statements(struct exec *r)
 		r->sink->ops->lease(r->sink, r->conn);
 		return;
 	}
+	if (stop_fenced(r))
+		return;          /* a transaction run again (redo) after the fence fell */
 	r->rows_read = 0;
 	r->describing = false;
 	r->sink->ops->begin(r->sink, r->shard->name);

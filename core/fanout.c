@@ -700,8 +700,11 @@ static void stop(struct fanout *fo, const char *code)
 	for (int i = 0; i < fo->plan.nshards; i++) {
 		struct part *p = &fo->parts[i];
 		if (p->state == P_WAITING) {
+			bool fence = strcmp(fo->stop_code, "fleet_lease_lost") == 0;
 			pool_cancel_wait(&p->waiter);
-			part_error(p, "fanout_timeout", "no connection before the fan-out stopped");
+			part_error(p, fence ? "fleet_lease_lost" : "fanout_timeout",
+				   fence ? "not started: this gateway lost its fleet lease"
+					 : "no connection before the fan-out stopped");
 			part_done(p);
 		} else if (p->state == P_RUNNING) {
 			part_cancel(p);

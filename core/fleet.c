@@ -869,7 +869,8 @@ static void on_check(struct job *j, PGresult *res)
 			all = false;
 		o->nmembers++;
 	}
-	if (newer) {
+	/* Every instance acknowledged it, superseded since or not: it completed. */
+	if (newer && !all) {
 		log_warn("fleet: tenant %s: %s", o->tenant, newer);
 		op_answer(o, FLEET_OP_SUPERSEDED, newer);
 		return;

@@ -33,7 +33,7 @@ end
 return route
 ]]
 
-local function start_gateway(timeout)
+local function start_gateway(timeout, lease)
   local shards = {}
   for i, db in ipairs(SHARD_DBS) do
     shards["shard_" .. (i - 1)] = { url = helpers.pg_url(db), pool = 2, checkout_timeout = 20 }
@@ -42,7 +42,7 @@ local function start_gateway(timeout)
     script_timeout = 2,
     shutdown_timeout = 2,
     directory = { url = helpers.pg_url(PRIMARY), query = "SELECT tenant, shard FROM part_dir", refresh = 3600 },
-    fleet = { lease = LEASE, timeout = timeout or LEASE },
+    fleet = { lease = lease or LEASE, timeout = timeout or LEASE },
   } })
 end
 
@@ -214,7 +214,8 @@ end)
 -- never acknowledged by anyone: instead of waiting for fleet.timeout and
 -- answering 504, it answers 409 superseded as soon as it sees the newer
 -- row. Gateway B is frozen, so neither request can complete meanwhile; the
--- timeout is long, so a 504 could not come first.
+-- timeout is long, so a 504 could not come first, and so is the lease, so
+-- B stays an instance the requests wait for (not gone) while it is frozen.
 describe("a fleet pause or resume superseded by a later one", function()
   setup(function()
     SHARD_DBS = helpers.make_shards(1, "fsup")
@@ -227,15 +228,20 @@ describe("a fleet pause or resume superseded by a later one", function()
     helpers.stop_all()
   end)
 
-  local function recorded(state)
+  -- Wait for the tenant's row to say state, with a seq above after; its seq.
+  local function recorded(state, after)
+    local seq
     helpers.wait_until(function()
-      local got = helpers.psql(PRIMARY, "SELECT state FROM shardgate_fleet_pause WHERE tenant = 'mover'")
-      return got == state, got
+      local got = helpers.psql(PRIMARY, "SELECT state || ' ' || seq FROM shardgate_fleet_pause WHERE tenant = 'mover'")
+      local st, n = got:match("^(%a+) (%d+)$")
+      seq = tonumber(n)
+      return st == state and seq > (after or 0), got
     end, 10, "the " .. state .. " row")
+    return seq
   end
 
   it("answers 409 naming the later request, and the later one completes once every instance acknowledged it", function()
-    local A, B = start_gateway(60), start_gateway(60)
+    local A, B = start_gateway(60, 10), start_gateway(60, 10)
     local a_id, b_id = fleet_of(A).id, fleet_of(B).id
     helpers.wait_until(function()
       local f = fleet_of(A)
@@ -254,7 +260,7 @@ describe("a fleet pause or resume superseded by a later one", function()
     -- A pause, superseded by a resume.
     freeze()
     local c_pause = send("/admin/tenants/mover/pause")
-    recorded("paused")
+    local seq = recorded("paused")
     local c_resume = send("/admin/tenants/mover/resume")
     local r = c_pause:receive()
     assert.equal(409, r.status, r.body)
@@ -271,7 +277,7 @@ describe("a fleet pause or resume superseded by a later one", function()
     -- A resume, superseded by a pause.
     freeze()
     c_resume = send("/admin/tenants/mover/resume")
-    recorded("resumed")
+    recorded("resumed", seq + 1)
     c_pause = send("/admin/tenants/mover/pause")
     r = c_resume:receive()
     assert.equal(409, r.status, r.body)
