@@ -161,6 +161,22 @@ static bool fenced_cancel(const struct exec *r)
 	return r->fence_cancel && !r->guard.timed_out;
 }
 
+/*
+ * A cancel stopped r before the shard gave an answer to build on: the
+ * fence's, r's timeout, or neither that the gateway knows of (otherwise
+ * says what stopped).
+ */
+static void fail_cancelled(struct exec *r, const char *otherwise)
+{
+	char msg[160];
+	if (fenced_cancel(r)) {
+		fence_failed(r, NULL);
+		return;
+	}
+	snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
+	fail(r, r->guard.timed_out ? "statement_timeout" : "shard_error", r->guard.timed_out ? msg : otherwise);
+}
+
 /* A statement failed: the error with SQLSTATE, message and PostgreSQL's fields. */
 static void sql_error(struct exec *r, const PGresult *res)
 {
@@ -337,13 +353,13 @@ static void described(struct exec *r, const PGresult *res)
 	stmt_apply_types(&r->rq->stmts[r->cur], types, n);
 }
 
+static void park(struct exec *r);
+
 /*
  * The fence fell and its cancel missed (the statement had ended before it
  * arrived): nothing more of the request runs. True when r was answered
  * (finished, or a held transaction parked, unable to commit while fenced).
  */
-static void park(struct exec *r);
-
 static bool stop_fenced(struct exec *r)
 {
 	if (!r->fence_cancel || r->failed)
@@ -552,14 +568,9 @@ static void on_done(struct exec *r)
 		retry_after_reset(r);
 		return;
 	}
-	if (!r->failed && r->guard.cancelled && r->nres == 0 && fenced_cancel(r)) {
-		fence_failed(r, NULL);
-	} else if (!r->failed && r->guard.cancelled && r->nres == 0) {
+	if (!r->failed && r->guard.cancelled && r->nres == 0) {
 		/* Cancelled before it gave anything (while its reset ran, say): no answer to build on. */
-		char msg[160];
-		snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
-		fail(r, r->guard.timed_out ? "statement_timeout" : "shard_error",
-		     r->guard.timed_out ? msg : "the statement was cancelled before it answered");
+		fail_cancelled(r, "the statement was cancelled before it answered");
 	}
 	if (conn_gone(r))
 		return;
@@ -745,14 +756,8 @@ static void pipelined_done(struct exec *r)
 		start_statements(r);
 		return;
 	}
-	if (!r->failed && r->phase != PH_OVER && fenced_cancel(r)) {
-		fence_failed(r, NULL);
-	} else if (!r->failed && r->phase != PH_OVER) {
-		char msg[160];
-		snprintf(msg, sizeof(msg), "statement cancelled after its timeout of %gs", r->timeout);
-		fail(r, r->guard.timed_out ? "statement_timeout" : "shard_error",
-		     r->guard.timed_out ? msg : "the transaction was cancelled before it ended");
-	}
+	if (!r->failed && r->phase != PH_OVER)
+		fail_cancelled(r, "the transaction was cancelled before it ended");
 	if (r->gave_up) {
 		/*
 		 * The COMMIT went out with the statements, so the cancel sent when
@@ -1349,7 +1354,7 @@ void exec_fence_all(void)
 	for (r = live; r; r = next) {
 		next = r->live_next;
 		/* Parked transactions cannot commit now (exec_end); a face's lease is the face's to end. */
-		if (r->parked || r->leased || r->fence_cancel || r->rq->lease)
+		if (r->parked || r->fence_cancel || r->rq->lease)
 			continue;
 		if (r->fo) {
 			r->fence_cancel = true;

@@ -2339,7 +2339,7 @@ bad:
  * falls; this catches what arrives before the instance noticed, after a
  * freeze.)
  */
-static void fence_session(struct pgclient *c)
+static void fence_leased(struct pgclient *c)
 {
 	struct fault f = { 0 };
 	if (c->w->awaiting || c->terminated || c->draining || !fleet_fence(&f))
@@ -2352,7 +2352,7 @@ static void process_leased(struct pgclient *c)
 {
 	struct msg m;
 	int rc;
-	fence_session(c);
+	fence_leased(c);
 	while ((!c->w->awaiting || c->w->copy_in) && !c->terminated && (rc = next_msg(c, &m)) != 0) {
 		if (rc < 0) {
 			fatal(c, "08P01", "invalid message length from the client");
