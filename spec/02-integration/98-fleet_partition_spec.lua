@@ -78,6 +78,54 @@ local function sorted(list)
   return out
 end
 
+-- The lease-losing cases: both faces, every request on shard_0; a fan-out
+-- over every shard with X-Fanout.
+local PG_SCRIPT = [[
+local route = {}
+function route.tenant(req)
+  if req.protocol == "pg" then return req.session.tenant end
+  return req.header["x-tenant"]
+end
+function route.shard(tenant, shards) return shards[1] end
+function route.fanout(req, shards)
+  if req.header["x-fanout"] then return {} end
+end
+return route
+]]
+
+-- Hold a lock on the fleet table (in database db) from a background psql:
+-- renewals wait behind it, so the lease is lost `lease` seconds later,
+-- deterministically. Returns unlock(); the test's end unlocks anyway.
+local function block_renewals(db, dir)
+  local name = "fence_lock_" .. db
+  local locker = helpers.spawn({ helpers.pg_bin() .. "/psql", "-X", "-q", "-h", "127.0.0.1",
+    "-p", os.getenv("SG_TEST_PGPORT"), "-U", "postgres", "-d", db,
+    "-c", "LOCK TABLE shardgate_fleet IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60)" },
+    { env = { PGAPPNAME = name }, log = dir .. "/locker.log" })
+  local function unlock()
+    helpers.psql("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '"
+      .. name .. "'")
+    locker:wait(10)
+  end
+  finally(function() if locker:alive() then unlock() end end)
+  return unlock
+end
+
+-- Wait until gw's /health/shards says its lease is `state` ("held" or "lost").
+local function wait_lease(gw, state, secs)
+  helpers.wait_until(function()
+    local h = gw:get("/health/shards")
+    return h.json and h.json.fleet and h.json.fleet.lease == state, h.body
+  end, secs or 6 * LEASE, "the lease " .. state)
+end
+
+-- The end of a spawned Python client: its result line, written whole.
+local PY_RESULT = [[
+with open(d + "/result.tmp", "w") as f:
+    f.write(out)
+os.rename(d + "/result.tmp", d + "/result")
+]]
+
 describe("a fleet with a frozen instance", function()
   setup(function()
     SHARD_DBS = helpers.make_shards(1, "fpart")
@@ -301,18 +349,6 @@ end)
 -- writes: without the cancel every one would commit and answer 200 after
 -- those 20 s.
 describe("a fleet instance that loses its lease while statements run", function()
-  local FENCE_SCRIPT = [[
-local route = {}
-function route.tenant(req)
-  if req.protocol == "pg" then return req.session.tenant end
-  return req.header["x-tenant"]
-end
-function route.shard(tenant, shards) return shards[1] end
-function route.fanout(req, shards)
-  if req.header["x-fanout"] then return {} end
-end
-return route
-]]
 
   setup(function()
     SHARD_DBS = helpers.make_shards(2, "ffence")
@@ -334,13 +370,10 @@ return route
   it("cancels them: HTTP requests answer 503 fleet_lease_lost, pg sessions end with 57P03, nothing commits", function()
     local shards = {}
     for i, db in ipairs(SHARD_DBS) do shards["shard_" .. (i - 1)] = { url = helpers.pg_url(db), pool = 6 } end
-    local gw = helpers.pg_gateway({ shards = shards, script = FENCE_SCRIPT,
+    local gw = helpers.pg_gateway({ shards = shards, script = PG_SCRIPT,
       pg_users = { app = { auth = "trust", tenants = "*" } },
       config = { fleet = { url = helpers.pg_url(PRIMARY), lease = LEASE, timeout = LEASE } } })
-    helpers.wait_until(function()
-      local h = gw:get("/health/shards")
-      return h.json and h.json.fleet and h.json.fleet.lease == "held", h.body
-    end, 10, "the lease held")
+    wait_lease(gw, "held", 10)
     local dir = os.getenv("SG_TEST_TMP") .. "/ffence-" .. gw.pg_port
     assert(os.execute("mkdir -p " .. dir))
 
@@ -373,29 +406,18 @@ try:
     out = "ok"
 except psycopg.Error as e:
     out = "error " + str(e.sqlstate) + " " + " ".join(str(e).split())
-with open(d + "/result.tmp", "w") as f:
-    f.write(out)
-os.rename(d + "/result.tmp", d + "/result")
-]])
+]] .. PY_RESULT)
     local client = helpers.spawn({ helpers.python3, client_src, tostring(gw.pg_port), dir }, { log = dir .. "/client.log" })
     finally(function() if client:alive() then client:kill("KILL") end end)
 
     -- All five statements are running on the shards (the fan-out's on both).
-    helpers.wait_until(function()
-      local n = helpers.psql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+    local function sleeping()
+      return helpers.psql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
         .. "AND query LIKE '%pg_sleep(20)%' AND pid <> pg_backend_pid()")
-      return n == "5", n
-    end, 10, "five sleeping statements")
-
-    local locker = helpers.spawn({ helpers.pg_bin() .. "/psql", "-X", "-q", "-h", "127.0.0.1",
-      "-p", os.getenv("SG_TEST_PGPORT"), "-U", "postgres", "-d", PRIMARY,
-      "-c", "LOCK TABLE shardgate_fleet IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60)" },
-      { env = { PGAPPNAME = "fence_lock2" }, log = dir .. "/locker.log" })
-    local function unlock()
-      helpers.psql("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'fence_lock2'")
-      locker:wait(10)
     end
-    finally(function() if locker:alive() then unlock() end end)
+    helpers.wait_until(function() local n = sleeping(); return n == "5", n end, 10, "five sleeping statements")
+
+    local unlock = block_renewals(PRIMARY, dir)
 
     for _, c in ipairs({ c_query, c_txn }) do
       local r = c:receive()
@@ -422,8 +444,7 @@ os.rename(d + "/result.tmp", d + "/result")
     for _, name in ipairs({ "fenced-query", "fenced-txn", "fenced-fanout", "fenced-pg", "fenced-held" }) do
       assert.equal(0, written(name), name)
     end
-    assert.equal("0", helpers.psql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-      .. "AND query LIKE '%pg_sleep(20)%' AND pid <> pg_backend_pid()"))
+    assert.equal("0", sleeping())
     assert.matches("cancelling the running statement of tenant 't1'", gw:log(), 1, true)
 
     -- Renewed: served again, on connections the cancels left clean.
@@ -445,15 +466,6 @@ end)
 -- on the fleet table, which blocks the renewals: deterministic, unlike a
 -- race with a thawing process.
 describe("a fleet instance that lost its lease, with a session-mode PostgreSQL client", function()
-  local SESSION_SCRIPT = [[
-local route = {}
-function route.tenant(req)
-  if req.protocol == "pg" then return req.session.tenant end
-  return req.header["x-tenant"]
-end
-function route.shard(tenant, shards) return shards[1] end
-return route
-]]
 
   setup(function()
     SHARD_DBS = helpers.make_shards(1, "fsess")
@@ -466,7 +478,7 @@ return route
 
   it("ends the session with 57P03 before forwarding its next statement, and serves it again once renewed", function()
     local shards = { shard_0 = { url = helpers.pg_url(SHARD_DBS[1]), pool = 2 } }
-    local gw = helpers.pg_gateway({ shards = shards, script = SESSION_SCRIPT,
+    local gw = helpers.pg_gateway({ shards = shards, script = PG_SCRIPT,
       pg_users = { sess = { auth = "trust", tenants = "*", pool_mode = "session" } },
       config = { fleet = { url = helpers.pg_url(PRIMARY), lease = LEASE, timeout = LEASE } } })
     local dir = os.getenv("SG_TEST_TMP") .. "/fsess-" .. gw.pg_port
@@ -485,28 +497,14 @@ try:
     out = "ok " + str(s.execute("SELECT name FROM shard_info").fetchone()[0])
 except psycopg.Error as e:
     out = "error " + str(e.sqlstate) + " " + " ".join(str(e).split())
-with open(d + "/result.tmp", "w") as f:
-    f.write(out)
-os.rename(d + "/result.tmp", d + "/result")
-]])
+]] .. PY_RESULT)
     local client = helpers.spawn({ helpers.python3, client_src, tostring(gw.pg_port), dir }, { log = dir .. "/client.log" })
     finally(function() if client:alive() then client:kill("KILL") end end)
     helpers.wait_until(function() return helpers.read_file(dir .. "/ready") ~= nil end, 20, "the session client")
 
     -- Renewals wait behind the lock; after `lease` seconds the instance is fenced.
-    local locker = helpers.spawn({ helpers.pg_bin() .. "/psql", "-X", "-q", "-h", "127.0.0.1",
-      "-p", os.getenv("SG_TEST_PGPORT"), "-U", "postgres", "-d", PRIMARY,
-      "-c", "LOCK TABLE shardgate_fleet IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60)" },
-      { env = { PGAPPNAME = "fence_lock" }, log = dir .. "/locker.log" })
-    local function unlock()
-      helpers.psql("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'fence_lock'")
-      locker:wait(10)
-    end
-    finally(function() if locker:alive() then unlock() end end)
-    helpers.wait_until(function()
-      local h = gw:get("/health/shards")
-      return h.json and h.json.fleet and h.json.fleet.lease == "lost", h.body
-    end, 6 * LEASE, "the lease lost")
+    local unlock = block_renewals(PRIMARY, dir)
+    wait_lease(gw, "lost")
 
     helpers.write_file(dir .. "/go", "")
     helpers.wait_until(function() return helpers.read_file(dir .. "/result") ~= nil end, 20, "the client's answer")
@@ -519,10 +517,7 @@ os.rename(d + "/result.tmp", d + "/result")
 
     -- Renewed (and caught up): a new session is served.
     unlock()
-    helpers.wait_until(function()
-      local h = gw:get("/health/shards")
-      return h.json and h.json.fleet and h.json.fleet.lease ~= "lost", h.body
-    end, 6 * LEASE, "the lease renewed")
+    wait_lease(gw, "held")
     local code, out = helpers.python(string.format([[
 import psycopg
 s = psycopg.connect(host="127.0.0.1", port=%d, user="sess", dbname="app", options="-c shardgate.tenant=stayer", autocommit=True)
